@@ -1,0 +1,110 @@
+"""Decoder-only transformer for Llama, Mistral, Qwen2 (qkv bias) and Qwen3 (q/k norm)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tristream.gpu_proc.forward_batch import ForwardBatch
+from tristream.gpu_proc.kv_cache import KVCache
+from tristream.kernels.activation import silu_and_mul_ref
+from tristream.kernels.attention import paged_attention_ref, store_kv_ref
+from tristream.kernels.norm import add_rms_norm_ref, rms_norm_ref
+from tristream.kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
+from tristream.model_config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return rms_norm_ref(x, self.weight, self.eps)
+        return add_rms_norm_ref(x, residual, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, mc: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = mc.num_heads, mc.num_kv_heads, mc.head_dim
+        self.q_size, self.kv_size = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+        self.qkv_proj = nn.Linear(mc.hidden_size, self.q_size + 2 * self.kv_size, bias=mc.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, mc.hidden_size, bias=False)
+        self.qk_norm = mc.qk_norm
+        if mc.qk_norm:
+            self.q_norm = RMSNorm(mc.head_dim, mc.rms_norm_eps)
+            self.k_norm = RMSNorm(mc.head_dim, mc.rms_norm_eps)
+        self.scale = mc.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVCache, rope: tuple[torch.Tensor, torch.Tensor]):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope_ref(q, k, batch.positions, *rope)
+        k_cache, v_cache = kv.layer(self.layer)
+        store_kv_ref(k, v, k_cache, v_cache, batch.slot_mapping)
+        o = paged_attention_ref(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.qo_indptr, self.scale)
+        return self.o_proj(o.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, mc: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(mc.hidden_size, 2 * mc.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(mc.intermediate_size, mc.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul_ref(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, mc: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(mc, layer)
+        self.mlp = MLP(mc)
+        self.input_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
+
+    def forward(self, x, residual, batch, kv, rope):
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, batch, kv, rope)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderLM(nn.Module):
+    """The whole model. Parameter names follow Hugging Face, with q/k/v and gate/up fused."""
+
+    def __init__(self, mc: ModelConfig) -> None:
+        super().__init__()
+        self.config = mc
+        self.embed_tokens = nn.Embedding(mc.vocab_size, mc.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(mc, i) for i in range(mc.num_layers))
+        self.norm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
+        self.lm_head = nn.Linear(mc.hidden_size, mc.vocab_size, bias=False)
+        if mc.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def build_rope(self, max_positions: int, device: torch.device) -> None:
+        """Precompute the fp32 cos/sin tables for positions below ``max_positions``."""
+        mc = self.config
+        cos, sin = rope_cos_sin(rope_inv_freq(mc.head_dim, mc.rope_theta, mc.rope_scaling), max_positions)
+        self.rope = (cos.to(device), sin.to(device))
+
+    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """Logits [len(sample_rows), vocab] of the rows that sample."""
+        x, residual = self.embed_tokens(batch.input_ids), None
+        for layer in self.layers:
+            x, residual = layer(x, residual, batch, kv, self.rope)
+        x, _ = self.norm(x, residual)
+        return self.lm_head(x[batch.sample_rows])

@@ -1,0 +1,131 @@
+"""ModelRunner: applies a BatchPlan to its slot state, runs the model, samples."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tristream.config import EngineConfig
+from tristream.gpu_proc.forward_batch import ForwardBatch
+from tristream.gpu_proc.kv_cache import allocate_kv_cache
+from tristream.gpu_proc.model import DecoderLM
+from tristream.gpu_proc.sampler import Sampler, SamplingState
+from tristream.gpu_proc.weights import init_dummy, load_safetensors
+from tristream.model_config import ModelConfig
+from tristream.protocol import BatchPlan, StepResult
+
+logger = logging.getLogger("tristream")
+
+
+@dataclass
+class Sequence:
+    """What the gpu_proc knows of one slot: all its tokens, how many have KV, its pages."""
+
+    token_ids: list[int]
+    num_computed: int
+    pages: list[int] = field(default_factory=list)
+
+
+def resolve_device(config: EngineConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for, but torch sees no CUDA device")
+    return torch.device(config.device)
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class ModelRunner:
+    """Owns the weights, the KV pools and the per-slot state of one gpu_proc."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config)
+        self.dtype = resolve_dtype(config, self.device)
+        self.model_config = mc = ModelConfig.load(config.model)
+        start = time.perf_counter()
+        with torch.device("meta"):
+            model = DecoderLM(mc)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        if mc.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        if config.load_format == "dummy":
+            init_dummy(model, config.seed)
+        else:
+            load_safetensors(model, config.model)
+        model.build_rope(config.max_model_len, self.device)
+        self.model = model.eval()
+        logger.info(
+            "loaded %s (%s, %s) on %s in %.1f s",
+            mc.architecture, config.load_format, self.dtype, self.device, time.perf_counter() - start,
+        )
+        self.kv = allocate_kv_cache(config, mc, self.dtype, self.device)
+        self.page_size = config.page_size
+        self.seqs: dict[int, Sequence] = {}
+        self.sampler = Sampler(SamplingState(config.max_num_seqs, self.device))
+
+    @property
+    def info(self) -> dict:
+        return {"num_pages": self.kv.num_pages, "device": str(self.device), "dtype": str(self.dtype)}
+
+    def _apply(self, plan: BatchPlan) -> None:
+        for slot in plan.freed:
+            self.seqs.pop(slot, None)
+        for new in plan.new:
+            self.seqs[new.slot] = Sequence(list(new.token_ids), new.num_cached)
+            self.sampler.state.set(new.slot, new.params, new.num_outputs)
+        for slot, pages in plan.pages:
+            self.seqs[slot].pages.extend(pages)
+
+    def _build_batch(self, plan: BatchPlan) -> ForwardBatch:
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        qo_indptr = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        sample_rows: list[int] = []
+        ps = self.page_size
+        for slot, n, sample in zip(plan.slots, plan.num_tokens, plan.sample):
+            seq = self.seqs[slot]
+            start, end = seq.num_computed, seq.num_computed + n
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slot_mapping.extend(seq.pages[p // ps] * ps + p % ps for p in range(start, end))
+            qo_indptr.append(qo_indptr[-1] + n)
+            seq_lens.append(end)
+            tables.append(seq.pages)
+            if sample:
+                sample_rows.append(qo_indptr[-1] - 1)
+            seq.num_computed = end
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+        return ForwardBatch(
+            tensor(ids), tensor(positions), tensor(slot_mapping), qo_indptr, seq_lens, tables, tensor(sample_rows)
+        )
+
+    @torch.inference_mode()
+    def step(self, plan: BatchPlan) -> StepResult:
+        """Run one planned step and return the sampled tokens."""
+        self._apply(plan)
+        if not plan.slots:
+            return StepResult(plan.step_id, [], [])
+        batch = self._build_batch(plan)
+        logits = self.model(batch, self.kv)
+        sampling_slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
+        if not sampling_slots:
+            return StepResult(plan.step_id, [], [])
+        tokens = self.sampler(logits, torch.tensor(sampling_slots, device=self.device)).tolist()
+        for slot, token in zip(sampling_slots, tokens):
+            self.seqs[slot].token_ids.append(token)
+        return StepResult(plan.step_id, sampling_slots, tokens)

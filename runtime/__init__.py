@@ -1,0 +1,18 @@
+"""tristream: an LLM inference engine in three processes."""
+
+from tristream.config import EngineConfig
+from tristream.engine import AsyncEngine, EngineDeadError
+from tristream.llm import LLM
+from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tristream.sampling_params import SamplingParams
+
+__all__ = [
+    "AsyncEngine",
+    "CompletionOutput",
+    "EngineConfig",
+    "EngineDeadError",
+    "LLM",
+    "RequestMetrics",
+    "RequestOutput",
+    "SamplingParams",
+]

@@ -1,0 +1,288 @@
+"""AsyncEngine: the asyncio front of the three engine processes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+from tristream import processes
+from tristream.config import EngineConfig
+from tristream.model_config import ModelConfig
+from tristream.model_files import resolve_model
+from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tristream.protocol import (
+    AbortRequest,
+    GenerateRequest,
+    OutputBatch,
+    OutputDelta,
+    ProcessFailed,
+    Ready,
+    SchedulerStats,
+    Shutdown,
+    StatsRequest,
+    decode,
+)
+from tristream.sampling_params import SamplingParams
+
+logger = logging.getLogger("tristream")
+
+CHILDREN = ("tokenizer", "scheduler", "gpu")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine lost a process; every pending and later request fails."""
+
+
+class AsyncEngine:
+    """Streams generations from the tokenizer, scheduler and gpu processes.
+
+    Use ``async with AsyncEngine(...) as engine`` or ``await engine.start()`` and
+    ``await engine.close()``. ``generate`` and ``chat`` start it on first use.
+    """
+
+    def __init__(self, model: str | None = None, **engine_args: object) -> None:
+        self.config = EngineConfig(model=model, **engine_args)
+        self.model_config: ModelConfig | None = None
+        self.info: dict[str, dict] = {}
+        self._procs: dict[str, object] = {}
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._dead: str | None = None
+        self._closing = False
+        self._started: asyncio.Future | None = None
+        self._reader: asyncio.Task | None = None
+        self._ipc_dir: str | None = None
+        self._stats: dict[int, asyncio.Future] = {}
+        self._stats_tokens = itertools.count()
+
+    async def __aenter__(self) -> AsyncEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def is_running(self) -> bool:
+        return self._started is not None and self._started.done() and not self._dead and not self._closing
+
+    async def start(self) -> None:
+        """Start the processes and wait until all three are ready."""
+        if self._started is not None:
+            return await asyncio.shield(self._started)
+        loop = asyncio.get_running_loop()
+        self._started = loop.create_future()
+        try:
+            await self._launch(loop)
+            await asyncio.wait_for(asyncio.shield(self._started), self.config.startup_timeout)
+        except BaseException as e:
+            if not self._started.done():
+                self._started.set_exception(e if isinstance(e, Exception) else RuntimeError("start-up was cancelled"))
+            self._started.exception()
+            await self._stop_processes()
+            raise
+
+    async def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
+        config = self.config
+        model_dir = await asyncio.to_thread(resolve_model, config.model, config.load_format)
+        mc = ModelConfig.load(model_dir)
+        max_len = config.max_model_len or mc.max_position_embeddings
+        if max_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings={mc.max_position_embeddings}")
+        self.model_config = mc
+        self.child_config = dataclasses.replace(config, model=model_dir, max_model_len=max_len)
+        ipc, self._ipc_dir = processes.make_ipc()
+        self._ctx = zmq.asyncio.Context()
+        self._inbox = self._ctx.socket(zmq.PULL)
+        self._inbox.setsockopt(zmq.RCVHWM, 0)
+        self._inbox.bind(ipc.user)
+        self._sync_ctx = zmq.Context()
+        self._out = {name: processes.connect_outbox(self._sync_ctx, getattr(ipc, name)) for name in CHILDREN}
+        self._reader = loop.create_task(self._read_loop())
+        for name in ("gpu", "tokenizer", "scheduler"):
+            proc = processes.spawn(name, f"tristream.{name}_proc.main", ipc, self.child_config)
+            self._procs[name] = proc
+            loop.add_reader(proc.sentinel, self._on_exit, name)
+
+    def _on_exit(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        proc = self._procs[name]
+        loop.remove_reader(proc.sentinel)
+        if not self._closing:
+            # Give a ProcessFailed message with the traceback a moment to arrive first.
+            loop.call_later(0.5, self._fail, f"the {name} process died (exit code {proc.exitcode})")
+
+    def _fail(self, reason: str) -> None:
+        if self._dead or self._closing:
+            return
+        self._dead = reason
+        logger.error("engine failed: %s", reason)
+        if self._started is not None and not self._started.done():
+            self._started.set_exception(RuntimeError(f"engine start-up failed: {reason}"))
+        for q in self._queues.values():
+            q.put_nowait(EngineDeadError(reason))
+        for proc in self._procs.values():
+            if proc.is_alive():
+                proc.kill()
+
+    async def _read_loop(self) -> None:
+        while True:
+            msg = decode(await self._inbox.recv(copy=False))
+            if isinstance(msg, OutputBatch):
+                for delta in msg.deltas:
+                    q = self._queues.get(delta.request_id)
+                    if q is not None:
+                        q.put_nowait(delta)
+            elif isinstance(msg, Ready):
+                if msg.process in self.info:
+                    continue
+                self.info[msg.process] = msg.info
+                if len(self.info) == len(CHILDREN) and not self._started.done():
+                    self._started.set_result(None)
+            elif isinstance(msg, SchedulerStats):
+                future = self._stats.pop(msg.token, None)
+                if future is not None and not future.done():
+                    future.set_result(msg)
+            elif isinstance(msg, ProcessFailed):
+                self._fail(f"the {msg.process} process failed:\n{msg.error}")
+
+    async def close(self) -> None:
+        """Shut down every process and fail whatever is still pending."""
+        if self._started is None or self._closing:
+            return
+        self._closing = True
+        for q in self._queues.values():
+            q.put_nowait(EngineDeadError("the engine was closed"))
+        await self._stop_processes()
+
+    async def _stop_processes(self) -> None:
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        for name, proc in self._procs.items():
+            loop.remove_reader(proc.sentinel)
+        for sock in getattr(self, "_out", {}).values():
+            processes.send(sock, Shutdown())
+        await asyncio.to_thread(processes.stop, list(self._procs.values()))
+        if self._reader is not None:
+            self._reader.cancel()
+        for sock in getattr(self, "_out", {}).values():
+            sock.close(linger=0)
+        if hasattr(self, "_inbox"):
+            self._inbox.close(linger=0)
+        if self._ipc_dir:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a completion of ``prompt`` (text or token ids). Outputs carry deltas."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            req = dict(prompt=prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            req = dict(prompt_token_ids=list(prompt))
+        else:
+            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        async for out in self._stream(req, params, request_id, prompt if isinstance(prompt, str) else None):
+            yield out
+
+    async def chat(
+        self,
+        messages: list[dict],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        chat_template_kwargs: dict | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the assistant's reply to ``messages`` through the model's chat template."""
+        req = dict(messages=messages, chat_template_kwargs=chat_template_kwargs)
+        async for out in self._stream(req, params, request_id, None):
+            yield out
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request; its stream ends with ``finish_reason="abort"``."""
+        if self.is_running:
+            processes.send(self._out["tokenizer"], AbortRequest(request_id))
+
+    async def get_stats(self, timeout: float = 10.0) -> SchedulerStats:
+        """The scheduler's page and queue counters."""
+        await self.start()
+        if not self.is_running:
+            raise EngineDeadError(self._dead or "the engine was closed")
+        token = next(self._stats_tokens)
+        future = asyncio.get_running_loop().create_future()
+        self._stats[token] = future
+        processes.send(self._out["scheduler"], StatsRequest(token))
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._stats.pop(token, None)
+
+    async def _stream(
+        self, fields: dict, params: SamplingParams | None, request_id: str | None, prompt: str | None
+    ) -> AsyncIterator[RequestOutput]:
+        await self.start()
+        if self._dead:
+            raise EngineDeadError(self._dead)
+        if self._closing:
+            raise EngineDeadError("the engine was closed")
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._queues:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        metrics = RequestMetrics(arrival_time=time.time())
+        processes.send(self._out["tokenizer"], GenerateRequest(request_id, params, metrics.arrival_time, **fields))
+        finished = False
+        prompt_ids: list[int] = []
+        try:
+            while not finished:
+                delta = await queue.get()
+                if isinstance(delta, Exception):
+                    raise delta
+                finished = delta.finished
+                if delta.error is not None:
+                    raise ValueError(delta.error)
+                yield self._output(request_id, prompt, delta, metrics, prompt_ids)
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished and self.is_running:
+                processes.send(self._out["tokenizer"], AbortRequest(request_id))
+
+    @staticmethod
+    def _output(
+        request_id: str, prompt: str | None, delta: OutputDelta, metrics: RequestMetrics, prompt_ids: list[int]
+    ) -> RequestOutput:
+        now = time.time()
+        if delta.prompt_token_ids is not None:
+            prompt_ids.extend(delta.prompt_token_ids)
+            metrics.num_prompt_tokens = len(prompt_ids)
+        if delta.time_in_queue is not None:
+            metrics.time_in_queue = delta.time_in_queue
+        if delta.token_ids and metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.num_generated_tokens += len(delta.token_ids)
+        if delta.finished:
+            metrics.finished_time = now
+        return RequestOutput(
+            request_id=request_id,
+            prompt=prompt,
+            prompt_token_ids=prompt_ids,
+            outputs=[CompletionOutput(0, delta.text, delta.token_ids, delta.finish_reason)],
+            finished=delta.finished,
+            metrics=dataclasses.replace(metrics),
+            num_cached_tokens=delta.num_cached_tokens,
+        )

@@ -1,0 +1,129 @@
+"""LLM: offline batch generation on top of AsyncEngine."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from tristream.engine import AsyncEngine
+from tristream.outputs import RequestOutput
+from tristream.sampling_params import SamplingParams
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
+def _collect(final: RequestOutput | None, out: RequestOutput) -> RequestOutput:
+    """Fold a streamed delta into the whole result so far."""
+    if final is None:
+        return dataclasses.replace(out, outputs=[dataclasses.replace(o, token_ids=list(o.token_ids)) for o in out.outputs])
+    for whole, delta in zip(final.outputs, out.outputs):
+        whole.text += delta.text
+        whole.token_ids.extend(delta.token_ids)
+        whole.finish_reason = delta.finish_reason
+    final.finished, final.metrics, final.num_cached_tokens = out.finished, out.metrics, out.num_cached_tokens
+    return final
+
+
+class LLM:
+    """Generate for many prompts at once; returns whole outputs in input order.
+
+    ``LLM()`` runs the bundled SmolLM2-135M-Instruct. Use it as a context manager,
+    or call ``shutdown()``, to stop its processes.
+    """
+
+    def __init__(self, model: str | None = None, **engine_args: object) -> None:
+        self._loop = _new_loop()
+        self.engine = AsyncEngine(model, **engine_args)
+        try:
+            self._loop.run_until_complete(self.engine.start())
+        except BaseException:
+            self._loop.close()
+            raise
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        loop = getattr(self, "_loop", None)
+        if loop is not None and not loop.is_closed() and not loop.is_running():
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the engine processes."""
+        if self._loop.is_closed():
+            return
+        self._loop.run_until_complete(self.engine.close())
+        self._loop.close()
+
+    def generate(
+        self,
+        prompts: str | list[int] | Sequence[str] | Sequence[list[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Complete a prompt or a batch of prompts (strings or token-id lists)."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        jobs = [("generate", p, {}) for p in prompts]
+        return self._run(jobs, sampling_params, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        chat_template_kwargs: dict | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Reply to one conversation or a batch of them, through the chat template."""
+        if messages and isinstance(messages[0], dict):
+            messages = [messages]
+        jobs = [("chat", m, {"chat_template_kwargs": chat_template_kwargs}) for m in messages]
+        return self._run(jobs, sampling_params, use_tqdm)
+
+    def _run(self, jobs: list[tuple], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+        if self._loop.is_closed():
+            raise RuntimeError("this LLM was shut down")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(jobs)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(jobs):
+                raise ValueError(f"got {len(params)} sampling_params for {len(jobs)} prompts")
+        return self._loop.run_until_complete(self._run_async(jobs, params, use_tqdm))
+
+    async def _run_async(self, jobs: list[tuple], params: list, use_tqdm: bool) -> list[RequestOutput]:
+        bar = tqdm(total=len(jobs), desc="Generating", unit="req", disable=not use_tqdm)
+
+        async def one(i: int) -> RequestOutput:
+            kind, prompt, kwargs = jobs[i]
+            stream = getattr(self.engine, kind)(prompt, params[i], **kwargs)
+            final = None
+            try:
+                async for out in stream:
+                    final = _collect(final, out)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from e
+            bar.update(1)
+            return final
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(jobs))]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            bar.close()

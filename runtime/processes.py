@@ -1,0 +1,139 @@
+"""Starting, watching and stopping the engine's child processes."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+
+import zmq
+
+from tristream.protocol import Ipc, ProcessFailed, decode, encode
+
+logger = logging.getLogger("tristream")
+
+PR_SET_PDEATHSIG = 1
+
+
+def make_ipc() -> tuple[Ipc, str]:
+    """Fresh ``ipc://`` inbox addresses in a private temporary directory."""
+    folder = tempfile.mkdtemp(prefix="tristream-")
+    addr = {name: f"ipc://{os.path.join(folder, name)}" for name in ("user", "tokenizer", "scheduler", "gpu")}
+    return Ipc(**addr), folder
+
+
+def bind_inbox(ctx: zmq.Context, address: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.bind(address)
+    return sock
+
+
+def connect_outbox(ctx: zmq.Context, address: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(address)
+    return sock
+
+
+def send(sock: zmq.Socket, message: object) -> None:
+    sock.send(encode(message), copy=False)
+
+
+def recv(sock: zmq.Socket, block: bool = True) -> object:
+    """The next message; with ``block=False`` raises ``zmq.Again`` when there is none."""
+    return decode(sock.recv(0 if block else zmq.NOBLOCK, copy=False).buffer)
+
+
+def recv_all(sock: zmq.Socket, block: bool) -> list[object]:
+    """Every queued message, first waiting for one if ``block``."""
+    messages = [recv(sock)] if block else []
+    while True:
+        try:
+            messages.append(recv(sock, block=False))
+        except zmq.Again:
+            return messages
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit when the parent goes away, even after ``kill -9`` of the parent."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def child_main(name: str, module: str, parent_pid: int, ipc: Ipc, *args: object) -> None:
+    """Entry point of every child: guard its life, run ``module.run``, report a crash."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    level = getattr(args[0], "log_level", "INFO") if args else "INFO"
+    logging.basicConfig(level=level, format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        importlib.import_module(module).run(ipc, *args)
+    except BaseException:
+        error = traceback.format_exc()
+        ctx = zmq.Context.instance()
+        sock = connect_outbox(ctx, ipc.user)
+        send(sock, ProcessFailed(name, error))
+        sock.close(linger=2000)
+        sys.exit(1)
+
+
+@contextlib.contextmanager
+def _no_main_reimport() -> Iterator[None]:
+    """Spawned children must not re-run the user's ``__main__`` script.
+
+    multiprocessing's spawn re-imports the main module in each child, which
+    would start another engine from a script without a ``__main__`` guard.
+    Our children import only tristream, so hide the main module while starting.
+    """
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
+def spawn(name: str, module: str, ipc: Ipc, *args: object) -> mp.Process:
+    """Start ``module.run(ipc, *args)`` in a spawned child process called ``name``."""
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=child_main, args=(name, module, os.getpid(), ipc, *args), name=f"tristream-{name}", daemon=True)
+    with _no_main_reimport():
+        proc.start()
+    return proc
+
+
+def stop(procs: list[mp.Process], timeout: float = 5.0) -> None:
+    """Wait for children to exit, then kill the stragglers."""
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2.0)

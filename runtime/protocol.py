@@ -1,0 +1,206 @@
+"""Every message that crosses a process boundary, and their serialization.
+
+Data path: user -> tokenizer_proc -> scheduler_proc -> gpu_proc, and back.
+Each process owns one ZMQ PULL inbox; peers PUSH typed messages into it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+
+from tristream.sampling_params import SamplingParams
+
+
+@dataclass
+class Ipc:
+    """The ``ipc://`` address of every process's inbox."""
+
+    user: str
+    tokenizer: str
+    scheduler: str
+    gpu: str
+
+
+# user -> tokenizer_proc
+
+
+@dataclass
+class GenerateRequest:
+    """A new request: exactly one of ``prompt``, ``prompt_token_ids`` or ``messages``."""
+
+    request_id: str
+    params: SamplingParams
+    arrival_time: float
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict] | None = None
+    chat_template_kwargs: dict | None = None
+
+
+@dataclass
+class AbortRequest:
+    """Stop a request and free its pages. Travels user -> tokenizer -> scheduler."""
+
+    request_id: str
+
+
+@dataclass
+class Shutdown:
+    """Ask a child process to exit."""
+
+
+# tokenizer_proc -> scheduler_proc
+
+
+@dataclass
+class TokenizedRequest:
+    """A validated request in token ids; ``params.seed`` is always set here."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: list[int]
+    arrival_time: float
+
+
+# scheduler_proc -> gpu_proc
+
+
+@dataclass
+class NewSequence:
+    """A request entering a gpu slot. ``token_ids`` are all its known tokens.
+
+    ``num_cached`` tokens already sit in its pages; ``num_outputs`` of the tokens
+    are earlier outputs (a request resumed after preemption).
+    """
+
+    slot: int
+    token_ids: list[int]
+    num_cached: int
+    num_outputs: int
+    params: SamplingParams
+
+
+@dataclass
+class BatchPlan:
+    """One step, as a diff against the gpu_proc's slot state.
+
+    ``slots[i]`` computes ``num_tokens[i]`` of its not yet computed tokens and,
+    when ``sample[i]``, samples the next token from the last one.
+    """
+
+    step_id: int
+    new: list[NewSequence] = field(default_factory=list)
+    freed: list[int] = field(default_factory=list)
+    pages: list[tuple[int, list[int]]] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    sample: list[bool] = field(default_factory=list)
+
+
+# gpu_proc -> scheduler_proc
+
+
+@dataclass
+class StepResult:
+    """The tokens sampled in one step, for the slots that sampled."""
+
+    step_id: int
+    slots: list[int]
+    token_ids: list[int]
+
+
+# scheduler_proc -> tokenizer_proc
+
+
+@dataclass
+class TokenDelta:
+    """New token ids of one request; ``finish_reason`` or ``error`` ends it."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+    time_in_queue: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class TokenBatch:
+    """All token deltas of one step."""
+
+    deltas: list[TokenDelta]
+
+
+# tokenizer_proc -> user
+
+
+@dataclass
+class OutputDelta:
+    """Text and ids since the last delta of one request."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    prompt_token_ids: list[int] | None = None
+    num_cached_tokens: int = 0
+    time_in_queue: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class OutputBatch:
+    """All output deltas of one step."""
+
+    deltas: list[OutputDelta]
+
+
+# user <-> scheduler_proc
+
+
+@dataclass
+class StatsRequest:
+    """Ask the scheduler for its counters."""
+
+    token: int
+
+
+@dataclass
+class SchedulerStats:
+    """The scheduler's counters, in answer to ``StatsRequest(token)``."""
+
+    token: int
+    num_pages: int
+    num_free_pages: int
+    num_running: int
+    num_waiting: int
+
+
+# lifecycle: children -> user (and gpu_proc -> scheduler_proc)
+
+
+@dataclass
+class Ready:
+    """A process finished start-up; ``info`` holds what its peers need."""
+
+    process: str
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class ProcessFailed:
+    """A child process hit an exception; ``error`` is its traceback."""
+
+    process: str
+    error: str
+
+
+def encode(message: object) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode(data: bytes) -> object:
+    return pickle.loads(data)

@@ -1,0 +1,57 @@
+"""Turning a GenerateRequest into validated prompt token ids."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+from tristream.protocol import GenerateRequest
+
+
+class PromptBuilder:
+    """Applies chat templates, tokenizes, and rejects prompts the engine cannot run."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def render_chat(self, messages: list[dict], chat_template_kwargs: dict | None) -> str:
+        """The prompt text of a conversation, ending with the assistant's turn."""
+        if not self.has_chat_template:
+            raise ValueError("this model's tokenizer has no chat template; send a plain prompt instead")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                raise ValueError(f"messages[{i}] must be a dict with a string 'role' and a 'content'")
+        kwargs = {"add_generation_prompt": True, **(chat_template_kwargs or {})}
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        except Exception as e:
+            raise ValueError(f"the chat template failed on these messages: {e}") from e
+
+    def build(self, req: GenerateRequest) -> list[int]:
+        """Prompt token ids for ``req``; ``ValueError`` with the reason if it is bad."""
+        if req.messages is not None:
+            text = self.render_chat(req.messages, req.chat_template_kwargs)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        elif req.prompt is not None:
+            if not req.prompt:
+                raise ValueError("the prompt is empty")
+            ids = self.tokenizer.encode(req.prompt)
+        else:
+            ids = list(req.prompt_token_ids or [])
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, which leaves no room for output within max_model_len={self.max_model_len}"
+            )
+        return ids

@@ -74,6 +74,11 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._started is not None and self._started.done() and not self._dead and not self._closing
 
+    @property
+    def child_pids(self) -> dict[str, int]:
+        """The pid of each engine process, by name."""
+        return {name: proc.pid for name, proc in self._procs.items()}
+
     async def start(self) -> None:
         """Start the processes and wait until all three are ready."""
         if self._started is not None:

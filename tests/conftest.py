@@ -1,0 +1,44 @@
+"""Shared fixtures: one engine and one transformers model for the whole session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tristream import AsyncEngine
+from tristream.model_files import resolve_model
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: str):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir: str):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+async def engine():
+    async with AsyncEngine(max_model_len=1024, log_level="WARNING") as eng:
+        yield eng
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def alive():
+    """``alive(pid)``: True while the process runs (a zombie counts as gone)."""
+    return _alive

@@ -175,7 +175,7 @@ class AsyncEngine:
             loop.remove_reader(proc.sentinel)
         for sock in getattr(self, "_out", {}).values():
             processes.send(sock, Shutdown())
-        await asyncio.to_thread(processes.stop, list(self._procs.values()))
+        await processes.stop(list(self._procs.values()))
         if self._reader is not None:
             self._reader.cancel()
         for sock in getattr(self, "_out", {}).values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import weakref
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
@@ -34,6 +35,12 @@ def _collect(final: RequestOutput | None, out: RequestOutput) -> RequestOutput:
     return final
 
 
+def _shutdown(loop: asyncio.AbstractEventLoop, engine: AsyncEngine) -> None:
+    if not loop.is_closed():
+        loop.run_until_complete(engine.close())
+        loop.close()
+
+
 class LLM:
     """Generate for many prompts at once; returns whole outputs in input order.
 
@@ -44,10 +51,11 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_args: object) -> None:
         self._loop = _new_loop()
         self.engine = AsyncEngine(model, **engine_args)
+        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self.engine)
         try:
             self._loop.run_until_complete(self.engine.start())
         except BaseException:
-            self._loop.close()
+            self._finalizer()
             raise
 
     def __enter__(self) -> LLM:
@@ -56,17 +64,9 @@ class LLM:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def __del__(self) -> None:
-        loop = getattr(self, "_loop", None)
-        if loop is not None and not loop.is_closed() and not loop.is_running():
-            self.shutdown()
-
     def shutdown(self) -> None:
-        """Stop the engine processes."""
-        if self._loop.is_closed():
-            return
-        self._loop.run_until_complete(self.engine.close())
-        self._loop.close()
+        """Stop the engine processes. Also runs when the LLM is collected or Python exits."""
+        self._finalizer()
 
     def generate(
         self,

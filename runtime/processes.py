@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import importlib
@@ -128,12 +129,12 @@ def spawn(name: str, module: str, ipc: Ipc, *args: object) -> mp.Process:
     return proc
 
 
-def stop(procs: list[mp.Process], timeout: float = 5.0) -> None:
-    """Wait for children to exit, then kill the stragglers."""
+async def stop(procs: list[mp.Process], timeout: float = 5.0) -> None:
+    """Wait for children to exit, then kill the stragglers, without blocking the event loop."""
     deadline = time.monotonic() + timeout
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
     for proc in procs:
         if proc.is_alive():
             proc.kill()
-            proc.join(2.0)
+        proc.join(2.0)

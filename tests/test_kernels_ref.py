@@ -99,10 +99,10 @@ def test_paged_attention_matches_naive_dense(page_size: int, head_dim: int, grou
             seq_lens.append(ctx)
 
         for table, k, v, ctx in zip(tables, ks, vs, seq_lens):
-            for p in range(ctx):
-                page, off = table[p // page_size], p % page_size
-                assert torch.equal(k_cache[page, off], k[p])
-                assert torch.equal(v_cache[page, off], v[p])
+            positions = torch.arange(ctx)
+            page = torch.tensor(table)[positions // page_size]
+            assert torch.equal(k_cache[page, positions % page_size], k)
+            assert torch.equal(v_cache[page, positions % page_size], v)
 
         out = paged_attention_ref(torch.cat(qs), k_cache, v_cache, tables, seq_lens, qo_indptr, scale)
         assert out.shape == (qo_indptr[-1], num_heads, head_dim)
@@ -295,5 +295,8 @@ def test_apply_rope_far_positions() -> None:
         assert rel_err(q_out[t], ref[t]) < bound, pos
     # rotation preserves the norm of every pair
     half = head_dim // 2
-    pair_norm = lambda x: x[..., :half] ** 2 + x[..., half:] ** 2  # noqa: E731
+
+    def pair_norm(x: torch.Tensor) -> torch.Tensor:
+        return x[..., :half] ** 2 + x[..., half:] ** 2
+
     assert torch.allclose(pair_norm(q_out), pair_norm(q), rtol=1e-5, atol=1e-5)

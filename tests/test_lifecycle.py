@@ -1,0 +1,98 @@
+"""Start-up errors, child death, shutdown, and no orphans after the parent is killed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tristream import LLM, AsyncEngine, EngineDeadError, SamplingParams
+
+
+def wait_gone(alive, pids, timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [p for p in pids if alive(p)]
+        if not left:
+            return []
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+async def test_unknown_model_path_fails_at_start_with_the_path():
+    engine = AsyncEngine(model="/no/such/model-dir")
+    with pytest.raises(FileNotFoundError, match="/no/such/model-dir"):
+        await engine.start()
+    assert engine.child_pids == {}
+
+
+def test_unknown_engine_argument_is_rejected():
+    with pytest.raises(TypeError, match="max_num_seq"):
+        AsyncEngine(max_num_seq=4)
+    with pytest.raises(ValueError, match="page_size"):
+        AsyncEngine(page_size=0)
+
+
+async def test_error_in_a_child_during_start_reaches_the_caller(alive):
+    engine = AsyncEngine(kv_cache_tokens=64, log_level="ERROR")
+    with pytest.raises(RuntimeError) as info:
+        await engine.start()
+    assert "gpu process failed" in str(info.value) and "max_model_len" in str(info.value)
+    assert wait_gone(alive, engine.child_pids.values()) == []
+
+
+async def test_a_dead_child_fails_pending_requests_and_the_engine(alive):
+    engine = AsyncEngine(max_model_len=512, log_level="ERROR")
+    await engine.start()
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    got = []
+
+    async def consume():
+        async for out in engine.generate("Tell me everything about the ocean.", params):
+            got.append(out)
+            if len(got) == 2:
+                os.kill(engine.child_pids["gpu"], signal.SIGKILL)
+
+    with pytest.raises(EngineDeadError, match="gpu process died"):
+        await asyncio.wait_for(consume(), 30)
+    assert not engine.is_running
+    with pytest.raises(EngineDeadError):
+        async for _ in engine.generate("Hello", params):
+            pass
+    await engine.close()
+    assert wait_gone(alive, engine.child_pids.values()) == []
+
+
+def test_llm_context_leaves_no_child_alive(alive):
+    with LLM(max_model_len=256, log_level="ERROR") as llm:
+        pids = list(llm.engine.child_pids.values())
+        assert len(pids) == 3 and all(alive(p) for p in pids)
+        out = llm.generate("Hi", SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 2
+    assert wait_gone(alive, pids, timeout=1.0) == []
+
+
+PARENT = """
+import sys, time
+from tristream import LLM
+llm = LLM(max_model_len=256, log_level="ERROR")
+print(" ".join(str(p) for p in llm.engine.child_pids.values()), flush=True)
+time.sleep(120)
+"""
+
+
+def test_children_die_with_a_killed_parent(alive):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 3 and all(alive(p) for p in pids)
+        parent.kill()
+        parent.wait(10)
+        assert wait_gone(alive, pids, timeout=5.0) == []
+    finally:
+        parent.kill()

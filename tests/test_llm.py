@@ -1,0 +1,87 @@
+"""The offline LLM API and the command line, on one shared engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tristream import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLM(max_model_len=512, log_level="WARNING") as llm:
+        yield llm
+
+
+def test_generate_accepts_every_prompt_form_and_keeps_order(llm, tokenizer):
+    prompts = ["The first", "A second prompt that is longer than the first one", "Third"]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.prompt for o in outs] == prompts
+    assert all(o.finished and len(o.outputs[0].token_ids) == 12 for o in outs)
+    for o in outs:
+        assert o.outputs[0].text == tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True)
+        assert o.prompt_token_ids == tokenizer.encode(o.prompt)
+    single = llm.generate(prompts[1], GREEDY, use_tqdm=False)
+    by_ids = llm.generate(tokenizer.encode(prompts[1]), GREEDY, use_tqdm=False)
+    batch_ids = llm.generate([tokenizer.encode(p) for p in prompts], GREEDY, use_tqdm=False)
+    assert single[0].outputs[0].token_ids == by_ids[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    assert [o.outputs[0].token_ids for o in batch_ids] == [o.outputs[0].token_ids for o in outs]
+
+
+def test_chat_single_and_batch(llm, tokenizer):
+    conv = [{"role": "user", "content": "What is the capital of France?"}]
+    params = SamplingParams(temperature=0, max_tokens=32)
+    one = llm.chat(conv, params, use_tqdm=False)
+    batch = llm.chat([conv, [{"role": "user", "content": "Write a haiku about the sea."}]], params, use_tqdm=False)
+    assert len(one) == 1 and len(batch) == 2
+    assert one[0].outputs[0].text == batch[0].outputs[0].text
+    rendered = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert one[0].prompt_token_ids == tokenizer.encode(rendered, add_special_tokens=False)
+
+
+def test_per_prompt_sampling_params(llm):
+    outs = llm.generate(
+        ["a", "b"], [SamplingParams(max_tokens=3, ignore_eos=True), SamplingParams(max_tokens=5, ignore_eos=True)],
+        use_tqdm=False,
+    )
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3, 5]
+    with pytest.raises(ValueError, match="2 sampling_params for 3 prompts"):
+        llm.generate(["a", "b", "c"], [GREEDY, GREEDY])
+
+
+def test_a_bad_prompt_names_its_index_and_the_engine_goes_on(llm):
+    with pytest.raises(ValueError, match="prompt 1: the prompt is empty"):
+        llm.generate(["fine", "", "also fine"], GREEDY, use_tqdm=False)
+    assert len(llm.generate("fine", GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 12
+
+
+def test_progress_bar(llm, capsys):
+    llm.generate(["x", "y"], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert "Generating" in capsys.readouterr().err
+    llm.generate(["x"], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert "Generating" not in capsys.readouterr().err
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tristream", *args, "--max-model-len", "512"], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_generate_streams_the_same_answer_as_llm_chat(llm):
+    question = "What is the capital of France?"
+    res = cli("generate", question, "--max-tokens", "32", "--temperature", "0")
+    assert res.returncode == 0, res.stderr
+    expected = llm.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+    assert res.stdout.strip() == expected[0].outputs[0].text.strip()
+
+
+def test_cli_reports_bad_input_without_a_traceback():
+    res = cli("generate", "hello", "--temperature", "-1")
+    assert res.returncode == 1
+    assert "temperature must be >= 0" in res.stderr and "Traceback" not in res.stderr

@@ -85,3 +85,12 @@ def test_cli_reports_bad_input_without_a_traceback():
     res = cli("generate", "hello", "--temperature", "-1")
     assert res.returncode == 1
     assert "temperature must be >= 0" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_chat_template_kwargs_reach_the_template(llm, tokenizer):
+    conv = [{"role": "user", "content": "Hello"}]
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    plain = llm.chat(conv, params, chat_template_kwargs={"add_generation_prompt": False}, use_tqdm=False)
+    rendered = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=False)
+    assert plain[0].prompt_token_ids == tokenizer.encode(rendered, add_special_tokens=False)
+    assert plain[0].prompt_token_ids != llm.chat(conv, params, use_tqdm=False)[0].prompt_token_ids

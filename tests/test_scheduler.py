@@ -34,7 +34,10 @@ class SlotView:
 
 
 class Harness:
-    """A Scheduler plus a simulated gpu that applies every plan like ModelRunner does and checks it."""
+    """A Scheduler plus a simulated gpu that applies every plan like ModelRunner does and checks it.
+
+    Every request gets its own seed, which also names it inside the harness (request ids may be reused).
+    """
 
     def __init__(self, num_pages: int = 64, **config: object) -> None:
         defaults = dict(model="unused", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=4)
@@ -44,31 +47,47 @@ class Harness:
         self.slots: dict[int, SlotView] = {}
         self.admissions = 0
         self.plans: list[BatchPlan] = []
-        self.by_seed: dict[int, str] = {}
-        self.prompts: dict[str, list[int]] = {}
-        self.outputs: dict[str, list[int]] = {}
-        self.finish: dict[str, str] = {}
+        self.seed_of: dict[str, int] = {}
+        self.rid_of: dict[int, str] = {}
+        self.prompts: dict[int, list[int]] = {}
+        self.outputs: dict[int, list[int]] = {}
+        self.finish: dict[int, str] = {}
+        self.aborted: set[int] = set()
+        self.admitted: set[int] = set()
         self.deltas: list[TokenDelta] = []
         self.preempted: list[str] = []
-        self.readmitted: list[str] = []
-        self.aborted: set[str] = set()
+        self.readmitted: list[tuple[str, int]] = []
         self.last_step_id = -1
 
     def add(self, request_id: str, prompt_len: int, seed: int, eos: list[int] | None = None, **params: object) -> TokenDelta | None:
+        """Submit a request of ``prompt_len`` tokens; returns the scheduler's answer."""
+        assert seed not in self.rid_of
         prompt = [10 + (seed + i) % 50 for i in range(prompt_len)]
         spec = TokenizedRequest(request_id, prompt, SamplingParams(seed=seed, **params), eos or [EOS], time.time())
         delta = self.sched.add(spec)
         if delta is None:
-            self.by_seed[seed] = request_id
-            self.prompts[request_id] = prompt
-            self.outputs[request_id] = []
+            self.seed_of[request_id] = seed
+            self.rid_of[seed] = request_id
+            self.prompts[seed] = prompt
+            self.outputs[seed] = []
         return delta
 
     def abort(self, request_id: str) -> TokenDelta | None:
         delta = self.sched.abort(request_id)
         if delta is not None:
-            self.aborted.add(request_id)
+            assert delta.request_id == request_id and delta.finish_reason == "abort" and delta.token_ids == []
+            self.aborted.add(self.seed_of[request_id])
         return delta
+
+    def out(self, request_id: str) -> list[int]:
+        return self.outputs[self.seed_of[request_id]]
+
+    def reason(self, request_id: str) -> str | None:
+        return self.finish.get(self.seed_of[request_id])
+
+    def expected(self, request_id: str, n: int) -> list[int]:
+        """The first ``n`` tokens the simulated gpu samples for ``request_id``."""
+        return [fake_token(self.seed_of[request_id], i) for i in range(n)]
 
     def _check_pages(self) -> None:
         held = [p for view in self.slots.values() for p in view.pages]
@@ -79,36 +98,35 @@ class Harness:
         assert stats.num_free_pages == stats.num_pages - len(held)
 
     def _apply(self, plan: BatchPlan) -> None:
-        finished_slots = {s for s, v in self.slots.items() if self.by_seed[v.seed] in self.finish}
-        gone = [s for s in plan.freed if s not in finished_slots]
-        preempted = [s for s in gone if self.by_seed[self.slots[s].seed] not in self.aborted]
+        ended = {s for s, v in self.slots.items() if v.seed in self.finish or v.seed in self.aborted}
+        assert ended <= set(plan.freed), "a finished or aborted request's slot was not freed"
+        preempted = [s for s in plan.freed if s not in ended]
         if preempted:
-            # the victims are the newest running requests
-            live = sorted((s for s in self.slots if s not in finished_slots and s not in gone or s in preempted),
-                          key=lambda s: self.slots[s].admitted)
-            assert sorted(preempted) == sorted(live[len(live) - len(preempted):])
-            self.preempted.extend(self.by_seed[self.slots[s].seed] for s in preempted)
-        assert finished_slots <= set(plan.freed), "a finished request's slot was not freed"
+            running = sorted(set(self.slots) - ended, key=lambda s: self.slots[s].admitted)
+            assert set(preempted) == set(running[len(running) - len(preempted) :]), "not the newest were preempted"
+            self.preempted.extend(self.rid_of[self.slots[s].seed] for s in preempted)
         for slot in plan.freed:
             del self.slots[slot]
         for new in plan.new:
             assert new.slot not in self.slots and 0 <= new.slot < self.config.max_num_seqs
-            rid = self.by_seed[new.params.seed]
+            seed = new.params.seed
+            assert seed not in self.finish and seed not in self.aborted
             assert new.num_cached == 0
-            assert new.num_outputs == len(self.outputs[rid])
-            assert new.token_ids == self.prompts[rid] + self.outputs[rid]
-            if new.num_outputs:
-                self.readmitted.append(rid)
+            assert new.num_outputs == len(self.outputs[seed])
+            assert new.token_ids == self.prompts[seed] + self.outputs[seed]
+            if seed in self.admitted:
+                self.readmitted.append((self.rid_of[seed], new.num_outputs))
+            self.admitted.add(seed)
             self.slots[new.slot] = SlotView(
-                list(new.token_ids), new.num_cached, new.params.seed, len(new.token_ids) - new.num_outputs, self.admissions
+                list(new.token_ids), new.num_cached, seed, len(new.token_ids) - new.num_outputs, self.admissions
             )
             self.admissions += 1
         for slot, pages in plan.pages:
             self.slots[slot].pages.extend(pages)
         self._check_pages()
 
-    def step(self) -> BatchPlan | None:
-        """One scheduler step answered by the simulated gpu; None when there is nothing to run."""
+    def schedule(self) -> BatchPlan | None:
+        """The scheduler's next plan, applied to the simulated gpu's slots."""
         plan = self.sched.schedule()
         if plan is None:
             return None
@@ -116,6 +134,10 @@ class Harness:
         self.last_step_id = plan.step_id
         self.plans.append(plan)
         self._apply(plan)
+        return plan
+
+    def compute(self, plan: BatchPlan) -> StepResult:
+        """What the gpu would do: check every slot's work and sample the fake tokens."""
         assert len(plan.slots) == len(plan.num_tokens) == len(plan.sample) == len(set(plan.slots))
         assert sum(plan.num_tokens) <= self.config.max_num_batched_tokens
         result = StepResult(plan.step_id, [], [])
@@ -129,18 +151,30 @@ class Harness:
             if sample:
                 token = fake_token(view.seed, len(view.token_ids) - view.num_prompt)
                 view.token_ids.append(token)
+                assert len(view.token_ids) <= self.config.max_model_len
                 result.slots.append(slot)
                 result.token_ids.append(token)
-        self.on_deltas(self.sched.on_result(result))
-        return plan
+        return result
 
-    def on_deltas(self, deltas: list[TokenDelta]) -> None:
+    def deliver(self, result: StepResult) -> list[TokenDelta]:
+        """Hand a step's result to the scheduler and record its deltas."""
+        deltas = self.sched.on_result(result)
         for d in deltas:
-            assert d.request_id not in self.finish, "a delta after the request finished"
+            seed = self.seed_of[d.request_id]
+            assert seed not in self.finish and seed not in self.aborted, "a delta after the request ended"
+            assert d.error is None
             self.deltas.append(d)
-            self.outputs[d.request_id].extend(d.token_ids)
+            self.outputs[seed].extend(d.token_ids)
             if d.finish_reason is not None:
-                self.finish[d.request_id] = d.finish_reason
+                self.finish[seed] = d.finish_reason
+        return deltas
+
+    def step(self) -> BatchPlan | None:
+        """One whole step; None when the scheduler has nothing to run."""
+        plan = self.schedule()
+        if plan is not None:
+            self.deliver(self.compute(plan))
+        return plan
 
     def run(self, max_steps: int = 5000) -> None:
         for _ in range(max_steps):
@@ -148,10 +182,6 @@ class Harness:
                 assert not self.sched.has_work()
                 return
         raise AssertionError("the scheduler did not finish")
-
-    def expected_outputs(self, request_id: str, n: int) -> list[int]:
-        seed = next(s for s, r in self.by_seed.items() if r == request_id)
-        return [fake_token(seed, i) for i in range(n)]
 
     def assert_all_pages_free(self) -> None:
         stats = self.sched.stats(7)
@@ -162,7 +192,8 @@ class Harness:
 
 def slot_work(h: Harness, request_id: str) -> list[tuple[int, bool]]:
     """(num_tokens, sample) of every step in which ``request_id`` ran (it must not be preempted)."""
-    slot = next(n.slot for p in h.plans for n in p.new if h.by_seed[n.params.seed] == request_id)
+    seed = h.seed_of[request_id]
+    slot = next(n.slot for p in h.plans for n in p.new if n.params.seed == seed)
     work = []
     for plan in h.plans:
         if slot in plan.slots:
@@ -183,7 +214,7 @@ def test_long_prompt_is_chunked_and_samples_only_on_the_last_chunk() -> None:
     assert all(n <= 16 for n, _ in chunks)
     assert [s for _, s in chunks] == [False, False, False, True]
     assert work[first_sample + 1 :] == [(1, True), (1, True)]
-    assert h.outputs["long"] == h.expected_outputs("long", 3) and h.finish["long"] == "length"
+    assert h.out("long") == h.expected("long", 3) and h.reason("long") == "length"
     h.assert_all_pages_free()
 
 
@@ -202,8 +233,8 @@ def test_decode_and_prefill_chunk_share_a_step_within_budget() -> None:
     assert plan.num_tokens[i_b] == budget - 1 and not plan.sample[i_b]
     h.run()
     assert all(sum(p.num_tokens) <= budget for p in h.plans)
-    assert h.outputs["a"] == h.expected_outputs("a", 20)
-    assert h.outputs["b"] == h.expected_outputs("b", 4)
+    assert h.out("a") == h.expected("a", 20)
+    assert h.out("b") == h.expected("b", 4)
     h.assert_all_pages_free()
 
 
@@ -219,41 +250,41 @@ def test_many_requests_respect_budget_and_slots() -> None:
     assert all(sum(p.num_tokens) <= 24 for p in h.plans)
     assert any(sum(p.num_tokens) == 24 for p in h.plans)  # the budget is used when there is work
     for rid, n in lengths.items():
-        assert h.outputs[rid] == h.expected_outputs(rid, n) and h.finish[rid] == "length"
+        assert h.out(rid) == h.expected(rid, n) and h.reason(rid) == "length"
     h.assert_all_pages_free()
 
 
 def test_finish_on_eos_unless_ignored() -> None:
     h = Harness()
-    eos = [fake_token(1, 3), EOS]
-    h.add("eos", prompt_len=6, seed=1, eos=eos, max_tokens=10)
+    h.add("eos", prompt_len=6, seed=1, eos=[fake_token(1, 3), EOS], max_tokens=10)
     h.add("ignore", prompt_len=6, seed=2, eos=[fake_token(2, 3)], max_tokens=10, ignore_eos=True)
     h.run()
-    assert h.outputs["eos"] == h.expected_outputs("eos", 4) and h.finish["eos"] == "stop"
-    assert h.outputs["ignore"] == h.expected_outputs("ignore", 10) and h.finish["ignore"] == "length"
-    assert fake_token(2, 3) in h.outputs["ignore"]
+    assert h.out("eos") == h.expected("eos", 4) and h.reason("eos") == "stop"
+    assert h.out("ignore") == h.expected("ignore", 10) and h.reason("ignore") == "length"
+    assert fake_token(2, 3) in h.out("ignore")
     h.assert_all_pages_free()
 
 
 def test_finish_on_stop_token_ids_even_with_ignore_eos() -> None:
     h = Harness()
     h.add("stop", prompt_len=3, seed=5, stop_token_ids=[fake_token(5, 6)], ignore_eos=True)
+    h.add("plain", prompt_len=3, seed=6, stop_token_ids=[fake_token(6, 2)], max_tokens=9)
     h.run()
-    assert h.outputs["stop"] == h.expected_outputs("stop", 7) and h.finish["stop"] == "stop"
+    assert h.out("stop") == h.expected("stop", 7) and h.reason("stop") == "stop"
+    assert h.out("plain") == h.expected("plain", 3) and h.reason("plain") == "stop"
     h.assert_all_pages_free()
 
 
 def test_finish_on_max_tokens_and_max_model_len() -> None:
+    # the harness also checks that no sequence ever holds more than max_model_len tokens
     h = Harness(max_model_len=32)
     h.add("max_tokens", prompt_len=10, seed=1, max_tokens=5)
     h.add("model_len", prompt_len=20, seed=2)
     h.add("both", prompt_len=31, seed=3, max_tokens=8)
     h.run()
-    assert h.outputs["max_tokens"] == h.expected_outputs("max_tokens", 5) and h.finish["max_tokens"] == "length"
-    assert h.outputs["model_len"] == h.expected_outputs("model_len", 12) and h.finish["model_len"] == "length"
-    assert h.outputs["both"] == h.expected_outputs("both", 1) and h.finish["both"] == "length"
-    # no sequence ever computed a token at or beyond max_model_len
-    assert all(len(v.token_ids) <= 32 for v in h.slots.values())
+    assert h.out("max_tokens") == h.expected("max_tokens", 5) and h.reason("max_tokens") == "length"
+    assert h.out("model_len") == h.expected("model_len", 12) and h.reason("model_len") == "length"
+    assert h.out("both") == h.expected("both", 1) and h.reason("both") == "length"
     h.assert_all_pages_free()
 
 
@@ -265,21 +296,24 @@ def test_first_delta_carries_time_in_queue() -> None:
     assert deltas[0].time_in_queue is not None and deltas[0].time_in_queue >= 0
     assert all(d.time_in_queue is None for d in deltas[1:])
     assert [d.finish_reason for d in deltas] == [None, None, "length"]
+    assert [d.token_ids for d in deltas] == [[t] for t in h.expected("r", 3)]
 
 
 def test_preemption_of_the_newest_request_and_recompute() -> None:
-    # 12 usable pages of 4 tokens; each request needs up to 8 pages
+    # 12 usable pages of 4 tokens; each request grows to 30 tokens, 8 pages
     h = Harness(num_pages=13, max_model_len=48, max_num_seqs=4, max_num_batched_tokens=64)
     for i in range(4):
         h.add(f"r{i}", prompt_len=10, seed=i + 1, max_tokens=20, ignore_eos=True)
     h.run()
     assert h.preempted, "the pool is too small for all four: some request must be preempted"
-    assert set(h.readmitted) >= set(h.preempted) - {r for r in h.preempted if not h.outputs[r]}
+    # the harness checked that each victim was the newest running request, and that each
+    # re-admission carried prompt + outputs so far; some resumed with outputs already made
+    assert sorted(h.preempted) == sorted(rid for rid, _ in h.readmitted)
+    assert any(n > 0 for _, n in h.readmitted)
+    assert "r0" not in h.preempted
     for i in range(4):
         rid = f"r{i}"
-        assert h.outputs[rid] == h.expected_outputs(rid, 20) and h.finish[rid] == "length"
-    # the oldest request is never the victim while newer ones run
-    assert "r0" not in h.preempted
+        assert h.out(rid) == h.expected(rid, 20) and h.reason(rid) == "length"
     h.assert_all_pages_free()
 
 
@@ -288,6 +322,7 @@ def test_random_workload_under_page_pressure(seed: int) -> None:
     rng = random.Random(seed)
     page_size = rng.choice([1, 2, 4, 16])
     max_model_len = 64
+    # always room for one full-length request (as the gpu_proc guarantees), often not for more
     num_pages = -(-max_model_len // page_size) + 1 + rng.randint(0, 2 * max_model_len // page_size)
     h = Harness(
         num_pages=num_pages,
@@ -312,8 +347,8 @@ def test_random_workload_under_page_pressure(seed: int) -> None:
     else:
         raise AssertionError("the scheduler did not finish")
     for rid, n in expected.items():
-        assert h.outputs[rid] == h.expected_outputs(rid, n), rid
-        assert h.finish[rid] == "length"
+        assert h.out(rid) == h.expected(rid, n), rid
+        assert h.reason(rid) == "length"
     h.assert_all_pages_free()
 
 
@@ -327,21 +362,22 @@ def test_abort_waiting_and_running_requests() -> None:
     assert (stats.num_running, stats.num_waiting) == (1, 1)
     assert stats.num_free_pages < stats.num_pages
 
-    delta = h.abort("waiting")
-    assert delta.request_id == "waiting" and delta.finish_reason == "abort" and delta.token_ids == []
-    assert h.sched.stats(0).num_waiting == 0
+    assert h.abort("waiting") is not None
+    stats = h.sched.stats(0)
+    assert (stats.num_running, stats.num_waiting) == (1, 0)
 
     slot = h.plans[0].slots[0]
-    delta = h.abort("running")
-    assert delta.request_id == "running" and delta.finish_reason == "abort"
+    assert h.abort("running") is not None
     stats = h.sched.stats(0)
-    assert stats.num_running == 0 and stats.num_free_pages == stats.num_pages
+    assert (stats.num_running, stats.num_waiting) == (0, 0)
+    assert stats.num_free_pages == stats.num_pages
     plan = h.step()
-    assert plan is not None and plan.freed == [slot] and plan.slots == []
+    assert plan is not None and plan.freed == [slot] and plan.slots == [] and plan.new == []
     assert h.step() is None
     assert not h.sched.has_work()
     assert h.abort("running") is None and h.abort("never-added") is None
-    assert "waiting" not in h.finish and len(h.outputs["running"]) == 2
+    assert h.out("running") == h.expected("running", 2) and h.out("waiting") == []
+    assert h.reason("running") is None and h.reason("waiting") is None
     h.assert_all_pages_free()
 
 
@@ -349,21 +385,28 @@ def test_abort_while_its_step_is_in_flight_drops_the_token() -> None:
     h = Harness()
     h.add("a", prompt_len=5, seed=1, max_tokens=10)
     h.add("b", prompt_len=5, seed=2, max_tokens=3)
-    plan = h.sched.schedule()
-    h.plans.append(plan)
-    h._apply(plan)
-    assert h.sched.abort("a").finish_reason == "abort"
-    h.aborted.add("a")
-    tokens = [fake_token(h.slots[s].seed, 0) for s in plan.slots]
-    deltas = h.sched.on_result(StepResult(plan.step_id, list(plan.slots), tokens))
+    plan = h.schedule()
+    result = h.compute(plan)
+    assert len(result.slots) == 2
+    assert h.abort("a") is not None
+    deltas = h.deliver(result)
     assert [d.request_id for d in deltas] == ["b"]
-    h.on_deltas(deltas)
-    for s in plan.slots:
-        h.slots[s].num_computed = len(h.slots[s].token_ids)
-        h.slots[s].token_ids.append(fake_token(h.slots[s].seed, 0))
     h.run()
-    assert h.outputs["a"] == [] and "a" not in h.finish
-    assert h.outputs["b"] == h.expected_outputs("b", 3)
+    assert h.out("a") == [] and h.reason("a") is None
+    assert h.out("b") == h.expected("b", 3) and h.reason("b") == "length"
+    h.assert_all_pages_free()
+
+
+def test_abort_frees_a_slot_for_a_waiting_request() -> None:
+    h = Harness(max_num_seqs=1)
+    h.add("first", prompt_len=4, seed=1, max_tokens=30)
+    h.add("second", prompt_len=4, seed=2, max_tokens=3)
+    h.step()
+    h.abort("first")
+    plan = h.step()
+    assert plan.freed == [plan.new[0].slot]  # the slot is reused in the same step
+    h.run()
+    assert h.out("second") == h.expected("second", 3)
     h.assert_all_pages_free()
 
 
@@ -372,12 +415,13 @@ def test_duplicate_request_id_gives_an_error_delta() -> None:
     assert h.add("dup", prompt_len=4, seed=1, max_tokens=3) is None
     delta = h.add("dup", prompt_len=6, seed=2, max_tokens=3)
     assert delta is not None and delta.request_id == "dup" and delta.error and delta.finish_reason is None
+    assert h.sched.stats(0).num_waiting == 1
     h.run()
-    assert h.outputs["dup"] == h.expected_outputs("dup", 3)
+    assert h.out("dup") == h.expected("dup", 3) and h.reason("dup") == "length"
     # once finished, the id may be used again
     assert h.add("dup", prompt_len=4, seed=3, max_tokens=2) is None
     h.run()
-    assert h.outputs["dup"][3:] == [fake_token(3, 0), fake_token(3, 1)]
+    assert h.out("dup") == [fake_token(3, 0), fake_token(3, 1)]
     h.assert_all_pages_free()
 
 

@@ -25,8 +25,8 @@ def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> to
     """
     row = _mix32(seeds ^ _mix32(counters + 0x9E3779B9))
     cols = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    bits = _mix32((row[:, None] + cols[None, :] * 0x9E3779B1) & _MASK32) >> 8
-    return (bits.float() + 0.5) / float(1 << 24)
+    bits = _mix32((row[:, None] + cols[None, :] * 0x9E3779B1) & _MASK32) >> 9
+    return (bits.float() + 0.5) / float(1 << 23)  # 23 bits: exact in fp32, never 0 or 1
 
 
 class SamplingState:
@@ -74,13 +74,13 @@ class Sampler:
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set to -inf every logit outside the row's top-k and its top-p nucleus."""
+    """Set to -inf every logit outside the row's top-k, then outside the top-p nucleus of what is left."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
     ranks = torch.arange(vocab, device=logits.device)[None, :]
     k = torch.where(top_k > 0, top_k, vocab)[:, None]
+    sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs
-    drop = (ranks >= k) | (before >= top_p[:, None])
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    sorted_logits = sorted_logits.masked_fill(before >= top_p[:, None], float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

@@ -235,3 +235,16 @@ def test_counter_advances_per_sampled_step() -> None:
     sampler(logits, torch.tensor([0, 1]))
     sampler(logits, torch.tensor([1]))
     assert state.counter.tolist() == [5, 2, 10]
+
+
+def test_top_p_applies_to_the_renormalized_top_k_set() -> None:
+    """top_k=2 keeps probabilities 0.4 and 0.2 (0.67 and 0.33 after renormalizing); top_p=0.5 then keeps one."""
+    probs = torch.tensor([0.4, 0.2, 0.1, 0.1, 0.1, 0.1])
+    logits = probs.log()[None, :].repeat(64, 1)
+    state = SamplingState(64, torch.device("cpu"))
+    for slot in range(64):
+        state.set(slot, SamplingParams(temperature=1.0, top_k=2, top_p=0.5, seed=slot), 0)
+    drawn = set()
+    for _ in range(20):
+        drawn |= set(Sampler(state)(logits, torch.arange(64)).tolist())
+    assert drawn == {0}

@@ -19,7 +19,7 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 class KVCache:
     """``pool[layer, 0|1]`` is the K|V pool ``[num_pages, page_size, kv_heads, head_dim]``.
 
-    Page 0 is reserved: padded rows write there and the scheduler never hands it out.
+    Page 0 is reserved and zeroed: padded rows write there and the scheduler never hands it out.
     """
 
     pool: torch.Tensor
@@ -36,38 +36,36 @@ def bytes_per_token(mc: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * torch.finfo(dtype).bits // 8
 
 
-def plan_kv_tokens(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
-    """How many tokens of KV fit in the budget."""
+def allocate_kv_cache(
+    config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device, budget_bytes: int | None
+) -> KVCache:
+    """Allocate the pools: ``kv_cache_tokens``, else ``kv_cache_bytes``, else ``budget_bytes``
+    (CUDA: measured free memory), else 1 GiB."""
     per_token = bytes_per_token(mc, dtype)
     if config.kv_cache_tokens is not None:
-        return config.kv_cache_tokens
-    if config.kv_cache_bytes is not None:
-        return config.kv_cache_bytes // per_token
-    if device.type != "cuda":
-        return DEFAULT_CPU_KV_BYTES // per_token
-    free, total = torch.cuda.mem_get_info(device)
-    used = total - free
-    act_bytes = config.max_num_batched_tokens * (4 * mc.hidden_size + 2 * mc.intermediate_size + mc.vocab_size) * 4
-    budget = int(total * config.gpu_memory_utilization) - used - act_bytes
-    return max(0, budget // per_token)
-
-
-def allocate_kv_cache(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device) -> KVCache:
-    """Allocate the pools; fails if not even one full-length request fits."""
-    tokens = plan_kv_tokens(config, mc, dtype, device)
+        tokens = config.kv_cache_tokens
+    elif config.kv_cache_bytes is not None:
+        tokens = config.kv_cache_bytes // per_token
+    else:
+        tokens = (DEFAULT_CPU_KV_BYTES if budget_bytes is None else budget_bytes) // per_token
     num_pages = tokens // config.page_size + 1
     usable = (num_pages - 1) * config.page_size
-    if usable < config.max_model_len:
+    if usable < config.page_size:
         raise ValueError(
-            f"the KV cache holds {usable} tokens, fewer than max_model_len={config.max_model_len}: "
-            "raise the KV budget (kv_cache_tokens, kv_cache_bytes or gpu_memory_utilization) or lower max_model_len"
+            f"the KV budget holds {tokens} tokens, less than one page of {config.page_size}: "
+            "raise kv_cache_tokens, kv_cache_bytes or gpu_memory_utilization"
         )
     shape = (mc.num_layers, 2, num_pages, config.page_size, mc.num_kv_heads, mc.head_dim)
     pool = torch.empty(shape, dtype=dtype, device=device)
-    per_token = bytes_per_token(mc, dtype)
+    pool[:, :, 0].zero_()
     logger.info(
-        "KV cache: %d tokens in %d pages of %d, %d bytes/token, %.2f GiB; up to %d concurrent requests of max_model_len=%d",
+        "KV cache: %d tokens in %d pages of %d, %d bytes/token, %.2f GiB; %d concurrent requests of max_model_len=%d",
         usable, num_pages - 1, config.page_size, per_token, pool.numel() * pool.element_size() / 2**30,
         usable // config.max_model_len, config.max_model_len,
     )
+    if usable < config.max_model_len:
+        logger.warning(
+            "the KV cache holds %d tokens, fewer than max_model_len=%d: longer requests are cut or rejected",
+            usable, config.max_model_len,
+        )
     return KVCache(pool)

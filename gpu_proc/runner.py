@@ -10,12 +10,13 @@ import torch
 
 from tristream.config import EngineConfig
 from tristream.gpu_proc.forward_batch import ForwardBatch
-from tristream.gpu_proc.kv_cache import allocate_kv_cache
+from tristream.gpu_proc.kv_cache import KVCache, allocate_kv_cache
 from tristream.gpu_proc.model import DecoderLM
 from tristream.gpu_proc.sampler import Sampler, SamplingState
 from tristream.gpu_proc.weights import init_dummy, load_safetensors
 from tristream.model_config import ModelConfig
-from tristream.protocol import BatchPlan, StepResult
+from tristream.protocol import BatchPlan, NewSequence, StepResult
+from tristream.sampling_params import SamplingParams
 
 logger = logging.getLogger("tristream")
 
@@ -67,10 +68,51 @@ class ModelRunner:
             "loaded %s (%s, %s) on %s in %.1f s",
             mc.architecture, config.load_format, self.dtype, self.device, time.perf_counter() - start,
         )
-        self.kv = allocate_kv_cache(config, mc, self.dtype, self.device)
         self.page_size = config.page_size
         self.seqs: dict[int, Sequence] = {}
         self.sampler = Sampler(SamplingState(config.max_num_seqs, self.device))
+        explicit = config.kv_cache_tokens is not None or config.kv_cache_bytes is not None
+        budget = self._cuda_kv_budget() if self.device.type == "cuda" and not explicit else None
+        self.kv = allocate_kv_cache(config, mc, self.dtype, self.device, budget)
+
+    @torch.inference_mode()
+    def _cuda_kv_budget(self) -> int:
+        """Bytes left for KV under ``gpu_memory_utilization`` after the weights and a measured peak.
+
+        The peak comes from a prefill of ``max_num_batched_tokens`` tokens and a
+        top-k/top-p sampling of ``max_num_seqs`` rows, run once on a temporary pool.
+        """
+        config, mc = self.config, self.model_config
+        tokens = min(config.max_num_batched_tokens, config.max_model_len)
+        pages = -(-tokens // config.page_size) + 1
+        scratch = KVCache(torch.zeros((mc.num_layers, 2, pages, config.page_size, mc.num_kv_heads, mc.head_dim),
+                                      dtype=self.dtype, device=self.device))
+        scratch_bytes = scratch.pool.numel() * scratch.pool.element_size()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        kv, self.kv = getattr(self, "kv", None), scratch
+        probe = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=0)
+        plan = BatchPlan(0, new=[NewSequence(0, [0] * tokens, 0, 0, probe)], pages=[(0, list(range(1, pages)))],
+                         slots=[0], num_tokens=[tokens], sample=[True])
+        self.step(plan)
+        for slot in range(config.max_num_seqs):
+            self.sampler.state.set(slot, probe, 0)
+        logits = torch.randn(config.max_num_seqs, mc.vocab_size, device=self.device)
+        self.sampler(logits, torch.arange(config.max_num_seqs, device=self.device))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - scratch_bytes
+        self.kv, self.seqs = kv, {}
+        del scratch, logits
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
+        budget = int(total * config.gpu_memory_utilization) - peak - outside_torch
+        logger.info(
+            "GPU memory: %.2f GiB total, peak %.2f GiB with weights and activations, %.2f GiB used outside torch, "
+            "%.2f GiB left for KV at gpu_memory_utilization=%.2f",
+            total / 2**30, peak / 2**30, outside_torch / 2**30, max(budget, 0) / 2**30, config.gpu_memory_utilization,
+        )
+        return max(budget, 0)
 
     @property
     def info(self) -> dict:

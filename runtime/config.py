@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -13,6 +13,8 @@ class EngineConfig:
 
     KV cache budget: on CUDA a fraction of GPU memory (``gpu_memory_utilization``);
     on CPU ``kv_cache_tokens`` or ``kv_cache_bytes`` (default 1 GiB).
+    ``schedule_policy`` is "fcfs" or "lpm" (longest cached prefix first).
+    ``check_invariants`` verifies the page accounting after every step (slow; for tests).
     """
 
     model: str | None = None
@@ -27,6 +29,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_bytes: int | None = None
     kv_cache_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    schedule_policy: str = "fcfs"
+    check_invariants: bool = False
     seed: int = 0
     log_level: str = "INFO"
     startup_timeout: float = 600.0
@@ -34,6 +39,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.schedule_policy not in ("fcfs", "lpm"):
+            raise ValueError(f"schedule_policy must be 'fcfs' or 'lpm' (longest prefix match), got {self.schedule_policy!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -50,6 +57,3 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)

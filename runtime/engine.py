@@ -249,10 +249,9 @@ class AsyncEngine:
             raise ValueError(f"request_id {request_id!r} is already running")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        metrics = RequestMetrics(arrival_time=time.time())
-        processes.send(self._out["tokenizer"], GenerateRequest(request_id, params, metrics.arrival_time, **fields))
+        stream = _Stream(request_id, prompt, RequestMetrics(arrival_time=time.time()))
+        processes.send(self._out["tokenizer"], GenerateRequest(request_id, params, stream.metrics.arrival_time, **fields))
         finished = False
-        prompt_ids: list[int] = []
         try:
             while not finished:
                 delta = await queue.get()
@@ -261,33 +260,43 @@ class AsyncEngine:
                 finished = delta.finished
                 if delta.error is not None:
                     raise ValueError(delta.error)
-                yield self._output(request_id, prompt, delta, metrics, prompt_ids)
+                yield stream.output(delta)
         finally:
             self._queues.pop(request_id, None)
             if not finished and self.is_running:
                 processes.send(self._out["tokenizer"], AbortRequest(request_id))
 
-    @staticmethod
-    def _output(
-        request_id: str, prompt: str | None, delta: OutputDelta, metrics: RequestMetrics, prompt_ids: list[int]
-    ) -> RequestOutput:
+
+@dataclasses.dataclass
+class _Stream:
+    """What one request's stream has gathered so far."""
+
+    request_id: str
+    prompt: str | None
+    metrics: RequestMetrics
+    prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
+    num_cached_tokens: int = 0
+
+    def output(self, delta: OutputDelta) -> RequestOutput:
         now = time.time()
+        metrics = self.metrics
         if delta.prompt_token_ids is not None:
-            prompt_ids.extend(delta.prompt_token_ids)
-            metrics.num_prompt_tokens = len(prompt_ids)
+            self.prompt_token_ids = delta.prompt_token_ids
+            metrics.num_prompt_tokens = len(delta.prompt_token_ids)
         if delta.time_in_queue is not None:
             metrics.time_in_queue = delta.time_in_queue
+            self.num_cached_tokens = delta.num_cached_tokens
         if delta.token_ids and metrics.first_token_time is None:
             metrics.first_token_time = now
         metrics.num_generated_tokens += len(delta.token_ids)
         if delta.finished:
             metrics.finished_time = now
         return RequestOutput(
-            request_id=request_id,
-            prompt=prompt,
-            prompt_token_ids=prompt_ids,
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
             outputs=[CompletionOutput(0, delta.text, delta.token_ids, delta.finish_reason)],
             finished=delta.finished,
             metrics=dataclasses.replace(metrics),
-            num_cached_tokens=delta.num_cached_tokens,
+            num_cached_tokens=self.num_cached_tokens,
         )

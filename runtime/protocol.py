@@ -177,6 +177,9 @@ class SchedulerStats:
     num_free_pages: int
     num_running: int
     num_waiting: int
+    num_cached_pages: int
+    num_prompt_tokens: int
+    num_cache_hit_tokens: int
 
 
 # lifecycle: children -> user (and gpu_proc -> scheduler_proc)

@@ -22,5 +22,8 @@ class PageAllocator:
         del self._free[len(self._free) - n :]
         return taken
 
+    def free_pages(self) -> list[int]:
+        return list(self._free)
+
     def free(self, pages: list[int]) -> None:
         self._free.extend(reversed(pages))

@@ -5,17 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tristream.protocol import TokenizedRequest
+from tristream.scheduler_proc.radix_cache import Node
 
 
 @dataclass
 class Request:
-    """A request's tokens, pages and progress. ``num_computed`` tokens have KV."""
+    """A request's tokens, pages and progress. ``num_computed`` tokens have KV.
+
+    ``pages`` is its block table; it owns ``own_pages`` of them, and the radix
+    cache owns the rest, held for it by a lock on ``cache_node``.
+    """
 
     spec: TokenizedRequest
     output_token_ids: list[int] = field(default_factory=list)
     slot: int | None = None
     pages: list[int] = field(default_factory=list)
+    own_pages: set[int] = field(default_factory=set)
+    cache_node: Node | None = None
     num_computed: int = 0
+    num_cached_tokens: int | None = None
     first_scheduled_time: float | None = None
 
     @property

@@ -1,4 +1,4 @@
-"""Scheduler: continuous batching under a token budget, over paged KV memory."""
+"""Scheduler: continuous batching under a token budget, over paged KV memory with a prefix cache."""
 
 from __future__ import annotations
 
@@ -8,40 +8,63 @@ from collections import deque
 from tristream.config import EngineConfig
 from tristream.protocol import BatchPlan, NewSequence, SchedulerStats, StepResult, TokenDelta, TokenizedRequest
 from tristream.scheduler_proc.page_allocator import PageAllocator
+from tristream.scheduler_proc.radix_cache import RadixCache
 from tristream.scheduler_proc.request import Request
 
 
 class Scheduler:
-    """Decides each step: which requests run, how many tokens each computes.
+    """Decides each step: which requests run, and how many tokens each computes.
 
     Running requests go first, in admission order; a prompt longer than the
-    step's budget is computed in chunks. When pages run out, the newest running
-    request is preempted: its pages are freed and it is recomputed later.
+    step's budget is computed in chunks, and each computed chunk enters the
+    prefix cache. New requests start from their longest cached prefix. When
+    pages run out, unlocked cache leaves are evicted first; then the newest
+    running request is preempted: its pages are freed and it is recomputed later.
     """
 
     def __init__(self, config: EngineConfig, num_pages: int) -> None:
         self.config = config
         self.page_size = config.page_size
         self.pages = PageAllocator(num_pages)
+        self.cache = RadixCache(self.page_size, self.pages) if config.enable_prefix_caching else None
+        self.capacity = (num_pages - 1) * self.page_size
+        self.max_len = min(config.max_model_len, self.capacity)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.by_id: dict[str, Request] = {}
         self.by_slot: dict[int, Request] = {}
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self.freed_slots: list[int] = []
+        self.prefilling: list[Request] = []
         self.step_id = 0
+        self.num_prompt_tokens = 0
+        self.num_cache_hit_tokens = 0
 
     def stats(self, token: int) -> SchedulerStats:
-        usable = self.pages.num_pages - 1
-        return SchedulerStats(token, usable, self.pages.num_free, len(self.running), len(self.waiting))
+        return SchedulerStats(
+            token,
+            self.pages.num_pages - 1,
+            self.pages.num_free,
+            len(self.running),
+            len(self.waiting),
+            self.cache.num_pages if self.cache else 0,
+            self.num_prompt_tokens,
+            self.num_cache_hit_tokens,
+        )
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def add(self, spec: TokenizedRequest) -> TokenDelta | None:
-        """Queue a request; an error delta if it is a duplicate."""
+        """Queue a request; an error delta if it is a duplicate or can never fit."""
         if spec.request_id in self.by_id:
             return TokenDelta(spec.request_id, [], error=f"request_id {spec.request_id!r} is already running")
+        if len(spec.prompt_token_ids) >= self.max_len:
+            return TokenDelta(
+                spec.request_id, [],
+                error=f"the prompt has {len(spec.prompt_token_ids)} tokens, but the KV cache holds only "
+                f"{self.capacity} tokens: it can never run",
+            )
         req = Request(spec)
         self.by_id[spec.request_id] = req
         self.waiting.append(req)
@@ -59,9 +82,34 @@ class Scheduler:
             self._release(req)
         return TokenDelta(request_id, [], finish_reason="abort")
 
+    def _alloc(self, n: int) -> list[int] | None:
+        """``n`` free pages, evicting cache leaves if needed; None if that is not enough."""
+        if n <= 0:
+            return []
+        short = n - self.pages.num_free
+        if short > 0 and self.cache is not None:
+            self.cache.evict(short)
+        return self.pages.alloc(n)
+
+    def _cache(self, req: Request) -> None:
+        """Put the request's computed whole pages into the prefix cache and hold them there."""
+        if self.cache is None:
+            return
+        n = req.num_computed // self.page_size
+        node, tree_pages = self.cache.insert(req.all_token_ids[: n * self.page_size], req.pages[:n])
+        for mine, theirs in zip(req.pages, tree_pages):
+            if mine == theirs:
+                req.own_pages.discard(mine)
+        self.cache.lock(node)
+        if req.cache_node is not None:
+            self.cache.unlock(req.cache_node)
+        req.cache_node = node
+
     def _release(self, req: Request) -> None:
-        self.pages.free(req.pages)
-        req.pages = []
+        self.pages.free([p for p in req.pages if p in req.own_pages])
+        if req.cache_node is not None:
+            self.cache.unlock(req.cache_node)
+        req.pages, req.own_pages, req.cache_node = [], set(), None
         del self.by_slot[req.slot]
         self.free_slots.append(req.slot)
         self.freed_slots.append(req.slot)
@@ -69,20 +117,20 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        self._cache(req)
         self._release(req)
         req.num_computed = 0
         self.waiting.appendleft(req)
 
     def _grow(self, req: Request, num_tokens: int, plan: BatchPlan) -> bool:
-        """Give ``req`` pages for ``num_tokens`` tokens; False if too few are free."""
-        need = -(-num_tokens // self.page_size) - len(req.pages)
-        if need <= 0:
-            return True
-        pages = self.pages.alloc(need)
+        """Give ``req`` pages for ``num_tokens`` tokens; False if too few can be had."""
+        pages = self._alloc(-(-num_tokens // self.page_size) - len(req.pages))
         if pages is None:
             return False
-        req.pages.extend(pages)
-        plan.pages.append((req.slot, pages))
+        if pages:
+            req.pages.extend(pages)
+            req.own_pages.update(pages)
+            plan.pages.append((req.slot, pages))
         return True
 
     def _run(self, req: Request, n: int, plan: BatchPlan) -> None:
@@ -90,11 +138,49 @@ class Scheduler:
         plan.num_tokens.append(n)
         req.num_computed += n
         plan.sample.append(req.num_computed == req.num_tokens)
+        if n > 1:
+            self.prefilling.append(req)
+
+    def _admit(self, req: Request, budget: int, plan: BatchPlan) -> int:
+        """Start ``req`` from its longest cached prefix; the tokens it runs (0: it does not fit)."""
+        node, pages = None, []
+        if self.cache is not None:
+            node, pages = self.cache.match(req.all_token_ids[: req.num_tokens - 1])
+            self.cache.lock(node)
+        hit = len(pages) * self.page_size
+        n = min(req.num_tokens - hit, budget)
+        new = self._alloc(-(-(hit + n) // self.page_size) - len(pages))
+        if new is None:
+            if node is not None:
+                self.cache.unlock(node)
+            return 0
+        req.slot = self.free_slots.pop()
+        req.pages, req.own_pages, req.cache_node, req.num_computed = pages + new, set(new), node, hit
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = hit
+            self.num_prompt_tokens += len(req.spec.prompt_token_ids)
+            self.num_cache_hit_tokens += hit
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.time()
+        self.by_slot[req.slot] = req
+        self.running.append(req)
+        plan.new.append(NewSequence(req.slot, req.all_token_ids, hit, len(req.output_token_ids), req.spec.params))
+        plan.pages.append((req.slot, list(req.pages)))
+        self._run(req, n, plan)
+        return n
+
+    def _order_waiting(self) -> None:
+        """Longest cached prefix first, after the preempted requests, which keep their place."""
+        resumed = [r for r in self.waiting if r.output_token_ids]
+        fresh = [r for r in self.waiting if not r.output_token_ids]
+        fresh.sort(key=lambda r: -len(self.cache.match(r.spec.prompt_token_ids)[1]))
+        self.waiting = deque(resumed + fresh)
 
     def schedule(self) -> BatchPlan | None:
         """The next step's plan, or None when there is nothing to run."""
         plan = BatchPlan(self.step_id)
         budget = self.config.max_num_batched_tokens
+        preempted = False
         for req in list(self.running):
             if budget == 0:
                 break
@@ -104,36 +190,34 @@ class Scheduler:
             while not self._grow(req, req.num_computed + n, plan):
                 victim = self.running[-1]
                 self._preempt(victim)
+                preempted = True
                 if victim is req:
                     break
             if req.slot is not None:
                 self._run(req, n, plan)
                 budget -= n
-        while self.waiting and self.free_slots and budget > 0:
-            req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed, budget)
-            pages = self.pages.alloc(-(-n // self.page_size))
-            if pages is None:
+        if self.config.schedule_policy == "lpm" and self.cache is not None and len(self.waiting) > 1:
+            self._order_waiting()
+        while not preempted and self.waiting and self.free_slots and budget > 0:
+            ran = self._admit(self.waiting[0], budget, plan)
+            if ran == 0:
                 break
             self.waiting.popleft()
-            req.slot = self.free_slots.pop()
-            req.pages = pages
-            self.by_slot[req.slot] = req
-            self.running.append(req)
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = time.time()
-            plan.new.append(NewSequence(req.slot, req.all_token_ids, 0, len(req.output_token_ids), req.spec.params))
-            plan.pages.append((req.slot, pages))
-            self._run(req, n, plan)
-            budget -= n
+            budget -= ran
         plan.freed, self.freed_slots = self.freed_slots, []
+        if self.config.check_invariants:
+            self.check_invariants()
         if not plan.slots and not plan.freed:
             return None
         self.step_id += 1
         return plan
 
     def on_result(self, result: StepResult) -> list[TokenDelta]:
-        """Record sampled tokens; finish requests that hit a stop condition."""
+        """Record sampled tokens, cache computed prefill chunks, finish requests that stop."""
+        for req in self.prefilling:
+            if req.slot is not None:
+                self._cache(req)
+        self.prefilling = []
         deltas = []
         for slot, token in zip(result.slots, result.token_ids):
             req = self.by_slot.get(slot)
@@ -147,13 +231,17 @@ class Scheduler:
                     req.request_id,
                     [token],
                     finish_reason=reason,
+                    num_cached_tokens=req.num_cached_tokens if first else 0,
                     time_in_queue=req.first_scheduled_time - req.spec.arrival_time if first else None,
                 )
             )
             if reason is not None:
                 self.running.remove(req)
+                self._cache(req)
                 self._release(req)
                 del self.by_id[req.request_id]
+        if self.config.check_invariants:
+            self.check_invariants()
         return deltas
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
@@ -162,6 +250,21 @@ class Scheduler:
             return "stop"
         if params.max_tokens is not None and len(req.output_token_ids) >= params.max_tokens:
             return "length"
-        if req.num_tokens >= self.config.max_model_len:
+        if req.num_tokens >= self.max_len:
             return "length"
         return None
+
+    def check_invariants(self) -> None:
+        """Every usable page is exactly one of: free, in the cache, or owned by a running request."""
+        free = self.pages.free_pages()
+        cached = self.cache.all_pages() if self.cache else []
+        owned = [p for r in self.running for p in r.own_pages]
+        everything = free + cached + owned
+        total = self.pages.num_pages - 1
+        assert len(free) + len(cached) + len(owned) == total, (len(free), len(cached), len(owned), total)
+        assert sorted(everything) == list(range(1, total + 1)), "a page is lost or held twice"
+        for r in self.running:
+            assert set(r.pages) >= r.own_pages and len(r.pages) * self.page_size >= r.num_computed
+            assert all(p in r.own_pages or p in cached for p in r.pages), "a request uses a page nobody holds"
+        if self.cache:
+            assert self.cache.num_pages == len(cached)

@@ -40,7 +40,10 @@ class Harness:
     """
 
     def __init__(self, num_pages: int = 64, **config: object) -> None:
-        defaults = dict(model="unused", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=4)
+        defaults = dict(
+            model="unused", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=4,
+            enable_prefix_caching=False, check_invariants=True,
+        )
         self.config = EngineConfig(**{**defaults, **config})
         self.num_pages = num_pages
         self.sched = Scheduler(self.config, num_pages)

@@ -9,7 +9,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from tristream.scheduler_proc.page_allocator import PageAllocator
 from tristream.scheduler_proc.radix_cache import Node, RadixCache
 
-NUM_PAGES = 16
+NUM_PAGES = 20
 MAX_PAGES = 6
 TOKEN = st.integers(0, 2)
 
@@ -98,11 +98,14 @@ class RadixMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ rules
 
-    @rule(data=st.data())
-    def insert(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), evict_first=st.booleans())
+    def insert(self, data: st.DataObject, evict_first: bool) -> None:
+        """Insert fresh pages like the scheduler; with ``evict_first``, evict the shortfall first as it does."""
         ps = self.page_size
         tokens = self.draw_tokens(data, aligned=True)
         n = len(tokens) // ps
+        if evict_first and n > self.allocator.num_free:
+            self.checked_evict(n - self.allocator.num_free)
         mine = self.allocator.alloc(n)
         if mine is None:
             return
@@ -139,6 +142,10 @@ class RadixMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(0, NUM_PAGES))
     def evict(self, n: int) -> None:
+        self.checked_evict(n)
+
+    def checked_evict(self, n: int) -> None:
+        """``cache.evict(n)``, checked against the reference, which then drops what went."""
         nodes_before = [(node, tuple(node.tokens), tuple(node.pages), tuple(path_tokens(node))) for node in tree_nodes(self.cache)]
         free_before = set(self.allocator.free_pages())
         evictable_before = sum(1 for prefix in self.ref if self.lock_count(prefix) == 0)
@@ -218,8 +225,8 @@ class RadixMachine(RuleBasedStateMachine):
 
 
 SETTINGS = settings(
-    max_examples=60,
-    stateful_step_count=40,
+    max_examples=150,
+    stateful_step_count=50,
     deadline=None,
     database=None,
     derandomize=True,

@@ -180,6 +180,7 @@ class SchedulerStats:
     num_cached_pages: int
     num_prompt_tokens: int
     num_cache_hit_tokens: int
+    num_preemptions: int
 
 
 # lifecycle: children -> user (and gpu_proc -> scheduler_proc)

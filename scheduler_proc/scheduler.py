@@ -39,6 +39,7 @@ class Scheduler:
         self.step_id = 0
         self.num_prompt_tokens = 0
         self.num_cache_hit_tokens = 0
+        self.num_preemptions = 0
 
     def stats(self, token: int) -> SchedulerStats:
         return SchedulerStats(
@@ -50,6 +51,7 @@ class Scheduler:
             self.cache.num_pages if self.cache else 0,
             self.num_prompt_tokens,
             self.num_cache_hit_tokens,
+            self.num_preemptions,
         )
 
     def has_work(self) -> bool:
@@ -116,6 +118,7 @@ class Scheduler:
         req.slot = None
 
     def _preempt(self, req: Request) -> None:
+        self.num_preemptions += 1
         self.running.remove(req)
         self._cache(req)
         self._release(req)

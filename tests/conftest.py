@@ -26,7 +26,7 @@ def hf_model(model_dir: str):
 
 @pytest.fixture(scope="session")
 async def engine():
-    async with AsyncEngine(max_model_len=1024, log_level="WARNING") as eng:
+    async with AsyncEngine(max_model_len=1024, check_invariants=True, log_level="WARNING") as eng:
         yield eng
 
 

@@ -99,19 +99,19 @@ async def wait_idle(engine, timeout: float = 10.0):
 
 async def test_abort_mid_stream_frees_pages(engine):
     idle = await wait_idle(engine)
-    assert idle.num_free_pages == idle.num_pages
+    assert idle.num_free_pages + idle.num_cached_pages == idle.num_pages
     params = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
     outs = []
     async for out in engine.generate("Tell me a long story about dragons.", params, request_id="to-abort"):
         outs.append(out)
         if len(outs) == 3:
             busy = await engine.get_stats()
-            assert busy.num_running == 1 and busy.num_free_pages < busy.num_pages
+            assert busy.num_running == 1 and busy.num_free_pages + busy.num_cached_pages < busy.num_pages
             await engine.abort("to-abort")
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
     assert sum(len(o.outputs[0].token_ids) for o in outs) < 500
     stats = await wait_idle(engine)
-    assert stats.num_free_pages == stats.num_pages
+    assert stats.num_free_pages + stats.num_cached_pages == stats.num_pages
 
 
 async def test_closing_the_stream_aborts_the_request(engine):
@@ -121,7 +121,7 @@ async def test_closing_the_stream_aborts_the_request(engine):
         break
     await stream.aclose()
     stats = await wait_idle(engine)
-    assert stats.num_free_pages == stats.num_pages
+    assert stats.num_free_pages + stats.num_cached_pages == stats.num_pages
 
 
 async def test_cancelling_the_consumer_aborts_the_request(engine):
@@ -138,7 +138,7 @@ async def test_cancelling_the_consumer_aborts_the_request(engine):
     with pytest.raises(asyncio.CancelledError):
         await task
     stats = await wait_idle(engine)
-    assert stats.num_free_pages == stats.num_pages
+    assert stats.num_free_pages + stats.num_cached_pages == stats.num_pages
 
 
 async def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(engine):

@@ -70,22 +70,24 @@ async def test_greedy_output_is_independent_of_scheduling(reference, tokenizer, 
 
 async def test_a_kv_starved_engine_finishes_everything_with_identical_output(tokenizer):
     prompts = [tokenizer.encode(f"{SYSTEM}Question {i}: {QUESTIONS[i % len(QUESTIONS)]}") for i in range(40)]
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
-    async def run_all(**args) -> list[list[int]]:
-        async with AsyncEngine(max_model_len=256, log_level="WARNING", check_invariants=True, **args) as engine:
+    async def run_all(**args) -> tuple[list[list[int]], int]:
+        async with AsyncEngine(max_model_len=128, log_level="WARNING", check_invariants=True, **args) as engine:
             async def one(p):
                 tokens = []
                 async for out in engine.generate(p, params):
                     tokens += out.outputs[0].token_ids
                 return tokens
 
-            return await asyncio.gather(*(one(p) for p in prompts))
+            outputs = await asyncio.gather(*(one(p) for p in prompts))
+            return outputs, (await engine.get_stats()).num_preemptions
 
-    roomy = await run_all(kv_cache_tokens=40 * 256, enable_prefix_caching=False)
-    starved = await run_all(kv_cache_tokens=2 * 256, page_size=16)
+    roomy, _ = await run_all(kv_cache_tokens=40 * 128, enable_prefix_caching=False)
+    starved, preemptions = await run_all(kv_cache_tokens=2 * 128, page_size=16)
+    assert preemptions > 0
     assert starved == roomy
-    assert all(len(t) == 40 for t in starved)
+    assert all(len(t) == 24 for t in starved)
 
 
 async def test_second_chat_turn_hits_the_whole_first_turn(engine):

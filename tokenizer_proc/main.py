@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from dataclasses import dataclass, field
 
 import zmq
 from transformers import AutoTokenizer
@@ -26,6 +27,17 @@ from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tristream.tokenizer_proc.prompts import PromptBuilder
 
 
+@dataclass
+class ActiveRequest:
+    """What the tokenizer keeps of a running request."""
+
+    detok: IncrementalDetokenizer
+    prompt_token_ids: list[int]
+    chat_text: str | None
+    output_token_ids: list[int] = field(default_factory=list)
+    prompt_sent: bool = False
+
+
 class TokenizerWorker:
     """Per-request detokenizers plus the prompt builder."""
 
@@ -34,36 +46,36 @@ class TokenizerWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, config.max_model_len)
         self.seeds = random.Random(config.seed)
-        self.detok: dict[str, IncrementalDetokenizer] = {}
-        self.unsent_prompts: dict[str, list[int]] = {}
+        self.active: dict[str, ActiveRequest] = {}
 
     def admit(self, req: GenerateRequest) -> TokenizedRequest | OutputDelta:
         """A request for the scheduler, or an error delta for the user."""
         try:
-            ids = self.prompts.build(req)
+            ids, chat_text = self.prompts.build(req)
         except ValueError as e:
             return OutputDelta(req.request_id, "", [], finished=True, error=str(e))
         params = req.params
         if params.seed is None:
             params = dataclasses.replace(params, seed=self.seeds.getrandbits(63))
-        self.detok[req.request_id] = IncrementalDetokenizer(
-            self.tokenizer, ids, params.skip_special_tokens, params.spaces_between_special_tokens
-        )
-        self.unsent_prompts[req.request_id] = ids
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.spaces_between_special_tokens)
+        self.active[req.request_id] = ActiveRequest(detok, ids, chat_text)
         return TokenizedRequest(req.request_id, ids, params, self.model_config.eos_token_ids, req.arrival_time)
 
     def outputs(self, batch: TokenBatch) -> list[OutputDelta]:
         out = []
         for d in batch.deltas:
-            detok = self.detok.get(d.request_id)
+            req = self.active.get(d.request_id)
             finished = d.finish_reason is not None or d.error is not None
-            text = ""
-            if detok is not None:
-                text = detok.push(d.token_ids)
+            text, prompt_ids = "", None
+            if req is not None:
+                text = req.detok.push(d.token_ids)
+                req.output_token_ids += d.token_ids
+                if not req.prompt_sent:
+                    req.prompt_sent, prompt_ids = True, req.prompt_token_ids
                 if finished:
-                    text += detok.flush()
-                    del self.detok[d.request_id]
-            prompt_ids = self.unsent_prompts.pop(d.request_id, None)
+                    text += req.detok.flush()
+                    del self.active[d.request_id]
+                    self._remember_turn(req, d.finish_reason)
             out.append(
                 OutputDelta(
                     d.request_id, text, d.token_ids, finished, d.finish_reason, prompt_ids,
@@ -71,6 +83,12 @@ class TokenizerWorker:
                 )
             )
         return out
+
+    def _remember_turn(self, req: ActiveRequest, finish_reason: str | None) -> None:
+        if req.chat_text is None or finish_reason not in ("stop", "length"):
+            return
+        reply_ids = req.output_token_ids[:-1] if finish_reason == "stop" else req.output_token_ids
+        self.prompts.turns.remember(req.chat_text, req.prompt_token_ids, req.detok.text, reply_ids)
 
 
 def run(ipc: Ipc, config: EngineConfig) -> None:

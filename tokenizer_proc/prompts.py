@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 from tristream.protocol import GenerateRequest
+from tristream.tokenizer_proc.turn_cache import TurnCache
 
 
 class PromptBuilder:
@@ -14,6 +15,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.turns = TurnCache(tokenizer)
 
     @property
     def has_chat_template(self) -> bool:
@@ -34,11 +36,12 @@ class PromptBuilder:
         except Exception as e:
             raise ValueError(f"the chat template failed on these messages: {e}") from e
 
-    def build(self, req: GenerateRequest) -> list[int]:
-        """Prompt token ids for ``req``; ``ValueError`` with the reason if it is bad."""
+    def build(self, req: GenerateRequest) -> tuple[list[int], str | None]:
+        """Prompt token ids for ``req`` and, for a chat, its rendered text; ``ValueError`` if it is bad."""
+        text = None
         if req.messages is not None:
             text = self.render_chat(req.messages, req.chat_template_kwargs)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            ids = self.turns.encode(text)
         elif req.prompt is not None:
             if not req.prompt:
                 raise ValueError("the prompt is empty")
@@ -54,4 +57,4 @@ class PromptBuilder:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens, which leaves no room for output within max_model_len={self.max_model_len}"
             )
-        return ids
+        return ids, text

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test clean
+.PHONY: setup run test clean gpu-wheels gpu-test
 
 setup: $(STAMP)
 
@@ -25,3 +25,19 @@ test: setup
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+# The GPU machine has torch, triton, transformers and uvloop but none of these;
+# fetch them here as cp312 wheels into .whl/ (git-ignored) and carry them there.
+GPU_WHEELS := pyzmq==27.1.0 orjson==3.11.4 gguf==0.17.1 pytest-timeout==2.4.0
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_26_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 any,--platform $(p))
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+
+# On the GPU machine: install the carried wheels and tristream into /tmp/site, run tests/gpu.
+GPU_SITE := /tmp/tristream-site
+gpu-test:
+	python3 -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) .whl/*.whl
+	python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $(GPU_SITE) .
+	PYTHONPATH=$(GPU_SITE) python3 -m pytest -q -p no:cacheprovider tests/gpu

@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 
 @dataclass
 class ForwardBatch:
-    """Flattened tokens of all scheduled sequences plus their attention metadata.
+    """Flattened tokens of all scheduled sequences plus their attention metadata, on the device.
 
-    Sequence b owns rows ``qo_indptr[b]:qo_indptr[b+1]``, has ``seq_lens[b]``
-    tokens of context after this step, and its KV lives in ``block_tables[b]``.
+    Sequence b owns rows ``qo_indptr[b]:qo_indptr[b+1]``, has ``seq_lens[b]`` tokens
+    of context after this step, and its KV lives in the pages ``block_table[b]``.
+    ``decode`` says every sequence has one new token; ``num_splits`` is the
+    split-KV factor of the decode kernel.
     """
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     slot_mapping: torch.Tensor
-    qo_indptr: list[int]
-    seq_lens: list[int]
-    block_tables: list[list[int]]
+    qo_indptr: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
     sample_rows: torch.Tensor
+    max_q_len: int
+    decode: bool
+    num_splits: int = 1
+
+    @cached_property
+    def host_meta(self) -> tuple[list[list[int]], list[int], list[int]]:
+        """(block tables, seq_lens, qo_indptr) as lists, for the torch reference attention."""
+        return self.block_table.tolist(), self.seq_lens.tolist(), self.qo_indptr.tolist()

@@ -5,12 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tristream.gpu_proc import ops
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.kv_cache import KVCache
-from tristream.kernels.activation import silu_and_mul_ref
-from tristream.kernels.attention import paged_attention_ref, store_kv_ref
-from tristream.kernels.norm import add_rms_norm_ref, rms_norm_ref
-from tristream.kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
+from tristream.kernels.rope import rope_cos_sin, rope_inv_freq
 from tristream.model_config import ModelConfig
 
 
@@ -22,8 +20,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
-            return rms_norm_ref(x, self.weight, self.eps)
-        return add_rms_norm_ref(x, residual, self.weight, self.eps)
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -47,10 +45,8 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope_ref(q, k, batch.positions, *rope)
-        k_cache, v_cache = kv.layer(self.layer)
-        store_kv_ref(k, v, k_cache, v_cache, batch.slot_mapping)
-        o = paged_attention_ref(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.qo_indptr, self.scale)
+        q, k = ops.apply_rope(q, k, batch.positions, *rope)
+        o = ops.attend(q, k, v, *kv.layer(self.layer), batch, self.scale)
         return self.o_proj(o.flatten(1))
 
 
@@ -61,7 +57,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(mc.intermediate_size, mc.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul_ref(self.gate_up_proj(x)))
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 import torch
 
 from tristream.config import EngineConfig
+from tristream.gpu_proc.cuda_graph import CudaGraphRunner
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.kv_cache import KVCache, allocate_kv_cache
 from tristream.gpu_proc.model import DecoderLM
 from tristream.gpu_proc.sampler import Sampler, SamplingState
 from tristream.gpu_proc.weights import init_dummy, load_safetensors
+from tristream.kernels.attention import choose_num_splits
 from tristream.model_config import ModelConfig
 from tristream.protocol import BatchPlan, NewSequence, StepResult
 from tristream.sampling_params import SamplingParams
@@ -70,10 +72,15 @@ class ModelRunner:
         )
         self.page_size = config.page_size
         self.seqs: dict[int, Sequence] = {}
+        max_pages = -(-config.max_model_len // config.page_size)
+        self.block_tables = torch.zeros(config.max_num_seqs, max_pages, dtype=torch.int32, device=self.device)
         self.sampler = Sampler(SamplingState(config.max_num_seqs, self.device))
         explicit = config.kv_cache_tokens is not None or config.kv_cache_bytes is not None
         budget = self._cuda_kv_budget() if self.device.type == "cuda" and not explicit else None
         self.kv = allocate_kv_cache(config, mc, self.dtype, self.device, budget)
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = CudaGraphRunner(self.model, self.kv, config.max_num_seqs, self.block_tables.shape[1], config.max_model_len)
 
     @torch.inference_mode()
     def _cuda_kv_budget(self) -> int:
@@ -102,6 +109,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - scratch_bytes
         self.kv, self.seqs = kv, {}
+        self.block_tables.zero_()
         del scratch, logits
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
@@ -125,15 +133,19 @@ class ModelRunner:
             self.seqs[new.slot] = Sequence(list(new.token_ids), new.num_cached)
             self.sampler.state.set(new.slot, new.params, new.num_outputs)
         for slot, pages in plan.pages:
-            self.seqs[slot].pages.extend(pages)
+            seq = self.seqs[slot]
+            start = len(seq.pages)
+            seq.pages.extend(pages)
+            self.block_tables[slot, start : start + len(pages)] = torch.tensor(pages, dtype=torch.int32)
 
-    def _build_batch(self, plan: BatchPlan) -> ForwardBatch:
+    def _build_batch(self, plan: BatchPlan) -> tuple[ForwardBatch, torch.Tensor]:
+        """The batch and the slots that sample. All per-token inputs go to the device in one
+        copy; block tables are already there."""
         ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
         qo_indptr = [0]
         seq_lens: list[int] = []
-        tables: list[list[int]] = []
         sample_rows: list[int] = []
         ps = self.page_size
         for slot, n, sample in zip(plan.slots, plan.num_tokens, plan.sample):
@@ -144,17 +156,23 @@ class ModelRunner:
             slot_mapping.extend(seq.pages[p // ps] * ps + p % ps for p in range(start, end))
             qo_indptr.append(qo_indptr[-1] + n)
             seq_lens.append(end)
-            tables.append(seq.pages)
             if sample:
                 sample_rows.append(qo_indptr[-1] - 1)
             seq.num_computed = end
-
-        def tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=self.device)
-
-        return ForwardBatch(
-            tensor(ids), tensor(positions), tensor(slot_mapping), qo_indptr, seq_lens, tables, tensor(sample_rows)
+        sample_slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
+        t, b, s = len(ids), len(seq_lens), len(sample_rows)
+        host = torch.tensor(
+            ids + positions + slot_mapping + qo_indptr + seq_lens + sample_rows + plan.slots + sample_slots,
+            dtype=torch.int64,
         )
+        parts = host.to(self.device, non_blocking=True).split([t, t, t, b + 1, b, s, b, s])
+        max_q_len = max(plan.num_tokens)
+        return ForwardBatch(
+            input_ids=parts[0], positions=parts[1], slot_mapping=parts[2], qo_indptr=parts[3].int(),
+            seq_lens=parts[4].int(), block_table=self.block_tables[parts[6]], sample_rows=parts[5],
+            max_q_len=max_q_len, decode=max_q_len == 1,
+            num_splits=choose_num_splits(b, self.model_config.num_kv_heads, self.config.max_model_len),
+        ), parts[7]
 
     @torch.inference_mode()
     def step(self, plan: BatchPlan) -> StepResult:
@@ -162,12 +180,15 @@ class ModelRunner:
         self._apply(plan)
         if not plan.slots:
             return StepResult(plan.step_id, [], [])
-        batch = self._build_batch(plan)
-        logits = self.model(batch, self.kv)
+        batch, sample_slots = self._build_batch(plan)
+        if self.graphs is not None and batch.decode:
+            logits = self.graphs.run(batch)
+        else:
+            logits = self.model(batch, self.kv)
         sampling_slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
         if not sampling_slots:
             return StepResult(plan.step_id, [], [])
-        tokens = self.sampler(logits, torch.tensor(sampling_slots, device=self.device)).tolist()
+        tokens = self.sampler(logits, sample_slots).tolist()
         for slot, token in zip(sampling_slots, tokens):
             self.seqs[slot].token_ids.append(token)
         return StepResult(plan.step_id, sampling_slots, tokens)

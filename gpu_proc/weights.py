@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -37,33 +38,27 @@ def _shard_range(model: DecoderLM, fused_name: str, shard: int) -> tuple[int, in
     return [(0, i), (i, 2 * i)][shard]
 
 
-def load_safetensors(model: DecoderLM, model_dir: str) -> None:
-    """Copy every tensor of ``model_dir/*.safetensors`` into its (fused) parameter."""
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+def load_weights(model: DecoderLM, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """Copy Hugging Face-named tensors into their (fused) parameters; every parameter must be set."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                target, shard = _target(model, name)
-                if target not in params:
-                    if "rotary_emb" in name:
-                        continue
-                    raise ValueError(f"unexpected weight {name!r} in {path}")
-                param = params[target]
-                tensor = f.get_tensor(name)
-                with torch.no_grad():
-                    if shard is None:
-                        param.copy_(tensor)
-                    else:
-                        lo, hi = _shard_range(model, target, shard)
-                        param[lo:hi].copy_(tensor)
-                loaded.add(target if shard is None else f"{target}#{shard}")
+    for name, tensor in weights:
+        target, shard = _target(model, name)
+        if target not in params:
+            if "rotary_emb" in name:
+                continue
+            raise ValueError(f"unexpected weight {name!r} in {source}")
+        param = params[target]
+        with torch.no_grad():
+            if shard is None:
+                param.copy_(tensor)
+            else:
+                lo, hi = _shard_range(model, target, shard)
+                param[lo:hi].copy_(tensor)
+        loaded.add(target if shard is None else f"{target}#{shard}")
     expected = set()
     for name, _ in model.named_parameters():
-        if "qkv_proj.weight" in name or "qkv_proj.bias" in name:
+        if "qkv_proj" in name:
             expected |= {f"{name}#{i}" for i in range(3)}
         elif "gate_up_proj" in name:
             expected |= {f"{name}#{i}" for i in range(2)}
@@ -73,7 +68,22 @@ def load_safetensors(model: DecoderLM, model_dir: str) -> None:
         expected.discard("lm_head.weight")
     missing = expected - loaded
     if missing:
-        raise ValueError(f"weights missing from {model_dir}: {sorted(missing)[:8]}")
+        raise ValueError(f"weights missing from {source}: {sorted(missing)[:8]}")
+
+
+def load_safetensors(model: DecoderLM, model_dir: str) -> None:
+    """Load every tensor of ``model_dir/*.safetensors``."""
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+    load_weights(model, tensors(), model_dir)
 
 
 def init_dummy(model: DecoderLM, seed: int) -> None:

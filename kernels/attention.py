@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 
 def store_kv_ref(
@@ -90,3 +92,275 @@ def _extend_attention(q, k_cache, v_cache, table, ctx_len, scale) -> torch.Tenso
             qb, k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0), attn_mask=mask, scale=scale
         )
     return o.transpose(0, 1)
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+_LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs stay exact (no TF32); 16-bit inputs run on tensor cores either way.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+    stride_cp, stride_co, stride_ch, stride_cd,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    idx = tl.arange(0, BLOCK)
+    h, d = idx // HEAD_DIM, idx % HEAD_DIM
+    mask = idx < NUM_KV_HEADS * HEAD_DIM
+    dst = (slot // PAGE_SIZE) * stride_cp + (slot % PAGE_SIZE) * stride_co + h * stride_ch + d * stride_cd
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d * stride_kd, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d * stride_vd, mask=mask)
+    tl.store(k_cache_ptr + dst, k, mask=mask)
+    tl.store(v_cache_ptr + dst, v, mask=mask)
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write k, v [T, KVH, D] into the pools at flat slots [T] (int32 or int64); negative slots are skipped."""
+    _check_pools(k_cache, v_cache)
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        *k.stride(), *v.stride(), *k_cache.stride(),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
+        BLOCK=triton.next_power_of_2(num_kv_heads * head_dim), num_warps=4,
+    )
+
+
+def _check_pools(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError("k_cache and v_cache must share shape and strides")
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, o_part_ptr, lse_part_ptr,
+    qk_scale,
+    stride_qb, stride_qh, stride_qd,
+    stride_cp, stride_co, stride_ch, stride_cd,
+    stride_bb, stride_bp,
+    GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (sequence, kv head, split): all the group's query heads over the split's positions."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
+
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    g = tl.arange(0, BLOCK_H)
+    head_mask = g < GROUP
+    heads = kvh * GROUP + g
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=head_mask[:, None], other=0.0)
+
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    head_offs = kvh * stride_ch + d[None, :] * stride_cd
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        page = tl.load(block_tables_ptr + b * stride_bb + (pos // PAGE_SIZE) * stride_bp, mask=valid, other=0)
+        offs = (page.to(tl.int64) * stride_cp + (pos % PAGE_SIZE) * stride_co)[:, None] + head_offs
+        k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+
+    # An empty split (start >= end) keeps l == 0 and m == -inf: it writes zeros and lse = -inf.
+    l_safe = tl.where(l > 0, l, 1.0)
+    lse = (m + tl.log2(l_safe)) * _LN2
+    row = (b * num_heads + heads) * NUM_SPLITS + split
+    tl.store(o_part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None], mask=head_mask[:, None])
+    tl.store(lse_part_ptr + row, lse, mask=head_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    o_part_ptr, lse_part_ptr, out_ptr,
+    stride_ob, stride_oh, stride_od,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One (sequence, query head): weight each split's output by its share of the total softmax mass."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    split_mask = s < NUM_SPLITS
+    row = (b * tl.num_programs(1) + h) * NUM_SPLITS + s
+    lse = tl.load(lse_part_ptr + row, mask=split_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    # A zero-length sequence has every split empty: all weights 0, output 0.
+    w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))
+    o = tl.load(o_part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=split_mask[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d * stride_od, res.to(out_ptr.dtype.element_ty))
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = 132) -> int:
+    """Splits for `paged_decode_attention`: enough programs to cover every SM, each split >= 256 positions."""
+    wanted = triton.cdiv(num_sms, max(1, batch * num_kv_heads))
+    return max(1, min(wanted, max_context // 256))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    *,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Split-KV attention of one query token per sequence over its paged context.
+
+    q [B, H, D]; block_tables [B, max_pages] and seq_lens [B] are device tensors, so one launch
+    serves every context length (CUDA-graph safe). A zero-length sequence gives zeros. Returns [B, H, D].
+    """
+    _check_pools(k_cache, v_cache)
+    batch, num_heads, head_dim = q.shape
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if num_heads % num_kv_heads or head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"unsupported heads {num_heads}/{num_kv_heads} or head_dim {head_dim}")
+    o_part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part,
+        scale * _LOG2E,
+        *q.stride(), *k_cache.stride(), *block_tables.stride(),
+        GROUP=group, NUM_SPLITS=num_splits, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, PRECISION=_dot_precision(q.dtype),
+        num_warps=4,
+    )
+    _decode_merge_kernel[(batch, num_heads)](
+        o_part, lse_part, out, *out.stride(),
+        NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qo_indptr_ptr, out_ptr,
+    qk_scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_ot, stride_oh, stride_od,
+    stride_cp, stride_co, stride_ch, stride_cd,
+    stride_bb, stride_bp,
+    GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (sequence, query head, block of new tokens): causal attention over the paged context."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    mb = tl.program_id(2)
+    q_start = tl.load(qo_indptr_ptr + b)
+    num_new = tl.load(qo_indptr_ptr + b + 1) - q_start
+    if mb * BLOCK_M >= num_new:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+
+    i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = i < num_new
+    q_pos = seq_len - num_new + i
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q_start + i)[:, None] * stride_qt + h * stride_qh + d[None, :] * stride_qd,
+                mask=row_mask[:, None], other=0.0)
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    head_offs = (h // GROUP) * stride_ch + d[None, :] * stride_cd
+    # Positions up to the block's last new token; rows past num_new see only positions < seq_len.
+    end = seq_len - num_new + tl.minimum(num_new, (mb + 1) * BLOCK_M)
+    for n0 in range(0, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        page = tl.load(block_tables_ptr + b * stride_bb + (pos // PAGE_SIZE) * stride_bp, mask=valid, other=0)
+        offs = (page.to(tl.int64) * stride_cp + (pos % PAGE_SIZE) * stride_co)[:, None] + head_offs
+        k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+
+    out = acc / l[:, None]
+    tl.store(out_ptr + (q_start + i)[:, None] * stride_ot + h * stride_oh + d[None, :] * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    scale: float,
+    max_q_len: int,
+    *,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Causal attention of a ragged batch of new tokens (decode rows included) over their paged context.
+
+    Sequence b owns rows ``q[qo_indptr[b]:qo_indptr[b+1]]``, the last tokens of its ``seq_lens[b]``-token
+    context, whose K/V are already in the pool. ``max_q_len`` bounds the rows of any sequence. Returns [T, H, D].
+    """
+    _check_pools(k_cache, v_cache)
+    num_tokens, num_heads, head_dim = q.shape
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if num_heads % num_kv_heads or head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"unsupported heads {num_heads}/{num_kv_heads} or head_dim {head_dim}")
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    batch = seq_lens.shape[0]
+    if batch == 0 or max_q_len == 0:
+        return out
+    _extend_kernel[(batch, num_heads, triton.cdiv(max_q_len, block_m))](
+        q, k_cache, v_cache, block_tables, seq_lens, qo_indptr, out,
+        scale * _LOG2E,
+        *q.stride(), *out.stride(), *k_cache.stride(), *block_tables.stride(),
+        GROUP=num_heads // num_kv_heads, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_dot_precision(q.dtype), num_warps=4,
+    )
+    return out

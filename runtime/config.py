@@ -15,10 +15,13 @@ class EngineConfig:
     on CPU ``kv_cache_tokens`` or ``kv_cache_bytes`` (default 1 GiB).
     ``schedule_policy`` is "fcfs" or "lpm" (longest cached prefix first).
     ``check_invariants`` verifies the page accounting after every step (slow; for tests).
+    ``enforce_eager`` turns CUDA graphs off. ``skip_tokenizer_init`` runs without a
+    tokenizer: prompts are token ids and outputs carry ids but no text.
     """
 
     model: str | None = None
     tokenizer: str | None = None
+    skip_tokenizer_init: bool = False
     load_format: str = "auto"
     dtype: str = "auto"
     device: str = "auto"
@@ -32,6 +35,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     schedule_policy: str = "fcfs"
     check_invariants: bool = False
+    enforce_eager: bool = False
     seed: int = 0
     log_level: str = "INFO"
     startup_timeout: float = 600.0

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import os
 
-from tristream import AsyncEngine
-from tristream.model_files import resolve_model
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on the CPU; it must be set before triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from tristream import AsyncEngine  # noqa: E402
+from tristream.model_files import resolve_model  # noqa: E402
 
 @pytest.fixture(scope="session")
 def model_dir() -> str:

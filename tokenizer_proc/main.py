@@ -31,7 +31,7 @@ from tristream.tokenizer_proc.prompts import PromptBuilder
 class ActiveRequest:
     """What the tokenizer keeps of a running request."""
 
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None
     prompt_token_ids: list[int]
     chat_text: str | None
     output_token_ids: list[int] = field(default_factory=list)
@@ -43,7 +43,9 @@ class TokenizerWorker:
 
     def __init__(self, config: EngineConfig) -> None:
         self.model_config = ModelConfig.load(config.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.tokenizer = None
+        if not config.skip_tokenizer_init:
+            self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, config.max_model_len)
         self.seeds = random.Random(config.seed)
         self.active: dict[str, ActiveRequest] = {}
@@ -57,7 +59,9 @@ class TokenizerWorker:
         params = req.params
         if params.seed is None:
             params = dataclasses.replace(params, seed=self.seeds.getrandbits(63))
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.spaces_between_special_tokens)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.spaces_between_special_tokens)
         self.active[req.request_id] = ActiveRequest(detok, ids, chat_text)
         return TokenizedRequest(req.request_id, ids, params, self.model_config.eos_token_ids, req.arrival_time)
 
@@ -68,12 +72,12 @@ class TokenizerWorker:
             finished = d.finish_reason is not None or d.error is not None
             text, prompt_ids = "", None
             if req is not None:
-                text = req.detok.push(d.token_ids)
                 req.output_token_ids += d.token_ids
                 if not req.prompt_sent:
                     req.prompt_sent, prompt_ids = True, req.prompt_token_ids
+                if req.detok is not None:
+                    text = req.detok.push(d.token_ids) + (req.detok.flush() if finished else "")
                 if finished:
-                    text += req.detok.flush()
                     del self.active[d.request_id]
                     self._remember_turn(req, d.finish_reason)
             out.append(

@@ -11,11 +11,11 @@ from tristream.tokenizer_proc.turn_cache import TurnCache
 class PromptBuilder:
     """Applies chat templates, tokenizes, and rejects prompts the engine cannot run."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, max_model_len: int) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int, max_model_len: int) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
-        self.turns = TurnCache(tokenizer)
+        self.turns = TurnCache(tokenizer) if tokenizer is not None else None
 
     @property
     def has_chat_template(self) -> bool:
@@ -39,6 +39,8 @@ class PromptBuilder:
     def build(self, req: GenerateRequest) -> tuple[list[int], str | None]:
         """Prompt token ids for ``req`` and, for a chat, its rendered text; ``ValueError`` if it is bad."""
         text = None
+        if self.tokenizer is None and req.prompt_token_ids is None:
+            raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init): send prompt token ids")
         if req.messages is not None:
             text = self.render_chat(req.messages, req.chat_template_kwargs)
             ids = self.turns.encode(text)

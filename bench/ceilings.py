@@ -1,0 +1,47 @@
+"""Hardware ceilings measured in the same run as a benchmark: copy bandwidth and bf16 matmul rate."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import torch
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy, bytes read plus written per second."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _median_seconds(lambda: dst.copy_(src), repeats)
+
+
+def matmul_rate(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
+    """bf16 n x n x n matrix product, FLOP per second, on random data."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    return 2 * n**3 / _median_seconds(lambda: a @ b, repeats)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def git_commit() -> dict:
+    """The checkout's commit; ``$GIT_COMMIT`` names it where the tree is a copy without .git."""
+    def run(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+
+    commit = run("rev-parse", "HEAD")
+    if commit:
+        return {"commit": commit, "dirty": bool(run("status", "--porcelain"))}
+    return {"commit": os.environ.get("GIT_COMMIT", "unknown"), "dirty": os.environ.get("GIT_DIRTY", "unknown")}

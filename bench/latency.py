@@ -1,0 +1,174 @@
+"""Latency and throughput of a dummy-weight model on the GPU, against the hardware's ceilings.
+
+Runs through AsyncEngine (three processes, CUDA graphs, Triton kernels), bf16:
+batch sizes x input lengths with a fixed output length, then one long prefill.
+Decode is compared with its bandwidth roofline (weights + KV read per step over
+the measured copy bandwidth), prefill with the measured bf16 matmul rate.
+
+    python3 bench/latency.py --config bench/configs/llama-3-8b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import pathlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from ceilings import copy_bandwidth, git_commit, matmul_rate  # noqa: E402
+
+from tristream import AsyncEngine, SamplingParams  # noqa: E402
+from tristream.model_config import ModelConfig  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def model_sizes(mc: ModelConfig) -> dict:
+    """Parameter counts and bytes per step of a decoder."""
+    attn = mc.hidden_size * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim + mc.num_heads * mc.head_dim * mc.hidden_size
+    mlp = 3 * mc.hidden_size * mc.intermediate_size
+    layers = mc.num_layers * (attn + mlp + 2 * mc.hidden_size)
+    head = mc.vocab_size * mc.hidden_size
+    return {
+        "layer_params": layers,
+        "lm_head_params": head,
+        "embed_params": head,
+        "kv_bytes_per_token": 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2,
+    }
+
+
+async def run_batch(engine: AsyncEngine, batch: int, input_len: int, output_len: int, vocab: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(100, vocab - 100, (input_len,), generator=gen).tolist() for _ in range(batch)]
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+
+    async def one(prompt):
+        last = None
+        async for out in engine.generate(prompt, params):
+            last = out
+        return last.metrics
+
+    start = time.perf_counter()
+    metrics = await asyncio.gather(*(one(p) for p in prompts))
+    wall = time.perf_counter() - start
+    ttft = [m.first_token_time - m.arrival_time for m in metrics]
+    tpot = [(m.finished_time - m.first_token_time) / (m.num_generated_tokens - 1) for m in metrics]
+    return {
+        "batch": batch, "input_len": input_len, "output_len": output_len, "wall_s": wall,
+        "ttft_mean_s": statistics.mean(ttft), "ttft_p50_s": statistics.median(ttft),
+        "tpot_mean_s": statistics.mean(tpot), "tpot_p50_s": statistics.median(tpot),
+        "output_tok_per_s": batch * output_len / wall,
+    }
+
+
+async def main(args: argparse.Namespace) -> dict:
+    device = torch.device("cuda")
+    bandwidth, flops = copy_bandwidth(device), matmul_rate(device)
+    torch.cuda.empty_cache()
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="tristream-bench-"))
+    shutil.copy(args.config, folder / "config.json")
+    mc = ModelConfig.load(str(folder))
+    sizes = model_sizes(mc)
+    max_len = max(max(args.input_lens) + args.output_len, args.prefill_len + 1)
+    results = []
+    async with AsyncEngine(
+        model=str(folder), load_format="dummy", dtype="bfloat16", max_model_len=max_len,
+        max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=max(args.prefill_len, 8192),
+        enable_prefix_caching=False, log_level="INFO", skip_tokenizer_init=True,
+    ) as engine:
+        for n in args.input_lens:
+            await run_batch(engine, 2, n, 4, mc.vocab_size, seed=0)
+        for input_len in args.input_lens:
+            for batch in args.batch_sizes:
+                r = await run_batch(engine, batch, input_len, args.output_len, mc.vocab_size, seed=batch + input_len)
+                ctx = input_len + args.output_len / 2
+                step_bytes = 2 * (sizes["layer_params"] + sizes["lm_head_params"]) + batch * ctx * sizes["kv_bytes_per_token"]
+                r["decode_bytes_per_step"] = step_bytes
+                r["roofline_tpot_s"] = step_bytes / bandwidth
+                r["roofline_fraction"] = r["roofline_tpot_s"] / r["tpot_p50_s"]
+                results.append(r)
+                print(f"batch {batch:4d} in {input_len:5d}: TTFT {r['ttft_p50_s'] * 1e3:8.1f} ms  TPOT "
+                      f"{r['tpot_p50_s'] * 1e3:7.2f} ms  {r['output_tok_per_s']:9.1f} tok/s  "
+                      f"{100 * r['roofline_fraction']:5.1f}% of roofline", flush=True)
+        pre = await run_batch(engine, 1, args.prefill_len, 1, mc.vocab_size, seed=7)
+    n = args.prefill_len
+    prefill_flops = 2 * sizes["layer_params"] * n + 2 * sizes["lm_head_params"] + 2 * mc.num_layers * mc.num_heads * mc.head_dim * n * n
+    prefill = {
+        "prompt_tokens": n, "ttft_s": pre["ttft_p50_s"], "tokens_per_s": n / pre["ttft_p50_s"],
+        "flops": prefill_flops, "matmul_fraction": prefill_flops / pre["ttft_p50_s"] / flops,
+    }
+    shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "benchmark": "latency",
+        "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "model_config": args.config,
+        "model": {"layers": mc.num_layers, "hidden": mc.hidden_size, "heads": mc.num_heads, "kv_heads": mc.num_kv_heads,
+                  "head_dim": mc.head_dim, "vocab": mc.vocab_size, "dtype": "bfloat16", **sizes},
+        **git_commit(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "ceilings": {"copy_bytes_per_s": bandwidth, "bf16_matmul_flops": flops},
+        "decode": results,
+        "prefill": prefill,
+    }
+
+
+def plot(report: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for input_len in sorted({r["input_len"] for r in report["decode"]}):
+        rows = [r for r in report["decode"] if r["input_len"] == input_len]
+        axes[0].plot([r["batch"] for r in rows], [r["output_tok_per_s"] for r in rows], "o-", label=f"input {input_len}")
+        axes[1].plot([r["batch"] for r in rows], [100 * r["roofline_fraction"] for r in rows], "o-", label=f"input {input_len}")
+    for ax, label in zip(axes, ("output tokens/s", "% of decode bandwidth roofline")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{report['device']}: {pathlib.Path(report['model_config']).stem}, bf16, dummy weights")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "bench" / "configs" / "llama-3-8b.json"))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
+    parser.add_argument("--input-lens", type=int, nargs="+", default=[128, 2048])
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--prefill-len", type=int, default=8192)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    report = asyncio.run(main(args))
+    gpu = report["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
+    out = pathlib.Path(args.out or REPO / "bench" / "results" / f"latency-{gpu}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    try:
+        plot(report, out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+    print(f"\nwrote {out}")
+    print(f"ceilings: copy {report['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"bf16 matmul {report['ceilings']['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s")
+    print("batch | input | TTFT ms | TPOT ms |  tok/s  | roofline")
+    for r in report["decode"]:
+        print(f"{r['batch']:5d} | {r['input_len']:5d} | {r['ttft_p50_s'] * 1e3:7.1f} | {r['tpot_p50_s'] * 1e3:7.2f} | "
+              f"{r['output_tok_per_s']:7.1f} | {100 * r['roofline_fraction']:5.1f}%")
+    p = report["prefill"]
+    print(f"prefill {p['prompt_tokens']} tokens: {p['ttft_s'] * 1e3:.1f} ms, {p['tokens_per_s']:.0f} tok/s, "
+          f"{100 * p['matmul_fraction']:.1f}% of bf16 matmul rate")

@@ -1,0 +1,42 @@
+"""Each model operation: the Triton kernel on CUDA, its torch reference elsewhere."""
+
+from __future__ import annotations
+
+import torch
+
+from tristream.gpu_proc.forward_batch import ForwardBatch
+from tristream.kernels import activation, attention, norm, rope
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return (norm.rms_norm if x.is_cuda else norm.rms_norm_ref)(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    return (norm.add_rms_norm if x.is_cuda else norm.add_rms_norm_ref)(x, residual, weight, eps)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    return (rope.apply_rope if q.is_cuda else rope.apply_rope_ref)(q, k, positions, cos, sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return (activation.silu_and_mul if x.is_cuda else activation.silu_and_mul_ref)(x)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    batch: ForwardBatch, scale: float,
+) -> torch.Tensor:
+    """Store the new K/V into the pool, then attend over each sequence's whole context."""
+    if not q.is_cuda:
+        attention.store_kv_ref(k, v, k_cache, v_cache, batch.slot_mapping)
+        return attention.paged_attention_ref(q, k_cache, v_cache, *batch.host_meta, scale)
+    attention.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+    if batch.decode:
+        return attention.paged_decode_attention(
+            q, k_cache, v_cache, batch.block_table, batch.seq_lens, scale, batch.num_splits
+        )
+    return attention.extend_attention(
+        q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.qo_indptr, scale, batch.max_q_len
+    )

@@ -1,0 +1,157 @@
+"""The Triton KV store and paged attention kernels on CUDA in bf16 at Llama-3-8B sizes."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from tristream.kernels.attention import (
+    choose_num_splits,
+    extend_attention,
+    paged_attention_ref,
+    paged_decode_attention,
+    store_kv,
+    store_kv_ref,
+)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DTYPE = torch.bfloat16
+TOL = 1e-2
+HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
+SCALE = HEAD_DIM**-0.5
+MAX_CONTEXT = 4096
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||``, computed in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def randn(*shape: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, device="cuda", generator=g).to(DTYPE)
+
+
+def int32(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device="cuda")
+
+
+def nan_pools(num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (num_pages, PAGE_SIZE, KV_HEADS, HEAD_DIM)
+    k_cache = torch.full(shape, math.nan, dtype=DTYPE, device="cuda")
+    return k_cache, torch.full_like(k_cache, math.nan)
+
+
+def fill_pools(
+    ctx_lens: list[int], seed: int, spare_pages: int = 8
+) -> tuple[torch.Tensor, torch.Tensor, list[list[int]], torch.Tensor]:
+    """NaN pools holding random K/V for each context on shuffled pages (page 0 and spares stay unused).
+
+    Returns the pools, the page lists and a padded int32 block table wide enough for MAX_CONTEXT.
+    """
+    num_pages = [-(-n // PAGE_SIZE) for n in ctx_lens]
+    pages = list(range(1, sum(num_pages) + spare_pages))
+    random.Random(seed).shuffle(pages)
+    tables, start = [], 0
+    for n in num_pages:
+        tables.append(pages[start : start + n])
+        start += n
+    k_cache, v_cache = nan_pools(len(pages) + 1)
+    slots = torch.tensor(
+        [t[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for t, n in zip(tables, ctx_lens) for p in range(n)],
+        device="cuda",
+    )
+    g = gen(seed)
+    store_kv(randn(len(slots), KV_HEADS, HEAD_DIM, g=g), randn(len(slots), KV_HEADS, HEAD_DIM, g=g),
+             k_cache, v_cache, slots)
+    width = MAX_CONTEXT // PAGE_SIZE
+    block_table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda")
+    return k_cache, v_cache, tables, block_table
+
+
+def reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: list[list[int]], ctx_lens: list[int],
+    qo_indptr: list[int],
+) -> torch.Tensor:
+    """The torch reference, in float32."""
+    return paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), tables, ctx_lens, qo_indptr, SCALE)
+
+
+def test_store_kv_writes_exactly_its_slots() -> None:
+    g = gen(0)
+    tokens, num_pages = 4096, 512
+    qkv = randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, g=g)
+    k = qkv[:, HEADS * HEAD_DIM : (HEADS + KV_HEADS) * HEAD_DIM].view(tokens, KV_HEADS, HEAD_DIM)
+    v = qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :].view(tokens, KV_HEADS, HEAD_DIM)
+    slots = torch.randperm(num_pages * PAGE_SIZE, device="cuda", generator=g)[:tokens]
+    slots[::97] = -1
+    written = slots >= 0
+    k_cache, v_cache = nan_pools(num_pages)
+    k_ref, v_ref = nan_pools(num_pages)
+    store_kv(k, v, k_cache, v_cache, slots)
+    store_kv_ref(k[written], v[written], k_ref, v_ref, slots[written])
+    for cache, ref in ((k_cache, k_ref), (v_cache, v_ref)):
+        torch.testing.assert_close(cache, ref, rtol=0, atol=0, equal_nan=True)
+        assert cache.flatten(0, 1).isnan().all(dim=(1, 2)).sum() == num_pages * PAGE_SIZE - int(written.sum())
+
+
+@pytest.mark.parametrize("batch,num_splits", [(1, 16), (8, 4), (8, 16), (64, 1), (64, 3)])
+def test_paged_decode_attention(batch: int, num_splits: int) -> None:
+    rng = random.Random(batch * 100 + num_splits)
+    ctx_lens = ([MAX_CONTEXT, 1] + [rng.randint(1, MAX_CONTEXT) for _ in range(batch - 2)])[:batch]
+    k_cache, v_cache, tables, block_table = fill_pools(ctx_lens, batch + num_splits)
+    q = randn(batch, HEADS, HEAD_DIM, g=gen(batch))
+    out = paged_decode_attention(q, k_cache, v_cache, block_table, int32(ctx_lens), SCALE, num_splits)
+    assert out.shape == q.shape and out.dtype == DTYPE
+    assert rel_err(out, reference(q, k_cache, v_cache, tables, ctx_lens, list(range(batch + 1)))) < TOL
+
+
+def test_extend_attention_mixed_batch() -> None:
+    # (context, new tokens): chunks of ~500 on prefixes of ~1000, decode rows, pure prefills
+    batch = [(1500, 500), (1537, 512), (1000, 1), (2000, 477), (700, 700), (4096, 1), (513, 513), (3000, 3)]
+    ctx_lens = [c for c, _ in batch]
+    qo_indptr = [0]
+    for _, n in batch:
+        qo_indptr.append(qo_indptr[-1] + n)
+    k_cache, v_cache, tables, block_table = fill_pools(ctx_lens, 1)
+    q = randn(qo_indptr[-1], HEADS, HEAD_DIM, g=gen(1))
+    out = extend_attention(q, k_cache, v_cache, block_table, int32(ctx_lens), int32(qo_indptr), SCALE,
+                           max(n for _, n in batch))
+    assert out.shape == q.shape and out.dtype == DTYPE
+    assert rel_err(out, reference(q, k_cache, v_cache, tables, ctx_lens, qo_indptr)) < TOL
+
+
+def test_paged_decode_attention_replays_in_a_cuda_graph() -> None:
+    """Captured once; replayed after seq_lens, block tables and q change in place."""
+    batch = 8
+    num_splits = choose_num_splits(batch, KV_HEADS, MAX_CONTEXT)
+    first, second = [100, 4096, 1, 2000, 17, 333, 1024, 3000], [4000, 5, 64, 2500, 1, 4096, 700, 129]
+    k_cache, v_cache, tables, block_table = fill_pools(first + second, 2)
+    q = randn(batch, HEADS, HEAD_DIM, g=gen(2))
+    seq_lens, table = int32(first), block_table[:batch].clone()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        paged_decode_attention(q, k_cache, v_cache, table, seq_lens, SCALE, num_splits)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, SCALE, num_splits)
+
+    graph.replay()
+    assert rel_err(out, reference(q, k_cache, v_cache, tables[:batch], first, list(range(batch + 1)))) < TOL
+
+    seq_lens.copy_(int32(second))
+    table.copy_(block_table[batch:])
+    q.copy_(randn(batch, HEADS, HEAD_DIM, g=gen(3)))
+    graph.replay()
+    assert rel_err(out, reference(q, k_cache, v_cache, tables[batch:], second, list(range(batch + 1)))) < TOL

@@ -1,0 +1,241 @@
+"""The Triton KV store and paged attention kernels against their torch references.
+
+Without a GPU the kernels run in Triton's interpreter, in fp32 and fp16. Pools are filled with
+NaN before the used slots are written, so reading any other slot shows up in the output.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import triton.runtime.interpreter as _interpreter
+
+    _patch_lang_tensor = _interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor_numpy24(tensor: type, scope: _interpreter._LangPatchScope) -> None:
+        # Triton 3.6's interpreter takes int() of one-element arrays for loop bounds read from
+        # memory, which numpy >= 2.4 refuses (triton-lang/triton#9171).
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    _interpreter._patch_lang_tensor = _patch_lang_tensor_numpy24
+
+from tristream.kernels.attention import (
+    choose_num_splits,
+    extend_attention,
+    paged_attention_ref,
+    paged_decode_attention,
+    store_kv,
+    store_kv_ref,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = (torch.float32, torch.float16)
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+# (query heads, kv heads): GQA groups of 1, 3 and 8
+HEADS = [(2, 2), (6, 2), (8, 1)]
+PAGE_SIZES = (1, 16)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||``, computed in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def randn(*shape: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype, device=DEVICE, generator=g)
+
+
+def nan_pools(
+    num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (num_pages, page_size, kv_heads, head_dim)
+    k_cache = torch.full(shape, math.nan, dtype=dtype, device=DEVICE)
+    return k_cache, torch.full_like(k_cache, math.nan)
+
+
+def fill_pools(
+    ctx_lens: list[int], page_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, list[list[int]], torch.Tensor]:
+    """NaN pools holding random K/V for each context on shuffled pages (page 0 and spares stay unused).
+
+    Returns the pools, the page lists and a padded int32 block table with a spare column.
+    """
+    num_pages = [-(-n // page_size) for n in ctx_lens]
+    pages = list(range(1, sum(num_pages) + 4))
+    random.Random(seed).shuffle(pages)
+    tables, start = [], 0
+    for n in num_pages:
+        tables.append(pages[start : start + n])
+        start += n
+    k_cache, v_cache = nan_pools(len(pages) + 1, page_size, kv_heads, head_dim, dtype)
+    slots = torch.tensor(
+        [t[p // page_size] * page_size + p % page_size for t, n in zip(tables, ctx_lens) for p in range(n)],
+        device=DEVICE,
+    )
+    g = gen(seed)
+    store_kv(randn(len(slots), kv_heads, head_dim, dtype=dtype, g=g),
+             randn(len(slots), kv_heads, head_dim, dtype=dtype, g=g), k_cache, v_cache, slots)
+    width = max(num_pages) + 1
+    block_table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
+    return k_cache, v_cache, tables, block_table
+
+
+def qkv_view_q(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """q [tokens, heads, head_dim] as a strided view into a fused qkv projection."""
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, g=gen(seed + 1000))
+    return qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+
+
+def reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: list[list[int]], ctx_lens: list[int],
+    qo_indptr: list[int], scale: float,
+) -> torch.Tensor:
+    """The torch reference, in float64."""
+    return paged_attention_ref(q.double(), k_cache.double(), v_cache.double(), tables, ctx_lens, qo_indptr, scale)
+
+
+def int32(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+# ---------------------------------------------------------------- store_kv
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_writes_exactly_its_slots(dtype: torch.dtype, page_size: int, slot_dtype: torch.dtype) -> None:
+    """k and v are views into a fused qkv; slot -1 (a padding token) writes nothing."""
+    g = gen(page_size)
+    tokens, heads, kv_heads, head_dim, num_pages = 11, 6, 3, 64, 40 // page_size + 1
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, g=g)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
+    slots = torch.randperm(num_pages * page_size, device=DEVICE, generator=g)[:tokens].to(slot_dtype)
+    slots[[2, 7]] = -1
+    written = slots >= 0
+
+    k_cache, v_cache = nan_pools(num_pages, page_size, kv_heads, head_dim, dtype)
+    k_ref, v_ref = nan_pools(num_pages, page_size, kv_heads, head_dim, dtype)
+    store_kv(k, v, k_cache, v_cache, slots)
+    store_kv_ref(k[written], v[written], k_ref, v_ref, slots[written])
+
+    for cache, ref in ((k_cache, k_ref), (v_cache, v_ref)):
+        torch.testing.assert_close(cache, ref, rtol=0, atol=0, equal_nan=True)
+        flat = cache.flatten(0, 1)
+        assert not flat[slots[written].long()].isnan().any()
+        assert flat.isnan().all(dim=(1, 2)).sum() == num_pages * page_size - int(written.sum())
+
+
+# ---------------------------------------------------------------- decode
+
+# Contexts crossing page boundaries (and block boundaries at 16 positions), down to a single token.
+DECODE_CTX = [37, 1, 16, 17, 70, 33]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize("heads,kv_heads", HEADS)
+def test_paged_decode_attention(heads: int, kv_heads: int, page_size: int, dtype: torch.dtype) -> None:
+    """One split, three splits, and 16 splits: more than the blocks of any context, so some are empty."""
+    head_dim, scale = 64, 64**-0.5
+    seed = heads * 100 + page_size
+    k_cache, v_cache, tables, block_table = fill_pools(DECODE_CTX, page_size, kv_heads, head_dim, dtype, seed)
+    q = qkv_view_q(len(DECODE_CTX), heads, kv_heads, head_dim, dtype, seed)
+    ref = reference(q, k_cache, v_cache, tables, DECODE_CTX, list(range(len(DECODE_CTX) + 1)), scale)
+    for num_splits in (1, 3, 16):
+        out = paged_decode_attention(q, k_cache, v_cache, block_table, int32(DECODE_CTX), scale, num_splits,
+                                     block_n=16)
+        assert out.shape == q.shape and out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], num_splits
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_paged_decode_attention_head_dim_128_default_blocks(num_splits: int) -> None:
+    ctx_lens = [70, 5, 64, 65]
+    k_cache, v_cache, tables, block_table = fill_pools(ctx_lens, 16, 2, 128, torch.float32, 7)
+    q = randn(len(ctx_lens), 8, 128, dtype=torch.float32, g=gen(8))
+    out = paged_decode_attention(q, k_cache, v_cache, block_table, int32(ctx_lens), 0.1, num_splits)
+    ref = reference(q, k_cache, v_cache, tables, ctx_lens, list(range(len(ctx_lens) + 1)), 0.1)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_paged_decode_attention_zero_length_sequence_gives_zeros() -> None:
+    """A padding row (seq_len 0) reads nothing and leaves the other rows untouched."""
+    ctx_lens = [20, 0, 9]
+    k_cache, v_cache, tables, block_table = fill_pools([20, 1, 9], 16, 2, 64, torch.float32, 9)
+    q = randn(3, 4, 64, dtype=torch.float32, g=gen(9))
+    out = paged_decode_attention(q, k_cache, v_cache, block_table, int32(ctx_lens), 0.125, 3, block_n=16)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    live = [0, 2]
+    ref = reference(q[live], k_cache, v_cache, [tables[b] for b in live], [20, 9], [0, 1, 2], 0.125)
+    assert rel_err(out[live], ref) < TOL[torch.float32]
+
+
+def test_choose_num_splits() -> None:
+    # A lone sequence splits until every SM has a program, but never below 256 positions a split.
+    assert choose_num_splits(1, 8, 4096) == 16
+    assert choose_num_splits(1, 8, 4096, num_sms=64) == 8
+    assert choose_num_splits(1, 8, 1000) == 3
+    assert choose_num_splits(1, 8, 100) == 1
+    # A batch that already fills the GPU is not split.
+    assert choose_num_splits(64, 8, 4096) == 1
+    assert choose_num_splits(4, 8, 32768) == 5
+
+
+# ---------------------------------------------------------------- extend
+
+# (context, new tokens): decode rows, pure prefills and extends on a prefix, crossing pages.
+EXTEND_BATCH = [(37, 1), (16, 16), (40, 9), (1, 1), (70, 70), (65, 32), (20, 19), (5, 5), (33, 1)]
+
+
+def run_extend(
+    batch: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype,
+    seed: int, **blocks: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """extend_attention on a batch of (context, new tokens) and the reference output."""
+    ctx_lens = [c for c, _ in batch]
+    qo_indptr = [0]
+    for _, n in batch:
+        qo_indptr.append(qo_indptr[-1] + n)
+    k_cache, v_cache, tables, block_table = fill_pools(ctx_lens, page_size, kv_heads, head_dim, dtype, seed)
+    q = qkv_view_q(qo_indptr[-1], heads, kv_heads, head_dim, dtype, seed)
+    scale = head_dim**-0.5
+    out = extend_attention(q, k_cache, v_cache, block_table, int32(ctx_lens), int32(qo_indptr), scale,
+                           max(n for _, n in batch), **blocks)
+    assert out.shape == q.shape and out.dtype == dtype
+    return out, reference(q, k_cache, v_cache, tables, ctx_lens, qo_indptr, scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize("heads,kv_heads", HEADS)
+def test_extend_attention_mixed_batch(heads: int, kv_heads: int, page_size: int, dtype: torch.dtype) -> None:
+    """Several query blocks per sequence and several key blocks per query block (16 x 16)."""
+    out, ref = run_extend(EXTEND_BATCH, heads, kv_heads, 64, page_size, dtype, heads + page_size,
+                          block_m=16, block_n=16)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_extend_attention_head_dim_128_default_blocks() -> None:
+    out, ref = run_extend(EXTEND_BATCH, 8, 2, 128, 16, torch.float16, 11)
+    assert rel_err(out, ref) < TOL[torch.float16]
+
+
+def test_extend_attention_decode_only_batch() -> None:
+    batch = [(c, 1) for c in DECODE_CTX]
+    out, ref = run_extend(batch, 6, 2, 64, 16, torch.float32, 12, block_m=16)
+    assert rel_err(out, ref) < TOL[torch.float32]

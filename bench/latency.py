@@ -75,10 +75,13 @@ async def main(args: argparse.Namespace) -> dict:
     bandwidth, flops = copy_bandwidth(device), matmul_rate(device)
     torch.cuda.empty_cache()
     folder = pathlib.Path(tempfile.mkdtemp(prefix="tristream-bench-"))
-    shutil.copy(args.config, folder / "config.json")
+    max_len = max(max(args.input_lens) + args.output_len, args.prefill_len + 1)
+    config = json.loads(pathlib.Path(args.config).read_text())
+    # Dummy weights: room for the longest run even past the real model's context.
+    config["max_position_embeddings"] = max(config["max_position_embeddings"], max_len)
+    (folder / "config.json").write_text(json.dumps(config))
     mc = ModelConfig.load(str(folder))
     sizes = model_sizes(mc)
-    max_len = max(max(args.input_lens) + args.output_len, args.prefill_len + 1)
     results = []
     async with AsyncEngine(
         model=str(folder), load_format="dummy", dtype="bfloat16", max_model_len=max_len,

@@ -55,7 +55,15 @@ def run_ours(runner, prompts: list[list[int]], steps: int):
 
     captured = []
     sampler = runner.sampler
-    runner.sampler = lambda logits, slots: captured.append(logits.float().clone()) or sampler(logits, slots)
+
+    class Recording:
+        state = sampler.state
+
+        def __call__(self, logits, slots):
+            captured.append(logits.float().clone())
+            return sampler(logits, slots)
+
+    runner.sampler = Recording()
     pages = 2048 // runner.page_size
     greedy = SamplingParams(temperature=0, seed=0)
     plan = BatchPlan(

@@ -75,10 +75,10 @@ class ModelRunner:
         max_pages = -(-config.max_model_len // config.page_size)
         self.block_tables = torch.zeros(config.max_num_seqs, max_pages, dtype=torch.int32, device=self.device)
         self.sampler = Sampler(SamplingState(config.max_num_seqs, self.device))
+        self.graphs: CudaGraphRunner | None = None
         explicit = config.kv_cache_tokens is not None or config.kv_cache_bytes is not None
         budget = self._cuda_kv_budget() if self.device.type == "cuda" and not explicit else None
         self.kv = allocate_kv_cache(config, mc, self.dtype, self.device, budget)
-        self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CudaGraphRunner(self.model, self.kv, config.max_num_seqs, self.block_tables.shape[1], config.max_model_len)
 

@@ -52,22 +52,31 @@ async def run_batch(engine: AsyncEngine, batch: int, input_len: int, output_len:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
 
     async def one(prompt):
-        last = None
+        times, last = [], None
         async for out in engine.generate(prompt, params):
+            times += [time.time()] * len(out.outputs[0].token_ids)
             last = out
-        return last.metrics
+        return last.metrics, times
 
     start = time.perf_counter()
-    metrics = await asyncio.gather(*(one(p) for p in prompts))
+    runs = await asyncio.gather(*(one(p) for p in prompts))
     wall = time.perf_counter() - start
+    metrics = [m for m, _ in runs]
     ttft = [m.first_token_time - m.arrival_time for m in metrics]
-    tpot = [(m.finished_time - m.first_token_time) / (m.num_generated_tokens - 1) for m in metrics]
-    return {
+    result = {
         "batch": batch, "input_len": input_len, "output_len": output_len, "wall_s": wall,
         "ttft_mean_s": statistics.mean(ttft), "ttft_p50_s": statistics.median(ttft),
-        "tpot_mean_s": statistics.mean(tpot), "tpot_p50_s": statistics.median(tpot),
         "output_tok_per_s": batch * output_len / wall,
     }
+    if output_len > 1:
+        # Steady decode: from the moment every request has its first token until the first one ends.
+        begin, end = max(t[0] for _, t in runs), min(t[-1] for _, t in runs)
+        steps = statistics.mean(sum(begin < x <= end for x in t) for _, t in runs)
+        result["tpot_s"] = (end - begin) / steps if steps else float("nan")
+        result["tpot_incl_prefill_s"] = statistics.mean(
+            (m.finished_time - m.first_token_time) / (m.num_generated_tokens - 1) for m in metrics
+        )
+    return result
 
 
 async def main(args: argparse.Namespace) -> dict:
@@ -97,12 +106,13 @@ async def main(args: argparse.Namespace) -> dict:
                 step_bytes = 2 * (sizes["layer_params"] + sizes["lm_head_params"]) + batch * ctx * sizes["kv_bytes_per_token"]
                 r["decode_bytes_per_step"] = step_bytes
                 r["roofline_tpot_s"] = step_bytes / bandwidth
-                r["roofline_fraction"] = r["roofline_tpot_s"] / r["tpot_p50_s"]
+                r["roofline_fraction"] = r["roofline_tpot_s"] / r["tpot_s"]
                 results.append(r)
                 print(f"batch {batch:4d} in {input_len:5d}: TTFT {r['ttft_p50_s'] * 1e3:8.1f} ms  TPOT "
-                      f"{r['tpot_p50_s'] * 1e3:7.2f} ms  {r['output_tok_per_s']:9.1f} tok/s  "
+                      f"{r['tpot_s'] * 1e3:7.2f} ms  {r['output_tok_per_s']:9.1f} tok/s  "
                       f"{100 * r['roofline_fraction']:5.1f}% of roofline", flush=True)
         pre = await run_batch(engine, 1, args.prefill_len, 1, mc.vocab_size, seed=7)
+    profile = decode_profile(folder, mc) if args.profile else None
     n = args.prefill_len
     prefill_flops = 2 * sizes["layer_params"] * n + 2 * sizes["lm_head_params"] + 2 * mc.num_layers * mc.num_heads * mc.head_dim * n * n
     prefill = {
@@ -122,7 +132,44 @@ async def main(args: argparse.Namespace) -> dict:
         "ceilings": {"copy_bytes_per_s": bandwidth, "bf16_matmul_flops": flops},
         "decode": results,
         "prefill": prefill,
+        "batch1_decode_profile": profile,
     }
+
+
+def decode_profile(folder: pathlib.Path, mc: ModelConfig, steps: int = 20) -> list[dict]:
+    """The torch profiler's CUDA kernel table over batch-1 decode steps replayed from a CUDA graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tristream.config import EngineConfig
+    from tristream.gpu_proc.runner import ModelRunner
+    from tristream.protocol import BatchPlan, NewSequence
+
+    runner = ModelRunner(EngineConfig(model=str(folder), load_format="dummy", dtype="bfloat16", max_model_len=4096,
+                                      max_num_seqs=1, kv_cache_tokens=8192, skip_tokenizer_init=True))
+    greedy = SamplingParams(temperature=0, seed=0)
+    runner.step(BatchPlan(0, new=[NewSequence(0, list(range(1000, 3048)), 0, 0, greedy)], pages=[(0, list(range(1, 257)))],
+                          slots=[0], num_tokens=[2048], sample=[True]))
+    decode = BatchPlan(1, slots=[0], num_tokens=[1], sample=[True])
+    for _ in range(5):
+        runner.step(decode)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            runner.step(decode)
+        torch.cuda.synchronize()
+        step_s = (time.perf_counter() - start) / steps
+    rows = []
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]:
+        if e.device_time_total > 0:
+            rows.append({"kernel": e.key[:90], "calls_per_step": e.count / steps,
+                         "us_per_step": e.device_time_total / steps})
+    print(f"\nbatch-1 decode, context 2048, in-process step {step_s * 1e3:.2f} ms; CUDA kernels per step:")
+    for r in rows:
+        print(f"{r['us_per_step']:9.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel']}")
+    del runner
+    torch.cuda.empty_cache()
+    return [{"in_process_step_s": step_s}, *rows]
 
 
 def plot(report: dict, path: pathlib.Path) -> None:
@@ -155,6 +202,7 @@ if __name__ == "__main__":
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--prefill-len", type=int, default=8192)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", action="store_true", help="also print the CUDA kernel table of batch-1 decode")
     args = parser.parse_args()
     report = asyncio.run(main(args))
     gpu = report["device"].replace("NVIDIA ", "").replace(" ", "-").lower()

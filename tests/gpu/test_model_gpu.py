@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "bench" / "configs" / "llama-3-8b.json"
 PROMPT_LENS = [7, 120, 333, 1000]
 STEPS = 16
-NEAR_TIE = 0.05  # top-2 logit gap (fp32 reference) below which bf16 may order the two either way
+NEAR_TIE = 2.0  # a top-2 gap below this many times transformers' own bf16 logit error is a near-tie
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -128,12 +128,13 @@ def test_logits_and_greedy_tokens_match_transformers(models, capsys):
                 failures.append(f"prompt {i} step {s}: tristream {ours_err[s]:.2e} vs transformers-bf16 {hf_err[s]:.2e} from fp32")
         diverge = None
         for s in range(STEPS + 1):
-            top2 = ref32[i][s].topk(2)
-            if int(top2.indices[0]) != tokens[i][s]:
-                gap = (top2.values[0] - top2.values[1]).item()
-                if gap >= NEAR_TIE:
-                    failures.append(f"prompt {i} step {s}: greedy token differs from fp32 with a clear gap {gap:.3f}")
-                diverge = f"step {s}, gap {gap:.3f}"
+            best = int(ref32[i][s].argmax())
+            if best != tokens[i][s]:
+                gap = (ref32[i][s][best] - ref32[i][s][tokens[i][s]]).item()
+                noise = (ref16[i][s] - ref32[i][s]).abs().max().item()
+                if gap >= NEAR_TIE * noise:
+                    failures.append(f"prompt {i} step {s}: greedy differs from fp32 by a gap {gap:.3f} over bf16 noise {noise:.3f}")
+                diverge = f"step {s}: gap {gap:.3f}, transformers' bf16 noise {noise:.3f}"
                 break
         lines.append(f"{PROMPT_LENS[i]:6d} | {max(ours_err):.2e} | {max(hf_err):.2e} | {max(pair_err):.2e} | {diverge or 'none in ' + str(STEPS + 1)}")
     with capsys.disabled():

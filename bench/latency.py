@@ -72,7 +72,8 @@ async def run_batch(engine: AsyncEngine, batch: int, input_len: int, output_len:
         # Steady decode: from the moment every request has its first token until the first one ends.
         begin, end = max(t[0] for _, t in runs), min(t[-1] for _, t in runs)
         steps = statistics.mean(sum(begin < x <= end for x in t) for _, t in runs)
-        result["tpot_s"] = (end - begin) / steps if steps else float("nan")
+        # None: the batch never decoded all at once (the KV cache could not hold it).
+        result["tpot_s"] = (end - begin) / steps if steps else None
         result["tpot_incl_prefill_s"] = statistics.mean(
             (m.finished_time - m.first_token_time) / (m.num_generated_tokens - 1) for m in metrics
         )
@@ -106,11 +107,9 @@ async def main(args: argparse.Namespace) -> dict:
                 step_bytes = 2 * (sizes["layer_params"] + sizes["lm_head_params"]) + batch * ctx * sizes["kv_bytes_per_token"]
                 r["decode_bytes_per_step"] = step_bytes
                 r["roofline_tpot_s"] = step_bytes / bandwidth
-                r["roofline_fraction"] = r["roofline_tpot_s"] / r["tpot_s"]
+                r["roofline_fraction"] = r["roofline_tpot_s"] / r["tpot_s"] if r["tpot_s"] else None
                 results.append(r)
-                print(f"batch {batch:4d} in {input_len:5d}: TTFT {r['ttft_p50_s'] * 1e3:8.1f} ms  TPOT "
-                      f"{r['tpot_s'] * 1e3:7.2f} ms  {r['output_tok_per_s']:9.1f} tok/s  "
-                      f"{100 * r['roofline_fraction']:5.1f}% of roofline", flush=True)
+                print(f"batch {batch:4d} in {input_len:5d}: {row(r)}", flush=True)
         pre = await run_batch(engine, 1, args.prefill_len, 1, mc.vocab_size, seed=7)
     profile = decode_profile(folder, mc) if args.profile else None
     n = args.prefill_len
@@ -172,6 +171,12 @@ def decode_profile(folder: pathlib.Path, mc: ModelConfig, steps: int = 20) -> li
     return [{"in_process_step_s": step_s}, *rows]
 
 
+def row(r: dict) -> str:
+    tpot = f"{r['tpot_s'] * 1e3:7.2f} ms" if r["tpot_s"] else "    n/a   "
+    roof = f"{100 * r['roofline_fraction']:5.1f}% of roofline" if r["roofline_fraction"] else "no steady decode window"
+    return f"TTFT {r['ttft_p50_s'] * 1e3:8.1f} ms  TPOT {tpot}  {r['output_tok_per_s']:9.1f} tok/s  {roof}"
+
+
 def plot(report: dict, path: pathlib.Path) -> None:
     import matplotlib
 
@@ -181,8 +186,9 @@ def plot(report: dict, path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for input_len in sorted({r["input_len"] for r in report["decode"]}):
         rows = [r for r in report["decode"] if r["input_len"] == input_len]
+        steady = [r for r in rows if r["roofline_fraction"]]
         axes[0].plot([r["batch"] for r in rows], [r["output_tok_per_s"] for r in rows], "o-", label=f"input {input_len}")
-        axes[1].plot([r["batch"] for r in rows], [100 * r["roofline_fraction"] for r in rows], "o-", label=f"input {input_len}")
+        axes[1].plot([r["batch"] for r in steady], [100 * r["roofline_fraction"] for r in steady], "o-", label=f"input {input_len}")
     for ax, label in zip(axes, ("output tokens/s", "% of decode bandwidth roofline")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")

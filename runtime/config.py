@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tristream.model_files import LOAD_FORMATS
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -41,8 +43,8 @@ class EngineConfig:
     startup_timeout: float = 600.0
 
     def __post_init__(self) -> None:
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.schedule_policy not in ("fcfs", "lpm"):
             raise ValueError(f"schedule_policy must be 'fcfs' or 'lpm' (longest prefix match), got {self.schedule_policy!r}")
         if self.dtype not in DTYPES:

@@ -74,7 +74,7 @@ class ModelRunner:
         self.seqs: dict[int, Sequence] = {}
         max_pages = -(-config.max_model_len // config.page_size)
         self.block_tables = torch.zeros(config.max_num_seqs, max_pages, dtype=torch.int32, device=self.device)
-        self.sampler = Sampler(SamplingState(config.max_num_seqs, self.device))
+        self.sampler = Sampler(SamplingState(config.max_num_seqs, mc.vocab_size, mc.eos_token_ids, self.device))
         self.graphs: CudaGraphRunner | None = None
         explicit = config.kv_cache_tokens is not None or config.kv_cache_bytes is not None
         budget = self._cuda_kv_budget() if self.device.type == "cuda" and not explicit else None
@@ -103,9 +103,9 @@ class ModelRunner:
                          slots=[0], num_tokens=[tokens], sample=[True])
         self.step(plan)
         for slot in range(config.max_num_seqs):
-            self.sampler.state.set(slot, probe, 0)
+            self.sampler.state.set(slot, probe, [0], 0)
         logits = torch.randn(config.max_num_seqs, mc.vocab_size, device=self.device)
-        self.sampler(logits, torch.arange(config.max_num_seqs, device=self.device))
+        self.sampler(logits, torch.arange(config.max_num_seqs, device=self.device), list(range(config.max_num_seqs)))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - scratch_bytes
         self.kv, self.seqs = kv, {}
@@ -131,7 +131,7 @@ class ModelRunner:
             self.seqs.pop(slot, None)
         for new in plan.new:
             self.seqs[new.slot] = Sequence(list(new.token_ids), new.num_cached)
-            self.sampler.state.set(new.slot, new.params, new.num_outputs)
+            self.sampler.state.set(new.slot, new.params, new.token_ids, new.num_outputs)
         for slot, pages in plan.pages:
             seq = self.seqs[slot]
             start = len(seq.pages)
@@ -188,7 +188,7 @@ class ModelRunner:
         sampling_slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
         if not sampling_slots:
             return StepResult(plan.step_id, [], [])
-        tokens = self.sampler(logits, sample_slots).tolist()
+        tokens = self.sampler(logits, sample_slots, sampling_slots).tolist()
         for slot, token in zip(sampling_slots, tokens):
             self.seqs[slot].token_ids.append(token)
         return StepResult(plan.step_id, sampling_slots, tokens)

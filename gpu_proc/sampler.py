@@ -30,57 +30,126 @@ def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> to
 
 
 class SamplingState:
-    """Sampling parameters of every slot as tensors, indexed by slot id."""
+    """Sampling parameters and penalty counts of every slot, as tensors indexed by slot id.
 
-    def __init__(self, max_slots: int, device: torch.device) -> None:
+    ``params`` mirrors each slot's SamplingParams on the host, so deciding which
+    processors a batch needs never waits for the device.
+    """
+
+    def __init__(self, max_slots: int, vocab: int, eos_token_ids: list[int], device: torch.device) -> None:
+        self.device = device
+        self.eos_token_ids = eos_token_ids
+        self.params: dict[int, SamplingParams] = {}
+        self.num_outputs: dict[int, int] = {}
         self.temperature = torch.zeros(max_slots, device=device)
         self.top_p = torch.ones(max_slots, device=device)
         self.top_k = torch.zeros(max_slots, dtype=torch.int64, device=device)
+        self.min_p = torch.zeros(max_slots, device=device)
+        self.presence = torch.zeros(max_slots, device=device)
+        self.frequency = torch.zeros(max_slots, device=device)
+        self.repetition = torch.ones(max_slots, device=device)
         self.seed = torch.zeros(max_slots, dtype=torch.int64, device=device)
         self.counter = torch.zeros(max_slots, dtype=torch.int64, device=device)
+        self.counts = torch.zeros(max_slots, vocab, dtype=torch.int32, device=device)
+        self.seen = torch.zeros(max_slots, vocab, dtype=torch.bool, device=device)
 
-    def set(self, slot: int, params: SamplingParams, num_outputs: int) -> None:
-        """Load a request's parameters; ``num_outputs`` resumes its noise stream."""
+    def set(self, slot: int, params: SamplingParams, token_ids: list[int], num_outputs: int) -> None:
+        """Load a request: the last ``num_outputs`` of ``token_ids`` are earlier outputs (a resumed request)."""
+        self.params[slot] = params
+        self.num_outputs[slot] = num_outputs
         self.temperature[slot] = params.temperature
         self.top_p[slot] = params.top_p
         self.top_k[slot] = params.top_k
+        self.min_p[slot] = params.min_p
+        self.presence[slot] = params.presence_penalty
+        self.frequency[slot] = params.frequency_penalty
+        self.repetition[slot] = params.repetition_penalty
         seed = params.seed or 0
         self.seed[slot] = (seed ^ (seed >> 32)) & _MASK32
         self.counter[slot] = num_outputs
+        self.counts[slot].zero_()
+        self.seen[slot].zero_()
+        if _penalized(params):
+            ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+            self.seen[slot, ids] = True
+            if num_outputs:
+                self.counts[slot].index_add_(0, ids[-num_outputs:], torch.ones_like(ids[-num_outputs:], dtype=torch.int32))
+
+    def record(self, slots: torch.Tensor, slot_ids: list[int], tokens: torch.Tensor) -> None:
+        """Count the tokens just sampled."""
+        self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+        self.seen[slots, tokens] = True
+        self.counter[slots] += 1
+        for slot in slot_ids:
+            self.num_outputs[slot] += 1
+
+
+def _penalized(p: SamplingParams) -> bool:
+    return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
 
 
 class Sampler:
-    """Greedy, temperature, top-k and top-p sampling over a batch of slots."""
+    """Logit processors, then greedy or seeded sampling, over a batch of slots.
+
+    Order: min_tokens mask, logit_bias, repetition/frequency/presence penalties;
+    greedy rows take the argmax here; the rest are divided by temperature and
+    filtered by top-k, top-p and min_p (ties at a boundary are kept), then sampled.
+    """
 
     def __init__(self, state: SamplingState) -> None:
         self.state = state
 
-    def __call__(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def process(self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int]) -> torch.Tensor:
+        """The logits after min_tokens, logit_bias and the penalties (fp32)."""
         st = self.state
+        params = [st.params[s] for s in slot_ids]
         logits = logits.float()
-        greedy = logits.argmax(dim=-1)
-        temperature = st.temperature[slots]
-        if bool((temperature == 0).all()):
-            st.counter[slots] += 1
-            return greedy
-        scaled = logits / temperature.clamp_min(1e-6)[:, None]
-        top_k, top_p = st.top_k[slots], st.top_p[slots]
-        if bool((top_k > 0).any() or (top_p < 1).any()):
-            scaled = _filter_top_k_top_p(scaled, top_k, top_p)
-        noise = uniform_noise(st.seed[slots], st.counter[slots], logits.shape[-1])
-        sampled = (scaled - torch.log(-torch.log(noise))).argmax(dim=-1)
-        st.counter[slots] += 1
-        return torch.where(temperature == 0, greedy, sampled)
+        rows, cols, values = [], [], []
+        for row, (slot, p) in enumerate(zip(slot_ids, params)):
+            if st.num_outputs[slot] < p.min_tokens:
+                for token in (*st.eos_token_ids, *p.stop_token_ids):
+                    rows.append(row), cols.append(token), values.append(float("-inf"))
+            for token, bias in (p.logit_bias or {}).items():
+                if token < logits.shape[-1]:
+                    rows.append(row), cols.append(token), values.append(bias)
+        if rows:
+            index = torch.tensor([rows, cols], dtype=torch.int64, device=logits.device)
+            logits = logits.index_put((index[0], index[1]), torch.tensor(values, device=logits.device), accumulate=True)
+        if any(_penalized(p) for p in params):
+            rep = st.repetition[slots][:, None]
+            logits = torch.where(st.seen[slots], torch.where(logits > 0, logits / rep, logits * rep), logits)
+            counts = st.counts[slots].float()
+            logits = logits - st.frequency[slots][:, None] * counts - st.presence[slots][:, None] * (counts > 0)
+        return logits
 
+    def filter(self, scaled: torch.Tensor, slots: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Temperature-scaled logits with everything outside top-k, top-p and min_p set to -inf."""
+        st = self.state
+        threshold = torch.full((scaled.shape[0],), float("-inf"), device=scaled.device)
+        if any(p.top_k > 0 or p.top_p < 1 for p in params):
+            ordered = scaled.sort(dim=-1, descending=True).values
+            vocab = scaled.shape[-1]
+            k = st.top_k[slots]
+            kth = ordered.gather(1, (torch.where(k > 0, k, vocab) - 1).clamp(max=vocab - 1)[:, None])[:, 0]
+            threshold = torch.maximum(threshold, kth)
+            ordered = ordered.masked_fill(ordered < kth[:, None], float("-inf"))
+            probs = ordered.softmax(dim=-1)
+            kept = ((probs.cumsum(dim=-1) - probs) < st.top_p[slots][:, None]).sum(dim=-1)
+            threshold = torch.maximum(threshold, ordered.gather(1, (kept - 1)[:, None])[:, 0])
+        if any(p.min_p > 0 for p in params):
+            threshold = torch.maximum(threshold, scaled.max(dim=-1).values + torch.log(st.min_p[slots]))
+        return scaled.masked_fill(scaled < threshold[:, None], float("-inf"))
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set to -inf every logit outside the row's top-k, then outside the top-p nucleus of what is left."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, vocab)[:, None]
-    sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(before >= top_p[:, None], float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    def __call__(self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int]) -> torch.Tensor:
+        st = self.state
+        params = [st.params[s] for s in slot_ids]
+        logits = self.process(logits, slots, slot_ids)
+        tokens = logits.argmax(dim=-1)
+        if not all(p.temperature == 0 for p in params):
+            temperature = st.temperature[slots]
+            scaled = self.filter(logits / temperature.clamp_min(1e-6)[:, None], slots, params)
+            noise = uniform_noise(st.seed[slots], st.counter[slots], logits.shape[-1])
+            sampled = (scaled - torch.log(-torch.log(noise))).argmax(dim=-1)
+            tokens = torch.where(temperature == 0, tokens, sampled)
+        st.record(slots, slot_ids, tokens)
+        return tokens

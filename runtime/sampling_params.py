@@ -10,14 +10,26 @@ class SamplingParams:
     """How to sample one request. ``temperature=0`` is greedy.
 
     ``max_tokens=None`` generates until EOS, a stop token, or ``max_model_len``.
-    ``top_k=0`` and ``top_p=1`` switch those filters off. Without a ``seed`` the
-    engine draws one, so every request samples from its own reproducible stream.
+    ``top_k=0``, ``top_p=1`` and ``min_p=0`` switch those filters off; ``min_p`` is
+    relative to the most likely token's probability. ``presence_penalty`` and
+    ``frequency_penalty`` (OpenAI semantics) count output tokens;
+    ``repetition_penalty`` counts prompt and output tokens, dividing a positive
+    logit and multiplying a negative one. ``logit_bias`` maps token id to a bias
+    in [-100, 100]. EOS and stop tokens are masked until ``min_tokens`` tokens.
+    Without a ``seed`` the engine draws one, so every request samples from its
+    own reproducible stream.
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
     max_tokens: int | None = None
+    min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
@@ -31,8 +43,28 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
+        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.logit_bias is not None:
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from e
+            bad = {k: v for k, v in self.logit_bias.items() if k < 0 or not -100 <= v <= 100}
+            if bad:
+                raise ValueError(f"logit_bias needs token ids >= 0 and biases in [-100, 100], got {bad!r}")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         self.stop_token_ids = list(self.stop_token_ids)

@@ -224,3 +224,26 @@ async def test_duplicate_request_id_is_rejected(engine):
         await collect(engine.generate("Hello again", params, request_id="dup"))
     rest, _, _ = await collect(first)
     assert len(rest) > 0
+
+
+async def test_min_tokens_holds_eos_back(engine, tokenizer):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    short, _, _ = await collect(engine.chat(messages, SamplingParams(temperature=0, max_tokens=200)))
+    assert short[-1] == eos and len(short) < 20
+    longer, _, outs = await collect(engine.chat(messages, SamplingParams(temperature=0, min_tokens=20, max_tokens=200)))
+    assert len(longer) > 20 and eos not in longer[:20]
+
+
+async def test_penalties_and_bias_reach_the_sampler(engine):
+    prompt = "Reply using only emojis: I love pizza and rockets 🍕🚀"
+    plain, _, _ = await collect(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)))
+    repeats = len(plain) - len(set(plain))
+    penalized, _, _ = await collect(engine.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0)
+    ))
+    assert len(penalized) - len(set(penalized)) < repeats
+    biased, _, _ = await collect(engine.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={plain[0]: -100, 42: 100})
+    ))
+    assert biased == [42] * 6

@@ -9,6 +9,7 @@ from tristream import SamplingParams
 from tristream.gpu_proc.sampler import Sampler, SamplingState, uniform_noise
 
 CPU = torch.device("cpu")
+VOCAB = 1000  # at least every vocabulary the tests sample from
 
 
 def i64(values: list[int]) -> torch.Tensor:
@@ -77,18 +78,18 @@ def test_noise_differs_between_seeds_and_counters() -> None:
 
 
 def make_sampler(slot_params: dict[int, SamplingParams], max_slots: int = 16) -> Sampler:
-    state = SamplingState(max_slots, CPU)
+    state = SamplingState(max_slots, VOCAB, [], CPU)
     for slot, params in slot_params.items():
-        state.set(slot, params, 0)
+        state.set(slot, params, [0], 0)
     return Sampler(state)
 
 
 def draws(logits: torch.Tensor, params: SamplingParams, n: int) -> torch.Tensor:
     """``n`` draws from one logits row [V]: one slot per draw, each at its own counter."""
-    state = SamplingState(n, CPU)
+    state = SamplingState(n, VOCAB, [], CPU)
     for i in range(n):
-        state.set(i, params, i)
-    return Sampler(state)(logits.expand(n, -1), torch.arange(n))
+        state.set(i, params, [0], i)
+    return Sampler(state)(logits.expand(n, -1), torch.arange(n), list(range(n)))
 
 
 def test_greedy_rows_take_argmax_when_mixed_with_sampled_rows() -> None:
@@ -99,7 +100,7 @@ def test_greedy_rows_take_argmax_when_mixed_with_sampled_rows() -> None:
     differs = 0
     for _ in range(20):
         logits = torch.randn(5, 300, generator=gen)
-        tokens = sampler(logits, slots)
+        tokens = sampler(logits, slots, slots.tolist())
         assert tokens.shape == (5,)
         for row in (0, 2, 4):
             assert tokens[row].item() == logits[row].argmax().item()
@@ -111,7 +112,7 @@ def test_all_greedy_batch_returns_argmax() -> None:
     gen = torch.Generator().manual_seed(1)
     sampler = make_sampler({s: SamplingParams(temperature=0.0) for s in range(4)})
     logits = torch.randn(4, 1000, generator=gen)
-    assert torch.equal(sampler(logits, torch.tensor([3, 1, 0, 2])), logits.argmax(-1))
+    assert torch.equal(sampler(logits, torch.tensor([3, 1, 0, 2]), [3, 1, 0, 2]), logits.argmax(-1))
 
 
 def test_seeded_row_is_the_same_alone_or_in_a_batch() -> None:
@@ -121,7 +122,7 @@ def test_seeded_row_is_the_same_alone_or_in_a_batch() -> None:
     my_logits = [2 * torch.randn(vocab, generator=gen) for _ in range(steps)]
 
     alone = make_sampler({0: mine})
-    seq_alone = [alone(my_logits[t][None], torch.tensor([0])).item() for t in range(steps)]
+    seq_alone = [alone(my_logits[t][None], torch.tensor([0]), [0]).item() for t in range(steps)]
 
     others = {
         0: SamplingParams(temperature=1.0, seed=1),
@@ -138,18 +139,18 @@ def test_seeded_row_is_the_same_alone_or_in_a_batch() -> None:
             slots.reverse()
         logits = 2 * torch.randn(len(slots), vocab, generator=gen)
         logits[slots.index(7)] = my_logits[t]
-        seq_batch.append(batched(logits, torch.tensor(slots))[slots.index(7)].item())
+        seq_batch.append(batched(logits, torch.tensor(slots), slots)[slots.index(7)].item())
     assert seq_batch == seq_alone
 
     # resuming at output k (after a preemption) continues the same stream
-    resumed = SamplingState(1, CPU)
-    resumed.set(0, mine, 5)
-    seq_resumed = [Sampler(resumed)(my_logits[t][None], torch.tensor([0])).item() for t in range(5, steps)]
+    resumed = SamplingState(1, VOCAB, [], CPU)
+    resumed.set(0, mine, [0], 5)
+    seq_resumed = [Sampler(resumed)(my_logits[t][None], torch.tensor([0]), [0]).item() for t in range(5, steps)]
     assert seq_resumed == seq_alone[5:]
 
     # and another seed gives another sequence
     other = make_sampler({0: SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=5)})
-    assert [other(my_logits[t][None], torch.tensor([0])).item() for t in range(steps)] != seq_alone
+    assert [other(my_logits[t][None], torch.tensor([0]), [0]).item() for t in range(steps)] != seq_alone
 
 
 def test_top_k_1_is_greedy() -> None:
@@ -158,7 +159,7 @@ def test_top_k_1_is_greedy() -> None:
     sampler = make_sampler(params)
     for _ in range(10):
         logits = torch.randn(4, 500, generator=gen)
-        assert torch.equal(sampler(logits, torch.arange(4)), logits.argmax(-1))
+        assert torch.equal(sampler(logits, torch.arange(4), [0, 1, 2, 3]), logits.argmax(-1))
 
 
 @pytest.mark.parametrize("k", [2, 5, 20])
@@ -226,14 +227,14 @@ def test_temperature_sharpens_and_flattens() -> None:
 
 
 def test_counter_advances_per_sampled_step() -> None:
-    state = SamplingState(3, CPU)
-    state.set(0, SamplingParams(temperature=1.0, seed=1), 4)
-    state.set(1, SamplingParams(temperature=0.0, seed=2), 0)
-    state.set(2, SamplingParams(temperature=1.0, seed=3), 10)
+    state = SamplingState(3, VOCAB, [], CPU)
+    state.set(0, SamplingParams(temperature=1.0, seed=1), [0], 4)
+    state.set(1, SamplingParams(temperature=0.0, seed=2), [0], 0)
+    state.set(2, SamplingParams(temperature=1.0, seed=3), [0], 10)
     sampler = Sampler(state)
     logits = torch.zeros(2, 10)
-    sampler(logits, torch.tensor([0, 1]))
-    sampler(logits, torch.tensor([1]))
+    sampler(logits, torch.tensor([0, 1]), [0, 1])
+    sampler(logits, torch.tensor([1]), [1])
     assert state.counter.tolist() == [5, 2, 10]
 
 
@@ -241,10 +242,10 @@ def test_top_p_applies_to_the_renormalized_top_k_set() -> None:
     """top_k=2 keeps probabilities 0.4 and 0.2 (0.67 and 0.33 after renormalizing); top_p=0.5 then keeps one."""
     probs = torch.tensor([0.4, 0.2, 0.1, 0.1, 0.1, 0.1])
     logits = probs.log()[None, :].repeat(64, 1)
-    state = SamplingState(64, torch.device("cpu"))
+    state = SamplingState(64, VOCAB, [], CPU)
     for slot in range(64):
-        state.set(slot, SamplingParams(temperature=1.0, top_k=2, top_p=0.5, seed=slot), 0)
+        state.set(slot, SamplingParams(temperature=1.0, top_k=2, top_p=0.5, seed=slot), [0], 0)
     drawn = set()
     for _ in range(20):
-        drawn |= set(Sampler(state)(logits, torch.arange(64)).tolist())
+        drawn |= set(Sampler(state)(logits, torch.arange(64), list(range(64))).tolist())
     assert drawn == {0}

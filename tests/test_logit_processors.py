@@ -1,0 +1,138 @@
+"""Logit processors against plain float64 references computed from the raw logits."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tristream import SamplingParams
+from tristream.gpu_proc.sampler import Sampler, SamplingState
+
+CPU = torch.device("cpu")
+VOCAB = 64
+EOS = 3
+
+
+def sampler_for(params: list[SamplingParams], histories: list[tuple[list[int], list[int]]] | None = None) -> Sampler:
+    """A sampler whose slot i holds params[i], with (prompt, outputs) histories."""
+    state = SamplingState(len(params), VOCAB, [EOS], CPU)
+    for slot, p in enumerate(params):
+        prompt, outputs = histories[slot] if histories else ([0], [])
+        state.set(slot, p, prompt + outputs, len(outputs))
+    return Sampler(state)
+
+
+def test_penalties_match_their_formulas_on_a_mixed_batch():
+    gen = torch.Generator().manual_seed(0)
+    params = [
+        SamplingParams(repetition_penalty=1.3),
+        SamplingParams(presence_penalty=0.8, frequency_penalty=0.4),
+        SamplingParams(repetition_penalty=0.7, presence_penalty=-0.5, frequency_penalty=1.5),
+        SamplingParams(),
+    ]
+    histories = [
+        (torch.randint(0, VOCAB, (n,), generator=gen).tolist(), torch.randint(0, VOCAB, (m,), generator=gen).tolist())
+        for n, m in ((5, 9), (3, 12), (10, 4), (6, 6))
+    ]
+    sampler = sampler_for(params, histories)
+    logits = 3 * torch.randn(4, VOCAB, generator=gen)
+    got = sampler.process(logits, torch.arange(4), [0, 1, 2, 3])
+    for row, (p, (prompt, outputs)) in enumerate(zip(params, histories)):
+        ref = logits[row].double().clone()
+        for token in set(prompt) | set(outputs):
+            ref[token] = ref[token] / p.repetition_penalty if ref[token] > 0 else ref[token] * p.repetition_penalty
+        for token in set(outputs):
+            ref[token] -= p.frequency_penalty * outputs.count(token) + p.presence_penalty
+        assert torch.allclose(got[row].double(), ref, atol=1e-5), row
+
+
+def test_penalties_follow_tokens_sampled_later():
+    sampler = sampler_for([SamplingParams(temperature=0, frequency_penalty=2.0)])
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 7] = 5.0
+    first = sampler(logits, torch.arange(1), [0]).item()
+    assert first == 7
+    assert sampler.process(logits, torch.arange(1), [0])[0, 7].item() == 5.0 - 2.0
+
+
+def test_logit_bias_adds_to_the_named_tokens_only():
+    sampler = sampler_for([SamplingParams(logit_bias={5: 10.0, 9: -100.0, 10_000: 1.0}), SamplingParams()])
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(1))
+    got = sampler.process(logits, torch.arange(2), [0, 1])
+    expected = logits.clone()
+    expected[0, 5] += 10.0
+    expected[0, 9] -= 100.0
+    assert torch.equal(got, expected)
+
+
+def test_min_tokens_masks_eos_and_stop_tokens_until_reached():
+    p = SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[11])
+    sampler = sampler_for([p])
+    logits = torch.zeros(1, VOCAB)
+    logits[0, EOS], logits[0, 11], logits[0, 20] = 9.0, 8.0, 1.0
+    tokens = [sampler(logits, torch.arange(1), [0]).item() for _ in range(4)]
+    assert tokens == [20, 20, 20, EOS]
+
+
+def reference_kept(logits: torch.Tensor, p: SamplingParams) -> set[int]:
+    """The tokens top-k, top-p and min_p keep, ties at each boundary included, in float64."""
+    scaled = logits.double() / p.temperature
+    keep = torch.ones_like(scaled, dtype=torch.bool)
+    if p.top_k:
+        kth = scaled.sort(descending=True).values[p.top_k - 1]
+        keep &= scaled >= kth
+    if p.top_p < 1:
+        masked = scaled.masked_fill(~keep, -math.inf)
+        ordered = masked.sort(descending=True).values
+        probs = ordered.softmax(-1)
+        total, cutoff = 0.0, ordered[0]
+        for value, prob in zip(ordered.tolist(), probs.tolist()):
+            cutoff = value
+            total += prob
+            if total >= p.top_p:
+                break
+        keep &= scaled >= cutoff
+    if p.min_p:
+        probs = scaled.softmax(-1)
+        keep &= probs >= p.min_p * probs.max()
+    return set(torch.nonzero(keep).flatten().tolist())
+
+
+def test_top_k_top_p_min_p_keep_exactly_the_reference_set_with_ties():
+    tied = torch.tensor([5.0, 4.0, 4.0, 4.0, 3.0, 3.0, 2.0, 1.0] + [0.0] * (VOCAB - 8))
+    gen = torch.Generator().manual_seed(3)
+    cases = [
+        (tied, SamplingParams(top_k=2)),
+        (tied, SamplingParams(top_k=5)),
+        (tied, SamplingParams(top_p=0.5)),
+        (tied, SamplingParams(top_p=0.9, top_k=6)),
+        (tied, SamplingParams(min_p=0.3)),
+        (tied, SamplingParams(temperature=0.5, min_p=0.1, top_p=0.95)),
+    ]
+    cases += [(2 * torch.randn(VOCAB, generator=gen), SamplingParams(temperature=t, top_k=k, top_p=tp, min_p=mp))
+              for t, k, tp, mp in ((0.7, 10, 0.8, 0.0), (1.3, 0, 0.6, 0.05), (1.0, 20, 1.0, 0.2), (0.9, 3, 0.99, 0.01))]
+    params = [p for _, p in cases]
+    sampler = sampler_for(params)
+    logits = torch.stack([row for row, _ in cases])
+    temperature = torch.tensor([p.temperature for p in params])
+    scaled = sampler.filter(logits / temperature[:, None], torch.arange(len(cases)), params)
+    for row, (raw, p) in enumerate(cases):
+        assert set(torch.nonzero(torch.isfinite(scaled[row])).flatten().tolist()) == reference_kept(raw, p), p
+
+
+def test_sampled_frequencies_match_the_processed_distribution():
+    """Chi-square over 8 000 seeded draws (the noise stream advances each draw)."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0] + [-9.0] * (VOCAB - 8))
+    p = SamplingParams(temperature=0.8, top_k=6, seed=1234)
+    sampler = sampler_for([p])
+    draws = 8000
+    counts = torch.zeros(VOCAB)
+    for _ in range(draws):
+        counts[sampler(logits[None], torch.arange(1), [0]).item()] += 1
+    kept = sorted(reference_kept(logits, p))
+    probs = (logits.double()[kept] / p.temperature).softmax(-1)
+    assert counts.sum().item() == counts[kept].sum().item() == draws
+    expected = probs * draws
+    chi2 = (((counts[kept].double() - expected) ** 2) / expected).sum().item()
+    assert chi2 < 20.52, chi2  # the 0.999 quantile of chi-square with 5 degrees of freedom

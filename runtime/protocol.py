@@ -46,6 +46,13 @@ class AbortRequest:
 
 
 @dataclass
+class StopRequest:
+    """The tokenizer found a stop string: finish the request without another delta."""
+
+    request_id: str
+
+
+@dataclass
 class Shutdown:
     """Ask a child process to exit."""
 

@@ -16,6 +16,8 @@ class SamplingParams:
     ``repetition_penalty`` counts prompt and output tokens, dividing a positive
     logit and multiplying a negative one. ``logit_bias`` maps token id to a bias
     in [-100, 100]. EOS and stop tokens are masked until ``min_tokens`` tokens.
+    ``stop`` strings end the output where they appear, across token boundaries;
+    they are cut from the text unless ``include_stop_str_in_output``.
     Without a ``seed`` the engine draws one, so every request samples from its
     own reproducible stream.
     """
@@ -30,6 +32,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     max_tokens: int | None = None
     min_tokens: int = 0
+    stop: list[str] | str | None = None
+    include_stop_str_in_output: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
@@ -67,6 +71,11 @@ class SamplingParams:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if not all(isinstance(x, str) and x for x in self.stop):
+            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
         self.stop_token_ids = list(self.stop_token_ids)
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")

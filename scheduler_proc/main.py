@@ -13,6 +13,7 @@ from tristream.protocol import (
     Shutdown,
     StatsRequest,
     StepResult,
+    StopRequest,
     TokenBatch,
     TokenizedRequest,
 )
@@ -44,6 +45,8 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
                 deltas.append(scheduler.add(msg))
             elif isinstance(msg, AbortRequest):
                 deltas.append(scheduler.abort(msg.request_id))
+            elif isinstance(msg, StopRequest):
+                scheduler.finish(msg.request_id)
             elif isinstance(msg, StatsRequest):
                 send(to_user, scheduler.stats(msg.token))
             elif isinstance(msg, Shutdown):

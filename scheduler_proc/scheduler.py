@@ -84,6 +84,18 @@ class Scheduler:
             self._release(req)
         return TokenDelta(request_id, [], finish_reason="abort")
 
+    def finish(self, request_id: str) -> None:
+        """End a request that hit a stop string; its computed pages stay cached."""
+        req = self.by_id.pop(request_id, None)
+        if req is None:
+            return
+        if req.slot is None:
+            self.waiting.remove(req)
+        else:
+            self.running.remove(req)
+            self._cache(req)
+            self._release(req)
+
     def _alloc(self, n: int) -> list[int] | None:
         """``n`` free pages, evicting cache leaves if needed; None if that is not enough."""
         if n <= 0:

@@ -20,6 +20,7 @@ from tristream.protocol import (
     OutputDelta,
     Ready,
     Shutdown,
+    StopRequest,
     TokenBatch,
     TokenizedRequest,
 )
@@ -34,8 +35,34 @@ class ActiveRequest:
     detok: IncrementalDetokenizer | None
     prompt_token_ids: list[int]
     chat_text: str | None
+    stop: list[str] = field(default_factory=list)
+    include_stop: bool = False
     output_token_ids: list[int] = field(default_factory=list)
     prompt_sent: bool = False
+    held: str = ""
+    emitted: str = ""
+
+    def text(self, token_ids: list[int], finished: bool) -> tuple[str, bool]:
+        """New text to emit and whether a stop string ended the request.
+
+        With stop strings, the last ``len(longest stop) - 1`` characters are held
+        back, since they may begin a stop string that the next tokens complete.
+        """
+        if self.detok is None:
+            return "", False
+        self.held += self.detok.push(token_ids) + (self.detok.flush() if finished else "")
+        hits = [(i, s) for s in self.stop if (i := self.held.find(s)) >= 0]
+        if hits:
+            i, s = min(hits)
+            out, stopped = self.held[: i + len(s) if self.include_stop else i], True
+        elif finished or not self.stop:
+            out, stopped = self.held, False
+        else:
+            keep = max(map(len, self.stop)) - 1
+            out, stopped = self.held[: max(0, len(self.held) - keep)], False
+        self.held = self.held[len(out) :]
+        self.emitted += out
+        return out, stopped
 
 
 class TokenizerWorker:
@@ -62,37 +89,41 @@ class TokenizerWorker:
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.spaces_between_special_tokens)
-        self.active[req.request_id] = ActiveRequest(detok, ids, chat_text)
+        self.active[req.request_id] = ActiveRequest(detok, ids, chat_text, params.stop, params.include_stop_str_in_output)
         return TokenizedRequest(req.request_id, ids, params, self.model_config.eos_token_ids, req.arrival_time)
 
-    def outputs(self, batch: TokenBatch) -> list[OutputDelta]:
-        out = []
+    def outputs(self, batch: TokenBatch) -> tuple[list[OutputDelta], list[str]]:
+        """Deltas for the user, and the requests a stop string ended (for the scheduler)."""
+        out, stopped = [], []
         for d in batch.deltas:
             req = self.active.get(d.request_id)
+            if req is None:
+                continue
             finished = d.finish_reason is not None or d.error is not None
-            text, prompt_ids = "", None
-            if req is not None:
-                req.output_token_ids += d.token_ids
-                if not req.prompt_sent:
-                    req.prompt_sent, prompt_ids = True, req.prompt_token_ids
-                if req.detok is not None:
-                    text = req.detok.push(d.token_ids) + (req.detok.flush() if finished else "")
-                if finished:
-                    del self.active[d.request_id]
-                    self._remember_turn(req, d.finish_reason)
+            req.output_token_ids += d.token_ids
+            prompt_ids = None
+            if not req.prompt_sent:
+                req.prompt_sent, prompt_ids = True, req.prompt_token_ids
+            text, hit_stop = req.text(d.token_ids, finished)
+            reason = "stop" if hit_stop else d.finish_reason
+            if hit_stop and not finished:
+                stopped.append(d.request_id)
+            if finished or hit_stop:
+                del self.active[d.request_id]
+                self._remember_turn(req, reason)
             out.append(
                 OutputDelta(
-                    d.request_id, text, d.token_ids, finished, d.finish_reason, prompt_ids,
+                    d.request_id, text, d.token_ids, finished or hit_stop, reason, prompt_ids,
                     d.num_cached_tokens, d.time_in_queue, d.error,
                 )
             )
-        return out
+        return out, stopped
 
     def _remember_turn(self, req: ActiveRequest, finish_reason: str | None) -> None:
         if req.chat_text is None or finish_reason not in ("stop", "length"):
             return
         reply_ids = req.output_token_ids[:-1] if finish_reason == "stop" else req.output_token_ids
-        self.prompts.turns.remember(req.chat_text, req.prompt_token_ids, req.detok.text, reply_ids)
+        self.prompts.turns.remember(req.chat_text, req.prompt_token_ids, req.emitted, reply_ids)
 
 
 def run(ipc: Ipc, config: EngineConfig) -> None:
@@ -113,7 +144,10 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
                 else:
                     send(to_scheduler, result)
             elif isinstance(msg, TokenBatch):
-                out.extend(worker.outputs(msg))
+                deltas, stopped = worker.outputs(msg)
+                out.extend(deltas)
+                for request_id in stopped:
+                    send(to_scheduler, StopRequest(request_id))
             elif isinstance(msg, AbortRequest):
                 send(to_scheduler, msg)
             elif isinstance(msg, Shutdown):

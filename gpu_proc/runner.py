@@ -131,7 +131,7 @@ class ModelRunner:
             self.seqs.pop(slot, None)
         for new in plan.new:
             self.seqs[new.slot] = Sequence(list(new.token_ids), new.num_cached)
-            self.sampler.state.set(new.slot, new.params, new.token_ids, new.num_outputs)
+            self.sampler.state.set(new.slot, new.params, new.token_ids, new.num_outputs, new.bad_words_ids)
         for slot, pages in plan.pages:
             seq = self.seqs[slot]
             start = len(seq.pages)

@@ -41,6 +41,8 @@ class SamplingState:
         self.eos_token_ids = eos_token_ids
         self.params: dict[int, SamplingParams] = {}
         self.num_outputs: dict[int, int] = {}
+        self.bad_words: dict[int, list[list[int]]] = {}
+        self.outputs: dict[int, list[int]] = {}
         self.temperature = torch.zeros(max_slots, device=device)
         self.top_p = torch.ones(max_slots, device=device)
         self.top_k = torch.zeros(max_slots, dtype=torch.int64, device=device)
@@ -53,10 +55,18 @@ class SamplingState:
         self.counts = torch.zeros(max_slots, vocab, dtype=torch.int32, device=device)
         self.seen = torch.zeros(max_slots, vocab, dtype=torch.bool, device=device)
 
-    def set(self, slot: int, params: SamplingParams, token_ids: list[int], num_outputs: int) -> None:
+    def set(
+        self, slot: int, params: SamplingParams, token_ids: list[int], num_outputs: int,
+        bad_words_ids: list[list[int]] | None = None,
+    ) -> None:
         """Load a request: the last ``num_outputs`` of ``token_ids`` are earlier outputs (a resumed request)."""
         self.params[slot] = params
         self.num_outputs[slot] = num_outputs
+        self.bad_words.pop(slot, None)
+        self.outputs.pop(slot, None)
+        if bad_words_ids:
+            self.bad_words[slot] = bad_words_ids
+            self.outputs[slot] = token_ids[len(token_ids) - num_outputs :]
         self.temperature[slot] = params.temperature
         self.top_p[slot] = params.top_p
         self.top_k[slot] = params.top_k
@@ -80,8 +90,17 @@ class SamplingState:
         self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
         self.seen[slots, tokens] = True
         self.counter[slots] += 1
+        watched = [(row, slot) for row, slot in enumerate(slot_ids) if slot in self.outputs]
+        host = tokens.tolist() if watched else []
+        for row, slot in watched:
+            self.outputs[slot].append(host[row])
         for slot in slot_ids:
             self.num_outputs[slot] += 1
+
+    def banned(self, slot: int) -> list[int]:
+        """Tokens that would complete one of the slot's bad words now."""
+        history = self.outputs.get(slot, [])
+        return [w[-1] for w in self.bad_words.get(slot, ()) if len(w) == 1 or history[len(history) - len(w) + 1 :] == w[:-1]]
 
 
 def _penalized(p: SamplingParams) -> bool:
@@ -91,7 +110,7 @@ def _penalized(p: SamplingParams) -> bool:
 class Sampler:
     """Logit processors, then greedy or seeded sampling, over a batch of slots.
 
-    Order: min_tokens mask, logit_bias, repetition/frequency/presence penalties;
+    Order: bad_words and min_tokens masks, logit_bias, repetition/frequency/presence penalties;
     greedy rows take the argmax here; the rest are divided by temperature and
     filtered by top-k, top-p and min_p (ties at a boundary are kept), then sampled.
     """
@@ -106,9 +125,11 @@ class Sampler:
         logits = logits.float()
         rows, cols, values = [], [], []
         for row, (slot, p) in enumerate(zip(slot_ids, params)):
+            masked = list(st.banned(slot)) if slot in st.bad_words else []
             if st.num_outputs[slot] < p.min_tokens:
-                for token in (*st.eos_token_ids, *p.stop_token_ids):
-                    rows.append(row), cols.append(token), values.append(float("-inf"))
+                masked += [*st.eos_token_ids, *p.stop_token_ids]
+            for token in masked:
+                rows.append(row), cols.append(token), values.append(float("-inf"))
             for token, bias in (p.logit_bias or {}).items():
                 if token < logits.shape[-1]:
                     rows.append(row), cols.append(token), values.append(bias)

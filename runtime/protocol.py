@@ -69,6 +69,7 @@ class TokenizedRequest:
     params: SamplingParams
     eos_token_ids: list[int]
     arrival_time: float
+    bad_words_ids: list[list[int]] = field(default_factory=list)
 
 
 # scheduler_proc -> gpu_proc
@@ -87,6 +88,7 @@ class NewSequence:
     num_cached: int
     num_outputs: int
     params: SamplingParams
+    bad_words_ids: list[list[int]] = field(default_factory=list)
 
 
 @dataclass

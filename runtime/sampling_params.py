@@ -16,6 +16,8 @@ class SamplingParams:
     ``repetition_penalty`` counts prompt and output tokens, dividing a positive
     logit and multiplying a negative one. ``logit_bias`` maps token id to a bias
     in [-100, 100]. EOS and stop tokens are masked until ``min_tokens`` tokens.
+    ``bad_words`` are never generated, with or without a leading space: the last
+    token of a word is banned when the output ends with the tokens before it.
     ``stop`` strings end the output where they appear, across token boundaries;
     they are cut from the text unless ``include_stop_str_in_output``.
     Without a ``seed`` the engine draws one, so every request samples from its
@@ -32,6 +34,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     max_tokens: int | None = None
     min_tokens: int = 0
+    bad_words: list[str] | None = None
     stop: list[str] | str | None = None
     include_stop_str_in_output: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
@@ -76,6 +79,9 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         if not all(isinstance(x, str) and x for x in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        self.bad_words = list(self.bad_words or [])
+        if not all(isinstance(x, str) and x.strip() for x in self.bad_words):
+            raise ValueError(f"bad_words must be non-blank strings, got {self.bad_words!r}")
         self.stop_token_ids = list(self.stop_token_ids)
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")

@@ -179,7 +179,9 @@ class Scheduler:
             req.first_scheduled_time = time.time()
         self.by_slot[req.slot] = req
         self.running.append(req)
-        plan.new.append(NewSequence(req.slot, req.all_token_ids, hit, len(req.output_token_ids), req.spec.params))
+        plan.new.append(
+            NewSequence(req.slot, req.all_token_ids, hit, len(req.output_token_ids), req.spec.params, req.spec.bad_words_ids)
+        )
         plan.pages.append((req.slot, list(req.pages)))
         self._run(req, n, plan)
         return n

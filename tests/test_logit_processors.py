@@ -136,3 +136,13 @@ def test_sampled_frequencies_match_the_processed_distribution():
     expected = probs * draws
     chi2 = (((counts[kept].double() - expected) ** 2) / expected).sum().item()
     assert chi2 < 20.52, chi2  # the 0.999 quantile of chi-square with 5 degrees of freedom
+
+
+def test_bad_words_ban_the_last_token_only_after_the_rest_of_the_phrase():
+    state = SamplingState(1, VOCAB, [EOS], CPU)
+    state.set(0, SamplingParams(temperature=0), [1, 2, 20], 1, bad_words_ids=[[9], [20, 21]])  # output so far: [20]
+    sampler = Sampler(state)
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 9], logits[0, 21], logits[0, 30] = 9.0, 8.0, 7.0
+    tokens = [sampler(logits, torch.arange(1), [0]).item() for _ in range(2)]
+    assert tokens == [30, 21]  # 9 is always banned; 21 only right after 20

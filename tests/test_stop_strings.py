@@ -71,3 +71,15 @@ def test_bad_stop_values():
     with pytest.raises(ValueError, match="stop"):
         SamplingParams(stop=["ok", ""])
     assert SamplingParams(stop="END").stop == ["END"]
+
+
+async def test_bad_words_are_never_generated(engine, tokenizer):
+    prompt = "The history of the lighthouse"
+    params = dict(temperature=0, max_tokens=40, ignore_eos=True)
+    base = "".join([o.outputs[0].text async for o in engine.generate(prompt, SamplingParams(**params))])
+    words = [w.strip(".,;:!?") for w in base.split()]
+    single = next(w for w in words if len(w) > 3 and len(tokenizer.encode(" " + w)) == 1)
+    multi = next(w for w in words if len(tokenizer.encode(" " + w)) > 1)
+    for word in (single, multi):
+        out = "".join([o.outputs[0].text async for o in engine.generate(prompt, SamplingParams(**params, bad_words=[word]))])
+        assert word in base and word not in out, (word, out)

@@ -24,6 +24,7 @@ from tristream.protocol import (
     TokenBatch,
     TokenizedRequest,
 )
+from tristream.sampling_params import SamplingParams
 from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tristream.tokenizer_proc.prompts import PromptBuilder
 
@@ -90,7 +91,17 @@ class TokenizerWorker:
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.spaces_between_special_tokens)
         self.active[req.request_id] = ActiveRequest(detok, ids, chat_text, params.stop, params.include_stop_str_in_output)
-        return TokenizedRequest(req.request_id, ids, params, self.model_config.eos_token_ids, req.arrival_time)
+        return TokenizedRequest(
+            req.request_id, ids, params, self.model_config.eos_token_ids, req.arrival_time, self._bad_words_ids(params)
+        )
+
+    def _bad_words_ids(self, params: SamplingParams) -> list[list[int]]:
+        """Each bad word as token ids, alone and after a space."""
+        if not params.bad_words or self.tokenizer is None:
+            return []
+        variants = {tuple(self.tokenizer.encode(v, add_special_tokens=False))
+                    for word in params.bad_words for v in (word.strip(), " " + word.strip())}
+        return [list(v) for v in sorted(variants) if v]
 
     def outputs(self, batch: TokenBatch) -> tuple[list[OutputDelta], list[str]]:
         """Deltas for the user, and the requests a stop string ended (for the scheduler)."""

@@ -222,10 +222,8 @@ if __name__ == "__main__":
     print(f"\nwrote {out}")
     print(f"ceilings: copy {report['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"bf16 matmul {report['ceilings']['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s")
-    print("batch | input | TTFT ms | TPOT ms |  tok/s  | roofline")
     for r in report["decode"]:
-        print(f"{r['batch']:5d} | {r['input_len']:5d} | {r['ttft_p50_s'] * 1e3:7.1f} | {r['tpot_p50_s'] * 1e3:7.2f} | "
-              f"{r['output_tok_per_s']:7.1f} | {100 * r['roofline_fraction']:5.1f}%")
+        print(f"batch {r['batch']:4d} in {r['input_len']:5d}: {row(r)}")
     p = report["prefill"]
     print(f"prefill {p['prompt_tokens']} tokens: {p['ttft_s'] * 1e3:.1f} ms, {p['tokens_per_s']:.0f} tok/s, "
           f"{100 * p['matmul_fraction']:.1f}% of bf16 matmul rate")

@@ -86,9 +86,10 @@ class SamplingState:
                 self.counts[slot].index_add_(0, ids[-num_outputs:], torch.ones_like(ids[-num_outputs:], dtype=torch.int32))
 
     def record(self, slots: torch.Tensor, slot_ids: list[int], tokens: torch.Tensor) -> None:
-        """Count the tokens just sampled."""
-        self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
-        self.seen[slots, tokens] = True
+        """Count the tokens just sampled (penalty counts only matter to penalized slots)."""
+        if any(_penalized(self.params[s]) for s in slot_ids):
+            self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+            self.seen[slots, tokens] = True
         self.counter[slots] += 1
         watched = [(row, slot) for row, slot in enumerate(slot_ids) if slot in self.outputs]
         host = tokens.tolist() if watched else []

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import torch
 
 
@@ -34,14 +31,3 @@ def _median_seconds(fn, repeats: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return sorted(times)[len(times) // 2]
-
-
-def git_commit() -> dict:
-    """The checkout's commit; ``$GIT_COMMIT`` names it where the tree is a copy without .git."""
-    def run(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
-
-    commit = run("rev-parse", "HEAD")
-    if commit:
-        return {"commit": commit, "dirty": bool(run("status", "--porcelain"))}
-    return {"commit": os.environ.get("GIT_COMMIT", "unknown"), "dirty": os.environ.get("GIT_DIRTY", "unknown")}

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
-import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import time
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from report import cpu_info, git_info, model_summary, now
 
 from tristream import AsyncEngine, SamplingParams
 from tristream.model_config import ModelConfig
@@ -50,35 +49,6 @@ PROMPTS = [
     "Dear team, thank you all for the hard work on the release last week. Before the next planning meeting I "
     "would like everyone to think about three questions:",
 ]
-
-
-def cpu_info() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu_model": model, "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0))}
-
-
-def git_info() -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "--no-optional-locks", *args], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def summarize(runs: list[dict], batch: int, new_tokens: int) -> dict:
@@ -245,15 +215,7 @@ def main() -> None:
         "model": {
             "name": pathlib.Path(model_dir).name,
             "source": "bundled default model (model=None), dequantized to fp32",
-            "architecture": mc.architecture,
-            "layers": mc.num_layers,
-            "hidden": mc.hidden_size,
-            "intermediate": mc.intermediate_size,
-            "heads": mc.num_heads,
-            "kv_heads": mc.num_kv_heads,
-            "head_dim": mc.head_dim,
-            "vocab": mc.vocab_size,
-            "dtype": "float32",
+            **model_summary(mc, "float32"),
         },
         "settings": {
             "batch_sizes": args.batch_sizes,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import pathlib
 import shutil
@@ -24,7 +23,8 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from ceilings import copy_bandwidth, git_commit, matmul_rate  # noqa: E402
+from ceilings import copy_bandwidth, matmul_rate  # noqa: E402
+from report import git_info, model_summary, now  # noqa: E402
 
 from tristream import AsyncEngine, SamplingParams  # noqa: E402
 from tristream.model_config import ModelConfig  # noqa: E402
@@ -124,10 +124,9 @@ async def main(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "model_config": args.config,
-        "model": {"layers": mc.num_layers, "hidden": mc.hidden_size, "heads": mc.num_heads, "kv_heads": mc.num_kv_heads,
-                  "head_dim": mc.head_dim, "vocab": mc.vocab_size, "dtype": "bfloat16", **sizes},
-        **git_commit(),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "model": {**model_summary(mc, "bfloat16"), **sizes},
+        **git_info(),
+        "timestamp": now(),
         "ceilings": {"copy_bytes_per_s": bandwidth, "bf16_matmul_flops": flops},
         "decode": results,
         "prefill": prefill,

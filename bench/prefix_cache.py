@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 
 import torch
 import transformers
-from cpu_decode import cpu_info, git_info, now
+from report import cpu_info, git_info, model_summary, now
 from transformers import AutoTokenizer
 
 from tristream import AsyncEngine, RequestOutput, SamplingParams
@@ -302,14 +302,7 @@ def main() -> None:
         "model": {
             "name": pathlib.Path(model_dir).name,
             "source": "bundled default model (model=None), dequantized to fp32",
-            "architecture": mc.architecture,
-            "layers": mc.num_layers,
-            "hidden": mc.hidden_size,
-            "heads": mc.num_heads,
-            "kv_heads": mc.num_kv_heads,
-            "head_dim": mc.head_dim,
-            "vocab": mc.vocab_size,
-            "dtype": "float32",
+            **model_summary(mc, "float32"),
         },
         "settings": {
             "shared_system_prompt": {

@@ -44,11 +44,11 @@ def allocate_kv_cache(
     per_token = bytes_per_token(mc, dtype)
     if config.kv_cache_tokens is not None:
         tokens = config.kv_cache_tokens
-    elif config.kv_cache_bytes is not None:
-        tokens = config.kv_cache_bytes // per_token
+        num_pages = -(-tokens // config.page_size) + 1  # at least the tokens asked for
     else:
-        tokens = (DEFAULT_CPU_KV_BYTES if budget_bytes is None else budget_bytes) // per_token
-    num_pages = tokens // config.page_size + 1
+        budget = config.kv_cache_bytes if config.kv_cache_bytes is not None else budget_bytes
+        tokens = (DEFAULT_CPU_KV_BYTES if budget is None else budget) // per_token
+        num_pages = tokens // config.page_size + 1  # never more memory than the budget
     usable = (num_pages - 1) * config.page_size
     if usable < config.page_size:
         raise ValueError(

@@ -39,7 +39,7 @@ def test_unknown_engine_argument_is_rejected():
 
 
 async def test_error_in_a_child_during_start_reaches_the_caller(alive):
-    engine = AsyncEngine(kv_cache_tokens=8, log_level="ERROR")
+    engine = AsyncEngine(kv_cache_bytes=1000, log_level="ERROR")
     with pytest.raises(RuntimeError) as info:
         await engine.start()
     assert "gpu process failed" in str(info.value) and "less than one page" in str(info.value)

@@ -1,0 +1,48 @@
+"""What every benchmark report records besides its figures: the machine, the code and the model."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pathlib
+import platform
+import subprocess
+
+from tristream.model_config import ModelConfig
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def cpu_info() -> dict:
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu_model": model, "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0))}
+
+
+def git_info() -> dict:
+    """The checkout's commit; ``$GIT_COMMIT`` / ``$GIT_DIRTY`` name it where the tree is a copy without .git."""
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "--no-optional-locks", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": os.environ.get("GIT_COMMIT"), "dirty": os.environ.get("GIT_DIRTY")}
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def model_summary(mc: ModelConfig, dtype: str) -> dict:
+    return {
+        "architecture": mc.architecture, "layers": mc.num_layers, "hidden": mc.hidden_size,
+        "intermediate": mc.intermediate_size, "heads": mc.num_heads, "kv_heads": mc.num_kv_heads,
+        "head_dim": mc.head_dim, "vocab": mc.vocab_size, "dtype": dtype,
+    }

@@ -188,7 +188,8 @@ class ModelRunner:
         sampling_slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
         if not sampling_slots:
             return StepResult(plan.step_id, [], [])
-        tokens = self.sampler(logits, sample_slots, sampling_slots).tolist()
+        tokens, logprobs = self.sampler.sample(logits, sample_slots, sampling_slots)
+        tokens = tokens.tolist()
         for slot, token in zip(sampling_slots, tokens):
             self.seqs[slot].token_ids.append(token)
-        return StepResult(plan.step_id, sampling_slots, tokens)
+        return StepResult(plan.step_id, sampling_slots, tokens, logprobs)

@@ -163,15 +163,41 @@ class Sampler:
         return scaled.masked_fill(scaled < threshold[:, None], float("-inf"))
 
     def __call__(self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int]) -> torch.Tensor:
+        return self.sample(logits, slots, slot_ids)[0]
+
+    def sample(
+        self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int]
+    ) -> tuple[torch.Tensor, list[list[tuple[int, float]] | None] | None]:
+        """The next token of every row, and the logprobs of the rows that ask for them."""
         st = self.state
         params = [st.params[s] for s in slot_ids]
         logits = self.process(logits, slots, slot_ids)
-        tokens = logits.argmax(dim=-1)
+        tokens, dist = logits.argmax(dim=-1), logits
         if not all(p.temperature == 0 for p in params):
             temperature = st.temperature[slots]
             scaled = self.filter(logits / temperature.clamp_min(1e-6)[:, None], slots, params)
             noise = uniform_noise(st.seed[slots], st.counter[slots], logits.shape[-1])
             sampled = (scaled - torch.log(-torch.log(noise))).argmax(dim=-1)
             tokens = torch.where(temperature == 0, tokens, sampled)
+            dist = torch.where((temperature == 0)[:, None], logits, scaled)
         st.record(slots, slot_ids, tokens)
-        return tokens
+        return tokens, _logprobs(dist, tokens, params)
+
+
+def _logprobs(dist: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]):
+    """[(sampled token, logprob), then the top k] for rows with ``logprobs=k``; None for the others."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return None
+    index = torch.tensor(rows, device=dist.device)
+    lp = dist[index].log_softmax(dim=-1)
+    chosen = tokens[index]
+    picked = lp.gather(1, chosen[:, None])[:, 0].tolist()
+    k = max(params[i].logprobs for i in rows)
+    top_values, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], chosen[:, None][:, :0])
+    top_values, top_ids, chosen = top_values.tolist(), top_ids.tolist(), chosen.tolist()
+    out: list[list[tuple[int, float]] | None] = [None] * len(params)
+    for j, i in enumerate(rows):
+        n = params[i].logprobs
+        out[i] = [(chosen[j], picked[j])] + list(zip(top_ids[j][:n], top_values[j][:n]))
+    return out

@@ -295,7 +295,10 @@ class _Stream:
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[CompletionOutput(0, delta.text, delta.token_ids, delta.finish_reason)],
+            outputs=[CompletionOutput(
+                0, delta.text, delta.token_ids, delta.finish_reason,
+                [dict(step) for step in delta.logprobs] if delta.logprobs is not None else None,
+            )],
             finished=delta.finished,
             metrics=dataclasses.replace(metrics),
             num_cached_tokens=self.num_cached_tokens,

@@ -26,11 +26,16 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 def _collect(final: RequestOutput | None, out: RequestOutput) -> RequestOutput:
     """Fold a streamed delta into the whole result so far."""
     if final is None:
-        return dataclasses.replace(out, outputs=[dataclasses.replace(o, token_ids=list(o.token_ids)) for o in out.outputs])
+        return dataclasses.replace(out, outputs=[
+            dataclasses.replace(o, token_ids=list(o.token_ids), logprobs=list(o.logprobs) if o.logprobs is not None else None)
+            for o in out.outputs
+        ])
     for whole, delta in zip(final.outputs, out.outputs):
         whole.text += delta.text
         whole.token_ids.extend(delta.token_ids)
         whole.finish_reason = delta.finish_reason
+        if delta.logprobs is not None:
+            whole.logprobs = (whole.logprobs or []) + delta.logprobs
     final.finished, final.metrics, final.num_cached_tokens = out.finished, out.metrics, out.num_cached_tokens
     return final
 

@@ -7,12 +7,17 @@ from dataclasses import dataclass
 
 @dataclass
 class CompletionOutput:
-    """One generated sequence. In a stream, ``text`` and ``token_ids`` are deltas."""
+    """One generated sequence. In a stream, ``text``, ``token_ids`` and ``logprobs`` are deltas.
+
+    ``logprobs[i]`` maps token ids to log-probabilities at step i: the sampled
+    token first, then the top ``SamplingParams.logprobs`` tokens, most likely first.
+    """
 
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length" or "abort"
+    logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass

@@ -113,11 +113,14 @@ class BatchPlan:
 
 @dataclass
 class StepResult:
-    """The tokens sampled in one step, for the slots that sampled."""
+    """The tokens sampled in one step, for the slots that sampled.
+
+    ``logprobs[i]``, for a slot that asked, is [(sampled token, its logprob), then the top ones]."""
 
     step_id: int
     slots: list[int]
     token_ids: list[int]
+    logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 # scheduler_proc -> tokenizer_proc
@@ -133,6 +136,7 @@ class TokenDelta:
     num_cached_tokens: int = 0
     time_in_queue: float | None = None
     error: str | None = None
+    logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -158,6 +162,7 @@ class OutputDelta:
     num_cached_tokens: int = 0
     time_in_queue: float | None = None
     error: str | None = None
+    logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass

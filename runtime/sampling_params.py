@@ -21,7 +21,9 @@ class SamplingParams:
     ``stop`` strings end the output where they appear, across token boundaries;
     they are cut from the text unless ``include_stop_str_in_output``.
     Without a ``seed`` the engine draws one, so every request samples from its
-    own reproducible stream.
+    own reproducible stream. ``logprobs=k`` returns, for every generated token,
+    its log-probability and the ``k`` most likely tokens', under the distribution
+    it was sampled from (after every processor and filter).
     """
 
     temperature: float = 1.0
@@ -40,6 +42,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
+    logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
 
@@ -72,6 +75,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs must be an int in [0, 20], got {self.logprobs!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if isinstance(self.stop, str):

@@ -236,7 +236,8 @@ class Scheduler:
                 self._cache(req)
         self.prefilling = []
         deltas = []
-        for slot, token in zip(result.slots, result.token_ids):
+        logprobs = result.logprobs or [None] * len(result.slots)
+        for slot, token, lp in zip(result.slots, result.token_ids, logprobs):
             req = self.by_slot.get(slot)
             if req is None:
                 continue
@@ -250,6 +251,7 @@ class Scheduler:
                     finish_reason=reason,
                     num_cached_tokens=req.num_cached_tokens if first else 0,
                     time_in_queue=req.first_scheduled_time - req.spec.arrival_time if first else None,
+                    logprobs=[lp] if lp is not None else None,
                 )
             )
             if reason is not None:

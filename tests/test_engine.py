@@ -247,3 +247,16 @@ async def test_penalties_and_bias_reach_the_sampler(engine):
         prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={plain[0]: -100, 42: 100})
     ))
     assert biased == [42] * 6
+
+
+async def test_logprobs_stream_with_their_tokens(engine):
+    outs = [o async for o in engine.generate("The sea", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2))]
+    tokens = sum((o.outputs[0].token_ids for o in outs), [])
+    steps = sum((o.outputs[0].logprobs for o in outs), [])
+    assert len(steps) == len(tokens) == 6
+    for token, step in zip(tokens, steps):
+        (first, lp), *top = step.items()
+        assert first == token and lp == max(step.values()) and lp <= 0
+        assert [t for t, _ in top] and top[0][1] >= top[-1][1]
+    plain = [o async for o in engine.generate("The sea", SamplingParams(temperature=0, max_tokens=2))]
+    assert all(o.outputs[0].logprobs is None for o in plain)

@@ -146,3 +146,35 @@ def test_bad_words_ban_the_last_token_only_after_the_rest_of_the_phrase():
     logits[0, 9], logits[0, 21], logits[0, 30] = 9.0, 8.0, 7.0
     tokens = [sampler(logits, torch.arange(1), [0]).item() for _ in range(2)]
     assert tokens == [30, 21]  # 9 is always banned; 21 only right after 20
+
+
+def test_logprobs_are_log_softmax_of_the_processed_distribution():
+    gen = torch.Generator().manual_seed(5)
+    params = [
+        SamplingParams(temperature=0, logprobs=3, presence_penalty=1.0),
+        SamplingParams(temperature=0.7, top_k=5, logprobs=4, seed=1),
+        SamplingParams(temperature=1.0, seed=2),
+        SamplingParams(temperature=1.2, logit_bias={4: 3.0}, logprobs=0, seed=3),
+    ]
+    sampler = sampler_for(params, [([0], [1, 1, 2])] * 4)
+    logits = 2 * torch.randn(4, VOCAB, generator=gen)
+    processed = sampler.process(logits, torch.arange(4), [0, 1, 2, 3])
+    sampler = sampler_for(params, [([0], [1, 1, 2])] * 4)
+    tokens, logprobs = sampler.sample(logits, torch.arange(4), [0, 1, 2, 3])
+    assert logprobs[2] is None
+    for row in (0, 1, 3):
+        p = params[row]
+        dist = processed[row].double()
+        if p.temperature:
+            dist = dist / p.temperature
+            kept = reference_kept(processed[row], p)
+            dist = torch.tensor([v if i in kept else -math.inf for i, v in enumerate(dist.tolist())], dtype=torch.float64)
+        ref = dist.log_softmax(-1)
+        entries = logprobs[row]
+        assert entries[0][0] == tokens[row].item()
+        assert len(entries) == 1 + p.logprobs
+        for token, value in entries:
+            assert abs(value - ref[token].item()) < 1e-4
+        top = [v for _, v in entries[1:]]
+        assert top == sorted(top, reverse=True)
+        assert [t for t, _ in entries[1:]] == ref.topk(p.logprobs).indices.tolist()

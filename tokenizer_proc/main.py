@@ -125,7 +125,7 @@ class TokenizerWorker:
             out.append(
                 OutputDelta(
                     d.request_id, text, d.token_ids, finished or hit_stop, reason, prompt_ids,
-                    d.num_cached_tokens, d.time_in_queue, d.error,
+                    d.num_cached_tokens, d.time_in_queue, d.error, d.logprobs,
                 )
             )
         return out, stopped

@@ -64,9 +64,9 @@ def run_ours(runner, prompts: list[list[int]], steps: int, graphs: bool):
     class Recording:
         state = sampler.state
 
-        def __call__(self, logits, *rows):
+        def sample(self, logits, *rows):
             captured.append(logits.float().clone())
-            return sampler(logits, *rows)
+            return sampler.sample(logits, *rows)
 
     runner.sampler, runner.graphs = Recording(), captured_graphs if graphs else None
     try:

@@ -4,13 +4,14 @@ from tristream.config import EngineConfig
 from tristream.engine import AsyncEngine, EngineDeadError
 from tristream.llm import LLM
 from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from tristream.sampling_params import SamplingParams
+from tristream.sampling_params import GenerationConfig, SamplingParams
 
 __all__ = [
     "AsyncEngine",
     "CompletionOutput",
     "EngineConfig",
     "EngineDeadError",
+    "GenerationConfig",
     "LLM",
     "RequestMetrics",
     "RequestOutput",

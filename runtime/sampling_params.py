@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 
 @dataclass
@@ -20,6 +20,8 @@ class SamplingParams:
     token of a word is banned when the output ends with the tokens before it.
     ``stop`` strings end the output where they appear, across token boundaries;
     they are cut from the text unless ``include_stop_str_in_output``.
+    LMDeploy and FastDeploy names are accepted as aliases: ``max_new_tokens``,
+    ``min_new_tokens``, ``stop_words`` and ``random_seed``.
     Without a ``seed`` the engine draws one, so every request samples from its
     own reproducible stream. ``logprobs=k`` returns, for every generated token,
     its log-probability and the ``k`` most likely tokens', under the distribution
@@ -45,8 +47,26 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    max_new_tokens: InitVar[int | None] = None
+    min_new_tokens: InitVar[int | None] = None
+    stop_words: InitVar[list[str] | None] = None
+    random_seed: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(
+        self, max_new_tokens: int | None, min_new_tokens: int | None, stop_words: list[str] | None, random_seed: int | None
+    ) -> None:
+        for alias, name, value in (
+            ("max_new_tokens", "max_tokens", max_new_tokens),
+            ("min_new_tokens", "min_tokens", min_new_tokens),
+            ("stop_words", "stop", stop_words),
+            ("random_seed", "seed", random_seed),
+        ):
+            if value is None:
+                continue
+            current = getattr(self, name)
+            if current not in (None, 0, []) and current != value:
+                raise ValueError(f"{alias}={value!r} conflicts with {name}={current!r}: give one of them")
+            setattr(self, name, value)
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
@@ -94,3 +114,19 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass
+class GenerationConfig(SamplingParams):
+    """LMDeploy-style sampling parameters: greedy unless ``do_sample=True``.
+
+    Every SamplingParams field and alias (``max_new_tokens``, ``stop_words``,
+    ``random_seed``, ``bad_words``, ...) works here too.
+    """
+
+    do_sample: bool = False
+
+    def __post_init__(self, *aliases: object) -> None:
+        super().__post_init__(*aliases)
+        if not self.do_sample:
+            self.temperature = 0.0

@@ -260,3 +260,11 @@ async def test_logprobs_stream_with_their_tokens(engine):
         assert [t for t, _ in top] and top[0][1] >= top[-1][1]
     plain = [o async for o in engine.generate("The sea", SamplingParams(temperature=0, max_tokens=2))]
     assert all(o.outputs[0].logprobs is None for o in plain)
+
+
+async def test_generation_config_runs_like_the_sampling_params_it_means(engine):
+    from tristream import GenerationConfig
+
+    greedy, _, _ = await collect(engine.generate("Tides are", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)))
+    lmdeploy, _, _ = await collect(engine.generate("Tides are", GenerationConfig(max_new_tokens=8, ignore_eos=True, temperature=0.9)))
+    assert lmdeploy == greedy

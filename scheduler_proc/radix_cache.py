@@ -78,6 +78,21 @@ class RadixCache:
             node = child
         return node, i, pages
 
+    def peek(self, tokens: list[int]) -> int:
+        """Length of the longest cached whole-page prefix of ``tokens``, leaving the tree untouched."""
+        ps = self.page_size
+        node, i = self.root, 0
+        while i + ps <= len(tokens):
+            child = node.children.get(self._key(tokens, i))
+            if child is None:
+                break
+            for start in range(0, len(child.tokens), ps):
+                if i + start + ps > len(tokens) or child.tokens[start : start + ps] != tokens[i + start : i + start + ps]:
+                    return i + start
+            i += len(child.tokens)
+            node = child
+        return i
+
     def match(self, tokens: list[int]) -> tuple[Node, list[int]]:
         """The longest cached whole-page prefix of ``tokens``: its last node and pages."""
         node, _, pages = self._walk(tokens)

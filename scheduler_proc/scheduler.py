@@ -190,7 +190,7 @@ class Scheduler:
         """Longest cached prefix first, after the preempted requests, which keep their place."""
         resumed = [r for r in self.waiting if r.output_token_ids]
         fresh = [r for r in self.waiting if not r.output_token_ids]
-        fresh.sort(key=lambda r: -len(self.cache.match(r.spec.prompt_token_ids)[1]))
+        fresh.sort(key=lambda r: -self.cache.peek(r.spec.prompt_token_ids))
         self.waiting = deque(resumed + fresh)
 
     def schedule(self) -> BatchPlan | None:

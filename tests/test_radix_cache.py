@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -333,3 +336,22 @@ def test_locked_leaf_survives_evicting_everything() -> None:
     assert cache.num_evictable_pages == 2
     assert cache.evict(10**6) == 2 and cache.num_pages == 0
     assert allocator.num_free == 31
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 4])
+def test_peek_gives_the_match_length_without_touching_the_tree(page_size):
+    rng = random.Random(page_size)
+    cache = RadixCache(page_size, PageAllocator(200))
+    for _ in range(12):
+        n = rng.randint(1, 6) * page_size
+        tokens = [rng.randint(0, 2) for _ in range(n)]
+        _, pages = cache.match(tokens)
+        new = cache.allocator.alloc(n // page_size - len(pages))
+        _, tree_pages = cache.insert(tokens, pages + new)
+        cache.allocator.free([p for p, t in zip(pages + new, tree_pages) if p != t])
+    for _ in range(50):
+        query = [rng.randint(0, 2) for _ in range(rng.randint(0, 7 * page_size))]
+        shape = [(id(n), tuple(n.tokens), n.last_used) for n in cache._nodes()]
+        got = cache.peek(query)
+        assert [(id(n), tuple(n.tokens), n.last_used) for n in cache._nodes()] == shape
+        assert got == len(cache.match(query)[1]) * page_size

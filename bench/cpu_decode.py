@@ -15,15 +15,13 @@ import argparse
 import asyncio
 import json
 import pathlib
-import platform
 import statistics
 import time
 
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from report import cpu_info, git_info, model_summary, now
+from report import header, model_summary, now
 
 from tristream import AsyncEngine, SamplingParams
 from tristream.model_config import ModelConfig
@@ -205,13 +203,7 @@ def main() -> None:
         }
 
     report = {
-        "benchmark": "cpu_decode",
-        "started": started,
-        "finished": now(),
-        "device": cpu_info(),
-        "torch_threads": torch.get_num_threads(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
-        "git": git_info(),
+        **header("cpu_decode", started),
         "model": {
             "name": pathlib.Path(model_dir).name,
             "source": "bundled default model (model=None), dequantized to fp32",
@@ -234,9 +226,9 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2) + "\n")
 
     print()
-    header = f"{'batch':>5} | {'system':<12} | {'TTFT s':>7} | {'e2e s':>7} | {'decode tok/s':>12} | {'e2e tok/s':>9}"
-    print(header)
-    print("-" * len(header))
+    columns = f"{'batch':>5} | {'system':<12} | {'TTFT s':>7} | {'e2e s':>7} | {'decode tok/s':>12} | {'e2e tok/s':>9}"
+    print(columns)
+    print("-" * len(columns))
     for bs in args.batch_sizes:
         r = results[str(bs)]
         for name in ("tristream", "transformers"):

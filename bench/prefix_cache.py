@@ -23,14 +23,11 @@ import argparse
 import asyncio
 import json
 import pathlib
-import platform
 import statistics
 import time
 from collections.abc import AsyncIterator
 
-import torch
-import transformers
-from report import cpu_info, git_info, model_summary, now
+from report import header, model_summary, now
 from transformers import AutoTokenizer
 
 from tristream import AsyncEngine, RequestOutput, SamplingParams
@@ -292,13 +289,7 @@ def main() -> None:
         results[name] = figures | {"on_vs_off": compare(figures["on"], figures["off"], tokens["on"], tokens["off"])}
 
     report = {
-        "benchmark": "prefix_cache",
-        "started": started,
-        "finished": now(),
-        "device": cpu_info(),
-        "torch_threads": torch.get_num_threads(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
-        "git": git_info(),
+        **header("prefix_cache", started),
         "model": {
             "name": pathlib.Path(model_dir).name,
             "source": "bundled default model (model=None), dequantized to fp32",
@@ -338,12 +329,12 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2) + "\n")
 
     print()
-    header = (
+    columns = (
         f"{'workload':<20} | {'cache':<5} | {'hit rate':>8} | {'req hit':>7} | {'prefill tok':>11} | "
         f"{'TTFT mean':>9} | {'p50':>7} | {'p90':>7} | {'wall s':>7}"
     )
-    print(header)
-    print("-" * len(header))
+    print(columns)
+    print("-" * len(columns))
     for name, r in results.items():
         for label in ("on", "off"):
             x = r[label]

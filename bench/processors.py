@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from report import cpu_info, git_info, model_summary, now
+from report import header, model_summary, now
 
 from tristream import AsyncEngine, SamplingParams
 from tristream.gpu_proc.sampler import Sampler, SamplingState
@@ -86,12 +86,7 @@ def main() -> None:
     step = {mode: asyncio.run(engine_step_time(args.batch, args.new_tokens, mode == "all")) for mode in ("greedy", "all")}
     sample = {mode: sampler_time(args.batch, mc.vocab_size, mode == "all") for mode in ("greedy", "all")}
     report = {
-        "benchmark": "processors",
-        "started": started,
-        "finished": now(),
-        "device": cpu_info(),
-        "torch_threads": torch.get_num_threads(),
-        "git": git_info(),
+        **header("processors", started),
         "model": {"name": "SmolLM2-135M-Instruct (bundled)", **model_summary(mc, "float32")},
         "settings": {"batch": args.batch, "new_tokens": args.new_tokens, "all_processors": repr(all_processors(0, args.new_tokens))},
         "engine_step_s": step,

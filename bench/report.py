@@ -40,6 +40,22 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def header(benchmark: str, started: str) -> dict:
+    """The fields every report opens with: what ran, when, where, on which code."""
+    import torch
+    import transformers
+
+    return {
+        "benchmark": benchmark,
+        "started": started,
+        "finished": now(),
+        "device": cpu_info(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
+        "git": git_info(),
+    }
+
+
 def model_summary(mc: ModelConfig, dtype: str) -> dict:
     return {
         "architecture": mc.architecture, "layers": mc.num_layers, "hidden": mc.hidden_size,

@@ -4,7 +4,7 @@ from tristream.config import EngineConfig
 from tristream.engine import AsyncEngine, EngineDeadError
 from tristream.llm import LLM
 from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from tristream.sampling_params import GenerationConfig, SamplingParams
+from tristream.sampling_params import GenerationConfig, SamplingParams, StructuredOutput
 
 __all__ = [
     "AsyncEngine",
@@ -16,4 +16,5 @@ __all__ = [
     "RequestMetrics",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutput",
 ]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from tristream.model_files import LOAD_FORMATS
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+REASONING_PARSERS = (None, "think")
 
 
 @dataclass
@@ -19,6 +20,8 @@ class EngineConfig:
     ``check_invariants`` verifies the page accounting after every step (slow; for tests).
     ``enforce_eager`` turns CUDA graphs off. ``skip_tokenizer_init`` runs without a
     tokenizer: prompts are token ids and outputs carry ids but no text.
+    ``reasoning_parser="think"`` splits ``<think>...</think>`` out of the text into
+    ``CompletionOutput.reasoning_content``.
     """
 
     model: str | None = None
@@ -41,12 +44,15 @@ class EngineConfig:
     seed: int = 0
     log_level: str = "INFO"
     startup_timeout: float = 600.0
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.schedule_policy not in ("fcfs", "lpm"):
             raise ValueError(f"schedule_policy must be 'fcfs' or 'lpm' (longest prefix match), got {self.schedule_policy!r}")
+        if self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -2,7 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import InitVar, dataclass, field
+from dataclasses import InitVar, dataclass, field, fields
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """Constrain the output to exactly one of: a JSON schema (dict or JSON text),
+    any JSON object (``json_object=True``), a regex, an EBNF grammar (GBNF
+    syntax, rule ``root``), or one string out of ``choice``.
+    """
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None
+    choice: tuple[str, ...] | list[str] | None = None
+
+    def __post_init__(self) -> None:
+        given = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured needs exactly one of json, json_object, regex, grammar or choice; got {given or 'none'}")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError(f"structured.choice must be a non-empty list of non-empty strings, got {self.choice!r}")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured.{name} must be a non-empty string, got {value!r}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError(f"structured.json must be a dict or a JSON string, got {type(self.json).__name__}")
 
 
 @dataclass
@@ -26,6 +57,12 @@ class SamplingParams:
     own reproducible stream. ``logprobs=k`` returns, for every generated token,
     its log-probability and the ``k`` most likely tokens', under the distribution
     it was sampled from (after every processor and filter).
+    ``n`` samples share the prompt, which is computed once. ``best_of`` samples
+    that many and returns the ``n`` with the highest cumulative logprob, at the
+    end rather than streamed. ``prompt_logprobs=k`` returns every prompt token's
+    logprob under the model (no processors), with the top ``k``; such a request
+    recomputes its prompt instead of reading the prefix cache.
+    ``structured`` constrains the output (a StructuredOutput, or a dict of its fields).
     """
 
     temperature: float = 1.0
@@ -47,6 +84,10 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    n: int = 1
+    best_of: int | None = None
+    prompt_logprobs: int | None = None
+    structured: StructuredOutput | dict | None = None
     max_new_tokens: InitVar[int | None] = None
     min_new_tokens: InitVar[int | None] = None
     stop_words: InitVar[list[str] | None] = None
@@ -95,8 +136,21 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            raise ValueError(f"logprobs must be an int in [0, 20], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an int in [0, {MAX_LOGPROBS}], got {value!r}")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+        if self.best_of is not None and (not isinstance(self.best_of, int) or self.best_of < self.n):
+            raise ValueError(f"best_of must be an int >= n ({self.n}), got {self.best_of!r}")
+        if isinstance(self.structured, dict):
+            try:
+                self.structured = StructuredOutput(**self.structured)
+            except TypeError as e:
+                raise ValueError(f"structured: {e}") from e
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError(f"structured must be a StructuredOutput or a dict, got {type(self.structured).__name__}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if isinstance(self.stop, str):
@@ -114,6 +168,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def num_samples(self) -> int:
+        """How many sequences run: ``best_of`` if given, else ``n``."""
+        return self.best_of or self.n
 
 
 @dataclass

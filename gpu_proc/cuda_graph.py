@@ -37,7 +37,7 @@ class CudaGraphRunner:
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.block_table = torch.zeros(max_batch, max_pages, dtype=torch.int32, device=device)
         self.qo_indptr = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self.sample_rows = torch.arange(max_batch, device=device)
+        self.logit_rows = torch.arange(max_batch, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         start, free_before = time.perf_counter(), torch.cuda.mem_get_info(device)[0]
         pool = torch.cuda.graph_pool_handle()
@@ -45,7 +45,7 @@ class CudaGraphRunner:
         for size in reversed(self.sizes):
             batch = ForwardBatch(
                 self.input_ids[:size], self.positions[:size], self.slot_mapping[:size], self.qo_indptr[: size + 1],
-                self.seq_lens[:size], self.block_table[:size], self.sample_rows[:size], 1, True,
+                self.seq_lens[:size], self.block_table[:size], self.logit_rows[:size], 1, True,
                 choose_num_splits(size, mc.num_kv_heads, max_model_len),
             )
             model(batch, kv)

@@ -14,6 +14,7 @@ class ForwardBatch:
 
     Sequence b owns rows ``qo_indptr[b]:qo_indptr[b+1]``, has ``seq_lens[b]`` tokens
     of context after this step, and its KV lives in the pages ``block_table[b]``.
+    The model returns logits for ``logit_rows``: the rows that sample, first.
     ``decode`` says every sequence has one new token; ``num_splits`` is the
     split-KV factor of the decode kernel.
     """
@@ -24,7 +25,7 @@ class ForwardBatch:
     qo_indptr: torch.Tensor
     seq_lens: torch.Tensor
     block_table: torch.Tensor
-    sample_rows: torch.Tensor
+    logit_rows: torch.Tensor
     max_q_len: int
     decode: bool
     num_splits: int = 1

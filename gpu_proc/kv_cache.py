@@ -31,6 +31,11 @@ class KVCache:
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pool[i, 0], self.pool[i, 1]
 
+    def copy_pages(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole pages, every layer's K and V, from each source to its destination."""
+        src, dst = torch.tensor(copies, dtype=torch.int64).T.to(self.pool.device)
+        self.pool[:, :, dst] = self.pool[:, :, src]
+
 
 def bytes_per_token(mc: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * torch.finfo(dtype).bits // 8

@@ -98,9 +98,9 @@ class DecoderLM(nn.Module):
         self.rope = (cos.to(device), sin.to(device))
 
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
-        """Logits [len(sample_rows), vocab] of the rows that sample."""
+        """Logits [len(logit_rows), vocab] of the rows that need them."""
         x, residual = self.embed_tokens(batch.input_ids), None
         for layer in self.layers:
             x, residual = layer(x, residual, batch, kv, self.rope)
         x, _ = self.norm(x, residual)
-        return self.lm_head(x[batch.sample_rows])
+        return self.lm_head(x[batch.logit_rows])

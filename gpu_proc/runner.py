@@ -11,6 +11,7 @@ import torch
 from tristream.config import EngineConfig
 from tristream.gpu_proc.cuda_graph import CudaGraphRunner
 from tristream.gpu_proc.forward_batch import ForwardBatch
+from tristream.gpu_proc.grammar import GrammarMatchers
 from tristream.gpu_proc.kv_cache import KVCache, allocate_kv_cache
 from tristream.gpu_proc.model import DecoderLM
 from tristream.gpu_proc.sampler import Sampler, SamplingState
@@ -25,11 +26,17 @@ logger = logging.getLogger("tristream")
 
 @dataclass
 class Sequence:
-    """What the gpu_proc knows of one slot: all its tokens, how many have KV, its pages."""
+    """What the gpu_proc knows of one slot: all its tokens, how many have KV, its pages.
+
+    ``prompt_logprobs`` (top k) is set while the slot still owes prompt logprobs
+    for its first ``prompt_len`` tokens.
+    """
 
     token_ids: list[int]
     num_computed: int
     pages: list[int] = field(default_factory=list)
+    prompt_len: int = 0
+    prompt_logprobs: int | None = None
 
 
 def resolve_device(config: EngineConfig) -> torch.device:
@@ -75,6 +82,7 @@ class ModelRunner:
         max_pages = -(-config.max_model_len // config.page_size)
         self.block_tables = torch.zeros(config.max_num_seqs, max_pages, dtype=torch.int32, device=self.device)
         self.sampler = Sampler(SamplingState(config.max_num_seqs, mc.vocab_size, mc.eos_token_ids, self.device))
+        self.grammar = GrammarMatchers(config.tokenizer or config.model, mc.vocab_size, mc.eos_token_ids, self.device)
         self.graphs: CudaGraphRunner | None = None
         explicit = config.kv_cache_tokens is not None or config.kv_cache_bytes is not None
         budget = self._cuda_kv_budget() if self.device.type == "cuda" and not explicit else None
@@ -129,24 +137,40 @@ class ModelRunner:
     def _apply(self, plan: BatchPlan) -> None:
         for slot in plan.freed:
             self.seqs.pop(slot, None)
+            self.grammar.remove(slot)
         for new in plan.new:
-            self.seqs[new.slot] = Sequence(list(new.token_ids), new.num_cached)
+            if new.grammar is not None:
+                self.grammar.add(new.slot, new.grammar, new.token_ids[len(new.token_ids) - new.num_outputs :])
+            else:
+                self.grammar.remove(new.slot)
+            self.seqs[new.slot] = Sequence(
+                list(new.token_ids), new.num_cached, prompt_len=len(new.token_ids),
+                prompt_logprobs=new.params.prompt_logprobs if new.num_outputs == 0 else None,
+            )
             self.sampler.state.set(new.slot, new.params, new.token_ids, new.num_outputs, new.bad_words_ids)
         for slot, pages in plan.pages:
             seq = self.seqs[slot]
             start = len(seq.pages)
             seq.pages.extend(pages)
             self.block_tables[slot, start : start + len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        if plan.copies:
+            self.kv.copy_pages(plan.copies)
 
-    def _build_batch(self, plan: BatchPlan) -> tuple[ForwardBatch, torch.Tensor]:
-        """The batch and the slots that sample. All per-token inputs go to the device in one
-        copy; block tables are already there."""
+    def _build_batch(self, plan: BatchPlan) -> tuple[ForwardBatch, torch.Tensor, list[tuple[int, list[int]]]]:
+        """The batch, the slots that sample, and per slot owing prompt logprobs the prompt
+        tokens whose logprobs this step computes. All per-token inputs go to the device in
+        one copy; block tables are already there.
+
+        ``logit_rows`` are the sampling rows, then the rows of prompt positions whose
+        next token's logprob is owed."""
         ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
         qo_indptr = [0]
         seq_lens: list[int] = []
         sample_rows: list[int] = []
+        prompt_rows: list[int] = []
+        prompt_targets: list[tuple[int, list[int]]] = []
         ps = self.page_size
         for slot, n, sample in zip(plan.slots, plan.num_tokens, plan.sample):
             seq = self.seqs[slot]
@@ -154,25 +178,29 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slot_mapping.extend(seq.pages[p // ps] * ps + p % ps for p in range(start, end))
+            if seq.prompt_logprobs is not None and start < seq.prompt_len - 1:
+                last = min(end, seq.prompt_len - 1)
+                prompt_rows.extend(range(qo_indptr[-1], qo_indptr[-1] + last - start))
+                prompt_targets.append((slot, seq.token_ids[start + 1 : last + 1]))
             qo_indptr.append(qo_indptr[-1] + n)
             seq_lens.append(end)
             if sample:
                 sample_rows.append(qo_indptr[-1] - 1)
             seq.num_computed = end
         sample_slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
-        t, b, s = len(ids), len(seq_lens), len(sample_rows)
+        t, b, s, r = len(ids), len(seq_lens), len(sample_rows), len(sample_rows) + len(prompt_rows)
         host = torch.tensor(
-            ids + positions + slot_mapping + qo_indptr + seq_lens + sample_rows + plan.slots + sample_slots,
+            ids + positions + slot_mapping + qo_indptr + seq_lens + sample_rows + prompt_rows + plan.slots + sample_slots,
             dtype=torch.int64,
         )
-        parts = host.to(self.device, non_blocking=True).split([t, t, t, b + 1, b, s, b, s])
+        parts = host.to(self.device, non_blocking=True).split([t, t, t, b + 1, b, r, b, s])
         max_q_len = max(plan.num_tokens)
         return ForwardBatch(
             input_ids=parts[0], positions=parts[1], slot_mapping=parts[2], qo_indptr=parts[3].int(),
-            seq_lens=parts[4].int(), block_table=self.block_tables[parts[6]], sample_rows=parts[5],
-            max_q_len=max_q_len, decode=max_q_len == 1,
+            seq_lens=parts[4].int(), block_table=self.block_tables[parts[6]], logit_rows=parts[5],
+            max_q_len=max_q_len, decode=max_q_len == 1 and not prompt_rows,
             num_splits=choose_num_splits(b, self.model_config.num_kv_heads, self.config.max_model_len),
-        ), parts[7]
+        ), parts[7], prompt_targets
 
     @torch.inference_mode()
     def step(self, plan: BatchPlan) -> StepResult:
@@ -180,16 +208,41 @@ class ModelRunner:
         self._apply(plan)
         if not plan.slots:
             return StepResult(plan.step_id, [], [])
-        batch, sample_slots = self._build_batch(plan)
+        batch, sample_slots, prompt_targets = self._build_batch(plan)
         if self.graphs is not None and batch.decode:
             logits = self.graphs.run(batch)
         else:
             logits = self.model(batch, self.kv)
         sampling_slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
+        # Filled on the host while the device runs the forward pass.
+        bitmask = self.grammar.bitmask(sampling_slots)
+        prompt_logprobs = self._prompt_logprobs(logits[len(sampling_slots) :], prompt_targets)
         if not sampling_slots:
-            return StepResult(plan.step_id, [], [])
-        tokens, logprobs = self.sampler.sample(logits, sample_slots, sampling_slots)
+            return StepResult(plan.step_id, [], [], prompt_logprobs=prompt_logprobs)
+        tokens, logprobs = self.sampler.sample(logits[: len(sampling_slots)], sample_slots, sampling_slots, bitmask)
         tokens = tokens.tolist()
+        self.grammar.accept(sampling_slots, tokens)
         for slot, token in zip(sampling_slots, tokens):
             self.seqs[slot].token_ids.append(token)
-        return StepResult(plan.step_id, sampling_slots, tokens, logprobs)
+        return StepResult(plan.step_id, sampling_slots, tokens, logprobs, prompt_logprobs)
+
+    def _prompt_logprobs(
+        self, logits: torch.Tensor, targets: list[tuple[int, list[int]]]
+    ) -> list[tuple[int, list[list[tuple[int, float]]]]]:
+        """Per slot, [(prompt token, logprob), then the top k] for each target, from the raw logits."""
+        if not targets:
+            return []
+        lp = logits.float().log_softmax(dim=-1)
+        ids = torch.tensor([t for _, tokens in targets for t in tokens], device=lp.device)
+        picked = lp.gather(1, ids[:, None])[:, 0].tolist()
+        k = max(self.seqs[slot].prompt_logprobs for slot, _ in targets)
+        top_values, top_ids = (v.tolist() for v in lp.topk(k, dim=-1)) if k else ([[]] * len(picked), [[]] * len(picked))
+        out, row = [], 0
+        for slot, tokens in targets:
+            n = self.seqs[slot].prompt_logprobs
+            out.append((slot, [
+                [(token, picked[row + i])] + list(zip(top_ids[row + i][:n], top_values[row + i][:n]))
+                for i, token in enumerate(tokens)
+            ]))
+            row += len(tokens)
+        return out

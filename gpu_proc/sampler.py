@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tristream.gpu_proc.grammar import apply_token_bitmask
 from tristream.sampling_params import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -111,7 +112,7 @@ def _penalized(p: SamplingParams) -> bool:
 class Sampler:
     """Logit processors, then greedy or seeded sampling, over a batch of slots.
 
-    Order: bad_words and min_tokens masks, logit_bias, repetition/frequency/presence penalties;
+    Order: the grammar bitmask, bad_words and min_tokens masks, logit_bias, repetition/frequency/presence penalties;
     greedy rows take the argmax here; the rest are divided by temperature and
     filtered by top-k, top-p and min_p (ties at a boundary are kept), then sampled.
     """
@@ -119,11 +120,15 @@ class Sampler:
     def __init__(self, state: SamplingState) -> None:
         self.state = state
 
-    def process(self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int]) -> torch.Tensor:
-        """The logits after min_tokens, logit_bias and the penalties (fp32)."""
+    def process(
+        self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int], bitmask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The logits after the grammar bitmask, min_tokens, logit_bias and the penalties (fp32)."""
         st = self.state
         params = [st.params[s] for s in slot_ids]
         logits = logits.float()
+        if bitmask is not None:
+            logits = apply_token_bitmask(logits, bitmask)
         rows, cols, values = [], [], []
         for row, (slot, p) in enumerate(zip(slot_ids, params)):
             masked = list(st.banned(slot)) if slot in st.bad_words else []
@@ -166,12 +171,14 @@ class Sampler:
         return self.sample(logits, slots, slot_ids)[0]
 
     def sample(
-        self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int]
+        self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int], bitmask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[list[tuple[int, float]] | None] | None]:
-        """The next token of every row, and the logprobs of the rows that ask for them."""
+        """The next token of every row, and the logprobs of the rows that ask for them.
+
+        ``bitmask`` (int32, a row per slot) allows only the tokens whose bits are set."""
         st = self.state
         params = [st.params[s] for s in slot_ids]
-        logits = self.process(logits, slots, slot_ids)
+        logits = self.process(logits, slots, slot_ids, bitmask)
         tokens, dist = logits.argmax(dim=-1), logits
         if not all(p.temperature == 0 for p in params):
             temperature = st.temperature[slots]

@@ -249,7 +249,10 @@ class AsyncEngine:
             raise ValueError(f"request_id {request_id!r} is already running")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        stream = _Stream(request_id, prompt, RequestMetrics(arrival_time=time.time()))
+        stream = _Stream(
+            request_id, prompt, params, RequestMetrics(arrival_time=time.time()),
+            reasoning=self.config.reasoning_parser is not None,
+        )
         processes.send(self._out["tokenizer"], GenerateRequest(request_id, params, stream.metrics.arrival_time, **fields))
         finished = False
         try:
@@ -257,10 +260,13 @@ class AsyncEngine:
                 delta = await queue.get()
                 if isinstance(delta, Exception):
                     raise delta
-                finished = delta.finished
                 if delta.error is not None:
+                    finished = True
                     raise ValueError(delta.error)
-                yield stream.output(delta)
+                out = stream.output(delta)
+                finished = stream.finished
+                if out is not None:
+                    yield out
         finally:
             self._queues.pop(request_id, None)
             if not finished and self.is_running:
@@ -269,37 +275,85 @@ class AsyncEngine:
 
 @dataclasses.dataclass
 class _Stream:
-    """What one request's stream has gathered so far."""
+    """What one request's stream has gathered so far, over its samples.
+
+    With ``best_of > n`` the samples are kept whole until all finish; then the
+    ``n`` with the highest cumulative logprob are returned, as indices 0..n-1.
+    """
 
     request_id: str
     prompt: str | None
+    params: SamplingParams
     metrics: RequestMetrics
     prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    cumulative: dict[int, float] = dataclasses.field(default_factory=dict)
+    num_finished: int = 0
+    whole: dict[int, CompletionOutput] = dataclasses.field(default_factory=dict)
+    reasoning: bool = False
 
-    def output(self, delta: OutputDelta) -> RequestOutput:
+    @property
+    def finished(self) -> bool:
+        return self.num_finished == self.params.num_samples
+
+    @property
+    def ranked(self) -> bool:
+        return self.params.num_samples > self.params.n
+
+    def output(self, delta: OutputDelta) -> RequestOutput | None:
         now = time.time()
         metrics = self.metrics
         if delta.prompt_token_ids is not None:
             self.prompt_token_ids = delta.prompt_token_ids
             metrics.num_prompt_tokens = len(delta.prompt_token_ids)
-        if delta.time_in_queue is not None:
+        if delta.time_in_queue is not None and delta.index == 0:
             metrics.time_in_queue = delta.time_in_queue
             self.num_cached_tokens = delta.num_cached_tokens
         if delta.token_ids and metrics.first_token_time is None:
             metrics.first_token_time = now
         metrics.num_generated_tokens += len(delta.token_ids)
-        if delta.finished:
+        prompt_logprobs = None
+        if delta.prompt_logprobs is not None:
+            prompt_logprobs = self.prompt_logprobs = [None] + [dict(entry) for entry in delta.prompt_logprobs]
+        logprobs = [dict(step) for step in delta.logprobs] if delta.logprobs is not None else None
+        if delta.logprobs is not None:
+            self.cumulative[delta.index] = self.cumulative.get(delta.index, 0.0) + sum(s[0][1] for s in delta.logprobs)
+        self.num_finished += delta.finished
+        if self.finished:
             metrics.finished_time = now
+        sample = CompletionOutput(
+            delta.index, delta.text, delta.token_ids, delta.finish_reason, logprobs,
+            self.cumulative.get(delta.index), delta.reasoning if self.reasoning else None,
+        )
+        if self.ranked:
+            self._fold(sample)
+            if not self.finished:
+                return None
+            outputs, prompt_logprobs = self._best(), self.prompt_logprobs
+        else:
+            outputs = [sample]
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[CompletionOutput(
-                0, delta.text, delta.token_ids, delta.finish_reason,
-                [dict(step) for step in delta.logprobs] if delta.logprobs is not None else None,
-            )],
-            finished=delta.finished,
+            outputs=outputs,
+            finished=self.finished,
             metrics=dataclasses.replace(metrics),
             num_cached_tokens=self.num_cached_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
+
+    def _fold(self, sample: CompletionOutput) -> None:
+        whole = self.whole.setdefault(sample.index, CompletionOutput(sample.index, "", [], logprobs=[]))
+        whole.text += sample.text
+        whole.token_ids = whole.token_ids + sample.token_ids
+        whole.logprobs += sample.logprobs or []
+        whole.finish_reason, whole.cumulative_logprob = sample.finish_reason, sample.cumulative_logprob
+        if sample.reasoning_content is not None:
+            whole.reasoning_content = (whole.reasoning_content or "") + sample.reasoning_content
+
+    def _best(self) -> list[CompletionOutput]:
+        best = sorted(self.whole.values(), key=lambda o: -(o.cumulative_logprob or 0.0))[: self.params.n]
+        keep = self.params.logprobs is not None
+        return [dataclasses.replace(o, index=i, logprobs=o.logprobs if keep else None) for i, o in enumerate(best)]

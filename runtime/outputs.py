@@ -7,10 +7,14 @@ from dataclasses import dataclass
 
 @dataclass
 class CompletionOutput:
-    """One generated sequence. In a stream, ``text``, ``token_ids`` and ``logprobs`` are deltas.
+    """One generated sequence (sample ``index`` of the request's ``n``).
 
+    In a stream, ``text``, ``token_ids``, ``logprobs`` and ``reasoning_content`` are
+    deltas, while ``cumulative_logprob`` is the running sum over the whole sequence.
     ``logprobs[i]`` maps token ids to log-probabilities at step i: the sampled
     token first, then the top ``SamplingParams.logprobs`` tokens, most likely first.
+    ``reasoning_content`` is the text inside ``<think>...</think>`` when the engine
+    runs a reasoning parser; ``text`` is then the answer after it.
     """
 
     index: int
@@ -18,6 +22,8 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length" or "abort"
     logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
+    reasoning_content: str | None = None
 
 
 @dataclass
@@ -34,7 +40,12 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """The state of one request: a delta while streaming, the whole result from ``LLM``."""
+    """The state of one request: a delta while streaming, the whole result from ``LLM``.
+
+    While streaming, ``outputs`` holds the samples that changed. ``prompt_logprobs``
+    (when asked for) comes with the first output: None for the first prompt token,
+    then a dict like ``CompletionOutput.logprobs`` for each of the others.
+    """
 
     request_id: str
     prompt: str | None
@@ -44,3 +55,4 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -62,7 +62,12 @@ class Shutdown:
 
 @dataclass
 class TokenizedRequest:
-    """A validated request in token ids; ``params.seed`` is always set here."""
+    """A validated request in token ids; ``params.seed`` is always set here.
+
+    One of the ``n`` samples of a request names the first sample in ``fork_of``:
+    it waits for that one's prompt to be computed, then starts from a copy of its KV.
+    ``grammar`` is a structured output constraint as (kind, text), for the gpu_proc.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -70,6 +75,8 @@ class TokenizedRequest:
     eos_token_ids: list[int]
     arrival_time: float
     bad_words_ids: list[list[int]] = field(default_factory=list)
+    fork_of: str | None = None
+    grammar: tuple[str, str] | None = None
 
 
 # scheduler_proc -> gpu_proc
@@ -89,6 +96,7 @@ class NewSequence:
     num_outputs: int
     params: SamplingParams
     bad_words_ids: list[list[int]] = field(default_factory=list)
+    grammar: tuple[str, str] | None = None
 
 
 @dataclass
@@ -97,6 +105,7 @@ class BatchPlan:
 
     ``slots[i]`` computes ``num_tokens[i]`` of its not yet computed tokens and,
     when ``sample[i]``, samples the next token from the last one.
+    ``copies`` are (source, destination) KV pages to copy before the step runs.
     """
 
     step_id: int
@@ -106,6 +115,7 @@ class BatchPlan:
     slots: list[int] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     sample: list[bool] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)
 
 
 # gpu_proc -> scheduler_proc
@@ -115,12 +125,16 @@ class BatchPlan:
 class StepResult:
     """The tokens sampled in one step, for the slots that sampled.
 
-    ``logprobs[i]``, for a slot that asked, is [(sampled token, its logprob), then the top ones]."""
+    ``logprobs[i]``, for a slot that asked, is [(sampled token, its logprob), then the top ones].
+    ``prompt_logprobs`` holds, per slot that asked, the same for each prompt token
+    this step computed the logits before (in prompt order).
+    """
 
     step_id: int
     slots: list[int]
     token_ids: list[int]
     logprobs: list[list[tuple[int, float]] | None] | None = None
+    prompt_logprobs: list[tuple[int, list[list[tuple[int, float]]]]] = field(default_factory=list)
 
 
 # scheduler_proc -> tokenizer_proc
@@ -137,6 +151,7 @@ class TokenDelta:
     time_in_queue: float | None = None
     error: str | None = None
     logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -151,7 +166,10 @@ class TokenBatch:
 
 @dataclass
 class OutputDelta:
-    """Text and ids since the last delta of one request."""
+    """Text and ids since the last delta of sample ``index`` of one request.
+
+    ``finished`` ends this sample; ``reasoning`` is text split off by the reasoning parser.
+    """
 
     request_id: str
     text: str
@@ -163,6 +181,9 @@ class OutputDelta:
     time_in_queue: float | None = None
     error: str | None = None
     logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[list[tuple[int, float]]] | None = None
+    index: int = 0
+    reasoning: str = ""
 
 
 @dataclass

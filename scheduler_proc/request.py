@@ -25,6 +25,7 @@ class Request:
     num_computed: int = 0
     num_cached_tokens: int | None = None
     first_scheduled_time: float | None = None
+    prompt_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def request_id(self) -> str:

@@ -20,6 +20,10 @@ class Scheduler:
     prefix cache. New requests start from their longest cached prefix. When
     pages run out, unlocked cache leaves are evicted first; then the newest
     running request is preempted: its pages are freed and it is recomputed later.
+    A sample that forks another (``n > 1``) waits until that one's prompt is
+    computed, then shares its cached pages, gets copies of the rest, and
+    computes only the last prompt token. A request asking for prompt logprobs
+    computes its whole prompt.
     """
 
     def __init__(self, config: EngineConfig, num_pages: int) -> None:
@@ -135,6 +139,8 @@ class Scheduler:
         self._cache(req)
         self._release(req)
         req.num_computed = 0
+        if not req.output_token_ids:
+            req.prompt_logprobs = []
         self.waiting.appendleft(req)
 
     def _grow(self, req: Request, num_tokens: int, plan: BatchPlan) -> bool:
@@ -156,31 +162,47 @@ class Scheduler:
         if n > 1:
             self.prefilling.append(req)
 
-    def _admit(self, req: Request, budget: int, plan: BatchPlan) -> int:
-        """Start ``req`` from its longest cached prefix; the tokens it runs (0: it does not fit)."""
+    def _fork_source(self, req: Request, forkable: set[str]) -> Request | None | bool:
+        """The running sample whose prompt KV ``req`` copies; None to start on its own;
+        False while it must wait for that sample's prompt."""
+        leader = self.by_id.get(req.spec.fork_of) if req.spec.fork_of and not req.output_token_ids else None
+        if leader is None:
+            return None
+        return leader if leader.request_id in forkable else False
+
+    def _admit(self, req: Request, budget: int, plan: BatchPlan, leader: Request | None) -> int:
+        """Start ``req`` from its longest cached prefix, or from a copy of ``leader``'s prompt KV;
+        the tokens it runs (0: it does not fit)."""
         node, pages = None, []
-        if self.cache is not None:
+        if self.cache is not None and req.spec.params.prompt_logprobs is None:
             node, pages = self.cache.match(req.all_token_ids[: req.num_tokens - 1])
             self.cache.lock(node)
         hit = len(pages) * self.page_size
-        n = min(req.num_tokens - hit, budget)
-        new = self._alloc(-(-(hit + n) // self.page_size) - len(pages))
+        start = req.num_tokens - 1 if leader is not None else hit
+        n = min(req.num_tokens - start, budget)
+        new = self._alloc(-(-(start + n) // self.page_size) - len(pages))
         if new is None:
             if node is not None:
                 self.cache.unlock(node)
             return 0
+        if leader is not None:
+            first = len(pages)
+            plan.copies.extend(zip(leader.pages[first : -(-start // self.page_size)], new))
         req.slot = self.free_slots.pop()
-        req.pages, req.own_pages, req.cache_node, req.num_computed = pages + new, set(new), node, hit
+        req.pages, req.own_pages, req.cache_node, req.num_computed = pages + new, set(new), node, start
         if req.num_cached_tokens is None:
-            req.num_cached_tokens = hit
+            req.num_cached_tokens = start
             self.num_prompt_tokens += len(req.spec.prompt_token_ids)
-            self.num_cache_hit_tokens += hit
+            self.num_cache_hit_tokens += start
         if req.first_scheduled_time is None:
             req.first_scheduled_time = time.time()
         self.by_slot[req.slot] = req
         self.running.append(req)
         plan.new.append(
-            NewSequence(req.slot, req.all_token_ids, hit, len(req.output_token_ids), req.spec.params, req.spec.bad_words_ids)
+            NewSequence(
+                req.slot, req.all_token_ids, start, len(req.output_token_ids), req.spec.params,
+                req.spec.bad_words_ids, req.spec.grammar,
+            )
         )
         plan.pages.append((req.slot, list(req.pages)))
         self._run(req, n, plan)
@@ -198,6 +220,7 @@ class Scheduler:
         plan = BatchPlan(self.step_id)
         budget = self.config.max_num_batched_tokens
         preempted = False
+        forkable = {r.request_id for r in self.running if r.num_computed >= len(r.spec.prompt_token_ids)}
         for req in list(self.running):
             if budget == 0:
                 break
@@ -215,11 +238,16 @@ class Scheduler:
                 budget -= n
         if self.config.schedule_policy == "lpm" and self.cache is not None and len(self.waiting) > 1:
             self._order_waiting()
-        while not preempted and self.waiting and self.free_slots and budget > 0:
-            ran = self._admit(self.waiting[0], budget, plan)
+        for req in list(self.waiting):
+            if preempted or not self.free_slots or budget == 0:
+                break
+            leader = self._fork_source(req, forkable)
+            if leader is False:
+                continue
+            ran = self._admit(req, budget, plan, leader)
             if ran == 0:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             budget -= ran
         plan.freed, self.freed_slots = self.freed_slots, []
         if self.config.check_invariants:
@@ -235,6 +263,9 @@ class Scheduler:
             if req.slot is not None:
                 self._cache(req)
         self.prefilling = []
+        for slot, entries in result.prompt_logprobs:
+            if slot in self.by_slot:
+                self.by_slot[slot].prompt_logprobs.extend(entries)
         deltas = []
         logprobs = result.logprobs or [None] * len(result.slots)
         for slot, token, lp in zip(result.slots, result.token_ids, logprobs):
@@ -252,6 +283,7 @@ class Scheduler:
                     num_cached_tokens=req.num_cached_tokens if first else 0,
                     time_in_queue=req.first_scheduled_time - req.spec.arrival_time if first else None,
                     logprobs=[lp] if lp is not None else None,
+                    prompt_logprobs=req.prompt_logprobs if first and req.spec.params.prompt_logprobs is not None else None,
                 )
             )
             if reason is not None:

@@ -26,7 +26,7 @@ def spanning_stop(tokenizer, ids: list[int]) -> tuple[str, int]:
 def test_a_stop_string_across_tokens_cuts_the_text(tokenizer, include):
     ids = tokenizer.encode(TEXT)
     stop, boundary = spanning_stop(tokenizer, ids)
-    req = ActiveRequest(IncrementalDetokenizer(tokenizer, []), [], None, [stop, "never appears"], include)
+    req = ActiveRequest("r", 0, IncrementalDetokenizer(tokenizer, []), [], None, stop=[stop, "never appears"], include_stop=include)
     emitted, hit_at = [], None
     for i, token in enumerate(ids):
         text, hit = req.text([token], finished=False)
@@ -43,7 +43,7 @@ def test_a_stop_string_across_tokens_cuts_the_text(tokenizer, include):
 
 def test_without_a_match_everything_is_emitted_at_the_end(tokenizer):
     ids = tokenizer.encode(TEXT)
-    req = ActiveRequest(IncrementalDetokenizer(tokenizer, []), [], None, ["zebra crossing"], False)
+    req = ActiveRequest("r", 0, IncrementalDetokenizer(tokenizer, []), [], None, stop=["zebra crossing"])
     parts = [req.text([t], finished=False)[0] for t in ids[:-1]] + [req.text(ids[-1:], finished=True)[0]]
     assert "".join(parts) == tokenizer.decode(ids)
     assert max(len(p) for p in parts[:-1]) < len(tokenizer.decode(ids))  # streamed, not all held

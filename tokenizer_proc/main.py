@@ -27,15 +27,27 @@ from tristream.protocol import (
 from tristream.sampling_params import SamplingParams
 from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tristream.tokenizer_proc.prompts import PromptBuilder
+from tristream.tokenizer_proc.reasoning import ThinkParser, opens_reasoning
+from tristream.tokenizer_proc.structured import grammar_spec
+
+_SEED_MASK = (1 << 63) - 1
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` of a request: the request's own for sample 0."""
+    return seed if index == 0 else (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) & _SEED_MASK
 
 
 @dataclass
 class ActiveRequest:
-    """What the tokenizer keeps of a running request."""
+    """What the tokenizer keeps of one running sample of a request."""
 
+    parent: str
+    index: int
     detok: IncrementalDetokenizer | None
     prompt_token_ids: list[int]
     chat_text: str | None
+    reasoning: ThinkParser | None = None
     stop: list[str] = field(default_factory=list)
     include_stop: bool = False
     output_token_ids: list[int] = field(default_factory=list)
@@ -76,24 +88,55 @@ class TokenizerWorker:
             self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, config.max_model_len)
         self.seeds = random.Random(config.seed)
+        self.reasoning_parser = config.reasoning_parser
         self.active: dict[str, ActiveRequest] = {}
+        self.samples: dict[str, list[str]] = {}
 
-    def admit(self, req: GenerateRequest) -> TokenizedRequest | OutputDelta:
-        """A request for the scheduler, or an error delta for the user."""
+    def admit(self, req: GenerateRequest) -> list[TokenizedRequest] | OutputDelta:
+        """One request for the scheduler per sample, or an error delta for the user.
+
+        Sample 0 keeps the request id; the others are ``id#i`` and fork sample 0.
+        With ``best_of > n`` every sample reports logprobs, which rank them.
+        """
         try:
             ids, chat_text = self.prompts.build(req)
+            grammar = None
+            if req.params.structured is not None:
+                if self.tokenizer is None:
+                    raise ValueError("structured output needs a tokenizer (this engine runs with skip_tokenizer_init)")
+                grammar = grammar_spec(req.params.structured)
         except ValueError as e:
             return OutputDelta(req.request_id, "", [], finished=True, error=str(e))
         params = req.params
-        if params.seed is None:
-            params = dataclasses.replace(params, seed=self.seeds.getrandbits(63))
-        detok = None
-        if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.spaces_between_special_tokens)
-        self.active[req.request_id] = ActiveRequest(detok, ids, chat_text, params.stop, params.include_stop_str_in_output)
-        return TokenizedRequest(
-            req.request_id, ids, params, self.model_config.eos_token_ids, req.arrival_time, self._bad_words_ids(params)
-        )
+        seed = self.seeds.getrandbits(63) if params.seed is None else params.seed
+        ranked = params.num_samples > params.n and params.logprobs is None
+        bad_words_ids = self._bad_words_ids(params)
+        in_reasoning = chat_text is not None and opens_reasoning(chat_text)
+        out = []
+        for i in range(params.num_samples):
+            rid = req.request_id if i == 0 else f"{req.request_id}#{i}"
+            p = dataclasses.replace(
+                params, seed=sample_seed(seed, i), logprobs=0 if ranked else params.logprobs,
+                prompt_logprobs=params.prompt_logprobs if i == 0 else None,
+            )
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, ids, p.skip_special_tokens, p.spaces_between_special_tokens)
+            self.active[rid] = ActiveRequest(
+                req.request_id, i, detok, ids, chat_text if params.num_samples == 1 else None,
+                ThinkParser(in_reasoning) if self.reasoning_parser == "think" else None,
+                p.stop, p.include_stop_str_in_output,
+            )
+            out.append(TokenizedRequest(
+                rid, ids, p, self.model_config.eos_token_ids, req.arrival_time, bad_words_ids,
+                fork_of=req.request_id if i else None, grammar=grammar,
+            ))
+        self.samples[req.request_id] = [t.request_id for t in out]
+        return out
+
+    def abort(self, request_id: str) -> list[AbortRequest]:
+        """Aborts for the scheduler: one per sample of the request."""
+        return [AbortRequest(rid) for rid in self.samples.get(request_id, [request_id])]
 
     def _bad_words_ids(self, params: SamplingParams) -> list[list[int]]:
         """Each bad word as token ids, alone and after a space."""
@@ -119,16 +162,28 @@ class TokenizerWorker:
             reason = "stop" if hit_stop else d.finish_reason
             if hit_stop and not finished:
                 stopped.append(d.request_id)
+            reasoning = ""
+            if req.reasoning is not None:
+                reasoning, text = req.reasoning.push(text, finished or hit_stop)
             if finished or hit_stop:
                 del self.active[d.request_id]
+                self._forget_sample(req.parent, d.request_id)
                 self._remember_turn(req, reason)
             out.append(
                 OutputDelta(
-                    d.request_id, text, d.token_ids, finished or hit_stop, reason, prompt_ids,
-                    d.num_cached_tokens, d.time_in_queue, d.error, d.logprobs,
+                    req.parent, text, d.token_ids, finished or hit_stop, reason, prompt_ids,
+                    d.num_cached_tokens, d.time_in_queue, d.error, d.logprobs, d.prompt_logprobs,
+                    req.index, reasoning,
                 )
             )
         return out, stopped
+
+    def _forget_sample(self, parent: str, request_id: str) -> None:
+        samples = self.samples.get(parent)
+        if samples is not None:
+            samples.remove(request_id)
+            if not samples:
+                del self.samples[parent]
 
     def _remember_turn(self, req: ActiveRequest, finish_reason: str | None) -> None:
         if req.chat_text is None or finish_reason not in ("stop", "length"):
@@ -153,14 +208,16 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
                 if isinstance(result, OutputDelta):
                     out.append(result)
                 else:
-                    send(to_scheduler, result)
+                    for sample in result:
+                        send(to_scheduler, sample)
             elif isinstance(msg, TokenBatch):
                 deltas, stopped = worker.outputs(msg)
                 out.extend(deltas)
                 for request_id in stopped:
                     send(to_scheduler, StopRequest(request_id))
             elif isinstance(msg, AbortRequest):
-                send(to_scheduler, msg)
+                for abort in worker.abort(msg.request_id):
+                    send(to_scheduler, abort)
             elif isinstance(msg, Shutdown):
                 return
         if out:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tristream import SamplingParams
+from tristream.config import EngineConfig
+from tristream.engine import _Stream
+from tristream.llm import _collect
+from tristream.outputs import RequestMetrics
+from tristream.protocol import GenerateRequest, TokenBatch, TokenDelta
+from tristream.tokenizer_proc.main import TokenizerWorker
 from tristream.tokenizer_proc.reasoning import ThinkParser, opens_reasoning
 
 TEXT = "<think>\nplan\n</think>\n\nanswer"
@@ -115,3 +124,22 @@ def test_random_splits_reproduce_the_one_shot_result(text, cuts, in_reasoning):
 def test_random_pairs_round_trip(reasoning, content):
     reasoning, content = reasoning.lstrip("\n"), content.lstrip("\n")
     assert stream(list(f"<think>\n{reasoning}</think>\n{content}")) == (reasoning, content)
+
+
+def test_the_tokenizer_process_splits_reasoning_from_a_token_stream(model_dir, tokenizer):
+    """Real token ids, one per delta, with both tags split across several tokens."""
+    worker = TokenizerWorker(EngineConfig(model=model_dir, max_model_len=512, reasoning_parser="think"))
+    params = SamplingParams(max_tokens=100)
+    (spec,) = worker.admit(GenerateRequest("r", params, time.time(), prompt="Q: hi\nA:"))
+    ids = tokenizer.encode("<think>\nThe user greets me.\n</think>\n\nHello there!", add_special_tokens=False)
+    assert len(tokenizer.encode("<think>", add_special_tokens=False)) > 1, "the tag must span tokens for this test"
+    stream = _Stream("r", None, params, RequestMetrics(time.time()), reasoning=True)
+    final = None
+    for i, token in enumerate(ids):
+        last = i == len(ids) - 1
+        (delta,), _ = worker.outputs(TokenBatch([TokenDelta("r", [token], finish_reason="stop" if last else None)]))
+        assert "<" not in delta.reasoning + delta.text
+        final = _collect(final, stream.output(delta))
+    out = final.outputs[0]
+    assert (out.reasoning_content, out.text) == ("The user greets me.\n", "Hello there!")
+    assert out.token_ids == ids and final.finished

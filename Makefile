@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test clean gpu-wheels gpu-test
+.PHONY: setup run test clean gpu-wheels gpu-site gpu-test
 
 setup: $(STAMP)
 
@@ -36,9 +36,12 @@ gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
 
-# On the GPU machine: install the carried wheels and tristream into /tmp/site, run tests/gpu.
+# On the GPU machine: install the carried wheels and tristream into $(GPU_SITE) (gpu-site;
+# then run anything with PYTHONPATH=$(GPU_SITE)), and run tests/gpu (gpu-test).
 GPU_SITE := /tmp/tristream-site
-gpu-test:
-	python3 -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) .whl/*.whl
-	python3 -m pip install -q --no-index --no-deps --no-build-isolation --target $(GPU_SITE) .
+gpu-site:
+	python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl
+	python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $(GPU_SITE) .
+
+gpu-test: gpu-site
 	PYTHONPATH=$(GPU_SITE) python3 -m pytest -q -p no:cacheprovider tests/gpu

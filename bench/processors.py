@@ -84,13 +84,39 @@ def sampler_time(batch: int, vocab: int, processors: bool, device: torch.device,
     return (time.perf_counter() - start) / repeats
 
 
+def sampler_profile(batch: int, vocab: int, device: torch.device, steps: int = 20) -> list[dict]:
+    """The sampler's heaviest operations with every processor on, per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    state = SamplingState(batch, vocab, [2], device)
+    for slot in range(batch):
+        state.set(slot, all_processors(slot, 64), list(range(100, 140)), 8)
+    sampler, slots, ids = Sampler(state), torch.arange(batch, device=device), list(range(batch))
+    logits = torch.randn(batch, vocab, device=device)
+    sampler.sample(logits, slots, ids)[0].tolist()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            sampler.sample(logits, slots, ids)[0].tolist()
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))
+    return [{"op": e.key, "us_per_call": getattr(e, key) / steps} for e in events[:15]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--config", default=None, help="a config.json to run with dummy bf16 weights (GPU)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", action="store_true", help="only print the sampler's heaviest operations")
     args = parser.parse_args()
+    if args.profile:
+        vocab = ModelConfig.load(resolve_model(None)).vocab_size if not args.config else json.load(open(args.config))["vocab_size"]
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for row in sampler_profile(args.batch, vocab, device):
+            print(f"{row['us_per_call']:9.1f} us  {row['op']}")
+        return
     started = now()
     folder = None
     if args.config:

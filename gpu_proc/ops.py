@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tristream.gpu_proc.forward_batch import ForwardBatch
-from tristream.kernels import activation, attention, norm, rope
+from tristream.kernels import activation, attention, norm, rope, sampling
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -22,6 +22,10 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (activation.silu_and_mul if x.is_cuda else activation.silu_and_mul_ref)(x)
+
+
+def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    return (sampling.gumbel_argmax if scaled.is_cuda else sampling.gumbel_argmax_ref)(scaled, seeds, counters)
 
 
 def attend(

@@ -4,31 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from tristream.gpu_proc import ops
 from tristream.gpu_proc.grammar import apply_token_bitmask
 from tristream.sampling_params import SamplingParams
-
-_MASK32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding 32-bit values."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
-
-
-def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Uniform (0, 1) noise [B, vocab] that depends only on (seed, counter, token id).
-
-    So a seeded request draws the same numbers whatever else shares its batch.
-    """
-    row = _mix32(seeds ^ _mix32(counters + 0x9E3779B9))
-    cols = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    bits = _mix32((row[:, None] + cols[None, :] * 0x9E3779B1) & _MASK32) >> 9
-    return (bits.float() + 0.5) / float(1 << 23)  # 23 bits: exact in fp32, never 0 or 1
-
 
 class SamplingState:
     """Sampling parameters and penalty counts of every slot, as tensors indexed by slot id.
@@ -76,7 +54,7 @@ class SamplingState:
         self.frequency[slot] = params.frequency_penalty
         self.repetition[slot] = params.repetition_penalty
         seed = params.seed or 0
-        self.seed[slot] = (seed ^ (seed >> 32)) & _MASK32
+        self.seed[slot] = (seed ^ (seed >> 32)) & 0xFFFFFFFF
         self.counter[slot] = num_outputs
         self.counts[slot].zero_()
         self.seen[slot].zero_()
@@ -183,8 +161,7 @@ class Sampler:
         if not all(p.temperature == 0 for p in params):
             temperature = st.temperature[slots]
             scaled = self.filter(logits / temperature.clamp_min(1e-6)[:, None], slots, params)
-            noise = uniform_noise(st.seed[slots], st.counter[slots], logits.shape[-1])
-            sampled = (scaled - torch.log(-torch.log(noise))).argmax(dim=-1)
+            sampled = ops.gumbel_argmax(scaled, st.seed[slots], st.counter[slots])
             tokens = torch.where(temperature == 0, tokens, sampled)
             dist = torch.where((temperature == 0)[:, None], logits, scaled)
         st.record(slots, slot_ids, tokens)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tristream import SamplingParams
-from tristream.gpu_proc.sampler import Sampler, SamplingState, uniform_noise
+from tristream.gpu_proc.sampler import Sampler, SamplingState
+from tristream.kernels.sampling import uniform_noise
 
 CPU = torch.device("cpu")
 VOCAB = 1000  # at least every vocabulary the tests sample from

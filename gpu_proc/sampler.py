@@ -130,20 +130,36 @@ class Sampler:
     def filter(self, scaled: torch.Tensor, slots: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Temperature-scaled logits with everything outside top-k, top-p and min_p set to -inf."""
         st = self.state
-        threshold = torch.full((scaled.shape[0],), float("-inf"), device=scaled.device)
+        inf = torch.tensor(float("-inf"), device=scaled.device)
+        threshold = inf.expand(scaled.shape[0])
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
-            ordered = scaled.sort(dim=-1, descending=True).values
-            vocab = scaled.shape[-1]
-            k = st.top_k[slots]
-            kth = ordered.gather(1, (torch.where(k > 0, k, vocab) - 1).clamp(max=vocab - 1)[:, None])[:, 0]
-            threshold = torch.maximum(threshold, kth)
+            k, top_p = st.top_k[slots], st.top_p[slots]
+            ordered = self._ordered(scaled, k, top_p, params)
+            kth = ordered.gather(1, (k - 1).clamp(0, ordered.shape[1] - 1)[:, None])[:, 0]
+            kth = torch.where(k > 0, kth, inf)
             ordered = ordered.masked_fill(ordered < kth[:, None], float("-inf"))
             probs = ordered.softmax(dim=-1)
-            kept = ((probs.cumsum(dim=-1) - probs) < st.top_p[slots][:, None]).sum(dim=-1)
-            threshold = torch.maximum(threshold, ordered.gather(1, (kept - 1)[:, None])[:, 0])
+            kept = ((probs.cumsum(dim=-1) - probs) < top_p[:, None]).sum(dim=-1)
+            cut = torch.where(top_p < 1, ordered.gather(1, (kept - 1)[:, None])[:, 0], inf)
+            threshold = torch.maximum(threshold, torch.maximum(kth, cut))
         if any(p.min_p > 0 for p in params):
             threshold = torch.maximum(threshold, scaled.max(dim=-1).values + torch.log(st.min_p[slots]))
         return scaled.masked_fill(scaled < threshold[:, None], float("-inf"))
+
+    @staticmethod
+    def _ordered(scaled: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Each row's logits, largest first: only the top ``max(top_k) + 1`` when every row with a
+        top_p also has a top_k (those decide both filters), unless a tie at some row's k-th value
+        runs past them; the whole sorted row otherwise."""
+        vocab = scaled.shape[-1]
+        if all(p.top_k > 0 for p in params if p.top_p < 1):
+            width = max(p.top_k for p in params) + 1
+            if width < vocab:
+                ordered = scaled.topk(width, dim=-1).values
+                kth = ordered.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0]
+                if not bool(((ordered[:, -1] >= kth) & (top_p < 1) & (k > 0)).any()):
+                    return ordered
+        return scaled.sort(dim=-1, descending=True).values
 
     def __call__(self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int]) -> torch.Tensor:
         return self.sample(logits, slots, slot_ids)[0]

@@ -112,13 +112,18 @@ def test_top_k_top_p_min_p_keep_exactly_the_reference_set_with_ties():
     ]
     cases += [(2 * torch.randn(VOCAB, generator=gen), SamplingParams(temperature=t, top_k=k, top_p=tp, min_p=mp))
               for t, k, tp, mp in ((0.7, 10, 0.8, 0.0), (1.3, 0, 0.6, 0.05), (1.0, 20, 1.0, 0.2), (0.9, 3, 0.99, 0.01))]
-    params = [p for _, p in cases]
-    sampler = sampler_for(params)
-    logits = torch.stack([row for row, _ in cases])
-    temperature = torch.tensor([p.temperature for p in params])
-    scaled = sampler.filter(logits / temperature[:, None], torch.arange(len(cases)), params)
-    for row, (raw, p) in enumerate(cases):
-        assert set(torch.nonzero(torch.isfinite(scaled[row])).flatten().tolist()) == reference_kept(raw, p), p
+    cases += [(tied, SamplingParams(top_k=3, top_p=0.7)), (tied, SamplingParams(top_k=1, top_p=0.5)),
+              (tied, SamplingParams()), (2 * torch.randn(VOCAB, generator=gen), SamplingParams(top_k=12, top_p=0.5))]
+    # The whole batch sorts every row; the subset where each top_p comes with a top_k takes the top-k path.
+    short = [c for c in cases if c[1].top_p == 1 or c[1].top_k > 0]
+    for batch in (cases, short, [c for c in short if c[0] is not tied]):
+        params = [p for _, p in batch]
+        sampler = sampler_for(params)
+        logits = torch.stack([row for row, _ in batch])
+        temperature = torch.tensor([p.temperature for p in params])
+        scaled = sampler.filter(logits / temperature[:, None], torch.arange(len(batch)), params)
+        for row, (raw, p) in enumerate(batch):
+            assert set(torch.nonzero(torch.isfinite(scaled[row])).flatten().tolist()) == reference_kept(raw, p), p
 
 
 def test_sampled_frequencies_match_the_processed_distribution():

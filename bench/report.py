@@ -24,7 +24,10 @@ def cpu_info() -> dict:
 
 
 def git_info() -> dict:
-    """The checkout's commit; ``$GIT_COMMIT`` / ``$GIT_DIRTY`` name it where the tree is a copy without .git."""
+    """The checkout's commit; ``$GIT_COMMIT`` / ``$GIT_DIRTY``, when set, name it instead (a copied tree)."""
+    if os.environ.get("GIT_COMMIT"):
+        return {"commit": os.environ["GIT_COMMIT"], "dirty": os.environ.get("GIT_DIRTY")}
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", "--no-optional-locks", *args], cwd=REPO, capture_output=True, text=True, check=True

@@ -220,7 +220,8 @@ class Scheduler:
         plan = BatchPlan(self.step_id)
         budget = self.config.max_num_batched_tokens
         preempted = False
-        forkable = {r.request_id for r in self.running if r.num_computed >= len(r.spec.prompt_token_ids)}
+        # Samples may fork only prompts whose KV was computed before this step.
+        forkable = {r.request_id for r in self.running if r.num_computed >= len(r.spec.prompt_token_ids)} if self.waiting else set()
         for req in list(self.running):
             if budget == 0:
                 break
@@ -238,16 +239,16 @@ class Scheduler:
                 budget -= n
         if self.config.schedule_policy == "lpm" and self.cache is not None and len(self.waiting) > 1:
             self._order_waiting()
-        for req in list(self.waiting):
-            if preempted or not self.free_slots or budget == 0:
-                break
-            leader = self._fork_source(req, forkable)
+        i = 0
+        while not preempted and i < len(self.waiting) and self.free_slots and budget > 0:
+            leader = self._fork_source(self.waiting[i], forkable)
             if leader is False:
+                i += 1
                 continue
-            ran = self._admit(req, budget, plan, leader)
+            ran = self._admit(self.waiting[i], budget, plan, leader)
             if ran == 0:
                 break
-            self.waiting.remove(req)
+            del self.waiting[i]
             budget -= ran
         plan.freed, self.freed_slots = self.freed_slots, []
         if self.config.check_invariants:

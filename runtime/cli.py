@@ -7,6 +7,7 @@ import asyncio
 import sys
 import time
 
+from tristream.config_file import is_config_file, load_config_file
 from tristream.engine import AsyncEngine
 from tristream.sampling_params import SamplingParams
 
@@ -21,6 +22,8 @@ DEMO_PROMPTS = [
 def _engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    g.add_argument("--chat-template", default=None, help="a Jinja file, or a built-in template name (default: the model's)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
@@ -31,22 +34,43 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--kv-cache-tokens", type=int, default=None)
     g.add_argument("--kv-cache-bytes", type=int, default=None)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--enforce-eager", action="store_true", help="run without CUDA graphs")
+    g.add_argument("--reasoning-parser", default=None, choices=["think"])
     g.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
-def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:
+def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int | None, temperature: float = 0.7) -> None:
     g = parser.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens)
-    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--temperature", type=float, default=temperature)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--stop", action="append", default=None, help="a stop string (repeat for several)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true")
 
 
+def _server_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: the model's)")
+    g.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and the tokenizer routes")
+
+
 ENGINE_KEYS = (
-    "model", "dtype", "device", "load_format", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-    "page_size", "gpu_memory_utilization", "kv_cache_tokens", "kv_cache_bytes", "log_level",
+    "model", "tokenizer", "chat_template", "dtype", "device", "load_format", "max_model_len", "max_num_seqs",
+    "max_num_batched_tokens", "page_size", "gpu_memory_utilization", "kv_cache_tokens", "kv_cache_bytes",
+    "enable_prefix_caching", "enforce_eager", "reasoning_parser", "log_level",
+)
+SAMPLING_KEYS = (
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+    "frequency_penalty", "stop", "seed", "ignore_eos",
 )
 
 
@@ -55,10 +79,7 @@ def _engine(args: argparse.Namespace) -> AsyncEngine:
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
-        seed=args.seed, ignore_eos=args.ignore_eos,
-    )
+    return SamplingParams(**{k: getattr(args, k) for k in SAMPLING_KEYS})
 
 
 async def _generate(args: argparse.Namespace) -> None:
@@ -105,6 +126,30 @@ async def _demo(args: argparse.Namespace) -> None:
         )
 
 
+async def _serve(args: argparse.Namespace) -> None:
+    from tristream.server import serve
+
+    await serve(_engine(args), host=args.host, port=args.port, served_model_name=args.served_model_name,
+                api_key=args.api_key, announce=args.command == "webchat")
+
+
+async def _chat(args: argparse.Namespace) -> None:
+    from tristream.terminal_chat import run_chat
+
+    async with _engine(args) as engine:
+        await run_chat(engine, _params(args), system=args.system)
+
+
+async def _batch(args: argparse.Namespace) -> None:
+    from tristream.batch import run_batch
+
+    async with _engine(args) as engine:
+        await run_batch(engine, _params(args), args.input, args.output)
+
+
+COMMANDS = {"generate": _generate, "demo": _demo, "serve": _serve, "webchat": _serve, "chat": _chat, "batch": _batch}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tristream", description="tristream LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,10 +160,46 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(gen, max_tokens=256)
     _engine_args(gen)
     demo = sub.add_parser("demo", help="stream answers to a few chat prompts, then print throughput")
-    _sampling_args(demo, max_tokens=128)
+    _sampling_args(demo, max_tokens=128, temperature=0.0)
     _engine_args(demo)
-    demo.set_defaults(temperature=0.0)
+    for name, help_text in (("serve", "run the OpenAI-compatible HTTP server"),
+                            ("webchat", "run the server and print the address of its web chat page")):
+        srv = sub.add_parser(name, help=help_text)
+        srv.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="a YAML file of these options")
+        _server_args(srv)
+        _engine_args(srv)
+    chat = sub.add_parser("chat", help="chat with a model in the terminal")
+    chat.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="a YAML file of these options")
+    chat.add_argument("--system", default=None, help="the system prompt")
+    _sampling_args(chat, max_tokens=512)
+    _engine_args(chat)
+    batch = sub.add_parser("batch", help="run a JSONL file of requests into a JSONL file of results")
+    batch.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="a YAML file of these options")
+    batch.add_argument("--input", required=False, help="JSONL requests: {id, prompt} or {id, messages}, or OpenAI batch lines")
+    batch.add_argument("--output", required=False, help="JSONL results, appended to; ids already there are skipped")
+    _sampling_args(batch, max_tokens=256, temperature=0.0)
+    _engine_args(batch)
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; a YAML config file sets defaults that flags override."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = getattr(args, "config", None)
+    if config is not None:
+        if not is_config_file(config):
+            parser.error(f"{config}: a config file must end in .yaml or .yml")
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        known = {a.dest for a in sub._actions} - {"help", "config"}
+        try:
+            sub.set_defaults(**load_config_file(config, known))
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(str(e))
+        args = parser.parse_args(argv)
+    if args.command == "batch" and (not args.input or not args.output):
+        parser.error("batch needs --input and --output (as flags or in the config file)")
+    return args
 
 
 def _run_loop(coro) -> None:
@@ -131,10 +212,9 @@ def _run_loop(coro) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    runner = {"generate": _generate, "demo": _demo}[args.command]
+    args = parse_args(argv)
     try:
-        _run_loop(runner(args))
+        _run_loop(COMMANDS[args.command](args))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"tristream: error: {e}", file=sys.stderr)
         return 1

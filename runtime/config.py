@@ -20,12 +20,16 @@ class EngineConfig:
     ``check_invariants`` verifies the page accounting after every step (slow; for tests).
     ``enforce_eager`` turns CUDA graphs off. ``skip_tokenizer_init`` runs without a
     tokenizer: prompts are token ids and outputs carry ids but no text.
+    ``chat_template`` overrides the tokenizer's template: a Jinja file, or one of
+    the built-in names "chatml", "qwen", "llama3" and "default-generation" (the
+    messages' contents joined, for models without a chat format).
     ``reasoning_parser="think"`` splits ``<think>...</think>`` out of the text into
     ``CompletionOutput.reasoning_content``.
     """
 
     model: str | None = None
     tokenizer: str | None = None
+    chat_template: str | None = None
     skip_tokenizer_init: bool = False
     load_format: str = "auto"
     dtype: str = "auto"

@@ -29,6 +29,7 @@ from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tristream.tokenizer_proc.prompts import PromptBuilder
 from tristream.tokenizer_proc.reasoning import ThinkParser, opens_reasoning
 from tristream.tokenizer_proc.structured import grammar_spec
+from tristream.tokenizer_proc.templates import resolve_chat_template
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -86,6 +87,8 @@ class TokenizerWorker:
         self.tokenizer = None
         if not config.skip_tokenizer_init:
             self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+            if config.chat_template is not None:
+                self.tokenizer.chat_template = resolve_chat_template(config.chat_template)
         self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, config.max_model_len)
         self.seeds = random.Random(config.seed)
         self.reasoning_parser = config.reasoning_parser

@@ -9,7 +9,7 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import zmq
 import zmq.asyncio
@@ -29,6 +29,8 @@ from tristream.protocol import (
     SchedulerStats,
     Shutdown,
     StatsRequest,
+    TokenizeCall,
+    TokenizeResult,
     decode,
 )
 from tristream.sampling_params import SamplingParams
@@ -60,8 +62,8 @@ class AsyncEngine:
         self._started: asyncio.Future | None = None
         self._reader: asyncio.Task | None = None
         self._ipc_dir: str | None = None
-        self._stats: dict[int, asyncio.Future] = {}
-        self._stats_tokens = itertools.count()
+        self._calls: dict[int, asyncio.Future] = {}
+        self._call_tokens = itertools.count()
 
     async def __aenter__(self) -> AsyncEngine:
         await self.start()
@@ -73,6 +75,11 @@ class AsyncEngine:
     @property
     def is_running(self) -> bool:
         return self._started is not None and self._started.done() and not self._dead and not self._closing
+
+    @property
+    def healthy(self) -> bool:
+        """True while the engine runs and every one of its processes is alive."""
+        return self.is_running and all(proc.is_alive() for proc in self._procs.values())
 
     @property
     def child_pids(self) -> dict[str, int]:
@@ -152,8 +159,8 @@ class AsyncEngine:
                 self.info[msg.process] = msg.info
                 if len(self.info) == len(CHILDREN) and not self._started.done():
                     self._started.set_result(None)
-            elif isinstance(msg, SchedulerStats):
-                future = self._stats.pop(msg.token, None)
+            elif isinstance(msg, (SchedulerStats, TokenizeResult)):
+                future = self._calls.pop(msg.token, None)
                 if future is not None and not future.done():
                     future.set_result(msg)
             elif isinstance(msg, ProcessFailed):
@@ -199,8 +206,12 @@ class AsyncEngine:
             req = dict(prompt_token_ids=list(prompt))
         else:
             raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        async for out in self._stream(req, params, request_id, prompt if isinstance(prompt, str) else None):
-            yield out
+        stream = self._stream(req, params, request_id, prompt if isinstance(prompt, str) else None)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
 
     async def chat(
         self,
@@ -211,8 +222,12 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream the assistant's reply to ``messages`` through the model's chat template."""
         req = dict(messages=messages, chat_template_kwargs=chat_template_kwargs)
-        async for out in self._stream(req, params, request_id, None):
-            yield out
+        stream = self._stream(req, params, request_id, None)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with ``finish_reason="abort"``."""
@@ -221,17 +236,45 @@ class AsyncEngine:
 
     async def get_stats(self, timeout: float = 10.0) -> SchedulerStats:
         """The scheduler's page and queue counters."""
+        return await self._call("scheduler", StatsRequest, timeout)
+
+    async def tokenize(
+        self, prompt: str | None = None, messages: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None, add_special_tokens: bool = True,
+    ) -> list[int]:
+        """The token ids of ``prompt``, or of ``messages`` through the chat template, as the engine would run them."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("tokenize needs exactly one of prompt or messages")
+        result = await self._call("tokenizer", lambda token: TokenizeCall(
+            token, prompt=prompt, messages=messages, chat_template_kwargs=chat_template_kwargs,
+            add_special_tokens=add_special_tokens,
+        ))
+        return result.token_ids
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids``."""
+        return (await self._call("tokenizer", lambda token: TokenizeCall(token, token_ids=list(token_ids)))).text
+
+    async def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's text on its own (as logprobs show them)."""
+        result = await self._call("tokenizer", lambda token: TokenizeCall(token, token_ids=list(token_ids), pieces=True))
+        return result.pieces
+
+    async def _call(self, process: str, make: Callable[[int], object], timeout: float = 10.0):
         await self.start()
         if not self.is_running:
             raise EngineDeadError(self._dead or "the engine was closed")
-        token = next(self._stats_tokens)
+        token = next(self._call_tokens)
         future = asyncio.get_running_loop().create_future()
-        self._stats[token] = future
-        processes.send(self._out["scheduler"], StatsRequest(token))
+        self._calls[token] = future
+        processes.send(self._out[process], make(token))
         try:
-            return await asyncio.wait_for(future, timeout)
+            result = await asyncio.wait_for(future, timeout)
         finally:
-            self._stats.pop(token, None)
+            self._calls.pop(token, None)
+        if getattr(result, "error", None) is not None:
+            raise ValueError(result.error)
+        return result
 
     async def _stream(
         self, fields: dict, params: SamplingParams | None, request_id: str | None, prompt: str | None

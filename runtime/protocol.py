@@ -193,6 +193,34 @@ class OutputBatch:
     deltas: list[OutputDelta]
 
 
+# user <-> tokenizer_proc
+
+
+@dataclass
+class TokenizeCall:
+    """Tokenize ``prompt`` or ``messages``, or detokenize ``token_ids``; answered by TokenizeResult(token).
+
+    With ``pieces`` the answer also holds each token's own text.
+    """
+
+    token: int
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    chat_template_kwargs: dict | None = None
+    add_special_tokens: bool = True
+    token_ids: list[int] | None = None
+    pieces: bool = False
+
+
+@dataclass
+class TokenizeResult:
+    token: int
+    token_ids: list[int] | None = None
+    text: str | None = None
+    pieces: list[str] | None = None
+    error: str | None = None
+
+
 # user <-> scheduler_proc
 
 

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
 
 import torch
 
@@ -49,3 +56,54 @@ def _alive(pid: int) -> bool:
 def alive():
     """``alive(pid)``: True while the process runs (a zombie counts as gone)."""
     return _alive
+
+
+@dataclass
+class LiveServer:
+    """A ``tristream serve`` subprocess on the bundled model."""
+
+    url: str
+    proc: subprocess.Popen
+    model: str
+    log: list[str]
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+
+def start_server(*args: str, timeout: float = 180.0) -> LiveServer:
+    """Run ``tristream serve --port 0 ARGS`` and wait until it listens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tristream", "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + timeout
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"serving (\S+) at (http://\S+)/v1", line)
+        if m:
+            # Keep draining the output so that the server never blocks on a full pipe.
+            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+            return LiveServer(m.group(2), proc, m.group(1), lines)
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError("tristream serve did not start:\n" + "".join(lines))
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """One server on the bundled model for every HTTP test."""
+    server = start_server("--max-model-len", "1024", "--log-level", "WARNING")
+    yield server
+    server.proc.terminate()
+    try:
+        server.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        raise

@@ -22,7 +22,9 @@ from tristream.protocol import (
     Shutdown,
     StopRequest,
     TokenBatch,
+    TokenizeCall,
     TokenizedRequest,
+    TokenizeResult,
 )
 from tristream.sampling_params import SamplingParams
 from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer
@@ -137,6 +139,28 @@ class TokenizerWorker:
         self.samples[req.request_id] = [t.request_id for t in out]
         return out
 
+    def tokenize(self, call: TokenizeCall) -> TokenizeResult:
+        """Token ids of a prompt or chat, or the text of token ids, for the user's tokenizer calls."""
+        if self.tokenizer is None:
+            return TokenizeResult(call.token, error="this engine runs without a tokenizer (skip_tokenizer_init)")
+        try:
+            if call.token_ids is not None:
+                bad = [t for t in call.token_ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
+                if bad:
+                    raise ValueError(f"token ids outside the vocabulary [0, {self.model_config.vocab_size}): {bad[:5]}")
+                ids = list(call.token_ids)
+                text = self.tokenizer.decode(ids)
+            elif call.messages is not None:
+                text = self.prompts.render_chat(call.messages, call.chat_template_kwargs)
+                ids = self.prompts.turns.encode(text)
+            else:
+                text = call.prompt or ""
+                ids = self.tokenizer.encode(text, add_special_tokens=call.add_special_tokens)
+        except ValueError as e:
+            return TokenizeResult(call.token, error=str(e))
+        pieces = [self.tokenizer.decode([t]) for t in ids] if call.pieces else None
+        return TokenizeResult(call.token, ids, text, pieces)
+
     def abort(self, request_id: str) -> list[AbortRequest]:
         """Aborts for the scheduler: one per sample of the request."""
         return [AbortRequest(rid) for rid in self.samples.get(request_id, [request_id])]
@@ -221,6 +245,8 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
             elif isinstance(msg, AbortRequest):
                 for abort in worker.abort(msg.request_id):
                     send(to_scheduler, abort)
+            elif isinstance(msg, TokenizeCall):
+                send(to_user, worker.tokenize(msg))
             elif isinstance(msg, Shutdown):
                 return
         if out:

@@ -1,0 +1,77 @@
+"""The OpenAI-compatible HTTP server: ``serve(engine, ...)`` or ``build_app(engine, ...)``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+
+from tristream.engine import AsyncEngine
+from tristream.model_files import default_model_path
+from tristream.server.app import build_app
+
+__all__ = ["build_app", "default_model_name", "serve"]
+
+
+def default_model_name(engine: AsyncEngine) -> str:
+    """The ``--model`` argument as given, or the bundled model's name."""
+    if engine.config.model is not None:
+        return engine.config.model
+    return Path(default_model_path()).name.split(".")[0]
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that takes SIGINT and SIGTERM on the running loop, so the engine shuts down after it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+async def serve(engine: AsyncEngine, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
+                api_key: str | None = None, announce: bool = False) -> None:
+    """Start ``engine`` and serve it over HTTP until SIGINT or SIGTERM, or until the engine dies.
+
+    Prints the address once it listens (``port=0`` picks a free port); ``announce``
+    also prints the web chat's address.
+    """
+    async with engine:
+        name = served_model_name or default_model_name(engine)
+        server = _Server(uvicorn.Config(
+            build_app(engine, name, api_key), host=host, port=port, log_level="warning",
+            timeout_graceful_shutdown=3, access_log=False,
+        ))
+        watch = asyncio.ensure_future(_watch(server, engine, name, announce))
+        try:
+            await server.serve()
+        finally:
+            watch.cancel()
+        if not engine.healthy:
+            raise RuntimeError("the engine stopped, so the server did too")
+
+
+async def _watch(server: uvicorn.Server, engine: AsyncEngine, name: str, announce: bool) -> None:
+    while not server.started:
+        await asyncio.sleep(0.05)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    url = f"http://{host}:{port}"
+    print(f"tristream: serving {name} at {url}/v1", flush=True)
+    if announce:
+        print(f"tristream: web chat at {url}/", flush=True)
+    while not server.should_exit:
+        if not engine.healthy:
+            print("tristream: the engine stopped; shutting the server down", file=sys.stderr, flush=True)
+            server.should_exit = True
+        await asyncio.sleep(0.5)

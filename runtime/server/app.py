@@ -1,0 +1,442 @@
+"""The OpenAI-compatible HTTP routes over one AsyncEngine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from importlib import resources
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import HTMLResponse, Response, StreamingResponse
+
+from tristream.engine import AsyncEngine, EngineDeadError
+from tristream.outputs import RequestOutput
+from tristream.sampling_params import SamplingParams
+from tristream.server.metrics import ServerMetrics
+from tristream.server.responses import (
+    SSE_DONE,
+    Choice,
+    JSONResponse,
+    TextLogprobs,
+    chat_logprobs,
+    error_body,
+    now,
+    sse,
+    usage,
+)
+from tristream.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+
+logger = logging.getLogger("tristream.server")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's format."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type_, param, code
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def _bad_request(e: ValueError) -> ApiError:
+    return ApiError(400, str(e), param=getattr(e, "param", None))
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(request: Request, work: Awaitable):
+    """Await ``work``; if the client disconnects first, cancel it and raise ClientGone."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone()
+    return task.result()
+
+
+class Streams:
+    """Several engine streams as one: ``(stream number, output)`` pairs, in arrival order."""
+
+    def __init__(self, streams: list[AsyncIterator[RequestOutput]]) -> None:
+        self.streams = streams
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks: list[asyncio.Task] = []
+
+    async def firsts(self) -> list[RequestOutput]:
+        """Each stream's first output; an engine refusal (ValueError) of any stream is raised."""
+        try:
+            return list(await asyncio.gather(*(anext(s) for s in self.streams)))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _pump(self, i: int) -> None:
+        try:
+            async for out in self.streams[i]:
+                self.queue.put_nowait((i, out))
+        except Exception as e:
+            self.queue.put_nowait((i, e))
+        self.queue.put_nowait((i, None))
+
+    async def rest(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """What follows the first outputs, until every stream has ended."""
+        self.tasks = [asyncio.ensure_future(self._pump(i)) for i in range(len(self.streams))]
+        live = len(self.streams)
+        while live:
+            i, item = await self.queue.get()
+            if item is None:
+                live -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for s in self.streams:
+            await s.aclose()
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that stop, and close their source, the moment the client leaves."""
+
+    def __init__(self, content: AsyncIterator[bytes], source: Streams) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.source = source
+
+    async def __call__(self, scope, receive, send) -> None:
+        stream = asyncio.ensure_future(self.stream_response(send))
+        watch = asyncio.ensure_future(self.listen_for_disconnect(receive))
+        try:
+            await asyncio.wait({stream, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stream, watch):
+                task.cancel()
+            await asyncio.gather(stream, watch, return_exceptions=True)
+            await self.body_iterator.aclose()
+            await self.source.close()
+
+
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` under ``model_name``; ``api_key`` guards /v1 and the tokenizer routes."""
+    app = FastAPI(title="tristream", summary="OpenAI-compatible LLM server", default_response_class=JSONResponse)
+    metrics = ServerMetrics(engine, model_name)
+    page = resources.files("tristream.server").joinpath("static/index.html").read_text()
+    max_model_len = engine.child_config.max_model_len
+    created = now()
+    texts: dict[int, str] = {}
+
+    async def authorized(request: Request) -> None:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise ApiError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise ApiError(404, f"The model `{name}` does not exist; this server serves `{model_name}`",
+                           param="model", code="model_not_found")
+
+    async def token_texts(ids: set[int]) -> dict[int, str]:
+        missing = sorted(ids - texts.keys())
+        if missing:
+            texts.update(zip(missing, await engine.token_texts(missing)))
+        return texts
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(str(e), e.type, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0]
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"The body is not valid JSON: {err.get('msg')}"), status_code=400)
+        param = ".".join(loc) or None
+        return JSONResponse(error_body(f"{param or 'body'}: {err.get('msg')}", param=param), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def on_http(request: Request, e: HTTPException) -> JSONResponse:
+        type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), type_, code=e.status_code), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(EngineDeadError)
+    async def on_dead(request: Request, e: EngineDeadError) -> JSONResponse:
+        return JSONResponse(error_body(f"the engine is not running: {e}", "service_unavailable"), status_code=503)
+
+    @app.exception_handler(ClientGone)
+    async def on_gone(request: Request, e: ClientGone) -> Response:
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, e: Exception) -> JSONResponse:
+        logger.exception("internal error on %s", request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "internal_error"), status_code=500)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health() -> Response:
+        """200 while every engine process is alive, else 503."""
+        if engine.healthy:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unhealthy"}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(await metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": created, "owned_by": "tristream",
+            "max_model_len": max_model_len,
+        }]})
+
+    @app.post("/tokenize", dependencies=[Depends(authorized)])
+    async def tokenize(body: TokenizeRequest) -> JSONResponse:
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give exactly one of prompt or messages")
+        try:
+            if body.messages is not None:
+                messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
+                kwargs = {"add_generation_prompt": body.add_generation_prompt, **(body.chat_template_kwargs or {})}
+                ids = await engine.tokenize(messages=messages, chat_template_kwargs=kwargs)
+            else:
+                ids = await engine.tokenize(body.prompt, add_special_tokens=body.add_special_tokens)
+        except ValueError as e:
+            raise _bad_request(e) from None
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": max_model_len})
+
+    @app.post("/detokenize", dependencies=[Depends(authorized)])
+    async def detokenize(body: DetokenizeRequest) -> JSONResponse:
+        check_model(body.model)
+        try:
+            return JSONResponse({"prompt": await engine.detokenize(body.tokens)})
+        except ValueError as e:
+            raise _bad_request(e) from None
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        try:
+            params = body.sampling_params()
+            messages = body.conversation()
+        except ValueError as e:
+            raise _bad_request(e) from None
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = Streams([metrics.track(engine.chat(messages, params, rid, body.template_kwargs()))])
+        try:
+            first = (await _unless_gone(request, streams.firsts()))[0]
+        except ValueError as e:
+            raise _bad_request(e) from None
+        echo = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
+        k = params.logprobs
+        if body.stream:
+            return EventStream(_chat_events(body, params, rid, first, streams, echo, k), streams)
+        choices = [Choice(i) for i in range(params.n)]
+        outs = await _unless_gone(request, _collect(first, streams))
+        steps: dict[int, list] = {i: [] for i in range(params.n)}
+        for out in outs:
+            for sample in out.outputs:
+                choices[sample.index].fold(sample)
+                steps[sample.index] += sample.logprobs or []
+        if k is not None:
+            await token_texts({t for s in steps.values() for step in s for t in step})
+        return JSONResponse({
+            "id": rid, "object": "chat.completion", "created": now(), "model": model_name,
+            "choices": [{
+                "index": c.index,
+                "message": {"role": "assistant", "content": echo + c.text,
+                            **({"reasoning_content": c.reasoning} if c.reasoning is not None else {})},
+                "logprobs": {"content": chat_logprobs(steps[c.index], texts, k)} if k is not None else None,
+                "finish_reason": c.finish_reason,
+            } for c in choices],
+            "usage": usage(first.metrics.num_prompt_tokens, sum(c.num_tokens for c in choices), first.num_cached_tokens),
+        })
+
+    async def _collect(first: RequestOutput, streams: Streams) -> list[RequestOutput]:
+        try:
+            return [first] + [out async for _, out in streams.rest()]
+        finally:
+            await streams.close()
+
+    async def _chat_events(body: ChatCompletionRequest, params: SamplingParams, rid: str, first: RequestOutput,
+                           streams: Streams, echo: str, k: int | None) -> AsyncIterator[bytes]:
+        created_at = now()
+        include_usage = body.include_usage
+
+        def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> bytes:
+            return sse({
+                "id": rid, "object": "chat.completion.chunk", "created": created_at, "model": model_name,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+                **({"usage": None} if include_usage else {}),
+            })
+
+        num_tokens = 0
+        try:
+            for i in range(params.n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+                if echo:
+                    yield chunk(i, {"content": echo})
+            out = first
+            deltas = streams.rest()
+            while out is not None:
+                for sample in out.outputs:
+                    num_tokens += len(sample.token_ids)
+                    delta = {}
+                    if sample.reasoning_content:
+                        delta["reasoning_content"] = sample.reasoning_content
+                    if sample.text or not delta:
+                        delta["content"] = sample.text
+                    logprobs = None
+                    if k is not None and sample.logprobs:
+                        await token_texts({t for step in sample.logprobs for t in step})
+                        logprobs = {"content": chat_logprobs(sample.logprobs, texts, k)}
+                    if delta.get("content") or delta.get("reasoning_content") or sample.finish_reason or logprobs:
+                        yield chunk(sample.index, delta, sample.finish_reason, logprobs)
+                out = (await anext(deltas, (0, None)))[1]
+            if include_usage:
+                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created_at, "model": model_name,
+                           "choices": [], "usage": usage(first.metrics.num_prompt_tokens, num_tokens,
+                                                         first.num_cached_tokens)})
+        except (EngineDeadError, ValueError) as e:
+            yield sse(error_body(str(e), "service_unavailable" if isinstance(e, EngineDeadError) else "invalid_request_error"))
+        finally:
+            await streams.close()
+        yield SSE_DONE
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        try:
+            params = body.sampling_params()
+            prompts = body.prompts()
+        except ValueError as e:
+            raise _bad_request(e) from None
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        streams = Streams([
+            metrics.track(engine.generate(p, params, f"{rid}-{i}")) for i, p in enumerate(prompts)
+        ])
+        try:
+            firsts = await _unless_gone(request, streams.firsts())
+        except ValueError as e:
+            raise _bad_request(e) from None
+        n, k = params.n, params.logprobs
+        echoes = [""] * len(prompts)
+        logprobs = [[TextLogprobs(k) for _ in range(n)] for _ in prompts] if k is not None else None
+        if body.echo:
+            for i, (p, first) in enumerate(zip(prompts, firsts)):
+                echoes[i] = p if isinstance(p, str) else await engine.detokenize(first.prompt_token_ids)
+                if logprobs is not None:
+                    ids = first.prompt_token_ids
+                    await token_texts(set(ids) | {t for step in first.prompt_logprobs[1:] for t in step})
+                    for lp in logprobs[i]:
+                        for tok, step in zip(ids, first.prompt_logprobs):
+                            lp.add(tok, step, texts)
+        prompt_tokens = sum(f.metrics.num_prompt_tokens for f in firsts)
+        cached = sum(f.num_cached_tokens for f in firsts)
+
+        async def add_logprobs(i: int, sample) -> dict | None:
+            if logprobs is None:
+                return None
+            steps = sample.logprobs or []
+            await token_texts({t for step in steps for t in step} | set(sample.token_ids))
+            lp = logprobs[i][sample.index]
+            for tok, step in zip(sample.token_ids, steps):
+                lp.add(tok, step, texts)
+            return lp
+
+        if body.stream:
+            return EventStream(_completion_events(body, rid, firsts, streams, n, echoes, add_logprobs,
+                                                  prompt_tokens, cached), streams)
+        choices = [[Choice(i * n + j) for j in range(n)] for i in range(len(prompts))]
+
+        async def gather() -> list[tuple[int, RequestOutput]]:
+            try:
+                return list(enumerate(firsts)) + [item async for item in streams.rest()]
+            finally:
+                await streams.close()
+
+        for i, out in await _unless_gone(request, gather()):
+            for sample in out.outputs:
+                choices[i][sample.index].fold(sample)
+                await add_logprobs(i, sample)
+        flat = [(i, c) for i, row in enumerate(choices) for c in row]
+        return JSONResponse({
+            "id": rid, "object": "text_completion", "created": now(), "model": model_name,
+            "choices": [{
+                "index": c.index, "text": echoes[i] + c.text,
+                "logprobs": logprobs[i][c.index % n].body() if logprobs is not None else None,
+                "finish_reason": c.finish_reason,
+            } for i, c in flat],
+            "usage": usage(prompt_tokens, sum(c.num_tokens for _, c in flat), cached),
+        })
+
+    async def _completion_events(body: CompletionRequest, rid: str, firsts: list[RequestOutput], streams: Streams,
+                                 n: int, echoes: list[str], add_logprobs, prompt_tokens: int,
+                                 cached: int) -> AsyncIterator[bytes]:
+        created_at = now()
+        include_usage = body.include_usage
+
+        def chunk(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> bytes:
+            return sse({
+                "id": rid, "object": "text_completion", "created": created_at, "model": model_name,
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+                **({"usage": None} if include_usage else {}),
+            })
+
+        num_tokens = 0
+        pending_echo = {(i, j): echoes[i] for i in range(len(firsts)) for j in range(n) if echoes[i]}
+        try:
+            async def outputs():
+                for item in enumerate(firsts):
+                    yield item
+                async for item in streams.rest():
+                    yield item
+
+            async for i, out in outputs():
+                for sample in out.outputs:
+                    num_tokens += len(sample.token_ids)
+                    lp = await add_logprobs(i, sample)
+                    text = pending_echo.pop((i, sample.index), "") + sample.text
+                    if text or sample.finish_reason or (lp is not None and lp.tokens):
+                        yield chunk(i * n + sample.index, text, sample.finish_reason,
+                                    lp.take() if lp is not None else None)
+            if include_usage:
+                yield sse({"id": rid, "object": "text_completion", "created": created_at, "model": model_name,
+                           "choices": [], "usage": usage(prompt_tokens, num_tokens, cached)})
+        except (EngineDeadError, ValueError) as e:
+            yield sse(error_body(str(e), "service_unavailable" if isinstance(e, EngineDeadError) else "invalid_request_error"))
+        finally:
+            await streams.close()
+        yield SSE_DONE
+
+    return app

@@ -1,0 +1,95 @@
+"""Prometheus metrics for the server: request counters, latency histograms, engine gauges."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from tristream.engine import AsyncEngine
+from tristream.outputs import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class ServerMetrics:
+    """One registry per server, so that several servers in a process keep apart."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine = engine
+        self.registry = CollectorRegistry()
+        r, labels = self.registry, ["model_name"]
+        self.requests = Counter("tristream_requests", "Engine requests that ended, by finish reason",
+                                labels + ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("tristream_prompt_tokens", "Prompt tokens of ended requests", labels, registry=r)
+        self.generation_tokens = Counter("tristream_generation_tokens", "Generated tokens", labels, registry=r)
+        self.ttft = Histogram("tristream_time_to_first_token_seconds", "Arrival to first token", labels,
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("tristream_inter_token_latency_seconds", "Time between streamed tokens", labels,
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("tristream_e2e_request_latency_seconds", "Arrival to the last token", labels,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("tristream_request_queue_time_seconds", "Arrival to the first scheduled step", labels,
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("tristream_num_requests_running", "Sequences in the running batch", labels, registry=r)
+        self.waiting = Gauge("tristream_num_requests_waiting", "Sequences waiting for admission", labels, registry=r)
+        self.pages_total = Gauge("tristream_kv_pages_total", "KV cache pages", labels, registry=r)
+        self.pages_used = Gauge("tristream_kv_pages_used", "KV cache pages not free (held by requests or the prefix cache)",
+                                labels, registry=r)
+        self.pages_cached = Gauge("tristream_kv_pages_cached", "KV cache pages held by the prefix cache", labels, registry=r)
+        self.hit_rate = Gauge("tristream_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache, since start",
+                              labels, registry=r)
+        self.model_name = model_name
+
+    async def render(self) -> bytes:
+        """The exposition text, with the engine gauges read now."""
+        stats = await self.engine.get_stats()
+        m = self.model_name
+        self.running.labels(m).set(stats.num_running)
+        self.waiting.labels(m).set(stats.num_waiting)
+        self.pages_total.labels(m).set(stats.num_pages)
+        self.pages_used.labels(m).set(stats.num_pages - stats.num_free_pages)
+        self.pages_cached.labels(m).set(stats.num_cached_pages)
+        self.hit_rate.labels(m).set(stats.num_cache_hit_tokens / stats.num_prompt_tokens if stats.num_prompt_tokens else 0.0)
+        return generate_latest(self.registry)
+
+    async def track(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """Pass one engine request's outputs through, observing its latencies and counts.
+
+        A request the engine refuses counts as an "error"; one whose stream is
+        dropped before it ends counts as an "abort".
+        """
+        m = self.model_name
+        last: float | None = None
+        out: RequestOutput | None = None
+        outcome = "abort"
+        try:
+            async for out in stream:
+                now = time.time()
+                n = sum(len(o.token_ids) for o in out.outputs)
+                if n:
+                    if last is None:
+                        self.ttft.labels(m).observe(now - out.metrics.arrival_time)
+                    else:
+                        self.itl.labels(m).observe((now - last) / n)
+                    last = now
+                self.generation_tokens.labels(m).inc(n)
+                if out.finished:
+                    reasons = [o.finish_reason for o in out.outputs if o.finish_reason]
+                    outcome = reasons[0] if reasons else "abort"
+                yield out
+        except ValueError:
+            outcome = "error"
+            raise
+        finally:
+            await stream.aclose()
+            self.requests.labels(m, outcome).inc()
+            if out is not None:
+                metrics = out.metrics
+                self.prompt_tokens.labels(m).inc(metrics.num_prompt_tokens)
+                if metrics.time_in_queue is not None:
+                    self.queue.labels(m).observe(metrics.time_in_queue)
+                if metrics.finished_time is not None:
+                    self.e2e.labels(m).observe(metrics.finished_time - metrics.arrival_time)

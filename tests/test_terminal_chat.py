@@ -1,0 +1,162 @@
+"""``tristream chat`` in a terminal: history, commands, Ctrl-C, Ctrl-D and a clean exit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+import time
+
+import pexpect
+
+from tristream import SamplingParams
+from tristream.terminal_chat import PROMPT, run_chat
+
+STATS = re.compile(r"\[(stopped; )?prompt (\d+) tokens, (\d+) tokens, (\d+\.\d) tok/s\]")
+CHAT = [sys.executable, "-m", "tristream", "chat", "--temperature", "0", "--max-model-len", "1024"]
+
+
+def spawn(*flags: str) -> pexpect.spawn:
+    child = pexpect.spawn(CHAT[0], CHAT[1:] + list(flags), encoding="utf-8", timeout=90)
+    child.expect(r"tristream chat with \S+ on \w+\. /clear .* /system TEXT .* /exit or Ctrl-D")
+    child.expect_exact(PROMPT)
+    return child
+
+
+def turn(child: pexpect.spawn, text: str) -> tuple[int, int]:
+    """Send one message; the prompt and answer token counts of its finished answer."""
+    child.sendline(text)
+    child.expect(STATS)
+    stopped, prompt_tokens, tokens, rate = child.match.groups()
+    assert stopped is None and float(rate) > 0
+    child.expect_exact(PROMPT)
+    return int(prompt_tokens), int(tokens)
+
+
+def interrupt(child: pexpect.spawn, text: str) -> tuple[int, int]:
+    """Send one message and press Ctrl-C once its answer streams; the stopped answer's token counts."""
+    child.sendline(text)
+    child.expect_exact(text + "\r\n")
+    child.expect(r"\w\w")
+    child.sendintr()
+    child.expect(STATS)
+    stopped, prompt_tokens, tokens, _ = child.match.groups()
+    assert stopped
+    child.expect_exact(PROMPT)
+    return int(prompt_tokens), int(tokens)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(") ", 1)[1].split()[1])
+        except (FileNotFoundError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            found.append(int(entry))
+    return found
+
+
+def wait_gone(alive, pids: list[int], timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+def test_history_commands_and_exit(alive):
+    child = spawn("--max-tokens", "24")
+    first, answer = turn(child, "My name is Alice.")
+    second, _ = turn(child, "What is my name?")
+    assert second > first + answer  # the first exchange is in the second prompt
+
+    child.sendline("/nope")
+    child.expect_exact("unknown command /nope; commands: /clear")
+    child.expect_exact(PROMPT)
+    child.sendline("   ")
+    child.expect_exact(PROMPT)
+    assert child.before.strip() == ""
+
+    child.sendline("/clear")
+    child.expect_exact("conversation cleared")
+    child.expect_exact(PROMPT)
+    assert turn(child, "My name is Alice.")[0] == first
+
+    child.sendline("/system You are a pirate.")
+    child.expect_exact("system prompt set")
+    child.expect_exact(PROMPT)
+    with_system, _ = turn(child, "My name is Alice.")
+    assert with_system != first
+    child.sendline("/clear")
+    child.expect_exact("conversation cleared (the system prompt stays)")
+    child.expect_exact(PROMPT)
+    assert turn(child, "My name is Alice.")[0] == with_system
+
+    # Ctrl-C at the prompt drops the half-typed line and only hints how to leave.
+    child.send("half-typed")
+    child.sendintr()
+    child.expect_exact("to leave, type /exit or press Ctrl-D")
+    child.expect_exact(PROMPT)
+    child.sendline("/nope")
+    child.expect_exact("unknown command /nope;")
+    child.expect_exact(PROMPT)
+
+    engine_pids = children(child.pid)
+    assert len(engine_pids) >= 3
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.wait()
+    assert child.exitstatus == 0
+    assert wait_gone(alive, engine_pids) == []
+
+
+def test_ctrl_c_stops_an_answer_and_ctrl_d_leaves(alive):
+    child = spawn("--max-tokens", "400", "--ignore-eos")
+    first, partial = interrupt(child, "Tell me a long story about a dragon.")
+    assert 0 < partial < 400
+    second, _ = interrupt(child, "Go on.")
+    assert second > first + partial  # the stopped answer stays in the history
+
+    engine_pids = children(child.pid)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.wait()
+    assert child.exitstatus == 0
+    assert wait_gone(alive, engine_pids) == []
+
+
+async def test_ctrl_c_aborts_the_request(engine, capsys, monkeypatch):
+    read_fd, write_fd = os.pipe()
+    monkeypatch.setattr(sys, "stdin", open(read_fd))
+    previous = signal.getsignal(signal.SIGINT)
+    params = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
+    output = ""
+
+    async def shown(pattern: str) -> re.Match:
+        nonlocal output
+        deadline = time.monotonic() + 60
+        while (match := re.search(pattern, output, re.S)) is None:
+            assert time.monotonic() < deadline, output
+            await asyncio.sleep(0.02)
+            output += capsys.readouterr().out
+        return match
+
+    with open(write_fd, "w", buffering=1) as feed:
+        chat = asyncio.ensure_future(run_chat(engine, params))
+        await shown(re.escape(PROMPT))
+        feed.write("Count from one to one thousand.\n")
+        await shown(re.escape(PROMPT) + r".*\w\w")
+        os.kill(os.getpid(), signal.SIGINT)
+        match = await shown(STATS.pattern)
+        assert match.group(1) and int(match.group(3)) < 1000
+        deadline = time.monotonic() + 5
+        while (stats := await engine.get_stats()).num_running + stats.num_waiting:
+            assert time.monotonic() < deadline, "the stopped request still runs"
+            await asyncio.sleep(0.05)
+        feed.write("/exit\n")
+        await asyncio.wait_for(chat, 10)
+    assert signal.getsignal(signal.SIGINT) is previous

@@ -131,7 +131,8 @@ class _Chat:
                 raise
         except ValueError as e:
             self.history.pop()
-            self.term.write("\n" if parts else "")
+            if parts:
+                self.term.write("\n")
             self.term.note(f"error: {e} (/clear starts a new conversation)")
             return
         finally:

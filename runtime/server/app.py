@@ -10,6 +10,7 @@ from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 
@@ -51,8 +52,13 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-def _bad_request(e: ValueError) -> ApiError:
-    return ApiError(400, str(e), param=getattr(e, "param", None))
+def _bad_request(e: ValueError, body: BaseModel | None = None) -> ApiError:
+    """A 400 for ``e``; a message that starts with a field of ``body`` names that field."""
+    param = getattr(e, "param", None)
+    first = str(e).split(" ", 1)[0]
+    if param is None and body is not None and first in type(body).model_fields:
+        param = first
+    return ApiError(400, str(e), param=param)
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -112,6 +118,13 @@ class Streams:
             else:
                 yield i, item
 
+    async def after(self, firsts: list[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """The first outputs, then the rest."""
+        for item in enumerate(firsts):
+            yield item
+        async for item in self.rest():
+            yield item
+
     async def close(self) -> None:
         for task in self.tasks:
             task.cancel()
@@ -138,6 +151,8 @@ class EventStream(StreamingResponse):
             await asyncio.gather(stream, watch, return_exceptions=True)
             await self.body_iterator.aclose()
             await self.source.close()
+        if not stream.cancelled() and stream.exception() is not None:
+            raise stream.exception()
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
@@ -171,12 +186,19 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        err = e.errors()[0]
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        if err.get("type") == "json_invalid":
-            return JSONResponse(error_body(f"The body is not valid JSON: {err.get('msg')}"), status_code=400)
-        param = ".".join(loc) or None
-        return JSONResponse(error_body(f"{param or 'body'}: {err.get('msg')}", param=param), status_code=400)
+        errors = e.errors()
+        if errors[0].get("type") == "json_invalid":
+            return JSONResponse(error_body(f"The body is not valid JSON: {errors[0].get('msg')}"), status_code=400)
+        loc = [str(x) for x in errors[0].get("loc", ()) if x != "body"]
+        param = loc[0] if loc else None
+        same = [err for err in errors if [str(x) for x in err.get("loc", ()) if x != "body"][:1] == loc[:1]]
+        if len(same) > 1:
+            # A union field: say what each accepted type objected to.
+            reasons = "; ".join(f"{'.'.join(map(str, err['loc'][2:])) or param}: {err['msg']}" for err in same[:4])
+            message = f"{param}: matches none of the accepted types ({reasons})"
+        else:
+            message = f"{'.'.join(loc) or 'body'}: {errors[0].get('msg')}"
+        return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, e: HTTPException) -> JSONResponse:
@@ -250,7 +272,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
             params = body.sampling_params()
             messages = body.conversation()
         except ValueError as e:
-            raise _bad_request(e) from None
+            raise _bad_request(e, body) from None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = Streams([metrics.track(engine.chat(messages, params, rid, body.template_kwargs()))])
         try:
@@ -284,7 +306,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
 
     async def _collect(first: RequestOutput, streams: Streams) -> list[RequestOutput]:
         try:
-            return [first] + [out async for _, out in streams.rest()]
+            return [out async for _, out in streams.after([first])]
         finally:
             await streams.close()
 
@@ -306,9 +328,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                 yield chunk(i, {"role": "assistant", "content": ""})
                 if echo:
                     yield chunk(i, {"content": echo})
-            out = first
-            deltas = streams.rest()
-            while out is not None:
+            async for _, out in streams.after([first]):
                 for sample in out.outputs:
                     num_tokens += len(sample.token_ids)
                     delta = {}
@@ -322,7 +342,6 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                         logprobs = {"content": chat_logprobs(sample.logprobs, texts, k)}
                     if delta.get("content") or delta.get("reasoning_content") or sample.finish_reason or logprobs:
                         yield chunk(sample.index, delta, sample.finish_reason, logprobs)
-                out = (await anext(deltas, (0, None)))[1]
             if include_usage:
                 yield sse({"id": rid, "object": "chat.completion.chunk", "created": created_at, "model": model_name,
                            "choices": [], "usage": usage(first.metrics.num_prompt_tokens, num_tokens,
@@ -340,7 +359,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
             params = body.sampling_params()
             prompts = body.prompts()
         except ValueError as e:
-            raise _bad_request(e) from None
+            raise _bad_request(e, body) from None
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = Streams([
             metrics.track(engine.generate(p, params, f"{rid}-{i}")) for i, p in enumerate(prompts)
@@ -381,7 +400,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
 
         async def gather() -> list[tuple[int, RequestOutput]]:
             try:
-                return list(enumerate(firsts)) + [item async for item in streams.rest()]
+                return [item async for item in streams.after(firsts)]
             finally:
                 await streams.close()
 
@@ -416,13 +435,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         num_tokens = 0
         pending_echo = {(i, j): echoes[i] for i in range(len(firsts)) for j in range(n) if echoes[i]}
         try:
-            async def outputs():
-                for item in enumerate(firsts):
-                    yield item
-                async for item in streams.rest():
-                    yield item
-
-            async for i, out in outputs():
+            async for i, out in streams.after(firsts):
                 for sample in out.outputs:
                     num_tokens += len(sample.token_ids)
                     lp = await add_logprobs(i, sample)

@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from tristream.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
+# OpenAI's own bound on n.
+MAX_SAMPLES = 128
+
+
 class UnsupportedField(ValueError):
     """A request asks for something tristream does not do; ``param`` names the field."""
 
@@ -67,8 +71,8 @@ class _SamplingFields(_Body):
     """The fields that chat and completions share."""
 
     model: str | None = None
-    n: int = 1
-    best_of: int | None = None
+    n: int = Field(default=1, ge=1, le=MAX_SAMPLES)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_SAMPLES)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None

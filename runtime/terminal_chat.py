@@ -133,7 +133,7 @@ class _Chat:
             self.history.pop()
             if parts:
                 self.term.write("\n")
-            self.term.note(f"error: {e} (/clear starts a new conversation)")
+            self.term.note(f"error: {e}" + (" (/clear starts a new conversation)" if self.history else ""))
             return
         finally:
             self.answering = None

@@ -165,6 +165,7 @@ async def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(engine):
         ([-1, 5], "outside the vocabulary"),
         ("max_model_len tokens", "max_model_len"),
         (12, "string or a list of token ids"),
+        ("a lone surrogate \ud800", "could not be tokenized"),
     ],
 )
 async def test_bad_prompts_fail_alone(engine, prompt, match):

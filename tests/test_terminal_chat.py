@@ -69,7 +69,7 @@ def wait_gone(alive, pids: list[int], timeout: float = 10.0) -> list[int]:
 
 
 def test_history_commands_and_exit(alive):
-    child = spawn("--max-tokens", "16")
+    child = spawn("--max-tokens", "8")
     first, answer = turn(child, "My name is Alice.")
     second, _ = turn(child, "What is my name?")
     assert second > first + answer  # the first exchange is in the second prompt
@@ -127,34 +127,40 @@ def test_ctrl_c_stops_an_answer_and_ctrl_d_leaves(alive):
     assert wait_gone(alive, engine_pids) == []
 
 
-async def test_ctrl_c_aborts_the_request(engine, capsys, monkeypatch):
+async def test_a_failed_request_is_dropped_and_ctrl_c_aborts_the_request(engine, capsys, monkeypatch):
     read_fd, write_fd = os.pipe()
     monkeypatch.setattr(sys, "stdin", open(read_fd))
     previous = signal.getsignal(signal.SIGINT)
     params = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
-    output = ""
+    output, seen = "", 0
 
     async def shown(pattern: str) -> re.Match:
-        nonlocal output
+        """The next match of ``pattern`` in the chat's output after the last one."""
+        nonlocal output, seen
         deadline = time.monotonic() + 60
-        while (match := re.search(pattern, output, re.S)) is None:
+        while (match := re.compile(pattern, re.S).search(output, seen)) is None:
             assert time.monotonic() < deadline, output
             await asyncio.sleep(0.02)
             output += capsys.readouterr().out
+        seen = match.end()
         return match
 
     with open(write_fd, "w", buffering=1) as feed:
         chat = asyncio.ensure_future(run_chat(engine, params))
         await shown(re.escape(PROMPT))
+        feed.write("word " * 1100 + "\n")
+        assert "max_model_len" in (await shown(r"error: [^\n]*\n")).group(0)
+        await shown(re.escape(PROMPT))
         feed.write("Count from one to one thousand.\n")
-        await shown(re.escape(PROMPT) + r".*\w\w")
+        await shown(r"\w\w")
         os.kill(os.getpid(), signal.SIGINT)
-        match = await shown(STATS.pattern)
-        assert match.group(1) and int(match.group(3)) < 1000
+        stopped, prompt_tokens, tokens, _ = (await shown(STATS.pattern)).groups()
+        assert stopped and int(tokens) < 1000 and int(prompt_tokens) < 100
         deadline = time.monotonic() + 5
         while (stats := await engine.get_stats()).num_running + stats.num_waiting:
             assert time.monotonic() < deadline, "the stopped request still runs"
             await asyncio.sleep(0.05)
+        await shown(re.escape(PROMPT))
         feed.write("/exit\n")
         await asyncio.wait_for(chat, 10)
     assert signal.getsignal(signal.SIGINT) is previous

@@ -18,6 +18,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ANSWER_TIMEOUT_MS = 120_000
+# A loaded CI machine can take more than the default 5 s for a page update.
+expect.set_options(timeout=30_000)
 
 # Records (text length, state) of the last assistant message at every DOM change under #messages.
 OBSERVE_JS = """() => {

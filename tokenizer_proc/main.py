@@ -41,6 +41,15 @@ def sample_seed(seed: int, index: int) -> int:
     return seed if index == 0 else (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) & _SEED_MASK
 
 
+def _input_error(e: Exception) -> str:
+    """The message for a request whose input the tokenizer or template could not take.
+
+    Any exception here comes from the request's own input (a lone surrogate, say),
+    so it fails that request alone rather than the process.
+    """
+    return str(e) if isinstance(e, ValueError) else f"the input could not be tokenized ({type(e).__name__}: {e})"
+
+
 @dataclass
 class ActiveRequest:
     """What the tokenizer keeps of one running sample of a request."""
@@ -110,8 +119,8 @@ class TokenizerWorker:
                 if self.tokenizer is None:
                     raise ValueError("structured output needs a tokenizer (this engine runs with skip_tokenizer_init)")
                 grammar = grammar_spec(req.params.structured)
-        except ValueError as e:
-            return OutputDelta(req.request_id, "", [], finished=True, error=str(e))
+        except Exception as e:
+            return OutputDelta(req.request_id, "", [], finished=True, error=_input_error(e))
         params = req.params
         seed = self.seeds.getrandbits(63) if params.seed is None else params.seed
         ranked = params.num_samples > params.n and params.logprobs is None
@@ -156,8 +165,8 @@ class TokenizerWorker:
             else:
                 text = call.prompt or ""
                 ids = self.tokenizer.encode(text, add_special_tokens=call.add_special_tokens)
-        except ValueError as e:
-            return TokenizeResult(call.token, error=str(e))
+        except Exception as e:
+            return TokenizeResult(call.token, error=_input_error(e))
         pieces = [self.tokenizer.decode([t]) for t in ids] if call.pieces else None
         return TokenizeResult(call.token, ids, text, pieces)
 

@@ -12,6 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 if not torch.cuda.is_available():
     # Triton kernels run in its interpreter on the CPU; it must be set before triton is first imported.
@@ -107,3 +108,20 @@ def live_server():
     except subprocess.TimeoutExpired:
         server.proc.kill()
         raise
+
+
+@pytest.fixture(scope="session")
+def scrape():
+    """``scrape(server)``: its /metrics samples, by name and labels (``model_name`` left out)."""
+
+    def read(server: LiveServer) -> dict[str, float]:
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+            text = r.read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
+                samples[f"{s.name}{{{labels}}}"] = s.value
+        return samples
+
+    return read

@@ -8,7 +8,6 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tristream import SamplingParams
 from tristream.server import build_app
@@ -256,17 +255,7 @@ async def test_api_key_guards_the_api(engine):
         assert (await http.get("/")).text.lstrip().lower().startswith("<!doctype html>")
 
 
-def scrape(live_server) -> dict[str, float]:
-    text = httpx.get(live_server.url + "/metrics").text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
-            samples[f"{s.name}{{{labels}}}"] = s.value
-    return samples
-
-
-def test_metrics_count_the_requests_sent(live_server, client, model):
+def test_metrics_count_the_requests_sent(live_server, client, model, scrape):
     before = scrape(live_server)
     usages = [client.chat.completions.create(model=model, messages=QUESTION, max_tokens=n, temperature=0).usage
               for n in (3, 5)]

@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # The CPU build of torch; a bare `torch` would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The web chat test drives Debian's Chromium (no browser download); `make test` installs it when it is missing.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup run test clean gpu-wheels gpu-site gpu-test
 
@@ -20,8 +23,12 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	$(BIN)/tristream demo
 
-test: setup
+test: setup $(CHROMIUM)
 	$(BIN)/pytest -q
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -24,14 +24,12 @@ from typing import TypeVar
 from tqdm.auto import tqdm
 
 from tristream.engine import AsyncEngine
-from tristream.llm import _collect
-from tristream.outputs import CompletionOutput, RequestOutput
+from tristream.outputs import CompletionOutput, RequestOutput, accumulate
 from tristream.sampling_params import SamplingParams, StructuredOutput
 
 T = TypeVar("T")
 
 OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
-OPENAI_KEYS = ("custom_id", "method", "url", "body")
 # Fields a line may set, by SamplingParams' own names; logprobs have no place in the records.
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {"logprobs", "prompt_logprobs"}
 MIN_IN_FLIGHT = 256
@@ -83,7 +81,7 @@ def parse_line(raw: str | bytes, line: int, base: SamplingParams) -> Job:
         return Job(line, f"line-{line}", error=f"line {line}: not valid JSON ({e})")
     if not isinstance(obj, dict):
         return Job(line, f"line-{line}", error=f"line {line}: not a JSON object")
-    openai = any(k in obj for k in OPENAI_KEYS)
+    openai = "custom_id" in obj or "body" in obj
     id_field = "custom_id" if openai else "id"
     ident = obj.get(id_field)
     if not (isinstance(ident, str) and ident or isinstance(ident, int) and not isinstance(ident, bool)):
@@ -226,7 +224,7 @@ async def _run_job(engine: AsyncEngine, job: Job, model: str) -> tuple[dict, int
     final = None
     try:
         async for out in stream:
-            final = _collect(final, out)
+            final = accumulate(final, out)
     except ValueError as e:
         return _error_record(dataclasses.replace(job, error=f"line {job.line}: {e}")), 0
     tokens = sum(len(o.token_ids) for o in final.outputs)
@@ -305,6 +303,14 @@ async def _run_in_order(work: Iterator[Awaitable[T]], window: int, emit: Callabl
         await asyncio.gather(*queue, return_exceptions=True)
 
 
+def check_paths(input_path: str, output_path: str) -> None:
+    """Raise unless the input exists and the output is another file."""
+    if not os.path.isfile(input_path):
+        raise FileNotFoundError(f"no such input file: {input_path}")
+    if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+        raise ValueError("the input and the output are the same file")
+
+
 async def run_batch(engine: AsyncEngine, params: SamplingParams, input_path: str, output_path: str) -> BatchSummary:
     """Run every request of ``input_path`` that ``output_path`` lacks, appending results in input order.
 
@@ -313,10 +319,7 @@ async def run_batch(engine: AsyncEngine, params: SamplingParams, input_path: str
     progress bar and prints a summary line to stderr. While it runs in the main
     thread, SIGTERM stops it cleanly and exits with status 143.
     """
-    if not os.path.isfile(input_path):
-        raise FileNotFoundError(f"no such input file: {input_path}")
-    if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
-        raise ValueError("the input and the output are the same file")
+    check_paths(input_path, output_path)
     written = load_written(output_path)
     summary = BatchSummary()
     todo = 0

@@ -141,8 +141,9 @@ async def _chat(args: argparse.Namespace) -> None:
 
 
 async def _batch(args: argparse.Namespace) -> None:
-    from tristream.batch import run_batch
+    from tristream.batch import check_paths, run_batch
 
+    check_paths(args.input, args.output)
     async with _engine(args) as engine:
         await run_batch(engine, _params(args), args.input, args.output)
 

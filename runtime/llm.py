@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import weakref
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
 from tristream.engine import AsyncEngine
-from tristream.outputs import RequestOutput
+from tristream.outputs import RequestOutput, accumulate
 from tristream.sampling_params import SamplingParams
 
 
@@ -21,32 +20,6 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return uvloop.new_event_loop()
     except ImportError:
         return asyncio.new_event_loop()
-
-
-def _collect(final: RequestOutput | None, out: RequestOutput) -> RequestOutput:
-    """Fold a streamed delta into the whole result so far, sample by sample."""
-    if final is None:
-        final = dataclasses.replace(out, outputs=[])
-    by_index = {o.index: o for o in final.outputs}
-    for delta in out.outputs:
-        whole = by_index.get(delta.index)
-        if whole is None:
-            final.outputs.append(dataclasses.replace(
-                delta, token_ids=list(delta.token_ids), logprobs=list(delta.logprobs) if delta.logprobs is not None else None
-            ))
-            continue
-        whole.text += delta.text
-        whole.token_ids.extend(delta.token_ids)
-        whole.finish_reason, whole.cumulative_logprob = delta.finish_reason, delta.cumulative_logprob
-        if delta.logprobs is not None:
-            whole.logprobs = (whole.logprobs or []) + delta.logprobs
-        if delta.reasoning_content is not None:
-            whole.reasoning_content = (whole.reasoning_content or "") + delta.reasoning_content
-    final.outputs.sort(key=lambda o: o.index)
-    final.finished, final.metrics, final.num_cached_tokens = out.finished, out.metrics, out.num_cached_tokens
-    if out.prompt_logprobs is not None:
-        final.prompt_logprobs = out.prompt_logprobs
-    return final
 
 
 def _shutdown(loop: asyncio.AbstractEventLoop, engine: AsyncEngine) -> None:
@@ -127,7 +100,7 @@ class LLM:
             final = None
             try:
                 async for out in stream:
-                    final = _collect(final, out)
+                    final = accumulate(final, out)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from e
             bar.update(1)

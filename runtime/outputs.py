@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -56,3 +57,29 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
+
+
+def accumulate(final: RequestOutput | None, out: RequestOutput) -> RequestOutput:
+    """Fold a streamed delta ``out`` into the whole result so far (None at first), sample by sample."""
+    if final is None:
+        final = dataclasses.replace(out, outputs=[])
+    by_index = {o.index: o for o in final.outputs}
+    for delta in out.outputs:
+        whole = by_index.get(delta.index)
+        if whole is None:
+            final.outputs.append(dataclasses.replace(
+                delta, token_ids=list(delta.token_ids), logprobs=list(delta.logprobs) if delta.logprobs is not None else None
+            ))
+            continue
+        whole.text += delta.text
+        whole.token_ids.extend(delta.token_ids)
+        whole.finish_reason, whole.cumulative_logprob = delta.finish_reason, delta.cumulative_logprob
+        if delta.logprobs is not None:
+            whole.logprobs = (whole.logprobs or []) + delta.logprobs
+        if delta.reasoning_content is not None:
+            whole.reasoning_content = (whole.reasoning_content or "") + delta.reasoning_content
+    final.outputs.sort(key=lambda o: o.index)
+    final.finished, final.metrics, final.num_cached_tokens = out.finished, out.metrics, out.num_cached_tokens
+    if out.prompt_logprobs is not None:
+        final.prompt_logprobs = out.prompt_logprobs
+    return final

@@ -89,6 +89,7 @@ def test_openai_batch_lines_take_their_sampling_fields_from_the_body():
     ('{"custom_id": "b", "url": "/v1/chat/completions", "body": {"prompt": "x"}}', "b", True, "needs messages"),
     ('{"custom_id": "b", "url": "/v1/completions", "body": {"prompt": "x", "top_p": 2}}', "b", True, "top_p"),
     ('{"url": "/v1/completions", "body": {"prompt": "x"}}', "line-5", True, "custom_id must be"),
+    ('{"id": "a", "url": "https://example.com", "method": "GET"}', "a", False, "either prompt or messages"),
 ])
 def test_malformed_lines_become_errors_naming_the_line(line, ident, openai, reason):
     job = parse_line(line, 5, BASE)
@@ -252,15 +253,25 @@ def batch_input() -> tuple[str, list[str | int]]:
     return "\n".join(lines) + "\n", ids
 
 
+# One request at a time and no prefix cache: every run computes each request alike, and a run can be
+# stopped part-way. One torch thread: on a small machine shared with other work, more are much slower.
 FLAGS = ["--temperature", "0", "--max-tokens", "8", "--max-model-len", "1024",
          "--max-num-seqs", "1", "--no-enable-prefix-caching"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_to_end(src: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tristream", "batch", "--input", str(src), "--output", str(out), *FLAGS],
+        capture_output=True, text=True, timeout=300, env=ENV,
+    )
 
 
 def start_batch(src: Path, out: Path, err: Path) -> subprocess.Popen:
     with open(err, "w") as f:
         return subprocess.Popen(
             [sys.executable, "-m", "tristream", "batch", "--input", str(src), "--output", str(out), *FLAGS],
-            stdout=subprocess.DEVNULL, stderr=f,
+            stdout=subprocess.DEVNULL, stderr=f, env=ENV,
             # A shell that starts jobs in the background hands them SIGINT ignored.
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
@@ -282,13 +293,17 @@ def children(pid: int) -> list[int]:
 
 def interrupt(proc: subprocess.Popen, out: Path, at_lines: int, sig: signal.Signals, alive) -> int:
     """Send ``sig`` once ``out`` has ``at_lines`` lines; the exit status, after checking no child outlives it."""
-    while not out.exists() or out.read_bytes().count(b"\n") < at_lines:
-        assert proc.poll() is None, "the batch ended before it was interrupted"
-        time.sleep(0.02)
-    kids = children(proc.pid)
-    assert len(kids) >= 3
-    proc.send_signal(sig)
-    rc = proc.wait(120)
+    try:
+        while not out.exists() or out.read_bytes().count(b"\n") < at_lines:
+            assert proc.poll() is None, "the batch ended before it was interrupted"
+            time.sleep(0.02)
+        kids = children(proc.pid)
+        assert len(kids) >= 3
+        proc.send_signal(sig)
+        rc = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     deadline = time.monotonic() + 10
     while any(alive(k) for k in kids) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -302,8 +317,7 @@ def test_interrupted_runs_resume_to_the_same_result_as_one_run(tmp_path, alive):
     src.write_text(text)
 
     ref = tmp_path / "ref.jsonl"
-    done = subprocess.run([sys.executable, "-m", "tristream", "batch", "--input", str(src), "--output", str(ref), *FLAGS],
-                          capture_output=True, text=True, timeout=300)
+    done = run_to_end(src, ref)
     assert done.returncode == 0, done.stderr
     reference = read_records(ref)
     assert [record_id(r) for r in reference] == ids
@@ -334,8 +348,7 @@ def test_interrupted_runs_resume_to_the_same_result_as_one_run(tmp_path, alive):
     second = out.read_bytes()
     assert second.startswith(first) and second.endswith(b"\n")
 
-    last = subprocess.run([sys.executable, "-m", "tristream", "batch", "--input", str(src), "--output", str(out), *FLAGS],
-                          capture_output=True, text=True, timeout=300)
+    last = run_to_end(src, out)
     assert last.returncode == 0, last.stderr
     lines_before = second.count(b"\n")
     assert f"{lines_before} skipped" in last.stderr

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tristream import SamplingParams
 from tristream.config import EngineConfig
 from tristream.engine import _Stream
-from tristream.llm import _collect
+from tristream.outputs import accumulate
 from tristream.outputs import RequestMetrics
 from tristream.protocol import GenerateRequest, TokenBatch, TokenDelta
 from tristream.tokenizer_proc.main import TokenizerWorker
@@ -139,7 +139,7 @@ def test_the_tokenizer_process_splits_reasoning_from_a_token_stream(model_dir, t
         last = i == len(ids) - 1
         (delta,), _ = worker.outputs(TokenBatch([TokenDelta("r", [token], finish_reason="stop" if last else None)]))
         assert "<" not in delta.reasoning + delta.text
-        final = _collect(final, stream.output(delta))
+        final = accumulate(final, stream.output(delta))
     out = final.outputs[0]
     assert (out.reasoning_content, out.text) == ("The user greets me.\n", "Hello there!")
     assert out.token_ids == ids and final.finished

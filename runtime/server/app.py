@@ -91,9 +91,13 @@ class Streams:
 
     async def firsts(self) -> list[RequestOutput]:
         """Each stream's first output; an engine refusal (ValueError) of any stream is raised."""
+        tasks = [asyncio.ensure_future(anext(s)) for s in self.streams]
         try:
-            return list(await asyncio.gather(*(anext(s) for s in self.streams)))
+            return list(await asyncio.gather(*tasks))
         except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.close()
             raise
 

@@ -1,0 +1,95 @@
+"""YAML config files, chat templates by name or file, and reasoning through the server."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+from tristream import AsyncEngine
+from tristream.cli import parse_args
+from tristream.server import build_app
+from tristream.tokenizer_proc.templates import BUILTIN_TEMPLATES, resolve_chat_template
+
+
+def write(tmp_path, text: str, name: str = "config.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_sets_defaults_that_flags_override(tmp_path):
+    config = write(tmp_path, "model_name_or_path: /models/m\ntemplate: chatml\nport: 9000\nmax-model-len: 512\n"
+                             "api_key: k\ninfer_backend: vllm\n")
+    args = parse_args(["serve", config])
+    assert (args.model, args.chat_template, args.port, args.max_model_len, args.api_key) == ("/models/m", "chatml", 9000, 512, "k")
+    args = parse_args(["serve", config, "--port", "9100", "--model", "/models/other"])
+    assert (args.port, args.model, args.max_model_len) == (9100, "/models/other", 512)
+
+
+def test_yaml_sampling_keys_for_chat_and_batch(tmp_path):
+    chat = parse_args(["chat", write(tmp_path, "max_new_tokens: 77\ntemperature: 0.2\ndefault_system: Be brief.\n")])
+    assert (chat.max_tokens, chat.temperature, chat.system) == (77, 0.2, "Be brief.")
+    batch = parse_args(["batch", write(tmp_path, "input: in.jsonl\noutput: out.jsonl\ntop_k: 5\n", "b.yaml")])
+    assert (batch.input, batch.output, batch.top_k) == ("in.jsonl", "out.jsonl", 5)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("frobnicate: 1\n", ["unknown key", "frobnicate"]),
+    ("system: hi\n", ["unknown key", "system"]),
+    ("- a list\n", ["mapping"]),
+    ("port: [unclosed\n", ["not valid YAML"]),
+])
+def test_bad_yaml_is_an_error_that_says_why(tmp_path, capsys, text, words):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["serve", write(tmp_path, text)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err
+
+
+def test_config_must_be_yaml_and_exist(tmp_path, capsys):
+    for arg in ("config.json", str(tmp_path / "missing.yaml")):
+        with pytest.raises(SystemExit):
+            parse_args(["serve", arg])
+    err = capsys.readouterr().err
+    assert ".yaml or .yml" in err and "does not exist" in err
+
+
+def test_builtin_templates_render(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    own = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"]
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == own
+    tokenizer.chat_template = BUILTIN_TEMPLATES["default-generation"]
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "Be brief.Hi"
+    tokenizer.chat_template = BUILTIN_TEMPLATES["qwen"]
+    assert tokenizer.apply_chat_template(messages[1:], tokenize=False).startswith(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    with pytest.raises(ValueError, match="neither a file nor a built-in"):
+        resolve_chat_template("no-such-template")
+
+
+async def test_reasoning_content_through_the_server(tmp_path):
+    """A template that opens <think> puts what the model writes first into reasoning_content."""
+    template = write(tmp_path, BUILTIN_TEMPLATES["chatml"].replace(
+        "<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}"), "think.jinja")
+    assert "<think>" in (tmp_path / "think.jinja").read_text()
+    body = {"messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True}
+    async with AsyncEngine(chat_template=template, reasoning_parser="think", max_model_len=512,
+                           log_level="WARNING") as engine:
+        transport = httpx.ASGITransport(app=build_app(engine, "m"))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as http:
+            whole = (await http.post("/v1/chat/completions", json=body)).json()
+            streamed = (await http.post("/v1/chat/completions", json={**body, "stream": True})).text
+    message = whole["choices"][0]["message"]
+    assert message["reasoning_content"] and "<think>" not in message["reasoning_content"]
+    chunks = [json.loads(e[6:]) for e in streamed.split("\n\n") if e.startswith("data: {")]
+    reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks)
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert reasoning == message["reasoning_content"] and content == message["content"]

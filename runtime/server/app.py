@@ -61,6 +61,11 @@ def _bad_request(e: ValueError, body: BaseModel | None = None) -> ApiError:
     return ApiError(400, str(e), param=param)
 
 
+def _sse_error(e: Exception) -> bytes:
+    """An error event for a stream that has already started, so cannot change its status."""
+    return sse(error_body(str(e), "service_unavailable" if isinstance(e, EngineDeadError) else "invalid_request_error"))
+
+
 async def _until_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -351,7 +356,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                            "choices": [], "usage": usage(first.metrics.num_prompt_tokens, num_tokens,
                                                          first.num_cached_tokens)})
         except (EngineDeadError, ValueError) as e:
-            yield sse(error_body(str(e), "service_unavailable" if isinstance(e, EngineDeadError) else "invalid_request_error"))
+            yield _sse_error(e)
         finally:
             await streams.close()
         yield SSE_DONE
@@ -451,7 +456,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                 yield sse({"id": rid, "object": "text_completion", "created": created_at, "model": model_name,
                            "choices": [], "usage": usage(prompt_tokens, num_tokens, cached)})
         except (EngineDeadError, ValueError) as e:
-            yield sse(error_body(str(e), "service_unavailable" if isinstance(e, EngineDeadError) else "invalid_request_error"))
+            yield _sse_error(e)
         finally:
             await streams.close()
         yield SSE_DONE

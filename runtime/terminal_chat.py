@@ -10,19 +10,13 @@ import threading
 import time
 
 from tristream.engine import AsyncEngine
-from tristream.model_files import default_model_path
+from tristream.model_files import model_name
 from tristream.outputs import RequestOutput
 from tristream.sampling_params import SamplingParams
 
 PROMPT = ">>> "
 COMMANDS = "/clear forgets the conversation, /system TEXT sets the system prompt, /exit or Ctrl-D leaves"
 EXIT_HINT = "(to leave, type /exit or press Ctrl-D)"
-
-
-def _model_name(engine: AsyncEngine) -> str:
-    """The model's file or directory name."""
-    path = engine.config.model or default_model_path()
-    return os.path.basename(os.path.normpath(path)).removesuffix(".gguf")
 
 
 def _stats(output: RequestOutput, elapsed: float) -> str:
@@ -155,7 +149,7 @@ async def run_chat(engine: AsyncEngine, params: SamplingParams, system: str | No
     await engine.start()
     term = _Terminal()
     chat = _Chat(engine, params, system, term)
-    term.note(f"tristream chat with {_model_name(engine)} on {engine.info['gpu']['device']}. {COMMANDS}; Ctrl-C stops an answer.")
+    term.note(f"tristream chat with {model_name(engine.config.model)} on {engine.info['gpu']['device']}. {COMMANDS}; Ctrl-C stops an answer.")
     loop = asyncio.get_running_loop()
     previous = signal.getsignal(signal.SIGINT)
     loop.add_signal_handler(signal.SIGINT, chat.on_sigint)

@@ -7,22 +7,14 @@ import contextlib
 import signal
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import uvicorn
 
 from tristream.engine import AsyncEngine
-from tristream.model_files import default_model_path
+from tristream.model_files import model_name
 from tristream.server.app import build_app
 
-__all__ = ["build_app", "default_model_name", "serve"]
-
-
-def default_model_name(engine: AsyncEngine) -> str:
-    """The ``--model`` argument as given, or the bundled model's name."""
-    if engine.config.model is not None:
-        return engine.config.model
-    return Path(default_model_path()).name.split(".")[0]
+__all__ = ["build_app", "serve"]
 
 
 class _Server(uvicorn.Server):
@@ -48,7 +40,7 @@ async def serve(engine: AsyncEngine, host: str = "127.0.0.1", port: int = 8000, 
     also prints the web chat's address.
     """
     async with engine:
-        name = served_model_name or default_model_name(engine)
+        name = served_model_name or model_name(engine.config.model)
         server = _Server(uvicorn.Config(
             build_app(engine, name, api_key), host=host, port=port, log_level="warning",
             timeout_graceful_shutdown=3, access_log=False,

@@ -143,11 +143,24 @@ class Streams:
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events that stop, and close their source, the moment the client leaves."""
+    """Server-sent events ending in ``[DONE]``, that stop, and close their source, the moment the client leaves.
+
+    An engine error after the stream has started (so its status is sent) becomes an error event.
+    """
 
     def __init__(self, content: AsyncIterator[bytes], source: Streams) -> None:
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        super().__init__(self._events(content), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.content = content
         self.source = source
+
+    @staticmethod
+    async def _events(content: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            async for event in content:
+                yield event
+        except (EngineDeadError, ValueError) as e:
+            yield _sse_error(e)
+        yield SSE_DONE
 
     async def __call__(self, scope, receive, send) -> None:
         stream = asyncio.ensure_future(self.stream_response(send))
@@ -159,6 +172,7 @@ class EventStream(StreamingResponse):
                 task.cancel()
             await asyncio.gather(stream, watch, return_exceptions=True)
             await self.body_iterator.aclose()
+            await self.content.aclose()
             await self.source.close()
         if not stream.cancelled() and stream.exception() is not None:
             raise stream.exception()
@@ -332,34 +346,28 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
             })
 
         num_tokens = 0
-        try:
-            for i in range(params.n):
-                yield chunk(i, {"role": "assistant", "content": ""})
-                if echo:
-                    yield chunk(i, {"content": echo})
-            async for _, out in streams.after([first]):
-                for sample in out.outputs:
-                    num_tokens += len(sample.token_ids)
-                    delta = {}
-                    if sample.reasoning_content:
-                        delta["reasoning_content"] = sample.reasoning_content
-                    if sample.text or not delta:
-                        delta["content"] = sample.text
-                    logprobs = None
-                    if k is not None and sample.logprobs:
-                        await token_texts({t for step in sample.logprobs for t in step})
-                        logprobs = {"content": chat_logprobs(sample.logprobs, texts, k)}
-                    if delta.get("content") or delta.get("reasoning_content") or sample.finish_reason or logprobs:
-                        yield chunk(sample.index, delta, sample.finish_reason, logprobs)
-            if include_usage:
-                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created_at, "model": model_name,
-                           "choices": [], "usage": usage(first.metrics.num_prompt_tokens, num_tokens,
-                                                         first.num_cached_tokens)})
-        except (EngineDeadError, ValueError) as e:
-            yield _sse_error(e)
-        finally:
-            await streams.close()
-        yield SSE_DONE
+        for i in range(params.n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+            if echo:
+                yield chunk(i, {"content": echo})
+        async for _, out in streams.after([first]):
+            for sample in out.outputs:
+                num_tokens += len(sample.token_ids)
+                delta = {}
+                if sample.reasoning_content:
+                    delta["reasoning_content"] = sample.reasoning_content
+                if sample.text or not delta:
+                    delta["content"] = sample.text
+                logprobs = None
+                if k is not None and sample.logprobs:
+                    await token_texts({t for step in sample.logprobs for t in step})
+                    logprobs = {"content": chat_logprobs(sample.logprobs, texts, k)}
+                if delta.get("content") or delta.get("reasoning_content") or sample.finish_reason or logprobs:
+                    yield chunk(sample.index, delta, sample.finish_reason, logprobs)
+        if include_usage:
+            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created_at, "model": model_name,
+                       "choices": [], "usage": usage(first.metrics.num_prompt_tokens, num_tokens,
+                                                     first.num_cached_tokens)})
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -443,22 +451,16 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
 
         num_tokens = 0
         pending_echo = {(i, j): echoes[i] for i in range(len(firsts)) for j in range(n) if echoes[i]}
-        try:
-            async for i, out in streams.after(firsts):
-                for sample in out.outputs:
-                    num_tokens += len(sample.token_ids)
-                    lp = await add_logprobs(i, sample)
-                    text = pending_echo.pop((i, sample.index), "") + sample.text
-                    if text or sample.finish_reason or (lp is not None and lp.tokens):
-                        yield chunk(i * n + sample.index, text, sample.finish_reason,
-                                    lp.take() if lp is not None else None)
-            if include_usage:
-                yield sse({"id": rid, "object": "text_completion", "created": created_at, "model": model_name,
-                           "choices": [], "usage": usage(prompt_tokens, num_tokens, cached)})
-        except (EngineDeadError, ValueError) as e:
-            yield _sse_error(e)
-        finally:
-            await streams.close()
-        yield SSE_DONE
+        async for i, out in streams.after(firsts):
+            for sample in out.outputs:
+                num_tokens += len(sample.token_ids)
+                lp = await add_logprobs(i, sample)
+                text = pending_echo.pop((i, sample.index), "") + sample.text
+                if text or sample.finish_reason or (lp is not None and lp.tokens):
+                    yield chunk(i * n + sample.index, text, sample.finish_reason,
+                                lp.take() if lp is not None else None)
+        if include_usage:
+            yield sse({"id": rid, "object": "text_completion", "created": created_at, "model": model_name,
+                       "choices": [], "usage": usage(prompt_tokens, num_tokens, cached)})
 
     return app

@@ -36,6 +36,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-bytes", type=int, default=None)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--enforce-eager", action="store_true", help="run without CUDA graphs")
+    g.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True,
+                   help="plan the next step while the GPU runs this one (--no-pipelined: one step at a time)")
     g.add_argument("--reasoning-parser", default=None, choices=["think"])
     g.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -66,7 +68,7 @@ def _server_args(parser: argparse.ArgumentParser) -> None:
 ENGINE_KEYS = (
     "model", "tokenizer", "chat_template", "dtype", "device", "load_format", "max_model_len", "max_num_seqs",
     "max_num_batched_tokens", "page_size", "gpu_memory_utilization", "kv_cache_tokens", "kv_cache_bytes",
-    "enable_prefix_caching", "enforce_eager", "reasoning_parser", "log_level",
+    "enable_prefix_caching", "enforce_eager", "pipelined", "reasoning_parser", "log_level",
 )
 SAMPLING_KEYS = (
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",

@@ -18,6 +18,8 @@ class EngineConfig:
     on CPU ``kv_cache_tokens`` or ``kv_cache_bytes`` (default 1 GiB).
     ``schedule_policy`` is "fcfs" or "lpm" (longest cached prefix first).
     ``check_invariants`` verifies the page accounting after every step (slow; for tests).
+    ``pipelined`` lets the scheduler plan step N+1 while the GPU runs step N (the
+    default); ``pipelined=False`` is the synchronous loop, one step in flight.
     ``enforce_eager`` turns CUDA graphs off. ``skip_tokenizer_init`` runs without a
     tokenizer: prompts are token ids and outputs carry ids but no text.
     ``chat_template`` overrides the tokenizer's template: a Jinja file, or one of
@@ -45,6 +47,7 @@ class EngineConfig:
     schedule_policy: str = "fcfs"
     check_invariants: bool = False
     enforce_eager: bool = False
+    pipelined: bool = True
     seed: int = 0
     log_level: str = "INFO"
     startup_timeout: float = 600.0

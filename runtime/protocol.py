@@ -233,7 +233,14 @@ class StatsRequest:
 
 @dataclass
 class SchedulerStats:
-    """The scheduler's counters, in answer to ``StatsRequest(token)``."""
+    """The scheduler's counters, in answer to ``StatsRequest(token)``.
+
+    Step accounting, summed over ``num_steps`` steps since start: ``gpu_busy_s`` the
+    device time of the steps (forward and sampling), ``gpu_idle_s`` the device time
+    between consecutive steps while requests were running, ``scheduler_s`` the
+    scheduler's time deciding steps and taking their results, ``ipc_s`` the time plans
+    and results spent in transit between the scheduler and the gpu_proc.
+    """
 
     token: int
     num_pages: int
@@ -244,6 +251,11 @@ class SchedulerStats:
     num_prompt_tokens: int
     num_cache_hit_tokens: int
     num_preemptions: int
+    num_steps: int = 0
+    gpu_busy_s: float = 0.0
+    gpu_idle_s: float = 0.0
+    scheduler_s: float = 0.0
+    ipc_s: float = 0.0
 
 
 # lifecycle: children -> user (and gpu_proc -> scheduler_proc)

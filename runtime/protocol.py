@@ -235,6 +235,7 @@ class StatsRequest:
 class SchedulerStats:
     """The scheduler's counters, in answer to ``StatsRequest(token)``.
 
+    ``num_generated_tokens`` counts the output tokens handed on since start.
     Step accounting, summed over ``num_steps`` steps since start: ``gpu_busy_s`` the
     device time of the steps (forward and sampling), ``gpu_idle_s`` the device time
     between consecutive steps while requests were running, ``scheduler_s`` the
@@ -251,6 +252,7 @@ class SchedulerStats:
     num_prompt_tokens: int
     num_cache_hit_tokens: int
     num_preemptions: int
+    num_generated_tokens: int = 0
     num_steps: int = 0
     gpu_busy_s: float = 0.0
     gpu_idle_s: float = 0.0

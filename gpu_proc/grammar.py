@@ -38,8 +38,7 @@ class GrammarMatchers:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="grammar")
         self._compiler: Future[xgr.GrammarCompiler] | None = None
         self._futures: dict[tuple[str, str], Future[xgr.CompiledGrammar]] = {}
-        self._pending: dict[int, tuple[Future[xgr.CompiledGrammar], list[int]]] = {}
-        self._matchers: dict[int, xgr.GrammarMatcher] = {}
+        self._slots: dict[int, SlotGrammar] = {}
         self._host: torch.Tensor | None = None
 
     def _make_compiler(self) -> xgr.GrammarCompiler:
@@ -65,58 +64,78 @@ class GrammarMatchers:
 
     def add(self, slot: int, spec: tuple[str, str], output_ids: list[int]) -> None:
         """Constrain ``slot`` by ``spec``; ``output_ids`` (tokens it already generated) are replayed."""
-        self.remove(slot)
         if self._compiler is None:
             self._compiler = self._pool.submit(self._make_compiler)
         if spec not in self._futures:
             if len(self._futures) >= MAX_CACHED_GRAMMARS:
                 del self._futures[next(iter(self._futures))]  # the oldest; matchers keep their own grammar
             self._futures[spec] = self._pool.submit(self._compile, spec)
-        self._pending[slot] = (self._futures[spec], list(output_ids))
+        self._slots[slot] = SlotGrammar(slot, self._futures[spec], list(output_ids))
 
     def remove(self, slot: int) -> None:
-        self._pending.pop(slot, None)
-        self._matchers.pop(slot, None)
+        self._slots.pop(slot, None)
 
     def __contains__(self, slot: int) -> bool:
-        return slot in self._matchers or slot in self._pending
+        return slot in self._slots
 
-    def _matcher(self, slot: int) -> xgr.GrammarMatcher:
-        """The slot's matcher, created (waiting for its grammar to compile) on first use."""
-        if slot in self._pending:
-            future, output_ids = self._pending.pop(slot)
-            self._matchers[slot] = xgr.GrammarMatcher(future.result())
-            self._accept(slot, output_ids)
-        return self._matchers[slot]
-
-    def _accept(self, slot: int, tokens: list[int]) -> None:
-        matcher = self._matchers[slot]
-        for token in tokens:
-            if not matcher.is_terminated() and not matcher.accept_token(token):
-                logger.warning("slot %d: structured output rejected token %d", slot, token)
+    def of(self, slot_ids: list[int]) -> list[SlotGrammar | None]:
+        """Each slot's constraint now, to advance later even if the slot has been refilled by then."""
+        return [self._slots.get(slot) for slot in slot_ids]
 
     def bitmask(self, slot_ids: list[int]) -> torch.Tensor | None:
         """int32 [len(slot_ids), ceil(vocab/32)] on the device, all ones for slots without a grammar
         (or whose grammar has accepted EOS); None if no slot has a grammar.
 
-        Filled on the host into a reused buffer: the previous step's copy is done by then, since
-        its tokens were read back for ``accept``.
+        Filled on the host into a reused buffer: the copy of the step before is done by then,
+        since its tokens were read back before this step samples.
         """
-        if not any(slot in self for slot in slot_ids):
+        grammars = self.of(slot_ids)
+        if not any(grammars):
             return None
         words = (self.vocab_size + 31) // 32
         if self._host is None or self._host.shape[0] < len(slot_ids):
             self._host = torch.empty(len(slot_ids), words, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         host = self._host[: len(slot_ids)].fill_(-1)
-        for row, slot in enumerate(slot_ids):
-            if slot in self and not (matcher := self._matcher(slot)).is_terminated():
+        for row, grammar in enumerate(grammars):
+            if grammar is not None and not (matcher := grammar.matcher()).is_terminated():
                 matcher.fill_next_token_bitmask(host, row)
         return host.to(self.device, non_blocking=True, copy=True)
 
     def accept(self, slot_ids: list[int], tokens: list[int]) -> None:
         """Advance the matchers of the slots that have one by the tokens just sampled."""
-        for slot, token in zip(slot_ids, tokens):
-            if slot in self._pending:
-                self._pending[slot][1].append(token)
-            elif slot in self._matchers:
-                self._accept(slot, [token])
+        accept_each(self.of(slot_ids), tokens)
+
+
+def accept_each(grammars: list[SlotGrammar | None], tokens: list[int]) -> None:
+    """Advance each constraint (from ``GrammarMatchers.of``) by its token."""
+    for grammar, token in zip(grammars, tokens):
+        if grammar is not None:
+            grammar.accept(token)
+
+
+class SlotGrammar:
+    """One slot's constraint: its grammar, compiling in the background, then its matcher.
+
+    Tokens accepted before the matcher exists are replayed into it when it is made.
+    """
+
+    def __init__(self, slot: int, grammar: Future[xgr.CompiledGrammar], output_ids: list[int]) -> None:
+        self.slot = slot
+        self._grammar = grammar
+        self._replay = output_ids
+        self._matcher: xgr.GrammarMatcher | None = None
+
+    def matcher(self) -> xgr.GrammarMatcher:
+        """The matcher, made (waiting for the grammar to compile) on first use."""
+        if self._matcher is None:
+            self._matcher = xgr.GrammarMatcher(self._grammar.result())
+            for token in self._replay:
+                self.accept(token)
+            self._replay = []
+        return self._matcher
+
+    def accept(self, token: int) -> None:
+        if self._matcher is None:
+            self._replay.append(token)
+        elif not self._matcher.is_terminated() and not self._matcher.accept_token(token):
+            logger.warning("slot %d: structured output rejected token %d", self.slot, token)

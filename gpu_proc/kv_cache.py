@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from tristream.config import EngineConfig
+from tristream.gpu_proc.upload import upload
 from tristream.model_config import ModelConfig
 
 logger = logging.getLogger("tristream")
@@ -33,7 +34,7 @@ class KVCache:
 
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole pages, every layer's K and V, from each source to its destination."""
-        src, dst = torch.tensor(copies, dtype=torch.int64).T.to(self.pool.device)
+        src, dst = upload(copies, torch.int64, self.pool.device).T
         self.pool[:, :, dst] = self.pool[:, :, src]
 
 

@@ -1,13 +1,23 @@
-"""The gpu_proc: receive a BatchPlan, run it, send back the sampled tokens."""
+"""The gpu_proc: receive step plans, run them, send back the sampled tokens.
+
+Pipelined, the next plan's forward pass is queued before the step in flight is read
+back, so the device goes straight from one step to the next while the host finishes
+the one before and prepares the one after.
+"""
 
 from __future__ import annotations
+
+import time
 
 import zmq
 
 from tristream.config import EngineConfig
-from tristream.gpu_proc.runner import ModelRunner
+from tristream.gpu_proc.runner import ModelRunner, QueuedStep
 from tristream.processes import bind_inbox, connect_outbox, recv, send
-from tristream.protocol import BatchPlan, Ipc, Ready, Shutdown
+from tristream.protocol import Ipc, PlanDecoder, PlanDiff, Ready, Shutdown
+
+# How long to wait for a plan before checking whether the step in flight is done.
+POLL_MS = 0.2
 
 
 def run(ipc: Ipc, config: EngineConfig) -> None:
@@ -19,9 +29,35 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
     runner = ModelRunner(config)
     send(to_scheduler, Ready("gpu", runner.info))
     send(to_user, Ready("gpu", runner.info))
+    plans = PlanDecoder()
+    in_flight: tuple[QueuedStep, float] | None = None
+
+    def send_result(queued: QueuedStep, plan_ipc_s: float) -> None:
+        result = runner.finish(queued)
+        result.plan_ipc_s = plan_ipc_s
+        result.sent_at = time.monotonic()
+        send(to_scheduler, result)
+
+    waiting_since = time.monotonic()
     while True:
+        if in_flight is not None and not inbox.poll(POLL_MS):
+            if in_flight[0].clock.done():
+                send_result(*in_flight)
+                in_flight = None
+            continue
         msg = recv(inbox)
         if isinstance(msg, Shutdown):
             return
-        if isinstance(msg, BatchPlan):
-            send(to_scheduler, runner.step(msg))
+        if isinstance(msg, PlanDiff):
+            # Transit time: from sending, or from when this process was ready for it, to now.
+            plan_ipc_s = max(0.0, time.monotonic() - max(msg.sent_at, waiting_since))
+            queued = runner.forward(plans.plan(msg))
+            if in_flight is not None:
+                send_result(*in_flight)
+                in_flight = None
+            runner.sample(queued)
+            if config.pipelined:
+                in_flight = queued, plan_ipc_s
+            else:
+                send_result(queued, plan_ipc_s)
+        waiting_since = time.monotonic()

@@ -1,4 +1,11 @@
-"""ModelRunner: applies a BatchPlan to its slot state, runs the model, samples."""
+"""ModelRunner: applies a BatchPlan to its slot state, runs the model, samples.
+
+A step is queued in three calls, so that the host prepares step N+1 while the device
+runs step N: ``forward`` (the plan and the forward pass), ``sample`` (once the tokens
+of the step before are on the host), and ``finish`` (waits for the step, reads it back).
+A slot's newest token may still be on the device when the next step needs it as input:
+``forward`` takes it from ``last_tokens``, which every sampling writes.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +18,12 @@ import torch
 from tristream.config import EngineConfig
 from tristream.gpu_proc.cuda_graph import CudaGraphRunner
 from tristream.gpu_proc.forward_batch import ForwardBatch
-from tristream.gpu_proc.grammar import GrammarMatchers
+from tristream.gpu_proc.grammar import GrammarMatchers, SlotGrammar, accept_each
 from tristream.gpu_proc.kv_cache import KVCache, allocate_kv_cache
 from tristream.gpu_proc.model import DecoderLM
-from tristream.gpu_proc.sampler import Sampler, SamplingState
+from tristream.gpu_proc.sampler import Sampled, Sampler, SamplingState
+from tristream.gpu_proc.step_clock import StepClock
+from tristream.gpu_proc.upload import download, upload
 from tristream.gpu_proc.weights import init_dummy, load_safetensors
 from tristream.kernels.attention import choose_num_splits
 from tristream.model_config import ModelConfig
@@ -37,6 +46,23 @@ class Sequence:
     pages: list[int] = field(default_factory=list)
     prompt_len: int = 0
     prompt_logprobs: int | None = None
+
+
+@dataclass
+class QueuedStep:
+    """A step on its way through the device: what ``sample`` and ``finish`` need of it."""
+
+    plan: BatchPlan
+    clock: StepClock
+    before: StepClock | None
+    seqs: list[Sequence] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    slots_on_device: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    prompt_targets: list[tuple[int, list[int]]] = field(default_factory=list)
+    grammars: list[SlotGrammar | None] = field(default_factory=list)
+    sampled: Sampled | None = None
+    prompt_logprobs: tuple | None = None
 
 
 def resolve_device(config: EngineConfig) -> torch.device:
@@ -81,6 +107,8 @@ class ModelRunner:
         self.seqs: dict[int, Sequence] = {}
         max_pages = -(-config.max_model_len // config.page_size)
         self.block_tables = torch.zeros(config.max_num_seqs, max_pages, dtype=torch.int32, device=self.device)
+        self.last_tokens = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
+        self.last_clock: StepClock | None = None
         self.sampler = Sampler(SamplingState(config.max_num_seqs, mc.vocab_size, mc.eos_token_ids, self.device))
         self.grammar = GrammarMatchers(config.tokenizer or config.model, mc.vocab_size, mc.eos_token_ids, self.device)
         self.graphs: CudaGraphRunner | None = None
@@ -116,7 +144,7 @@ class ModelRunner:
         self.sampler(logits, torch.arange(config.max_num_seqs, device=self.device), list(range(config.max_num_seqs)))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - scratch_bytes
-        self.kv, self.seqs = kv, {}
+        self.kv, self.seqs, self.last_clock = kv, {}, None
         self.block_tables.zero_()
         del scratch, logits
         torch.cuda.empty_cache()
@@ -148,18 +176,26 @@ class ModelRunner:
                 prompt_logprobs=new.params.prompt_logprobs if new.num_outputs == 0 else None,
             )
             self.sampler.state.set(new.slot, new.params, new.token_ids, new.num_outputs, new.bad_words_ids)
-        for slot, pages in plan.pages:
-            seq = self.seqs[slot]
-            start = len(seq.pages)
-            seq.pages.extend(pages)
-            self.block_tables[slot, start : start + len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        if plan.pages:
+            rows: list[int] = []
+            cols: list[int] = []
+            values: list[int] = []
+            for slot, pages in plan.pages:
+                seq = self.seqs[slot]
+                rows += [slot] * len(pages)
+                cols += range(len(seq.pages), len(seq.pages) + len(pages))
+                values += pages
+                seq.pages.extend(pages)
+            index = upload([rows, cols, values], torch.int64, self.device)
+            self.block_tables[index[0], index[1]] = index[2].int()
         if plan.copies:
             self.kv.copy_pages(plan.copies)
 
     def _build_batch(self, plan: BatchPlan) -> tuple[ForwardBatch, torch.Tensor, list[tuple[int, list[int]]]]:
         """The batch, the slots that sample, and per slot owing prompt logprobs the prompt
         tokens whose logprobs this step computes. All per-token inputs go to the device in
-        one copy; block tables are already there.
+        one copy; block tables are already there. A row whose token the host does not know
+        yet (sampled by the step before, still on its way) reads it from ``last_tokens``.
 
         ``logit_rows`` are the sampling rows, then the rows of prompt positions whose
         next token's logprob is owed."""
@@ -171,11 +207,19 @@ class ModelRunner:
         sample_rows: list[int] = []
         prompt_rows: list[int] = []
         prompt_targets: list[tuple[int, list[int]]] = []
+        device_rows: list[int] = []
+        device_slots: list[int] = []
         ps = self.page_size
         for slot, n, sample in zip(plan.slots, plan.num_tokens, plan.sample):
             seq = self.seqs[slot]
             start, end = seq.num_computed, seq.num_computed + n
-            ids.extend(seq.token_ids[start:end])
+            if start < len(seq.token_ids):
+                ids.extend(seq.token_ids[start:end])
+            else:
+                assert start == len(seq.token_ids) and n == 1, "only a slot's newest token may be unknown here"
+                device_rows.append(len(ids))
+                device_slots.append(slot)
+                ids.append(0)
             positions.extend(range(start, end))
             slot_mapping.extend(seq.pages[p // ps] * ps + p % ps for p in range(start, end))
             if seq.prompt_logprobs is not None and start < seq.prompt_len - 1:
@@ -188,15 +232,18 @@ class ModelRunner:
                 sample_rows.append(qo_indptr[-1] - 1)
             seq.num_computed = end
         sample_slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
-        t, b, s, r = len(ids), len(seq_lens), len(sample_rows), len(sample_rows) + len(prompt_rows)
-        host = torch.tensor(
-            ids + positions + slot_mapping + qo_indptr + seq_lens + sample_rows + prompt_rows + plan.slots + sample_slots,
-            dtype=torch.int64,
-        )
-        parts = host.to(self.device, non_blocking=True).split([t, t, t, b + 1, b, r, b, s])
+        t, b, s, r, d = len(ids), len(seq_lens), len(sample_rows), len(sample_rows) + len(prompt_rows), len(device_rows)
+        parts = upload(
+            ids + positions + slot_mapping + qo_indptr + seq_lens + sample_rows + prompt_rows + plan.slots + sample_slots
+            + device_rows + device_slots,
+            torch.int64, self.device,
+        ).split([t, t, t, b + 1, b, r, b, s, d, d])
+        input_ids = parts[0]
+        if d:
+            input_ids = input_ids.index_copy(0, parts[8], self.last_tokens[parts[9]])
         max_q_len = max(plan.num_tokens)
         return ForwardBatch(
-            input_ids=parts[0], positions=parts[1], slot_mapping=parts[2], qo_indptr=parts[3].int(),
+            input_ids=input_ids, positions=parts[1], slot_mapping=parts[2], qo_indptr=parts[3].int(),
             seq_lens=parts[4].int(), block_table=self.block_tables[parts[6]], logit_rows=parts[5],
             max_q_len=max_q_len, decode=max_q_len == 1 and not prompt_rows,
             num_splits=choose_num_splits(b, self.model_config.num_kv_heads, self.config.max_model_len),
@@ -205,41 +252,77 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, plan: BatchPlan) -> StepResult:
         """Run one planned step and return the sampled tokens."""
-        self._apply(plan)
-        if not plan.slots:
-            return StepResult(plan.step_id, [], [])
-        batch, sample_slots, prompt_targets = self._build_batch(plan)
-        if self.graphs is not None and batch.decode:
-            logits = self.graphs.run(batch)
-        else:
-            logits = self.model(batch, self.kv)
-        sampling_slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
-        # Filled on the host while the device runs the forward pass.
-        bitmask = self.grammar.bitmask(sampling_slots)
-        prompt_logprobs = self._prompt_logprobs(logits[len(sampling_slots) :], prompt_targets)
-        if not sampling_slots:
-            return StepResult(plan.step_id, [], [], prompt_logprobs=prompt_logprobs)
-        tokens, logprobs = self.sampler.sample(logits[: len(sampling_slots)], sample_slots, sampling_slots, bitmask)
-        tokens = tokens.tolist()
-        self.grammar.accept(sampling_slots, tokens)
-        for slot, token in zip(sampling_slots, tokens):
-            self.seqs[slot].token_ids.append(token)
-        return StepResult(plan.step_id, sampling_slots, tokens, logprobs, prompt_logprobs)
+        queued = self.forward(plan)
+        self.sample(queued)
+        return self.finish(queued)
 
-    def _prompt_logprobs(
-        self, logits: torch.Tensor, targets: list[tuple[int, list[int]]]
-    ) -> list[tuple[int, list[list[tuple[int, float]]]]]:
-        """Per slot, [(prompt token, logprob), then the top k] for each target, from the raw logits."""
+    @torch.inference_mode()
+    def forward(self, plan: BatchPlan) -> QueuedStep:
+        """Apply the plan and queue its forward pass."""
+        clock = StepClock(self.device)
+        clock.mark()
+        queued = QueuedStep(plan, clock, None if plan.after_idle else self.last_clock)
+        self.last_clock = clock
+        self._apply(plan)
+        if plan.slots:
+            batch, queued.slots_on_device, queued.prompt_targets = self._build_batch(plan)
+            if self.graphs is not None and batch.decode:
+                queued.logits = self.graphs.run(batch)
+            else:
+                queued.logits = self.model(batch, self.kv)
+            queued.slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
+            queued.seqs = [self.seqs[slot] for slot in queued.slots]
+        clock.mark()
+        return queued
+
+    @torch.inference_mode()
+    def sample(self, queued: QueuedStep) -> None:
+        """Queue the sampling of a step whose forward pass is queued. Every step before it must be
+        finished, since bad words and grammars look at the tokens before."""
+        queued.clock.mark()
+        if queued.logits is not None:
+            k = len(queued.slots)
+            queued.prompt_logprobs = self._prompt_logprobs(queued.logits[k:], queued.prompt_targets)
+            if k:
+                queued.grammars = self.grammar.of(queued.slots)
+                bitmask = self.grammar.bitmask(queued.slots)
+                queued.sampled = self.sampler.launch(queued.logits[:k], queued.slots_on_device, queued.slots, bitmask)
+                self.last_tokens.index_copy_(0, queued.slots_on_device, queued.sampled.tokens)
+            queued.logits = None
+        queued.clock.mark()
+
+    def finish(self, queued: QueuedStep) -> StepResult:
+        """Wait for a queued step and return its results; its tokens join their sequences on the host."""
+        queued.clock.wait()
+        tokens, logprobs = queued.sampled.finish() if queued.sampled is not None else ([], None)
+        accept_each(queued.grammars, tokens)
+        for seq, token in zip(queued.seqs, tokens):
+            seq.token_ids.append(token)
+        return StepResult(
+            queued.plan.step_id, queued.slots, tokens, logprobs, self._prompt_logprob_lists(queued),
+            gpu_busy_s=queued.clock.busy_s(), gpu_idle_s=queued.clock.idle_s(queued.before),
+        )
+
+    def _prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[int, list[int]]]) -> tuple | None:
+        """Queued on the device: each target's logprob and the top k of its row, from the raw logits."""
         if not targets:
-            return []
+            return None
         lp = logits.float().log_softmax(dim=-1)
-        ids = torch.tensor([t for _, tokens in targets for t in tokens], device=lp.device)
-        picked = lp.gather(1, ids[:, None])[:, 0].tolist()
-        k = max(self.seqs[slot].prompt_logprobs for slot, _ in targets)
-        top_values, top_ids = (v.tolist() for v in lp.topk(k, dim=-1)) if k else ([[]] * len(picked), [[]] * len(picked))
+        ids = upload([t for _, tokens in targets for t in tokens], torch.int64, lp.device)
+        ns = [self.seqs[slot].prompt_logprobs for slot, _ in targets]
+        k = max(ns)
+        top_values, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], ids[:, None][:, :0])
+        return ns, download(lp.gather(1, ids[:, None])[:, 0]), download(top_ids), download(top_values)
+
+    @staticmethod
+    def _prompt_logprob_lists(queued: QueuedStep) -> list[tuple[int, list[list[tuple[int, float]]]]]:
+        """Per slot, [(prompt token, logprob), then the top k] for each target, once on the host."""
+        if queued.prompt_logprobs is None:
+            return []
+        ns, picked, top_ids, top_values = queued.prompt_logprobs
+        picked, top_ids, top_values = picked.tolist(), top_ids.tolist(), top_values.tolist()
         out, row = [], 0
-        for slot, tokens in targets:
-            n = self.seqs[slot].prompt_logprobs
+        for (slot, tokens), n in zip(queued.prompt_targets, ns):
             out.append((slot, [
                 [(token, picked[row + i])] + list(zip(top_ids[row + i][:n], top_values[row + i][:n]))
                 for i, token in enumerate(tokens)

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
 from tristream.gpu_proc import ops
 from tristream.gpu_proc.grammar import apply_token_bitmask
+from tristream.gpu_proc.upload import download, upload
 from tristream.sampling_params import SamplingParams
+
+Logprobs = list[tuple[int, float]]
+
 
 class SamplingState:
     """Sampling parameters and penalty counts of every slot, as tensors indexed by slot id.
@@ -59,23 +65,23 @@ class SamplingState:
         self.counts[slot].zero_()
         self.seen[slot].zero_()
         if _penalized(params):
-            ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+            ids = upload(token_ids, torch.int64, self.device)
             self.seen[slot, ids] = True
             if num_outputs:
                 self.counts[slot].index_add_(0, ids[-num_outputs:], torch.ones_like(ids[-num_outputs:], dtype=torch.int32))
 
-    def record(self, slots: torch.Tensor, slot_ids: list[int], tokens: torch.Tensor) -> None:
-        """Count the tokens just sampled (penalty counts only matter to penalized slots)."""
+    def record(self, slots: torch.Tensor, slot_ids: list[int], tokens: torch.Tensor) -> list[tuple[int, list[int]]]:
+        """Count the tokens just sampled on the device (penalty counts only matter to penalized slots).
+
+        Returns (row, output history) of the slots that watch for bad words: their tokens are
+        appended once they are on the host (``Sampled.finish``)."""
         if any(_penalized(self.params[s]) for s in slot_ids):
             self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
             self.seen[slots, tokens] = True
         self.counter[slots] += 1
-        watched = [(row, slot) for row, slot in enumerate(slot_ids) if slot in self.outputs]
-        host = tokens.tolist() if watched else []
-        for row, slot in watched:
-            self.outputs[slot].append(host[row])
         for slot in slot_ids:
             self.num_outputs[slot] += 1
+        return [(row, self.outputs[slot]) for row, slot in enumerate(slot_ids) if slot in self.outputs]
 
     def banned(self, slot: int) -> list[int]:
         """Tokens that would complete one of the slot's bad words now."""
@@ -118,8 +124,8 @@ class Sampler:
                 if token < logits.shape[-1]:
                     rows.append(row), cols.append(token), values.append(bias)
         if rows:
-            index = torch.tensor([rows, cols], dtype=torch.int64, device=logits.device)
-            logits = logits.index_put((index[0], index[1]), torch.tensor(values, device=logits.device), accumulate=True)
+            index = upload([rows, cols], torch.int64, logits.device)
+            logits = logits.index_put((index[0], index[1]), upload(values, torch.float32, logits.device), accumulate=True)
         if any(_penalized(p) for p in params):
             rep = st.repetition[slots][:, None]
             logits = torch.where(st.seen[slots], torch.where(logits > 0, logits / rep, logits * rep), logits)
@@ -130,7 +136,7 @@ class Sampler:
     def filter(self, scaled: torch.Tensor, slots: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Temperature-scaled logits with everything outside top-k, top-p and min_p set to -inf."""
         st = self.state
-        inf = torch.tensor(float("-inf"), device=scaled.device)
+        inf = torch.full((), float("-inf"), device=scaled.device)
         threshold = inf.expand(scaled.shape[0])
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             k, top_p = st.top_k[slots], st.top_p[slots]
@@ -166,8 +172,17 @@ class Sampler:
 
     def sample(
         self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int], bitmask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, list[list[tuple[int, float]] | None] | None]:
-        """The next token of every row, and the logprobs of the rows that ask for them.
+    ) -> tuple[torch.Tensor, list[Logprobs | None] | None]:
+        """The next token of every row, and the logprobs of the rows that ask for them, waiting for both."""
+        sampled = self.launch(logits, slots, slot_ids, bitmask)
+        if sampled.tokens.is_cuda:
+            torch.cuda.current_stream(sampled.tokens.device).synchronize()
+        return sampled.tokens, sampled.finish()[1]
+
+    def launch(
+        self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int], bitmask: torch.Tensor | None = None
+    ) -> Sampled:
+        """Queue the sampling of every row on the device, and the copies of its results to the host.
 
         ``bitmask`` (int32, a row per slot) allows only the tokens whose bits are set."""
         st = self.state
@@ -180,24 +195,49 @@ class Sampler:
             sampled = ops.gumbel_argmax(scaled, st.seed[slots], st.counter[slots])
             tokens = torch.where(temperature == 0, tokens, sampled)
             dist = torch.where((temperature == 0)[:, None], logits, scaled)
-        st.record(slots, slot_ids, tokens)
-        return tokens, _logprobs(dist, tokens, params)
+        histories = st.record(slots, slot_ids, tokens)
+        return Sampled(tokens, download(tokens), _logprobs(dist, tokens, params), histories)
+
+
+@dataclass
+class Sampled:
+    """A sampling queued on the device. ``host_tokens`` and the logprob tensors are copies on
+    their way to the host: read them (``finish``) once the device has passed this step."""
+
+    tokens: torch.Tensor
+    host_tokens: torch.Tensor
+    logprobs: tuple[list[int | None], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+    histories: list[tuple[int, list[int]]]
+
+    def finish(self) -> tuple[list[int], list[Logprobs | None] | None]:
+        """The tokens as ints, with each bad-words history extended by its row's token, and the logprobs:
+        [(sampled token, logprob), then the top k] for rows with ``logprobs=k``, None for the others."""
+        tokens = self.host_tokens.tolist()
+        for row, history in self.histories:
+            history.append(tokens[row])
+        if self.logprobs is None:
+            return tokens, None
+        wanted, chosen, picked, top_ids, top_values = (x if isinstance(x, list) else x.tolist() for x in self.logprobs)
+        out: list[Logprobs | None] = [None] * len(wanted)
+        j = 0
+        for i, n in enumerate(wanted):
+            if n is not None:
+                out[i] = [(chosen[j], picked[j])] + list(zip(top_ids[j][:n], top_values[j][:n]))
+                j += 1
+        return tokens, out
 
 
 def _logprobs(dist: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]):
-    """[(sampled token, logprob), then the top k] for rows with ``logprobs=k``; None for the others."""
-    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    """For ``Sampled.logprobs``: each row's logprobs count, and on their way to the host, for the rows
+    that ask, the sampled tokens, their logprobs, and the top k ids and logprobs; None if no row asks."""
+    wanted = [p.logprobs for p in params]
+    rows = [i for i, n in enumerate(wanted) if n is not None]
     if not rows:
         return None
-    index = torch.tensor(rows, device=dist.device)
+    index = upload(rows, torch.int64, dist.device)
     lp = dist[index].log_softmax(dim=-1)
     chosen = tokens[index]
-    picked = lp.gather(1, chosen[:, None])[:, 0].tolist()
-    k = max(params[i].logprobs for i in rows)
+    picked = lp.gather(1, chosen[:, None])[:, 0]
+    k = max(wanted[i] for i in rows)
     top_values, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], chosen[:, None][:, :0])
-    top_values, top_ids, chosen = top_values.tolist(), top_ids.tolist(), chosen.tolist()
-    out: list[list[tuple[int, float]] | None] = [None] * len(params)
-    for j, i in enumerate(rows):
-        n = params[i].logprobs
-        out[i] = [(chosen[j], picked[j])] + list(zip(top_ids[j][:n], top_values[j][:n]))
-    return out
+    return wanted, download(chosen), download(picked), download(top_ids), download(top_values)

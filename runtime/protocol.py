@@ -104,8 +104,12 @@ class BatchPlan:
     """One step, as a diff against the gpu_proc's slot state.
 
     ``slots[i]`` computes ``num_tokens[i]`` of its not yet computed tokens and,
-    when ``sample[i]``, samples the next token from the last one.
-    ``copies`` are (source, destination) KV pages to copy before the step runs.
+    when ``sample[i]``, samples the next token from the last one. A slot's first
+    token may be one that the gpu_proc sampled in the step before and the scheduler
+    has not seen yet. ``copies`` are (source, destination) KV pages to copy before
+    the step runs. ``after_idle`` says the scheduler had nothing to run before this
+    step, so the device's wait for it is not idle time; ``sent_at`` is the
+    ``time.monotonic()`` of sending.
     """
 
     step_id: int
@@ -116,6 +120,8 @@ class BatchPlan:
     num_tokens: list[int] = field(default_factory=list)
     sample: list[bool] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
+    after_idle: bool = False
+    sent_at: float = 0.0
 
 
 # gpu_proc -> scheduler_proc
@@ -128,6 +134,9 @@ class StepResult:
     ``logprobs[i]``, for a slot that asked, is [(sampled token, its logprob), then the top ones].
     ``prompt_logprobs`` holds, per slot that asked, the same for each prompt token
     this step computed the logits before (in prompt order).
+    ``gpu_busy_s`` is the device time of the step, ``gpu_idle_s`` the device time idle
+    since the previous step, ``plan_ipc_s`` the plan's time in transit, and ``sent_at``
+    the ``time.monotonic()`` of sending this result.
     """
 
     step_id: int
@@ -135,6 +144,10 @@ class StepResult:
     token_ids: list[int]
     logprobs: list[list[tuple[int, float]] | None] | None = None
     prompt_logprobs: list[tuple[int, list[list[tuple[int, float]]]]] = field(default_factory=list)
+    gpu_busy_s: float = 0.0
+    gpu_idle_s: float = 0.0
+    plan_ipc_s: float = 0.0
+    sent_at: float = 0.0
 
 
 # scheduler_proc -> tokenizer_proc
@@ -285,3 +298,69 @@ def encode(message: object) -> bytes:
 
 def decode(data: bytes) -> object:
     return pickle.loads(data)
+
+
+def _decode_prefix(plan: BatchPlan) -> int:
+    """How many leading rows are decode rows (one token, sampling) in ascending slot order."""
+    i, last = 0, -1
+    for slot, n, sample in zip(plan.slots, plan.num_tokens, plan.sample):
+        if n != 1 or not sample or slot <= last:
+            break
+        i, last = i + 1, slot
+    return i
+
+
+@dataclass
+class PlanDiff:
+    """A BatchPlan on the wire: its leading decode rows are given as the slots that
+    ``left`` and ``joined`` the previous plan's decode rows; ``rest`` holds the other
+    rows as (slots, num_tokens, sample), or None."""
+
+    step_id: int
+    left: tuple[int, ...]
+    joined: tuple[int, ...]
+    rest: tuple[list[int], list[int], list[bool]] | None
+    new: list[NewSequence]
+    freed: list[int]
+    pages: list[tuple[int, list[int]]]
+    copies: list[tuple[int, int]]
+    after_idle: bool
+    sent_at: float
+
+
+class PlanEncoder:
+    """The scheduler's end of the plan stream: a steady decode step sends no rows at all."""
+
+    def __init__(self) -> None:
+        self.decode: list[int] = []
+
+    def diff(self, plan: BatchPlan) -> PlanDiff:
+        k = _decode_prefix(plan)
+        decode = plan.slots[:k]
+        left: tuple[int, ...] = ()
+        joined: tuple[int, ...] = ()
+        if decode != self.decode:
+            before, now = set(self.decode), set(decode)
+            left, joined = tuple(before - now), tuple(now - before)
+            self.decode = decode
+        rest = (plan.slots[k:], plan.num_tokens[k:], plan.sample[k:]) if k < len(plan.slots) else None
+        return PlanDiff(plan.step_id, left, joined, rest, plan.new, plan.freed, plan.pages, plan.copies,
+                        plan.after_idle, plan.sent_at)
+
+
+class PlanDecoder:
+    """The gpu_proc's end of the plan stream: each PlanDiff back into its whole BatchPlan."""
+
+    def __init__(self) -> None:
+        self.decode: list[int] = []
+
+    def plan(self, d: PlanDiff) -> BatchPlan:
+        if d.left or d.joined:
+            self.decode = sorted(set(self.decode).difference(d.left).union(d.joined))
+        k = len(self.decode)
+        slots, num_tokens, sample = list(self.decode), [1] * k, [True] * k
+        if d.rest is not None:
+            slots += d.rest[0]
+            num_tokens += d.rest[1]
+            sample += d.rest[2]
+        return BatchPlan(d.step_id, d.new, d.freed, d.pages, slots, num_tokens, sample, d.copies, d.after_idle, d.sent_at)

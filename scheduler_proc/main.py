@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import zmq
 
 from tristream.config import EngineConfig
@@ -9,6 +11,7 @@ from tristream.processes import bind_inbox, connect_outbox, recv, recv_all, send
 from tristream.protocol import (
     AbortRequest,
     Ipc,
+    PlanEncoder,
     Ready,
     Shutdown,
     StatsRequest,
@@ -21,7 +24,7 @@ from tristream.scheduler_proc.scheduler import Scheduler
 
 
 def run(ipc: Ipc, config: EngineConfig) -> None:
-    """Process entry point: a synchronous loop with at most one step in flight."""
+    """Process entry point: plans go out while up to one step (two, pipelined) is in flight."""
     ctx = zmq.Context()
     inbox = bind_inbox(ctx, ipc.scheduler)
     to_gpu = connect_outbox(ctx, ipc.gpu)
@@ -33,14 +36,18 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
             return
         ready = recv(inbox)
     scheduler = Scheduler(config, ready.info["num_pages"])
+    plans = PlanEncoder()
     send(to_user, Ready("scheduler"))
-    in_flight = idle = False
+    depth = 2 if config.pipelined else 1
+    stalled = after_idle = False
     while True:
         deltas = []
-        for msg in recv_all(inbox, block=in_flight or idle):
+        waiting_since = time.monotonic()
+        for msg in recv_all(inbox, block=stalled or len(scheduler.in_flight) >= depth):
             if isinstance(msg, StepResult):
-                in_flight = False
-                deltas.extend(scheduler.on_result(msg))
+                # Transit time: from sending, or from when this process was ready for it, to now.
+                ipc_s = msg.plan_ipc_s + max(0.0, time.monotonic() - max(msg.sent_at, waiting_since))
+                deltas.extend(scheduler.on_result(msg, ipc_s))
             elif isinstance(msg, TokenizedRequest):
                 deltas.append(scheduler.add(msg))
             elif isinstance(msg, AbortRequest):
@@ -54,9 +61,13 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
         deltas = [d for d in deltas if d is not None]
         if deltas:
             send(to_tokenizer, TokenBatch(deltas))
-        if not in_flight:
+        stalled = False
+        if len(scheduler.in_flight) < depth:
             plan = scheduler.schedule()
-            idle = plan is None
-            if plan is not None:
-                send(to_gpu, plan)
-                in_flight = True
+            if plan is None:
+                stalled = True
+                after_idle = after_idle or not scheduler.in_flight
+            else:
+                plan.after_idle, after_idle = after_idle, False
+                plan.sent_at = time.monotonic()
+                send(to_gpu, plans.diff(plan))

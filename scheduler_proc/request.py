@@ -13,7 +13,9 @@ class Request:
     """A request's tokens, pages and progress. ``num_computed`` tokens have KV.
 
     ``pages`` is its block table; it owns ``own_pages`` of them, and the radix
-    cache owns the rest, held for it by a lock on ``cache_node``.
+    cache owns the rest, held for it by a lock on ``cache_node``. ``num_pending``
+    tokens are being sampled in steps still in flight; the steps planned meanwhile
+    count them as known (``num_planned``).
     """
 
     spec: TokenizedRequest
@@ -23,6 +25,7 @@ class Request:
     own_pages: set[int] = field(default_factory=set)
     cache_node: Node | None = None
     num_computed: int = 0
+    num_pending: int = 0
     num_cached_tokens: int | None = None
     first_scheduled_time: float | None = None
     prompt_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -38,3 +41,7 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.spec.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_planned(self) -> int:
+        return self.num_tokens + self.num_pending

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
 from tristream.config import EngineConfig
 from tristream.protocol import BatchPlan, NewSequence, SchedulerStats, StepResult, TokenDelta, TokenizedRequest
 from tristream.scheduler_proc.page_allocator import PageAllocator
 from tristream.scheduler_proc.radix_cache import RadixCache
 from tristream.scheduler_proc.request import Request
+
+logger = logging.getLogger("tristream")
+
+
+@dataclass
+class StepInFlight:
+    """What the scheduler needs to take a step's result: the requests of its rows, those of its
+    sampling rows in row order, the prefill chunks to cache, and the time spent planning it."""
+
+    step_id: int
+    rows: dict[int, Request] = field(default_factory=dict)
+    samplers: list[Request] = field(default_factory=list)
+    prefilling: list[Request] = field(default_factory=list)
+    plan_s: float = 0.0
 
 
 class Scheduler:
@@ -24,6 +40,11 @@ class Scheduler:
     computed, then shares its cached pages, gets copies of the rest, and
     computes only the last prompt token. A request asking for prompt logprobs
     computes its whole prompt.
+
+    Steps may be planned while earlier ones are in flight: a request that samples in
+    one step computes that token in the next, before the scheduler has seen it. A
+    request that ends in a step may still be in the step after; the token it samples
+    there is dropped. Rows that decode one token come first in a plan, by slot.
     """
 
     def __init__(self, config: EngineConfig, num_pages: int) -> None:
@@ -39,11 +60,14 @@ class Scheduler:
         self.by_slot: dict[int, Request] = {}
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self.freed_slots: list[int] = []
-        self.prefilling: list[Request] = []
+        self.in_flight: deque[StepInFlight] = deque()
         self.step_id = 0
         self.num_prompt_tokens = 0
         self.num_cache_hit_tokens = 0
         self.num_preemptions = 0
+        self.num_generated_tokens = 0
+        self.num_steps = 0
+        self.gpu_busy_s = self.gpu_idle_s = self.scheduler_s = self.ipc_s = 0.0
 
     def stats(self, token: int) -> SchedulerStats:
         return SchedulerStats(
@@ -56,6 +80,12 @@ class Scheduler:
             self.num_prompt_tokens,
             self.num_cache_hit_tokens,
             self.num_preemptions,
+            self.num_generated_tokens,
+            self.num_steps,
+            self.gpu_busy_s,
+            self.gpu_idle_s,
+            self.scheduler_s,
+            self.ipc_s,
         )
 
     def has_work(self) -> bool:
@@ -78,27 +108,30 @@ class Scheduler:
 
     def abort(self, request_id: str) -> TokenDelta | None:
         """Drop a request wherever it is and free its pages."""
-        req = self.by_id.pop(request_id, None)
+        req = self.by_id.get(request_id)
         if req is None:
             return None
-        if req.slot is None:
-            self.waiting.remove(req)
-        else:
-            self.running.remove(req)
-            self._release(req)
+        self._end(req, cache=False)
         return TokenDelta(request_id, [], finish_reason="abort")
 
     def finish(self, request_id: str) -> None:
         """End a request that hit a stop string; its computed pages stay cached."""
-        req = self.by_id.pop(request_id, None)
-        if req is None:
-            return
+        req = self.by_id.get(request_id)
+        if req is not None:
+            self._end(req, cache=True)
+
+    def _end(self, req: Request, cache: bool) -> None:
+        del self.by_id[req.request_id]
         if req.slot is None:
             self.waiting.remove(req)
         else:
             self.running.remove(req)
-            self._cache(req)
+            if cache:
+                self._cache(req)
             self._release(req)
+
+    def _live(self, req: Request) -> bool:
+        return self.by_id.get(req.request_id) is req
 
     def _alloc(self, n: int) -> list[int] | None:
         """``n`` free pages, evicting cache leaves if needed; None if that is not enough."""
@@ -113,7 +146,7 @@ class Scheduler:
         """Put the request's computed whole pages into the prefix cache and hold them there."""
         if self.cache is None:
             return
-        n = req.num_computed // self.page_size
+        n = min(req.num_computed, req.num_tokens) // self.page_size
         node, tree_pages = self.cache.insert(req.all_token_ids[: n * self.page_size], req.pages[:n])
         for mine, theirs in zip(req.pages, tree_pages):
             if mine == theirs:
@@ -139,7 +172,7 @@ class Scheduler:
         self._cache(req)
         self._release(req)
         req.num_computed = 0
-        if not req.output_token_ids:
+        if not req.output_token_ids and not req.num_pending:
             req.prompt_logprobs = []
         self.waiting.appendleft(req)
 
@@ -154,13 +187,24 @@ class Scheduler:
             plan.pages.append((req.slot, pages))
         return True
 
-    def _run(self, req: Request, n: int, plan: BatchPlan) -> None:
+    def _run(self, req: Request, n: int, plan: BatchPlan, step: StepInFlight) -> None:
         plan.slots.append(req.slot)
         plan.num_tokens.append(n)
         req.num_computed += n
-        plan.sample.append(req.num_computed == req.num_tokens)
+        sample = req.num_computed == req.num_planned
+        plan.sample.append(sample)
+        req.num_pending += sample
+        step.rows[req.slot] = req
         if n > 1:
-            self.prefilling.append(req)
+            step.prefilling.append(req)
+
+    def _ends_with_pending(self, req: Request) -> bool:
+        """Whether the tokens in flight take the request to its length limit (so it needs no more steps)."""
+        if not req.num_pending:
+            return False
+        max_tokens = req.spec.params.max_tokens
+        outputs = len(req.output_token_ids) + req.num_pending
+        return (max_tokens is not None and outputs >= max_tokens) or req.num_planned >= self.max_len
 
     def _fork_source(self, req: Request, forkable: set[str]) -> Request | None | bool:
         """The running sample whose prompt KV ``req`` copies; None to start on its own;
@@ -170,7 +214,7 @@ class Scheduler:
             return None
         return leader if leader.request_id in forkable else False
 
-    def _admit(self, req: Request, budget: int, plan: BatchPlan, leader: Request | None) -> int:
+    def _admit(self, req: Request, budget: int, plan: BatchPlan, step: StepInFlight, leader: Request | None) -> int:
         """Start ``req`` from its longest cached prefix, or from a copy of ``leader``'s prompt KV;
         the tokens it runs (0: it does not fit)."""
         node, pages = None, []
@@ -205,7 +249,7 @@ class Scheduler:
             )
         )
         plan.pages.append((req.slot, list(req.pages)))
-        self._run(req, n, plan)
+        self._run(req, n, plan, step)
         return n
 
     def _order_waiting(self) -> None:
@@ -217,7 +261,9 @@ class Scheduler:
 
     def schedule(self) -> BatchPlan | None:
         """The next step's plan, or None when there is nothing to run."""
+        start = time.perf_counter()
         plan = BatchPlan(self.step_id)
+        step = StepInFlight(self.step_id)
         budget = self.config.max_num_batched_tokens
         preempted = False
         # Samples may fork only prompts whose KV was computed before this step.
@@ -225,9 +271,9 @@ class Scheduler:
         for req in list(self.running):
             if budget == 0:
                 break
-            if req.slot is None:
+            if req.slot is None or self._ends_with_pending(req):
                 continue
-            n = min(req.num_tokens - req.num_computed, budget)
+            n = min(req.num_planned - req.num_computed, budget)
             while not self._grow(req, req.num_computed + n, plan):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -235,17 +281,18 @@ class Scheduler:
                 if victim is req:
                     break
             if req.slot is not None:
-                self._run(req, n, plan)
+                self._run(req, n, plan, step)
                 budget -= n
         if self.config.schedule_policy == "lpm" and self.cache is not None and len(self.waiting) > 1:
             self._order_waiting()
         i = 0
         while not preempted and i < len(self.waiting) and self.free_slots and budget > 0:
-            leader = self._fork_source(self.waiting[i], forkable)
-            if leader is False:
+            req = self.waiting[i]
+            leader = self._fork_source(req, forkable)
+            if leader is False or req.num_pending:
                 i += 1
                 continue
-            ran = self._admit(self.waiting[i], budget, plan, leader)
+            ran = self._admit(req, budget, plan, step, leader)
             if ran == 0:
                 break
             del self.waiting[i]
@@ -255,24 +302,43 @@ class Scheduler:
             self.check_invariants()
         if not plan.slots and not plan.freed:
             return None
+        self._decode_rows_first(plan)
+        step.samplers = [step.rows[slot] for slot, sample in zip(plan.slots, plan.sample) if sample]
+        step.plan_s = time.perf_counter() - start
+        self.scheduler_s += step.plan_s
+        self.in_flight.append(step)
         self.step_id += 1
         return plan
 
-    def on_result(self, result: StepResult) -> list[TokenDelta]:
-        """Record sampled tokens, cache computed prefill chunks, finish requests that stop."""
-        for req in self.prefilling:
-            if req.slot is not None:
+    @staticmethod
+    def _decode_rows_first(plan: BatchPlan) -> None:
+        """Put the rows that decode one token first, in slot order (the order PlanEncoder sends as a diff)."""
+        rows = list(zip(plan.slots, plan.num_tokens, plan.sample))
+        decode = sorted(r for r in rows if r[1] == 1 and r[2])
+        rest = [r for r in rows if not (r[1] == 1 and r[2])]
+        plan.slots, plan.num_tokens, plan.sample = (list(x) for x in zip(*(decode + rest))) if rows else ([], [], [])
+
+    def on_result(self, result: StepResult, ipc_s: float = 0.0) -> list[TokenDelta]:
+        """Record sampled tokens, cache computed prefill chunks, finish requests that stop.
+
+        Results come in plan order. Tokens of requests that ended meanwhile are dropped.
+        ``ipc_s`` is the time the step's plan and result spent in transit."""
+        start = time.perf_counter()
+        step = self.in_flight.popleft()
+        assert step.step_id == result.step_id, (step.step_id, result.step_id)
+        for req in step.prefilling:
+            if self._live(req) and req.slot is not None:
                 self._cache(req)
-        self.prefilling = []
         for slot, entries in result.prompt_logprobs:
-            if slot in self.by_slot:
-                self.by_slot[slot].prompt_logprobs.extend(entries)
+            req = step.rows.get(slot)
+            if req is not None and self._live(req):
+                req.prompt_logprobs.extend(entries)
         deltas = []
-        logprobs = result.logprobs or [None] * len(result.slots)
-        for slot, token, lp in zip(result.slots, result.token_ids, logprobs):
-            req = self.by_slot.get(slot)
-            if req is None:
+        logprobs = result.logprobs or [None] * len(result.token_ids)
+        for req, token, lp in zip(step.samplers, result.token_ids, logprobs):
+            if not self._live(req):
                 continue
+            req.num_pending -= 1
             req.output_token_ids.append(token)
             reason = self._finish_reason(req, token)
             first = len(req.output_token_ids) == 1
@@ -288,12 +354,22 @@ class Scheduler:
                 )
             )
             if reason is not None:
-                self.running.remove(req)
-                self._cache(req)
-                self._release(req)
-                del self.by_id[req.request_id]
+                self._end(req, cache=True)
+        self.num_generated_tokens += len(deltas)
         if self.config.check_invariants:
             self.check_invariants()
+        took = time.perf_counter() - start
+        self.num_steps += 1
+        self.gpu_busy_s += result.gpu_busy_s
+        self.gpu_idle_s += result.gpu_idle_s
+        self.scheduler_s += took
+        self.ipc_s += ipc_s
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "step %d: %d rows, %d sampled, gpu %.2f ms, gpu idle %.2f ms, scheduler %.2f ms, ipc %.2f ms",
+                step.step_id, len(step.rows), len(result.token_ids), 1e3 * result.gpu_busy_s, 1e3 * result.gpu_idle_s,
+                1e3 * (step.plan_s + took), 1e3 * ipc_s,
+            )
         return deltas
 
     def _finish_reason(self, req: Request, token: int) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import zmq
@@ -22,12 +23,13 @@ from tristream.protocol import (
     Shutdown,
     StopRequest,
     TokenBatch,
+    TokenDelta,
     TokenizeCall,
     TokenizedRequest,
     TokenizeResult,
 )
 from tristream.sampling_params import SamplingParams
-from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer
+from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer, push_step
 from tristream.tokenizer_proc.prompts import PromptBuilder
 from tristream.tokenizer_proc.reasoning import ThinkParser, opens_reasoning
 from tristream.tokenizer_proc.structured import grammar_spec
@@ -39,6 +41,24 @@ _SEED_MASK = (1 << 63) - 1
 def sample_seed(seed: int, index: int) -> int:
     """The seed of sample ``index`` of a request: the request's own for sample 0."""
     return seed if index == 0 else (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) & _SEED_MASK
+
+
+def _distinct_runs(deltas: list[TokenDelta]) -> Iterator[list[TokenDelta]]:
+    """The deltas in order, cut into runs in which no request appears twice.
+
+    A batch may hold two deltas of one request (a step's tokens, then its abort);
+    the second must see the request as the first left it.
+    """
+    run: list[TokenDelta] = []
+    seen: set[str] = set()
+    for d in deltas:
+        if d.request_id in seen:
+            yield run
+            run, seen = [], set()
+        run.append(d)
+        seen.add(d.request_id)
+    if run:
+        yield run
 
 
 def _input_error(e: Exception) -> str:
@@ -68,14 +88,18 @@ class ActiveRequest:
     emitted: str = ""
 
     def text(self, token_ids: list[int], finished: bool) -> tuple[str, bool]:
-        """New text to emit and whether a stop string ended the request.
+        """``take_text`` of this request's ids pushed on their own (``outputs`` pushes a whole step at once)."""
+        return self.take_text(self.detok.push(token_ids) if self.detok is not None else "", finished)
+
+    def take_text(self, pushed: str, finished: bool) -> tuple[str, bool]:
+        """New text to emit and whether a stop string ended the request, given the detokenizer's text for this step.
 
         With stop strings, the last ``len(longest stop) - 1`` characters are held
         back, since they may begin a stop string that the next tokens complete.
         """
         if self.detok is None:
             return "", False
-        self.held += self.detok.push(token_ids) + (self.detok.flush() if finished else "")
+        self.held += pushed + (self.detok.flush() if finished else "")
         hits = [(i, s) for s in self.stop if (i := self.held.find(s)) >= 0]
         if hits:
             i, s = min(hits)
@@ -184,34 +208,36 @@ class TokenizerWorker:
 
     def outputs(self, batch: TokenBatch) -> tuple[list[OutputDelta], list[str]]:
         """Deltas for the user, and the requests a stop string ended (for the scheduler)."""
-        out, stopped = [], []
-        for d in batch.deltas:
-            req = self.active.get(d.request_id)
-            if req is None:
-                continue
-            finished = d.finish_reason is not None or d.error is not None
-            req.output_token_ids += d.token_ids
-            prompt_ids = None
-            if not req.prompt_sent:
-                req.prompt_sent, prompt_ids = True, req.prompt_token_ids
-            text, hit_stop = req.text(d.token_ids, finished)
-            reason = "stop" if hit_stop else d.finish_reason
-            if hit_stop and not finished:
-                stopped.append(d.request_id)
-            reasoning = ""
-            if req.reasoning is not None:
-                reasoning, text = req.reasoning.push(text, finished or hit_stop)
-            if finished or hit_stop:
-                del self.active[d.request_id]
-                self._forget_sample(req.parent, d.request_id)
-                self._remember_turn(req, reason)
-            out.append(
-                OutputDelta(
-                    req.parent, text, d.token_ids, finished or hit_stop, reason, prompt_ids,
-                    d.num_cached_tokens, d.time_in_queue, d.error, d.logprobs, d.prompt_logprobs,
-                    req.index, reasoning,
+        out: list[OutputDelta] = []
+        stopped: list[str] = []
+        for run in _distinct_runs(batch.deltas):
+            live = [(d, req) for d in run if (req := self.active.get(d.request_id)) is not None]
+            pushes = [(req.detok, d.token_ids) for d, req in live if req.detok is not None]
+            pushed = iter(push_step([detok for detok, _ in pushes], [ids for _, ids in pushes]))
+            for d, req in live:
+                finished = d.finish_reason is not None or d.error is not None
+                req.output_token_ids += d.token_ids
+                prompt_ids = None
+                if not req.prompt_sent:
+                    req.prompt_sent, prompt_ids = True, req.prompt_token_ids
+                text, hit_stop = req.take_text(next(pushed) if req.detok is not None else "", finished)
+                reason = "stop" if hit_stop else d.finish_reason
+                if hit_stop and not finished:
+                    stopped.append(d.request_id)
+                reasoning = ""
+                if req.reasoning is not None:
+                    reasoning, text = req.reasoning.push(text, finished or hit_stop)
+                if finished or hit_stop:
+                    del self.active[d.request_id]
+                    self._forget_sample(req.parent, d.request_id)
+                    self._remember_turn(req, reason)
+                out.append(
+                    OutputDelta(
+                        req.parent, text, d.token_ids, finished or hit_stop, reason, prompt_ids,
+                        d.num_cached_tokens, d.time_in_queue, d.error, d.logprobs, d.prompt_logprobs,
+                        req.index, reasoning,
+                    )
                 )
-            )
         return out, stopped
 
     def _forget_sample(self, parent: str, request_id: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import weakref
 from collections.abc import Sequence
 
@@ -10,6 +11,7 @@ from tqdm.auto import tqdm
 
 from tristream.engine import AsyncEngine
 from tristream.outputs import RequestOutput, accumulate
+from tristream.protocol import SchedulerStats
 from tristream.sampling_params import SamplingParams
 
 
@@ -79,6 +81,28 @@ class LLM:
             messages = [messages]
         jobs = [("chat", m, {"chat_template_kwargs": chat_template_kwargs}) for m in messages]
         return self._run(jobs, sampling_params, use_tqdm)
+
+    def get_stats(self, timeout: float = 10.0) -> SchedulerStats:
+        """The scheduler's counters (``AsyncEngine.get_stats``).
+
+        Call it between calls, or from another thread while ``generate`` or ``chat``
+        runs (not before it starts: another thread must not start the LLM's loop). A
+        call that reaches the loop just as that call returns is answered here, by
+        running the loop, so start no other call on this LLM until it has returned.
+        """
+        if self._loop.is_closed():
+            raise RuntimeError("this LLM was shut down")
+        if not self._loop.is_running():
+            return self._loop.run_until_complete(self.engine.get_stats(timeout))
+        future = asyncio.run_coroutine_threadsafe(self.engine.get_stats(timeout), self._loop)
+        while True:
+            try:
+                return future.result(0.05)
+            except concurrent.futures.TimeoutError:
+                if future.done():
+                    raise
+                if not self._loop.is_running():
+                    return self._loop.run_until_complete(asyncio.wrap_future(future, loop=self._loop))
 
     def _run(self, jobs: list[tuple], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         if self._loop.is_closed():

@@ -1,0 +1,430 @@
+"""Offline throughput through ``LLM``: tokens per second, GPU idle time, and pipelined against synchronous.
+
+The model is a config.json with dummy weights (default: Llama-3-8B in bf16 on the
+GPU), prompts are random token ids, and sampling is that of vLLM's
+benchmark_throughput: temperature 1, top_p 1, ignore_eos, max_tokens = the output
+length. One engine (pipelined, the default) runs, after a short warm-up:
+
+- random: 1000 prompts, input and output lengths uniform in [100, 1024] (seed 0);
+- fixed: 1000 prompts of 256 in / 256 out;
+- batch B, for B in 1, 64, 256: exactly B prompts of the fixed lengths.
+
+A second engine, synchronous (``pipelined=False``) and otherwise the same, then
+runs the batch-B sets again: the gain is pipelined over synchronous output tok/s.
+Output tok/s counts generated tokens and total tok/s prompt plus generated
+tokens, both over the wall time of the ``generate`` call.
+
+While each run goes on, a thread takes ``LLM.get_stats()`` every 0.25 s. From the
+differences of its counters come the GPU idle fraction, ``gpu_idle_s / (gpu_busy_s
++ gpu_idle_s)``, and the mean ``scheduler_s``, ``ipc_s`` and ``gpu_busy_s`` per
+step, over the whole run and over its steady decode. Steady decode is the set of
+sampling intervals with at least 64 requests running at both ends
+(``--steady-min-running``), no preemption, and no request admitted in the interval
+or in the one before (``num_prompt_tokens`` unchanged): their steps only decode,
+since a prompt admitted earlier had a whole interval to finish its last chunks
+(prompts here are far shorter than a step's token budget). Requests that wait for a free slot do not change the steps, so they do
+not disqualify an interval; with 1000 prompts and 256 slots they wait almost all
+the time.
+
+Target: the fixed run's output tok/s over 11,364 tok/s, vLLM's published figure
+for Llama-3-8B with dummy weights at 256/256 on one H100. Off an H100 the
+reference is scaled by the copy bandwidth measured in this run over the H100's
+(``ceilings.copy_bytes_per_s`` of bench/results/latency-h100-80gb-hbm3.json); the
+report says which. The copy bandwidth and the bf16 matmul rate are measured first.
+
+It writes bench/results/throughput-<gpu>.json and, when matplotlib is installed,
+a PNG of output tok/s over time.
+
+    python bench/throughput.py                       # GPU: dummy Llama-3-8B, bf16
+    python bench/throughput.py --workloads compare   # only pipelined against synchronous
+    # CPU smoke test; tiny.json: a Llama config of 2 layers, hidden 256, vocab 1024
+    OMP_NUM_THREADS=1 python bench/throughput.py --device cpu --config tiny.json --num-prompts 24 \\
+        --random-range 8 64 --fixed-lens 32 32 --batch-sizes 1 8 --steady-min-running 4 --out /tmp/t.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from report import header, model_summary, now  # noqa: E402
+
+from tristream import LLM, SamplingParams  # noqa: E402
+from tristream.model_config import ModelConfig  # noqa: E402
+from tristream.protocol import SchedulerStats  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "bench" / "configs" / "llama-3-8b.json"
+VLLM_REFERENCE = {
+    "output_tok_per_s": 11364.0,
+    "source": "vLLM's published throughput for Llama-3-8B, dummy weights, 256 in / 256 out, 1000 prompts, one H100",
+}
+H100_RESULTS = REPO / "bench" / "results" / "latency-h100-80gb-hbm3.json"
+COUNTERS = ("num_generated_tokens", "num_steps", "gpu_busy_s", "gpu_idle_s", "scheduler_s", "ipc_s")
+
+Sample = tuple[float, SchedulerStats]
+
+
+def dummy_model(config: str, max_len: int) -> pathlib.Path:
+    """A temporary model folder holding ``config``, with room for ``max_len`` tokens (dummy weights know no limit)."""
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="tristream-bench-"))
+    raw = json.loads(pathlib.Path(config).read_text())
+    raw["max_position_embeddings"] = max(raw.get("max_position_embeddings", 0), max_len)
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder
+
+
+def gpu_label(name: str | None) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``h100-80gb-hbm3``; no GPU -> ``cpu``."""
+    return name.replace("NVIDIA ", "").replace(" ", "-").lower() if name else "cpu"
+
+
+def random_prompts(lens: list[int], vocab: int, gen: torch.Generator) -> list[list[int]]:
+    """One prompt of random token ids per length."""
+    return [torch.randint(0, vocab, (k,), generator=gen).tolist() for k in lens]
+
+
+def vllm_params(max_tokens: int) -> SamplingParams:
+    """benchmark_throughput's sampling: temperature 1, top_p 1, every token up to max_tokens."""
+    return SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=max_tokens)
+
+
+def sample_stats(llm: LLM, stop: threading.Event, interval: float, out: list[Sample]) -> None:
+    """Append (time, stats) every ``interval`` s until ``stop``; the first call waits until generate runs,
+    since from another thread ``get_stats`` must not be the one to start the LLM's loop."""
+    while not llm._loop.is_running():
+        if stop.wait(0.001):
+            return
+    while not stop.wait(interval):
+        out.append((time.perf_counter(), llm.get_stats()))
+
+
+def generate(llm: LLM, prompts: list[list[int]], output_lens: list[int], interval: float) -> tuple[dict, list[Sample]]:
+    """Run one workload; its figures and the stats samples from its start to its end."""
+    before = llm.get_stats()
+    stop, samples = threading.Event(), []
+    thread = threading.Thread(target=sample_stats, args=(llm, stop, interval, samples))
+    start = time.perf_counter()
+    thread.start()
+    outs = llm.generate(prompts, [vllm_params(n) for n in output_lens], use_tqdm=False)
+    wall = time.perf_counter() - start
+    stop.set()
+    thread.join()
+    after = llm.get_stats()
+    prompt_tokens = sum(map(len, prompts))
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    result = {
+        "num_prompts": len(prompts), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+        "expected_output_tokens": sum(output_lens), "wall_s": wall,
+        "output_tok_per_s": output_tokens / wall, "total_tok_per_s": (prompt_tokens + output_tokens) / wall,
+        "preemptions": after.num_preemptions - before.num_preemptions,
+        "whole_run": accounting(before, after, wall),
+    }
+    return result, [(start, before), *samples, (time.perf_counter(), after)]
+
+
+def accounting(a: SchedulerStats, b: SchedulerStats, seconds: float) -> dict:
+    """Step accounting between two stats: GPU idle fraction and means per step."""
+    d = {k: getattr(b, k) - getattr(a, k) for k in COUNTERS}
+    return summary(d, seconds)
+
+
+def summary(d: dict, seconds: float) -> dict:
+    device = d["gpu_busy_s"] + d["gpu_idle_s"]
+    steps = d["num_steps"]
+    return {
+        "seconds": seconds, "generated_tokens": d["num_generated_tokens"], "steps": steps,
+        "generated_tok_per_s": d["num_generated_tokens"] / seconds if seconds else None,
+        "gpu_idle_fraction": d["gpu_idle_s"] / device if device else None,
+        **{f"{k}_per_step": d[k] / steps if steps else None for k in ("gpu_busy_s", "gpu_idle_s", "scheduler_s", "ipc_s")},
+    }
+
+
+def steady_intervals(samples: list[Sample], min_running: int) -> list[bool]:
+    """Per sampling interval: whether it is steady decode (see the module docstring)."""
+    flags = [False] * (len(samples) - 1)
+    for i in range(1, len(samples) - 1):
+        prev, a, b = samples[i - 1][1], samples[i][1], samples[i + 1][1]
+        flags[i] = (
+            a.num_running >= min_running and b.num_running >= min_running
+            and prev.num_prompt_tokens == a.num_prompt_tokens == b.num_prompt_tokens
+            and a.num_preemptions == b.num_preemptions
+        )
+    return flags
+
+
+def steady_decode(samples: list[Sample], flags: list[bool], wall: float) -> dict | None:
+    """Step accounting summed over the steady intervals; None when there are none."""
+    pairs = [(samples[i], samples[i + 1]) for i, steady in enumerate(flags) if steady]
+    if not pairs:
+        return None
+    seconds = sum(b[0] - a[0] for a, b in pairs)
+    d = {k: sum(getattr(b[1], k) - getattr(a[1], k) for a, b in pairs) for k in COUNTERS}
+    return {"intervals": len(pairs), "fraction_of_wall": seconds / wall, **summary(d, seconds)}
+
+
+def series(samples: list[Sample], flags: list[bool]) -> dict:
+    """The samples as columns, times and generated tokens from the run's start."""
+    t0, base = samples[0][0], samples[0][1]
+    cols = {"t_s": [t - t0 for t, _ in samples]}
+    for k in ("num_generated_tokens", "num_steps", "gpu_busy_s", "gpu_idle_s", "num_prompt_tokens"):
+        cols[k] = [getattr(s, k) - getattr(base, k) for _, s in samples]
+    for k in ("num_running", "num_waiting"):
+        cols[k] = [getattr(s, k) for _, s in samples]
+    cols["steady_interval"] = flags
+    return cols
+
+
+def workload(llm: LLM, name: str, prompts: list[list[int]], output_lens: list[int], args: argparse.Namespace) -> dict:
+    result, samples = generate(llm, prompts, output_lens, args.interval)
+    flags = steady_intervals(samples, args.steady_min_running)
+    result["steady_decode"] = steady_decode(samples, flags, result["wall_s"])
+    result["series"] = series(samples, flags)
+    print(f"{name}: {row(result)}", flush=True)
+    return result
+
+
+def compare_runs(llm: LLM, args: argparse.Namespace, vocab: int) -> dict:
+    """Exactly B prompts of the fixed lengths, for each batch size B."""
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    runs = {}
+    for b in args.batch_sizes:
+        prompts = random_prompts([args.fixed_lens[0]] * b, vocab, gen)
+        result, _ = generate(llm, prompts, [args.fixed_lens[1]] * b, args.interval)
+        runs[b] = result
+        print(f"  batch {b:4d}: {result['output_tok_per_s']:9.1f} output tok/s", flush=True)
+    return runs
+
+
+def warm_up(llm: LLM, vocab: int, args: argparse.Namespace) -> None:
+    """Prompts of assorted lengths, a few tokens each: kernels compile here, not in a measured run."""
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    lens = torch.randint(args.random_range[0], args.random_range[1] + 1, (16,), generator=gen).tolist()
+    llm.generate(random_prompts(lens + [args.fixed_lens[0]], vocab, gen), vllm_params(8), use_tqdm=False)
+
+
+def target(fixed: dict | None, ceilings: dict | None, gpu: str | None, args: argparse.Namespace) -> dict:
+    """The fixed run against vLLM's H100 figure, scaled by copy bandwidth off an H100."""
+    out = {"reference": VLLM_REFERENCE, "comparable": (
+        fixed is not None and args.fixed_lens == [256, 256] and args.num_prompts == 1000
+        and pathlib.Path(args.config).resolve() == DEFAULT_CONFIG and args.dtype == "bfloat16"
+    )}
+    if fixed is None or ceilings is None:
+        return {**out, "basis": "not computed: needs the fixed workload on a GPU", "reference_tok_per_s": None, "ratio": None}
+    if "H100" in gpu:
+        basis, reference = "the published H100 figure as is (this GPU is an H100)", VLLM_REFERENCE["output_tok_per_s"]
+    else:
+        h100 = json.loads(H100_RESULTS.read_text())["ceilings"]["copy_bytes_per_s"]
+        scale = ceilings["copy_bytes_per_s"] / h100
+        basis = (f"the H100 figure scaled by this run's copy bandwidth over the H100's ({H100_RESULTS.name}): "
+                 f"{ceilings['copy_bytes_per_s'] / 1e12:.3f} / {h100 / 1e12:.3f} TB/s")
+        reference = VLLM_REFERENCE["output_tok_per_s"] * scale
+        out["h100_copy_bytes_per_s"], out["bandwidth_scale"] = h100, scale
+    return {**out, "basis": basis, "reference_tok_per_s": reference, "ratio": fixed["output_tok_per_s"] / reference}
+
+
+def main(args: argparse.Namespace) -> dict:
+    started = now()
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
+    ceilings = None
+    if gpu:
+        from ceilings import copy_bandwidth, matmul_rate
+
+        device = torch.device("cuda")
+        ceilings = {"copy_bytes_per_s": copy_bandwidth(device), "bf16_matmul_flops": matmul_rate(device)}
+        torch.cuda.empty_cache()
+    lo, hi = args.random_range
+    max_len = max(2 * hi, sum(args.fixed_lens))
+    folder = dummy_model(args.config, max_len)
+    mc = ModelConfig.load(str(folder))
+    engine_args = dict(
+        load_format="dummy", dtype=args.dtype, device=args.device, skip_tokenizer_init=True, max_model_len=max_len,
+        max_num_seqs=max(args.max_num_seqs, *args.batch_sizes), max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching, gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_tokens=args.kv_cache_tokens, log_level="WARNING",
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    random_in = torch.randint(lo, hi + 1, (args.num_prompts,), generator=gen).tolist()
+    random_out = torch.randint(lo, hi + 1, (args.num_prompts,), generator=gen).tolist()
+    fixed_gen = torch.Generator().manual_seed(args.seed + 1)
+    workloads, compare = {}, {}
+    with LLM(str(folder), **engine_args) as llm:
+        warm_up(llm, mc.vocab_size, args)
+        if "random" in args.workloads:
+            prompts = random_prompts(random_in, mc.vocab_size, gen)
+            workloads["random"] = workload(llm, "random", prompts, random_out, args)
+        if "fixed" in args.workloads:
+            prompts = random_prompts([args.fixed_lens[0]] * args.num_prompts, mc.vocab_size, fixed_gen)
+            workloads["fixed"] = workload(llm, "fixed", prompts, [args.fixed_lens[1]] * args.num_prompts, args)
+        if "compare" in args.workloads:
+            print("pipelined:", flush=True)
+            compare["pipelined"] = compare_runs(llm, args, mc.vocab_size)
+    if "compare" in args.workloads:
+        with LLM(str(folder), **engine_args, pipelined=False) as llm:
+            warm_up(llm, mc.vocab_size, args)
+            print("synchronous:", flush=True)
+            compare["synchronous"] = compare_runs(llm, args, mc.vocab_size)
+    shutil.rmtree(folder, ignore_errors=True)
+    pipelined_vs_sync = {
+        str(b): {
+            "pipelined": compare["pipelined"][b], "synchronous": compare["synchronous"][b],
+            "gain": compare["pipelined"][b]["output_tok_per_s"] / compare["synchronous"][b]["output_tok_per_s"],
+        } for b in args.batch_sizes
+    } if compare else None
+    return {
+        **header("throughput", started),
+        "gpu": gpu,
+        "model_config": args.config,
+        "model": {"name": pathlib.Path(args.config).stem + " (dummy weights)", **model_summary(mc, args.dtype)},
+        "engine": {**engine_args, "pipelined": True},
+        "sampling": "temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output length (vLLM benchmark_throughput)",
+        "settings": {
+            "workloads": args.workloads, "num_prompts": args.num_prompts, "random_range": args.random_range,
+            "fixed_lens": args.fixed_lens, "batch_sizes": args.batch_sizes, "seed": args.seed,
+            "stats_interval_s": args.interval, "steady_min_running": args.steady_min_running,
+        },
+        "ceilings": ceilings,
+        "workloads": workloads,
+        "pipelined_vs_synchronous": pipelined_vs_sync,
+        "target": target(workloads.get("fixed"), ceilings, gpu, args),
+        "definitions": {
+            "output_tok_per_s": "generated tokens / wall time of the generate call",
+            "total_tok_per_s": "(prompt + generated tokens) / wall time of the generate call",
+            "gpu_idle_fraction": "delta gpu_idle_s / (delta gpu_busy_s + delta gpu_idle_s), from LLM.get_stats()",
+            "*_per_step": "delta of the counter / delta num_steps",
+            "steady_decode": f"sampling intervals with num_running >= {args.steady_min_running} at both ends, no "
+                             "preemption, and num_prompt_tokens unchanged over the interval and the one before "
+                             "(no prompt computed in any of its steps); waiting requests allowed",
+            "gain": "pipelined output tok/s / synchronous output tok/s, same batch and engine settings",
+            "target.ratio": "fixed workload output tok/s / target.reference_tok_per_s",
+        },
+    }
+
+
+def row(r: dict) -> str:
+    idle = r["whole_run"]["gpu_idle_fraction"]
+    steady = r["steady_decode"]
+    text = (f"{r['wall_s']:7.2f} s  {r['output_tok_per_s']:9.1f} output tok/s  {r['total_tok_per_s']:9.1f} total tok/s"
+            f"  GPU idle {pct(idle)}")
+    if steady:
+        text += f"  steady {steady['generated_tok_per_s']:9.1f} tok/s, GPU idle {pct(steady['gpu_idle_fraction'])}"
+    return text
+
+
+def pct(x: float | None) -> str:
+    return f"{100 * x:5.1f}%" if x is not None else "  n/a "
+
+
+def ms(x: float | None) -> str:
+    return f"{1e3 * x:7.3f}" if x is not None else "    n/a"
+
+
+def plot(report: dict, path: pathlib.Path) -> None:
+    """Output tok/s over time per workload (steady decode shaded), with the running requests."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["workloads"])
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 3.2 * len(names)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        s = report["workloads"][name]["series"]
+        t, tok = s["t_s"], s["num_generated_tokens"]
+        mids = [(a + b) / 2 for a, b in zip(t, t[1:])]
+        rate = [(y1 - y0) / (b - a) for a, b, y0, y1 in zip(t, t[1:], tok, tok[1:])]
+        ax.plot(mids, rate, "-", color="tab:blue", label="output tok/s")
+        for a, b, steady in zip(t, t[1:], s["steady_interval"]):
+            if steady:
+                ax.axvspan(a, b, color="tab:green", alpha=0.15, lw=0)
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("output tok/s")
+        ax.set_title(f"{name} (shaded: steady decode)")
+        ax.grid(True, alpha=0.3)
+        running = ax.twinx()
+        running.plot(t, s["num_running"], "--", color="tab:orange", label="running requests")
+        running.set_ylabel("running requests")
+    axes[-1, 0].set_xlabel("seconds")
+    fig.suptitle(f"{report['gpu'] or 'CPU'}: {report['model']['name']}, {report['model']['dtype']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['gpu'] or 'CPU'}, {report['model']['name']}, {report['model']['dtype']}")
+    if report["ceilings"]:
+        c = report["ceilings"]
+        print(f"ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {c['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s")
+    if report["workloads"]:
+        print(f"{'workload':8} | {'prompts':>7} | {'wall s':>7} | {'output tok/s':>12} | {'total tok/s':>11} | {'GPU idle':>8} | "
+              f"{'steady tok/s':>12} | {'steady idle':>11} | {'sched ms/step':>13} | {'ipc ms/step':>11} | {'busy ms/step':>12}")
+        for name, r in report["workloads"].items():
+            w, s = r["whole_run"], r["steady_decode"] or {}
+            steady_tok = f"{s['generated_tok_per_s']:12.1f}" if s else f"{'n/a':>12}"
+            print(f"{name:8} | {r['num_prompts']:7d} | {r['wall_s']:7.2f} | {r['output_tok_per_s']:12.1f} | "
+                  f"{r['total_tok_per_s']:11.1f} | {pct(w['gpu_idle_fraction']):>8} | {steady_tok} | "
+                  f"{pct(s.get('gpu_idle_fraction')):>11} | {ms(w['scheduler_s_per_step']):>13} | "
+                  f"{ms(w['ipc_s_per_step']):>11} | {ms(w['gpu_busy_s_per_step']):>12}")
+    if report["pipelined_vs_synchronous"]:
+        print(f"\n{'batch':>5} | {'pipelined tok/s':>15} | {'synchronous tok/s':>17} | {'gain':>5} | "
+              f"{'idle pipelined':>14} | {'idle synchronous':>16}")
+        for b, r in report["pipelined_vs_synchronous"].items():
+            p, s = r["pipelined"], r["synchronous"]
+            print(f"{b:>5} | {p['output_tok_per_s']:15.1f} | {s['output_tok_per_s']:17.1f} | {r['gain']:5.2f} | "
+                  f"{pct(p['whole_run']['gpu_idle_fraction']):>14} | {pct(s['whole_run']['gpu_idle_fraction']):>16}")
+    t = report["target"]
+    if t["ratio"] is not None:
+        print(f"\ntarget: fixed {report['workloads']['fixed']['output_tok_per_s']:.1f} / {t['reference_tok_per_s']:.1f} "
+              f"tok/s = {t['ratio']:.3f} ({t['basis']}){'' if t['comparable'] else '; NOT the reference workload'}")
+    else:
+        print(f"\ntarget: {t['basis']}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="a config.json, run with dummy weights")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="default: bfloat16 on the GPU, float32 on the CPU")
+    parser.add_argument("--workloads", nargs="+", default=["random", "fixed", "compare"], choices=["random", "fixed", "compare"])
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--random-range", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"),
+                        help="random workload: input and output lengths, each uniform in [MIN, MAX]")
+    parser.add_argument("--fixed-lens", type=int, nargs=2, default=[256, 256], metavar=("IN", "OUT"),
+                        help="fixed workload and the pipelined/synchronous batches")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--interval", type=float, default=0.25, help="seconds between get_stats() samples")
+    parser.add_argument("--steady-min-running", type=int, default=64)
+    g = parser.add_argument_group("engine")
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
+                   help="off by default: random prompts share no prefix")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (default: the engine's)")
+    parser.add_argument("--out", default=None, help="default: bench/results/throughput-<gpu>.json")
+    args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    report = main(args)
+    out = pathlib.Path(args.out or REPO / "bench" / "results" / f"throughput-{gpu_label(report['gpu'])}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if report["workloads"]:
+        try:
+            plot(report, out.with_suffix(".png"))
+        except ImportError:
+            print("matplotlib is not installed: no plot")
+    print(f"wrote {out}")
+    print_table(report)

@@ -276,3 +276,7 @@ def test_metrics_count_the_requests_sent(live_server, client, model, scrape):
     assert after["tristream_kv_pages_total{}"] > 0
     assert after["tristream_num_requests_running{}"] == 0 and after["tristream_num_requests_waiting{}"] == 0
     assert 0 < after["tristream_prefix_cache_hit_rate{}"] < 1
+    # One step per token at least: the three requests ran one after another.
+    assert delta("tristream_engine_steps_total{}") >= sum(u.completion_tokens for u in usages)
+    assert delta("tristream_step_gpu_busy_seconds_total{}") > 0 and delta("tristream_step_scheduler_seconds_total{}") > 0
+    assert delta("tristream_step_gpu_idle_seconds_total{}") >= 0 and delta("tristream_step_ipc_seconds_total{}") >= 0

@@ -6,9 +6,11 @@ import time
 from collections.abc import AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from tristream.engine import AsyncEngine
 from tristream.outputs import RequestOutput
+from tristream.protocol import SchedulerStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -42,6 +44,8 @@ class ServerMetrics:
         self.hit_rate = Gauge("tristream_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache, since start",
                               labels, registry=r)
         self.model_name = model_name
+        self.steps = StepAccounting(model_name)
+        r.register(self.steps)
 
     async def render(self) -> bytes:
         """The exposition text, with the engine gauges read now."""
@@ -53,6 +57,7 @@ class ServerMetrics:
         self.pages_used.labels(m).set(stats.num_pages - stats.num_free_pages)
         self.pages_cached.labels(m).set(stats.num_cached_pages)
         self.hit_rate.labels(m).set(stats.num_cache_hit_tokens / stats.num_prompt_tokens if stats.num_prompt_tokens else 0.0)
+        self.steps.stats = stats
         return generate_latest(self.registry)
 
     async def track(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
@@ -93,3 +98,28 @@ class ServerMetrics:
                     self.queue.labels(m).observe(metrics.time_in_queue)
                 if metrics.finished_time is not None:
                     self.e2e.labels(m).observe(metrics.finished_time - metrics.arrival_time)
+
+
+class StepAccounting:
+    """The engine's step counters as Prometheus counters, read from the scheduler's latest stats:
+    where the time of each step goes (GPU busy, GPU idle between steps, scheduler, IPC)."""
+
+    FAMILIES = (
+        ("tristream_engine_steps", "Engine steps run", "num_steps"),
+        ("tristream_step_gpu_busy_seconds", "Device time of the steps (forward and sampling)", "gpu_busy_s"),
+        ("tristream_step_gpu_idle_seconds", "Device time idle between steps while requests ran", "gpu_idle_s"),
+        ("tristream_step_scheduler_seconds", "Scheduler time deciding steps and taking their results", "scheduler_s"),
+        ("tristream_step_ipc_seconds", "Time plans and results spent in transit between processes", "ipc_s"),
+    )
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.stats: SchedulerStats | None = None
+
+    def collect(self):
+        if self.stats is None:
+            return
+        for name, doc, field in self.FAMILIES:
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], getattr(self.stats, field))
+            yield family

@@ -18,7 +18,8 @@ class SamplingState:
     """Sampling parameters and penalty counts of every slot, as tensors indexed by slot id.
 
     ``params`` mirrors each slot's SamplingParams on the host, so deciding which
-    processors a batch needs never waits for the device.
+    processors a batch needs never waits for the device. The per-slot values are
+    columns of two tables, so that loading a request is two queued copies.
     """
 
     def __init__(self, max_slots: int, vocab: int, eos_token_ids: list[int], device: torch.device) -> None:
@@ -28,15 +29,11 @@ class SamplingState:
         self.num_outputs: dict[int, int] = {}
         self.bad_words: dict[int, list[list[int]]] = {}
         self.outputs: dict[int, list[int]] = {}
-        self.temperature = torch.zeros(max_slots, device=device)
-        self.top_p = torch.ones(max_slots, device=device)
-        self.top_k = torch.zeros(max_slots, dtype=torch.int64, device=device)
-        self.min_p = torch.zeros(max_slots, device=device)
-        self.presence = torch.zeros(max_slots, device=device)
-        self.frequency = torch.zeros(max_slots, device=device)
-        self.repetition = torch.ones(max_slots, device=device)
-        self.seed = torch.zeros(max_slots, dtype=torch.int64, device=device)
-        self.counter = torch.zeros(max_slots, dtype=torch.int64, device=device)
+        self.floats = torch.zeros(max_slots, 6, device=device)
+        self.floats[:, [1, 5]] = 1.0
+        self.temperature, self.top_p, self.min_p, self.presence, self.frequency, self.repetition = self.floats.unbind(1)
+        self.ints = torch.zeros(max_slots, 3, dtype=torch.int64, device=device)
+        self.top_k, self.seed, self.counter = self.ints.unbind(1)
         self.counts = torch.zeros(max_slots, vocab, dtype=torch.int32, device=device)
         self.seen = torch.zeros(max_slots, vocab, dtype=torch.bool, device=device)
 
@@ -52,16 +49,12 @@ class SamplingState:
         if bad_words_ids:
             self.bad_words[slot] = bad_words_ids
             self.outputs[slot] = token_ids[len(token_ids) - num_outputs :]
-        self.temperature[slot] = params.temperature
-        self.top_p[slot] = params.top_p
-        self.top_k[slot] = params.top_k
-        self.min_p[slot] = params.min_p
-        self.presence[slot] = params.presence_penalty
-        self.frequency[slot] = params.frequency_penalty
-        self.repetition[slot] = params.repetition_penalty
+        self.floats[slot] = upload([
+            params.temperature, params.top_p, params.min_p, params.presence_penalty, params.frequency_penalty,
+            params.repetition_penalty,
+        ], torch.float32, self.device)
         seed = params.seed or 0
-        self.seed[slot] = (seed ^ (seed >> 32)) & 0xFFFFFFFF
-        self.counter[slot] = num_outputs
+        self.ints[slot] = upload([params.top_k, (seed ^ (seed >> 32)) & 0xFFFFFFFF, num_outputs], torch.int64, self.device)
         self.counts[slot].zero_()
         self.seen[slot].zero_()
         if _penalized(params):

@@ -64,9 +64,9 @@ def run_ours(runner, prompts: list[list[int]], steps: int, graphs: bool):
     class Recording:
         state = sampler.state
 
-        def sample(self, logits, *rows):
+        def launch(self, logits, *rows):
             captured.append(logits.float().clone())
-            return sampler.sample(logits, *rows)
+            return sampler.launch(logits, *rows)
 
     runner.sampler, runner.graphs = Recording(), captured_graphs if graphs else None
     try:
@@ -141,3 +141,43 @@ def test_logits_and_greedy_tokens_match_transformers(models, capsys):
         print("\nprompt | tristream-bf16 vs fp32 | transformers-bf16 vs fp32 | tristream vs transformers-bf16 | first greedy divergence from fp32")
         print("\n".join(lines))
     assert not failures, "\n".join(failures)
+
+
+def test_pipelined_steps_give_the_tokens_of_synchronous_steps(models):
+    """forward(N+1) before finish(N): each slot's newest token comes from GPU memory, under CUDA graphs."""
+    from tristream.protocol import BatchPlan, NewSequence
+    from tristream.sampling_params import SamplingParams
+
+    _, runner = models
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 128000, (n,), generator=gen).tolist() for n in (7, 70, 300)]
+    params = [SamplingParams(temperature=0, seed=0), SamplingParams(temperature=0.9, seed=5),
+              SamplingParams(temperature=1.0, seed=6, presence_penalty=0.5, logprobs=2)]
+    pages = 2048 // runner.page_size
+    n = len(prompts)
+
+    def plans(steps: int) -> list[BatchPlan]:
+        first = BatchPlan(
+            0, new=[NewSequence(i, p, 0, 0, params[i]) for i, p in enumerate(prompts)],
+            pages=[(i, list(range(1 + i * pages, 1 + (i + 1) * pages))) for i in range(n)],
+            slots=list(range(n)), num_tokens=[len(p) for p in prompts], sample=[True] * n,
+        )
+        decode = [BatchPlan(s + 1, slots=list(range(n)), num_tokens=[1] * n, sample=[True] * n) for s in range(steps)]
+        return [first, *decode, BatchPlan(steps + 1, freed=list(range(n)))]
+
+    sync = [(r.token_ids, r.logprobs) for r in map(runner.step, plans(16))]
+    piped, queued = [], None
+    for plan in plans(16):
+        step = runner.forward(plan)
+        if queued is not None:
+            r = runner.finish(queued)
+            piped.append((r.token_ids, r.logprobs))
+        runner.sample(step)
+        queued = step
+    r = runner.finish(queued)
+    piped.append((r.token_ids, r.logprobs))
+    assert [t for t, _ in piped] == [t for t, _ in sync]
+    for (_, a), (_, b) in zip(piped, sync):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert [row[0][0] for row in a] == [row[0][0] for row in b]

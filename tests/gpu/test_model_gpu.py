@@ -180,4 +180,6 @@ def test_pipelined_steps_give_the_tokens_of_synchronous_steps(models):
     for (_, a), (_, b) in zip(piped, sync):
         assert (a is None) == (b is None)
         if a is not None:
-            assert [row[0][0] for row in a] == [row[0][0] for row in b]
+            assert [row and [t for t, _ in row] for row in a] == [row and [t for t, _ in row] for row in b]
+            values = [[lp for row in x if row for _, lp in row] for x in (a, b)]
+            assert values[0] == pytest.approx(values[1], rel=1e-5, abs=1e-5)

@@ -55,11 +55,10 @@ from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
-import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from report import header, model_summary, now  # noqa: E402
-from throughput import DEFAULT_CONFIG, dummy_model, gpu_label  # noqa: E402
+from throughput import add_dummy_engine_args, dummy_model, gpu_label, resolve_device  # noqa: E402
 
 from tristream.model_config import ModelConfig  # noqa: E402
 
@@ -342,10 +341,8 @@ def print_table(report: dict) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="a config.json, run with dummy weights")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="default: bfloat16 on the GPU, float32 on the CPU")
+    server = add_dummy_engine_args(parser, "server")
+    server.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--rates", type=float, nargs="+", default=[4, 8, 16, 32, math.inf],
                         help="requests per second, 'inf' for all at once")
     parser.add_argument("--num-requests", type=int, default=200, help="per rate")
@@ -355,19 +352,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=50.0)
-    g = parser.add_argument_group("server")
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
-                   help="off by default: random prompts share no prefix")
-    g.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (default: the engine's)")
     parser.add_argument("--out", default=None, help="default: bench/results/serving-<gpu or cpu>.json")
     args = parser.parse_args()
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    resolve_device(args)
     report = main(args)
     out = pathlib.Path(args.out or REPO / "bench" / "results" / f"serving-{gpu_label(report['gpu'])}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

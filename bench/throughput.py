@@ -83,6 +83,29 @@ def dummy_model(config: str, max_len: int) -> pathlib.Path:
     return folder
 
 
+def add_dummy_engine_args(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    """The model (--config, --device, --dtype) and engine flags that throughput and serving share; returns the engine group."""
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="a config.json, run with dummy weights")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="default: bfloat16 on the GPU, float32 on the CPU")
+    g = parser.add_argument_group(title)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
+                   help="off by default: random prompts share no prefix")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (default: the engine's)")
+    return g
+
+
+def resolve_device(args: argparse.Namespace) -> None:
+    """Settle --device auto and the default --dtype."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+
+
 def gpu_label(name: str | None) -> str:
     """``NVIDIA H100 80GB HBM3`` -> ``h100-80gb-hbm3``; no GPU -> ``cpu``."""
     return name.replace("NVIDIA ", "").replace(" ", "-").lower() if name else "cpu"
@@ -391,10 +414,7 @@ def print_table(report: dict) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="a config.json, run with dummy weights")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="default: bfloat16 on the GPU, float32 on the CPU")
+    add_dummy_engine_args(parser, "engine")
     parser.add_argument("--workloads", nargs="+", default=["random", "fixed", "compare"], choices=["random", "fixed", "compare"])
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--random-range", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"),
@@ -405,18 +425,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between get_stats() samples")
     parser.add_argument("--steady-min-running", type=int, default=64)
-    g = parser.add_argument_group("engine")
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
-                   help="off by default: random prompts share no prefix")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (default: the engine's)")
     parser.add_argument("--out", default=None, help="default: bench/results/throughput-<gpu>.json")
     args = parser.parse_args()
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    resolve_device(args)
     report = main(args)
     out = pathlib.Path(args.out or REPO / "bench" / "results" / f"throughput-{gpu_label(report['gpu'])}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from report import header, model_summary, now  # noqa: E402
-from throughput import add_dummy_engine_args, dummy_model, gpu_label, resolve_device  # noqa: E402
+from throughput import add_dummy_engine_args, dummy_model, resolve_device, write_report  # noqa: E402
 
 from tristream.model_config import ModelConfig  # noqa: E402
 
@@ -356,12 +356,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     resolve_device(args)
     report = main(args)
-    out = pathlib.Path(args.out or REPO / "bench" / "results" / f"serving-{gpu_label(report['gpu'])}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    try:
-        plot(report, out.with_suffix(".png"))
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-    print(f"wrote {out}")
+    write_report(report, "serving", args.out, plot)
     print_table(report)

@@ -52,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -104,6 +105,19 @@ def resolve_device(args: argparse.Namespace) -> None:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+
+
+def write_report(report: dict, name: str, out: str | None, plot: Callable[[dict, pathlib.Path], None] | None) -> None:
+    """The JSON at ``out`` (default bench/results/<name>-<gpu>.json), and its PNG beside it when matplotlib is installed."""
+    path = pathlib.Path(out or REPO / "bench" / "results" / f"{name}-{gpu_label(report['gpu'])}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    if plot is not None:
+        try:
+            plot(report, path.with_suffix(".png"))
+        except ImportError:
+            print("matplotlib is not installed: no plot")
+    print(f"wrote {path}")
 
 
 def gpu_label(name: str | None) -> str:
@@ -429,13 +443,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     resolve_device(args)
     report = main(args)
-    out = pathlib.Path(args.out or REPO / "bench" / "results" / f"throughput-{gpu_label(report['gpu'])}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    if report["workloads"]:
-        try:
-            plot(report, out.with_suffix(".png"))
-        except ImportError:
-            print("matplotlib is not installed: no plot")
-    print(f"wrote {out}")
+    write_report(report, "throughput", args.out, plot if report["workloads"] else None)
     print_table(report)

@@ -84,18 +84,21 @@ class GrammarMatchers:
 
     def bitmask(self, slot_ids: list[int]) -> torch.Tensor | None:
         """int32 [len(slot_ids), ceil(vocab/32)] on the device, all ones for slots without a grammar
-        (or whose grammar has accepted EOS); None if no slot has a grammar.
+        (or whose grammar has accepted EOS); None if no slot has a grammar."""
+        return self.bitmask_of(self.of(slot_ids))
+
+    def bitmask_of(self, grammars: list[SlotGrammar | None]) -> torch.Tensor | None:
+        """``bitmask`` of the constraints that ``of`` returned, a row each.
 
         Filled on the host into a reused buffer: the copy of the step before is done by then,
         since its tokens were read back before this step samples.
         """
-        grammars = self.of(slot_ids)
         if not any(grammars):
             return None
         words = (self.vocab_size + 31) // 32
-        if self._host is None or self._host.shape[0] < len(slot_ids):
-            self._host = torch.empty(len(slot_ids), words, dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        host = self._host[: len(slot_ids)].fill_(-1)
+        if self._host is None or self._host.shape[0] < len(grammars):
+            self._host = torch.empty(len(grammars), words, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        host = self._host[: len(grammars)].fill_(-1)
         for row, grammar in enumerate(grammars):
             if grammar is not None and not (matcher := grammar.matcher()).is_terminated():
                 matcher.fill_next_token_bitmask(host, row)

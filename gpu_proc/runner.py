@@ -191,8 +191,10 @@ class ModelRunner:
         if plan.copies:
             self.kv.copy_pages(plan.copies)
 
-    def _build_batch(self, plan: BatchPlan) -> tuple[ForwardBatch, torch.Tensor, list[tuple[int, list[int]]]]:
-        """The batch, the slots that sample, and per slot owing prompt logprobs the prompt
+    def _build_batch(
+        self, plan: BatchPlan, sample_slots: list[int]
+    ) -> tuple[ForwardBatch, torch.Tensor, list[tuple[int, list[int]]]]:
+        """The batch, ``sample_slots`` (the slots that sample) on the device, and per slot owing prompt logprobs the prompt
         tokens whose logprobs this step computes. All per-token inputs go to the device in
         one copy; block tables are already there. A row whose token the host does not know
         yet (sampled by the step before, still on its way) reads it from ``last_tokens``.
@@ -231,7 +233,6 @@ class ModelRunner:
             if sample:
                 sample_rows.append(qo_indptr[-1] - 1)
             seq.num_computed = end
-        sample_slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
         t, b, s, r, d = len(ids), len(seq_lens), len(sample_rows), len(sample_rows) + len(prompt_rows), len(device_rows)
         parts = upload(
             ids + positions + slot_mapping + qo_indptr + seq_lens + sample_rows + prompt_rows + plan.slots + sample_slots
@@ -265,13 +266,13 @@ class ModelRunner:
         self.last_clock = clock
         self._apply(plan)
         if plan.slots:
-            batch, queued.slots_on_device, queued.prompt_targets = self._build_batch(plan)
+            queued.slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
+            queued.seqs = [self.seqs[slot] for slot in queued.slots]
+            batch, queued.slots_on_device, queued.prompt_targets = self._build_batch(plan, queued.slots)
             if self.graphs is not None and batch.decode:
                 queued.logits = self.graphs.run(batch)
             else:
                 queued.logits = self.model(batch, self.kv)
-            queued.slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
-            queued.seqs = [self.seqs[slot] for slot in queued.slots]
         clock.mark()
         return queued
 
@@ -285,7 +286,7 @@ class ModelRunner:
             queued.prompt_logprobs = self._prompt_logprobs(queued.logits[k:], queued.prompt_targets)
             if k:
                 queued.grammars = self.grammar.of(queued.slots)
-                bitmask = self.grammar.bitmask(queued.slots)
+                bitmask = self.grammar.bitmask_of(queued.grammars)
                 queued.sampled = self.sampler.launch(queued.logits[:k], queued.slots_on_device, queued.slots, bitmask)
                 self.last_tokens.index_copy_(0, queued.slots_on_device, queued.sampled.tokens)
             queued.logits = None

@@ -210,7 +210,8 @@ class Sampled:
             history.append(tokens[row])
         if self.logprobs is None:
             return tokens, None
-        wanted, chosen, picked, top_ids, top_values = (x if isinstance(x, list) else x.tolist() for x in self.logprobs)
+        wanted, *on_host = self.logprobs
+        chosen, picked, top_ids, top_values = (t.tolist() for t in on_host)
         out: list[Logprobs | None] = [None] * len(wanted)
         j = 0
         for i, n in enumerate(wanted):

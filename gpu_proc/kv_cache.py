@@ -42,31 +42,35 @@ def bytes_per_token(mc: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * torch.finfo(dtype).bits // 8
 
 
-def allocate_kv_cache(
-    config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device, budget_bytes: int | None
-) -> KVCache:
-    """Allocate the pools: ``kv_cache_tokens``, else ``kv_cache_bytes``, else ``budget_bytes``
-    (CUDA: measured free memory), else 1 GiB."""
-    per_token = bytes_per_token(mc, dtype)
+def kv_cache_pages(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, budget_bytes: int | None) -> int:
+    """Pages to allocate, the reserved page included: for ``kv_cache_tokens``, else ``kv_cache_bytes``,
+    else ``budget_bytes`` (CUDA: measured free memory), else 1 GiB."""
     if config.kv_cache_tokens is not None:
         tokens = config.kv_cache_tokens
         num_pages = -(-tokens // config.page_size) + 1  # at least the tokens asked for
     else:
         budget = config.kv_cache_bytes if config.kv_cache_bytes is not None else budget_bytes
-        tokens = (DEFAULT_CPU_KV_BYTES if budget is None else budget) // per_token
+        tokens = (DEFAULT_CPU_KV_BYTES if budget is None else budget) // bytes_per_token(mc, dtype)
         num_pages = tokens // config.page_size + 1  # never more memory than the budget
-    usable = (num_pages - 1) * config.page_size
-    if usable < config.page_size:
+    if num_pages < 2:
         raise ValueError(
             f"the KV budget holds {tokens} tokens, less than one page of {config.page_size}: "
             "raise kv_cache_tokens, kv_cache_bytes or gpu_memory_utilization"
         )
+    return num_pages
+
+
+def allocate_kv_cache(
+    config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: torch.device, num_pages: int
+) -> KVCache:
+    """Allocate ``num_pages`` pages for every layer, with the reserved page 0 zeroed."""
+    usable = (num_pages - 1) * config.page_size
     shape = (mc.num_layers, 2, num_pages, config.page_size, mc.num_kv_heads, mc.head_dim)
     pool = torch.empty(shape, dtype=dtype, device=device)
     pool[:, :, 0].zero_()
     logger.info(
         "KV cache: %d tokens in %d pages of %d, %d bytes/token, %.2f GiB; %d concurrent requests of max_model_len=%d",
-        usable, num_pages - 1, config.page_size, per_token, pool.numel() * pool.element_size() / 2**30,
+        usable, num_pages - 1, config.page_size, bytes_per_token(mc, dtype), pool.numel() * pool.element_size() / 2**30,
         usable // config.max_model_len, config.max_model_len,
     )
     if usable < config.max_model_len:

@@ -3,6 +3,9 @@
 Pipelined, the next plan's forward pass is queued before the step in flight is read
 back, so the device goes straight from one step to the next while the host finishes
 the one before and prepares the one after.
+
+Under tensor parallelism one gpu_proc runs per rank. Each receives every plan and runs
+it; only rank 0 sends results back.
 """
 
 from __future__ import annotations
@@ -14,29 +17,31 @@ import zmq
 from tristream.config import EngineConfig
 from tristream.gpu_proc.runner import ModelRunner, QueuedStep
 from tristream.processes import bind_inbox, connect_outbox, recv, send
-from tristream.protocol import Ipc, PlanDecoder, PlanDiff, Ready, Shutdown
+from tristream.protocol import Ipc, PlanDecoder, PlanDiff, Ready, Shutdown, gpu_process_name
 
 # How long to wait for a plan before checking whether the step in flight is done.
 POLL_MS = 0.2
 
 
-def run(ipc: Ipc, config: EngineConfig) -> None:
-    """Process entry point."""
+def run(ipc: Ipc, config: EngineConfig, rank: int) -> None:
+    """Process entry point of tensor-parallel rank ``rank``."""
     ctx = zmq.Context()
-    inbox = bind_inbox(ctx, ipc.gpu)
+    inbox = bind_inbox(ctx, ipc.gpu[rank])
     to_scheduler = connect_outbox(ctx, ipc.scheduler)
     to_user = connect_outbox(ctx, ipc.user)
-    runner = ModelRunner(config)
-    send(to_scheduler, Ready("gpu", runner.info))
-    send(to_user, Ready("gpu", runner.info))
+    runner = ModelRunner(config, rank, ipc.rendezvous)
+    if rank == 0:
+        send(to_scheduler, Ready("gpu", runner.info))
+    send(to_user, Ready(gpu_process_name(rank), runner.info))
     plans = PlanDecoder()
     in_flight: tuple[QueuedStep, float] | None = None
 
     def send_result(queued: QueuedStep, plan_ipc_s: float) -> None:
         result = runner.finish(queued)
-        result.plan_ipc_s = plan_ipc_s
-        result.sent_at = time.monotonic()
-        send(to_scheduler, result)
+        if rank == 0:
+            result.plan_ipc_s = plan_ipc_s
+            result.sent_at = time.monotonic()
+            send(to_scheduler, result)
 
     waiting_since = time.monotonic()
     while True:
@@ -47,6 +52,7 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
             continue
         msg = recv(inbox)
         if isinstance(msg, Shutdown):
+            runner.tp.close()
             return
         if isinstance(msg, PlanDiff):
             # Transit time: from sending, or from when this process was ready for it, to now.

@@ -1,4 +1,9 @@
-"""Decoder-only transformer for Llama, Mistral, Qwen2 (qkv bias) and Qwen3 (q/k norm)."""
+"""Decoder-only transformer for Llama, Mistral, Qwen2 (qkv bias) and Qwen3 (q/k norm).
+
+Under tensor parallelism each rank builds the layers of its shard: column-parallel
+qkv and gate/up, row-parallel o and down followed by an all-reduce, and a
+vocabulary-parallel embedding and LM head.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from torch import nn
 from tristream.gpu_proc import ops
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.kv_cache import KVCache
+from tristream.gpu_proc.parallel import TensorParallel
 from tristream.kernels.rope import rope_cos_sin, rope_inv_freq
 from tristream.model_config import ModelConfig
+from tristream.sharding import Shard
 
 
 class RMSNorm(nn.Module):
@@ -25,9 +32,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, mc: ModelConfig, layer: int) -> None:
+    def __init__(self, mc: ModelConfig, layer: int, tp: TensorParallel) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer, self.tp = layer, tp
         self.num_heads, self.num_kv_heads, self.head_dim = mc.num_heads, mc.num_kv_heads, mc.head_dim
         self.q_size, self.kv_size = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
         self.qkv_proj = nn.Linear(mc.hidden_size, self.q_size + 2 * self.kv_size, bias=mc.attention_bias)
@@ -47,24 +54,25 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ops.apply_rope(q, k, batch.positions, *rope)
         o = ops.attend(q, k, v, *kv.layer(self.layer), batch, self.scale)
-        return self.o_proj(o.flatten(1))
+        return self.tp.all_reduce(self.o_proj(o.flatten(1)))
 
 
 class MLP(nn.Module):
-    def __init__(self, mc: ModelConfig) -> None:
+    def __init__(self, mc: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
+        self.tp = tp
         self.gate_up_proj = nn.Linear(mc.hidden_size, 2 * mc.intermediate_size, bias=False)
         self.down_proj = nn.Linear(mc.intermediate_size, mc.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(ops.silu_and_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, mc: ModelConfig, layer: int) -> None:
+    def __init__(self, mc: ModelConfig, layer: int, tp: TensorParallel) -> None:
         super().__init__()
-        self.self_attn = Attention(mc, layer)
-        self.mlp = MLP(mc)
+        self.self_attn = Attention(mc, layer, tp)
+        self.mlp = MLP(mc, tp)
         self.input_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
 
@@ -79,15 +87,19 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    """The whole model. Parameter names follow Hugging Face, with q/k/v and gate/up fused."""
+    """The model, or one rank's shard of it. Parameter names follow Hugging Face, with q/k/v and gate/up fused.
 
-    def __init__(self, mc: ModelConfig) -> None:
+    ``config`` holds the shapes of this rank's layers (``Shard.local_config``); the
+    embedding and the LM head hold ``shard.vocab_rows`` rows of the vocabulary.
+    """
+
+    def __init__(self, mc: ModelConfig, shard: Shard, tp: TensorParallel) -> None:
         super().__init__()
-        self.config = mc
-        self.embed_tokens = nn.Embedding(mc.vocab_size, mc.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(mc, i) for i in range(mc.num_layers))
+        self.config, self.shard, self.tp = mc, shard, tp
+        self.embed_tokens = nn.Embedding(shard.vocab_rows, mc.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(mc, i, tp) for i in range(mc.num_layers))
         self.norm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
-        self.lm_head = nn.Linear(mc.hidden_size, mc.vocab_size, bias=False)
+        self.lm_head = nn.Linear(mc.hidden_size, shard.vocab_rows, bias=False)
         if mc.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -99,8 +111,17 @@ class DecoderLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Logits [len(logit_rows), vocab] of the rows that need them."""
-        x, residual = self.embed_tokens(batch.input_ids), None
+        x, residual = self.embed(batch.input_ids), None
         for layer in self.layers:
             x, residual = layer(x, residual, batch, kv, self.rope)
         x, _ = self.norm(x, residual)
-        return self.lm_head(x[batch.logit_rows])
+        return self.tp.gather_vocab(self.lm_head(x[batch.logit_rows]), self.config.vocab_size)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the ids; each rank looks up those in its rows, and the all-reduce adds them up."""
+        if self.tp.size == 1:
+            return self.embed_tokens(input_ids)
+        local = input_ids - self.shard.vocab.start
+        inside = (local >= 0) & (local < len(self.shard.vocab))
+        x = self.embed_tokens(torch.where(inside, local, 0)) * inside[:, None].to(self.embed_tokens.weight.dtype)
+        return self.tp.all_reduce(x)

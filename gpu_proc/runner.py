@@ -5,6 +5,9 @@ runs step N: ``forward`` (the plan and the forward pass), ``sample`` (once the t
 of the step before are on the host), and ``finish`` (waits for the step, reads it back).
 A slot's newest token may still be on the device when the next step needs it as input:
 ``forward`` takes it from ``last_tokens``, which every sampling writes.
+
+Under tensor parallelism every rank runs every plan; only rank 0 samples, and the
+other ranks receive its tokens by broadcast.
 """
 
 from __future__ import annotations
@@ -19,16 +22,18 @@ from tristream.config import EngineConfig
 from tristream.gpu_proc.cuda_graph import CudaGraphRunner
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.grammar import GrammarMatchers, SlotGrammar, accept_each
-from tristream.gpu_proc.kv_cache import KVCache, allocate_kv_cache
+from tristream.gpu_proc.kv_cache import KVCache, allocate_kv_cache, kv_cache_pages
 from tristream.gpu_proc.model import DecoderLM
+from tristream.gpu_proc.parallel import TensorParallel
 from tristream.gpu_proc.sampler import Sampled, Sampler, SamplingState
 from tristream.gpu_proc.step_clock import StepClock
 from tristream.gpu_proc.upload import download, upload
-from tristream.gpu_proc.weights import init_dummy, load_safetensors
+from tristream.gpu_proc.weights import dummy_weights, load_safetensors, load_weights
 from tristream.kernels.attention import choose_num_splits
 from tristream.model_config import ModelConfig
 from tristream.protocol import BatchPlan, NewSequence, StepResult
 from tristream.sampling_params import SamplingParams
+from tristream.sharding import shard_model
 
 logger = logging.getLogger("tristream")
 
@@ -65,12 +70,19 @@ class QueuedStep:
     prompt_logprobs: tuple | None = None
 
 
-def resolve_device(config: EngineConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.device == "cuda" and not torch.cuda.is_available():
+def resolve_device(config: EngineConfig, rank: int = 0) -> torch.device:
+    """The device of tensor-parallel rank ``rank``: CUDA device ``rank``, or the CPU."""
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for, but torch sees no CUDA device")
-    return torch.device(config.device)
+    if config.tensor_parallel_size > torch.cuda.device_count():
+        raise RuntimeError(
+            f"tensor_parallel_size={config.tensor_parallel_size} needs as many CUDA devices; "
+            f"torch sees {torch.cuda.device_count()}"
+        )
+    torch.cuda.set_device(rank)
+    return torch.device("cuda", rank)
 
 
 def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
@@ -80,28 +92,36 @@ def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    """Owns the weights, the KV pools and the per-slot state of one gpu_proc."""
+    """Owns the weights, the KV pools and the per-slot state of one gpu_proc: tensor-parallel rank
+    ``rank``, whose group meets through the file ``rendezvous``.
 
-    def __init__(self, config: EngineConfig) -> None:
+    ``model_config`` holds the shapes of this rank's shard. Only rank 0 has a sampler and grammars.
+    """
+
+    def __init__(self, config: EngineConfig, rank: int = 0, rendezvous: str | None = None) -> None:
         self.config = config
-        self.device = resolve_device(config)
+        self.device = resolve_device(config, rank)
         self.dtype = resolve_dtype(config, self.device)
-        self.model_config = mc = ModelConfig.load(config.model)
+        whole = ModelConfig.load(config.model)
+        shard = shard_model(whole, config.tensor_parallel_size, rank)
+        self.tp = TensorParallel(shard, self.device, rendezvous)
+        self.model_config = mc = shard.local_config(whole)
         start = time.perf_counter()
         with torch.device("meta"):
-            model = DecoderLM(mc)
+            model = DecoderLM(mc, shard, self.tp)
         model = model.to_empty(device=self.device).to(self.dtype)
         if mc.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         if config.load_format == "dummy":
-            init_dummy(model, config.seed)
+            load_weights(model, dummy_weights(whole, self.dtype, self.device, config.seed), "dummy weights")
         else:
             load_safetensors(model, config.model)
         model.build_rope(config.max_model_len, self.device)
         self.model = model.eval()
         logger.info(
-            "loaded %s (%s, %s) on %s in %.1f s",
+            "loaded %s (%s, %s) on %s in %.1f s%s",
             mc.architecture, config.load_format, self.dtype, self.device, time.perf_counter() - start,
+            f", tensor-parallel rank {rank} of {shard.size}" if shard.size > 1 else "",
         )
         self.page_size = config.page_size
         self.seqs: dict[int, Sequence] = {}
@@ -109,12 +129,16 @@ class ModelRunner:
         self.block_tables = torch.zeros(config.max_num_seqs, max_pages, dtype=torch.int32, device=self.device)
         self.last_tokens = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
         self.last_clock: StepClock | None = None
-        self.sampler = Sampler(SamplingState(config.max_num_seqs, mc.vocab_size, mc.eos_token_ids, self.device))
-        self.grammar = GrammarMatchers(config.tokenizer or config.model, mc.vocab_size, mc.eos_token_ids, self.device)
+        self.sampler: Sampler | None = None
+        self.grammar: GrammarMatchers | None = None
+        if rank == 0:
+            self.sampler = Sampler(SamplingState(config.max_num_seqs, mc.vocab_size, mc.eos_token_ids, self.device))
+            self.grammar = GrammarMatchers(config.tokenizer or config.model, mc.vocab_size, mc.eos_token_ids, self.device)
         self.graphs: CudaGraphRunner | None = None
         explicit = config.kv_cache_tokens is not None or config.kv_cache_bytes is not None
         budget = self._cuda_kv_budget() if self.device.type == "cuda" and not explicit else None
-        self.kv = allocate_kv_cache(config, mc, self.dtype, self.device, budget)
+        num_pages = self.tp.min(kv_cache_pages(config, mc, self.dtype, budget))
+        self.kv = allocate_kv_cache(config, mc, self.dtype, self.device, num_pages)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CudaGraphRunner(self.model, self.kv, config.max_num_seqs, self.block_tables.shape[1], config.max_model_len)
 
@@ -138,15 +162,17 @@ class ModelRunner:
         plan = BatchPlan(0, new=[NewSequence(0, [0] * tokens, 0, 0, probe)], pages=[(0, list(range(1, pages)))],
                          slots=[0], num_tokens=[tokens], sample=[True])
         self.step(plan)
-        for slot in range(config.max_num_seqs):
-            self.sampler.state.set(slot, probe, [0], 0)
-        logits = torch.randn(config.max_num_seqs, mc.vocab_size, device=self.device)
-        self.sampler(logits, torch.arange(config.max_num_seqs, device=self.device), list(range(config.max_num_seqs)))
+        if self.sampler is not None:
+            for slot in range(config.max_num_seqs):
+                self.sampler.state.set(slot, probe, [0], 0)
+            logits = torch.randn(config.max_num_seqs, mc.vocab_size, device=self.device)
+            self.sampler(logits, torch.arange(config.max_num_seqs, device=self.device), list(range(config.max_num_seqs)))
+            del logits
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - scratch_bytes
         self.kv, self.seqs, self.last_clock = kv, {}, None
         self.block_tables.zero_()
-        del scratch, logits
+        del scratch
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         outside_torch = total - free - torch.cuda.memory_reserved(self.device)
@@ -165,17 +191,20 @@ class ModelRunner:
     def _apply(self, plan: BatchPlan) -> None:
         for slot in plan.freed:
             self.seqs.pop(slot, None)
-            self.grammar.remove(slot)
         for new in plan.new:
-            if new.grammar is not None:
-                self.grammar.add(new.slot, new.grammar, new.token_ids[len(new.token_ids) - new.num_outputs :])
-            else:
-                self.grammar.remove(new.slot)
             self.seqs[new.slot] = Sequence(
                 list(new.token_ids), new.num_cached, prompt_len=len(new.token_ids),
                 prompt_logprobs=new.params.prompt_logprobs if new.num_outputs == 0 else None,
             )
-            self.sampler.state.set(new.slot, new.params, new.token_ids, new.num_outputs, new.bad_words_ids)
+        if self.sampler is not None:
+            for slot in plan.freed:
+                self.grammar.remove(slot)
+            for new in plan.new:
+                if new.grammar is not None:
+                    self.grammar.add(new.slot, new.grammar, new.token_ids[len(new.token_ids) - new.num_outputs :])
+                else:
+                    self.grammar.remove(new.slot)
+                self.sampler.state.set(new.slot, new.params, new.token_ids, new.num_outputs, new.bad_words_ids)
         if plan.pages:
             rows: list[int] = []
             cols: list[int] = []
@@ -283,11 +312,18 @@ class ModelRunner:
         queued.clock.mark()
         if queued.logits is not None:
             k = len(queued.slots)
-            queued.prompt_logprobs = self._prompt_logprobs(queued.logits[k:], queued.prompt_targets)
+            if self.sampler is None:
+                if k:
+                    tokens = self.tp.broadcast(torch.empty(k, dtype=torch.int64, device=self.device))
+                    queued.sampled = Sampled(tokens, download(tokens), None, [])
+            else:
+                queued.prompt_logprobs = self._prompt_logprobs(queued.logits[k:], queued.prompt_targets)
+                if k:
+                    queued.grammars = self.grammar.of(queued.slots)
+                    bitmask = self.grammar.bitmask_of(queued.grammars)
+                    queued.sampled = self.sampler.launch(queued.logits[:k], queued.slots_on_device, queued.slots, bitmask)
+                    self.tp.broadcast(queued.sampled.tokens)
             if k:
-                queued.grammars = self.grammar.of(queued.slots)
-                bitmask = self.grammar.bitmask_of(queued.grammars)
-                queued.sampled = self.sampler.launch(queued.logits[:k], queued.slots_on_device, queued.slots, bitmask)
                 self.last_tokens.index_copy_(0, queued.slots_on_device, queued.sampled.tokens)
             queued.logits = None
         queued.clock.mark()

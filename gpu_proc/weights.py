@@ -1,61 +1,81 @@
-"""Loading weights into a DecoderLM: safetensors from a Hugging Face directory, or random."""
+"""Loading weights into a DecoderLM: safetensors from a Hugging Face directory, or random.
+
+Each rank takes its shard of every checkpoint tensor (``Shard``): rows of the column-parallel
+q/k/v, gate/up, embedding and LM head, columns of the row-parallel o and down projections,
+and the whole of every norm.
+"""
 
 from __future__ import annotations
 
 import glob
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
 
 from tristream.gpu_proc.model import DecoderLM
-
-# Hugging Face name piece -> (our fused parameter piece, shard index)
-_FUSED = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
+from tristream.model_config import ModelConfig
+from tristream.sharding import Shard
 
 
-def _target(model: DecoderLM, name: str) -> tuple[str, int | None]:
+@dataclass
+class Placement:
+    """Where one checkpoint tensor goes: parameter ``param`` (piece ``part`` of a fused one), split along
+    ``dim``; this rank's ``src`` slice of the tensor lands at ``dst`` of the parameter."""
+
+    param: str
+    part: int | None
+    dim: int
+    src: slice
+    dst: slice
+
+
+def _span(r: range, scale: int = 1) -> slice:
+    return slice(r.start * scale, r.stop * scale)
+
+
+def place(name: str, mc: ModelConfig, shard: Shard) -> Placement:
+    """The placement of the Hugging Face-named tensor ``name`` on this rank; ``mc`` is the local config."""
     name = name.removeprefix("model.")
-    for piece, (fused, shard) in _FUSED.items():
+    d, q, kv, inter = mc.head_dim, mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim, mc.intermediate_size
+    fused = {
+        "q_proj": ("qkv_proj", 0, _span(shard.q_heads, d), slice(0, q)),
+        "k_proj": ("qkv_proj", 1, _span(shard.kv_heads, d), slice(q, q + kv)),
+        "v_proj": ("qkv_proj", 2, _span(shard.kv_heads, d), slice(q + kv, q + 2 * kv)),
+        "gate_proj": ("gate_up_proj", 0, _span(shard.intermediate), slice(0, inter)),
+        "up_proj": ("gate_up_proj", 1, _span(shard.intermediate), slice(inter, 2 * inter)),
+    }
+    for piece, (target, part, src, dst) in fused.items():
         if f".{piece}." in name:
-            return name.replace(piece, fused), shard
-    return name, None
+            return Placement(name.replace(piece, target), part, 0, src, dst)
+    if ".o_proj." in name:
+        return Placement(name, None, 1, _span(shard.q_heads, d), slice(None))
+    if ".down_proj." in name:
+        return Placement(name, None, 1, _span(shard.intermediate), slice(None))
+    if name in ("embed_tokens.weight", "lm_head.weight"):
+        return Placement(name, None, 0, _span(shard.vocab), slice(0, len(shard.vocab)))
+    return Placement(name, None, 0, slice(None), slice(None))
 
 
-def _shard_range(model: DecoderLM, fused_name: str, shard: int) -> tuple[int, int]:
-    mc = model.config
-    if "qkv_proj" in fused_name:
-        q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
-        return [(0, q), (q, q + kv), (q + kv, q + 2 * kv)][shard]
-    i = mc.intermediate_size
-    return [(0, i), (i, 2 * i)][shard]
-
-
-def load_weights(model: DecoderLM, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-    """Copy Hugging Face-named tensors into their (fused) parameters; every parameter must be set."""
+def load_weights(model: DecoderLM, weights: Iterable[tuple[str, object]], source: str) -> None:
+    """Copy this rank's part of each Hugging Face-named tensor into its (fused) parameter; every
+    parameter must be set. A tensor may be a safetensors slice, read only where this rank needs it."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
-    for name, tensor in weights:
-        target, shard = _target(model, name)
-        if target not in params:
-            if "rotary_emb" in name:
-                continue
-            raise ValueError(f"unexpected weight {name!r} in {source}")
-        param = params[target]
-        with torch.no_grad():
-            if shard is None:
-                param.copy_(tensor)
-            else:
-                lo, hi = _shard_range(model, target, shard)
-                param[lo:hi].copy_(tensor)
-        loaded.add(target if shard is None else f"{target}#{shard}")
+    with torch.no_grad():
+        for name in ("embed_tokens.weight", "lm_head.weight"):
+            params[name][len(model.shard.vocab) :].zero_()
+        for name, tensor in weights:
+            p = place(name, model.config, model.shard)
+            if p.param not in params:
+                if "rotary_emb" in name:
+                    continue
+                raise ValueError(f"unexpected weight {name!r} in {source}")
+            index = (slice(None),) * p.dim + (p.src,)
+            params[p.param][(slice(None),) * p.dim + (p.dst,)].copy_(tensor[index])
+            loaded.add(p.param if p.part is None else f"{p.param}#{p.part}")
     expected = set()
     for name, _ in model.named_parameters():
         if "qkv_proj" in name:
@@ -72,27 +92,49 @@ def load_weights(model: DecoderLM, weights: Iterable[tuple[str, torch.Tensor]], 
 
 
 def load_safetensors(model: DecoderLM, model_dir: str) -> None:
-    """Load every tensor of ``model_dir/*.safetensors``."""
+    """Load ``model_dir/*.safetensors``, reading of each tensor only this rank's part."""
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors() -> Iterator[tuple[str, object]]:
         for path in files:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name)
 
     load_weights(model, tensors(), model_dir)
 
 
-def init_dummy(model: DecoderLM, seed: int) -> None:
-    """Random weights of realistic scale, for benchmarks without a checkpoint."""
-    device = next(model.parameters()).device
+def dummy_weights(mc: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random Hugging Face-named weights of realistic scale for the whole model ``mc``, for benchmarks
+    without a checkpoint. Every rank draws the same whole tensors and keeps its shard."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=gen)
+    h, d, inter = mc.hidden_size, mc.head_dim, mc.intermediate_size
+    q, kv = mc.num_heads * d, mc.num_kv_heads * d
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=dtype, device=device)
+
+    yield "model.embed_tokens.weight", normal(mc.vocab_size, h)
+    for i in range(mc.num_layers):
+        pre = f"model.layers.{i}."
+        yield pre + "input_layernorm.weight", ones(h)
+        for piece, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            yield pre + f"self_attn.{piece}.weight", normal(rows, h)
+            if mc.attention_bias:
+                yield pre + f"self_attn.{piece}.bias", normal(rows)
+        if mc.qk_norm:
+            yield pre + "self_attn.q_norm.weight", ones(d)
+            yield pre + "self_attn.k_norm.weight", ones(d)
+        yield pre + "self_attn.o_proj.weight", normal(h, q)
+        yield pre + "post_attention_layernorm.weight", ones(h)
+        yield pre + "mlp.gate_proj.weight", normal(inter, h)
+        yield pre + "mlp.up_proj.weight", normal(inter, h)
+        yield pre + "mlp.down_proj.weight", normal(h, inter)
+    yield "model.norm.weight", ones(h)
+    if not mc.tie_word_embeddings:
+        yield "lm_head.weight", normal(mc.vocab_size, h)

@@ -28,6 +28,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, help="split the model over this many GPUs")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--page-size", type=int, default=16)
@@ -66,9 +67,9 @@ def _server_args(parser: argparse.ArgumentParser) -> None:
 
 
 ENGINE_KEYS = (
-    "model", "tokenizer", "chat_template", "dtype", "device", "load_format", "max_model_len", "max_num_seqs",
-    "max_num_batched_tokens", "page_size", "gpu_memory_utilization", "kv_cache_tokens", "kv_cache_bytes",
-    "enable_prefix_caching", "enforce_eager", "pipelined", "reasoning_parser", "log_level",
+    "model", "tokenizer", "chat_template", "dtype", "device", "load_format", "max_model_len", "tensor_parallel_size",
+    "max_num_seqs", "max_num_batched_tokens", "page_size", "gpu_memory_utilization", "kv_cache_tokens",
+    "kv_cache_bytes", "enable_prefix_caching", "enforce_eager", "pipelined", "reasoning_parser", "log_level",
 )
 SAMPLING_KEYS = (
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",

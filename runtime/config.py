@@ -20,6 +20,8 @@ class EngineConfig:
     ``check_invariants`` verifies the page accounting after every step (slow; for tests).
     ``pipelined`` lets the scheduler plan step N+1 while the GPU runs step N (the
     default); ``pipelined=False`` is the synchronous loop, one step in flight.
+    ``tensor_parallel_size`` splits the model over that many ranks, one gpu_proc and one GPU
+    each (on CPU, processes that talk over gloo).
     ``enforce_eager`` turns CUDA graphs off. ``skip_tokenizer_init`` runs without a
     tokenizer: prompts are token ids and outputs carry ids but no text.
     ``chat_template`` overrides the tokenizer's template: a Jinja file, or one of
@@ -37,6 +39,7 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None
+    tensor_parallel_size: int = 1
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     page_size: int = 16
@@ -64,7 +67,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
+        for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "page_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")

@@ -32,12 +32,13 @@ from tristream.protocol import (
     TokenizeCall,
     TokenizeResult,
     decode,
+    gpu_process_name,
 )
 from tristream.sampling_params import SamplingParams
+from tristream.sharding import shard_model
 
 logger = logging.getLogger("tristream")
 
-CHILDREN = ("tokenizer", "scheduler", "gpu")
 
 
 class EngineDeadError(RuntimeError):
@@ -109,18 +110,21 @@ class AsyncEngine:
         max_len = config.max_model_len or mc.max_position_embeddings
         if max_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings={mc.max_position_embeddings}")
+        shard_model(mc, config.tensor_parallel_size, 0)
         self.model_config = mc
         self.child_config = dataclasses.replace(config, model=model_dir, max_model_len=max_len)
-        ipc, self._ipc_dir = processes.make_ipc()
+        ipc, self._ipc_dir = processes.make_ipc(config.tensor_parallel_size)
         self._ctx = zmq.asyncio.Context()
         self._inbox = self._ctx.socket(zmq.PULL)
         self._inbox.setsockopt(zmq.RCVHWM, 0)
         self._inbox.bind(ipc.user)
         self._sync_ctx = zmq.Context()
-        self._out = {name: processes.connect_outbox(self._sync_ctx, getattr(ipc, name)) for name in CHILDREN}
+        # The scheduler passes Shutdown on to the gpu_procs, after the plans it sent them.
+        self._out = {name: processes.connect_outbox(self._sync_ctx, getattr(ipc, name)) for name in ("tokenizer", "scheduler")}
         self._reader = loop.create_task(self._read_loop())
-        for name in ("gpu", "tokenizer", "scheduler"):
-            proc = processes.spawn(name, f"tristream.{name}_proc.main", ipc, self.child_config)
+        children = [(gpu_process_name(rank), "gpu", (rank,)) for rank in range(config.tensor_parallel_size)]
+        for name, kind, args in [*children, ("tokenizer", "tokenizer", ()), ("scheduler", "scheduler", ())]:
+            proc = processes.spawn(name, f"tristream.{kind}_proc.main", ipc, self.child_config, *args)
             self._procs[name] = proc
             loop.add_reader(proc.sentinel, self._on_exit, name)
 
@@ -157,7 +161,7 @@ class AsyncEngine:
                 if msg.process in self.info:
                     continue
                 self.info[msg.process] = msg.info
-                if len(self.info) == len(CHILDREN) and not self._started.done():
+                if len(self.info) == len(self._procs) and not self._started.done():
                     self._started.set_result(None)
             elif isinstance(msg, (SchedulerStats, TokenizeResult)):
                 future = self._calls.pop(msg.token, None)

@@ -26,11 +26,15 @@ logger = logging.getLogger("tristream")
 PR_SET_PDEATHSIG = 1
 
 
-def make_ipc() -> tuple[Ipc, str]:
-    """Fresh ``ipc://`` inbox addresses in a private temporary directory."""
+def make_ipc(num_ranks: int = 1) -> tuple[Ipc, str]:
+    """Fresh ``ipc://`` inbox addresses, and the ranks' rendezvous file, in a private temporary directory."""
     folder = tempfile.mkdtemp(prefix="tristream-")
-    addr = {name: f"ipc://{os.path.join(folder, name)}" for name in ("user", "tokenizer", "scheduler", "gpu")}
-    return Ipc(**addr), folder
+
+    def addr(name: str) -> str:
+        return f"ipc://{os.path.join(folder, name)}"
+
+    gpus = [addr(f"gpu{rank}") for rank in range(num_ranks)]
+    return Ipc(addr("user"), addr("tokenizer"), addr("scheduler"), gpus, os.path.join(folder, "rendezvous")), folder
 
 
 def bind_inbox(ctx: zmq.Context, address: str) -> zmq.Socket:

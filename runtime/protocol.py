@@ -14,12 +14,19 @@ from tristream.sampling_params import SamplingParams
 
 @dataclass
 class Ipc:
-    """The ``ipc://`` address of every process's inbox."""
+    """The ``ipc://`` address of every process's inbox (one per tensor-parallel rank for the
+    gpu_proc), and the file where the ranks' process group meets."""
 
     user: str
     tokenizer: str
     scheduler: str
-    gpu: str
+    gpu: list[str]
+    rendezvous: str
+
+
+def gpu_process_name(rank: int) -> str:
+    """``gpu`` for tensor-parallel rank 0 (the one that samples), then ``gpu1``, ``gpu2``..."""
+    return f"gpu{rank}" if rank else "gpu"
 
 
 # user -> tokenizer_proc

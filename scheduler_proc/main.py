@@ -19,6 +19,7 @@ from tristream.protocol import (
     StopRequest,
     TokenBatch,
     TokenizedRequest,
+    encode,
 )
 from tristream.scheduler_proc.scheduler import Scheduler
 
@@ -27,13 +28,20 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
     """Process entry point: plans go out while up to one step (two, pipelined) is in flight."""
     ctx = zmq.Context()
     inbox = bind_inbox(ctx, ipc.scheduler)
-    to_gpu = connect_outbox(ctx, ipc.gpu)
+    to_gpus = [connect_outbox(ctx, address) for address in ipc.gpu]
     to_tokenizer = connect_outbox(ctx, ipc.tokenizer)
     to_user = connect_outbox(ctx, ipc.user)
+
+    def to_every_gpu(message: object) -> None:
+        """The same bytes to every tensor-parallel rank, encoded once."""
+        data = encode(message)
+        for sock in to_gpus:
+            sock.send(data, copy=False)
+
     ready = recv(inbox)
     while not (isinstance(ready, Ready) and ready.process == "gpu"):
         if isinstance(ready, Shutdown):
-            return
+            return to_every_gpu(ready)
         ready = recv(inbox)
     scheduler = Scheduler(config, ready.info["num_pages"])
     plans = PlanEncoder()
@@ -57,7 +65,7 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
             elif isinstance(msg, StatsRequest):
                 send(to_user, scheduler.stats(msg.token))
             elif isinstance(msg, Shutdown):
-                return
+                return to_every_gpu(msg)
         deltas = [d for d in deltas if d is not None]
         if deltas:
             send(to_tokenizer, TokenBatch(deltas))
@@ -70,4 +78,4 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
             else:
                 plan.after_idle, after_idle = after_idle, False
                 plan.sent_at = time.monotonic()
-                send(to_gpu, plans.diff(plan))
+                to_every_gpu(plans.diff(plan))

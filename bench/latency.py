@@ -5,7 +5,13 @@ batch sizes x input lengths with a fixed output length, then one long prefill.
 Decode is compared with its bandwidth roofline (weights + KV read per step over
 the measured copy bandwidth), prefill with the measured bf16 matmul rate.
 
+With ``--tp N`` the same runs go at tensor parallelism 1 and N, one engine after the
+other, and the report gives the speed-up and the time a decode step spends in
+collectives: the model's all-reduces and its logits gather, replayed alone from a
+CUDA graph on N ranks.
+
     python3 bench/latency.py --config bench/configs/llama-3-8b.json
+    python3 bench/latency.py --tp 2 --batch-sizes 1 64 --input-lens 128
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import pathlib
 import shutil
 import statistics
@@ -21,6 +28,7 @@ import tempfile
 import time
 
 import torch
+import torch.multiprocessing as mp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, matmul_rate  # noqa: E402
@@ -28,6 +36,7 @@ from report import git_info, model_summary, now  # noqa: E402
 
 from tristream import AsyncEngine, SamplingParams  # noqa: E402
 from tristream.model_config import ModelConfig  # noqa: E402
+from tristream.sharding import shard_model  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -80,21 +89,13 @@ async def run_batch(engine: AsyncEngine, batch: int, input_len: int, output_len:
     return result
 
 
-async def main(args: argparse.Namespace) -> dict:
-    device = torch.device("cuda")
-    bandwidth, flops = copy_bandwidth(device), matmul_rate(device)
-    torch.cuda.empty_cache()
-    folder = pathlib.Path(tempfile.mkdtemp(prefix="tristream-bench-"))
-    max_len = max(max(args.input_lens) + args.output_len, args.prefill_len + 1)
-    config = json.loads(pathlib.Path(args.config).read_text())
-    # Dummy weights: room for the longest run even past the real model's context.
-    config["max_position_embeddings"] = max(config["max_position_embeddings"], max_len)
-    (folder / "config.json").write_text(json.dumps(config))
-    mc = ModelConfig.load(str(folder))
+async def run_engine(args: argparse.Namespace, folder: pathlib.Path, mc: ModelConfig, tp: int, bandwidth: float,
+                     flops: float) -> tuple[list[dict], dict]:
+    """Decode runs and one long prefill on an engine of ``tp`` ranks; the rooflines count one rank's share."""
     sizes = model_sizes(mc)
     results = []
     async with AsyncEngine(
-        model=str(folder), load_format="dummy", dtype="bfloat16", max_model_len=max_len,
+        model=str(folder), load_format="dummy", dtype="bfloat16", max_model_len=args.max_len, tensor_parallel_size=tp,
         max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=max(args.prefill_len, 8192),
         enable_prefix_caching=False, log_level="INFO", skip_tokenizer_init=True,
     ) as engine:
@@ -105,32 +106,120 @@ async def main(args: argparse.Namespace) -> dict:
                 r = await run_batch(engine, batch, input_len, args.output_len, mc.vocab_size, seed=batch + input_len)
                 ctx = input_len + args.output_len / 2
                 step_bytes = 2 * (sizes["layer_params"] + sizes["lm_head_params"]) + batch * ctx * sizes["kv_bytes_per_token"]
+                r["tp"] = tp
                 r["decode_bytes_per_step"] = step_bytes
-                r["roofline_tpot_s"] = step_bytes / bandwidth
+                r["roofline_tpot_s"] = step_bytes / tp / bandwidth
                 r["roofline_fraction"] = r["roofline_tpot_s"] / r["tpot_s"] if r["tpot_s"] else None
                 results.append(r)
-                print(f"batch {batch:4d} in {input_len:5d}: {row(r)}", flush=True)
+                print(f"tp {tp} batch {batch:4d} in {input_len:5d}: {row(r)}", flush=True)
         pre = await run_batch(engine, 1, args.prefill_len, 1, mc.vocab_size, seed=7)
-    profile = decode_profile(folder, mc) if args.profile else None
     n = args.prefill_len
     prefill_flops = 2 * sizes["layer_params"] * n + 2 * sizes["lm_head_params"] + 2 * mc.num_layers * mc.num_heads * mc.head_dim * n * n
     prefill = {
-        "prompt_tokens": n, "ttft_s": pre["ttft_p50_s"], "tokens_per_s": n / pre["ttft_p50_s"],
-        "flops": prefill_flops, "matmul_fraction": prefill_flops / pre["ttft_p50_s"] / flops,
+        "tp": tp, "prompt_tokens": n, "ttft_s": pre["ttft_p50_s"], "tokens_per_s": n / pre["ttft_p50_s"],
+        "flops": prefill_flops, "matmul_fraction": prefill_flops / pre["ttft_p50_s"] / (flops * tp),
     }
-    shutil.rmtree(folder, ignore_errors=True)
-    return {
+    return results, prefill
+
+
+def _collectives_rank(rank: int, tp: int, mc: ModelConfig, batches: list[int], rendezvous: str, out: mp.Queue) -> None:
+    from tristream.gpu_proc.parallel import TensorParallel
+
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    shard = shard_model(mc, tp, rank)
+    group = TensorParallel(shard, device, rendezvous)
+    times = {}
+    for batch in batches:
+        x = torch.zeros(batch, mc.hidden_size, dtype=torch.bfloat16, device=device)
+        logits = torch.zeros(batch, shard.vocab_rows, dtype=torch.bfloat16, device=device)
+
+        def step():
+            for _ in range(2 * mc.num_layers + 1):
+                group.all_reduce(x)
+            group.gather_vocab(logits, mc.vocab_size)
+
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        for _ in range(10):
+            graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times[batch] = start.elapsed_time(end) / 50 / 1000
+    if rank == 0:
+        out.put(times)
+    group.close()
+
+
+def collective_time(mc: ModelConfig, tp: int, batches: list[int]) -> dict[int, float]:
+    """Seconds per decode step in collectives at each batch size: the 2L+1 all-reduces of [batch, hidden]
+    and the logits gather, captured in one CUDA graph on ``tp`` ranks."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    rendezvous = os.path.join(tempfile.mkdtemp(prefix="tristream-bench-"), "rendezvous")
+    procs = [ctx.Process(target=_collectives_rank, args=(r, tp, mc, batches, rendezvous, out)) for r in range(tp)]
+    for p in procs:
+        p.start()
+    times = out.get(timeout=300)
+    for p in procs:
+        p.join(60)
+    return times
+
+
+async def main(args: argparse.Namespace) -> dict:
+    device = torch.device("cuda")
+    bandwidth, flops = copy_bandwidth(device), matmul_rate(device)
+    torch.cuda.empty_cache()
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="tristream-bench-"))
+    args.max_len = max(max(args.input_lens) + args.output_len, args.prefill_len + 1)
+    config = json.loads(pathlib.Path(args.config).read_text())
+    # Dummy weights: room for the longest run even past the real model's context.
+    config["max_position_embeddings"] = max(config["max_position_embeddings"], args.max_len)
+    (folder / "config.json").write_text(json.dumps(config))
+    mc = ModelConfig.load(str(folder))
+    results, prefills = [], []
+    for tp in sorted({1, args.tp}):
+        decode, prefill = await run_engine(args, folder, mc, tp, bandwidth, flops)
+        results += decode
+        prefills.append(prefill)
+    profile = decode_profile(folder, mc) if args.profile else None
+    report = {
         "benchmark": "latency",
         "device": torch.cuda.get_device_name(device),
+        "num_devices": args.tp,
         "torch": torch.__version__,
         "model_config": args.config,
-        "model": {**model_summary(mc, "bfloat16"), **sizes},
+        "model": {**model_summary(mc, "bfloat16"), **model_sizes(mc)},
         **git_info(),
         "timestamp": now(),
         "ceilings": {"copy_bytes_per_s": bandwidth, "bf16_matmul_flops": flops},
         "decode": results,
-        "prefill": prefill,
+        "prefill": prefills,
         "batch1_decode_profile": profile,
+    }
+    if args.tp > 1:
+        comm = collective_time(mc, args.tp, args.batch_sizes)
+        report["tensor_parallel"] = [tp_row(results, comm, args.tp, batch, n) for n in args.input_lens for batch in args.batch_sizes]
+    shutil.rmtree(folder, ignore_errors=True)
+    return report
+
+
+def tp_row(results: list[dict], comm: dict[int, float], tp: int, batch: int, input_len: int) -> dict:
+    """Tensor parallelism ``tp`` against one GPU at one batch size and input length."""
+    one, many = ({(r["tp"], r["batch"], r["input_len"]): r for r in results}[(t, batch, input_len)] for t in (1, tp))
+    return {
+        "tp": tp, "batch": batch, "input_len": input_len,
+        "speedup_tok_per_s": many["output_tok_per_s"] / one["output_tok_per_s"],
+        "speedup_tpot": one["tpot_s"] / many["tpot_s"] if one["tpot_s"] and many["tpot_s"] else None,
+        "collectives_s_per_step": comm[batch],
+        "collectives_fraction_of_tpot": comm[batch] / many["tpot_s"] if many["tpot_s"] else None,
     }
 
 
@@ -183,11 +272,12 @@ def plot(report: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for input_len in sorted({r["input_len"] for r in report["decode"]}):
-        rows = [r for r in report["decode"] if r["input_len"] == input_len]
+    for tp, input_len in sorted({(r["tp"], r["input_len"]) for r in report["decode"]}):
+        rows = [r for r in report["decode"] if (r["tp"], r["input_len"]) == (tp, input_len)]
         steady = [r for r in rows if r["roofline_fraction"]]
-        axes[0].plot([r["batch"] for r in rows], [r["output_tok_per_s"] for r in rows], "o-", label=f"input {input_len}")
-        axes[1].plot([r["batch"] for r in steady], [100 * r["roofline_fraction"] for r in steady], "o-", label=f"input {input_len}")
+        label = f"input {input_len}" + (f", tp {tp}" if report["num_devices"] > 1 else "")
+        axes[0].plot([r["batch"] for r in rows], [r["output_tok_per_s"] for r in rows], "o-", label=label)
+        axes[1].plot([r["batch"] for r in steady], [100 * r["roofline_fraction"] for r in steady], "o-", label=label)
     for ax, label in zip(axes, ("output tokens/s", "% of decode bandwidth roofline")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
@@ -208,10 +298,12 @@ if __name__ == "__main__":
     parser.add_argument("--prefill-len", type=int, default=8192)
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true", help="also print the CUDA kernel table of batch-1 decode")
+    parser.add_argument("--tp", type=int, default=1, help="also run at this tensor parallelism and compare with one GPU")
     args = parser.parse_args()
     report = asyncio.run(main(args))
     gpu = report["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
-    out = pathlib.Path(args.out or REPO / "bench" / "results" / f"latency-{gpu}.json")
+    suffix = f"-tp{args.tp}" if args.tp > 1 else ""
+    out = pathlib.Path(args.out or REPO / "bench" / "results" / f"latency-{gpu}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     try:
@@ -222,7 +314,12 @@ if __name__ == "__main__":
     print(f"ceilings: copy {report['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"bf16 matmul {report['ceilings']['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s")
     for r in report["decode"]:
-        print(f"batch {r['batch']:4d} in {r['input_len']:5d}: {row(r)}")
-    p = report["prefill"]
-    print(f"prefill {p['prompt_tokens']} tokens: {p['ttft_s'] * 1e3:.1f} ms, {p['tokens_per_s']:.0f} tok/s, "
-          f"{100 * p['matmul_fraction']:.1f}% of bf16 matmul rate")
+        print(f"tp {r['tp']} batch {r['batch']:4d} in {r['input_len']:5d}: {row(r)}")
+    for p in report["prefill"]:
+        print(f"tp {p['tp']} prefill {p['prompt_tokens']} tokens: {p['ttft_s'] * 1e3:.1f} ms, {p['tokens_per_s']:.0f} tok/s, "
+              f"{100 * p['matmul_fraction']:.1f}% of bf16 matmul rate (x{p['tp']} GPUs)")
+    for t in report.get("tensor_parallel", []):
+        tpot = f"{t['speedup_tpot']:.2f}x" if t["speedup_tpot"] else "n/a"
+        share = f"{100 * t['collectives_fraction_of_tpot']:.1f}%" if t["collectives_fraction_of_tpot"] else "n/a"
+        print(f"tp {t['tp']} vs 1, batch {t['batch']:4d} in {t['input_len']:5d}: {t['speedup_tok_per_s']:.2f}x tok/s, "
+              f"{tpot} TPOT; collectives {t['collectives_s_per_step'] * 1e6:.0f} us per step ({share} of the TP TPOT)")

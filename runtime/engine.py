@@ -134,11 +134,15 @@ class AsyncEngine:
         loop.remove_reader(proc.sentinel)
         if not self._closing:
             # Give a ProcessFailed message with the traceback a moment to arrive first.
-            loop.call_later(0.5, self._fail, f"the {name} process died (exit code {proc.exitcode})")
+            loop.call_later(0.5, self._fail, f"the {name} process died (exit code {proc.exitcode})", name)
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, process: str) -> None:
         if self._dead or self._closing:
             return
+        # A process that lost a peer (a tensor-parallel rank) fails too: name the dead ones first.
+        died = [f"the {name} process died (exit code {proc.exitcode})"
+                for name, proc in self._procs.items() if name != process and proc.exitcode is not None]
+        reason = "; ".join([*died, reason])
         self._dead = reason
         logger.error("engine failed: %s", reason)
         if self._started is not None and not self._started.done():
@@ -168,7 +172,7 @@ class AsyncEngine:
                 if future is not None and not future.done():
                     future.set_result(msg)
             elif isinstance(msg, ProcessFailed):
-                self._fail(f"the {msg.process} process failed:\n{msg.error}")
+                self._fail(f"the {msg.process} process failed:\n{msg.error}", msg.process)
 
     async def close(self) -> None:
         """Shut down every process and fail whatever is still pending."""

@@ -1,0 +1,152 @@
+"""Tensor parallelism on CPU: two gpu_proc ranks over gloo give what one gives, and a lost rank takes the engine down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tristream import LLM, AsyncEngine, EngineDeadError, SamplingParams
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,", "1, 2, 3, 4,"]
+
+# Qwen2 (biased q/k/v), one KV head shared by both ranks, and a vocabulary and MLP that split unevenly.
+TINY = {
+    "architectures": ["Qwen2ForCausalLM"], "vocab_size": 1001, "hidden_size": 64, "intermediate_size": 129,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 256, "tie_word_embeddings": False, "eos_token_id": 0,
+}
+
+
+def wait_gone(alive, pids, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.fixture(scope="module")
+async def tp_engine():
+    async with AsyncEngine(tensor_parallel_size=2, max_model_len=1024, log_level="WARNING") as eng:
+        yield eng
+
+
+@pytest.fixture
+def tiny_model(tmp_path) -> str:
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    return str(tmp_path)
+
+
+def tiny_engine(model: str, tp: int) -> AsyncEngine:
+    return AsyncEngine(model=model, load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=tp,
+                       max_model_len=256, log_level="ERROR")
+
+
+async def generate_all(engine: AsyncEngine, prompts: list, params: SamplingParams) -> list:
+    async def one(prompt):
+        tokens, logprobs = [], []
+        async for out in engine.generate(prompt, params):
+            tokens += out.outputs[0].token_ids
+            logprobs += out.outputs[0].logprobs or []
+        return tokens, logprobs
+
+    return await asyncio.gather(*(one(p) for p in prompts))
+
+
+def assert_same(tp1: list, tp2: list, tolerance: float) -> None:
+    for (tokens1, logprobs1), (tokens2, logprobs2) in zip(tp1, tp2):
+        assert tokens2 == tokens1
+        for step1, step2 in zip(logprobs1, logprobs2):
+            assert list(step2) == list(step1)
+            assert max(abs(step1[t] - step2[t]) for t in step1) < tolerance
+
+
+async def test_two_ranks_give_the_greedy_tokens_and_logprobs_of_one(engine, tp_engine):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    one, two = await asyncio.gather(generate_all(engine, PROMPTS, params), generate_all(tp_engine, PROMPTS, params))
+    assert all(len(tokens) == 24 for tokens, _ in two)
+    assert_same(one, two, tolerance=1e-4)
+
+
+async def test_two_ranks_sample_with_seeds_as_one_does(engine, tp_engine):
+    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=11, max_tokens=16, ignore_eos=True)
+    one, two = await asyncio.gather(generate_all(engine, PROMPTS, params), generate_all(tp_engine, PROMPTS, params))
+    assert [t for t, _ in two] == [t for t, _ in one]
+
+
+async def test_two_ranks_serve_prompt_logprobs_and_prefix_hits(engine, tp_engine):
+    prompt = "A long shared system prompt about the weather, then a question: is it raining?"
+    with_prompt_logprobs = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=2)
+    firsts = {}
+    for name, eng in (("one", engine), ("two", tp_engine)):
+        async for out in eng.generate(prompt, with_prompt_logprobs):
+            firsts.setdefault(name, out)
+    one, two = firsts["one"].prompt_logprobs, firsts["two"].prompt_logprobs
+    assert two[0] is None and len(two) == len(firsts["two"].prompt_token_ids)
+    for step1, step2 in zip(one[1:], two[1:]):
+        assert list(step2) == list(step1) and max(abs(step1[t] - step2[t]) for t in step1) < 1e-4
+    again = [out async for out in tp_engine.generate(prompt, SamplingParams(temperature=0, max_tokens=4))]
+    assert again[0].num_cached_tokens >= len(firsts["two"].prompt_token_ids) // 16 * 16 > 0
+
+
+async def test_replicated_kv_heads_and_a_padded_vocabulary_match_one_rank(tiny_model):
+    prompts = [[5, 17, 99, 3, 250], [7] * 12, list(range(40, 70))]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    results = []
+    for tp in (1, 2):
+        async with tiny_engine(tiny_model, tp) as eng:
+            results.append(await generate_all(eng, prompts, params))
+    assert_same(*results, tolerance=1e-5)
+    assert all(max(tokens) < TINY["vocab_size"] for tokens, _ in results[1])
+
+
+async def test_a_dead_rank_fails_pending_requests_and_leaves_no_process(tiny_model, alive):
+    engine = tiny_engine(tiny_model, 2)
+    await engine.start()
+    pids = list(engine.child_pids.values())
+    assert len(pids) == 4
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    got = 0
+
+    async def consume():
+        nonlocal got
+        async for _ in engine.generate([1, 2, 3], params):
+            got += 1
+            if got == 2:
+                os.kill(engine.child_pids["gpu1"], signal.SIGKILL)
+
+    with pytest.raises(EngineDeadError, match="gpu1 process died"):
+        await asyncio.wait_for(consume(), 30)
+    await engine.close()
+    assert wait_gone(alive, pids, timeout=10) == []
+
+
+async def test_a_rank_lost_during_start_up_fails_the_start(tiny_model, alive):
+    engine = tiny_engine(tiny_model, 2)
+    start = asyncio.ensure_future(engine.start())
+    while "gpu1" not in engine.child_pids:
+        await asyncio.sleep(0.01)
+    os.kill(engine.child_pids["gpu1"], signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="gpu1 process died"):
+        await asyncio.wait_for(start, 60)
+    assert wait_gone(alive, engine.child_pids.values(), timeout=10) == []
+
+
+def test_llm_with_two_ranks_shuts_down_at_once(tiny_model, alive):
+    with LLM(model=tiny_model, load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=2,
+             max_model_len=256, log_level="ERROR") as llm:
+        pids = list(llm.engine.child_pids.values())
+        out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 3
+    assert wait_gone(alive, pids, timeout=2.0) == []
+
+
+async def test_a_split_that_does_not_fit_the_model_is_refused_before_start(tiny_model):
+    engine = tiny_engine(tiny_model, 3)
+    with pytest.raises(ValueError, match="tensor_parallel_size=3"):
+        await engine.start()
+    assert engine.child_pids == {}

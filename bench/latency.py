@@ -128,39 +128,41 @@ def _collectives_rank(rank: int, tp: int, mc: ModelConfig, batches: list[int], r
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     shard = shard_model(mc, tp, rank)
-    group = TensorParallel(shard, device, rendezvous)
+    group = TensorParallel(shard, device, rendezvous, max(batches) * mc.hidden_size * 2, torch.bfloat16)
     times = {}
     for batch in batches:
         x = torch.zeros(batch, mc.hidden_size, dtype=torch.bfloat16, device=device)
         logits = torch.zeros(batch, shard.vocab_rows, dtype=torch.bfloat16, device=device)
+        for path, all_reduce in (("engine", group.all_reduce), ("nccl", group.nccl_all_reduce)):
 
-        def step():
-            for _ in range(2 * mc.num_layers + 1):
-                group.all_reduce(x)
-            group.gather_vocab(logits, mc.vocab_size)
+            def step():
+                for _ in range(2 * mc.num_layers + 1):
+                    all_reduce(x)
+                group.gather_vocab(logits, mc.vocab_size)
 
-        step()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
             step()
-        for _ in range(10):
-            graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(50):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times[batch] = start.elapsed_time(end) / 50 / 1000
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            for _ in range(10):
+                graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(50):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            times[(path, batch)] = start.elapsed_time(end) / 50 / 1000
     if rank == 0:
         out.put(times)
     group.close()
 
 
-def collective_time(mc: ModelConfig, tp: int, batches: list[int]) -> dict[int, float]:
+def collective_time(mc: ModelConfig, tp: int, batches: list[int]) -> dict[tuple[str, int], float]:
     """Seconds per decode step in collectives at each batch size: the 2L+1 all-reduces of [batch, hidden]
-    and the logits gather, captured in one CUDA graph on ``tp`` ranks."""
+    and the logits gather, captured in one CUDA graph on ``tp`` ranks. Path "engine" is what the engine
+    runs (symmetric memory for decode all-reduces), "nccl" every all-reduce through NCCL."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     rendezvous = os.path.join(tempfile.mkdtemp(prefix="tristream-bench-"), "rendezvous")
@@ -218,8 +220,9 @@ def tp_row(results: list[dict], comm: dict[int, float], tp: int, batch: int, inp
         "tp": tp, "batch": batch, "input_len": input_len,
         "speedup_tok_per_s": many["output_tok_per_s"] / one["output_tok_per_s"],
         "speedup_tpot": one["tpot_s"] / many["tpot_s"] if one["tpot_s"] and many["tpot_s"] else None,
-        "collectives_s_per_step": comm[batch],
-        "collectives_fraction_of_tpot": comm[batch] / many["tpot_s"] if many["tpot_s"] else None,
+        "collectives_s_per_step": comm[("engine", batch)],
+        "nccl_collectives_s_per_step": comm[("nccl", batch)],
+        "collectives_fraction_of_tpot": comm[("engine", batch)] / many["tpot_s"] if many["tpot_s"] else None,
     }
 
 
@@ -322,4 +325,5 @@ if __name__ == "__main__":
         tpot = f"{t['speedup_tpot']:.2f}x" if t["speedup_tpot"] else "n/a"
         share = f"{100 * t['collectives_fraction_of_tpot']:.1f}%" if t["collectives_fraction_of_tpot"] else "n/a"
         print(f"tp {t['tp']} vs 1, batch {t['batch']:4d} in {t['input_len']:5d}: {t['speedup_tok_per_s']:.2f}x tok/s, "
-              f"{tpot} TPOT; collectives {t['collectives_s_per_step'] * 1e6:.0f} us per step ({share} of the TP TPOT)")
+              f"{tpot} TPOT; collectives {t['collectives_s_per_step'] * 1e6:.0f} us per step ({share} of the TP TPOT), "
+              f"all through NCCL {t['nccl_collectives_s_per_step'] * 1e6:.0f} us")

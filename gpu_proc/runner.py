@@ -104,7 +104,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(config, self.device)
         whole = ModelConfig.load(config.model)
         shard = shard_model(whole, config.tensor_parallel_size, rank)
-        self.tp = TensorParallel(shard, self.device, rendezvous)
+        decode_bytes = config.max_num_seqs * whole.hidden_size * self.dtype.itemsize
+        self.tp = TensorParallel(shard, self.device, rendezvous, decode_bytes, self.dtype)
         self.model_config = mc = shard.local_config(whole)
         start = time.perf_counter()
         with torch.device("meta"):

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import pathlib
+import queue
 import shutil
 import statistics
 import sys
@@ -191,7 +193,7 @@ async def main(args: argparse.Namespace) -> dict:
         decode, prefill = await run_engine(args, folder, mc, tp, bandwidth, flops)
         results += decode
         prefills.append(prefill)
-    profile = decode_profile(folder, mc) if args.profile else None
+    profiles = [decode_profile(folder, tp) for tp in sorted({1, args.tp})] if args.profile else None
     report = {
         "benchmark": "latency",
         "device": torch.cuda.get_device_name(device),
@@ -204,7 +206,7 @@ async def main(args: argparse.Namespace) -> dict:
         "ceilings": {"copy_bytes_per_s": bandwidth, "bf16_matmul_flops": flops},
         "decode": results,
         "prefill": prefills,
-        "batch1_decode_profile": profile,
+        "batch1_decode_profile": profiles,
     }
     if args.tp > 1:
         comm = collective_time(mc, args.tp, args.batch_sizes)
@@ -226,16 +228,17 @@ def tp_row(results: list[dict], comm: dict[int, float], tp: int, batch: int, inp
     }
 
 
-def decode_profile(folder: pathlib.Path, mc: ModelConfig, steps: int = 20) -> list[dict]:
-    """The torch profiler's CUDA kernel table over batch-1 decode steps replayed from a CUDA graph."""
+def _profile_rank(rank: int, tp: int, folder: str, rendezvous: str | None, steps: int, out) -> None:
+    """Batch-1 decode steps on rank ``rank`` of ``tp``, with rank 0 under the torch profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     from tristream.config import EngineConfig
     from tristream.gpu_proc.runner import ModelRunner
     from tristream.protocol import BatchPlan, NewSequence
 
-    runner = ModelRunner(EngineConfig(model=str(folder), load_format="dummy", dtype="bfloat16", max_model_len=4096,
-                                      max_num_seqs=1, kv_cache_tokens=8192, skip_tokenizer_init=True))
+    runner = ModelRunner(EngineConfig(model=folder, load_format="dummy", dtype="bfloat16", max_model_len=4096,
+                                      max_num_seqs=1, kv_cache_tokens=8192, skip_tokenizer_init=True,
+                                      tensor_parallel_size=tp), rank, rendezvous)
     greedy = SamplingParams(temperature=0, seed=0)
     runner.step(BatchPlan(0, new=[NewSequence(0, list(range(1000, 3048)), 0, 0, greedy)], pages=[(0, list(range(1, 257)))],
                           slots=[0], num_tokens=[2048], sample=[True]))
@@ -243,23 +246,43 @@ def decode_profile(folder: pathlib.Path, mc: ModelConfig, steps: int = 20) -> li
     for _ in range(5):
         runner.step(decode)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if rank == 0 else contextlib.nullcontext() as prof:
         start = time.perf_counter()
         for _ in range(steps):
             runner.step(decode)
         torch.cuda.synchronize()
         step_s = (time.perf_counter() - start) / steps
-    rows = []
-    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]:
-        if e.device_time_total > 0:
-            rows.append({"kernel": e.key[:90], "calls_per_step": e.count / steps,
-                         "us_per_step": e.device_time_total / steps})
-    print(f"\nbatch-1 decode, context 2048, in-process step {step_s * 1e3:.2f} ms; CUDA kernels per step:")
-    for r in rows:
+    if rank == 0:
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        rows = [{"kernel": e.key[:90], "calls_per_step": e.count / steps, "us_per_step": e.device_time_total / steps}
+                for e in sorted(kernels, key=lambda e: -e.device_time_total)]
+        out.put({"tp": tp, "in_process_step_s": step_s, "kernels_per_step": sum(r["calls_per_step"] for r in rows),
+                 "kernel_us_per_step": sum(r["us_per_step"] for r in rows), "top_kernels": rows[:12]})
+    runner.tp.close()
+
+
+def decode_profile(folder: pathlib.Path, tp: int, steps: int = 20) -> dict:
+    """The torch profiler's CUDA kernel table of rank 0 over batch-1 decode steps replayed from a CUDA graph."""
+    if tp == 1:
+        out = queue.Queue()
+        _profile_rank(0, 1, str(folder), None, steps, out)
+    else:
+        ctx = mp.get_context("spawn")
+        out = ctx.Queue()
+        rendezvous = os.path.join(tempfile.mkdtemp(prefix="tristream-bench-"), "rendezvous")
+        procs = [ctx.Process(target=_profile_rank, args=(r, tp, str(folder), rendezvous, steps, out)) for r in range(tp)]
+        for p in procs:
+            p.start()
+    profile = out.get(timeout=600)
+    if tp > 1:
+        for p in procs:
+            p.join(60)
+    print(f"\ntp {tp}: batch-1 decode, context 2048, in-process step {profile['in_process_step_s'] * 1e3:.2f} ms; "
+          f"{profile['kernels_per_step']:.0f} CUDA kernels per step on rank 0, {profile['kernel_us_per_step']:.0f} us in all:")
+    for r in profile["top_kernels"]:
         print(f"{r['us_per_step']:9.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel']}")
-    del runner
     torch.cuda.empty_cache()
-    return [{"in_process_step_s": step_s}, *rows]
+    return profile
 
 
 def row(r: dict) -> str:

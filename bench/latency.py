@@ -172,9 +172,16 @@ def collective_time(mc: ModelConfig, tp: int, batches: list[int]) -> dict[tuple[
     for p in procs:
         p.start()
     times = out.get(timeout=300)
-    for p in procs:
-        p.join(60)
+    finish(procs)
     return times
+
+
+def finish(procs: list) -> None:
+    """Wait a little for the ranks to leave their process group, then stop the stragglers."""
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
 
 
 async def main(args: argparse.Namespace) -> dict:
@@ -275,8 +282,7 @@ def decode_profile(folder: pathlib.Path, tp: int, steps: int = 20) -> dict:
             p.start()
     profile = out.get(timeout=600)
     if tp > 1:
-        for p in procs:
-            p.join(60)
+        finish(procs)
     print(f"\ntp {tp}: batch-1 decode, context 2048, in-process step {profile['in_process_step_s'] * 1e3:.2f} ms; "
           f"{profile['kernels_per_step']:.0f} CUDA kernels per step on rank 0, {profile['kernel_us_per_step']:.0f} us in all:")
     for r in profile["top_kernels"]:

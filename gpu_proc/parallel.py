@@ -54,8 +54,6 @@ class TensorParallel:
 
         group = dist.group.WORLD.group_name
         try:
-            if hasattr(symm_mem, "enable_symm_mem_for_group"):
-                symm_mem.enable_symm_mem_for_group(group)
             buffer = symm_mem.empty(numel, dtype=dtype, device=device)
             symm_mem.rendezvous(buffer, group)
         except (RuntimeError, AttributeError) as e:

@@ -29,7 +29,7 @@ TOP = 20
 async def run(model: str, tp: int, prompts: list[list[int]]) -> list[tuple[list[int], list[dict[int, float]]]]:
     params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=TOP)
     async with AsyncEngine(model=model, load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=tp,
-                           max_model_len=2048, max_num_seqs=8, gpu_memory_utilization=0.5, log_level="WARNING") as eng:
+                           max_model_len=2048, max_num_seqs=8, kv_cache_tokens=16384, log_level="WARNING") as eng:
 
         async def one(prompt):
             tokens, logprobs = [], []

@@ -93,3 +93,10 @@ async def test_reasoning_content_through_the_server(tmp_path):
     reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks)
     content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
     assert reasoning == message["reasoning_content"] and content == message["content"]
+
+
+def test_tensor_parallel_size_from_flag_or_yaml(tmp_path):
+    assert parse_args(["serve", "--tp", "2"]).tensor_parallel_size == 2
+    assert parse_args(["chat", "--tensor-parallel-size", "4"]).tensor_parallel_size == 4
+    assert parse_args(["serve", write(tmp_path, "tensor_parallel_size: 2\n")]).tensor_parallel_size == 2
+    assert parse_args(["serve"]).tensor_parallel_size == 1

@@ -40,7 +40,6 @@ from tristream.sharding import shard_model
 logger = logging.getLogger("tristream")
 
 
-
 class EngineDeadError(RuntimeError):
     """The engine lost a process; every pending and later request fails."""
 
@@ -110,7 +109,7 @@ class AsyncEngine:
         max_len = config.max_model_len or mc.max_position_embeddings
         if max_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings={mc.max_position_embeddings}")
-        shard_model(mc, config.tensor_parallel_size, 0)
+        shard_model(mc, config.tensor_parallel_size, 0)  # a split that does not fit fails here, before any process
         self.model_config = mc
         self.child_config = dataclasses.replace(config, model=model_dir, max_model_len=max_len)
         ipc, self._ipc_dir = processes.make_ipc(config.tensor_parallel_size)

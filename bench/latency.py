@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import pathlib
-import queue
 import shutil
 import statistics
 import sys
@@ -165,23 +164,24 @@ def collective_time(mc: ModelConfig, tp: int, batches: list[int]) -> dict[tuple[
     """Seconds per decode step in collectives at each batch size: the 2L+1 all-reduces of [batch, hidden]
     and the logits gather, captured in one CUDA graph on ``tp`` ranks. Path "engine" is what the engine
     runs (symmetric memory for decode all-reduces), "nccl" every all-reduce through NCCL."""
+    return run_ranks(_collectives_rank, tp, mc, batches)
+
+
+def run_ranks(target, tp: int, *args: object) -> object:
+    """What rank 0 of ``target(rank, tp, *args, rendezvous, queue)``, run in ``tp`` processes, puts on the queue.
+    The ranks get a little time to leave their process group, then the stragglers are stopped."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     rendezvous = os.path.join(tempfile.mkdtemp(prefix="tristream-bench-"), "rendezvous")
-    procs = [ctx.Process(target=_collectives_rank, args=(r, tp, mc, batches, rendezvous, out)) for r in range(tp)]
+    procs = [ctx.Process(target=target, args=(r, tp, *args, rendezvous, out)) for r in range(tp)]
     for p in procs:
         p.start()
-    times = out.get(timeout=300)
-    finish(procs)
-    return times
-
-
-def finish(procs: list) -> None:
-    """Wait a little for the ranks to leave their process group, then stop the stragglers."""
+    result = out.get(timeout=600)
     for p in procs:
         p.join(10)
         if p.is_alive():
             p.kill()
+    return result
 
 
 async def main(args: argparse.Namespace) -> dict:
@@ -235,7 +235,7 @@ def tp_row(results: list[dict], comm: dict[int, float], tp: int, batch: int, inp
     }
 
 
-def _profile_rank(rank: int, tp: int, folder: str, rendezvous: str | None, steps: int, out) -> None:
+def _profile_rank(rank: int, tp: int, folder: str, steps: int, rendezvous: str, out: mp.Queue) -> None:
     """Batch-1 decode steps on rank ``rank`` of ``tp``, with rank 0 under the torch profiler."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -270,19 +270,7 @@ def _profile_rank(rank: int, tp: int, folder: str, rendezvous: str | None, steps
 
 def decode_profile(folder: pathlib.Path, tp: int, steps: int = 20) -> dict:
     """The torch profiler's CUDA kernel table of rank 0 over batch-1 decode steps replayed from a CUDA graph."""
-    if tp == 1:
-        out = queue.Queue()
-        _profile_rank(0, 1, str(folder), None, steps, out)
-    else:
-        ctx = mp.get_context("spawn")
-        out = ctx.Queue()
-        rendezvous = os.path.join(tempfile.mkdtemp(prefix="tristream-bench-"), "rendezvous")
-        procs = [ctx.Process(target=_profile_rank, args=(r, tp, str(folder), rendezvous, steps, out)) for r in range(tp)]
-        for p in procs:
-            p.start()
-    profile = out.get(timeout=600)
-    if tp > 1:
-        finish(procs)
+    profile = run_ranks(_profile_rank, tp, str(folder), steps)
     print(f"\ntp {tp}: batch-1 decode, context 2048, in-process step {profile['in_process_step_s'] * 1e3:.2f} ms; "
           f"{profile['kernels_per_step']:.0f} CUDA kernels per step on rank 0, {profile['kernel_us_per_step']:.0f} us in all:")
     for r in profile["top_kernels"]:

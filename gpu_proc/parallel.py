@@ -33,7 +33,7 @@ class TensorParallel:
         self, shard: Shard, device: torch.device, rendezvous: str | None, small_bytes: int = 0,
         dtype: torch.dtype = torch.bfloat16,
     ) -> None:
-        self.rank, self.size = shard.rank, shard.size
+        self.rank, self.size, self.device = shard.rank, shard.size, device
         self.small: torch.Tensor | None = None
         if self.size == 1:
             return
@@ -45,34 +45,30 @@ class TensorParallel:
             "nccl" if device.type == "cuda" else "gloo", init_method=f"file://{rendezvous}",
             rank=self.rank, world_size=self.size, device_id=device if device.type == "cuda" else None,
         )
+        self.group_name = dist.group.WORLD.group_name
         if device.type == "cuda" and small_bytes:
-            self.small = self._symmetric_buffer(small_bytes // dtype.itemsize, dtype, device)
+            self.small = self._symmetric_buffer(small_bytes // dtype.itemsize, dtype)
 
-    @staticmethod
-    def _symmetric_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    def _symmetric_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
         from torch.distributed import _symmetric_memory as symm_mem
 
-        group = dist.group.WORLD.group_name
         try:
-            buffer = symm_mem.empty(numel, dtype=dtype, device=device)
-            symm_mem.rendezvous(buffer, group)
+            buffer = symm_mem.empty(numel, dtype=dtype, device=self.device)
+            symm_mem.rendezvous(buffer, self.group_name)
         except (RuntimeError, AttributeError) as e:
             logger.warning("symmetric memory is not available (%s): every all-reduce goes through NCCL", e)
             return None
         return buffer
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks, in place."""
-        if self.size == 1:
-            return x
+        """The sum over ranks, in place: small ones through symmetric memory, the rest through NCCL."""
         small = self.small
         if small is not None and x.dtype == small.dtype and x.numel() <= small.numel() and x.is_contiguous():
             flat = small[: x.numel()]
             flat.copy_(x.view(-1))
-            torch.ops.symm_mem.one_shot_all_reduce_out(flat, "sum", dist.group.WORLD.group_name, out=x.view(-1))
-        else:
-            dist.all_reduce(x)
-        return x
+            torch.ops.symm_mem.one_shot_all_reduce_out(flat, "sum", self.group_name, out=x.view(-1))
+            return x
+        return self.nccl_all_reduce(x)
 
     def nccl_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over ranks, in place, always through NCCL (or gloo)."""
@@ -100,7 +96,7 @@ class TensorParallel:
         """The least of every rank's ``value``."""
         if self.size == 1:
             return value
-        t = torch.tensor([value], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 

@@ -29,6 +29,11 @@ class EngineConfig:
     messages' contents joined, for models without a chat format).
     ``reasoning_parser="think"`` splits ``<think>...</think>`` out of the text into
     ``CompletionOutput.reasoning_content``.
+    ``lora_adapters`` maps names to PEFT LoRA adapter directories loaded at start-up;
+    ``AsyncEngine.load_lora`` adds more at run time. Up to ``max_loras`` adapters of
+    rank up to ``max_lora_rank`` are resident at once (defaults: as many as
+    ``lora_adapters`` names, and the largest of their ranks or 16); ``max_loras=0``
+    with no adapters runs without LoRA.
     """
 
     model: str | None = None
@@ -55,6 +60,9 @@ class EngineConfig:
     log_level: str = "INFO"
     startup_timeout: float = 600.0
     reasoning_parser: str | None = None
+    lora_adapters: dict[str, str] | None = None
+    max_loras: int | None = None
+    max_lora_rank: int | None = None
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -75,6 +83,17 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be an int >= 1, got {self.max_model_len!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.lora_adapters is not None:
+            if not isinstance(self.lora_adapters, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, str) and v for k, v in self.lora_adapters.items()
+            ):
+                raise ValueError(f"lora_adapters must map adapter names to directories, got {self.lora_adapters!r}")
+        for name in ("max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < (0 if name == "max_loras" else 1)):
+                raise ValueError(f"{name} must be an int >= {0 if name == 'max_loras' else 1}, got {value!r}")
+        if self.max_loras is not None and len(self.lora_adapters or {}) > self.max_loras:
+            raise ValueError(f"{len(self.lora_adapters)} lora_adapters do not fit in max_loras={self.max_loras}")
         for name in ("kv_cache_bytes", "kv_cache_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

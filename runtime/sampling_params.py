@@ -63,6 +63,7 @@ class SamplingParams:
     logprob under the model (no processors), with the top ``k``; such a request
     recomputes its prompt instead of reading the prefix cache.
     ``structured`` constrains the output (a StructuredOutput, or a dict of its fields).
+    ``lora`` names a loaded LoRA adapter to run the request through (None: the base model).
     """
 
     temperature: float = 1.0
@@ -88,6 +89,7 @@ class SamplingParams:
     best_of: int | None = None
     prompt_logprobs: int | None = None
     structured: StructuredOutput | dict | None = None
+    lora: str | None = None
     max_new_tokens: InitVar[int | None] = None
     min_new_tokens: InitVar[int | None] = None
     stop_words: InitVar[list[str] | None] = None
@@ -151,6 +153,8 @@ class SamplingParams:
                 raise ValueError(f"structured: {e}") from e
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise ValueError(f"structured must be a StructuredOutput or a dict, got {type(self.structured).__name__}")
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
+            raise ValueError(f"lora must be an adapter name, got {self.lora!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if isinstance(self.stop, str):

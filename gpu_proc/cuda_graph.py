@@ -25,10 +25,12 @@ class CudaGraphRunner:
     """Decode steps replayed from graphs. Inputs live in static buffers filled in place.
 
     A batch of n sequences runs in the graph of the smallest captured size >= n;
-    padded rows read and write only the reserved page 0.
+    padded rows read and write only the reserved page 0, and use no LoRA adapter.
     """
 
-    def __init__(self, model: DecoderLM, kv: KVCache, max_batch: int, max_pages: int, max_model_len: int) -> None:
+    def __init__(
+        self, model: DecoderLM, kv: KVCache, max_batch: int, max_pages: int, max_model_len: int, lora: bool
+    ) -> None:
         device = kv.pool.device
         self.sizes = capture_sizes(max_batch)
         self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
@@ -38,6 +40,7 @@ class CudaGraphRunner:
         self.block_table = torch.zeros(max_batch, max_pages, dtype=torch.int32, device=device)
         self.qo_indptr = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.logit_rows = torch.arange(max_batch, device=device)
+        self.lora_slots = torch.full((max_batch,), -1, dtype=torch.int32, device=device) if lora else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         start, free_before = time.perf_counter(), torch.cuda.mem_get_info(device)[0]
         pool = torch.cuda.graph_pool_handle()
@@ -47,6 +50,7 @@ class CudaGraphRunner:
                 self.input_ids[:size], self.positions[:size], self.slot_mapping[:size], self.qo_indptr[: size + 1],
                 self.seq_lens[:size], self.block_table[:size], self.logit_rows[:size], 1, True,
                 choose_num_splits(size, mc.num_kv_heads, max_model_len),
+                None if self.lora_slots is None else self.lora_slots[:size],
             )
             model(batch, kv)
             torch.cuda.synchronize(device)
@@ -70,12 +74,16 @@ class CudaGraphRunner:
         self.slot_mapping[:n].copy_(batch.slot_mapping)
         self.seq_lens[:n].copy_(batch.seq_lens)
         self.block_table[:n].copy_(batch.block_table)
+        if self.lora_slots is not None:
+            self.lora_slots[:n].copy_(batch.lora_slots)
         if size > n:
             self.input_ids[n:size].zero_()
             self.positions[n:size].zero_()
             self.slot_mapping[n:size].zero_()
             self.seq_lens[n:size].fill_(1)
             self.block_table[n:size].zero_()
+            if self.lora_slots is not None:
+                self.lora_slots[n:size].fill_(-1)
         graph, logits = self.graphs[size]
         graph.replay()
         return logits[:n]

@@ -16,7 +16,8 @@ class ForwardBatch:
     of context after this step, and its KV lives in the pages ``block_table[b]``.
     The model returns logits for ``logit_rows``: the rows that sample, first.
     ``decode`` says every sequence has one new token; ``num_splits`` is the
-    split-KV factor of the decode kernel.
+    split-KV factor of the decode kernel. ``lora_slots[b]`` is sequence b's LoRA
+    adapter slot, or -1 (set when the engine runs LoRA).
     """
 
     input_ids: torch.Tensor
@@ -29,6 +30,7 @@ class ForwardBatch:
     max_q_len: int
     decode: bool
     num_splits: int = 1
+    lora_slots: torch.Tensor | None = None
 
     @cached_property
     def host_meta(self) -> tuple[list[list[int]], list[int], list[int]]:

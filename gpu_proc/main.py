@@ -17,7 +17,7 @@ import zmq
 from tristream.config import EngineConfig
 from tristream.gpu_proc.runner import ModelRunner, QueuedStep
 from tristream.processes import bind_inbox, connect_outbox, recv, send
-from tristream.protocol import Ipc, PlanDecoder, PlanDiff, Ready, Shutdown, gpu_process_name
+from tristream.protocol import Ipc, LoadLora, LoraLoaded, PlanDecoder, PlanDiff, Ready, Shutdown, gpu_process_name
 
 # How long to wait for a plan before checking whether the step in flight is done.
 POLL_MS = 0.2
@@ -54,7 +54,13 @@ def run(ipc: Ipc, config: EngineConfig, rank: int) -> None:
         if isinstance(msg, Shutdown):
             runner.tp.close()
             return
-        if isinstance(msg, PlanDiff):
+        if isinstance(msg, LoadLora):
+            try:
+                runner.load_lora(msg.slot, msg.path)
+                send(to_user, LoraLoaded(msg.token, rank))
+            except (OSError, ValueError, RuntimeError) as e:
+                send(to_user, LoraLoaded(msg.token, rank, f"loading LoRA adapter {msg.path} failed: {e}"))
+        elif isinstance(msg, PlanDiff):
             # Transit time: from sending, or from when this process was ready for it, to now.
             plan_ipc_s = max(0.0, time.monotonic() - max(msg.sent_at, waiting_since))
             queued = runner.forward(plans.plan(msg))

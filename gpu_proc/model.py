@@ -2,10 +2,13 @@
 
 Under tensor parallelism each rank builds the layers of its shard: column-parallel
 qkv and gate/up, row-parallel o and down followed by an all-reduce, and a
-vocabulary-parallel embedding and LM head.
+vocabulary-parallel embedding and LM head. With LoRA, each of those four projections
+adds its sequences' adapter deltas (``DecoderLM.use_lora``).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +20,9 @@ from tristream.gpu_proc.parallel import TensorParallel
 from tristream.kernels.rope import rope_cos_sin, rope_inv_freq
 from tristream.model_config import ModelConfig
 from tristream.sharding import Shard
+
+if TYPE_CHECKING:
+    from tristream.gpu_proc.lora import LoraProjection, LoraWeights
 
 
 class RMSNorm(nn.Module):
@@ -44,17 +50,25 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(mc.head_dim, mc.rms_norm_eps)
             self.k_norm = RMSNorm(mc.head_dim, mc.rms_norm_eps)
         self.scale = mc.head_dim**-0.5
+        self.qkv_lora: LoraProjection | None = None
+        self.o_lora: LoraProjection | None = None
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVCache, rope: tuple[torch.Tensor, torch.Tensor]):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if self.qkv_lora is not None:
+            qkv = self.qkv_lora.add_to(qkv, x, batch)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ops.apply_rope(q, k, batch.positions, *rope)
-        o = ops.attend(q, k, v, *kv.layer(self.layer), batch, self.scale)
-        return self.tp.all_reduce(self.o_proj(o.flatten(1)))
+        o = ops.attend(q, k, v, *kv.layer(self.layer), batch, self.scale).flatten(1)
+        out = self.o_proj(o)
+        if self.o_lora is not None:
+            out = self.o_lora.add_to(out, o, batch)
+        return self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
@@ -63,9 +77,18 @@ class MLP(nn.Module):
         self.tp = tp
         self.gate_up_proj = nn.Linear(mc.hidden_size, 2 * mc.intermediate_size, bias=False)
         self.down_proj = nn.Linear(mc.intermediate_size, mc.hidden_size, bias=False)
+        self.gate_up_lora: LoraProjection | None = None
+        self.down_lora: LoraProjection | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.down_proj(ops.silu_and_mul(self.gate_up_proj(x))))
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        if self.gate_up_lora is not None:
+            gate_up = self.gate_up_lora.add_to(gate_up, x, batch)
+        h = ops.silu_and_mul(gate_up)
+        out = self.down_proj(h)
+        if self.down_lora is not None:
+            out = self.down_lora.add_to(out, h, batch)
+        return self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
@@ -83,7 +106,7 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, batch, kv, rope)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return self.mlp(x, batch), residual
 
 
 class DecoderLM(nn.Module):
@@ -102,6 +125,12 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(mc.hidden_size, shard.vocab_rows, bias=False)
         if mc.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def use_lora(self, weights: LoraWeights) -> None:
+        """Add the adapter deltas of ``weights`` to the projections; batches then need ``lora_slots``."""
+        for layer, projections in zip(self.layers, weights.layers):
+            layer.self_attn.qkv_lora, layer.self_attn.o_lora = projections["qkv_proj"], projections["o_proj"]
+            layer.mlp.gate_up_lora, layer.mlp.down_lora = projections["gate_up_proj"], projections["down_proj"]
 
     def build_rope(self, max_positions: int, device: torch.device) -> None:
         """Precompute the fp32 cos/sin tables for positions below ``max_positions``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tristream.gpu_proc.forward_batch import ForwardBatch
-from tristream.kernels import activation, attention, norm, rope, sampling
+from tristream.kernels import activation, attention, lora, norm, rope, sampling
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -26,6 +26,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     return (sampling.gumbel_argmax if scaled.is_cuda else sampling.gumbel_argmax_ref)(scaled, seeds, counters)
+
+
+def segment_matmul(
+    x: torch.Tensor, w: torch.Tensor, indptr: torch.Tensor, slots: torch.Tensor, out: torch.Tensor, accumulate: bool,
+    max_rows: int,
+) -> torch.Tensor:
+    if x.is_cuda:
+        return lora.segment_matmul(x, w, indptr, slots, out, accumulate, max_rows)
+    return lora.segment_matmul_ref(x, w, indptr, slots, out, accumulate)
 
 
 def attend(

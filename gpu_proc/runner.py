@@ -23,6 +23,7 @@ from tristream.gpu_proc.cuda_graph import CudaGraphRunner
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.grammar import GrammarMatchers, SlotGrammar, accept_each
 from tristream.gpu_proc.kv_cache import KVCache, allocate_kv_cache, kv_cache_pages
+from tristream.gpu_proc.lora import LoraWeights
 from tristream.gpu_proc.model import DecoderLM
 from tristream.gpu_proc.parallel import TensorParallel
 from tristream.gpu_proc.sampler import Sampled, Sampler, SamplingState
@@ -43,7 +44,7 @@ class Sequence:
     """What the gpu_proc knows of one slot: all its tokens, how many have KV, its pages.
 
     ``prompt_logprobs`` (top k) is set while the slot still owes prompt logprobs
-    for its first ``prompt_len`` tokens.
+    for its first ``prompt_len`` tokens. ``lora_slot`` is its adapter's slot, or -1.
     """
 
     token_ids: list[int]
@@ -51,6 +52,7 @@ class Sequence:
     pages: list[int] = field(default_factory=list)
     prompt_len: int = 0
     prompt_logprobs: int | None = None
+    lora_slot: int = -1
 
 
 @dataclass
@@ -96,13 +98,14 @@ class ModelRunner:
     ``rank``, whose group meets through the file ``rendezvous``.
 
     ``model_config`` holds the shapes of this rank's shard. Only rank 0 has a sampler and grammars.
+    With ``config.max_loras`` it holds that many LoRA slots, the first ones loaded with ``config.lora_adapters``.
     """
 
     def __init__(self, config: EngineConfig, rank: int = 0, rendezvous: str | None = None) -> None:
         self.config = config
         self.device = resolve_device(config, rank)
         self.dtype = resolve_dtype(config, self.device)
-        whole = ModelConfig.load(config.model)
+        self.whole_config = whole = ModelConfig.load(config.model)
         shard = shard_model(whole, config.tensor_parallel_size, rank)
         decode_bytes = config.max_num_seqs * whole.hidden_size * self.dtype.itemsize
         self.tp = TensorParallel(shard, self.device, rendezvous, decode_bytes, self.dtype)
@@ -118,6 +121,12 @@ class ModelRunner:
         else:
             load_safetensors(model, config.model)
         model.build_rope(config.max_model_len, self.device)
+        self.lora: LoraWeights | None = None
+        if config.max_loras:
+            self.lora = LoraWeights(mc, shard, config.max_loras, config.max_lora_rank, self.dtype, self.device)
+            for slot, path in enumerate((config.lora_adapters or {}).values()):
+                self.lora.load(slot, path, whole)
+            model.use_lora(self.lora)
         self.model = model.eval()
         logger.info(
             "loaded %s (%s, %s) on %s in %.1f s%s",
@@ -141,7 +150,9 @@ class ModelRunner:
         num_pages = self.tp.min(kv_cache_pages(config, mc, self.dtype, budget))
         self.kv = allocate_kv_cache(config, mc, self.dtype, self.device, num_pages)
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.graphs = CudaGraphRunner(self.model, self.kv, config.max_num_seqs, self.block_tables.shape[1], config.max_model_len)
+            self.graphs = CudaGraphRunner(
+                self.model, self.kv, config.max_num_seqs, self.block_tables.shape[1], config.max_model_len, self.lora is not None
+            )
 
     @torch.inference_mode()
     def _cuda_kv_budget(self) -> int:
@@ -185,6 +196,13 @@ class ModelRunner:
         )
         return max(budget, 0)
 
+    @torch.inference_mode()
+    def load_lora(self, slot: int, path: str) -> None:
+        """Load the adapter in directory ``path`` into ``slot``, after the steps already queued."""
+        if self.lora is None:
+            raise ValueError("this engine runs without LoRA slots (max_loras=0)")
+        self.lora.load(slot, path, self.whole_config)
+
     @property
     def info(self) -> dict:
         return {"num_pages": self.kv.num_pages, "device": str(self.device), "dtype": str(self.dtype)}
@@ -195,7 +213,7 @@ class ModelRunner:
         for new in plan.new:
             self.seqs[new.slot] = Sequence(
                 list(new.token_ids), new.num_cached, prompt_len=len(new.token_ids),
-                prompt_logprobs=new.params.prompt_logprobs if new.num_outputs == 0 else None,
+                prompt_logprobs=new.params.prompt_logprobs if new.num_outputs == 0 else None, lora_slot=new.lora_slot,
             )
         if self.sampler is not None:
             for slot in plan.freed:
@@ -263,12 +281,13 @@ class ModelRunner:
             if sample:
                 sample_rows.append(qo_indptr[-1] - 1)
             seq.num_computed = end
+        lora_slots = [self.seqs[slot].lora_slot for slot in plan.slots] if self.lora is not None else []
         t, b, s, r, d = len(ids), len(seq_lens), len(sample_rows), len(sample_rows) + len(prompt_rows), len(device_rows)
         parts = upload(
             ids + positions + slot_mapping + qo_indptr + seq_lens + sample_rows + prompt_rows + plan.slots + sample_slots
-            + device_rows + device_slots,
+            + device_rows + device_slots + lora_slots,
             torch.int64, self.device,
-        ).split([t, t, t, b + 1, b, r, b, s, d, d])
+        ).split([t, t, t, b + 1, b, r, b, s, d, d, len(lora_slots)])
         input_ids = parts[0]
         if d:
             input_ids = input_ids.index_copy(0, parts[8], self.last_tokens[parts[9]])
@@ -278,6 +297,7 @@ class ModelRunner:
             seq_lens=parts[4].int(), block_table=self.block_tables[parts[6]], logit_rows=parts[5],
             max_q_len=max_q_len, decode=max_q_len == 1 and not prompt_rows,
             num_splits=choose_num_splits(b, self.model_config.num_kv_heads, self.config.max_model_len),
+            lora_slots=parts[10].int() if self.lora is not None else None,
         ), parts[7], prompt_targets
 
     @torch.inference_mode()

@@ -6,9 +6,11 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import os
 import shutil
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 import zmq
@@ -16,12 +18,16 @@ import zmq.asyncio
 
 from tristream import processes
 from tristream.config import EngineConfig
+from tristream.lora import read_adapter
 from tristream.model_config import ModelConfig
 from tristream.model_files import resolve_model
 from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tristream.protocol import (
     AbortRequest,
     GenerateRequest,
+    LoadLora,
+    LoraLoaded,
+    LoraRef,
     OutputBatch,
     OutputDelta,
     ProcessFailed,
@@ -64,6 +70,12 @@ class AsyncEngine:
         self._ipc_dir: str | None = None
         self._calls: dict[int, asyncio.Future] = {}
         self._call_tokens = itertools.count()
+        self._loras: dict[str, LoraRef] = {}
+        self._lora_paths: dict[str, str] = {}
+        self._lora_ids = itertools.count(1)
+        self._lora_users: Counter[str] = Counter()
+        self._lora_acks: dict[int, list[LoraLoaded]] = {}
+        self._reserved_slots: set[int] = set()
 
     async def __aenter__(self) -> AsyncEngine:
         await self.start()
@@ -111,7 +123,18 @@ class AsyncEngine:
             raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings={mc.max_position_embeddings}")
         shard_model(mc, config.tensor_parallel_size, 0)  # a split that does not fit fails here, before any process
         self.model_config = mc
-        self.child_config = dataclasses.replace(config, model=model_dir, max_model_len=max_len)
+        adapters = {name: os.path.abspath(path) for name, path in (config.lora_adapters or {}).items()}
+        ranks = {name: (await asyncio.to_thread(read_adapter, path, mc)).rank for name, path in adapters.items()}
+        max_rank = config.max_lora_rank or max([16, *ranks.values()])
+        for name, rank in ranks.items():
+            if rank > max_rank:
+                raise ValueError(f"LoRA adapter {name!r} has rank {rank}, above max_lora_rank={max_rank}")
+        for slot, name in enumerate(adapters):
+            self._loras[name], self._lora_paths[name] = LoraRef(next(self._lora_ids), slot), adapters[name]
+        self.child_config = dataclasses.replace(
+            config, model=model_dir, max_model_len=max_len, lora_adapters=adapters or None,
+            max_loras=len(adapters) if config.max_loras is None else config.max_loras, max_lora_rank=max_rank,
+        )
         ipc, self._ipc_dir = processes.make_ipc(config.tensor_parallel_size)
         self._ctx = zmq.asyncio.Context()
         self._inbox = self._ctx.socket(zmq.PULL)
@@ -170,6 +193,14 @@ class AsyncEngine:
                 future = self._calls.pop(msg.token, None)
                 if future is not None and not future.done():
                     future.set_result(msg)
+            elif isinstance(msg, LoraLoaded):
+                acks = self._lora_acks.setdefault(msg.token, [])
+                acks.append(msg)
+                if len(acks) == self.config.tensor_parallel_size:
+                    del self._lora_acks[msg.token]
+                    future = self._calls.pop(msg.token, None)
+                    if future is not None and not future.done():
+                        future.set_result(next((a for a in acks if a.error), acks[0]))
             elif isinstance(msg, ProcessFailed):
                 self._fail(f"the {msg.process} process failed:\n{msg.error}", msg.process)
 
@@ -245,6 +276,47 @@ class AsyncEngine:
         """The scheduler's page and queue counters."""
         return await self._call("scheduler", StatsRequest, timeout)
 
+    @property
+    def lora_adapters(self) -> dict[str, str]:
+        """The loaded LoRA adapters' directories, by name."""
+        return dict(self._lora_paths)
+
+    async def load_lora(self, name: str, path: str, timeout: float = 120.0) -> None:
+        """Load the PEFT LoRA adapter in directory ``path`` as ``name``, for ``SamplingParams(lora=name)``.
+
+        The engine needs a free slot (``max_loras``) and the adapter's rank at most ``max_lora_rank``.
+        """
+        await self.start()
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a LoRA adapter name must be a non-empty string, got {name!r}")
+        if name in self._loras:
+            raise ValueError(f"a LoRA adapter named {name!r} is already loaded")
+        config = self.child_config
+        if not config.max_loras:
+            raise ValueError("this engine has no LoRA slots: start it with max_loras >= 1 or with lora_adapters")
+        path = os.path.abspath(path)
+        adapter = await asyncio.to_thread(read_adapter, path, self.model_config)
+        if adapter.rank > config.max_lora_rank:
+            raise ValueError(f"{path}: rank {adapter.rank} is above this engine's max_lora_rank={config.max_lora_rank}")
+        taken = {ref.slot for ref in self._loras.values()} | self._reserved_slots
+        free = [slot for slot in range(config.max_loras) if slot not in taken]
+        if not free:
+            raise ValueError(f"all {config.max_loras} LoRA slots are taken ({', '.join(self._loras)}): unload one first")
+        self._reserved_slots.add(free[0])
+        try:
+            await self._call("scheduler", lambda token: LoadLora(token, free[0], path), timeout)
+            self._loras[name], self._lora_paths[name] = LoraRef(next(self._lora_ids), free[0]), path
+        finally:
+            self._reserved_slots.discard(free[0])
+
+    async def unload_lora(self, name: str) -> None:
+        """Forget the LoRA adapter ``name`` and free its slot; it must have no request running."""
+        if name not in self._loras:
+            raise ValueError(f"no LoRA adapter named {name!r} is loaded")
+        if self._lora_users[name]:
+            raise ValueError(f"LoRA adapter {name!r} has {self._lora_users[name]} requests running")
+        del self._loras[name], self._lora_paths[name]
+
     async def tokenize(
         self, prompt: str | None = None, messages: list[dict] | None = None,
         chat_template_kwargs: dict | None = None, add_special_tokens: bool = True,
@@ -297,6 +369,11 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already running")
+        if params.lora is not None:
+            if params.lora not in self._loras:
+                raise ValueError(f"unknown LoRA adapter {params.lora!r}; loaded: {', '.join(self._loras) or 'none'}")
+            fields = {**fields, "lora": self._loras[params.lora]}
+            self._lora_users[params.lora] += 1
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         stream = _Stream(
@@ -319,6 +396,8 @@ class AsyncEngine:
                     yield out
         finally:
             self._queues.pop(request_id, None)
+            if params.lora is not None:
+                self._lora_users[params.lora] -= 1
             if not finished and self.is_running:
                 processes.send(self._out["tokenizer"], AbortRequest(request_id))
 

@@ -29,12 +29,22 @@ def gpu_process_name(rank: int) -> str:
     return f"gpu{rank}" if rank else "gpu"
 
 
+@dataclass(frozen=True)
+class LoraRef:
+    """A loaded LoRA adapter: ``id`` (never reused) keys the prefix cache, ``slot`` is where
+    the gpu_procs hold its matrices."""
+
+    id: int
+    slot: int
+
+
 # user -> tokenizer_proc
 
 
 @dataclass
 class GenerateRequest:
-    """A new request: exactly one of ``prompt``, ``prompt_token_ids`` or ``messages``."""
+    """A new request: exactly one of ``prompt``, ``prompt_token_ids`` or ``messages``;
+    ``lora`` is the adapter that ``params.lora`` names."""
 
     request_id: str
     params: SamplingParams
@@ -43,6 +53,7 @@ class GenerateRequest:
     prompt_token_ids: list[int] | None = None
     messages: list[dict] | None = None
     chat_template_kwargs: dict | None = None
+    lora: LoraRef | None = None
 
 
 @dataclass
@@ -84,6 +95,7 @@ class TokenizedRequest:
     bad_words_ids: list[list[int]] = field(default_factory=list)
     fork_of: str | None = None
     grammar: tuple[str, str] | None = None
+    lora: LoraRef | None = None
 
 
 # scheduler_proc -> gpu_proc
@@ -94,7 +106,8 @@ class NewSequence:
     """A request entering a gpu slot. ``token_ids`` are all its known tokens.
 
     ``num_cached`` tokens already sit in its pages; ``num_outputs`` of the tokens
-    are earlier outputs (a request resumed after preemption).
+    are earlier outputs (a request resumed after preemption). ``lora_slot`` is its
+    LoRA adapter's slot, or -1 for the base model.
     """
 
     slot: int
@@ -104,6 +117,7 @@ class NewSequence:
     params: SamplingParams
     bad_words_ids: list[list[int]] = field(default_factory=list)
     grammar: tuple[str, str] | None = None
+    lora_slot: int = -1
 
 
 @dataclass
@@ -278,6 +292,25 @@ class SchedulerStats:
     gpu_idle_s: float = 0.0
     scheduler_s: float = 0.0
     ipc_s: float = 0.0
+
+
+# user -> scheduler_proc -> every gpu_proc -> user
+
+
+@dataclass
+class LoadLora:
+    """Load the PEFT adapter at ``path`` into ``slot``; each rank answers LoraLoaded(token)."""
+
+    token: int
+    slot: int
+    path: str
+
+
+@dataclass
+class LoraLoaded:
+    token: int
+    rank: int
+    error: str | None = None
 
 
 # lifecycle: children -> user (and gpu_proc -> scheduler_proc)

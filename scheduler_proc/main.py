@@ -11,6 +11,7 @@ from tristream.processes import bind_inbox, connect_outbox, recv, recv_all, send
 from tristream.protocol import (
     AbortRequest,
     Ipc,
+    LoadLora,
     PlanEncoder,
     Ready,
     Shutdown,
@@ -64,6 +65,8 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
                 scheduler.finish(msg.request_id)
             elif isinstance(msg, StatsRequest):
                 send(to_user, scheduler.stats(msg.token))
+            elif isinstance(msg, LoadLora):
+                to_every_gpu(msg)
             elif isinstance(msg, Shutdown):
                 return to_every_gpu(msg)
         deltas = [d for d in deltas if d is not None]

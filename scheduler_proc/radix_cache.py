@@ -4,6 +4,9 @@ Nodes hold whole pages: ``len(node.tokens) == len(node.pages) * page_size``, and
 splits fall on page boundaries. A node that a running request uses is locked
 (its lock count, and its ancestors', is above zero) and cannot be evicted.
 Unlocked leaves are evicted least recently used first.
+
+Each namespace (a LoRA adapter's id; 0 is the base model) has a tree of its own, since
+the same tokens have different KV under different adapters.
 """
 
 from __future__ import annotations
@@ -35,10 +38,15 @@ class RadixCache:
     def __init__(self, page_size: int, allocator: PageAllocator) -> None:
         self.page_size = page_size
         self.allocator = allocator
-        self.root = Node([], [])
-        self.root.lock_count = 1
+        self.roots: dict[int, Node] = {0: Node([], [], lock_count=1)}
         self.num_pages = 0
         self.num_evictable_pages = 0
+
+    def _root(self, namespace: int) -> Node:
+        root = self.roots.get(namespace)
+        if root is None:
+            root = self.roots[namespace] = Node([], [], lock_count=1)
+        return root
 
     def _key(self, tokens: list[int], start: int) -> tuple[int, ...]:
         return tuple(tokens[start : start + self.page_size])
@@ -52,13 +60,13 @@ class RadixCache:
         upper.children[self._key(node.tokens, 0)] = node
         return upper
 
-    def _walk(self, tokens: list[int]) -> tuple[Node, int, list[int]]:
+    def _walk(self, tokens: list[int], namespace: int) -> tuple[Node, int, list[int]]:
         """Follow ``tokens`` down the tree, splitting a node on a partial match.
 
         Returns the deepest matched node, the matched length, and its pages.
         """
         ps = self.page_size
-        node, i, pages = self.root, 0, []
+        node, i, pages = self._root(namespace), 0, []
         stamp = next(_clock)
         while i + ps <= len(tokens):
             child = node.children.get(self._key(tokens, i))
@@ -78,10 +86,12 @@ class RadixCache:
             node = child
         return node, i, pages
 
-    def peek(self, tokens: list[int]) -> int:
+    def peek(self, tokens: list[int], namespace: int = 0) -> int:
         """Length of the longest cached whole-page prefix of ``tokens``, leaving the tree untouched."""
         ps = self.page_size
-        node, i = self.root, 0
+        node, i = self.roots.get(namespace), 0
+        if node is None:
+            return 0
         while i + ps <= len(tokens):
             child = node.children.get(self._key(tokens, i))
             if child is None:
@@ -93,12 +103,12 @@ class RadixCache:
             node = child
         return i
 
-    def match(self, tokens: list[int]) -> tuple[Node, list[int]]:
+    def match(self, tokens: list[int], namespace: int = 0) -> tuple[Node, list[int]]:
         """The longest cached whole-page prefix of ``tokens``: its last node and pages."""
-        node, _, pages = self._walk(tokens)
+        node, _, pages = self._walk(tokens, namespace)
         return node, pages
 
-    def insert(self, tokens: list[int], pages: list[int]) -> tuple[Node, list[int]]:
+    def insert(self, tokens: list[int], pages: list[int], namespace: int = 0) -> tuple[Node, list[int]]:
         """Cache whole pages of ``tokens`` (``len(tokens) == len(pages) * page_size``).
 
         The tree adopts the pages past the part it already held. Returns the last
@@ -106,7 +116,7 @@ class RadixCache:
         the tree already had its own copy: the caller still owns those.
         """
         assert len(tokens) == len(pages) * self.page_size
-        node, i, tree_pages = self._walk(tokens)
+        node, i, tree_pages = self._walk(tokens, namespace)
         if i < len(tokens):
             rest = pages[i // self.page_size :]
             child = Node(tokens[i:], rest, node, {}, 0, next(_clock))
@@ -151,7 +161,7 @@ class RadixCache:
         return freed
 
     def _nodes(self):
-        stack = list(self.root.children.values())
+        stack = [child for root in self.roots.values() for child in root.children.values()]
         while stack:
             node = stack.pop()
             stack.extend(node.children.values())

@@ -43,5 +43,10 @@ class Request:
         return self.spec.prompt_token_ids + self.output_token_ids
 
     @property
+    def cache_namespace(self) -> int:
+        """Its prefix cache tree: its LoRA adapter's id, or 0."""
+        return self.spec.lora.id if self.spec.lora else 0
+
+    @property
     def num_planned(self) -> int:
         return self.num_tokens + self.num_pending

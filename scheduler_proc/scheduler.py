@@ -147,7 +147,7 @@ class Scheduler:
         if self.cache is None:
             return
         n = min(req.num_computed, req.num_tokens) // self.page_size
-        node, tree_pages = self.cache.insert(req.all_token_ids[: n * self.page_size], req.pages[:n])
+        node, tree_pages = self.cache.insert(req.all_token_ids[: n * self.page_size], req.pages[:n], req.cache_namespace)
         for mine, theirs in zip(req.pages, tree_pages):
             if mine == theirs:
                 req.own_pages.discard(mine)
@@ -219,7 +219,7 @@ class Scheduler:
         the tokens it runs (0: it does not fit)."""
         node, pages = None, []
         if self.cache is not None and req.spec.params.prompt_logprobs is None:
-            node, pages = self.cache.match(req.all_token_ids[: req.num_tokens - 1])
+            node, pages = self.cache.match(req.all_token_ids[: req.num_tokens - 1], req.cache_namespace)
             self.cache.lock(node)
         hit = len(pages) * self.page_size
         start = req.num_tokens - 1 if leader is not None else hit
@@ -245,7 +245,7 @@ class Scheduler:
         plan.new.append(
             NewSequence(
                 req.slot, req.all_token_ids, start, len(req.output_token_ids), req.spec.params,
-                req.spec.bad_words_ids, req.spec.grammar,
+                req.spec.bad_words_ids, req.spec.grammar, req.spec.lora.slot if req.spec.lora else -1,
             )
         )
         plan.pages.append((req.slot, list(req.pages)))
@@ -256,7 +256,7 @@ class Scheduler:
         """Longest cached prefix first, after the preempted requests, which keep their place."""
         resumed = [r for r in self.waiting if r.output_token_ids]
         fresh = [r for r in self.waiting if not r.output_token_ids]
-        fresh.sort(key=lambda r: -self.cache.peek(r.spec.prompt_token_ids))
+        fresh.sort(key=lambda r: -self.cache.peek(r.spec.prompt_token_ids, r.cache_namespace))
         self.waiting = deque(resumed + fresh)
 
     def schedule(self) -> BatchPlan | None:

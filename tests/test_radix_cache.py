@@ -30,7 +30,7 @@ def path_tokens(node: Node) -> list[int]:
 
 def tree_nodes(cache: RadixCache) -> list[Node]:
     """Every node but the root, parents before children."""
-    out, stack = [], list(cache.root.children.values())
+    out, stack = [], list(cache.roots[0].children.values())
     while stack:
         node = stack.pop()
         out.append(node)
@@ -201,7 +201,7 @@ class RadixMachine(RuleBasedStateMachine):
     @invariant()
     def structure(self) -> None:
         ps = self.page_size
-        root = self.cache.root
+        root = self.cache.roots[0]
         assert root.tokens == [] and root.pages == [] and root.parent is None
         for node in [root, *tree_nodes(self.cache)]:
             if node is not root:
@@ -216,7 +216,7 @@ class RadixMachine(RuleBasedStateMachine):
 
     @invariant()
     def locks(self) -> None:
-        assert self.cache.root.lock_count == 1 + len(self.handles)
+        assert self.cache.roots[0].lock_count == 1 + len(self.handles)
         evictable = 0
         for node in tree_nodes(self.cache):
             assert node.lock_count == self.lock_count(tuple(path_tokens(node)))
@@ -282,7 +282,7 @@ def test_partial_match_splits_a_node() -> None:
     node, matched = cache.match([0, 0, 1, 1, 2, 0])
     assert matched == pages[:2]
     assert len(tree_nodes(cache)) == 2
-    assert node.tokens == [0, 0, 1, 1] and node.pages == pages[:2] and node.parent is cache.root
+    assert node.tokens == [0, 0, 1, 1] and node.pages == pages[:2] and node.parent is cache.roots[0]
     (lower,) = node.children.values()
     assert lower.tokens == [2, 2] and lower.pages == pages[2:] and lower.parent is node
     assert node.lock_count == lower.lock_count == 1

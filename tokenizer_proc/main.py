@@ -167,7 +167,7 @@ class TokenizerWorker:
             )
             out.append(TokenizedRequest(
                 rid, ids, p, self.model_config.eos_token_ids, req.arrival_time, bad_words_ids,
-                fork_of=req.request_id if i else None, grammar=grammar,
+                fork_of=req.request_id if i else None, grammar=grammar, lora=req.lora,
             ))
         self.samples[req.request_id] = [t.request_id for t in out]
         return out

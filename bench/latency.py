@@ -56,12 +56,14 @@ def model_sizes(mc: ModelConfig) -> dict:
     }
 
 
-async def run_batch(engine: AsyncEngine, batch: int, input_len: int, output_len: int, vocab: int, seed: int) -> dict:
+async def run_batch(engine: AsyncEngine, batch: int, input_len: int, output_len: int, vocab: int, seed: int,
+                    loras: list[str | None] = (None,)) -> dict:
+    """``batch`` random prompts at once, greedy; request i runs through LoRA adapter ``loras[i % len(loras)]``."""
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(100, vocab - 100, (input_len,), generator=gen).tolist() for _ in range(batch)]
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
 
-    async def one(prompt):
+    async def one(i: int, prompt: list[int]):
+        params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, lora=loras[i % len(loras)])
         times, last = [], None
         async for out in engine.generate(prompt, params):
             times += [time.time()] * len(out.outputs[0].token_ids)
@@ -69,7 +71,7 @@ async def run_batch(engine: AsyncEngine, batch: int, input_len: int, output_len:
         return last.metrics, times
 
     start = time.perf_counter()
-    runs = await asyncio.gather(*(one(p) for p in prompts))
+    runs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
     wall = time.perf_counter() - start
     metrics = [m for m, _ in runs]
     ttft = [m.first_token_time - m.arrival_time for m in metrics]

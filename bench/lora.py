@@ -33,6 +33,10 @@ from tristream.model_config import ModelConfig  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+def max_len(args: argparse.Namespace) -> int:
+    return max(args.input_len + args.output_len, args.prefill_len) + 8
+
+
 def write_adapter(folder: pathlib.Path, mc: ModelConfig, rank: int, seed: int) -> str:
     """A PEFT-format adapter of random matrices on every projection of every layer."""
     gen = torch.Generator().manual_seed(seed)
@@ -89,7 +93,7 @@ async def run_engine(folder: pathlib.Path, args: argparse.Namespace, mc: ModelCo
     """Decode per batch size and one prefill, for base requests and (with adapters) adapter requests."""
     runs: dict[str, list[dict]] = {}
     async with AsyncEngine(
-        model=str(folder), load_format="dummy", dtype="bfloat16", max_model_len=args.input_len + args.output_len + 8,
+        model=str(folder), load_format="dummy", dtype="bfloat16", max_model_len=max_len(args),
         max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=max(args.prefill_len, 2048),
         enable_prefix_caching=False, skip_tokenizer_init=True, log_level="WARNING",
         lora_adapters=adapters or None, max_lora_rank=args.rank if adapters else None,
@@ -111,7 +115,7 @@ async def run_engine(folder: pathlib.Path, args: argparse.Namespace, mc: ModelCo
 async def main(args: argparse.Namespace) -> dict:
     folder = pathlib.Path(tempfile.mkdtemp(prefix="tristream-lora-bench-"))
     config = json.loads(pathlib.Path(args.config).read_text())
-    config["max_position_embeddings"] = max(config["max_position_embeddings"], args.input_len + args.output_len + 8)
+    config["max_position_embeddings"] = max(config["max_position_embeddings"], max_len(args))
     (folder / "config.json").write_text(json.dumps(config))
     mc = ModelConfig.load(str(folder))
     adapters = {f"a{i}": write_adapter(folder / f"a{i}", mc, args.rank, seed=i) for i in range(args.adapters)}

@@ -26,6 +26,7 @@ class CudaGraphRunner:
 
     A batch of n sequences runs in the graph of the smallest captured size >= n;
     padded rows read and write only the reserved page 0, and use no LoRA adapter.
+    With ``lora`` each size has a second graph, for batches where some sequence has an adapter.
     """
 
     def __init__(
@@ -41,27 +42,28 @@ class CudaGraphRunner:
         self.qo_indptr = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.logit_rows = torch.arange(max_batch, device=device)
         self.lora_slots = torch.full((max_batch,), -1, dtype=torch.int32, device=device) if lora else None
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         start, free_before = time.perf_counter(), torch.cuda.mem_get_info(device)[0]
         pool = torch.cuda.graph_pool_handle()
         mc = model.config
         for size in reversed(self.sizes):
-            batch = ForwardBatch(
-                self.input_ids[:size], self.positions[:size], self.slot_mapping[:size], self.qo_indptr[: size + 1],
-                self.seq_lens[:size], self.block_table[:size], self.logit_rows[:size], 1, True,
-                choose_num_splits(size, mc.num_kv_heads, max_model_len),
-                None if self.lora_slots is None else self.lora_slots[:size],
-            )
-            model(batch, kv)
-            torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = model(batch, kv)
-            self.graphs[size] = (graph, logits)
+            for lora_slots in (None, self.lora_slots) if lora else (None,):
+                batch = ForwardBatch(
+                    self.input_ids[:size], self.positions[:size], self.slot_mapping[:size], self.qo_indptr[: size + 1],
+                    self.seq_lens[:size], self.block_table[:size], self.logit_rows[:size], 1, True,
+                    choose_num_splits(size, mc.num_kv_heads, max_model_len),
+                    None if lora_slots is None else lora_slots[:size],
+                )
+                model(batch, kv)
+                torch.cuda.synchronize(device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = model(batch, kv)
+                self.graphs[size, lora_slots is not None] = (graph, logits)
         torch.cuda.synchronize(device)
         logger.info(
             "captured %d decode graphs (batch %d..%d) in %.1f s using %.2f GiB",
-            len(self.sizes), self.sizes[0], self.sizes[-1], time.perf_counter() - start,
+            len(self.graphs), self.sizes[0], self.sizes[-1], time.perf_counter() - start,
             (free_before - torch.cuda.mem_get_info(device)[0]) / 2**30,
         )
 
@@ -74,7 +76,7 @@ class CudaGraphRunner:
         self.slot_mapping[:n].copy_(batch.slot_mapping)
         self.seq_lens[:n].copy_(batch.seq_lens)
         self.block_table[:n].copy_(batch.block_table)
-        if self.lora_slots is not None:
+        if batch.lora_slots is not None:
             self.lora_slots[:n].copy_(batch.lora_slots)
         if size > n:
             self.input_ids[n:size].zero_()
@@ -82,8 +84,8 @@ class CudaGraphRunner:
             self.slot_mapping[n:size].zero_()
             self.seq_lens[n:size].fill_(1)
             self.block_table[n:size].zero_()
-            if self.lora_slots is not None:
+            if batch.lora_slots is not None:
                 self.lora_slots[n:size].fill_(-1)
-        graph, logits = self.graphs[size]
+        graph, logits = self.graphs[size, batch.lora_slots is not None]
         graph.replay()
         return logits[:n]

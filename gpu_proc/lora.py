@@ -31,9 +31,10 @@ class LoraProjection:
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """``y += x @ A.T @ B.T`` per sequence, with its adapter's matrices; sequences without one are left alone."""
-        s = torch.empty(x.shape[0], self.a.shape[1], dtype=x.dtype, device=x.device)
-        ops.segment_matmul(x, self.a, batch.qo_indptr, batch.lora_slots, s, False, batch.max_q_len)
-        return ops.segment_matmul(s, self.b, batch.qo_indptr, batch.lora_slots, y, True, batch.max_q_len)
+        if batch.lora_slots is None:
+            return y
+        parts = ops.lora_shrink(x, self.a, batch.qo_indptr, batch.lora_slots, batch.max_q_len)
+        return ops.lora_expand(parts, self.b, batch.qo_indptr, batch.lora_slots, y, batch.max_q_len)
 
 
 class LoraWeights:

@@ -28,13 +28,18 @@ def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, counters: torch.Ten
     return (sampling.gumbel_argmax if scaled.is_cuda else sampling.gumbel_argmax_ref)(scaled, seeds, counters)
 
 
-def segment_matmul(
-    x: torch.Tensor, w: torch.Tensor, indptr: torch.Tensor, slots: torch.Tensor, out: torch.Tensor, accumulate: bool,
-    max_rows: int,
-) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, indptr: torch.Tensor, slots: torch.Tensor, max_rows: int) -> torch.Tensor:
     if x.is_cuda:
-        return lora.segment_matmul(x, w, indptr, slots, out, accumulate, max_rows)
-    return lora.segment_matmul_ref(x, w, indptr, slots, out, accumulate)
+        return lora.lora_shrink(x, a, indptr, slots, max_rows)
+    return lora.lora_shrink_ref(x, a, indptr, slots)
+
+
+def lora_expand(
+    parts: torch.Tensor, b: torch.Tensor, indptr: torch.Tensor, slots: torch.Tensor, y: torch.Tensor, max_rows: int
+) -> torch.Tensor:
+    if y.is_cuda:
+        return lora.lora_expand(parts, b, indptr, slots, y, max_rows)
+    return lora.lora_expand_ref(parts, b, indptr, slots, y)
 
 
 def attend(

@@ -282,6 +282,8 @@ class ModelRunner:
                 sample_rows.append(qo_indptr[-1] - 1)
             seq.num_computed = end
         lora_slots = [self.seqs[slot].lora_slot for slot in plan.slots] if self.lora is not None else []
+        if all(slot < 0 for slot in lora_slots):
+            lora_slots = []
         t, b, s, r, d = len(ids), len(seq_lens), len(sample_rows), len(sample_rows) + len(prompt_rows), len(device_rows)
         parts = upload(
             ids + positions + slot_mapping + qo_indptr + seq_lens + sample_rows + prompt_rows + plan.slots + sample_slots
@@ -297,7 +299,7 @@ class ModelRunner:
             seq_lens=parts[4].int(), block_table=self.block_tables[parts[6]], logit_rows=parts[5],
             max_q_len=max_q_len, decode=max_q_len == 1 and not prompt_rows,
             num_splits=choose_num_splits(b, self.model_config.num_kv_heads, self.config.max_model_len),
-            lora_slots=parts[10].int() if self.lora is not None else None,
+            lora_slots=parts[10].int() if lora_slots else None,
         ), parts[7], prompt_targets
 
     @torch.inference_mode()

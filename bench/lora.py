@@ -58,7 +58,7 @@ def write_adapter(folder: pathlib.Path, mc: ModelConfig, rank: int, seed: int) -
 def kernel_time(mc: ModelConfig, rank: int, slots: int, batch: int) -> dict:
     """Microseconds of the qkv shrink+expand for ``batch`` decode rows over ``slots`` adapters, and of
     the qkv projection's own dense matmul."""
-    from tristream.kernels.lora import segment_matmul
+    from tristream.kernels.lora import lora_expand, lora_shrink
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     h, out = mc.hidden_size, (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
@@ -68,12 +68,10 @@ def kernel_time(mc: ModelConfig, rank: int, slots: int, batch: int) -> dict:
     b = torch.randn(slots, out, 3 * rank, device=dev, dtype=dt)
     indptr = torch.arange(batch + 1, device=dev, dtype=torch.int32)
     ids = (torch.arange(batch, device=dev) % slots).int()
-    s = torch.empty(batch, 3 * rank, device=dev, dtype=dt)
     y = x @ w.T
 
     def lora() -> None:
-        segment_matmul(x, a, indptr, ids, s, False, 1)
-        segment_matmul(s, b, indptr, ids, y, True, 1)
+        lora_expand(lora_shrink(x, a, indptr, ids, 1), b, indptr, ids, y, 1)
 
     def timed(fn, reps: int = 200) -> float:
         for _ in range(10):

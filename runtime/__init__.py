@@ -4,6 +4,7 @@ from tristream.config import EngineConfig
 from tristream.engine import AsyncEngine, EngineDeadError
 from tristream.llm import LLM
 from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tristream.pipeline import Response, pipeline
 from tristream.sampling_params import GenerationConfig, SamplingParams, StructuredOutput
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "LLM",
     "RequestMetrics",
     "RequestOutput",
+    "Response",
     "SamplingParams",
     "StructuredOutput",
+    "pipeline",
 ]

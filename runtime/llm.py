@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
@@ -82,6 +83,31 @@ class LLM:
         jobs = [("chat", m, {"chat_template_kwargs": chat_template_kwargs}) for m in messages]
         return self._run(jobs, sampling_params, use_tqdm)
 
+    def stream_chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        chat_template_kwargs: dict | None = None,
+    ) -> Iterator[tuple[int, RequestOutput]]:
+        """Like ``chat``, but yield ``(conversation index, delta)`` as the replies stream, all at once.
+
+        Closing the iterator early aborts the requests still running. While it is
+        open, run nothing else on this LLM and call ``get_stats`` only from this thread.
+        """
+        if messages and isinstance(messages[0], dict):
+            messages = [messages]
+        jobs = [("chat", m, {"chat_template_kwargs": chat_template_kwargs}) for m in messages]
+        merged = self._merged(jobs, self._params(jobs, sampling_params))
+        return self._drive(merged)
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Load a PEFT LoRA adapter as ``name`` (``AsyncEngine.load_lora``)."""
+        self._loop.run_until_complete(self.engine.load_lora(name, path))
+
+    def unload_lora(self, name: str) -> None:
+        """Forget the LoRA adapter ``name`` (``AsyncEngine.unload_lora``)."""
+        self._loop.run_until_complete(self.engine.unload_lora(name))
+
     def get_stats(self, timeout: float = 10.0) -> SchedulerStats:
         """The scheduler's counters (``AsyncEngine.get_stats``).
 
@@ -104,37 +130,82 @@ class LLM:
                 if not self._loop.is_running():
                     return self._loop.run_until_complete(asyncio.wrap_future(future, loop=self._loop))
 
-    def _run(self, jobs: list[tuple], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+    def _params(self, jobs: list[tuple], sampling_params) -> list[SamplingParams | None]:
         if self._loop.is_closed():
             raise RuntimeError("this LLM was shut down")
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params] * len(jobs)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(jobs):
-                raise ValueError(f"got {len(params)} sampling_params for {len(jobs)} prompts")
+            return [sampling_params] * len(jobs)
+        params = list(sampling_params)
+        if len(params) != len(jobs):
+            raise ValueError(f"got {len(params)} sampling_params for {len(jobs)} prompts")
+        return params
+
+    def _run(self, jobs: list[tuple], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+        params = self._params(jobs, sampling_params)
         return self._loop.run_until_complete(self._run_async(jobs, params, use_tqdm))
 
     async def _run_async(self, jobs: list[tuple], params: list, use_tqdm: bool) -> list[RequestOutput]:
-        bar = tqdm(total=len(jobs), desc="Generating", unit="req", disable=not use_tqdm)
+        finals: list[RequestOutput | None] = [None] * len(jobs)
+        with tqdm(total=len(jobs), desc="Generating", unit="req", disable=not use_tqdm) as bar:
+            async with contextlib.aclosing(self._merged(jobs, params)) as merged:
+                async for i, out in merged:
+                    finals[i] = accumulate(finals[i], out)
+                    bar.update(out.finished)
+        return finals
 
-        async def one(i: int) -> RequestOutput:
+    def _drive(self, merged: AsyncIterator[tuple[int, RequestOutput]]) -> Iterator[tuple[int, RequestOutput]]:
+        """Run the loop for one item of ``merged`` at a time; close it (aborting its requests) when done.
+
+        Closing happens on exhaustion, on an error, when the consumer stops early,
+        and when an interrupt (Ctrl-C) cuts a wait for the next item short.
+        """
+
+        async def next_item() -> tuple[int, RequestOutput] | None:
+            return await anext(merged, None)
+
+        async def close(step: asyncio.Task) -> None:
+            step.cancel()
+            await asyncio.gather(step, return_exceptions=True)
+            await merged.aclose()
+
+        step = self._loop.create_task(next_item())
+        try:
+            while (item := self._loop.run_until_complete(step)) is not None:
+                yield item
+                step = self._loop.create_task(next_item())
+        finally:
+            if not self._loop.is_closed():
+                self._loop.run_until_complete(close(step))
+
+    async def _merged(self, jobs: list[tuple], params: list) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """``(job index, delta)`` from every job's stream as they come, all running at once.
+
+        The first error ends it (naming its prompt); leaving it early cancels every
+        stream, which aborts their requests.
+        """
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
             kind, prompt, kwargs = jobs[i]
-            stream = getattr(self.engine, kind)(prompt, params[i], **kwargs)
-            final = None
             try:
-                async for out in stream:
-                    final = accumulate(final, out)
+                async for out in getattr(self.engine, kind)(prompt, params[i], **kwargs):
+                    queue.put_nowait((i, out))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from e
-            bar.update(1)
-            return final
 
-        tasks = [asyncio.ensure_future(one(i)) for i in range(len(jobs))]
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(jobs))]
+        for i, task in enumerate(tasks):
+            task.add_done_callback(lambda _, i=i: queue.put_nowait((i, None)))
         try:
-            return await asyncio.gather(*tasks)
+            running = len(tasks)
+            while running:
+                i, out = await queue.get()
+                if out is None:
+                    running -= 1
+                    tasks[i].result()
+                else:
+                    yield i, out
         finally:
-            for t in tasks:
-                t.cancel()
+            for task in tasks:
+                task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            bar.close()

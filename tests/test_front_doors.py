@@ -1,0 +1,244 @@
+"""The LMDeploy-style pipeline and the ms-swift-style chat helpers, against plain LLM and AsyncEngine calls."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from types import SimpleNamespace
+
+import pytest
+
+import tristream.chat as chat
+from tristream import EngineConfig, GenerationConfig, Response, SamplingParams, pipeline
+from tristream.outputs import RequestOutput, accumulate
+from tristream.pipeline import _params, _template_name
+
+GREEDY = GenerationConfig(max_new_tokens=16)
+Q1, Q2 = "What is the capital of France?", "Name a color."
+CONV = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Say hi."}]
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    with pipeline(backend_config=EngineConfig(max_model_len=1024, log_level="INFO")) as p:
+        yield p
+
+
+def check(resp: Response, out: RequestOutput, index: int) -> None:
+    """``resp`` is the pipeline's view of the LLM output ``out``."""
+    sample = out.outputs[0]
+    assert isinstance(resp, Response) and resp.index == index
+    assert (resp.text, resp.token_ids) == (sample.text, sample.token_ids)
+    assert resp.generate_token_len == len(sample.token_ids) == out.metrics.num_generated_tokens
+    assert resp.input_token_len == len(out.prompt_token_ids) == out.metrics.num_prompt_tokens
+    assert resp.finish_reason == sample.finish_reason in ("stop", "length")
+
+
+def test_backend_config_and_log_level_become_engine_args(pipe):
+    assert pipe.llm.engine.config.max_model_len == 1024
+    assert pipe.llm.engine.config.log_level == "ERROR"
+
+
+def test_every_prompt_form_matches_llm_chat(pipe, tokenizer):
+    expected = pipe.llm.chat([user(Q1), user(Q2), CONV], GREEDY, use_tqdm=False)
+    assert {o.outputs[0].finish_reason for o in expected} == {"stop", "length"}
+    rendered = tokenizer.apply_chat_template(user(Q1), tokenize=False, add_generation_prompt=True)
+    assert expected[0].prompt_token_ids == tokenizer.encode(rendered, add_special_tokens=False)
+
+    check(pipe(Q1, GREEDY), expected[0], 0)
+    check(pipe(CONV, GREEDY), expected[2], 0)
+    for i, got in enumerate(pipe([Q1, Q2], GREEDY)):
+        check(got, expected[i], i)
+    batch = pipe([user(Q2), CONV, Q1], (GREEDY, GREEDY, GREEDY))
+    assert isinstance(batch, list) and len(batch) == 3
+    for i, want in enumerate([expected[1], expected[2], expected[0]]):
+        check(batch[i], want, i)
+
+
+def test_default_gen_config_is_greedy_to_the_end(pipe):
+    expected = pipe.llm.chat(user(Q1), SamplingParams(temperature=0), use_tqdm=False)[0]
+    got = pipe(Q1)
+    check(got, expected, 0)
+    assert got.finish_reason == "stop"
+
+
+def test_stream_infer_deltas_add_up_to_the_batch_result(pipe):
+    prompts = [Q2, CONV, Q1]
+    expected = pipe(prompts, GREEDY)
+    deltas = list(pipe.stream_infer(prompts, GREEDY))
+    for i, want in enumerate(expected):
+        mine = [d for d in deltas if d.index == i]
+        assert "".join(d.text for d in mine) == want.text
+        assert [t for d in mine for t in d.token_ids] == want.token_ids
+        assert [d.generate_token_len for d in mine] == list(range(1, want.generate_token_len + 1))
+        assert {d.input_token_len for d in mine} == {want.input_token_len}
+        assert [d.finish_reason for d in mine] == [None] * (len(mine) - 1) + [want.finish_reason]
+    positions = {i: [k for k, d in enumerate(deltas) if d.index == i] for i in range(3)}
+    assert positions[0][-1] > positions[1][0] and positions[1][-1] > positions[0][0]  # they ran at once
+
+
+def assert_idle(pipe) -> None:
+    """No task of ours is left on the LLM's loop, and the scheduler runs no request."""
+    assert [t for t in asyncio.all_tasks(pipe.llm._loop) if t is not pipe.llm.engine._reader] == []
+    deadline = time.monotonic() + 10
+    while (stats := pipe.llm.get_stats()).num_running + stats.num_waiting and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stats.num_running == stats.num_waiting == 0
+
+
+def test_stopping_a_stream_early_aborts_its_requests(pipe):
+    long = GenerationConfig(max_new_tokens=400, ignore_eos=True)
+    stream = pipe.stream_infer([Q1, Q2], long)
+    assert next(stream).generate_token_len == 1
+    stream.close()
+    assert_idle(pipe)
+    for resp in pipe.stream_infer(CONV, long):
+        break
+    assert resp.index == 0
+    assert_idle(pipe)
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    stream = pipe.stream_infer([Q1, Q2], long)
+    next(stream)
+    pipe.llm._loop.call_later(0.2, interrupt)  # Ctrl-C while the stream waits for its next delta
+    with pytest.raises(KeyboardInterrupt):
+        list(stream)
+    assert_idle(pipe)
+    check(pipe(Q1, GREEDY), pipe.llm.chat(user(Q1), GREEDY, use_tqdm=False)[0], 0)
+
+
+def test_bad_input_raises_and_the_pipeline_goes_on(pipe):
+    for bad in (123, [], None, [Q1, 5], [Q1, []], {"role": "user", "content": Q1}):
+        with pytest.raises(ValueError, match="prompt"):
+            pipe(bad)
+        with pytest.raises(ValueError, match="prompt"):
+            pipe.stream_infer(bad)
+    with pytest.raises(ValueError, match="1 gen_configs for 2 prompts"):
+        pipe([Q1, Q2], [GREEDY])
+    with pytest.raises(ValueError, match="2 gen_configs for 1 prompts"):
+        pipe.stream_infer(CONV, [GREEDY, GREEDY])
+    with pytest.raises(TypeError, match="gen_config"):
+        pipe(Q1, {"max_new_tokens": 4})
+    with pytest.raises(TypeError, match="gen_config"):
+        pipe([Q1], ["greedy"])
+    with pytest.raises(ValueError, match="n and best_of"):
+        pipe(Q1, SamplingParams(n=2, max_tokens=4))
+    with pytest.raises(ValueError, match="prompt 1: messages\\[0\\]"):
+        pipe([Q1, [{"content": "no role"}]], GREEDY)
+    with pytest.raises(ValueError, match="prompt 0: messages\\[0\\]"):
+        list(pipe.stream_infer([[{"content": "no role"}], Q1], GREEDY))
+    assert pipe(Q1, GREEDY).text == pipe.llm.chat(user(Q1), GREEDY, use_tqdm=False)[0].outputs[0].text
+
+
+def test_adapter_name_copies_the_params():
+    params = _params([GREEDY, SamplingParams(temperature=0.5, max_tokens=3)], "sql", 2)
+    assert [p.lora for p in params] == ["sql", "sql"] and GREEDY.lora is None
+    assert (params[0].temperature, params[0].max_tokens, params[1].temperature) == (0.0, 16, 0.5)
+    assert isinstance(params[0], GenerationConfig)
+    assert _params(None, None, 2) == [GenerationConfig()] * 2
+
+
+def test_bad_pipeline_arguments_fail_before_any_engine_starts():
+    with pytest.raises(TypeError, match="EngineConfig"):
+        pipeline(backend_config={"max_model_len": 64})
+    with pytest.raises(TypeError, match="chat_template_config"):
+        pipeline(chat_template_config=42)
+    with pytest.raises(ValueError, match="neither a file nor a built-in template"):
+        pipeline(chat_template_config="no-such-template")
+    for bad in ({"model_name": ""}, {"name": "chatml"}, SimpleNamespace(model_name=None), ""):
+        with pytest.raises(ValueError, match="template name"):
+            pipeline(chat_template_config=bad)
+    assert _template_name({"model_name": "chatml"}) == _template_name("chatml") == "chatml"
+    assert _template_name(None) is None
+
+
+def test_chat_template_config_name_reaches_the_engine(tokenizer):
+    prompt = "The capital of France is"
+    with pipeline(chat_template_config=SimpleNamespace(model_name="default-generation"), max_model_len=256) as raw:
+        assert raw.llm.engine.config.chat_template == "default-generation"
+        got = raw(prompt, GREEDY)
+        expected = raw.llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+        assert expected.prompt_token_ids == tokenizer.encode(prompt)
+        check(got, expected, 0)
+    with pytest.raises(RuntimeError, match="shut down"):
+        raw(prompt, GREEDY)
+
+
+def test_chat_with_an_llm_keeps_the_history(pipe):
+    params = SamplingParams(temperature=0, max_tokens=16)
+    r1, h1 = chat.inference(pipe.llm, Q1, sampling_params=params)
+    assert r1 == pipe.llm.chat(user(Q1), params, use_tqdm=False)[0].outputs[0].text
+    assert h1 == [(Q1, r1)]
+    past = [[Q1, r1]]
+    r2, h2 = chat.inference(pipe.llm, "And of Italy?", past, system="Be brief.", sampling_params=params)
+    messages = [{"role": "system", "content": "Be brief."}, *user(Q1), {"role": "assistant", "content": r1},
+                *user("And of Italy?")]
+    assert r2 == pipe.llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
+    assert h2 == [(Q1, r1), ("And of Italy?", r2)] and past == [[Q1, r1]]
+    steps = list(chat.inference_stream(pipe.llm, "And of Italy?", past, system="Be brief.", sampling_params=params))
+    assert steps[-1] == (r2, h2)
+    for (before, _), (after, history) in zip(steps, steps[1:]):
+        assert after.startswith(before) and history == [(Q1, r1), ("And of Italy?", after)]
+
+
+def test_chat_default_params_are_greedy_and_bounded(pipe):
+    assert (chat.DEFAULT_PARAMS.temperature, chat.DEFAULT_PARAMS.max_tokens) == (0, 512)
+    expected = pipe.llm.chat(user(Q1), SamplingParams(temperature=0, max_tokens=512), use_tqdm=False)[0]
+    assert chat.inference(pipe.llm, Q1) == (expected.outputs[0].text, [(Q1, expected.outputs[0].text)])
+
+
+def test_chat_rejects_bad_arguments(pipe):
+    with pytest.raises(TypeError, match="got str"):
+        chat.inference("not an engine", Q1)
+    with pytest.raises(TypeError, match="got NoneType"):
+        chat.inference_stream(None, Q1)
+    for history in ("q and r", [("only a query",)], [(Q1, None)], [Q1]):
+        with pytest.raises(ValueError, match="history"):
+            chat.inference(pipe.llm, Q1, history)
+        with pytest.raises(ValueError, match="history"):
+            chat.inference_stream(pipe.llm, Q1, history)
+    with pytest.raises(TypeError, match="sampling_params"):
+        chat.inference(pipe.llm, Q1, sampling_params={"temperature": 0})
+    with pytest.raises(TypeError, match="query"):
+        chat.inference(pipe.llm, [Q1])
+
+
+async def collect(stream) -> RequestOutput:
+    final = None
+    async for out in stream:
+        final = accumulate(final, out)
+    return final
+
+
+async def test_chat_with_an_engine_reuses_the_first_turn(engine):
+    params = SamplingParams(temperature=0, max_tokens=16)
+    system = "You are a terse assistant."
+    first = [{"role": "system", "content": system}, *user(Q1)]
+    pending = chat.inference(engine, Q1, system=system, sampling_params=params)
+    assert inspect.isawaitable(pending)
+    r1, h1 = await pending
+    expected1 = await collect(engine.chat(first, params))
+    assert r1 == expected1.outputs[0].text and h1 == [(Q1, r1)]
+
+    second = [*first, {"role": "assistant", "content": r1}, *user("And of Italy?")]
+    turn1 = expected1.prompt_token_ids + expected1.outputs[0].token_ids
+    assert (await engine.tokenize(messages=second))[: len(turn1)] == turn1
+    before = (await engine.get_stats()).num_cache_hit_tokens
+    r2, h2 = await chat.inference(engine, "And of Italy?", h1, system=system, sampling_params=params)
+    hit = (await engine.get_stats()).num_cache_hit_tokens - before
+    page = engine.config.page_size
+    assert hit >= (len(turn1) - 1) // page * page  # all but the last sampled token, whose KV was never computed
+    assert h2 == [(Q1, r1), ("And of Italy?", r2)] and h1 == [(Q1, r1)]
+    assert r2 == (await collect(engine.chat(second, params))).outputs[0].text
+
+    steps = [step async for step in chat.inference_stream(engine, "And of Italy?", h1, system, params)]
+    assert steps[-1] == (r2, h2)
+    for (before_text, _), (after, history) in zip(steps, steps[1:]):
+        assert after.startswith(before_text) and history == [(Q1, r1), ("And of Italy?", after)]

@@ -26,11 +26,11 @@ class CudaGraphRunner:
 
     A batch of n sequences runs in the graph of the smallest captured size >= n;
     padded rows read and write only the reserved page 0, and use no LoRA adapter.
-    With ``lora`` each size has a second graph, for batches where some sequence has an adapter.
+    With ``max_loras`` slots each size has a second graph, for batches where some sequence has an adapter.
     """
 
     def __init__(
-        self, model: DecoderLM, kv: KVCache, max_batch: int, max_pages: int, max_model_len: int, lora: bool
+        self, model: DecoderLM, kv: KVCache, max_batch: int, max_pages: int, max_model_len: int, max_loras: int
     ) -> None:
         device = kv.pool.device
         self.sizes = capture_sizes(max_batch)
@@ -41,25 +41,26 @@ class CudaGraphRunner:
         self.block_table = torch.zeros(max_batch, max_pages, dtype=torch.int32, device=device)
         self.qo_indptr = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.logit_rows = torch.arange(max_batch, device=device)
-        self.lora_slots = torch.full((max_batch,), -1, dtype=torch.int32, device=device) if lora else None
+        self.lora_rows = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self.lora_indptr = torch.zeros(max_loras + 1, dtype=torch.int32, device=device)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         start, free_before = time.perf_counter(), torch.cuda.mem_get_info(device)[0]
         pool = torch.cuda.graph_pool_handle()
         mc = model.config
         for size in reversed(self.sizes):
-            for lora_slots in (None, self.lora_slots) if lora else (None,):
+            for lora in (False, True) if max_loras else (False,):
                 batch = ForwardBatch(
                     self.input_ids[:size], self.positions[:size], self.slot_mapping[:size], self.qo_indptr[: size + 1],
                     self.seq_lens[:size], self.block_table[:size], self.logit_rows[:size], 1, True,
                     choose_num_splits(size, mc.num_kv_heads, max_model_len),
-                    None if lora_slots is None else lora_slots[:size],
+                    self.lora_rows[:size] if lora else None, self.lora_indptr if lora else None, size,
                 )
                 model(batch, kv)
                 torch.cuda.synchronize(device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     logits = model(batch, kv)
-                self.graphs[size, lora_slots is not None] = (graph, logits)
+                self.graphs[size, lora] = (graph, logits)
         torch.cuda.synchronize(device)
         logger.info(
             "captured %d decode graphs (batch %d..%d) in %.1f s using %.2f GiB",
@@ -76,16 +77,15 @@ class CudaGraphRunner:
         self.slot_mapping[:n].copy_(batch.slot_mapping)
         self.seq_lens[:n].copy_(batch.seq_lens)
         self.block_table[:n].copy_(batch.block_table)
-        if batch.lora_slots is not None:
-            self.lora_slots[:n].copy_(batch.lora_slots)
+        if batch.lora_rows is not None:
+            self.lora_rows[: batch.lora_rows.shape[0]].copy_(batch.lora_rows)
+            self.lora_indptr.copy_(batch.lora_indptr)
         if size > n:
             self.input_ids[n:size].zero_()
             self.positions[n:size].zero_()
             self.slot_mapping[n:size].zero_()
             self.seq_lens[n:size].fill_(1)
             self.block_table[n:size].zero_()
-            if batch.lora_slots is not None:
-                self.lora_slots[n:size].fill_(-1)
-        graph, logits = self.graphs[size, batch.lora_slots is not None]
+        graph, logits = self.graphs[size, batch.lora_rows is not None]
         graph.replay()
         return logits[:n]

@@ -16,8 +16,9 @@ class ForwardBatch:
     of context after this step, and its KV lives in the pages ``block_table[b]``.
     The model returns logits for ``logit_rows``: the rows that sample, first.
     ``decode`` says every sequence has one new token; ``num_splits`` is the
-    split-KV factor of the decode kernel. ``lora_slots[b]`` is sequence b's LoRA
-    adapter slot, or -1 (set when the engine runs LoRA).
+    split-KV factor of the decode kernel. With LoRA adapters in the batch, ``lora_rows``
+    lists the rows that have one, grouped by adapter slot: slot s's are
+    ``lora_rows[lora_indptr[s]:lora_indptr[s+1]]``, at most ``lora_max_rows`` of them.
     """
 
     input_ids: torch.Tensor
@@ -30,7 +31,9 @@ class ForwardBatch:
     max_q_len: int
     decode: bool
     num_splits: int = 1
-    lora_slots: torch.Tensor | None = None
+    lora_rows: torch.Tensor | None = None
+    lora_indptr: torch.Tensor | None = None
+    lora_max_rows: int = 0
 
     @cached_property
     def host_meta(self) -> tuple[list[list[int]], list[int], list[int]]:

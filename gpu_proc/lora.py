@@ -30,11 +30,11 @@ class LoraProjection:
         self.b = torch.zeros(slots, n_out, parts * rank, dtype=dtype, device=device)
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """``y += x @ A.T @ B.T`` per sequence, with its adapter's matrices; sequences without one are left alone."""
-        if batch.lora_slots is None:
+        """``y += x @ A.T @ B.T`` per row, with its adapter's matrices; rows without one are left alone."""
+        if batch.lora_rows is None:
             return y
-        parts = ops.lora_shrink(x, self.a, batch.qo_indptr, batch.lora_slots, batch.max_q_len)
-        return ops.lora_expand(parts, self.b, batch.qo_indptr, batch.lora_slots, y, batch.max_q_len)
+        parts = ops.lora_shrink(x, self.a, batch.lora_rows, batch.lora_indptr, batch.lora_max_rows)
+        return ops.lora_expand(parts, self.b, batch.lora_rows, batch.lora_indptr, y, batch.lora_max_rows)
 
 
 class LoraWeights:

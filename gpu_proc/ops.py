@@ -28,18 +28,18 @@ def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, counters: torch.Ten
     return (sampling.gumbel_argmax if scaled.is_cuda else sampling.gumbel_argmax_ref)(scaled, seeds, counters)
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, indptr: torch.Tensor, slots: torch.Tensor, max_rows: int) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, indptr: torch.Tensor, max_rows: int) -> torch.Tensor:
     if x.is_cuda:
-        return lora.lora_shrink(x, a, indptr, slots, max_rows)
-    return lora.lora_shrink_ref(x, a, indptr, slots)
+        return lora.lora_shrink(x, a, rows, indptr, max_rows)
+    return lora.lora_shrink_ref(x, a, rows, indptr)
 
 
 def lora_expand(
-    parts: torch.Tensor, b: torch.Tensor, indptr: torch.Tensor, slots: torch.Tensor, y: torch.Tensor, max_rows: int
+    parts: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, indptr: torch.Tensor, y: torch.Tensor, max_rows: int
 ) -> torch.Tensor:
     if y.is_cuda:
-        return lora.lora_expand(parts, b, indptr, slots, y, max_rows)
-    return lora.lora_expand_ref(parts, b, indptr, slots, y)
+        return lora.lora_expand(parts, b, rows, indptr, y, max_rows)
+    return lora.lora_expand_ref(parts, b, rows, indptr, y)
 
 
 def attend(

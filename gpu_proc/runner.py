@@ -12,6 +12,7 @@ other ranks receive its tokens by broadcast.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -151,7 +152,7 @@ class ModelRunner:
         self.kv = allocate_kv_cache(config, mc, self.dtype, self.device, num_pages)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CudaGraphRunner(
-                self.model, self.kv, config.max_num_seqs, self.block_tables.shape[1], config.max_model_len, self.lora is not None
+                self.model, self.kv, config.max_num_seqs, self.block_tables.shape[1], config.max_model_len, config.max_loras
             )
 
     @torch.inference_mode()
@@ -281,15 +282,15 @@ class ModelRunner:
             if sample:
                 sample_rows.append(qo_indptr[-1] - 1)
             seq.num_computed = end
-        lora_slots = [self.seqs[slot].lora_slot for slot in plan.slots] if self.lora is not None else []
-        if all(slot < 0 for slot in lora_slots):
-            lora_slots = []
+        lora_groups = self._lora_groups(plan.slots, qo_indptr)
+        lora_rows = [row for group in lora_groups for row in group]
+        lora_indptr = [0] + list(itertools.accumulate(len(group) for group in lora_groups)) if lora_rows else []
         t, b, s, r, d = len(ids), len(seq_lens), len(sample_rows), len(sample_rows) + len(prompt_rows), len(device_rows)
         parts = upload(
             ids + positions + slot_mapping + qo_indptr + seq_lens + sample_rows + prompt_rows + plan.slots + sample_slots
-            + device_rows + device_slots + lora_slots,
+            + device_rows + device_slots + lora_rows + lora_indptr,
             torch.int64, self.device,
-        ).split([t, t, t, b + 1, b, r, b, s, d, d, len(lora_slots)])
+        ).split([t, t, t, b + 1, b, r, b, s, d, d, len(lora_rows), len(lora_indptr)])
         input_ids = parts[0]
         if d:
             input_ids = input_ids.index_copy(0, parts[8], self.last_tokens[parts[9]])
@@ -299,8 +300,20 @@ class ModelRunner:
             seq_lens=parts[4].int(), block_table=self.block_tables[parts[6]], logit_rows=parts[5],
             max_q_len=max_q_len, decode=max_q_len == 1 and not prompt_rows,
             num_splits=choose_num_splits(b, self.model_config.num_kv_heads, self.config.max_model_len),
-            lora_slots=parts[10].int() if lora_slots else None,
+            lora_rows=parts[10].int() if lora_rows else None, lora_indptr=parts[11].int() if lora_rows else None,
+            lora_max_rows=max(map(len, lora_groups), default=0),
         ), parts[7], prompt_targets
+
+    def _lora_groups(self, slots: list[int], qo_indptr: list[int]) -> list[list[int]]:
+        """The rows of each LoRA slot's sequences, by slot; none when no sequence has an adapter."""
+        if self.lora is None:
+            return []
+        groups: list[list[int]] = [[] for _ in range(self.config.max_loras)]
+        for i, slot in enumerate(slots):
+            lora_slot = self.seqs[slot].lora_slot
+            if lora_slot >= 0:
+                groups[lora_slot].extend(range(qo_indptr[i], qo_indptr[i + 1]))
+        return groups if any(groups) else []
 
     @torch.inference_mode()
     def step(self, plan: BatchPlan) -> StepResult:

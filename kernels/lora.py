@@ -14,8 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-# The inner length that one shrink program covers.
+# The inner length that one shrink program covers when the groups are short (decode); longer
+# groups (prefill) have enough tiles to fill the GPU without splitting.
 SPLIT_K = 256
+SHORT = 64
+
+
+def _block_m(max_rows: int) -> int:
+    return 16 if max_rows <= SHORT else 64
 
 
 def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, indptr: torch.Tensor) -> torch.Tensor:
@@ -104,17 +110,18 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, indptr: torch.Tensor, max_rows: int) -> torch.Tensor:
-    """Triton :func:`lora_shrink_ref`: partial sums [splits, T, R], one split per ``SPLIT_K`` of the inner
-    dimension (entries past the listed rows hold garbage). ``max_rows`` bounds a group's length: it sizes
+    """Triton :func:`lora_shrink_ref`: partial sums [splits, T, R], for short groups one split per ``SPLIT_K``
+    of the inner dimension, else one (entries past the listed rows hold garbage). ``max_rows`` bounds a group's length: it sizes
     the grid, so a captured graph keeps it fixed."""
     if x.stride(-1) != 1 or a.stride(-1) != 1 or x.dtype != a.dtype:
         raise ValueError("x and a need a unit stride in their last dim and one dtype")
     k, r = x.shape[1], a.shape[1]
-    splits = triton.cdiv(k, SPLIT_K)
+    split = SPLIT_K if max_rows <= SHORT else triton.cdiv(k, 64) * 64
+    splits, block_m = triton.cdiv(k, split), _block_m(max_rows)
     out = torch.empty(splits, x.shape[0], r, dtype=torch.float32, device=x.device)
-    _shrink_kernel[(a.shape[0], triton.cdiv(max_rows, 16), splits)](
+    _shrink_kernel[(a.shape[0], triton.cdiv(max_rows, block_m), splits)](
         x, a, out, rows, indptr, r, x.stride(0), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-        K=k, SPLIT=SPLIT_K, PRECISION=_precision(x.dtype), BLOCK_M=16, BLOCK_R=max(16, triton.next_power_of_2(r)),
+        K=k, SPLIT=split, PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(r)),
         BLOCK_K=64, num_warps=4,
     )
     return out
@@ -127,10 +134,10 @@ def lora_expand(
     if b.stride(-1) != 1 or y.stride(-1) != 1:
         raise ValueError("b and y need a unit stride in their last dim")
     n, r = b.shape[1], b.shape[2]
-    block_n = 64
-    _expand_kernel[(b.shape[0], triton.cdiv(max_rows, 16), triton.cdiv(n, block_n))](
+    block_n, block_m = 64, _block_m(max_rows)
+    _expand_kernel[(b.shape[0], triton.cdiv(max_rows, block_m), triton.cdiv(n, block_n))](
         parts, b, y, rows, indptr, n, r, parts.stride(0), parts.stride(1), b.stride(0), b.stride(1), y.stride(0),
-        SPLITS=parts.shape[0], PRECISION=_precision(b.dtype), BLOCK_M=16, BLOCK_N=block_n,
+        SPLITS=parts.shape[0], PRECISION=_precision(b.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_R=max(16, triton.next_power_of_2(r)), num_warps=4,
     )
     return y

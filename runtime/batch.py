@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import TypeVar
 
 from tqdm.auto import tqdm
@@ -213,15 +213,19 @@ def _plan(input_path: str, base: SamplingParams, written: Counter[str]) -> Itera
             counts[job.key] += 1
 
 
-async def _run_job(engine: AsyncEngine, job: Job, model: str) -> tuple[dict, int]:
-    """The record of one job and its output tokens; an engine ValueError becomes an error record."""
+async def _run_job(engine: AsyncEngine, job: Job, model: str, adapters: Collection[str]) -> tuple[dict, int]:
+    """The record of one job and its output tokens; an engine ValueError becomes an error record.
+
+    A job whose ``model`` is one of ``adapters`` runs through that LoRA adapter.
+    """
     if job.error is not None:
         return _error_record(job), 0
     request_id = uuid.uuid4().hex
+    params = dataclasses.replace(job.params, lora=job.model) if job.model in adapters else job.params
     if job.messages is not None:
-        stream = engine.chat(job.messages, job.params, request_id=request_id)
+        stream = engine.chat(job.messages, params, request_id=request_id)
     else:
-        stream = engine.generate(job.prompt, job.params, request_id=request_id)
+        stream = engine.generate(job.prompt, params, request_id=request_id)
     final = None
     try:
         async for out in stream:
@@ -312,10 +316,12 @@ def check_paths(input_path: str, output_path: str) -> None:
         raise ValueError("the input and the output are the same file")
 
 
-async def run_batch(engine: AsyncEngine, params: SamplingParams, input_path: str, output_path: str) -> BatchSummary:
+async def run_batch(engine: AsyncEngine, params: SamplingParams, input_path: str, output_path: str,
+                    adapters: Collection[str] = ()) -> BatchSummary:
     """Run every request of ``input_path`` that ``output_path`` lacks, appending results in input order.
 
-    ``params`` is the base that sampling fields on a line override. A line that
+    ``params`` is the base that sampling fields on a line override; an OpenAI
+    line whose ``model`` is one of the LoRA ``adapters`` runs through it. A line that
     cannot run is written as an error record and the job goes on. Shows a
     progress bar and prints a summary line to stderr. While it runs in the main
     thread, SIGTERM stops it cleanly and exits with status 143.
@@ -361,7 +367,8 @@ async def run_batch(engine: AsyncEngine, params: SamplingParams, input_path: str
                 bar.set_postfix_str(f"{summary.tokens / (time.perf_counter() - start):.1f} tok/s", refresh=False)
                 bar.update(1)
 
-            work = (_run_job(engine, job, model) for job, skip in _plan(input_path, params, written) if not skip)
+            work = (_run_job(engine, job, model, adapters)
+                    for job, skip in _plan(input_path, params, written) if not skip)
             await _run_in_order(work, window, emit)
             finished = True
     except asyncio.CancelledError:

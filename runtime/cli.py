@@ -7,7 +7,7 @@ import asyncio
 import sys
 import time
 
-from tristream.config_file import is_config_file, load_config_file
+from tristream.config_file import is_config_file, load_config_file, parse_lora_modules
 from tristream.engine import AsyncEngine
 from tristream.sampling_params import SamplingParams
 
@@ -17,6 +17,16 @@ DEMO_PROMPTS = [
     "Give me three tips for staying focused while studying.",
     "Explain in two sentences why the sky is blue.",
 ]
+
+
+class _LoraModules(argparse.Action):
+    """``--lora-modules NAME=PATH ...`` as a dict of adapter directories by name."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        try:
+            setattr(namespace, self.dest, parse_lora_modules(values))
+        except ValueError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +50,13 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True,
                    help="plan the next step while the GPU runs this one (--no-pipelined: one step at a time)")
     g.add_argument("--reasoning-parser", default=None, choices=["think"])
+    g.add_argument("--lora-modules", dest="lora_adapters", nargs="+", action=_LoraModules, default=None,
+                   metavar="NAME=PATH", help="PEFT LoRA adapter directories to load at start-up, by name")
+    g.add_argument("--max-loras", type=int, default=None, help="adapters resident at once (default: as many as given)")
+    g.add_argument("--max-lora-rank", type=int, default=None,
+                   help="the largest adapter rank (default: 16 or the largest given)")
+    g.add_argument("--lora", default=None, metavar="NAME",
+                   help="the adapter of --lora-modules that this command's requests use (serve: those naming the model)")
     g.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -70,10 +87,11 @@ ENGINE_KEYS = (
     "model", "tokenizer", "chat_template", "dtype", "device", "load_format", "max_model_len", "tensor_parallel_size",
     "max_num_seqs", "max_num_batched_tokens", "page_size", "gpu_memory_utilization", "kv_cache_tokens",
     "kv_cache_bytes", "enable_prefix_caching", "enforce_eager", "pipelined", "reasoning_parser", "log_level",
+    "lora_adapters", "max_loras", "max_lora_rank",
 )
 SAMPLING_KEYS = (
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-    "frequency_penalty", "stop", "seed", "ignore_eos",
+    "frequency_penalty", "stop", "seed", "ignore_eos", "lora",
 )
 
 
@@ -133,7 +151,7 @@ async def _serve(args: argparse.Namespace) -> None:
     from tristream.server import serve
 
     await serve(_engine(args), host=args.host, port=args.port, served_model_name=args.served_model_name,
-                api_key=args.api_key, announce=args.command == "webchat")
+                api_key=args.api_key, announce=args.command == "webchat", default_lora=args.lora)
 
 
 async def _chat(args: argparse.Namespace) -> None:
@@ -148,7 +166,7 @@ async def _batch(args: argparse.Namespace) -> None:
 
     check_paths(args.input, args.output)
     async with _engine(args) as engine:
-        await run_batch(engine, _params(args), args.input, args.output)
+        await run_batch(engine, _params(args), args.input, args.output, engine.lora_adapters)
 
 
 COMMANDS = {"generate": _generate, "demo": _demo, "serve": _serve, "webchat": _serve, "chat": _chat, "batch": _batch}
@@ -203,6 +221,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = parser.parse_args(argv)
     if args.command == "batch" and (not args.input or not args.output):
         parser.error("batch needs --input and --output (as flags or in the config file)")
+    if args.lora is not None and args.lora not in (args.lora_adapters or {}):
+        parser.error(f"--lora {args.lora}: no adapter of that name in --lora-modules "
+                     f"({', '.join(args.lora_adapters or {}) or 'none given'})")
     return args
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import yaml
@@ -15,16 +16,53 @@ ALIASES = {
     "template": "chat_template",
     "max_new_tokens": "max_tokens",
     "default_system": "system",
+    "lora_modules": "lora_adapters",
 }
-IGNORED = {"infer_backend": "tristream is its own backend", "trust_remote_code": "tristream runs no remote code"}
+IGNORED = {
+    "infer_backend": "tristream is its own backend",
+    "trust_remote_code": "tristream runs no remote code",
+    "finetuning_type": "adapters come from adapter_name_or_path",
+}
 
 
 def is_config_file(arg: str) -> bool:
     return arg.endswith((".yaml", ".yml"))
 
 
+def parse_lora_modules(items: object) -> dict[str, str]:
+    """LoRA adapter directories by name, from ``NAME=PATH`` strings or a mapping; ``ValueError`` says what is wrong."""
+    if isinstance(items, dict):
+        pairs = [(str(name), path, f"{name}: {path}") for name, path in items.items()]
+    elif isinstance(items, list):
+        pairs = [(*str(item).partition("=")[::2], item) for item in items]
+    else:
+        raise ValueError(f"LoRA modules must be NAME=PATH items or a mapping of names to paths, got {items!r}")
+    out: dict[str, str] = {}
+    for name, path, item in pairs:
+        if not (name and isinstance(path, str) and path):
+            raise ValueError(f"LoRA module {item!r} is not NAME=PATH")
+        if name in out:
+            raise ValueError(f"LoRA module name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def _adapter(path: str, value: object) -> tuple[str, str]:
+    """LLaMA-Factory's ``adapter_name_or_path``: the adapter's name (its directory's) and directory."""
+    dirs = [d.strip() for d in value.split(",") if d.strip()] if isinstance(value, str) else []
+    if not dirs:
+        raise ValueError(f"config file {path}: adapter_name_or_path must be an adapter directory, got {value!r}")
+    if len(dirs) > 1:
+        raise ValueError(f"config file {path}: adapter_name_or_path lists {len(dirs)} adapters ({value}): tristream "
+                         "applies one adapter per request; merge them first or list them under lora_modules")
+    return os.path.basename(os.path.normpath(dirs[0])), dirs[0]
+
+
 def load_config_file(path: str, known: set[str]) -> dict:
-    """The flag defaults that a YAML file sets; ``ValueError`` names any key no flag has."""
+    """The flag defaults that a YAML file sets; ``ValueError`` names any key no flag has.
+
+    ``adapter_name_or_path`` adds that adapter to ``lora_adapters`` and makes it the default ``lora``.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -35,13 +73,30 @@ def load_config_file(path: str, known: set[str]) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
     out = {}
+    adapter = None
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name in IGNORED:
             logger.warning("config file %s: %s is ignored (%s)", path, key, IGNORED[name])
             continue
+        if name == "adapter_name_or_path":
+            adapter = _adapter(path, value) if value is not None else None
+            continue
         name = ALIASES.get(name, name)
         if name not in known:
             raise ValueError(f"config file {path}: unknown key {key!r}")
+        if name == "lora_adapters":
+            try:
+                value = parse_lora_modules(value)
+            except ValueError as e:
+                raise ValueError(f"config file {path}: {key}: {e}") from None
         out[name] = value
+    if adapter is not None:
+        name, adapter_dir = adapter
+        adapters = out.setdefault("lora_adapters", {})
+        if adapters.get(name, adapter_dir) != adapter_dir:
+            raise ValueError(f"config file {path}: adapter_name_or_path names {name!r}, like a lora_modules entry "
+                             "of another directory")
+        adapters[name] = adapter_dir
+        out.setdefault("lora", name)
     return out

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tristream import AsyncEngine
-from tristream.cli import parse_args
+from tristream.cli import _engine, _params, parse_args
 from tristream.server import build_app
 from tristream.tokenizer_proc.templates import BUILTIN_TEMPLATES, resolve_chat_template
 
@@ -100,3 +100,52 @@ def test_tensor_parallel_size_from_flag_or_yaml(tmp_path):
     assert parse_args(["chat", "--tensor-parallel-size", "4"]).tensor_parallel_size == 4
     assert parse_args(["serve", write(tmp_path, "tensor_parallel_size: 2\n")]).tensor_parallel_size == 2
     assert parse_args(["serve"]).tensor_parallel_size == 1
+
+
+def test_lora_flags_reach_the_engine_and_the_requests():
+    args = parse_args(["chat", "--lora-modules", "a=/x", "b=/y", "--max-loras", "3", "--max-lora-rank", "8",
+                       "--lora", "b"])
+    config = _engine(args).config
+    assert (config.lora_adapters, config.max_loras, config.max_lora_rank) == ({"a": "/x", "b": "/y"}, 3, 8)
+    assert _params(args).lora == "b"
+    plain = parse_args(["serve"])
+    assert (_engine(plain).config.lora_adapters, plain.lora) == (None, None)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--lora-modules", "a=/x", "nopath"], ["--lora-modules", "'nopath' is not NAME=PATH"]),
+    (["--lora-modules", "a=/x", "a=/y"], ["'a' is given twice"]),
+    (["--lora-modules", "a=/x", "--lora", "b"], ["--lora b", "a"]),
+    (["--lora", "b"], ["--lora b", "none given"]),
+])
+def test_bad_lora_flags_are_errors_that_say_why(capsys, argv, words):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["serve", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err
+
+
+def test_yaml_adapter_name_or_path_loads_it_and_makes_it_the_default(tmp_path):
+    config = write(tmp_path, "model_name_or_path: /models/m\nadapter_name_or_path: saves/llama3-8b/lora/sft/\n"
+                             "finetuning_type: lora\nlora_modules:\n  other: /adapters/other\n")
+    args = parse_args(["chat", config])
+    assert args.lora_adapters == {"other": "/adapters/other", "sft": "saves/llama3-8b/lora/sft/"}
+    assert args.lora == "sft" and _params(args).lora == "sft"
+    args = parse_args(["serve", write(tmp_path, "lora_modules: [a=/x, b=/y]\nlora: b\n", "list.yaml")])
+    assert (args.lora_adapters, args.lora) == ({"a": "/x", "b": "/y"}, "b")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("adapter_name_or_path: saves/a, saves/b\n", ["2 adapters", "one adapter per request", "lora_modules"]),
+    ("lora_modules: [a]\n", ["lora_modules", "'a' is not NAME=PATH"]),
+    ("lora_modules: /x\n", ["NAME=PATH items or a mapping"]),
+])
+def test_bad_yaml_lora_keys_are_errors_that_say_why(tmp_path, capsys, text, words):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["serve", write(tmp_path, text)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err

@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
-from starlette.responses import HTMLResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
 
 from tristream.engine import AsyncEngine, EngineDeadError
 from tristream.outputs import RequestOutput
@@ -33,7 +33,9 @@ from tristream.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoraAdapterRequest,
     TokenizeRequest,
+    UnloadLoraAdapterRequest,
 )
 
 logger = logging.getLogger("tristream.server")
@@ -178,8 +180,13 @@ class EventStream(StreamingResponse):
             raise stream.exception()
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` under ``model_name``; ``api_key`` guards /v1 and the tokenizer routes."""
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+              default_lora: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` under ``model_name``; ``api_key`` guards /v1 and the tokenizer routes.
+
+    A request's ``model`` is ``model_name``, which runs the LoRA adapter ``default_lora``
+    (None: the base model), or the name of a loaded adapter, which runs that adapter.
+    """
     app = FastAPI(title="tristream", summary="OpenAI-compatible LLM server", default_response_class=JSONResponse)
     metrics = ServerMetrics(engine, model_name)
     page = resources.files("tristream.server").joinpath("static/index.html").read_text()
@@ -192,10 +199,16 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
             raise ApiError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
                            code="invalid_api_key")
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise ApiError(404, f"The model `{name}` does not exist; this server serves `{model_name}`",
+    def adapter_for(name: str | None) -> str | None:
+        """The LoRA adapter that a request naming the model ``name`` runs through."""
+        if name is None or name == model_name:
+            return default_lora
+        adapters = engine.lora_adapters
+        if name not in adapters:
+            names = ", ".join(f"`{n}`" for n in [model_name, *adapters])
+            raise ApiError(404, f"The model `{name}` does not exist; this server serves {names}",
                            param="model", code="model_not_found")
+        return name
 
     async def token_texts(ids: set[int]) -> dict[int, str]:
         missing = sorted(ids - texts.keys())
@@ -259,14 +272,37 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": created, "owned_by": "tristream",
-            "max_model_len": max_model_len,
-        }]})
+        """The served model, then each loaded LoRA adapter with its directory as ``root``."""
+        card = {"object": "model", "created": created, "owned_by": "tristream", "max_model_len": max_model_len}
+        return JSONResponse({"object": "list", "data": [{"id": model_name, **card}, *(
+            {"id": name, **card, "root": path, "parent": model_name} for name, path in engine.lora_adapters.items()
+        )]})
+
+    @app.post("/v1/load_lora_adapter", dependencies=[Depends(authorized)])
+    async def load_lora_adapter(body: LoadLoraAdapterRequest) -> PlainTextResponse:
+        if body.lora_name == model_name:
+            raise ApiError(400, f"`{model_name}` is the served model's name; give the adapter another",
+                           param="lora_name")
+        try:
+            await engine.load_lora(body.lora_name, body.lora_path)
+        except ValueError as e:
+            raise _bad_request(e) from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(authorized)])
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> PlainTextResponse:
+        if body.lora_name == default_lora:
+            raise ApiError(400, f"LoRA adapter {default_lora!r} is the default of `{model_name}`, so stays loaded",
+                           param="lora_name")
+        try:
+            await engine.unload_lora(body.lora_name)
+        except ValueError as e:
+            raise _bad_request(e) from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/tokenize", dependencies=[Depends(authorized)])
     async def tokenize(body: TokenizeRequest) -> JSONResponse:
-        check_model(body.model)
+        adapter_for(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give exactly one of prompt or messages")
         try:
@@ -282,7 +318,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
 
     @app.post("/detokenize", dependencies=[Depends(authorized)])
     async def detokenize(body: DetokenizeRequest) -> JSONResponse:
-        check_model(body.model)
+        adapter_for(body.model)
         try:
             return JSONResponse({"prompt": await engine.detokenize(body.tokens)})
         except ValueError as e:
@@ -290,12 +326,13 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        check_model(body.model)
+        lora = adapter_for(body.model)
         try:
             params = body.sampling_params()
             messages = body.conversation()
         except ValueError as e:
             raise _bad_request(e, body) from None
+        params.lora = lora
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = Streams([metrics.track(engine.chat(messages, params, rid, body.template_kwargs()))])
         try:
@@ -316,7 +353,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         if k is not None:
             await token_texts({t for s in steps.values() for step in s for t in step})
         return JSONResponse({
-            "id": rid, "object": "chat.completion", "created": now(), "model": model_name,
+            "id": rid, "object": "chat.completion", "created": now(), "model": body.model or model_name,
             "choices": [{
                 "index": c.index,
                 "message": {"role": "assistant", "content": echo + c.text,
@@ -337,10 +374,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                            streams: Streams, echo: str, k: int | None) -> AsyncIterator[bytes]:
         created_at = now()
         include_usage = body.include_usage
+        model = body.model or model_name
 
         def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> bytes:
             return sse({
-                "id": rid, "object": "chat.completion.chunk", "created": created_at, "model": model_name,
+                "id": rid, "object": "chat.completion.chunk", "created": created_at, "model": model,
                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
                 **({"usage": None} if include_usage else {}),
             })
@@ -365,18 +403,19 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                 if delta.get("content") or delta.get("reasoning_content") or sample.finish_reason or logprobs:
                     yield chunk(sample.index, delta, sample.finish_reason, logprobs)
         if include_usage:
-            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created_at, "model": model_name,
+            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created_at, "model": model,
                        "choices": [], "usage": usage(first.metrics.num_prompt_tokens, num_tokens,
                                                      first.num_cached_tokens)})
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        check_model(body.model)
+        lora = adapter_for(body.model)
         try:
             params = body.sampling_params()
             prompts = body.prompts()
         except ValueError as e:
             raise _bad_request(e, body) from None
+        params.lora = lora
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = Streams([
             metrics.track(engine.generate(p, params, f"{rid}-{i}")) for i, p in enumerate(prompts)
@@ -427,7 +466,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                 await add_logprobs(i, sample)
         flat = [(i, c) for i, row in enumerate(choices) for c in row]
         return JSONResponse({
-            "id": rid, "object": "text_completion", "created": now(), "model": model_name,
+            "id": rid, "object": "text_completion", "created": now(), "model": body.model or model_name,
             "choices": [{
                 "index": c.index, "text": echoes[i] + c.text,
                 "logprobs": logprobs[i][c.index % n].body() if logprobs is not None else None,
@@ -441,10 +480,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                                  cached: int) -> AsyncIterator[bytes]:
         created_at = now()
         include_usage = body.include_usage
+        model = body.model or model_name
 
         def chunk(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> bytes:
             return sse({
-                "id": rid, "object": "text_completion", "created": created_at, "model": model_name,
+                "id": rid, "object": "text_completion", "created": created_at, "model": model,
                 "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
                 **({"usage": None} if include_usage else {}),
             })
@@ -460,7 +500,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
                     yield chunk(i * n + sample.index, text, sample.finish_reason,
                                 lp.take() if lp is not None else None)
         if include_usage:
-            yield sse({"id": rid, "object": "text_completion", "created": created_at, "model": model_name,
+            yield sse({"id": rid, "object": "text_completion", "created": created_at, "model": model,
                        "choices": [], "usage": usage(prompt_tokens, num_tokens, cached)})
 
     return app

@@ -231,3 +231,16 @@ class DetokenizeRequest(_Body):
 
     model: str | None = None
     tokens: list[int]
+
+
+class LoadLoraAdapterRequest(_Body):
+    """``POST /v1/load_lora_adapter``: a PEFT adapter directory, served as the model ``lora_name``."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraAdapterRequest(_Body):
+    """``POST /v1/unload_lora_adapter``."""
+
+    lora_name: str

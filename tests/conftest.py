@@ -24,6 +24,33 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from tristream import AsyncEngine  # noqa: E402
 from tristream.model_files import resolve_model  # noqa: E402
 
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Greedy decoding with transformers' own KV cache, one prompt at a time."""
+    out: list[int] = []
+    with torch.no_grad():
+        res = model(torch.tensor([ids], device=model.device), use_cache=True)
+        for _ in range(n):
+            token = int(res.logits[0, -1].argmax())
+            out.append(token)
+            res = model(torch.tensor([[token]], device=model.device), past_key_values=res.past_key_values, use_cache=True)
+    return out
+
+
+def make_lora_adapter(model_dir: str, path, seed: int, scale: float = 0.05, **lora: object):
+    """Save a PEFT LoRA adapter of ``model_dir`` with random A and B (times ``scale``) to ``path``;
+    return peft's merged model of it, in fp32 on the CPU."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), LoraConfig(**lora))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    model.save_pretrained(str(path))
+    return model.merge_and_unload().eval()
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> str:
     return resolve_model(None)

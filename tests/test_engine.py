@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
+from tests.conftest import hf_greedy  # pytest has imported the conftest under this name
 from tristream import SamplingParams
 
 TEXT = (
@@ -24,18 +24,6 @@ TEXT = (
 )
 LENGTHS = [1, 3, 17, 40, 64, 129, 200, 300]
 NEW_TOKENS = 40
-
-
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    """Greedy decoding with transformers' own KV cache, one prompt at a time."""
-    out: list[int] = []
-    with torch.no_grad():
-        res = model(torch.tensor([ids]), use_cache=True)
-        for _ in range(n):
-            token = int(res.logits[0, -1].argmax())
-            out.append(token)
-            res = model(torch.tensor([[token]]), past_key_values=res.past_key_values, use_cache=True)
-    return out
 
 
 async def collect(stream) -> tuple[list[int], list[str], list]:

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import pathlib
 
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
+from tests.conftest import hf_greedy, make_lora_adapter  # pytest has imported the conftest under this name
 from tristream import AsyncEngine, SamplingParams
 from tristream.outputs import accumulate
 
@@ -24,30 +21,6 @@ PROMPTS = [
     "small cottages beside the towers, trimming the wicks and polishing the great lenses every day, and",
 ]
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out: list[int] = []
-    with torch.no_grad():
-        res = model(torch.tensor([ids]), use_cache=True)
-        for _ in range(n):
-            token = int(res.logits[0, -1].argmax())
-            out.append(token)
-            res = model(torch.tensor([[token]]), past_key_values=res.past_key_values, use_cache=True)
-    return out
-
-
-def make_adapter(model_dir: str, path: pathlib.Path, seed: int, **lora: object):
-    """Save a PEFT adapter with random A and B; return peft's merged model of it."""
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(**lora))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    model.save_pretrained(str(path))
-    return model.merge_and_unload().eval()
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +40,7 @@ def adapters(tmp_path_factory, model_dir: str, hf_model, prompt_ids) -> dict[str
     }
     out = {}
     for seed, (name, spec) in enumerate(specs.items()):
-        merged = make_adapter(model_dir, root / name, seed, **spec)
+        merged = make_lora_adapter(model_dir, root / name, seed, **spec)
         out[name] = (str(root / name), [hf_greedy(merged, ids, NEW_TOKENS) for ids in prompt_ids])
     out["base"] = ("", [hf_greedy(hf_model, ids, NEW_TOKENS) for ids in prompt_ids])
     return out

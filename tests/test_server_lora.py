@@ -3,46 +3,18 @@ unload at run time."""
 
 from __future__ import annotations
 
-import pathlib
 import subprocess
 
 import httpx
 import openai
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
-from tests.conftest import start_server  # pytest has imported the conftest under this name
+from tests.conftest import hf_greedy, make_lora_adapter, start_server  # pytest has imported the conftest under this name
 from tristream.server import build_app
 
 PROMPT = "My favourite thing about winter is"
 QUESTION = [{"role": "user", "content": "Write a poem about the sea."}]
 NEW_TOKENS = 8
-
-
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out: list[int] = []
-    with torch.no_grad():
-        res = model(torch.tensor([ids]), use_cache=True)
-        for _ in range(n):
-            token = int(res.logits[0, -1].argmax())
-            out.append(token)
-            res = model(torch.tensor([[token]]), past_key_values=res.past_key_values, use_cache=True)
-    return out
-
-
-def make_adapter(model_dir: str, path: pathlib.Path, seed: int):
-    """Save a rank-4 PEFT adapter of q_proj and v_proj with random A and B; return peft's merged model of it."""
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    model.save_pretrained(str(path))
-    return model.merge_and_unload().eval()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +30,7 @@ def expected(tmp_path_factory, model_dir, hf_model, tokenizer) -> dict[str, tupl
 
     out = {"base": ("", *answers(hf_model))}
     for seed, name in enumerate(["qv", "second"]):
-        out[name] = (str(root / name), *answers(make_adapter(model_dir, root / name, seed)))
+        out[name] = (str(root / name), *answers(make_lora_adapter(model_dir, root / name, seed, r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"])))
     return out
 
 

@@ -10,7 +10,9 @@ import time
 
 import pytest
 
+from tests.conftest import hf_greedy, make_lora_adapter  # pytest has imported the conftest under this name
 from tristream import LLM, AsyncEngine, EngineDeadError, SamplingParams
+from tristream.outputs import accumulate
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,", "1, 2, 3, 4,"]
 
@@ -31,8 +33,24 @@ def wait_gone(alive, pids, timeout: float) -> list[int]:
 
 @pytest.fixture(scope="module")
 async def tp_engine():
-    async with AsyncEngine(tensor_parallel_size=2, max_model_len=1024, log_level="WARNING") as eng:
+    async with AsyncEngine(tensor_parallel_size=2, max_model_len=1024, max_loras=1, log_level="WARNING") as eng:
         yield eng
+
+
+async def test_lora_adapter_split_over_two_ranks(tp_engine, model_dir, tokenizer, tmp_path) -> None:
+    """Each rank holds its rows of B (q/k/v, gate/up) and columns of A (o, down): greedy equals peft's merged model."""
+    merged = make_lora_adapter(model_dir, tmp_path / "a", 3, r=8, lora_alpha=16, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    await tp_engine.load_lora("a", str(tmp_path / "a"))
+    try:
+        for prompt in PROMPTS[:2]:
+            ids = tokenizer(prompt).input_ids
+            final = None
+            async for out in tp_engine.generate(ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, lora="a")):
+                final = accumulate(final, out)
+            assert final.outputs[0].token_ids == hf_greedy(merged, ids, 12)
+    finally:
+        await tp_engine.unload_lora("a")
 
 
 @pytest.fixture

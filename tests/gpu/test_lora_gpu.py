@@ -31,20 +31,6 @@ def tiny_llama(folder):
     return model.eval().cuda()
 
 
-def make_adapter(base_dir: str, path, seed: int, **lora):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), LoraConfig(**lora))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    model.save_pretrained(str(path))
-    return model.merge_and_unload().eval().cuda()
-
-
 def reference_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     with torch.no_grad():
         logits = model(torch.tensor([prompt + tokens], device="cuda")).logits[0, len(prompt) - 1 : -1].float()
@@ -52,14 +38,19 @@ def reference_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Ten
 
 
 def test_mixed_adapter_batch_tracks_fp32_reference(tmp_path) -> None:
+    from tests.conftest import make_lora_adapter
     from tristream import AsyncEngine, SamplingParams
     from tristream.outputs import accumulate
 
     base_dir = tmp_path / "base"
     refs = {None: tiny_llama(base_dir)}
-    refs["all"] = make_adapter(str(base_dir), tmp_path / "all", 0, r=8, lora_alpha=16,
-                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    refs["qv"] = make_adapter(str(base_dir), tmp_path / "qv", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    refs["all"] = make_lora_adapter(
+        str(base_dir), tmp_path / "all", 0, scale=0.1, r=8, lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ).cuda()
+    refs["qv"] = make_lora_adapter(
+        str(base_dir), tmp_path / "qv", 1, scale=0.1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]
+    ).cuda()
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 40, 130)]
 

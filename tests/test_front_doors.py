@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import time
 from types import SimpleNamespace
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 import tristream.chat as chat
+from tests.conftest import make_lora_adapter  # pytest has imported the conftest under this name
 from tristream import EngineConfig, GenerationConfig, Response, SamplingParams, pipeline
 from tristream.outputs import RequestOutput, accumulate
 from tristream.pipeline import _params, _template_name
@@ -25,7 +27,7 @@ def user(text: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def pipe():
-    with pipeline(backend_config=EngineConfig(max_model_len=1024, log_level="INFO")) as p:
+    with pipeline(backend_config=EngineConfig(max_model_len=1024, max_loras=1, log_level="INFO")) as p:
         yield p
 
 
@@ -143,6 +145,19 @@ def test_adapter_name_copies_the_params():
     assert (params[0].temperature, params[0].max_tokens, params[1].temperature) == (0.0, 16, 0.5)
     assert isinstance(params[0], GenerationConfig)
     assert _params(None, None, 2) == [GenerationConfig()] * 2
+
+
+def test_adapter_name_and_lora_params_run_the_adapter(pipe, model_dir, tmp_path):
+    make_lora_adapter(model_dir, tmp_path / "a", 0, r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    pipe.llm.load_lora("a", str(tmp_path / "a"))
+    try:
+        with_adapter = pipe.llm.chat(user(Q1), dataclasses.replace(GREEDY, lora="a"), use_tqdm=False)[0]
+        assert pipe(Q1, GREEDY, adapter_name="a").text == with_adapter.outputs[0].text
+        assert pipe(Q1, GREEDY).text != with_adapter.outputs[0].text, "the adapter must change the output"
+        answer, _ = chat.inference(pipe.llm, Q1, sampling_params=dataclasses.replace(GREEDY, lora="a"))
+        assert answer == with_adapter.outputs[0].text and GREEDY.lora is None
+    finally:
+        pipe.llm.unload_lora("a")
 
 
 def test_bad_pipeline_arguments_fail_before_any_engine_starts():

@@ -32,6 +32,7 @@ from tristream.gpu_proc.step_clock import StepClock
 from tristream.gpu_proc.upload import download, upload
 from tristream.gpu_proc.weights import dummy_weights, load_safetensors, load_weights
 from tristream.kernels.attention import choose_num_splits
+from tristream.lora import DEFAULT_LORA_RANK
 from tristream.model_config import ModelConfig
 from tristream.protocol import BatchPlan, NewSequence, StepResult
 from tristream.sampling_params import SamplingParams
@@ -99,7 +100,7 @@ class ModelRunner:
     ``rank``, whose group meets through the file ``rendezvous``.
 
     ``model_config`` holds the shapes of this rank's shard. Only rank 0 has a sampler and grammars.
-    With ``config.max_loras`` it holds that many LoRA slots, the first ones loaded with ``config.lora_adapters``.
+    It holds ``config.lora_slots`` LoRA slots, the first ones loaded with ``config.lora_adapters``.
     """
 
     def __init__(self, config: EngineConfig, rank: int = 0, rendezvous: str | None = None) -> None:
@@ -123,8 +124,9 @@ class ModelRunner:
             load_safetensors(model, config.model)
         model.build_rope(config.max_model_len, self.device)
         self.lora: LoraWeights | None = None
-        if config.max_loras:
-            self.lora = LoraWeights(mc, shard, config.max_loras, config.max_lora_rank, self.dtype, self.device)
+        if config.lora_slots:
+            max_rank = config.max_lora_rank or DEFAULT_LORA_RANK
+            self.lora = LoraWeights(mc, shard, config.lora_slots, max_rank, self.dtype, self.device)
             for slot, path in enumerate((config.lora_adapters or {}).values()):
                 self.lora.load(slot, path, whole)
             model.use_lora(self.lora)
@@ -152,7 +154,7 @@ class ModelRunner:
         self.kv = allocate_kv_cache(config, mc, self.dtype, self.device, num_pages)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CudaGraphRunner(
-                self.model, self.kv, config.max_num_seqs, self.block_tables.shape[1], config.max_model_len, config.max_loras
+                self.model, self.kv, config.max_num_seqs, self.block_tables.shape[1], config.max_model_len, config.lora_slots
             )
 
     @torch.inference_mode()
@@ -308,7 +310,7 @@ class ModelRunner:
         """The rows of each LoRA slot's sequences, by slot; none when no sequence has an adapter."""
         if self.lora is None:
             return []
-        groups: list[list[int]] = [[] for _ in range(self.config.max_loras)]
+        groups: list[list[int]] = [[] for _ in range(self.config.lora_slots)]
         for i, slot in enumerate(slots):
             lora_slot = self.seqs[slot].lora_slot
             if lora_slot >= 0:

@@ -92,9 +92,14 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < (0 if name == "max_loras" else 1)):
                 raise ValueError(f"{name} must be an int >= {0 if name == 'max_loras' else 1}, got {value!r}")
-        if self.max_loras is not None and len(self.lora_adapters or {}) > self.max_loras:
+        if len(self.lora_adapters or {}) > self.lora_slots:
             raise ValueError(f"{len(self.lora_adapters)} lora_adapters do not fit in max_loras={self.max_loras}")
         for name in ("kv_cache_bytes", "kv_cache_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+    @property
+    def lora_slots(self) -> int:
+        """``max_loras``, or by default as many as ``lora_adapters`` names."""
+        return self.max_loras if self.max_loras is not None else len(self.lora_adapters or {})

@@ -18,7 +18,7 @@ import zmq.asyncio
 
 from tristream import processes
 from tristream.config import EngineConfig
-from tristream.lora import read_adapter
+from tristream.lora import DEFAULT_LORA_RANK, read_adapter
 from tristream.model_config import ModelConfig
 from tristream.model_files import resolve_model
 from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -125,15 +125,14 @@ class AsyncEngine:
         self.model_config = mc
         adapters = {name: os.path.abspath(path) for name, path in (config.lora_adapters or {}).items()}
         ranks = {name: (await asyncio.to_thread(read_adapter, path, mc)).rank for name, path in adapters.items()}
-        max_rank = config.max_lora_rank or max([16, *ranks.values()])
+        max_rank = config.max_lora_rank or max([DEFAULT_LORA_RANK, *ranks.values()])
         for name, rank in ranks.items():
             if rank > max_rank:
                 raise ValueError(f"LoRA adapter {name!r} has rank {rank}, above max_lora_rank={max_rank}")
         for slot, name in enumerate(adapters):
             self._loras[name], self._lora_paths[name] = LoraRef(next(self._lora_ids), slot), adapters[name]
         self.child_config = dataclasses.replace(
-            config, model=model_dir, max_model_len=max_len, lora_adapters=adapters or None,
-            max_loras=len(adapters) if config.max_loras is None else config.max_loras, max_lora_rank=max_rank,
+            config, model=model_dir, max_model_len=max_len, lora_adapters=adapters or None, max_lora_rank=max_rank,
         )
         ipc, self._ipc_dir = processes.make_ipc(config.tensor_parallel_size)
         self._ctx = zmq.asyncio.Context()
@@ -292,16 +291,16 @@ class AsyncEngine:
         if name in self._loras:
             raise ValueError(f"a LoRA adapter named {name!r} is already loaded")
         config = self.child_config
-        if not config.max_loras:
+        if not config.lora_slots:
             raise ValueError("this engine has no LoRA slots: start it with max_loras >= 1 or with lora_adapters")
         path = os.path.abspath(path)
         adapter = await asyncio.to_thread(read_adapter, path, self.model_config)
         if adapter.rank > config.max_lora_rank:
             raise ValueError(f"{path}: rank {adapter.rank} is above this engine's max_lora_rank={config.max_lora_rank}")
         taken = {ref.slot for ref in self._loras.values()} | self._reserved_slots
-        free = [slot for slot in range(config.max_loras) if slot not in taken]
+        free = [slot for slot in range(config.lora_slots) if slot not in taken]
         if not free:
-            raise ValueError(f"all {config.max_loras} LoRA slots are taken ({', '.join(self._loras)}): unload one first")
+            raise ValueError(f"all {config.lora_slots} LoRA slots are taken ({', '.join(self._loras)}): unload one first")
         self._reserved_slots.add(free[0])
         try:
             await self._call("scheduler", lambda token: LoadLora(token, free[0], path), timeout)

@@ -15,6 +15,8 @@ from tristream.model_config import ModelConfig
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WEIGHTS_FILE = "adapter_model.safetensors"
+# max_lora_rank when neither given nor raised by a start-up adapter's rank.
+DEFAULT_LORA_RANK = 16
 _NAME = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 

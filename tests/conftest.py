@@ -124,17 +124,22 @@ def start_server(*args: str, timeout: float = 180.0) -> LiveServer:
     raise RuntimeError("tristream serve did not start:\n" + "".join(lines))
 
 
-@pytest.fixture(scope="session")
-def live_server():
-    """One server on the bundled model for every HTTP test."""
-    server = start_server("--max-model-len", "1024", "--log-level", "WARNING")
-    yield server
+def stop_server(server: LiveServer) -> None:
+    """SIGTERM, and a kill (and a failure) if the server has not exited 30 s later."""
     server.proc.terminate()
     try:
         server.proc.wait(30)
     except subprocess.TimeoutExpired:
         server.proc.kill()
         raise
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """One server on the bundled model for every HTTP test."""
+    server = start_server("--max-model-len", "1024", "--log-level", "WARNING")
+    yield server
+    stop_server(server)
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,12 @@ unload at run time."""
 
 from __future__ import annotations
 
-import subprocess
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import hf_greedy, make_lora_adapter, start_server  # pytest has imported the conftest under this name
+from tests.conftest import hf_greedy, make_lora_adapter, start_server, stop_server  # pytest has imported the conftest under this name
 from tristream.server import build_app
 
 PROMPT = "My favourite thing about winter is"
@@ -39,12 +38,7 @@ def server(expected):
     server = start_server("--lora-modules", f"qv={expected['qv'][0]}", "--max-loras", "2", "--max-model-len", "1024",
                           "--log-level", "WARNING")
     yield server
-    server.proc.terminate()
-    try:
-        server.proc.wait(30)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        raise
+    stop_server(server)
 
 
 def post(server, path: str, body: dict) -> httpx.Response:

@@ -168,11 +168,18 @@ class AsyncEngine:
         logger.error("engine failed: %s", reason)
         if self._started is not None and not self._started.done():
             self._started.set_exception(RuntimeError(f"engine start-up failed: {reason}"))
-        for q in self._queues.values():
-            q.put_nowait(EngineDeadError(reason))
+        self._fail_pending(reason)
         for proc in self._procs.values():
             if proc.is_alive():
                 proc.kill()
+
+    def _fail_pending(self, reason: str) -> None:
+        """End every stream and every call waiting on a process with ``EngineDeadError(reason)``."""
+        for q in self._queues.values():
+            q.put_nowait(EngineDeadError(reason))
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(EngineDeadError(reason))
 
     async def _read_loop(self) -> None:
         while True:
@@ -208,8 +215,7 @@ class AsyncEngine:
         if self._started is None or self._closing:
             return
         self._closing = True
-        for q in self._queues.values():
-            q.put_nowait(EngineDeadError("the engine was closed"))
+        self._fail_pending("the engine was closed")
         await self._stop_processes()
 
     async def _stop_processes(self) -> None:

@@ -51,15 +51,22 @@ async def test_a_dead_child_fails_pending_requests_and_the_engine(alive):
     await engine.start()
     params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
     got = []
+    calls = []
 
     async def consume():
         async for out in engine.generate("Tell me everything about the ocean.", params):
             got.append(out)
             if len(got) == 2:
+                # A call the stopped scheduler cannot answer is pending when the gpu process dies.
+                os.kill(engine.child_pids["scheduler"], signal.SIGSTOP)
+                calls.append(asyncio.ensure_future(engine.get_stats(timeout=60)))
+                await asyncio.sleep(0.1)
                 os.kill(engine.child_pids["gpu"], signal.SIGKILL)
 
     with pytest.raises(EngineDeadError, match="gpu process died"):
         await asyncio.wait_for(consume(), 30)
+    with pytest.raises(EngineDeadError, match="gpu process died"):
+        await asyncio.wait_for(calls[0], 5)
     assert not engine.is_running
     with pytest.raises(EngineDeadError):
         async for _ in engine.generate("Hello", params):

@@ -4,7 +4,8 @@ Three runs of a dummy-weight model in bf16, each on its own engine or request mi
 an engine without LoRA slots (the peer), the same model with ``--adapters`` random
 rank-``--rank`` adapters on all seven projections serving base-model requests, and the
 same engine serving requests spread round-robin over every adapter. Also times the
-segmented-matmul kernels of one projection alone, against a dense matmul of its shape.
+shrink and expand kernels of the q/k/v projection alone (replayed from a CUDA graph), against
+the dense matmul of its shape.
 
     python3 bench/lora.py --config bench/configs/llama-3-8b.json
 """

@@ -28,7 +28,7 @@ from latency import run_batch  # noqa: E402
 from report import git_info, model_summary, now  # noqa: E402
 
 from tristream import AsyncEngine  # noqa: E402
-from tristream.lora import MODULES, module_shape  # noqa: E402
+from tristream.lora import MODULES, module_shape, weight_name  # noqa: E402
 from tristream.model_config import ModelConfig  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -45,10 +45,11 @@ def write_adapter(folder: pathlib.Path, mc: ModelConfig, rank: int, seed: int) -
     for layer in range(mc.num_layers):
         for module in MODULES:
             n_in, n_out = module_shape(mc, module)
-            group = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            pre = f"base_model.model.model.layers.{layer}.{group}.{module}"
-            tensors[f"{pre}.lora_A.weight"] = (torch.randn(rank, n_in, generator=gen) * 0.01).to(torch.bfloat16)
-            tensors[f"{pre}.lora_B.weight"] = (torch.randn(n_out, rank, generator=gen) * 0.01).to(torch.bfloat16)
+            pre = "base_model.model."
+            tensors[pre + weight_name(layer, module, "lora_A.weight")] = (
+                torch.randn(rank, n_in, generator=gen) * 0.01).to(torch.bfloat16)
+            tensors[pre + weight_name(layer, module, "lora_B.weight")] = (
+                torch.randn(n_out, rank, generator=gen) * 0.01).to(torch.bfloat16)
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(MODULES), "bias": "none"}

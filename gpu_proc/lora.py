@@ -13,7 +13,7 @@ import torch
 from tristream.gpu_proc import ops
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.weights import place
-from tristream.lora import adapter_tensors, read_adapter
+from tristream.lora import adapter_tensors, module_shape, read_adapter, weight_name
 from tristream.model_config import ModelConfig
 from tristream.sharding import Shard
 
@@ -42,8 +42,10 @@ class LoraWeights:
 
     def __init__(self, mc: ModelConfig, shard: Shard, slots: int, rank: int, dtype: torch.dtype, device: torch.device):
         self.mc, self.shard, self.rank = mc, shard, rank
-        q, kv, h, inter = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim, mc.hidden_size, mc.intermediate_size
-        shapes = {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * inter), "down_proj": (inter, h)}
+        shapes = {  # (in, out) of each fused projection: its parts share the input and stack their outputs
+            name: (module_shape(mc, parts[0])[0], sum(module_shape(mc, part)[1] for part in parts))
+            for name, parts in PARTS.items()
+        }
         self.layers = [
             {name: LoraProjection(slots, rank, len(PARTS[name]), *shapes[name], dtype, device) for name in PARTS}
             for _ in range(mc.num_layers)
@@ -60,8 +62,7 @@ class LoraWeights:
                 proj.b[slot].zero_()
         r = adapter.rank
         for layer, module, kind, tensor in adapter_tensors(path):
-            group = "self_attn" if module in PARTS["qkv_proj"] + PARTS["o_proj"] else "mlp"
-            p = place(f"model.layers.{layer}.{group}.{module}.weight", self.mc, self.shard)
+            p = place(weight_name(layer, module), self.mc, self.shard)
             proj = self.layers[layer][p.param.split(".")[-2]]
             cols = slice((p.part or 0) * self.rank, (p.part or 0) * self.rank + r)
             if kind == "A":

@@ -39,6 +39,12 @@ def module_shape(mc: ModelConfig, module: str) -> tuple[int, int]:
     }[module]
 
 
+def weight_name(layer: int, module: str, suffix: str = "weight") -> str:
+    """The Hugging Face name of a projection's tensor, e.g. ``model.layers.0.self_attn.q_proj.weight``."""
+    group = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"model.layers.{layer}.{group}.{module}.{suffix}"
+
+
 def read_adapter(path: str, mc: ModelConfig) -> LoraAdapter:
     """Check that the PEFT adapter in directory ``path`` fits the model ``mc``; ValueError says why not."""
     config_path = os.path.join(path, "adapter_config.json")

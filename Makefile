@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup run test clean gpu-wheels gpu-site gpu-test
+.PHONY: setup run test lint clean gpu-wheels gpu-site gpu-test
 
 setup: $(STAMP)
 
@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	$(BIN)/tristream demo
 
-test: setup $(CHROMIUM)
+test: setup $(CHROMIUM) lint
 	$(BIN)/pytest -q
+
+# Lint and format checks; `$(BIN)/ruff format .` fixes the formatting.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq

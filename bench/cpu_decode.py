@@ -19,10 +19,8 @@ import statistics
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from report import header, model_summary, now
-
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from tristream import AsyncEngine, SamplingParams
 from tristream.model_config import ModelConfig
 from tristream.model_files import resolve_model
@@ -122,17 +120,15 @@ def hf_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> 
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
-            **batch,
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            pad_token_id=eos,
+            **batch, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=eos
         )
     elapsed = time.perf_counter() - start
     return elapsed, out[:, batch["input_ids"].shape[1] :]
 
 
-def bench_transformers(model_dir: str, prompts: list[list[int]], batch_sizes: list[int], new_tokens: int, repeats: int) -> dict:
+def bench_transformers(
+    model_dir: str, prompts: list[list[int]], batch_sizes: list[int], new_tokens: int, repeats: int
+) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -186,7 +182,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tokenizer(p)["input_ids"][: args.prompt_tokens] for p in PROMPTS]  # 28-39 tokens, mean 32
 
-    print(f"tristream: batch sizes {args.batch_sizes}, {args.new_tokens} new tokens, {args.repeats} runs each ...", flush=True)
+    print(
+        f"tristream: batch sizes {args.batch_sizes}, {args.new_tokens} new tokens, {args.repeats} runs each ...",
+        flush=True,
+    )
     ours = asyncio.run(bench_tristream(prompts, args.batch_sizes, args.new_tokens, args.repeats))
     print("transformers ...", flush=True)
     theirs = bench_transformers(model_dir, prompts, args.batch_sizes, args.new_tokens, args.repeats)
@@ -197,7 +196,9 @@ def main() -> None:
         results[str(bs)] = {
             "tristream": {k: v for k, v in a.items() if k != "tokens"},
             "transformers": {k: v for k, v in b.items() if k != "tokens"},
-            "ratio_decode_tok_s": a["decode_tok_s"] / b["decode_tok_s"] if a["decode_tok_s"] and b["decode_tok_s"] else None,
+            "ratio_decode_tok_s": a["decode_tok_s"] / b["decode_tok_s"]
+            if a["decode_tok_s"] and b["decode_tok_s"]
+            else None,
             "ratio_e2e_tok_s": a["e2e_tok_s"] / b["e2e_tok_s"],
             "greedy_agreement": agreement(a["tokens"], b["tokens"]),
         }
@@ -234,13 +235,17 @@ def main() -> None:
         for name in ("tristream", "transformers"):
             x = r[name]
             decode = f"{x['decode_tok_s']:.1f}" if x["decode_tok_s"] else "n/a"
-            print(f"{bs:>5} | {name:<12} | {x['ttft_s']:>7.3f} | {x['e2e_s']:>7.2f} | {decode:>12} | {x['e2e_tok_s']:>9.1f}")
+            print(
+                f"{bs:>5} | {name:<12} | {x['ttft_s']:>7.3f} | {x['e2e_s']:>7.2f} | {decode:>12} | {x['e2e_tok_s']:>9.1f}"
+            )
         ratio = f"{r['ratio_decode_tok_s']:.2f}" if r["ratio_decode_tok_s"] else "n/a"
         print(
             f"{bs:>5} | {'ratio':<12} | {'':>7} | {'':>7} | {ratio:>12} | {r['ratio_e2e_tok_s']:>9.2f}"
             f"   (greedy agreement {r['greedy_agreement']:.0%})"
         )
-    print(f"\nCPU: {report['device']['cpu_model']} ({report['device']['cpu_count']} cores), torch threads {report['torch_threads']}")
+    print(
+        f"\nCPU: {report['device']['cpu_model']} ({report['device']['cpu_count']} cores), torch threads {report['torch_threads']}"
+    )
     print(f"wrote {out}")
 
 

@@ -24,7 +24,6 @@ from typing import Any
 
 from report import header, now
 from transformers import AutoTokenizer
-
 from tristream.model_files import resolve_model
 from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer, push_step
 
@@ -59,7 +58,10 @@ def push_each(detoks: list[Any], chunks: list[list[int]]) -> list[str]:
 
 
 def time_per_step(
-    detokenizer: type, tokenizer: Any, prompt: list[int], streams: list[list[int]],
+    detokenizer: type,
+    tokenizer: Any,
+    prompt: list[int],
+    streams: list[list[int]],
     step: Callable[[list[Any], list[list[int]]], list[str]],
 ) -> tuple[float, list[list[str]]]:
     """Mean seconds per step of `step` over fresh detokenizers, one token per request per step, and the deltas."""
@@ -75,7 +77,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--baseline", default=None, help="also time per-request pushes of the detokenizer at this revision")
+    parser.add_argument(
+        "--baseline", default=None, help="also time per-request pushes of the detokenizer at this revision"
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "detokenize.json"))
     args = parser.parse_args()
     started, load_before = now(), os.getloadavg()
@@ -105,8 +109,12 @@ def main() -> None:
         **header("detokenize", started),
         "tokenizer": "SmolLM2-135M-Instruct (bundled), byte-level BPE",
         "settings": {
-            "batch": args.batch, "steps": args.steps, "repeats": args.repeats, "tokens_per_request_per_step": 1,
-            "baseline": args.baseline, "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM"),
+            "batch": args.batch,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "tokens_per_request_per_step": 1,
+            "baseline": args.baseline,
+            "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM"),
         },
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "step_s": per_step,

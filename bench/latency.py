@@ -34,7 +34,6 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, matmul_rate  # noqa: E402
 from report import git_info, model_summary, now  # noqa: E402
-
 from tristream import AsyncEngine, SamplingParams  # noqa: E402
 from tristream.model_config import ModelConfig  # noqa: E402
 from tristream.sharding import shard_model  # noqa: E402
@@ -44,7 +43,10 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 def model_sizes(mc: ModelConfig) -> dict:
     """Parameter counts and bytes per step of a decoder."""
-    attn = mc.hidden_size * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim + mc.num_heads * mc.head_dim * mc.hidden_size
+    attn = (
+        mc.hidden_size * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
+        + mc.num_heads * mc.head_dim * mc.hidden_size
+    )
     mlp = 3 * mc.hidden_size * mc.intermediate_size
     layers = mc.num_layers * (attn + mlp + 2 * mc.hidden_size)
     head = mc.vocab_size * mc.hidden_size
@@ -56,8 +58,15 @@ def model_sizes(mc: ModelConfig) -> dict:
     }
 
 
-async def run_batch(engine: AsyncEngine, batch: int, input_len: int, output_len: int, vocab: int, seed: int,
-                    loras: list[str | None] = (None,)) -> dict:
+async def run_batch(
+    engine: AsyncEngine,
+    batch: int,
+    input_len: int,
+    output_len: int,
+    vocab: int,
+    seed: int,
+    loras: list[str | None] = (None,),
+) -> dict:
     """``batch`` random prompts at once, greedy; request i runs through LoRA adapter ``loras[i % len(loras)]``."""
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(100, vocab - 100, (input_len,), generator=gen).tolist() for _ in range(batch)]
@@ -76,8 +85,12 @@ async def run_batch(engine: AsyncEngine, batch: int, input_len: int, output_len:
     metrics = [m for m, _ in runs]
     ttft = [m.first_token_time - m.arrival_time for m in metrics]
     result = {
-        "batch": batch, "input_len": input_len, "output_len": output_len, "wall_s": wall,
-        "ttft_mean_s": statistics.mean(ttft), "ttft_p50_s": statistics.median(ttft),
+        "batch": batch,
+        "input_len": input_len,
+        "output_len": output_len,
+        "wall_s": wall,
+        "ttft_mean_s": statistics.mean(ttft),
+        "ttft_p50_s": statistics.median(ttft),
         "output_tok_per_s": batch * output_len / wall,
     }
     if output_len > 1:
@@ -92,15 +105,23 @@ async def run_batch(engine: AsyncEngine, batch: int, input_len: int, output_len:
     return result
 
 
-async def run_engine(args: argparse.Namespace, folder: pathlib.Path, mc: ModelConfig, tp: int, bandwidth: float,
-                     flops: float) -> tuple[list[dict], dict]:
+async def run_engine(
+    args: argparse.Namespace, folder: pathlib.Path, mc: ModelConfig, tp: int, bandwidth: float, flops: float
+) -> tuple[list[dict], dict]:
     """Decode runs and one long prefill on an engine of ``tp`` ranks; the rooflines count one rank's share."""
     sizes = model_sizes(mc)
     results = []
     async with AsyncEngine(
-        model=str(folder), load_format="dummy", dtype="bfloat16", max_model_len=args.max_len, tensor_parallel_size=tp,
-        max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=max(args.prefill_len, 8192),
-        enable_prefix_caching=False, log_level="INFO", skip_tokenizer_init=True,
+        model=str(folder),
+        load_format="dummy",
+        dtype="bfloat16",
+        max_model_len=args.max_len,
+        tensor_parallel_size=tp,
+        max_num_seqs=max(args.batch_sizes),
+        max_num_batched_tokens=max(args.prefill_len, 8192),
+        enable_prefix_caching=False,
+        log_level="INFO",
+        skip_tokenizer_init=True,
     ) as engine:
         for n in args.input_lens:
             await run_batch(engine, 2, n, 4, mc.vocab_size, seed=0)
@@ -108,7 +129,9 @@ async def run_engine(args: argparse.Namespace, folder: pathlib.Path, mc: ModelCo
             for batch in args.batch_sizes:
                 r = await run_batch(engine, batch, input_len, args.output_len, mc.vocab_size, seed=batch + input_len)
                 ctx = input_len + args.output_len / 2
-                step_bytes = 2 * (sizes["layer_params"] + sizes["lm_head_params"]) + batch * ctx * sizes["kv_bytes_per_token"]
+                step_bytes = (
+                    2 * (sizes["layer_params"] + sizes["lm_head_params"]) + batch * ctx * sizes["kv_bytes_per_token"]
+                )
                 r["tp"] = tp
                 r["decode_bytes_per_step"] = step_bytes
                 r["roofline_tpot_s"] = step_bytes / tp / bandwidth
@@ -117,10 +140,18 @@ async def run_engine(args: argparse.Namespace, folder: pathlib.Path, mc: ModelCo
                 print(f"tp {tp} batch {batch:4d} in {input_len:5d}: {row(r)}", flush=True)
         pre = await run_batch(engine, 1, args.prefill_len, 1, mc.vocab_size, seed=7)
     n = args.prefill_len
-    prefill_flops = 2 * sizes["layer_params"] * n + 2 * sizes["lm_head_params"] + 2 * mc.num_layers * mc.num_heads * mc.head_dim * n * n
+    prefill_flops = (
+        2 * sizes["layer_params"] * n
+        + 2 * sizes["lm_head_params"]
+        + 2 * mc.num_layers * mc.num_heads * mc.head_dim * n * n
+    )
     prefill = {
-        "tp": tp, "prompt_tokens": n, "ttft_s": pre["ttft_p50_s"], "tokens_per_s": n / pre["ttft_p50_s"],
-        "flops": prefill_flops, "matmul_fraction": prefill_flops / pre["ttft_p50_s"] / (flops * tp),
+        "tp": tp,
+        "prompt_tokens": n,
+        "ttft_s": pre["ttft_p50_s"],
+        "tokens_per_s": n / pre["ttft_p50_s"],
+        "flops": prefill_flops,
+        "matmul_fraction": prefill_flops / pre["ttft_p50_s"] / (flops * tp),
     }
     return results, prefill
 
@@ -138,7 +169,7 @@ def _collectives_rank(rank: int, tp: int, mc: ModelConfig, batches: list[int], r
         logits = torch.zeros(batch, shard.vocab_rows, dtype=torch.bfloat16, device=device)
         for path, all_reduce in (("engine", group.all_reduce), ("nccl", group.nccl_all_reduce)):
 
-            def step():
+            def step(all_reduce=all_reduce, x=x, logits=logits):
                 for _ in range(2 * mc.num_layers + 1):
                     all_reduce(x)
                 group.gather_vocab(logits, mc.vocab_size)
@@ -219,7 +250,9 @@ async def main(args: argparse.Namespace) -> dict:
     }
     if args.tp > 1:
         comm = collective_time(mc, args.tp, args.batch_sizes)
-        report["tensor_parallel"] = [tp_row(results, comm, args.tp, batch, n) for n in args.input_lens for batch in args.batch_sizes]
+        report["tensor_parallel"] = [
+            tp_row(results, comm, args.tp, batch, n) for n in args.input_lens for batch in args.batch_sizes
+        ]
     shutil.rmtree(folder, ignore_errors=True)
     return report
 
@@ -228,7 +261,9 @@ def tp_row(results: list[dict], comm: dict[int, float], tp: int, batch: int, inp
     """Tensor parallelism ``tp`` against one GPU at one batch size and input length."""
     one, many = ({(r["tp"], r["batch"], r["input_len"]): r for r in results}[(t, batch, input_len)] for t in (1, tp))
     return {
-        "tp": tp, "batch": batch, "input_len": input_len,
+        "tp": tp,
+        "batch": batch,
+        "input_len": input_len,
         "speedup_tok_per_s": many["output_tok_per_s"] / one["output_tok_per_s"],
         "speedup_tpot": one["tpot_s"] / many["tpot_s"] if one["tpot_s"] and many["tpot_s"] else None,
         "collectives_s_per_step": comm[("engine", batch)],
@@ -240,22 +275,44 @@ def tp_row(results: list[dict], comm: dict[int, float], tp: int, batch: int, inp
 def _profile_rank(rank: int, tp: int, folder: str, steps: int, rendezvous: str, out: mp.Queue) -> None:
     """Batch-1 decode steps on rank ``rank`` of ``tp``, with rank 0 under the torch profiler."""
     from torch.profiler import ProfilerActivity, profile
-
     from tristream.config import EngineConfig
     from tristream.gpu_proc.runner import ModelRunner
     from tristream.protocol import BatchPlan, NewSequence
 
-    runner = ModelRunner(EngineConfig(model=folder, load_format="dummy", dtype="bfloat16", max_model_len=4096,
-                                      max_num_seqs=1, kv_cache_tokens=8192, skip_tokenizer_init=True,
-                                      tensor_parallel_size=tp), rank, rendezvous)
+    runner = ModelRunner(
+        EngineConfig(
+            model=folder,
+            load_format="dummy",
+            dtype="bfloat16",
+            max_model_len=4096,
+            max_num_seqs=1,
+            kv_cache_tokens=8192,
+            skip_tokenizer_init=True,
+            tensor_parallel_size=tp,
+        ),
+        rank,
+        rendezvous,
+    )
     greedy = SamplingParams(temperature=0, seed=0)
-    runner.step(BatchPlan(0, new=[NewSequence(0, list(range(1000, 3048)), 0, 0, greedy)], pages=[(0, list(range(1, 257)))],
-                          slots=[0], num_tokens=[2048], sample=[True]))
+    runner.step(
+        BatchPlan(
+            0,
+            new=[NewSequence(0, list(range(1000, 3048)), 0, 0, greedy)],
+            pages=[(0, list(range(1, 257)))],
+            slots=[0],
+            num_tokens=[2048],
+            sample=[True],
+        )
+    )
     decode = BatchPlan(1, slots=[0], num_tokens=[1], sample=[True])
     for _ in range(5):
         runner.step(decode)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if rank == 0 else contextlib.nullcontext() as prof:
+    with (
+        profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        if rank == 0
+        else contextlib.nullcontext() as prof
+    ):
         start = time.perf_counter()
         for _ in range(steps):
             runner.step(decode)
@@ -263,18 +320,29 @@ def _profile_rank(rank: int, tp: int, folder: str, steps: int, rendezvous: str, 
         step_s = (time.perf_counter() - start) / steps
     if rank == 0:
         kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-        rows = [{"kernel": e.key[:90], "calls_per_step": e.count / steps, "us_per_step": e.device_time_total / steps}
-                for e in sorted(kernels, key=lambda e: -e.device_time_total)]
-        out.put({"tp": tp, "in_process_step_s": step_s, "kernels_per_step": sum(r["calls_per_step"] for r in rows),
-                 "kernel_us_per_step": sum(r["us_per_step"] for r in rows), "top_kernels": rows[:12]})
+        rows = [
+            {"kernel": e.key[:90], "calls_per_step": e.count / steps, "us_per_step": e.device_time_total / steps}
+            for e in sorted(kernels, key=lambda e: -e.device_time_total)
+        ]
+        out.put(
+            {
+                "tp": tp,
+                "in_process_step_s": step_s,
+                "kernels_per_step": sum(r["calls_per_step"] for r in rows),
+                "kernel_us_per_step": sum(r["us_per_step"] for r in rows),
+                "top_kernels": rows[:12],
+            }
+        )
     runner.tp.close()
 
 
 def decode_profile(folder: pathlib.Path, tp: int, steps: int = 20) -> dict:
     """The torch profiler's CUDA kernel table of rank 0 over batch-1 decode steps replayed from a CUDA graph."""
     profile = run_ranks(_profile_rank, tp, str(folder), steps)
-    print(f"\ntp {tp}: batch-1 decode, context 2048, in-process step {profile['in_process_step_s'] * 1e3:.2f} ms; "
-          f"{profile['kernels_per_step']:.0f} CUDA kernels per step on rank 0, {profile['kernel_us_per_step']:.0f} us in all:")
+    print(
+        f"\ntp {tp}: batch-1 decode, context 2048, in-process step {profile['in_process_step_s'] * 1e3:.2f} ms; "
+        f"{profile['kernels_per_step']:.0f} CUDA kernels per step on rank 0, {profile['kernel_us_per_step']:.0f} us in all:"
+    )
     for r in profile["top_kernels"]:
         print(f"{r['us_per_step']:9.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel']}")
     torch.cuda.empty_cache()
@@ -320,7 +388,9 @@ if __name__ == "__main__":
     parser.add_argument("--prefill-len", type=int, default=8192)
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true", help="also print the CUDA kernel table of batch-1 decode")
-    parser.add_argument("--tp", type=int, default=1, help="also run at this tensor parallelism and compare with one GPU")
+    parser.add_argument(
+        "--tp", type=int, default=1, help="also run at this tensor parallelism and compare with one GPU"
+    )
     args = parser.parse_args()
     report = asyncio.run(main(args))
     gpu = report["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
@@ -333,16 +403,22 @@ if __name__ == "__main__":
     except ImportError:
         print("matplotlib is not installed: no plot")
     print(f"\nwrote {out}")
-    print(f"ceilings: copy {report['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-          f"bf16 matmul {report['ceilings']['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s")
+    print(
+        f"ceilings: copy {report['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"bf16 matmul {report['ceilings']['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s"
+    )
     for r in report["decode"]:
         print(f"tp {r['tp']} batch {r['batch']:4d} in {r['input_len']:5d}: {row(r)}")
     for p in report["prefill"]:
-        print(f"tp {p['tp']} prefill {p['prompt_tokens']} tokens: {p['ttft_s'] * 1e3:.1f} ms, {p['tokens_per_s']:.0f} tok/s, "
-              f"{100 * p['matmul_fraction']:.1f}% of bf16 matmul rate (x{p['tp']} GPUs)")
+        print(
+            f"tp {p['tp']} prefill {p['prompt_tokens']} tokens: {p['ttft_s'] * 1e3:.1f} ms, {p['tokens_per_s']:.0f} tok/s, "
+            f"{100 * p['matmul_fraction']:.1f}% of bf16 matmul rate (x{p['tp']} GPUs)"
+        )
     for t in report.get("tensor_parallel", []):
         tpot = f"{t['speedup_tpot']:.2f}x" if t["speedup_tpot"] else "n/a"
         share = f"{100 * t['collectives_fraction_of_tpot']:.1f}%" if t["collectives_fraction_of_tpot"] else "n/a"
-        print(f"tp {t['tp']} vs 1, batch {t['batch']:4d} in {t['input_len']:5d}: {t['speedup_tok_per_s']:.2f}x tok/s, "
-              f"{tpot} TPOT; collectives {t['collectives_s_per_step'] * 1e6:.0f} us per step ({share} of the TP TPOT), "
-              f"all through NCCL {t['nccl_collectives_s_per_step'] * 1e6:.0f} us")
+        print(
+            f"tp {t['tp']} vs 1, batch {t['batch']:4d} in {t['input_len']:5d}: {t['speedup_tok_per_s']:.2f}x tok/s, "
+            f"{tpot} TPOT; collectives {t['collectives_s_per_step'] * 1e6:.0f} us per step ({share} of the TP TPOT), "
+            f"all through NCCL {t['nccl_collectives_s_per_step'] * 1e6:.0f} us"
+        )

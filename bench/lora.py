@@ -26,7 +26,6 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from latency import run_batch  # noqa: E402
 from report import git_info, model_summary, now  # noqa: E402
-
 from tristream import AsyncEngine  # noqa: E402
 from tristream.lora import MODULES, module_shape, weight_name  # noqa: E402
 from tristream.model_config import ModelConfig  # noqa: E402
@@ -47,9 +46,11 @@ def write_adapter(folder: pathlib.Path, mc: ModelConfig, rank: int, seed: int) -
             n_in, n_out = module_shape(mc, module)
             pre = "base_model.model."
             tensors[pre + weight_name(layer, module, "lora_A.weight")] = (
-                torch.randn(rank, n_in, generator=gen) * 0.01).to(torch.bfloat16)
+                torch.randn(rank, n_in, generator=gen) * 0.01
+            ).to(torch.bfloat16)
             tensors[pre + weight_name(layer, module, "lora_B.weight")] = (
-                torch.randn(n_out, rank, generator=gen) * 0.01).to(torch.bfloat16)
+                torch.randn(n_out, rank, generator=gen) * 0.01
+            ).to(torch.bfloat16)
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(MODULES), "bias": "none"}
@@ -100,20 +101,32 @@ async def run_engine(folder: pathlib.Path, args: argparse.Namespace, mc: ModelCo
     """Decode per batch size and one prefill, for base requests and (with adapters) adapter requests."""
     runs: dict[str, list[dict]] = {}
     async with AsyncEngine(
-        model=str(folder), load_format="dummy", dtype="bfloat16", max_model_len=max_len(args),
-        max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=max(args.prefill_len, 2048),
-        enable_prefix_caching=False, skip_tokenizer_init=True, log_level="WARNING",
-        lora_adapters=adapters or None, max_lora_rank=args.rank if adapters else None,
+        model=str(folder),
+        load_format="dummy",
+        dtype="bfloat16",
+        max_model_len=max_len(args),
+        max_num_seqs=max(args.batch_sizes),
+        max_num_batched_tokens=max(args.prefill_len, 2048),
+        enable_prefix_caching=False,
+        skip_tokenizer_init=True,
+        log_level="WARNING",
+        lora_adapters=adapters or None,
+        max_lora_rank=args.rank if adapters else None,
     ) as engine:
         mixes = {"base": [None]} | ({"adapters": list(adapters)} if adapters else {})
         await run_batch(engine, 2, args.input_len, 4, mc.vocab_size, seed=0, loras=mixes[list(mixes)[-1]])
         for mix, loras in mixes.items():
             rows = []
             for batch in args.batch_sizes:
-                r = await run_batch(engine, batch, args.input_len, args.output_len, mc.vocab_size, seed=batch, loras=loras)
+                r = await run_batch(
+                    engine, batch, args.input_len, args.output_len, mc.vocab_size, seed=batch, loras=loras
+                )
                 rows.append(r)
-                print(f"{'lora engine' if adapters else 'plain engine'} {mix:8s} batch {batch:4d}: "
-                      f"TPOT {r['tpot_s'] * 1e3:7.2f} ms  {r['output_tok_per_s']:9.1f} tok/s", flush=True)
+                print(
+                    f"{'lora engine' if adapters else 'plain engine'} {mix:8s} batch {batch:4d}: "
+                    f"TPOT {r['tpot_s'] * 1e3:7.2f} ms  {r['output_tok_per_s']:9.1f} tok/s",
+                    flush=True,
+                )
             pre = await run_batch(engine, 1, args.prefill_len - 8, 1, mc.vocab_size, seed=7, loras=loras[:1])
             runs[mix] = rows + [{"prefill_tokens": args.prefill_len - 8, "ttft_s": pre["ttft_p50_s"]}]
     return runs
@@ -132,13 +145,17 @@ async def main(args: argparse.Namespace) -> dict:
     table = []
     for i, batch in enumerate(args.batch_sizes):
         peer = plain["base"][i]["tpot_s"]
-        table.append({
-            "batch": batch, "plain_tpot_s": peer,
-            "lora_engine_base_tpot_ratio": lora["base"][i]["tpot_s"] / peer,
-            "lora_engine_adapters_tpot_ratio": lora["adapters"][i]["tpot_s"] / peer,
-        })
+        table.append(
+            {
+                "batch": batch,
+                "plain_tpot_s": peer,
+                "lora_engine_base_tpot_ratio": lora["base"][i]["tpot_s"] / peer,
+                "lora_engine_adapters_tpot_ratio": lora["adapters"][i]["tpot_s"] / peer,
+            }
+        )
     prefill = {
-        "tokens": args.prefill_len - 8, "plain_ttft_s": plain["base"][-1]["ttft_s"],
+        "tokens": args.prefill_len - 8,
+        "plain_ttft_s": plain["base"][-1]["ttft_s"],
         "lora_engine_base_ratio": lora["base"][-1]["ttft_s"] / plain["base"][-1]["ttft_s"],
         "lora_engine_adapters_ratio": lora["adapters"][-1]["ttft_s"] / plain["base"][-1]["ttft_s"],
     }
@@ -150,7 +167,10 @@ async def main(args: argparse.Namespace) -> dict:
         "model": model_summary(mc, "bfloat16"),
         **git_info(),
         "timestamp": now(),
-        "adapters": args.adapters, "rank": args.rank, "input_len": args.input_len, "output_len": args.output_len,
+        "adapters": args.adapters,
+        "rank": args.rank,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
         "runs": {"plain": plain, "lora": lora},
         "decode_vs_plain": table,
         "prefill_vs_plain": prefill,
@@ -176,10 +196,16 @@ if __name__ == "__main__":
     out.write_text(json.dumps(report, indent=2))
     print(f"\n{'batch':>6} {'plain TPOT':>11} {'LoRA engine, base':>18} {'LoRA engine, adapters':>22}")
     for r in report["decode_vs_plain"]:
-        print(f"{r['batch']:6d} {r['plain_tpot_s'] * 1e3:8.2f} ms {r['lora_engine_base_tpot_ratio']:17.3f}x "
-              f"{r['lora_engine_adapters_tpot_ratio']:21.3f}x")
+        print(
+            f"{r['batch']:6d} {r['plain_tpot_s'] * 1e3:8.2f} ms {r['lora_engine_base_tpot_ratio']:17.3f}x "
+            f"{r['lora_engine_adapters_tpot_ratio']:21.3f}x"
+        )
     p = report["prefill_vs_plain"]
-    print(f"prefill {p['tokens']}: plain {p['plain_ttft_s'] * 1e3:.1f} ms, LoRA engine base "
-          f"{p['lora_engine_base_ratio']:.3f}x, adapters {p['lora_engine_adapters_ratio']:.3f}x")
+    print(
+        f"prefill {p['tokens']}: plain {p['plain_ttft_s'] * 1e3:.1f} ms, LoRA engine base "
+        f"{p['lora_engine_base_ratio']:.3f}x, adapters {p['lora_engine_adapters_ratio']:.3f}x"
+    )
     for k in report["qkv_kernels"]:
-        print(f"qkv batch {k['batch']:4d}: LoRA shrink+expand {k['lora_qkv_us']:.1f} us, dense qkv {k['dense_qkv_us']:.1f} us")
+        print(
+            f"qkv batch {k['batch']:4d}: LoRA shrink+expand {k['lora_qkv_us']:.1f} us, dense qkv {k['dense_qkv_us']:.1f} us"
+        )

@@ -23,7 +23,6 @@ import time
 
 import zmq
 from report import header, now
-
 from tristream.protocol import BatchPlan, NewSequence, PlanEncoder, decode, encode
 from tristream.sampling_params import SamplingParams
 
@@ -38,7 +37,10 @@ def plans(kind: str) -> list[BatchPlan]:
     params = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=256)
     new = [NewSequence(slot, list(range(1000, 3048)), 0, 0, params) for slot in range(8)]
     pages = [(slot, list(range(1 + 128 * slot, 1 + 128 * (slot + 1)))) for slot in range(8)]
-    return [BatchPlan(0), BatchPlan(1, new=new, pages=pages, slots=list(range(8)), num_tokens=[1024] * 8, sample=[False] * 8)]
+    return [
+        BatchPlan(0),
+        BatchPlan(1, new=new, pages=pages, slots=list(range(8)), num_tokens=[1024] * 8, sample=[False] * 8),
+    ]
 
 
 def receiver(mode: str, address: str, steps: int, results: mp.Queue, ready: mp.Queue) -> None:
@@ -108,7 +110,10 @@ def measure(mode: str, ranks: int, kind: str, steps: int, gap_s: float) -> dict:
     ctx.destroy(linger=0)
     last = [max(step) for step in zip(*arrivals)]
     return {
-        "mode": mode, "ranks": ranks, "plan": kind, "bytes": size,
+        "mode": mode,
+        "ranks": ranks,
+        "plan": kind,
+        "bytes": size,
         "send_us_p50": 1e6 * statistics.median(send_s),
         "to_last_rank_us_p50": 1e6 * statistics.median(last),
         "to_last_rank_us_p99": 1e6 * statistics.quantiles(last, n=100)[98],
@@ -129,9 +134,11 @@ if __name__ == "__main__":
             for ranks in args.ranks:
                 r = measure(mode, ranks, kind, args.steps, args.gap_us / 1e6)
                 rows.append(r)
-                print(f"{kind:15s} {mode:4s} x{ranks}: {r['bytes']:7d} B, send {r['send_us_p50']:6.1f} us, "
-                      f"to the last rank p50 {r['to_last_rank_us_p50']:6.1f} us, p99 {r['to_last_rank_us_p99']:7.1f} us",
-                      flush=True)
+                print(
+                    f"{kind:15s} {mode:4s} x{ranks}: {r['bytes']:7d} B, send {r['send_us_p50']:6.1f} us, "
+                    f"to the last rank p50 {r['to_last_rank_us_p50']:6.1f} us, p99 {r['to_last_rank_us_p99']:7.1f} us",
+                    flush=True,
+                )
     report = {**header("plan_fanout", started), "steps": args.steps, "gap_us": args.gap_us, "results": rows}
     pathlib.Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

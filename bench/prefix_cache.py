@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator
 
 from report import header, model_summary, now
 from transformers import AutoTokenizer
-
 from tristream import AsyncEngine, RequestOutput, SamplingParams
 from tristream.model_config import ModelConfig
 from tristream.model_files import resolve_model
@@ -51,10 +50,22 @@ HANDBOOK = (
     "The policies follow, one numbered rule at a time.\n"
 )
 TOPICS = [
-    "returns of new books", "returns of used books", "damaged deliveries", "late deliveries",
-    "gift cards", "reservations", "the reading club", "signed editions", "special orders",
-    "student discounts", "loyalty points", "the cafe", "lost property", "events and readings",
-    "audiobooks", "large print editions",
+    "returns of new books",
+    "returns of used books",
+    "damaged deliveries",
+    "late deliveries",
+    "gift cards",
+    "reservations",
+    "the reading club",
+    "signed editions",
+    "special orders",
+    "student discounts",
+    "loyalty points",
+    "the cafe",
+    "lost property",
+    "events and readings",
+    "audiobooks",
+    "large print editions",
 ]
 RULES = [
     "customers may bring the item to any store within thirty days with the receipt",
@@ -90,8 +101,14 @@ QUESTION_FORMS = [
     "Do you have {x} in large print?",
 ]
 ITEMS = [
-    "a used paperback", "a signed first edition", "a children's picture book", "an audiobook",
-    "a box set of novels", "a cookbook", "a travel guide", "a comic book",
+    "a used paperback",
+    "a signed first edition",
+    "a children's picture book",
+    "an audiobook",
+    "a box set of novels",
+    "a cookbook",
+    "a travel guide",
+    "a comic book",
 ]
 
 
@@ -275,7 +292,9 @@ def main() -> None:
 
     results = {}
     runs = {
-        "shared_system_prompt": lambda caching: run_shared(prompts, shared_args | dict(enable_prefix_caching=caching), shared_new),
+        "shared_system_prompt": lambda caching: run_shared(
+            prompts, shared_args | dict(enable_prefix_caching=caching), shared_new
+        ),
         "multi_turn_chat": lambda caching: run_chat(
             chat_args | dict(enable_prefix_caching=caching), args.conversations, args.turns, chat_new
         ),
@@ -355,7 +374,9 @@ def main() -> None:
         f"\nsystem prompt {s['system_prompt_tokens']} tokens, {s['questions']} questions; "
         f"{args.conversations} chats x {args.turns} turns"
     )
-    print(f"CPU: {report['device']['cpu_model']} ({report['device']['cpu_count']} cores), torch threads {report['torch_threads']}")
+    print(
+        f"CPU: {report['device']['cpu_model']} ({report['device']['cpu_count']} cores), torch threads {report['torch_threads']}"
+    )
     print(f"wrote {out}")
 
 

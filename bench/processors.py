@@ -27,7 +27,6 @@ import time
 
 import torch
 from report import header, model_summary, now
-
 from tristream import AsyncEngine, SamplingParams
 from tristream.gpu_proc.sampler import Sampler, SamplingState
 from tristream.model_config import ModelConfig
@@ -39,9 +38,21 @@ PROMPT = "Write a long story about a lighthouse keeper and the ships that pass b
 
 def all_processors(seed: int, new_tokens: int, text: bool = True) -> SamplingParams:
     return SamplingParams(
-        temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.5,
-        repetition_penalty=1.1, logit_bias={13: 1.0, 28: -1.0}, bad_words=["the ship"] if text else None, min_tokens=8,
-        stop=["zzzz"] if text else None, logprobs=5, max_tokens=new_tokens, ignore_eos=True, seed=seed,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.9,
+        min_p=0.05,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        repetition_penalty=1.1,
+        logit_bias={13: 1.0, 28: -1.0},
+        bad_words=["the ship"] if text else None,
+        min_tokens=8,
+        stop=["zzzz"] if text else None,
+        logprobs=5,
+        max_tokens=new_tokens,
+        ignore_eos=True,
+        seed=seed,
     )
 
 
@@ -53,6 +64,7 @@ async def engine_step_time(batch: int, new_tokens: int, processors: bool, engine
     """Median steady-decode step time: every request has its first token and none has finished."""
     text = not engine_args.get("skip_tokenizer_init")
     async with AsyncEngine(max_model_len=512, max_num_seqs=max(batch, 8), log_level="WARNING", **engine_args) as engine:
+
         async def one(i: int) -> list[float]:
             params = all_processors(i, new_tokens, text) if processors else greedy(new_tokens)
             prompt = f"{PROMPT} ({i})" if text else [1000 + (i * 37 + j) % 20000 for j in range(64)]
@@ -112,7 +124,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="only print the sampler's heaviest operations")
     args = parser.parse_args()
     if args.profile:
-        vocab = ModelConfig.load(resolve_model(None)).vocab_size if not args.config else json.load(open(args.config))["vocab_size"]
+        vocab = (
+            ModelConfig.load(resolve_model(None)).vocab_size
+            if not args.config
+            else json.load(open(args.config))["vocab_size"]
+        )
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         for row in sampler_profile(args.batch, vocab, device):
             print(f"{row['us_per_call']:9.1f} us  {row['op']}")
@@ -122,15 +138,22 @@ def main() -> None:
     if args.config:
         folder = pathlib.Path(tempfile.mkdtemp(prefix="tristream-bench-"))
         shutil.copy(args.config, folder / "config.json")
-        engine_args = dict(model=str(folder), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-                           enable_prefix_caching=False)
+        engine_args = dict(
+            model=str(folder),
+            load_format="dummy",
+            dtype="bfloat16",
+            skip_tokenizer_init=True,
+            enable_prefix_caching=False,
+        )
         name, dtype = pathlib.Path(args.config).stem + " (dummy weights)", "bfloat16"
     else:
         engine_args, name, dtype = {}, "SmolLM2-135M-Instruct (bundled)", "float32"
     mc = ModelConfig.load(str(folder) if folder else resolve_model(None))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    step = {mode: asyncio.run(engine_step_time(args.batch, args.new_tokens, mode == "all", engine_args))
-            for mode in ("greedy", "all")}
+    step = {
+        mode: asyncio.run(engine_step_time(args.batch, args.new_tokens, mode == "all", engine_args))
+        for mode in ("greedy", "all")
+    }
     sample = {mode: sampler_time(args.batch, mc.vocab_size, mode == "all", device) for mode in ("greedy", "all")}
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
@@ -138,8 +161,11 @@ def main() -> None:
         **header("processors", started),
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "model": {"name": name, **model_summary(mc, dtype)},
-        "settings": {"batch": args.batch, "new_tokens": args.new_tokens,
-                     "all_processors": repr(all_processors(0, args.new_tokens, not args.config))},
+        "settings": {
+            "batch": args.batch,
+            "new_tokens": args.new_tokens,
+            "all_processors": repr(all_processors(0, args.new_tokens, not args.config)),
+        },
         "engine_step_s": step,
         "engine_overhead_fraction": (step["all"] - step["greedy"]) / step["all"],
         "sampler_s": sample,
@@ -153,8 +179,10 @@ def main() -> None:
     print(f"batch {args.batch}, {report['gpu'] or 'CPU'} {dtype:9s} | greedy   | all processors")
     print(f"engine decode step            | {step['greedy'] * 1e3:6.1f} ms | {step['all'] * 1e3:6.1f} ms")
     print(f"sampler alone                 | {sample['greedy'] * 1e3:6.2f} ms | {sample['all'] * 1e3:6.2f} ms")
-    print(f"sampler share of the step     | {100 * report['sampler_fraction_of_step']['greedy']:5.1f} %  | "
-          f"{100 * report['sampler_fraction_of_step']['all']:5.1f} %")
+    print(
+        f"sampler share of the step     | {100 * report['sampler_fraction_of_step']['greedy']:5.1f} %  | "
+        f"{100 * report['sampler_fraction_of_step']['all']:5.1f} %"
+    )
     print(f"processors' overhead on the step: {100 * report['engine_overhead_fraction']:.1f} %")
 
 

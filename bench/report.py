@@ -54,14 +54,24 @@ def header(benchmark: str, started: str) -> dict:
         "finished": now(),
         "device": cpu_info(),
         "torch_threads": torch.get_num_threads(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
         "git": git_info(),
     }
 
 
 def model_summary(mc: ModelConfig, dtype: str) -> dict:
     return {
-        "architecture": mc.architecture, "layers": mc.num_layers, "hidden": mc.hidden_size,
-        "intermediate": mc.intermediate_size, "heads": mc.num_heads, "kv_heads": mc.num_kv_heads,
-        "head_dim": mc.head_dim, "vocab": mc.vocab_size, "dtype": dtype,
+        "architecture": mc.architecture,
+        "layers": mc.num_layers,
+        "hidden": mc.hidden_size,
+        "intermediate": mc.intermediate_size,
+        "heads": mc.num_heads,
+        "kv_heads": mc.num_kv_heads,
+        "head_dim": mc.head_dim,
+        "vocab": mc.vocab_size,
+        "dtype": dtype,
     }

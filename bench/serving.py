@@ -59,7 +59,6 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from report import header, model_summary, now  # noqa: E402
 from throughput import add_dummy_engine_args, dummy_model, resolve_device, write_report  # noqa: E402
-
 from tristream.model_config import ModelConfig  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -97,15 +96,21 @@ def device_name(device: str) -> str | None:
     if device == "cpu":
         return None
     code = "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() or None
+    return (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() or None
+    )
 
 
 class Server:
     """``tristream serve --port 0`` as a subprocess; its output is drained into ``log``."""
 
     def __init__(self, args: list[str], timeout: float = 900.0) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tristream", "serve", "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tristream", "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.log: collections.deque[str] = collections.deque(maxlen=200)
         deadline = time.monotonic() + timeout
         for line in self.proc.stdout:
@@ -158,8 +163,9 @@ async def send(http: httpx.AsyncClient, body: dict, delay: float, t0: float) -> 
     return start - t0, r
 
 
-async def run_rate(http: httpx.AsyncClient, rate: float, prompts: list[list[int]], params: dict,
-                   rng: random.Random) -> tuple[float, list[Result]]:
+async def run_rate(
+    http: httpx.AsyncClient, rate: float, prompts: list[list[int]], params: dict, rng: random.Random
+) -> tuple[float, list[Result]]:
     """All ``prompts`` at Poisson arrivals of ``rate`` per second; (seconds from the first send to the last end, results)."""
     delays, t = [], 0.0
     for _ in prompts:
@@ -180,11 +186,15 @@ def stats(values: list[float]) -> dict:
 
 def summarize(rate: float, duration: float, results: list[Result], args: argparse.Namespace) -> dict:
     done = [r for r in results if r.ok]
-    good = [r for r in done if r.ttft <= args.slo_ttft_ms / 1e3 and (r.tpot is None or r.tpot <= args.slo_tpot_ms / 1e3)]
+    good = [
+        r for r in done if r.ttft <= args.slo_ttft_ms / 1e3 and (r.tpot is None or r.tpot <= args.slo_tpot_ms / 1e3)
+    ]
     output_tokens = sum(r.output_tokens for r in done)
     return {
         "request_rate": rate if math.isfinite(rate) else "inf",
-        "num_requests": len(results), "completed": len(done), "failed": len(results) - len(done),
+        "num_requests": len(results),
+        "completed": len(done),
+        "failed": len(results) - len(done),
         "errors": sorted({r.error for r in results if r.error})[:5],
         "duration_s": duration,
         "request_throughput": len(done) / duration,
@@ -202,8 +212,13 @@ def summarize(rate: float, duration: float, results: list[Result], args: argpars
 
 
 async def bench(url: str, vocab: int, args: argparse.Namespace) -> dict[str, dict]:
-    params = {"max_tokens": args.output_len, "ignore_eos": True, "temperature": args.temperature, "stream": True,
-              "stream_options": {"include_usage": True}}
+    params = {
+        "max_tokens": args.output_len,
+        "ignore_eos": True,
+        "temperature": args.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     limits = httpx.Limits(max_connections=args.num_requests + 8, max_keepalive_connections=args.num_requests + 8)
     results = {}
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
@@ -220,12 +235,26 @@ async def bench(url: str, vocab: int, args: argparse.Namespace) -> dict[str, dic
 
 def server_args(folder: pathlib.Path, max_len: int, args: argparse.Namespace) -> list[str]:
     flags = [
-        "--model", str(folder), "--load-format", "dummy", "--dtype", args.dtype, "--device", args.device,
-        "--max-model-len", str(max_len), "--max-num-seqs", str(args.max_num_seqs),
-        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-        "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+        "--model",
+        str(folder),
+        "--load-format",
+        "dummy",
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--max-model-len",
+        str(max_len),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+        "--gpu-memory-utilization",
+        str(args.gpu_memory_utilization),
         "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching",
-        "--pipelined" if args.pipelined else "--no-pipelined", "--log-level", "WARNING",
+        "--pipelined" if args.pipelined else "--no-pipelined",
+        "--log-level",
+        "WARNING",
     ]
     return flags + (["--kv-cache-tokens", str(args.kv_cache_tokens)] if args.kv_cache_tokens else [])
 
@@ -252,8 +281,12 @@ def main(args: argparse.Namespace) -> dict:
         "server_flags": flags[2:],
         "tokenizer": "word-level, one word per model token, written beside the dummy config (see the docstring)",
         "workload": {
-            "rates": [r if math.isfinite(r) else "inf" for r in args.rates], "num_requests_per_rate": args.num_requests,
-            "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed, "prompts": "random token ids",
+            "rates": [r if math.isfinite(r) else "inf" for r in args.rates],
+            "num_requests_per_rate": args.num_requests,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "seed": args.seed,
+            "prompts": "random token ids",
             "sampling": {"temperature": args.temperature, "ignore_eos": True, "max_tokens": args.output_len},
             "arrivals": "Poisson: exponential gaps with mean 1/rate; inf sends all at once",
         },
@@ -281,9 +314,11 @@ def run_client(coro):
 
 
 def line(r: dict) -> str:
-    return (f"{r['completed']}/{r['num_requests']} ok  {r['request_throughput']:6.2f} req/s  {r['output_tok_per_s']:9.1f} "
-            f"output tok/s  TTFT p50 {ms(r['ttft_s']['p50'])} p99 {ms(r['ttft_s']['p99'])} ms  ITL p50 "
-            f"{ms(r['itl_s']['p50'])} p99 {ms(r['itl_s']['p99'])} ms  goodput {r['goodput_req_per_s']:6.2f} req/s")
+    return (
+        f"{r['completed']}/{r['num_requests']} ok  {r['request_throughput']:6.2f} req/s  {r['output_tok_per_s']:9.1f} "
+        f"output tok/s  TTFT p50 {ms(r['ttft_s']['p50'])} p99 {ms(r['ttft_s']['p99'])} ms  ITL p50 "
+        f"{ms(r['itl_s']['p50'])} p99 {ms(r['itl_s']['p99'])} ms  goodput {r['goodput_req_per_s']:6.2f} req/s"
+    )
 
 
 def ms(x: float | None) -> str:
@@ -309,8 +344,12 @@ def plot(report: dict, path: pathlib.Path) -> None:
     axes[0, 0].axhline(slo["ttft_ms"], color="gray", lw=0.8, label="SLO")
     ax = axes[1, 1]
     ax.plot(x, [r["request_throughput"] for r in rows], "o-", label="completed req/s")
-    ax.plot(x, [r["goodput_req_per_s"] for r in rows], "s--",
-            label=f"goodput req/s (TTFT<={slo['ttft_ms']:g} ms, TPOT<={slo['tpot_ms']:g} ms)")
+    ax.plot(
+        x,
+        [r["goodput_req_per_s"] for r in rows],
+        "s--",
+        label=f"goodput req/s (TTFT<={slo['ttft_ms']:g} ms, TPOT<={slo['tpot_ms']:g} ms)",
+    )
     ax.set_title("throughput")
     for ax in axes.flat:
         ax.set_xticks(list(x), labels)
@@ -318,22 +357,30 @@ def plot(report: dict, path: pathlib.Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     w = report["workload"]
-    fig.suptitle(f"{report['gpu'] or 'CPU'}: {report['model']['name']}, {report['model']['dtype']}, "
-                 f"{w['input_len']} in / {w['output_len']} out, {w['num_requests_per_rate']} requests per rate")
+    fig.suptitle(
+        f"{report['gpu'] or 'CPU'}: {report['model']['name']}, {report['model']['dtype']}, "
+        f"{w['input_len']} in / {w['output_len']} out, {w['num_requests_per_rate']} requests per rate"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{report['gpu'] or 'CPU'}, {report['model']['name']}, {report['model']['dtype']}; "
-          f"SLO TTFT <= {report['slo']['ttft_ms']:g} ms, TPOT <= {report['slo']['tpot_ms']:g} ms")
-    print(f"{'rate':>5} | {'ok':>7} | {'req/s':>6} | {'out tok/s':>9} | {'goodput':>7} | {'TTFT p50':>8} | {'TTFT p99':>8} | "
-          f"{'ITL p50':>8} | {'ITL p99':>8} | {'TPOT p50':>8} | {'E2E p50':>8} | {'E2E p99':>8}   (ms)")
+    print(
+        f"\n{report['gpu'] or 'CPU'}, {report['model']['name']}, {report['model']['dtype']}; "
+        f"SLO TTFT <= {report['slo']['ttft_ms']:g} ms, TPOT <= {report['slo']['tpot_ms']:g} ms"
+    )
+    print(
+        f"{'rate':>5} | {'ok':>7} | {'req/s':>6} | {'out tok/s':>9} | {'goodput':>7} | {'TTFT p50':>8} | {'TTFT p99':>8} | "
+        f"{'ITL p50':>8} | {'ITL p99':>8} | {'TPOT p50':>8} | {'E2E p50':>8} | {'E2E p99':>8}   (ms)"
+    )
     for rate, r in report["results"].items():
-        print(f"{rate:>5} | {r['completed']:>3}/{r['num_requests']:<3} | {r['request_throughput']:6.2f} | "
-              f"{r['output_tok_per_s']:9.1f} | {r['goodput_req_per_s']:7.2f} | {ms(r['ttft_s']['p50'])} | "
-              f"{ms(r['ttft_s']['p99'])} | {ms(r['itl_s']['p50'])} | {ms(r['itl_s']['p99'])} | "
-              f"{ms(r['tpot_s']['p50'])} | {ms(r['e2e_s']['p50'])} | {ms(r['e2e_s']['p99'])}")
+        print(
+            f"{rate:>5} | {r['completed']:>3}/{r['num_requests']:<3} | {r['request_throughput']:6.2f} | "
+            f"{r['output_tok_per_s']:9.1f} | {r['goodput_req_per_s']:7.2f} | {ms(r['ttft_s']['p50'])} | "
+            f"{ms(r['ttft_s']['p99'])} | {ms(r['itl_s']['p50'])} | {ms(r['itl_s']['p99'])} | "
+            f"{ms(r['tpot_s']['p50'])} | {ms(r['e2e_s']['p50'])} | {ms(r['e2e_s']['p99'])}"
+        )
     bad = {rate: r["chunk_count_mismatches"] for rate, r in report["results"].items() if r["chunk_count_mismatches"]}
     if bad:
         print(f"requests whose chunks differ from their token count, by rate: {bad}")
@@ -343,8 +390,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     server = add_dummy_engine_args(parser, "server")
     server.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--rates", type=float, nargs="+", default=[4, 8, 16, 32, math.inf],
-                        help="requests per second, 'inf' for all at once")
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=[4, 8, 16, 32, math.inf],
+        help="requests per second, 'inf' for all at once",
+    )
     parser.add_argument("--num-requests", type=int, default=200, help="per rate")
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)

@@ -58,7 +58,6 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from report import header, model_summary, now  # noqa: E402
-
 from tristream import LLM, SamplingParams  # noqa: E402
 from tristream.model_config import ModelConfig  # noqa: E402
 from tristream.protocol import SchedulerStats  # noqa: E402
@@ -88,13 +87,21 @@ def add_dummy_engine_args(parser: argparse.ArgumentParser, title: str) -> argpar
     """The model (--config, --device, --dtype) and engine flags that throughput and serving share; returns the engine group."""
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="a config.json, run with dummy weights")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="default: bfloat16 on the GPU, float32 on the CPU")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="default: bfloat16 on the GPU, float32 on the CPU",
+    )
     g = parser.add_argument_group(title)
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
-                   help="off by default: random prompts share no prefix")
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="off by default: random prompts share no prefix",
+    )
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (default: the engine's)")
     return g
@@ -160,9 +167,13 @@ def generate(llm: LLM, prompts: list[list[int]], output_lens: list[int], interva
     prompt_tokens = sum(map(len, prompts))
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     result = {
-        "num_prompts": len(prompts), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
-        "expected_output_tokens": sum(output_lens), "wall_s": wall,
-        "output_tok_per_s": output_tokens / wall, "total_tok_per_s": (prompt_tokens + output_tokens) / wall,
+        "num_prompts": len(prompts),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "expected_output_tokens": sum(output_lens),
+        "wall_s": wall,
+        "output_tok_per_s": output_tokens / wall,
+        "total_tok_per_s": (prompt_tokens + output_tokens) / wall,
         "preemptions": after.num_preemptions - before.num_preemptions,
         "whole_run": accounting(before, after, wall),
     }
@@ -179,10 +190,15 @@ def summary(d: dict, seconds: float) -> dict:
     device = d["gpu_busy_s"] + d["gpu_idle_s"]
     steps = d["num_steps"]
     return {
-        "seconds": seconds, "generated_tokens": d["num_generated_tokens"], "steps": steps,
+        "seconds": seconds,
+        "generated_tokens": d["num_generated_tokens"],
+        "steps": steps,
         "generated_tok_per_s": d["num_generated_tokens"] / seconds if seconds else None,
         "gpu_idle_fraction": d["gpu_idle_s"] / device if device else None,
-        **{f"{k}_per_step": d[k] / steps if steps else None for k in ("gpu_busy_s", "gpu_idle_s", "scheduler_s", "ipc_s")},
+        **{
+            f"{k}_per_step": d[k] / steps if steps else None
+            for k in ("gpu_busy_s", "gpu_idle_s", "scheduler_s", "ipc_s")
+        },
     }
 
 
@@ -192,7 +208,8 @@ def steady_intervals(samples: list[Sample], min_running: int) -> list[bool]:
     for i in range(1, len(samples) - 1):
         prev, a, b = samples[i - 1][1], samples[i][1], samples[i + 1][1]
         flags[i] = (
-            a.num_running >= min_running and b.num_running >= min_running
+            a.num_running >= min_running
+            and b.num_running >= min_running
             and prev.num_prompt_tokens == a.num_prompt_tokens == b.num_prompt_tokens
             and a.num_preemptions == b.num_preemptions
         )
@@ -251,19 +268,32 @@ def warm_up(llm: LLM, vocab: int, args: argparse.Namespace) -> None:
 
 def target(fixed: dict | None, ceilings: dict | None, gpu: str | None, args: argparse.Namespace) -> dict:
     """The fixed run against vLLM's H100 figure, scaled by copy bandwidth off an H100."""
-    out = {"reference": VLLM_REFERENCE, "comparable": (
-        fixed is not None and args.fixed_lens == [256, 256] and args.num_prompts == 1000
-        and pathlib.Path(args.config).resolve() == DEFAULT_CONFIG and args.dtype == "bfloat16"
-    )}
+    out = {
+        "reference": VLLM_REFERENCE,
+        "comparable": (
+            fixed is not None
+            and args.fixed_lens == [256, 256]
+            and args.num_prompts == 1000
+            and pathlib.Path(args.config).resolve() == DEFAULT_CONFIG
+            and args.dtype == "bfloat16"
+        ),
+    }
     if fixed is None or ceilings is None:
-        return {**out, "basis": "not computed: needs the fixed workload on a GPU", "reference_tok_per_s": None, "ratio": None}
+        return {
+            **out,
+            "basis": "not computed: needs the fixed workload on a GPU",
+            "reference_tok_per_s": None,
+            "ratio": None,
+        }
     if "H100" in gpu:
         basis, reference = "the published H100 figure as is (this GPU is an H100)", VLLM_REFERENCE["output_tok_per_s"]
     else:
         h100 = json.loads(H100_RESULTS.read_text())["ceilings"]["copy_bytes_per_s"]
         scale = ceilings["copy_bytes_per_s"] / h100
-        basis = (f"the H100 figure scaled by this run's copy bandwidth over the H100's ({H100_RESULTS.name}): "
-                 f"{ceilings['copy_bytes_per_s'] / 1e12:.3f} / {h100 / 1e12:.3f} TB/s")
+        basis = (
+            f"the H100 figure scaled by this run's copy bandwidth over the H100's ({H100_RESULTS.name}): "
+            f"{ceilings['copy_bytes_per_s'] / 1e12:.3f} / {h100 / 1e12:.3f} TB/s"
+        )
         reference = VLLM_REFERENCE["output_tok_per_s"] * scale
         out["h100_copy_bytes_per_s"], out["bandwidth_scale"] = h100, scale
     return {**out, "basis": basis, "reference_tok_per_s": reference, "ratio": fixed["output_tok_per_s"] / reference}
@@ -284,10 +314,17 @@ def main(args: argparse.Namespace) -> dict:
     folder = dummy_model(args.config, max_len)
     mc = ModelConfig.load(str(folder))
     engine_args = dict(
-        load_format="dummy", dtype=args.dtype, device=args.device, skip_tokenizer_init=True, max_model_len=max_len,
-        max_num_seqs=max(args.max_num_seqs, *args.batch_sizes), max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=args.enable_prefix_caching, gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_tokens=args.kv_cache_tokens, log_level="WARNING",
+        load_format="dummy",
+        dtype=args.dtype,
+        device=args.device,
+        skip_tokenizer_init=True,
+        max_model_len=max_len,
+        max_num_seqs=max(args.max_num_seqs, *args.batch_sizes),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_tokens=args.kv_cache_tokens,
+        log_level="WARNING",
     )
     gen = torch.Generator().manual_seed(args.seed)
     random_in = torch.randint(lo, hi + 1, (args.num_prompts,), generator=gen).tolist()
@@ -311,12 +348,18 @@ def main(args: argparse.Namespace) -> dict:
             print("synchronous:", flush=True)
             compare["synchronous"] = compare_runs(llm, args, mc.vocab_size)
     shutil.rmtree(folder, ignore_errors=True)
-    pipelined_vs_sync = {
-        str(b): {
-            "pipelined": compare["pipelined"][b], "synchronous": compare["synchronous"][b],
-            "gain": compare["pipelined"][b]["output_tok_per_s"] / compare["synchronous"][b]["output_tok_per_s"],
-        } for b in args.batch_sizes
-    } if compare else None
+    pipelined_vs_sync = (
+        {
+            str(b): {
+                "pipelined": compare["pipelined"][b],
+                "synchronous": compare["synchronous"][b],
+                "gain": compare["pipelined"][b]["output_tok_per_s"] / compare["synchronous"][b]["output_tok_per_s"],
+            }
+            for b in args.batch_sizes
+        }
+        if compare
+        else None
+    )
     return {
         **header("throughput", started),
         "gpu": gpu,
@@ -325,9 +368,14 @@ def main(args: argparse.Namespace) -> dict:
         "engine": {**engine_args, "pipelined": True},
         "sampling": "temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output length (vLLM benchmark_throughput)",
         "settings": {
-            "workloads": args.workloads, "num_prompts": args.num_prompts, "random_range": args.random_range,
-            "fixed_lens": args.fixed_lens, "batch_sizes": args.batch_sizes, "seed": args.seed,
-            "stats_interval_s": args.interval, "steady_min_running": args.steady_min_running,
+            "workloads": args.workloads,
+            "num_prompts": args.num_prompts,
+            "random_range": args.random_range,
+            "fixed_lens": args.fixed_lens,
+            "batch_sizes": args.batch_sizes,
+            "seed": args.seed,
+            "stats_interval_s": args.interval,
+            "steady_min_running": args.steady_min_running,
         },
         "ceilings": ceilings,
         "workloads": workloads,
@@ -339,8 +387,8 @@ def main(args: argparse.Namespace) -> dict:
             "gpu_idle_fraction": "delta gpu_idle_s / (delta gpu_busy_s + delta gpu_idle_s), from LLM.get_stats()",
             "*_per_step": "delta of the counter / delta num_steps",
             "steady_decode": f"sampling intervals with num_running >= {args.steady_min_running} at both ends, no "
-                             "preemption, and num_prompt_tokens unchanged over the interval and the one before "
-                             "(no prompt computed in any of its steps); waiting requests allowed",
+            "preemption, and num_prompt_tokens unchanged over the interval and the one before "
+            "(no prompt computed in any of its steps); waiting requests allowed",
             "gain": "pipelined output tok/s / synchronous output tok/s, same batch and engine settings",
             "target.ratio": "fixed workload output tok/s / target.reference_tok_per_s",
         },
@@ -350,8 +398,10 @@ def main(args: argparse.Namespace) -> dict:
 def row(r: dict) -> str:
     idle = r["whole_run"]["gpu_idle_fraction"]
     steady = r["steady_decode"]
-    text = (f"{r['wall_s']:7.2f} s  {r['output_tok_per_s']:9.1f} output tok/s  {r['total_tok_per_s']:9.1f} total tok/s"
-            f"  GPU idle {pct(idle)}")
+    text = (
+        f"{r['wall_s']:7.2f} s  {r['output_tok_per_s']:9.1f} output tok/s  {r['total_tok_per_s']:9.1f} total tok/s"
+        f"  GPU idle {pct(idle)}"
+    )
     if steady:
         text += f"  steady {steady['generated_tok_per_s']:9.1f} tok/s, GPU idle {pct(steady['gpu_idle_fraction'])}"
     return text
@@ -400,28 +450,40 @@ def print_table(report: dict) -> None:
     print(f"\n{report['gpu'] or 'CPU'}, {report['model']['name']}, {report['model']['dtype']}")
     if report["ceilings"]:
         c = report["ceilings"]
-        print(f"ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {c['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s")
+        print(
+            f"ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {c['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s"
+        )
     if report["workloads"]:
-        print(f"{'workload':8} | {'prompts':>7} | {'wall s':>7} | {'output tok/s':>12} | {'total tok/s':>11} | {'GPU idle':>8} | "
-              f"{'steady tok/s':>12} | {'steady idle':>11} | {'sched ms/step':>13} | {'ipc ms/step':>11} | {'busy ms/step':>12}")
+        print(
+            f"{'workload':8} | {'prompts':>7} | {'wall s':>7} | {'output tok/s':>12} | {'total tok/s':>11} | {'GPU idle':>8} | "
+            f"{'steady tok/s':>12} | {'steady idle':>11} | {'sched ms/step':>13} | {'ipc ms/step':>11} | {'busy ms/step':>12}"
+        )
         for name, r in report["workloads"].items():
             w, s = r["whole_run"], r["steady_decode"] or {}
             steady_tok = f"{s['generated_tok_per_s']:12.1f}" if s else f"{'n/a':>12}"
-            print(f"{name:8} | {r['num_prompts']:7d} | {r['wall_s']:7.2f} | {r['output_tok_per_s']:12.1f} | "
-                  f"{r['total_tok_per_s']:11.1f} | {pct(w['gpu_idle_fraction']):>8} | {steady_tok} | "
-                  f"{pct(s.get('gpu_idle_fraction')):>11} | {ms(w['scheduler_s_per_step']):>13} | "
-                  f"{ms(w['ipc_s_per_step']):>11} | {ms(w['gpu_busy_s_per_step']):>12}")
+            print(
+                f"{name:8} | {r['num_prompts']:7d} | {r['wall_s']:7.2f} | {r['output_tok_per_s']:12.1f} | "
+                f"{r['total_tok_per_s']:11.1f} | {pct(w['gpu_idle_fraction']):>8} | {steady_tok} | "
+                f"{pct(s.get('gpu_idle_fraction')):>11} | {ms(w['scheduler_s_per_step']):>13} | "
+                f"{ms(w['ipc_s_per_step']):>11} | {ms(w['gpu_busy_s_per_step']):>12}"
+            )
     if report["pipelined_vs_synchronous"]:
-        print(f"\n{'batch':>5} | {'pipelined tok/s':>15} | {'synchronous tok/s':>17} | {'gain':>5} | "
-              f"{'idle pipelined':>14} | {'idle synchronous':>16}")
+        print(
+            f"\n{'batch':>5} | {'pipelined tok/s':>15} | {'synchronous tok/s':>17} | {'gain':>5} | "
+            f"{'idle pipelined':>14} | {'idle synchronous':>16}"
+        )
         for b, r in report["pipelined_vs_synchronous"].items():
             p, s = r["pipelined"], r["synchronous"]
-            print(f"{b:>5} | {p['output_tok_per_s']:15.1f} | {s['output_tok_per_s']:17.1f} | {r['gain']:5.2f} | "
-                  f"{pct(p['whole_run']['gpu_idle_fraction']):>14} | {pct(s['whole_run']['gpu_idle_fraction']):>16}")
+            print(
+                f"{b:>5} | {p['output_tok_per_s']:15.1f} | {s['output_tok_per_s']:17.1f} | {r['gain']:5.2f} | "
+                f"{pct(p['whole_run']['gpu_idle_fraction']):>14} | {pct(s['whole_run']['gpu_idle_fraction']):>16}"
+            )
     t = report["target"]
     if t["ratio"] is not None:
-        print(f"\ntarget: fixed {report['workloads']['fixed']['output_tok_per_s']:.1f} / {t['reference_tok_per_s']:.1f} "
-              f"tok/s = {t['ratio']:.3f} ({t['basis']}){'' if t['comparable'] else '; NOT the reference workload'}")
+        print(
+            f"\ntarget: fixed {report['workloads']['fixed']['output_tok_per_s']:.1f} / {t['reference_tok_per_s']:.1f} "
+            f"tok/s = {t['ratio']:.3f} ({t['basis']}){'' if t['comparable'] else '; NOT the reference workload'}"
+        )
     else:
         print(f"\ntarget: {t['basis']}")
 
@@ -429,12 +491,26 @@ def print_table(report: dict) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dummy_engine_args(parser, "engine")
-    parser.add_argument("--workloads", nargs="+", default=["random", "fixed", "compare"], choices=["random", "fixed", "compare"])
+    parser.add_argument(
+        "--workloads", nargs="+", default=["random", "fixed", "compare"], choices=["random", "fixed", "compare"]
+    )
     parser.add_argument("--num-prompts", type=int, default=1000)
-    parser.add_argument("--random-range", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"),
-                        help="random workload: input and output lengths, each uniform in [MIN, MAX]")
-    parser.add_argument("--fixed-lens", type=int, nargs=2, default=[256, 256], metavar=("IN", "OUT"),
-                        help="fixed workload and the pipelined/synchronous batches")
+    parser.add_argument(
+        "--random-range",
+        type=int,
+        nargs=2,
+        default=[100, 1024],
+        metavar=("MIN", "MAX"),
+        help="random workload: input and output lengths, each uniform in [MIN, MAX]",
+    )
+    parser.add_argument(
+        "--fixed-lens",
+        type=int,
+        nargs=2,
+        default=[256, 256],
+        metavar=("IN", "OUT"),
+        help="fixed workload and the pipelined/synchronous batches",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between get_stats() samples")

@@ -6,7 +6,6 @@ import logging
 import time
 
 import torch
-
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.kv_cache import KVCache
 from tristream.gpu_proc.model import DecoderLM
@@ -50,10 +49,19 @@ class CudaGraphRunner:
         for size in reversed(self.sizes):
             for lora in (False, True) if max_loras else (False,):
                 batch = ForwardBatch(
-                    self.input_ids[:size], self.positions[:size], self.slot_mapping[:size], self.qo_indptr[: size + 1],
-                    self.seq_lens[:size], self.block_table[:size], self.logit_rows[:size], 1, True,
+                    self.input_ids[:size],
+                    self.positions[:size],
+                    self.slot_mapping[:size],
+                    self.qo_indptr[: size + 1],
+                    self.seq_lens[:size],
+                    self.block_table[:size],
+                    self.logit_rows[:size],
+                    1,
+                    True,
                     choose_num_splits(size, mc.num_kv_heads, max_model_len),
-                    self.lora_rows[:size] if lora else None, self.lora_indptr if lora else None, size,
+                    self.lora_rows[:size] if lora else None,
+                    self.lora_indptr if lora else None,
+                    size,
                 )
                 model(batch, kv)
                 torch.cuda.synchronize(device)
@@ -64,7 +72,10 @@ class CudaGraphRunner:
         torch.cuda.synchronize(device)
         logger.info(
             "captured %d decode graphs (batch %d..%d) in %.1f s using %.2f GiB",
-            len(self.graphs), self.sizes[0], self.sizes[-1], time.perf_counter() - start,
+            len(self.graphs),
+            self.sizes[0],
+            self.sizes[-1],
+            time.perf_counter() - start,
             (free_before - torch.cuda.mem_get_info(device)[0]) / 2**30,
         )
 

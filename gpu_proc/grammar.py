@@ -46,7 +46,9 @@ class GrammarMatchers:
 
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         # vocab_size is the model's: ids past the tokenizer's vocabulary are never allowed.
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids)
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids
+        )
         return xgr.GrammarCompiler(info, cache_enabled=False)  # self._futures is the cache
 
     def _compile(self, spec: tuple[str, str]) -> xgr.CompiledGrammar:

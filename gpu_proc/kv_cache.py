@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-
 from tristream.config import EngineConfig
 from tristream.gpu_proc.upload import upload
 from tristream.model_config import ModelConfig
@@ -70,12 +69,18 @@ def allocate_kv_cache(
     pool[:, :, 0].zero_()
     logger.info(
         "KV cache: %d tokens in %d pages of %d, %d bytes/token, %.2f GiB; %d concurrent requests of max_model_len=%d",
-        usable, num_pages - 1, config.page_size, bytes_per_token(mc, dtype), pool.numel() * pool.element_size() / 2**30,
-        usable // config.max_model_len, config.max_model_len,
+        usable,
+        num_pages - 1,
+        config.page_size,
+        bytes_per_token(mc, dtype),
+        pool.numel() * pool.element_size() / 2**30,
+        usable // config.max_model_len,
+        config.max_model_len,
     )
     if usable < config.max_model_len:
         logger.warning(
             "the KV cache holds %d tokens, fewer than max_model_len=%d: longer requests are cut or rejected",
-            usable, config.max_model_len,
+            usable,
+            config.max_model_len,
         )
     return KVCache(pool)

@@ -9,7 +9,6 @@ rows of B of its column-parallel outputs and the columns of A of its row-paralle
 from __future__ import annotations
 
 import torch
-
 from tristream.gpu_proc import ops
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.weights import place
@@ -18,14 +17,20 @@ from tristream.model_config import ModelConfig
 from tristream.sharding import Shard
 
 # Each fused projection and its parts, in the order of its output rows.
-PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
-         "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+PARTS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
 
 
 class LoraProjection:
     """The LoRA matrices of one projection for every slot: ``a`` [slots, parts*rank, in], ``b`` [slots, out, parts*rank]."""
 
-    def __init__(self, slots: int, rank: int, parts: int, n_in: int, n_out: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, slots: int, rank: int, parts: int, n_in: int, n_out: int, dtype: torch.dtype, device: torch.device
+    ):
         self.a = torch.zeros(slots, parts * rank, n_in, dtype=dtype, device=device)
         self.b = torch.zeros(slots, n_out, parts * rank, dtype=dtype, device=device)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 
 import zmq
-
 from tristream.config import EngineConfig
 from tristream.gpu_proc.runner import ModelRunner, QueuedStep
 from tristream.processes import bind_inbox, connect_outbox, recv, send

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-
 from tristream.gpu_proc import ops
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.kv_cache import KVCache

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.kernels import activation, attention, lora, norm, rope, sampling
 
@@ -28,7 +27,9 @@ def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, counters: torch.Ten
     return (sampling.gumbel_argmax if scaled.is_cuda else sampling.gumbel_argmax_ref)(scaled, seeds, counters)
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, indptr: torch.Tensor, max_rows: int) -> torch.Tensor:
+def lora_shrink(
+    x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, indptr: torch.Tensor, max_rows: int
+) -> torch.Tensor:
     if x.is_cuda:
         return lora.lora_shrink(x, a, rows, indptr, max_rows)
     return lora.lora_shrink_ref(x, a, rows, indptr)
@@ -43,8 +44,13 @@ def lora_expand(
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    batch: ForwardBatch, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: ForwardBatch,
+    scale: float,
 ) -> torch.Tensor:
     """Store the new K/V into the pool, then attend over each sequence's whole context."""
     if not q.is_cuda:

@@ -13,7 +13,6 @@ import os
 
 import torch
 import torch.distributed as dist
-
 from tristream.sharding import Shard
 
 # NVLink multicast (NVLS) stays off in NCCL, torch's symmetric memory and NVSHMEM.
@@ -30,7 +29,11 @@ class TensorParallel:
     logits, and the broadcast of the tokens that rank 0 samples."""
 
     def __init__(
-        self, shard: Shard, device: torch.device, rendezvous: str | None, small_bytes: int = 0,
+        self,
+        shard: Shard,
+        device: torch.device,
+        rendezvous: str | None,
+        small_bytes: int = 0,
         dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         self.rank, self.size, self.device = shard.rank, shard.size, device
@@ -42,8 +45,11 @@ class TensorParallel:
             # The ranks share the host's cores.
             torch.set_num_threads(max(1, torch.get_num_threads() // self.size))
         dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", init_method=f"file://{rendezvous}",
-            rank=self.rank, world_size=self.size, device_id=device if device.type == "cuda" else None,
+            "nccl" if device.type == "cuda" else "gloo",
+            init_method=f"file://{rendezvous}",
+            rank=self.rank,
+            world_size=self.size,
+            device_id=device if device.type == "cuda" else None,
         )
         self.group_name = dist.group.WORLD.group_name
         if device.type == "cuda" and small_bytes:

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-
 from tristream.config import EngineConfig
 from tristream.gpu_proc.cuda_graph import CudaGraphRunner
 from tristream.gpu_proc.forward_batch import ForwardBatch
@@ -133,7 +132,11 @@ class ModelRunner:
         self.model = model.eval()
         logger.info(
             "loaded %s (%s, %s) on %s in %.1f s%s",
-            mc.architecture, config.load_format, self.dtype, self.device, time.perf_counter() - start,
+            mc.architecture,
+            config.load_format,
+            self.dtype,
+            self.device,
+            time.perf_counter() - start,
             f", tensor-parallel rank {rank} of {shard.size}" if shard.size > 1 else "",
         )
         self.page_size = config.page_size
@@ -146,7 +149,9 @@ class ModelRunner:
         self.grammar: GrammarMatchers | None = None
         if rank == 0:
             self.sampler = Sampler(SamplingState(config.max_num_seqs, mc.vocab_size, mc.eos_token_ids, self.device))
-            self.grammar = GrammarMatchers(config.tokenizer or config.model, mc.vocab_size, mc.eos_token_ids, self.device)
+            self.grammar = GrammarMatchers(
+                config.tokenizer or config.model, mc.vocab_size, mc.eos_token_ids, self.device
+            )
         self.graphs: CudaGraphRunner | None = None
         explicit = config.kv_cache_tokens is not None or config.kv_cache_bytes is not None
         budget = self._cuda_kv_budget() if self.device.type == "cuda" and not explicit else None
@@ -154,7 +159,12 @@ class ModelRunner:
         self.kv = allocate_kv_cache(config, mc, self.dtype, self.device, num_pages)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CudaGraphRunner(
-                self.model, self.kv, config.max_num_seqs, self.block_tables.shape[1], config.max_model_len, config.lora_slots
+                self.model,
+                self.kv,
+                config.max_num_seqs,
+                self.block_tables.shape[1],
+                config.max_model_len,
+                config.lora_slots,
             )
 
     @torch.inference_mode()
@@ -167,21 +177,34 @@ class ModelRunner:
         config, mc = self.config, self.model_config
         tokens = min(config.max_num_batched_tokens, config.max_model_len)
         pages = -(-tokens // config.page_size) + 1
-        scratch = KVCache(torch.zeros((mc.num_layers, 2, pages, config.page_size, mc.num_kv_heads, mc.head_dim),
-                                      dtype=self.dtype, device=self.device))
+        scratch = KVCache(
+            torch.zeros(
+                (mc.num_layers, 2, pages, config.page_size, mc.num_kv_heads, mc.head_dim),
+                dtype=self.dtype,
+                device=self.device,
+            )
+        )
         scratch_bytes = scratch.pool.numel() * scratch.pool.element_size()
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         kv, self.kv = getattr(self, "kv", None), scratch
         probe = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=0)
-        plan = BatchPlan(0, new=[NewSequence(0, [0] * tokens, 0, 0, probe)], pages=[(0, list(range(1, pages)))],
-                         slots=[0], num_tokens=[tokens], sample=[True])
+        plan = BatchPlan(
+            0,
+            new=[NewSequence(0, [0] * tokens, 0, 0, probe)],
+            pages=[(0, list(range(1, pages)))],
+            slots=[0],
+            num_tokens=[tokens],
+            sample=[True],
+        )
         self.step(plan)
         if self.sampler is not None:
             for slot in range(config.max_num_seqs):
                 self.sampler.state.set(slot, probe, [0], 0)
             logits = torch.randn(config.max_num_seqs, mc.vocab_size, device=self.device)
-            self.sampler(logits, torch.arange(config.max_num_seqs, device=self.device), list(range(config.max_num_seqs)))
+            self.sampler(
+                logits, torch.arange(config.max_num_seqs, device=self.device), list(range(config.max_num_seqs))
+            )
             del logits
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - scratch_bytes
@@ -195,7 +218,11 @@ class ModelRunner:
         logger.info(
             "GPU memory: %.2f GiB total, peak %.2f GiB with weights and activations, %.2f GiB used outside torch, "
             "%.2f GiB left for KV at gpu_memory_utilization=%.2f",
-            total / 2**30, peak / 2**30, outside_torch / 2**30, max(budget, 0) / 2**30, config.gpu_memory_utilization,
+            total / 2**30,
+            peak / 2**30,
+            outside_torch / 2**30,
+            max(budget, 0) / 2**30,
+            config.gpu_memory_utilization,
         )
         return max(budget, 0)
 
@@ -215,8 +242,11 @@ class ModelRunner:
             self.seqs.pop(slot, None)
         for new in plan.new:
             self.seqs[new.slot] = Sequence(
-                list(new.token_ids), new.num_cached, prompt_len=len(new.token_ids),
-                prompt_logprobs=new.params.prompt_logprobs if new.num_outputs == 0 else None, lora_slot=new.lora_slot,
+                list(new.token_ids),
+                new.num_cached,
+                prompt_len=len(new.token_ids),
+                prompt_logprobs=new.params.prompt_logprobs if new.num_outputs == 0 else None,
+                lora_slot=new.lora_slot,
             )
         if self.sampler is not None:
             for slot in plan.freed:
@@ -289,22 +319,45 @@ class ModelRunner:
         lora_indptr = [0] + list(itertools.accumulate(len(group) for group in lora_groups)) if lora_rows else []
         t, b, s, r, d = len(ids), len(seq_lens), len(sample_rows), len(sample_rows) + len(prompt_rows), len(device_rows)
         parts = upload(
-            ids + positions + slot_mapping + qo_indptr + seq_lens + sample_rows + prompt_rows + plan.slots + sample_slots
-            + device_rows + device_slots + lora_rows + lora_indptr,
-            torch.int64, self.device,
+            ids
+            + positions
+            + slot_mapping
+            + qo_indptr
+            + seq_lens
+            + sample_rows
+            + prompt_rows
+            + plan.slots
+            + sample_slots
+            + device_rows
+            + device_slots
+            + lora_rows
+            + lora_indptr,
+            torch.int64,
+            self.device,
         ).split([t, t, t, b + 1, b, r, b, s, d, d, len(lora_rows), len(lora_indptr)])
         input_ids = parts[0]
         if d:
             input_ids = input_ids.index_copy(0, parts[8], self.last_tokens[parts[9]])
         max_q_len = max(plan.num_tokens)
-        return ForwardBatch(
-            input_ids=input_ids, positions=parts[1], slot_mapping=parts[2], qo_indptr=parts[3].int(),
-            seq_lens=parts[4].int(), block_table=self.block_tables[parts[6]], logit_rows=parts[5],
-            max_q_len=max_q_len, decode=max_q_len == 1 and not prompt_rows,
-            num_splits=choose_num_splits(b, self.model_config.num_kv_heads, self.config.max_model_len),
-            lora_rows=parts[10].int() if lora_rows else None, lora_indptr=parts[11].int() if lora_rows else None,
-            lora_max_rows=max(map(len, lora_groups), default=0),
-        ), parts[7], prompt_targets
+        return (
+            ForwardBatch(
+                input_ids=input_ids,
+                positions=parts[1],
+                slot_mapping=parts[2],
+                qo_indptr=parts[3].int(),
+                seq_lens=parts[4].int(),
+                block_table=self.block_tables[parts[6]],
+                logit_rows=parts[5],
+                max_q_len=max_q_len,
+                decode=max_q_len == 1 and not prompt_rows,
+                num_splits=choose_num_splits(b, self.model_config.num_kv_heads, self.config.max_model_len),
+                lora_rows=parts[10].int() if lora_rows else None,
+                lora_indptr=parts[11].int() if lora_rows else None,
+                lora_max_rows=max(map(len, lora_groups), default=0),
+            ),
+            parts[7],
+            prompt_targets,
+        )
 
     def _lora_groups(self, slots: list[int], qo_indptr: list[int]) -> list[list[int]]:
         """The rows of each LoRA slot's sequences, by slot; none when no sequence has an adapter."""
@@ -359,7 +412,9 @@ class ModelRunner:
                 if k:
                     queued.grammars = self.grammar.of(queued.slots)
                     bitmask = self.grammar.bitmask_of(queued.grammars)
-                    queued.sampled = self.sampler.launch(queued.logits[:k], queued.slots_on_device, queued.slots, bitmask)
+                    queued.sampled = self.sampler.launch(
+                        queued.logits[:k], queued.slots_on_device, queued.slots, bitmask
+                    )
                     self.tp.broadcast(queued.sampled.tokens)
             if k:
                 self.last_tokens.index_copy_(0, queued.slots_on_device, queued.sampled.tokens)
@@ -374,8 +429,13 @@ class ModelRunner:
         for seq, token in zip(queued.seqs, tokens):
             seq.token_ids.append(token)
         return StepResult(
-            queued.plan.step_id, queued.slots, tokens, logprobs, self._prompt_logprob_lists(queued),
-            gpu_busy_s=queued.clock.busy_s(), gpu_idle_s=queued.clock.idle_s(queued.before),
+            queued.plan.step_id,
+            queued.slots,
+            tokens,
+            logprobs,
+            self._prompt_logprob_lists(queued),
+            gpu_busy_s=queued.clock.busy_s(),
+            gpu_idle_s=queued.clock.idle_s(queued.before),
         )
 
     def _prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[int, list[int]]]) -> tuple | None:
@@ -398,9 +458,14 @@ class ModelRunner:
         picked, top_ids, top_values = picked.tolist(), top_ids.tolist(), top_values.tolist()
         out, row = [], 0
         for (slot, tokens), n in zip(queued.prompt_targets, ns):
-            out.append((slot, [
-                [(token, picked[row + i])] + list(zip(top_ids[row + i][:n], top_values[row + i][:n]))
-                for i, token in enumerate(tokens)
-            ]))
+            out.append(
+                (
+                    slot,
+                    [
+                        [(token, picked[row + i])] + list(zip(top_ids[row + i][:n], top_values[row + i][:n]))
+                        for i, token in enumerate(tokens)
+                    ],
+                )
+            )
             row += len(tokens)
         return out

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
 
+import torch
 from tristream.gpu_proc import ops
 from tristream.gpu_proc.grammar import apply_token_bitmask
 from tristream.gpu_proc.upload import download, upload
@@ -38,7 +37,11 @@ class SamplingState:
         self.seen = torch.zeros(max_slots, vocab, dtype=torch.bool, device=device)
 
     def set(
-        self, slot: int, params: SamplingParams, token_ids: list[int], num_outputs: int,
+        self,
+        slot: int,
+        params: SamplingParams,
+        token_ids: list[int],
+        num_outputs: int,
         bad_words_ids: list[list[int]] | None = None,
     ) -> None:
         """Load a request: the last ``num_outputs`` of ``token_ids`` are earlier outputs (a resumed request)."""
@@ -49,19 +52,31 @@ class SamplingState:
         if bad_words_ids:
             self.bad_words[slot] = bad_words_ids
             self.outputs[slot] = token_ids[len(token_ids) - num_outputs :]
-        self.floats[slot] = upload([
-            params.temperature, params.top_p, params.min_p, params.presence_penalty, params.frequency_penalty,
-            params.repetition_penalty,
-        ], torch.float32, self.device)
+        self.floats[slot] = upload(
+            [
+                params.temperature,
+                params.top_p,
+                params.min_p,
+                params.presence_penalty,
+                params.frequency_penalty,
+                params.repetition_penalty,
+            ],
+            torch.float32,
+            self.device,
+        )
         seed = params.seed or 0
-        self.ints[slot] = upload([params.top_k, (seed ^ (seed >> 32)) & 0xFFFFFFFF, num_outputs], torch.int64, self.device)
+        self.ints[slot] = upload(
+            [params.top_k, (seed ^ (seed >> 32)) & 0xFFFFFFFF, num_outputs], torch.int64, self.device
+        )
         self.counts[slot].zero_()
         self.seen[slot].zero_()
         if _penalized(params):
             ids = upload(token_ids, torch.int64, self.device)
             self.seen[slot, ids] = True
             if num_outputs:
-                self.counts[slot].index_add_(0, ids[-num_outputs:], torch.ones_like(ids[-num_outputs:], dtype=torch.int32))
+                self.counts[slot].index_add_(
+                    0, ids[-num_outputs:], torch.ones_like(ids[-num_outputs:], dtype=torch.int32)
+                )
 
     def record(self, slots: torch.Tensor, slot_ids: list[int], tokens: torch.Tensor) -> list[tuple[int, list[int]]]:
         """Count the tokens just sampled on the device (penalty counts only matter to penalized slots).
@@ -79,7 +94,9 @@ class SamplingState:
     def banned(self, slot: int) -> list[int]:
         """Tokens that would complete one of the slot's bad words now."""
         history = self.outputs.get(slot, [])
-        return [w[-1] for w in self.bad_words.get(slot, ()) if len(w) == 1 or history[len(history) - len(w) + 1 :] == w[:-1]]
+        return [
+            w[-1] for w in self.bad_words.get(slot, ()) if len(w) == 1 or history[len(history) - len(w) + 1 :] == w[:-1]
+        ]
 
 
 def _penalized(p: SamplingParams) -> bool:
@@ -118,7 +135,9 @@ class Sampler:
                     rows.append(row), cols.append(token), values.append(bias)
         if rows:
             index = upload([rows, cols], torch.int64, logits.device)
-            logits = logits.index_put((index[0], index[1]), upload(values, torch.float32, logits.device), accumulate=True)
+            logits = logits.index_put(
+                (index[0], index[1]), upload(values, torch.float32, logits.device), accumulate=True
+            )
         if any(_penalized(p) for p in params):
             rep = st.repetition[slots][:, None]
             logits = torch.where(st.seen[slots], torch.where(logits > 0, logits / rep, logits * rep), logits)
@@ -146,7 +165,9 @@ class Sampler:
         return scaled.masked_fill(scaled < threshold[:, None], float("-inf"))
 
     @staticmethod
-    def _ordered(scaled: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    def _ordered(
+        scaled: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, params: list[SamplingParams]
+    ) -> torch.Tensor:
         """Each row's logits, largest first: only the top ``max(top_k) + 1`` when every row with a
         top_p also has a top_k (those decide both filters), unless a tie at some row's k-th value
         runs past them; the whole sorted row otherwise."""

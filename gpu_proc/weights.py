@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
-
 from tristream.gpu_proc.model import DecoderLM
 from tristream.model_config import ModelConfig
 from tristream.sharding import Shard
@@ -106,7 +105,9 @@ def load_safetensors(model: DecoderLM, model_dir: str) -> None:
     load_weights(model, tensors(), model_dir)
 
 
-def dummy_weights(mc: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+def dummy_weights(
+    mc: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Random Hugging Face-named weights of realistic scale for the whole model ``mc``, for benchmarks
     without a checkpoint. Every rank draws the same whole tensors and keeps its shard."""
     gen = torch.Generator(device=device).manual_seed(seed)

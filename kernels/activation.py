@@ -42,6 +42,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((n_tokens, n_cols), dtype=x.dtype, device=x.device)
     block = min(triton.next_power_of_2(n_cols), _BLOCK)
     _silu_and_mul_kernel[(n_tokens, triton.cdiv(n_cols, block))](
-        x, out, n_cols, x.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+        x, out, n_cols, x.stride(0), out.stride(0), BLOCK=block, num_warps=4
     )
     return out

@@ -39,8 +39,9 @@ def paged_attention_ref(
     decode = [b for b in range(len(seq_lens)) if qo_indptr[b + 1] - qo_indptr[b] == 1]
     if decode:
         rows = torch.tensor([qo_indptr[b] for b in decode], device=q.device)
-        out[rows] = _decode_attention(q[rows], k_cache, v_cache, [block_tables[b] for b in decode],
-                                      [seq_lens[b] for b in decode], scale)
+        out[rows] = _decode_attention(
+            q[rows], k_cache, v_cache, [block_tables[b] for b in decode], [seq_lens[b] for b in decode], scale
+        )
     for b, ctx_len in enumerate(seq_lens):
         start, end = qo_indptr[b], qo_indptr[b + 1]
         if end - start == 1:
@@ -70,8 +71,11 @@ def _decode_attention(q, k_cache, v_cache, tables, seq_lens, scale) -> torch.Ten
     v = _gather(v_cache, slots).masked_fill(pad, 0).transpose(1, 2)
     groups = q.shape[1] // k.shape[1]
     o = F.scaled_dot_product_attention(
-        q[:, :, None, :], k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
-        attn_mask=valid[:, None, None, :], scale=scale,
+        q[:, :, None, :],
+        k.repeat_interleave(groups, 1),
+        v.repeat_interleave(groups, 1),
+        attn_mask=valid[:, None, None, :],
+        scale=scale,
     )
     return o[:, :, 0, :]
 
@@ -86,7 +90,10 @@ def _extend_attention(q, k_cache, v_cache, table, ctx_len, scale) -> torch.Tenso
     if n == ctx_len:
         o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        mask = torch.arange(ctx_len, device=q.device)[None, :] <= torch.arange(ctx_len - n, ctx_len, device=q.device)[:, None]
+        mask = (
+            torch.arange(ctx_len, device=q.device)[None, :]
+            <= torch.arange(ctx_len - n, ctx_len, device=q.device)[:, None]
+        )
         groups = qb.shape[0] // k.shape[0]
         o = F.scaled_dot_product_attention(
             qb, k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0), attn_mask=mask, scale=scale
@@ -107,10 +114,25 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-    stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-    stride_cp, stride_co, stride_ch, stride_cd,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_cp,
+    stride_co,
+    stride_ch,
+    stride_cd,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -135,10 +157,19 @@ def store_kv(
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        *k.stride(), *v.stride(), *k_cache.stride(),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
-        BLOCK=triton.next_power_of_2(num_kv_heads * head_dim), num_warps=4,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        *k.stride(),
+        *v.stride(),
+        *k_cache.stride(),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=k_cache.shape[1],
+        BLOCK=triton.next_power_of_2(num_kv_heads * head_dim),
+        num_warps=4,
     )
 
 
@@ -149,13 +180,30 @@ def _check_pools(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, o_part_ptr, lse_part_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    o_part_ptr,
+    lse_part_ptr,
     qk_scale,
-    stride_qb, stride_qh, stride_qd,
-    stride_cp, stride_co, stride_ch, stride_cd,
-    stride_bb, stride_bp,
-    GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_cp,
+    stride_co,
+    stride_ch,
+    stride_cd,
+    stride_bb,
+    stride_bp,
+    GROUP: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One (sequence, kv head, split): all the group's query heads over the split's positions."""
     b = tl.program_id(0)
@@ -172,11 +220,12 @@ def _decode_split_kernel(
     head_mask = g < GROUP
     heads = kvh * GROUP + g
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
-                mask=head_mask[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd, mask=head_mask[:, None], other=0.0
+    )
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_H], tl.float32)
+    row_sum = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     head_offs = kvh * stride_ch + d[None, :] * stride_cd
     for n0 in range(start, end, BLOCK_N):
@@ -190,13 +239,13 @@ def _decode_split_kernel(
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        row_sum = row_sum * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
 
-    # An empty split (start >= end) keeps l == 0 and m == -inf: it writes zeros and lse = -inf.
-    l_safe = tl.where(l > 0, l, 1.0)
+    # An empty split (start >= end) keeps row_sum == 0 and m == -inf: it writes zeros and lse = -inf.
+    l_safe = tl.where(row_sum > 0, row_sum, 1.0)
     lse = (m + tl.log2(l_safe)) * _LN2
     row = (b * num_heads + heads) * NUM_SPLITS + split
     tl.store(o_part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None], mask=head_mask[:, None])
@@ -205,9 +254,15 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    o_part_ptr, lse_part_ptr, out_ptr,
-    stride_ob, stride_oh, stride_od,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    o_part_ptr,
+    lse_part_ptr,
+    out_ptr,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """One (sequence, query head): weight each split's output by its share of the total softmax mass."""
     b = tl.program_id(0)
@@ -260,30 +315,67 @@ def paged_decode_attention(
     if batch == 0:
         return out
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        o_part,
+        lse_part,
         scale * _LOG2E,
-        *q.stride(), *k_cache.stride(), *block_tables.stride(),
-        GROUP=group, NUM_SPLITS=num_splits, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, PRECISION=_dot_precision(q.dtype),
+        *q.stride(),
+        *k_cache.stride(),
+        *block_tables.stride(),
+        GROUP=group,
+        NUM_SPLITS=num_splits,
+        PAGE_SIZE=page_size,
+        HEAD_DIM=head_dim,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n,
+        PRECISION=_dot_precision(q.dtype),
         num_warps=4,
     )
     _decode_merge_kernel[(batch, num_heads)](
-        o_part, lse_part, out, *out.stride(),
-        NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        o_part,
+        lse_part,
+        out,
+        *out.stride(),
+        NUM_SPLITS=num_splits,
+        HEAD_DIM=head_dim,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        num_warps=4,
     )
     return out
 
 
 @triton.jit
 def _extend_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qo_indptr_ptr, out_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    qo_indptr_ptr,
+    out_ptr,
     qk_scale,
-    stride_qt, stride_qh, stride_qd,
-    stride_ot, stride_oh, stride_od,
-    stride_cp, stride_co, stride_ch, stride_cd,
-    stride_bb, stride_bp,
-    GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    stride_cp,
+    stride_co,
+    stride_ch,
+    stride_cd,
+    stride_bb,
+    stride_bp,
+    GROUP: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One (sequence, query head, block of new tokens): causal attention over the paged context."""
     b = tl.program_id(0)
@@ -299,11 +391,14 @@ def _extend_kernel(
     row_mask = i < num_new
     q_pos = seq_len - num_new + i
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + (q_start + i)[:, None] * stride_qt + h * stride_qh + d[None, :] * stride_qd,
-                mask=row_mask[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + (q_start + i)[:, None] * stride_qt + h * stride_qh + d[None, :] * stride_qd,
+        mask=row_mask[:, None],
+        other=0.0,
+    )
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     head_offs = (h // GROUP) * stride_ch + d[None, :] * stride_cd
     # Positions up to the block's last new token; rows past num_new see only positions < seq_len.
@@ -319,14 +414,17 @@ def _extend_kernel(
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        row_sum = row_sum * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
 
-    out = acc / l[:, None]
-    tl.store(out_ptr + (q_start + i)[:, None] * stride_ot + h * stride_oh + d[None, :] * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    out = acc / row_sum[:, None]
+    tl.store(
+        out_ptr + (q_start + i)[:, None] * stride_ot + h * stride_oh + d[None, :] * stride_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_mask[:, None],
+    )
 
 
 def extend_attention(
@@ -357,10 +455,24 @@ def extend_attention(
     if batch == 0 or max_q_len == 0:
         return out
     _extend_kernel[(batch, num_heads, triton.cdiv(max_q_len, block_m))](
-        q, k_cache, v_cache, block_tables, seq_lens, qo_indptr, out,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        qo_indptr,
+        out,
         scale * _LOG2E,
-        *q.stride(), *out.stride(), *k_cache.stride(), *block_tables.stride(),
-        GROUP=num_heads // num_kv_heads, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_dot_precision(q.dtype), num_warps=4,
+        *q.stride(),
+        *out.stride(),
+        *k_cache.stride(),
+        *block_tables.stride(),
+        GROUP=num_heads // num_kv_heads,
+        PAGE_SIZE=page_size,
+        HEAD_DIM=head_dim,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        PRECISION=_dot_precision(q.dtype),
+        num_warps=4,
     )
     return out

@@ -47,8 +47,22 @@ def lora_expand_ref(
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, a_ptr, out_ptr, rows_ptr, indptr_ptr, R, x_stride, a_stride_s, a_stride_r, out_stride_split, out_stride_t,
-    K: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    x_ptr,
+    a_ptr,
+    out_ptr,
+    rows_ptr,
+    indptr_ptr,
+    R,
+    x_stride,
+    a_stride_s,
+    a_stride_r,
+    out_stride_split,
+    out_stride_t,
+    K: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Program (s, i, j) writes split j of entries ``[i*BLOCK_M, (i+1)*BLOCK_M)`` of slot s's group."""
@@ -67,18 +81,41 @@ def _shrink_kernel(
         for k0 in range(0, SPLIT, BLOCK_K):
             k = split * SPLIT + k0 + tl.arange(0, BLOCK_K)
             k_mask = k < K
-            xs = tl.load(x_ptr + rows[:, None].to(tl.int64) * x_stride + k[None, :],
-                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            at = tl.load(a_base + r[None, :] * a_stride_r + k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            xs = tl.load(
+                x_ptr + rows[:, None].to(tl.int64) * x_stride + k[None, :],
+                mask=row_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            at = tl.load(
+                a_base + r[None, :] * a_stride_r + k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0
+            )
             acc += tl.dot(xs, at, input_precision=PRECISION)
-        tl.store(out_ptr + split * out_stride_split + entries[:, None].to(tl.int64) * out_stride_t + r[None, :], acc,
-                 mask=row_mask[:, None] & r_mask[None, :])
+        tl.store(
+            out_ptr + split * out_stride_split + entries[:, None].to(tl.int64) * out_stride_t + r[None, :],
+            acc,
+            mask=row_mask[:, None] & r_mask[None, :],
+        )
 
 
 @triton.jit
 def _expand_kernel(
-    s_ptr, b_ptr, y_ptr, rows_ptr, indptr_ptr, N, R, s_stride_split, s_stride_t, b_stride_s, b_stride_n, y_stride,
-    SPLITS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    s_ptr,
+    b_ptr,
+    y_ptr,
+    rows_ptr,
+    indptr_ptr,
+    N,
+    R,
+    s_stride_split,
+    s_stride_t,
+    b_stride_s,
+    b_stride_n,
+    y_stride,
+    SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """Program (s, i, j) adds to the rows of entries ``[i*BLOCK_M, (i+1)*BLOCK_M)`` of slot s's group, columns of block j."""
     slot = tl.program_id(0)
@@ -96,8 +133,11 @@ def _expand_kernel(
         s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for split in range(SPLITS):
             s += tl.load(s_ptrs + split * s_stride_split, mask=s_mask, other=0.0)
-        bt = tl.load(b_ptr + slot.to(tl.int64) * b_stride_s + cols[None, :] * b_stride_n + r[:, None],
-                     mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+        bt = tl.load(
+            b_ptr + slot.to(tl.int64) * b_stride_s + cols[None, :] * b_stride_n + r[:, None],
+            mask=r_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
         acc = tl.dot(s.to(bt.dtype), bt, input_precision=PRECISION)
         ptrs = y_ptr + rows[:, None].to(tl.int64) * y_stride + cols[None, :]
         mask = row_mask[:, None] & col_mask[None, :]
@@ -109,7 +149,9 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, indptr: torch.Tensor, max_rows: int) -> torch.Tensor:
+def lora_shrink(
+    x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, indptr: torch.Tensor, max_rows: int
+) -> torch.Tensor:
     """Triton :func:`lora_shrink_ref`: partial sums [splits, T, R], for short groups one split per ``SPLIT_K``
     of the inner dimension, else one (entries past the listed rows hold garbage). ``max_rows`` bounds a group's length: it sizes
     the grid, so a captured graph keeps it fixed."""
@@ -120,9 +162,24 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, indptr: to
     splits, block_m = triton.cdiv(k, split), _block_m(max_rows)
     out = torch.empty(splits, x.shape[0], r, dtype=torch.float32, device=x.device)
     _shrink_kernel[(a.shape[0], triton.cdiv(max_rows, block_m), splits)](
-        x, a, out, rows, indptr, r, x.stride(0), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-        K=k, SPLIT=split, PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(r)),
-        BLOCK_K=64, num_warps=4,
+        x,
+        a,
+        out,
+        rows,
+        indptr,
+        r,
+        x.stride(0),
+        a.stride(0),
+        a.stride(1),
+        out.stride(0),
+        out.stride(1),
+        K=k,
+        SPLIT=split,
+        PRECISION=_precision(x.dtype),
+        BLOCK_M=block_m,
+        BLOCK_R=max(16, triton.next_power_of_2(r)),
+        BLOCK_K=64,
+        num_warps=4,
     )
     return out
 
@@ -136,8 +193,23 @@ def lora_expand(
     n, r = b.shape[1], b.shape[2]
     block_n, block_m = 64, _block_m(max_rows)
     _expand_kernel[(b.shape[0], triton.cdiv(max_rows, block_m), triton.cdiv(n, block_n))](
-        parts, b, y, rows, indptr, n, r, parts.stride(0), parts.stride(1), b.stride(0), b.stride(1), y.stride(0),
-        SPLITS=parts.shape[0], PRECISION=_precision(b.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_R=max(16, triton.next_power_of_2(r)), num_warps=4,
+        parts,
+        b,
+        y,
+        rows,
+        indptr,
+        n,
+        r,
+        parts.stride(0),
+        parts.stride(1),
+        b.stride(0),
+        b.stride(1),
+        y.stride(0),
+        SPLITS=parts.shape[0],
+        PRECISION=_precision(b.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_R=max(16, triton.next_power_of_2(r)),
+        num_warps=4,
     )
     return y

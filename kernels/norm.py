@@ -27,11 +27,19 @@ _MAX_BLOCK = 8192
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
     n_heads,
-    x_stride_t, x_stride_h, res_stride_t, res_stride_h,
+    x_stride_t,
+    x_stride_h,
+    res_stride_t,
+    res_stride_h,
     eps,
-    N_COLS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    N_COLS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One program per row ``(t, h)``; the output is contiguous ``[rows, N_COLS]``."""
     dtype = x_ptr.dtype.element_ty
@@ -87,9 +95,7 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"expected a 2-D or 3-D tensor, got shape {tuple(t.shape)}")
 
 
-def _launch_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> torch.Tensor:
+def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n_cols = x.shape[-1]
     if x.stride(-1) != 1 or weight.shape != (n_cols,) or not weight.is_contiguous():
         raise ValueError("x needs a unit stride in its last dim and weight must be contiguous [x.shape[-1]]")
@@ -98,11 +104,19 @@ def _launch_rms_norm(
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     block = min(triton.next_power_of_2(n_cols), _MAX_BLOCK)
     _rms_norm_kernel[(x3.shape[0] * x3.shape[1],)](
-        x3, res3, weight, out,
+        x3,
+        res3,
+        weight,
+        out,
         x3.shape[1],
-        x3.stride(0), x3.stride(1), res3.stride(0), res3.stride(1),
+        x3.stride(0),
+        x3.stride(1),
+        res3.stride(0),
+        res3.stride(1),
         eps,
-        N_COLS=n_cols, HAS_RESIDUAL=residual is not None, BLOCK=block,
+        N_COLS=n_cols,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
         num_warps=min(max(block // 256, 1), 8),
     )
     return out

@@ -51,8 +51,19 @@ def apply_rope_ref(
 
 @triton.jit
 def _rope_heads(
-    x_ptr, stride_t, stride_h, stride_d, n_heads, t, c1, c2, s1, s2, half,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    x_ptr,
+    stride_t,
+    stride_h,
+    stride_d,
+    n_heads,
+    t,
+    c1,
+    c2,
+    s1,
+    s2,
+    half,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     """Rotate all heads of token ``t`` in place: (x1, x2) -> (x1*c1 - x2*s1, x2*c2 + x1*s2)."""
     heads = tl.arange(0, BLOCK_H)[:, None]
@@ -68,10 +79,24 @@ def _rope_heads(
 
 @triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
-    q_stride_t, q_stride_h, q_stride_d, k_stride_t, k_stride_h, k_stride_d,
-    n_q_heads, n_k_heads, half, table_stride,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_stride_t,
+    q_stride_h,
+    q_stride_d,
+    k_stride_t,
+    k_stride_h,
+    k_stride_d,
+    n_q_heads,
+    n_k_heads,
+    half,
+    table_stride,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     """One program per token: rotates its q heads, then its k heads."""
     t = tl.program_id(0).to(tl.int64)
@@ -86,10 +111,8 @@ def _rope_kernel(
     c2 = tl.load(cos_row + half, mask=dmask, other=0.0).to(dtype).to(tl.float32)[None, :]
     s1 = tl.load(sin_row, mask=dmask, other=0.0).to(dtype).to(tl.float32)[None, :]
     s2 = tl.load(sin_row + half, mask=dmask, other=0.0).to(dtype).to(tl.float32)[None, :]
-    _rope_heads(q_ptr, q_stride_t, q_stride_h, q_stride_d, n_q_heads, t, c1, c2, s1, s2, half,
-                BLOCK_HQ, BLOCK_HALF)
-    _rope_heads(k_ptr, k_stride_t, k_stride_h, k_stride_d, n_k_heads, t, c1, c2, s1, s2, half,
-                BLOCK_HK, BLOCK_HALF)
+    _rope_heads(q_ptr, q_stride_t, q_stride_h, q_stride_d, n_q_heads, t, c1, c2, s1, s2, half, BLOCK_HQ, BLOCK_HALF)
+    _rope_heads(k_ptr, k_stride_t, k_stride_h, k_stride_d, n_k_heads, t, c1, c2, s1, s2, half, BLOCK_HK, BLOCK_HALF)
 
 
 def apply_rope(
@@ -111,10 +134,23 @@ def apply_rope(
         raise ValueError("positions must be contiguous [T]")
     half = head_dim // 2
     _rope_kernel[(n_tokens,)](
-        q, k, positions, cos, sin,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        n_q_heads, k.shape[1], half, cos.stride(0),
-        BLOCK_HQ=triton.next_power_of_2(n_q_heads), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
+        q,
+        k,
+        positions,
+        cos,
+        sin,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        n_q_heads,
+        k.shape[1],
+        half,
+        cos.stride(0),
+        BLOCK_HQ=triton.next_power_of_2(n_q_heads),
+        BLOCK_HK=triton.next_power_of_2(k.shape[1]),
         BLOCK_HALF=triton.next_power_of_2(half),
         num_warps=4,
     )

@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import TypeVar
 
 from tqdm.auto import tqdm
-
 from tristream.engine import AsyncEngine
 from tristream.model_files import model_name
 from tristream.outputs import CompletionOutput, RequestOutput, accumulate
@@ -86,7 +85,9 @@ def parse_line(raw: str | bytes, line: int, base: SamplingParams) -> Job:
     id_field = "custom_id" if openai else "id"
     ident = obj.get(id_field)
     if not (isinstance(ident, str) and ident or isinstance(ident, int) and not isinstance(ident, bool)):
-        return Job(line, f"line-{line}", openai, error=f"line {line}: {id_field} must be a non-empty string or an integer")
+        return Job(
+            line, f"line-{line}", openai, error=f"line {line}: {id_field} must be a non-empty string or an integer"
+        )
     job = Job(line, ident, openai)
     try:
         if openai:
@@ -131,7 +132,9 @@ def _messages(messages: object) -> list[dict]:
     for m in messages:
         content = m.get("content")
         if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
                 raise ValueError("only text content parts are supported")
             m = {**m, "content": "".join(p["text"] for p in content)}
         flat.append(m)
@@ -238,8 +241,12 @@ async def _run_job(engine: AsyncEngine, job: Job, model: str, adapters: Collecti
 
 def _error_record(job: Job) -> dict:
     if job.openai:
-        return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": job.id, "response": None,
-                "error": {"code": "invalid_request", "message": job.error}}
+        return {
+            "id": f"batch_req_{uuid.uuid4().hex}",
+            "custom_id": job.id,
+            "response": None,
+            "error": {"code": "invalid_request", "message": job.error},
+        }
     return {"id": job.id, "error": job.error}
 
 
@@ -277,8 +284,12 @@ def _result_record(job: Job, out: RequestOutput, model: str, request_id: str, to
         "choices": choices,
         "usage": {**usage, "total_tokens": usage["prompt_tokens"] + tokens},
     }
-    return {"id": f"batch_req_{request_id}", "custom_id": job.id,
-            "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+    return {
+        "id": f"batch_req_{request_id}",
+        "custom_id": job.id,
+        "response": {"status_code": 200, "request_id": request_id, "body": body},
+        "error": None,
+    }
 
 
 async def _run_in_order(work: Iterator[Awaitable[T]], window: int, emit: Callable[[T], None]) -> None:
@@ -316,8 +327,9 @@ def check_paths(input_path: str, output_path: str) -> None:
         raise ValueError("the input and the output are the same file")
 
 
-async def run_batch(engine: AsyncEngine, params: SamplingParams, input_path: str, output_path: str,
-                    adapters: Collection[str] = ()) -> BatchSummary:
+async def run_batch(
+    engine: AsyncEngine, params: SamplingParams, input_path: str, output_path: str, adapters: Collection[str] = ()
+) -> BatchSummary:
     """Run every request of ``input_path`` that ``output_path`` lacks, appending results in input order.
 
     ``params`` is the base that sampling fields on a line override; an OpenAI
@@ -346,7 +358,9 @@ async def run_batch(engine: AsyncEngine, params: SamplingParams, input_path: str
         terminated = True
         main_task.cancel()
 
-    own_sigterm = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    own_sigterm = (
+        threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    )
     if own_sigterm:
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     start = time.perf_counter()
@@ -367,8 +381,9 @@ async def run_batch(engine: AsyncEngine, params: SamplingParams, input_path: str
                 bar.set_postfix_str(f"{summary.tokens / (time.perf_counter() - start):.1f} tok/s", refresh=False)
                 bar.update(1)
 
-            work = (_run_job(engine, job, model, adapters)
-                    for job, skip in _plan(input_path, params, written) if not skip)
+            work = (
+                _run_job(engine, job, model, adapters) for job, skip in _plan(input_path, params, written) if not skip
+            )
             await _run_in_order(work, window, emit)
             finished = True
     except asyncio.CancelledError:

@@ -33,7 +33,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    g.add_argument("--chat-template", default=None, help="a Jinja file, or a built-in template name (default: the model's)")
+    g.add_argument(
+        "--chat-template", default=None, help="a Jinja file, or a built-in template name (default: the model's)"
+    )
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
@@ -47,16 +49,32 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-bytes", type=int, default=None)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--enforce-eager", action="store_true", help="run without CUDA graphs")
-    g.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True,
-                   help="plan the next step while the GPU runs this one (--no-pipelined: one step at a time)")
+    g.add_argument(
+        "--pipelined",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="plan the next step while the GPU runs this one (--no-pipelined: one step at a time)",
+    )
     g.add_argument("--reasoning-parser", default=None, choices=["think"])
-    g.add_argument("--lora-modules", dest="lora_adapters", nargs="+", action=_LoraModules, default=None,
-                   metavar="NAME=PATH", help="PEFT LoRA adapter directories to load at start-up, by name")
+    g.add_argument(
+        "--lora-modules",
+        dest="lora_adapters",
+        nargs="+",
+        action=_LoraModules,
+        default=None,
+        metavar="NAME=PATH",
+        help="PEFT LoRA adapter directories to load at start-up, by name",
+    )
     g.add_argument("--max-loras", type=int, default=None, help="adapters resident at once (default: as many as given)")
-    g.add_argument("--max-lora-rank", type=int, default=None,
-                   help="the largest adapter rank (default: 16 or the largest given)")
-    g.add_argument("--lora", default=None, metavar="NAME",
-                   help="the adapter of --lora-modules that this command's requests use (serve: those naming the model)")
+    g.add_argument(
+        "--max-lora-rank", type=int, default=None, help="the largest adapter rank (default: 16 or the largest given)"
+    )
+    g.add_argument(
+        "--lora",
+        default=None,
+        metavar="NAME",
+        help="the adapter of --lora-modules that this command's requests use (serve: those naming the model)",
+    )
     g.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -80,18 +98,48 @@ def _server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: the model's)")
-    g.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and the tokenizer routes")
+    g.add_argument(
+        "--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and the tokenizer routes"
+    )
 
 
 ENGINE_KEYS = (
-    "model", "tokenizer", "chat_template", "dtype", "device", "load_format", "max_model_len", "tensor_parallel_size",
-    "max_num_seqs", "max_num_batched_tokens", "page_size", "gpu_memory_utilization", "kv_cache_tokens",
-    "kv_cache_bytes", "enable_prefix_caching", "enforce_eager", "pipelined", "reasoning_parser", "log_level",
-    "lora_adapters", "max_loras", "max_lora_rank",
+    "model",
+    "tokenizer",
+    "chat_template",
+    "dtype",
+    "device",
+    "load_format",
+    "max_model_len",
+    "tensor_parallel_size",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "page_size",
+    "gpu_memory_utilization",
+    "kv_cache_tokens",
+    "kv_cache_bytes",
+    "enable_prefix_caching",
+    "enforce_eager",
+    "pipelined",
+    "reasoning_parser",
+    "log_level",
+    "lora_adapters",
+    "max_loras",
+    "max_lora_rank",
 )
 SAMPLING_KEYS = (
-    "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-    "frequency_penalty", "stop", "seed", "ignore_eos", "lora",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "seed",
+    "ignore_eos",
+    "lora",
 )
 
 
@@ -110,7 +158,9 @@ async def _generate(args: argparse.Namespace) -> None:
         for i, prompt in enumerate(args.prompts):
             if i:
                 print()
-            stream = engine.chat([{"role": "user", "content": prompt}], params) if chat else engine.generate(prompt, params)
+            stream = (
+                engine.chat([{"role": "user", "content": prompt}], params) if chat else engine.generate(prompt, params)
+            )
             async for out in stream:
                 print(out.outputs[0].text, end="", flush=True)
             print()
@@ -150,8 +200,15 @@ async def _demo(args: argparse.Namespace) -> None:
 async def _serve(args: argparse.Namespace) -> None:
     from tristream.server import serve
 
-    await serve(_engine(args), host=args.host, port=args.port, served_model_name=args.served_model_name,
-                api_key=args.api_key, announce=args.command == "webchat", default_lora=args.lora)
+    await serve(
+        _engine(args),
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        announce=args.command == "webchat",
+        default_lora=args.lora,
+    )
 
 
 async def _chat(args: argparse.Namespace) -> None:
@@ -177,15 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="stream completions of prompts to stdout")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
-    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                     help="apply the chat template (default: when the model has one)")
+    gen.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="apply the chat template (default: when the model has one)",
+    )
     _sampling_args(gen, max_tokens=256)
     _engine_args(gen)
     demo = sub.add_parser("demo", help="stream answers to a few chat prompts, then print throughput")
     _sampling_args(demo, max_tokens=128, temperature=0.0)
     _engine_args(demo)
-    for name, help_text in (("serve", "run the OpenAI-compatible HTTP server"),
-                            ("webchat", "run the server and print the address of its web chat page")):
+    for name, help_text in (
+        ("serve", "run the OpenAI-compatible HTTP server"),
+        ("webchat", "run the server and print the address of its web chat page"),
+    ):
         srv = sub.add_parser(name, help=help_text)
         srv.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="a YAML file of these options")
         _server_args(srv)
@@ -197,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(chat)
     batch = sub.add_parser("batch", help="run a JSONL file of requests into a JSONL file of results")
     batch.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="a YAML file of these options")
-    batch.add_argument("--input", required=False, help="JSONL requests: {id, prompt} or {id, messages}, or OpenAI batch lines")
+    batch.add_argument(
+        "--input", required=False, help="JSONL requests: {id, prompt} or {id, messages}, or OpenAI batch lines"
+    )
     batch.add_argument("--output", required=False, help="JSONL results, appended to; ids already there are skipped")
     _sampling_args(batch, max_tokens=256, temperature=0.0)
     _engine_args(batch)
@@ -222,8 +287,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.command == "batch" and (not args.input or not args.output):
         parser.error("batch needs --input and --output (as flags or in the config file)")
     if args.lora is not None and args.lora not in (args.lora_adapters or {}):
-        parser.error(f"--lora {args.lora}: no adapter of that name in --lora-modules "
-                     f"({', '.join(args.lora_adapters or {}) or 'none given'})")
+        parser.error(
+            f"--lora {args.lora}: no adapter of that name in --lora-modules "
+            f"({', '.join(args.lora_adapters or {}) or 'none given'})"
+        )
     return args
 
 

@@ -68,7 +68,9 @@ class EngineConfig:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.schedule_policy not in ("fcfs", "lpm"):
-            raise ValueError(f"schedule_policy must be 'fcfs' or 'lpm' (longest prefix match), got {self.schedule_policy!r}")
+            raise ValueError(
+                f"schedule_policy must be 'fcfs' or 'lpm' (longest prefix match), got {self.schedule_policy!r}"
+            )
         if self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
         if self.dtype not in DTYPES:

@@ -53,8 +53,10 @@ def _adapter(path: str, value: object) -> tuple[str, str]:
     if not dirs:
         raise ValueError(f"config file {path}: adapter_name_or_path must be an adapter directory, got {value!r}")
     if len(dirs) > 1:
-        raise ValueError(f"config file {path}: adapter_name_or_path lists {len(dirs)} adapters ({value}): tristream "
-                         "applies one adapter per request; merge them first or list them under lora_modules")
+        raise ValueError(
+            f"config file {path}: adapter_name_or_path lists {len(dirs)} adapters ({value}): tristream "
+            "applies one adapter per request; merge them first or list them under lora_modules"
+        )
     return os.path.basename(os.path.normpath(dirs[0])), dirs[0]
 
 
@@ -95,8 +97,10 @@ def load_config_file(path: str, known: set[str]) -> dict:
         name, adapter_dir = adapter
         adapters = out.setdefault("lora_adapters", {})
         if adapters.get(name, adapter_dir) != adapter_dir:
-            raise ValueError(f"config file {path}: adapter_name_or_path names {name!r}, like a lora_modules entry "
-                             "of another directory")
+            raise ValueError(
+                f"config file {path}: adapter_name_or_path names {name!r}, like a lora_modules entry "
+                "of another directory"
+            )
         adapters[name] = adapter_dir
         out.setdefault("lora", name)
     return out

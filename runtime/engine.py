@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 
 import zmq
 import zmq.asyncio
-
 from tristream import processes
 from tristream.config import EngineConfig
 from tristream.lora import DEFAULT_LORA_RANK, read_adapter
@@ -120,7 +119,9 @@ class AsyncEngine:
         mc = ModelConfig.load(model_dir)
         max_len = config.max_model_len or mc.max_position_embeddings
         if max_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len={max_len} exceeds the model's max_position_embeddings={mc.max_position_embeddings}")
+            raise ValueError(
+                f"max_model_len={max_len} exceeds the model's max_position_embeddings={mc.max_position_embeddings}"
+            )
         shard_model(mc, config.tensor_parallel_size, 0)  # a split that does not fit fails here, before any process
         self.model_config = mc
         adapters = {name: os.path.abspath(path) for name, path in (config.lora_adapters or {}).items()}
@@ -132,7 +133,7 @@ class AsyncEngine:
         for slot, name in enumerate(adapters):
             self._loras[name], self._lora_paths[name] = LoraRef(next(self._lora_ids), slot), adapters[name]
         self.child_config = dataclasses.replace(
-            config, model=model_dir, max_model_len=max_len, lora_adapters=adapters or None, max_lora_rank=max_rank,
+            config, model=model_dir, max_model_len=max_len, lora_adapters=adapters or None, max_lora_rank=max_rank
         )
         ipc, self._ipc_dir = processes.make_ipc(config.tensor_parallel_size)
         self._ctx = zmq.asyncio.Context()
@@ -141,7 +142,9 @@ class AsyncEngine:
         self._inbox.bind(ipc.user)
         self._sync_ctx = zmq.Context()
         # The scheduler passes Shutdown on to the gpu_procs, after the plans it sent them.
-        self._out = {name: processes.connect_outbox(self._sync_ctx, getattr(ipc, name)) for name in ("tokenizer", "scheduler")}
+        self._out = {
+            name: processes.connect_outbox(self._sync_ctx, getattr(ipc, name)) for name in ("tokenizer", "scheduler")
+        }
         self._reader = loop.create_task(self._read_loop())
         children = [(gpu_process_name(rank), "gpu", (rank,)) for rank in range(config.tensor_parallel_size)]
         for name, kind, args in [*children, ("tokenizer", "tokenizer", ()), ("scheduler", "scheduler", ())]:
@@ -161,8 +164,11 @@ class AsyncEngine:
         if self._dead or self._closing:
             return
         # A process that lost a peer (a tensor-parallel rank) fails too: name the dead ones first.
-        died = [f"the {name} process died (exit code {proc.exitcode})"
-                for name, proc in self._procs.items() if name != process and proc.exitcode is not None]
+        died = [
+            f"the {name} process died (exit code {proc.exitcode})"
+            for name, proc in self._procs.items()
+            if name != process and proc.exitcode is not None
+        ]
         reason = "; ".join([*died, reason])
         self._dead = reason
         logger.error("engine failed: %s", reason)
@@ -221,7 +227,7 @@ class AsyncEngine:
     async def _stop_processes(self) -> None:
         self._closing = True
         loop = asyncio.get_running_loop()
-        for name, proc in self._procs.items():
+        for proc in self._procs.values():
             loop.remove_reader(proc.sentinel)
         for sock in getattr(self, "_out", {}).values():
             processes.send(sock, Shutdown())
@@ -306,7 +312,9 @@ class AsyncEngine:
         taken = {ref.slot for ref in self._loras.values()} | self._reserved_slots
         free = [slot for slot in range(config.lora_slots) if slot not in taken]
         if not free:
-            raise ValueError(f"all {config.lora_slots} LoRA slots are taken ({', '.join(self._loras)}): unload one first")
+            raise ValueError(
+                f"all {config.lora_slots} LoRA slots are taken ({', '.join(self._loras)}): unload one first"
+            )
         self._reserved_slots.add(free[0])
         try:
             await self._call("scheduler", lambda token: LoadLora(token, free[0], path), timeout)
@@ -323,16 +331,25 @@ class AsyncEngine:
         del self._loras[name], self._lora_paths[name]
 
     async def tokenize(
-        self, prompt: str | None = None, messages: list[dict] | None = None,
-        chat_template_kwargs: dict | None = None, add_special_tokens: bool = True,
+        self,
+        prompt: str | None = None,
+        messages: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
+        add_special_tokens: bool = True,
     ) -> list[int]:
         """The token ids of ``prompt``, or of ``messages`` through the chat template, as the engine would run them."""
         if (prompt is None) == (messages is None):
             raise ValueError("tokenize needs exactly one of prompt or messages")
-        result = await self._call("tokenizer", lambda token: TokenizeCall(
-            token, prompt=prompt, messages=messages, chat_template_kwargs=chat_template_kwargs,
-            add_special_tokens=add_special_tokens,
-        ))
+        result = await self._call(
+            "tokenizer",
+            lambda token: TokenizeCall(
+                token,
+                prompt=prompt,
+                messages=messages,
+                chat_template_kwargs=chat_template_kwargs,
+                add_special_tokens=add_special_tokens,
+            ),
+        )
         return result.token_ids
 
     async def detokenize(self, token_ids: list[int]) -> str:
@@ -341,7 +358,9 @@ class AsyncEngine:
 
     async def token_texts(self, token_ids: list[int]) -> list[str]:
         """Each token's text on its own (as logprobs show them)."""
-        result = await self._call("tokenizer", lambda token: TokenizeCall(token, token_ids=list(token_ids), pieces=True))
+        result = await self._call(
+            "tokenizer", lambda token: TokenizeCall(token, token_ids=list(token_ids), pieces=True)
+        )
         return result.pieces
 
     async def _call(self, process: str, make: Callable[[int], object], timeout: float = 10.0):
@@ -382,10 +401,15 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         stream = _Stream(
-            request_id, prompt, params, RequestMetrics(arrival_time=time.time()),
+            request_id,
+            prompt,
+            params,
+            RequestMetrics(arrival_time=time.time()),
             reasoning=self.config.reasoning_parser is not None,
         )
-        processes.send(self._out["tokenizer"], GenerateRequest(request_id, params, stream.metrics.arrival_time, **fields))
+        processes.send(
+            self._out["tokenizer"], GenerateRequest(request_id, params, stream.metrics.arrival_time, **fields)
+        )
         finished = False
         try:
             while not finished:
@@ -457,8 +481,13 @@ class _Stream:
         if self.finished:
             metrics.finished_time = now
         sample = CompletionOutput(
-            delta.index, delta.text, delta.token_ids, delta.finish_reason, logprobs,
-            self.cumulative.get(delta.index), delta.reasoning if self.reasoning else None,
+            delta.index,
+            delta.text,
+            delta.token_ids,
+            delta.finish_reason,
+            logprobs,
+            self.cumulative.get(delta.index),
+            delta.reasoning if self.reasoning else None,
         )
         if self.ranked:
             self._fold(sample)

@@ -9,7 +9,6 @@ import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 from tqdm.auto import tqdm
-
 from tristream.engine import AsyncEngine
 from tristream.outputs import RequestOutput, accumulate
 from tristream.protocol import SchedulerStats
@@ -65,7 +64,9 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Complete a prompt or a batch of prompts (strings or token-id lists)."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
             prompts = [prompts]
         jobs = [("generate", p, {}) for p in prompts]
         return self._run(jobs, sampling_params, use_tqdm)

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from safetensors import safe_open
-
 from tristream.model_config import ModelConfig
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,8 +33,13 @@ def module_shape(mc: ModelConfig, module: str) -> tuple[int, int]:
     """(in, out) features of a projection of the whole model."""
     q, kv, h, inter = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim, mc.hidden_size, mc.intermediate_size
     return {
-        "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-        "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h),
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
     }[module]
 
 
@@ -54,8 +58,12 @@ def read_adapter(path: str, mc: ModelConfig) -> LoraAdapter:
         config = json.load(f)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not supported, only LORA")
-    for key, what in (("use_dora", "DoRA"), ("modules_to_save", "modules_to_save"), ("rank_pattern", "rank_pattern"),
-                      ("alpha_pattern", "alpha_pattern")):
+    for key, what in (
+        ("use_dora", "DoRA"),
+        ("modules_to_save", "modules_to_save"),
+        ("rank_pattern", "rank_pattern"),
+        ("alpha_pattern", "alpha_pattern"),
+    ):
         if config.get(key):
             raise ValueError(f"{path}: {what} adapters are not supported")
     if config.get("bias", "none") != "none":

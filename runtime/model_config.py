@@ -12,7 +12,12 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
-_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 @dataclass
@@ -44,7 +49,9 @@ class ModelConfig:
             raw = json.load(f)
         arch = (raw.get("architectures") or [_BY_MODEL_TYPE.get(raw.get("model_type"), "")])[0]
         if arch not in ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {arch or raw.get('model_type')!r} in {model_dir}; supported: {sorted(ARCHITECTURES)}")
+            raise ValueError(
+                f"unsupported architecture {arch or raw.get('model_type')!r} in {model_dir}; supported: {sorted(ARCHITECTURES)}"
+            )
         family = ARCHITECTURES[arch]
         rope = raw.get("rope_parameters") or {}
         theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))

@@ -44,8 +44,7 @@ def default_model_path() -> str:
     ggufs = sorted(folder.glob("*.gguf"))
     if len(ggufs) != 1:
         raise FileNotFoundError(
-            f"expected exactly one .gguf file in {folder}, found {len(ggufs)}; "
-            f"reinstall the default model: {hint}"
+            f"expected exactly one .gguf file in {folder}, found {len(ggufs)}; reinstall the default model: {hint}"
         )
     return str(ggufs[0])
 
@@ -90,8 +89,7 @@ def resolve_model(model: str | None, load_format: str = "auto") -> str:
         raise ValueError(f"model directory {path} has no config.json")
     if load_format == "auto" and not any(path.glob("*.safetensors")):
         raise ValueError(
-            f"model directory {path} has no *.safetensors weights; "
-            "use load_format='dummy' to run with random weights"
+            f"model directory {path} has no *.safetensors weights; use load_format='dummy' to run with random weights"
         )
     return str(path)
 

@@ -67,9 +67,13 @@ def accumulate(final: RequestOutput | None, out: RequestOutput) -> RequestOutput
     for delta in out.outputs:
         whole = by_index.get(delta.index)
         if whole is None:
-            final.outputs.append(dataclasses.replace(
-                delta, token_ids=list(delta.token_ids), logprobs=list(delta.logprobs) if delta.logprobs is not None else None
-            ))
+            final.outputs.append(
+                dataclasses.replace(
+                    delta,
+                    token_ids=list(delta.token_ids),
+                    logprobs=list(delta.logprobs) if delta.logprobs is not None else None,
+                )
+            )
             continue
         whole.text += delta.text
         whole.token_ids.extend(delta.token_ids)

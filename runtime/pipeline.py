@@ -150,7 +150,9 @@ def _params(gen_config: GenConfig, adapter_name: str | None, count: int) -> list
         if len(configs) != count:
             raise ValueError(f"got {len(configs)} gen_configs for {count} prompts")
     else:
-        raise TypeError(f"gen_config must be a GenerationConfig, a SamplingParams or a list of them, got {gen_config!r}")
+        raise TypeError(
+            f"gen_config must be a GenerationConfig, a SamplingParams or a list of them, got {gen_config!r}"
+        )
     for c in configs:
         if not isinstance(c, SamplingParams):
             raise TypeError(f"gen_config must be a GenerationConfig or SamplingParams, got {type(c).__name__}")
@@ -170,6 +172,11 @@ def _response(out: RequestOutput, index: int) -> Response:
     """The one sample of ``out``, a whole result or a delta, as prompt ``index``'s Response."""
     s = out.outputs[0]
     return Response(
-        s.text, out.metrics.num_generated_tokens, len(out.prompt_token_ids), s.finish_reason, s.token_ids, s.logprobs,
+        s.text,
+        out.metrics.num_generated_tokens,
+        len(out.prompt_token_ids),
+        s.finish_reason,
+        s.token_ids,
+        s.logprobs,
         index,
     )

@@ -18,7 +18,6 @@ import traceback
 from collections.abc import Iterator
 
 import zmq
-
 from tristream.protocol import Ipc, ProcessFailed, decode, encode
 
 logger = logging.getLogger("tristream")
@@ -127,7 +126,9 @@ def _no_main_reimport() -> Iterator[None]:
 def spawn(name: str, module: str, ipc: Ipc, *args: object) -> mp.Process:
     """Start ``module.run(ipc, *args)`` in a spawned child process called ``name``."""
     ctx = mp.get_context("spawn")
-    proc = ctx.Process(target=child_main, args=(name, module, os.getpid(), ipc, *args), name=f"tristream-{name}", daemon=True)
+    proc = ctx.Process(
+        target=child_main, args=(name, module, os.getpid(), ipc, *args), name=f"tristream-{name}", daemon=True
+    )
     with _no_main_reimport():
         proc.start()
     return proc

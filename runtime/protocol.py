@@ -384,8 +384,18 @@ class PlanEncoder:
             left, joined = tuple(before - now), tuple(now - before)
             self.decode = decode
         rest = (plan.slots[k:], plan.num_tokens[k:], plan.sample[k:]) if k < len(plan.slots) else None
-        return PlanDiff(plan.step_id, left, joined, rest, plan.new, plan.freed, plan.pages, plan.copies,
-                        plan.after_idle, plan.sent_at)
+        return PlanDiff(
+            plan.step_id,
+            left,
+            joined,
+            rest,
+            plan.new,
+            plan.freed,
+            plan.pages,
+            plan.copies,
+            plan.after_idle,
+            plan.sent_at,
+        )
 
 
 class PlanDecoder:
@@ -403,4 +413,6 @@ class PlanDecoder:
             slots += d.rest[0]
             num_tokens += d.rest[1]
             sample += d.rest[2]
-        return BatchPlan(d.step_id, d.new, d.freed, d.pages, slots, num_tokens, sample, d.copies, d.after_idle, d.sent_at)
+        return BatchPlan(
+            d.step_id, d.new, d.freed, d.pages, slots, num_tokens, sample, d.copies, d.after_idle, d.sent_at
+        )

@@ -23,10 +23,18 @@ class StructuredOutput:
     def __post_init__(self) -> None:
         given = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
         if len(given) != 1:
-            raise ValueError(f"structured needs exactly one of json, json_object, regex, grammar or choice; got {given or 'none'}")
+            raise ValueError(
+                f"structured needs exactly one of json, json_object, regex, grammar or choice; got {given or 'none'}"
+            )
         if self.choice is not None:
-            if isinstance(self.choice, str) or not self.choice or not all(isinstance(c, str) and c for c in self.choice):
-                raise ValueError(f"structured.choice must be a non-empty list of non-empty strings, got {self.choice!r}")
+            if (
+                isinstance(self.choice, str)
+                or not self.choice
+                or not all(isinstance(c, str) and c for c in self.choice)
+            ):
+                raise ValueError(
+                    f"structured.choice must be a non-empty list of non-empty strings, got {self.choice!r}"
+                )
             object.__setattr__(self, "choice", tuple(self.choice))
         for name in ("regex", "grammar"):
             value = getattr(self, name)
@@ -96,7 +104,11 @@ class SamplingParams:
     random_seed: InitVar[int | None] = None
 
     def __post_init__(
-        self, max_new_tokens: int | None, min_new_tokens: int | None, stop_words: list[str] | None, random_seed: int | None
+        self,
+        max_new_tokens: int | None,
+        min_new_tokens: int | None,
+        stop_words: list[str] | None,
+        random_seed: int | None,
     ) -> None:
         for alias, name, value in (
             ("max_new_tokens", "max_tokens", max_new_tokens),

@@ -63,7 +63,9 @@ def shard_model(mc: ModelConfig, size: int, rank: int) -> Shard:
         q_heads = range(rank * heads // size, (rank + 1) * heads // size)
         kv_heads = range(q_heads.start // group, q_heads.start // group + 1)
     if size > mc.intermediate_size:
-        raise ValueError(f"tensor_parallel_size={size} is more than the model's intermediate size {mc.intermediate_size}")
+        raise ValueError(
+            f"tensor_parallel_size={size} is more than the model's intermediate size {mc.intermediate_size}"
+        )
     rows = -(-mc.vocab_size // size)
     vocab = range(min(rank * rows, mc.vocab_size), min((rank + 1) * rows, mc.vocab_size))
     return Shard(rank, size, q_heads, kv_heads, _even(mc.intermediate_size, size, rank), vocab, rows)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import zmq
-
 from tristream.config import EngineConfig
 from tristream.processes import bind_inbox, connect_outbox, recv, recv_all, send
 from tristream.protocol import (

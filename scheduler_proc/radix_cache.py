@@ -97,7 +97,10 @@ class RadixCache:
             if child is None:
                 break
             for start in range(0, len(child.tokens), ps):
-                if i + start + ps > len(tokens) or child.tokens[start : start + ps] != tokens[i + start : i + start + ps]:
+                if (
+                    i + start + ps > len(tokens)
+                    or child.tokens[start : start + ps] != tokens[i + start : i + start + ps]
+                ):
                     return i + start
             i += len(child.tokens)
             node = child

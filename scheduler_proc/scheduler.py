@@ -97,7 +97,8 @@ class Scheduler:
             return TokenDelta(spec.request_id, [], error=f"request_id {spec.request_id!r} is already running")
         if len(spec.prompt_token_ids) >= self.max_len:
             return TokenDelta(
-                spec.request_id, [],
+                spec.request_id,
+                [],
                 error=f"the prompt has {len(spec.prompt_token_ids)} tokens, but the KV cache holds only "
                 f"{self.capacity} tokens: it can never run",
             )
@@ -147,7 +148,9 @@ class Scheduler:
         if self.cache is None:
             return
         n = min(req.num_computed, req.num_tokens) // self.page_size
-        node, tree_pages = self.cache.insert(req.all_token_ids[: n * self.page_size], req.pages[:n], req.cache_namespace)
+        node, tree_pages = self.cache.insert(
+            req.all_token_ids[: n * self.page_size], req.pages[:n], req.cache_namespace
+        )
         for mine, theirs in zip(req.pages, tree_pages):
             if mine == theirs:
                 req.own_pages.discard(mine)
@@ -244,8 +247,14 @@ class Scheduler:
         self.running.append(req)
         plan.new.append(
             NewSequence(
-                req.slot, req.all_token_ids, start, len(req.output_token_ids), req.spec.params,
-                req.spec.bad_words_ids, req.spec.grammar, req.spec.lora.slot if req.spec.lora else -1,
+                req.slot,
+                req.all_token_ids,
+                start,
+                len(req.output_token_ids),
+                req.spec.params,
+                req.spec.bad_words_ids,
+                req.spec.grammar,
+                req.spec.lora.slot if req.spec.lora else -1,
             )
         )
         plan.pages.append((req.slot, list(req.pages)))
@@ -267,7 +276,11 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         preempted = False
         # Samples may fork only prompts whose KV was computed before this step.
-        forkable = {r.request_id for r in self.running if r.num_computed >= len(r.spec.prompt_token_ids)} if self.waiting else set()
+        forkable = (
+            {r.request_id for r in self.running if r.num_computed >= len(r.spec.prompt_token_ids)}
+            if self.waiting
+            else set()
+        )
         for req in list(self.running):
             if budget == 0:
                 break
@@ -350,7 +363,9 @@ class Scheduler:
                     num_cached_tokens=req.num_cached_tokens if first else 0,
                     time_in_queue=req.first_scheduled_time - req.spec.arrival_time if first else None,
                     logprobs=[lp] if lp is not None else None,
-                    prompt_logprobs=req.prompt_logprobs if first and req.spec.params.prompt_logprobs is not None else None,
+                    prompt_logprobs=req.prompt_logprobs
+                    if first and req.spec.params.prompt_logprobs is not None
+                    else None,
                 )
             )
             if reason is not None:
@@ -367,8 +382,13 @@ class Scheduler:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "step %d: %d rows, %d sampled, gpu %.2f ms, gpu idle %.2f ms, scheduler %.2f ms, ipc %.2f ms",
-                step.step_id, len(step.rows), len(result.token_ids), 1e3 * result.gpu_busy_s, 1e3 * result.gpu_idle_s,
-                1e3 * (step.plan_s + took), 1e3 * ipc_s,
+                step.step_id,
+                len(step.rows),
+                len(result.token_ids),
+                1e3 * result.gpu_busy_s,
+                1e3 * result.gpu_idle_s,
+                1e3 * (step.plan_s + took),
+                1e3 * ipc_s,
             )
         return deltas
 

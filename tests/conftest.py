@@ -20,9 +20,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
 from tristream import AsyncEngine  # noqa: E402
 from tristream.model_files import resolve_model  # noqa: E402
+
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     """Greedy decoding with transformers' own KV cache, one prompt at a time."""
@@ -32,7 +32,9 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
         for _ in range(n):
             token = int(res.logits[0, -1].argmax())
             out.append(token)
-            res = model(torch.tensor([[token]], device=model.device), past_key_values=res.past_key_values, use_cache=True)
+            res = model(
+                torch.tensor([[token]], device=model.device), past_key_values=res.past_key_values, use_cache=True
+            )
     return out
 
 
@@ -107,7 +109,9 @@ def start_server(*args: str, timeout: float = 180.0) -> LiveServer:
     """Run ``tristream serve --port 0 ARGS`` and wait until it listens."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "tristream", "serve", "--port", "0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.monotonic() + timeout
     lines = []

@@ -13,7 +13,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from tristream import SamplingParams, StructuredOutput
 from tristream.batch import load_written, parse_line, run_batch
 from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -56,9 +55,19 @@ def test_prompt_and_messages_lines_with_overrides():
 
 
 def test_openai_batch_lines_take_their_sampling_fields_from_the_body():
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 5,
-            "temperature": 0.5, "top_p": 0.9, "seed": 11, "stop": "\n", "n": 2, "user": "u1", "logprobs": True,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_completion_tokens": 5,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "seed": 11,
+        "stop": "\n",
+        "n": 2,
+        "user": "u1",
+        "logprobs": True,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+    }
     line = {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": body}
     job = parse_line(json.dumps(line), 3, BASE)
     assert job.error is None and job.openai and job.id == "r1" and job.model == "gpt-4o-mini"
@@ -67,30 +76,42 @@ def test_openai_batch_lines_take_their_sampling_fields_from_the_body():
     assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.stop, p.n, p.logprobs) == (5, 0.5, 0.9, 11, ["\n"], 2, None)
     assert p.structured == StructuredOutput(json={"type": "object"})
 
-    line = {"custom_id": "r2", "method": "POST", "url": "/v1/completions",
-            "body": {"model": "m", "prompt": "Once", "max_tokens": 4, "response_format": {"type": "json_object"}}}
+    line = {
+        "custom_id": "r2",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": "m", "prompt": "Once", "max_tokens": 4, "response_format": {"type": "json_object"}},
+    }
     job = parse_line(json.dumps(line), 4, BASE)
     assert (job.prompt, job.messages, job.params.max_tokens) == ("Once", None, 4)
     assert job.params.structured == StructuredOutput(json_object=True)
 
 
-@pytest.mark.parametrize("line, ident, openai, reason", [
-    ('{"id": "a", "prompt": "x"', "line-5", False, "not valid JSON"),
-    ('["id", "prompt"]', "line-5", False, "not a JSON object"),
-    ('{"prompt": "x"}', "line-5", False, "id must be"),
-    ('{"id": true, "prompt": "x"}', "line-5", False, "id must be"),
-    ('{"id": "a"}', "a", False, "either prompt or messages"),
-    ('{"id": "a", "prompt": "x", "messages": []}', "a", False, "either prompt or messages"),
-    ('{"id": "a", "prompt": "x", "temperature": -1}', "a", False, "temperature must be >= 0"),
-    ('{"id": "a", "messages": "hi"}', "a", False, "messages must be a non-empty list"),
-    ('{"id": "a", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "a", False, "only text"),
-    ('{"custom_id": "b", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}', "b", True, "url must be"),
-    ('{"custom_id": "b", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}}', "b", True, "POST"),
-    ('{"custom_id": "b", "url": "/v1/chat/completions", "body": {"prompt": "x"}}', "b", True, "needs messages"),
-    ('{"custom_id": "b", "url": "/v1/completions", "body": {"prompt": "x", "top_p": 2}}', "b", True, "top_p"),
-    ('{"url": "/v1/completions", "body": {"prompt": "x"}}', "line-5", True, "custom_id must be"),
-    ('{"id": "a", "url": "https://example.com", "method": "GET"}', "a", False, "either prompt or messages"),
-])
+@pytest.mark.parametrize(
+    "line, ident, openai, reason",
+    [
+        ('{"id": "a", "prompt": "x"', "line-5", False, "not valid JSON"),
+        ('["id", "prompt"]', "line-5", False, "not a JSON object"),
+        ('{"prompt": "x"}', "line-5", False, "id must be"),
+        ('{"id": true, "prompt": "x"}', "line-5", False, "id must be"),
+        ('{"id": "a"}', "a", False, "either prompt or messages"),
+        ('{"id": "a", "prompt": "x", "messages": []}', "a", False, "either prompt or messages"),
+        ('{"id": "a", "prompt": "x", "temperature": -1}', "a", False, "temperature must be >= 0"),
+        ('{"id": "a", "messages": "hi"}', "a", False, "messages must be a non-empty list"),
+        ('{"id": "a", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "a", False, "only text"),
+        (
+            '{"custom_id": "b", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}',
+            "b",
+            True,
+            "url must be",
+        ),
+        ('{"custom_id": "b", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}}', "b", True, "POST"),
+        ('{"custom_id": "b", "url": "/v1/chat/completions", "body": {"prompt": "x"}}', "b", True, "needs messages"),
+        ('{"custom_id": "b", "url": "/v1/completions", "body": {"prompt": "x", "top_p": 2}}', "b", True, "top_p"),
+        ('{"url": "/v1/completions", "body": {"prompt": "x"}}', "line-5", True, "custom_id must be"),
+        ('{"id": "a", "url": "https://example.com", "method": "GET"}', "a", False, "either prompt or messages"),
+    ],
+)
 def test_malformed_lines_become_errors_naming_the_line(line, ident, openai, reason):
     job = parse_line(line, 5, BASE)
     assert (job.id, job.openai) == (ident, openai)
@@ -103,8 +124,10 @@ def test_malformed_lines_become_errors_naming_the_line(line, ident, openai, reas
 def test_a_torn_last_line_is_cut_off_and_counts_as_not_written(tmp_path):
     out = tmp_path / "out.jsonl"
     assert load_written(str(out)) == {}
-    whole = (b'{"id": 1, "text": "a"}\n{"id": "1", "text": "b"}\n'
-             b'{"id": "batch_req_x", "custom_id": "c", "response": null, "error": {"message": "m"}}\n\n')
+    whole = (
+        b'{"id": 1, "text": "a"}\n{"id": "1", "text": "b"}\n'
+        b'{"id": "batch_req_x", "custom_id": "c", "response": null, "error": {"message": "m"}}\n\n'
+    )
     out.write_bytes(whole + b'{"id": 2, "text": "cut sh')
     assert load_written(str(out)) == {"1": 1, '"1"': 1, '"c"': 1}
     assert out.read_bytes() == whole
@@ -155,8 +178,14 @@ class ReversingEngine:
                     cut = len(answer) // 2
                     piece = answer[:cut] if half == 0 else answer[cut:]
                     outputs.append(CompletionOutput(i, piece, [ord(c) for c in piece], reason))
-                yield RequestOutput(request_id, text, [1, 2, 3], outputs, finished=half == 1,
-                                    metrics=RequestMetrics(arrival_time=time.time()))
+                yield RequestOutput(
+                    request_id,
+                    text,
+                    [1, 2, 3],
+                    outputs,
+                    finished=half == 1,
+                    metrics=RequestMetrics(arrival_time=time.time()),
+                )
         finally:
             self.running -= 1
 
@@ -165,9 +194,17 @@ async def test_run_batch_writes_in_input_order_and_resumes(tmp_path, capsys):
     lines = [
         {"id": "p1", "prompt": "first prompt"},
         {"id": 2, "messages": [{"role": "user", "content": "a chat"}]},
-        {"custom_id": "c3", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "asked", "messages": [{"role": "user", "content": "openai chat"}], "n": 2,
-                  "max_completion_tokens": 5}},
+        {
+            "custom_id": "c3",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "asked",
+                "messages": [{"role": "user", "content": "openai chat"}],
+                "n": 2,
+                "max_completion_tokens": 5,
+            },
+        },
         {"custom_id": "c4", "method": "POST", "url": "/v1/completions", "body": {"prompt": "openai text"}},
         {"id": "empty", "prompt": ""},
         {"id": "p1", "prompt": "the same id again"},
@@ -184,8 +221,13 @@ async def test_run_batch_writes_in_input_order_and_resumes(tmp_path, capsys):
 
     records = read_records(out)
     assert [record_id(r) for r in records] == ["p1", 2, "c3", "c4", "empty", "p1", "p7", "line-9"]
-    assert records[0] == {"id": "p1", "text": "FIRST PROMPT", "finish_reason": "length",
-                          "prompt_tokens": 3, "completion_tokens": 12}
+    assert records[0] == {
+        "id": "p1",
+        "text": "FIRST PROMPT",
+        "finish_reason": "length",
+        "prompt_tokens": 3,
+        "completion_tokens": 12,
+    }
     assert records[1]["text"] == "A CHAT"
     chat = records[2]
     assert chat["id"].startswith("batch_req_") and chat["error"] is None
@@ -193,16 +235,24 @@ async def test_run_batch_writes_in_input_order_and_resumes(tmp_path, capsys):
     body = chat["response"]["body"]
     assert body["object"] == "chat.completion" and body["model"] == "asked" and body["id"].startswith("chatcmpl-")
     assert body["choices"] == [
-        {"index": i, "message": {"role": "assistant", "content": f"OPENAI CHAT #{i}"}, "logprobs": None,
-         "finish_reason": "length"} for i in range(2)]
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": f"OPENAI CHAT #{i}"},
+            "logprobs": None,
+            "finish_reason": "length",
+        }
+        for i in range(2)
+    ]
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 28, "total_tokens": 31}
     body = records[3]["response"]["body"]
     assert body["object"] == "text_completion" and body["model"] == "stand-in"
     assert body["choices"] == [{"index": 0, "text": "OPENAI TEXT", "logprobs": None, "finish_reason": "length"}]
     assert records[4] == {"id": "empty", "error": "line 5: the prompt is empty"}
     assert records[5] == {"id": "p1", "error": "line 6: duplicate id 'p1' (first on line 1)"}
-    assert records[6]["choices"] == [{"text": "LAST PROMPT #0", "finish_reason": "length"},
-                                     {"text": "LAST PROMPT #1", "finish_reason": "length"}]
+    assert records[6]["choices"] == [
+        {"text": "LAST PROMPT #0", "finish_reason": "length"},
+        {"text": "LAST PROMPT #1", "finish_reason": "length"},
+    ]
     assert records[7]["id"] == "line-9" and "not valid JSON" in records[7]["error"]
 
     full = out.read_bytes()
@@ -223,9 +273,28 @@ async def test_a_missing_input_file_is_named(tmp_path):
 
 # ---------------------------------------------------------------- the CLI on the bundled model, interrupted
 
-TOPICS = ["the sea", "a red fox", "autumn rain", "the moon", "a lighthouse", "bread", "mountains", "a library",
-          "snow", "a train", "coffee", "the desert", "a violin", "tides", "a garden", "thunder", "an old map",
-          "bees", "a bridge", "the stars"]
+TOPICS = [
+    "the sea",
+    "a red fox",
+    "autumn rain",
+    "the moon",
+    "a lighthouse",
+    "bread",
+    "mountains",
+    "a library",
+    "snow",
+    "a train",
+    "coffee",
+    "the desert",
+    "a violin",
+    "tides",
+    "a garden",
+    "thunder",
+    "an old map",
+    "bees",
+    "a bridge",
+    "the stars",
+]
 BROKEN = 7
 
 
@@ -238,12 +307,24 @@ def batch_input() -> tuple[str, list[str | int]]:
             ids.append(f"line-{n}")
             continue
         if n == 4:
-            line = {"custom_id": "req-4", "method": "POST", "url": "/v1/chat/completions",
-                    "body": {"model": "smol", "messages": [{"role": "user", "content": f"Describe {topic}."}],
-                             "max_completion_tokens": 5, "temperature": 0}}
+            line = {
+                "custom_id": "req-4",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": "smol",
+                    "messages": [{"role": "user", "content": f"Describe {topic}."}],
+                    "max_completion_tokens": 5,
+                    "temperature": 0,
+                },
+            }
         elif n == 13:
-            line = {"custom_id": "req-13", "method": "POST", "url": "/v1/completions",
-                    "body": {"model": "smol", "prompt": f"A short story about {topic}:", "max_tokens": 8}}
+            line = {
+                "custom_id": "req-13",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": "smol", "prompt": f"A short story about {topic}:", "max_tokens": 8},
+            }
         elif n % 2:
             line = {"id": f"p{n}", "prompt": f"Some facts about {topic}:"}
         else:
@@ -255,15 +336,27 @@ def batch_input() -> tuple[str, list[str | int]]:
 
 # One request at a time and no prefix cache: every run computes each request alike, and a run can be
 # stopped part-way. One torch thread: on a small machine shared with other work, more are much slower.
-FLAGS = ["--temperature", "0", "--max-tokens", "8", "--max-model-len", "1024",
-         "--max-num-seqs", "1", "--no-enable-prefix-caching"]
+FLAGS = [
+    "--temperature",
+    "0",
+    "--max-tokens",
+    "8",
+    "--max-model-len",
+    "1024",
+    "--max-num-seqs",
+    "1",
+    "--no-enable-prefix-caching",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_to_end(src: Path, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tristream", "batch", "--input", str(src), "--output", str(out), *FLAGS],
-        capture_output=True, text=True, timeout=300, env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
     )
 
 
@@ -271,7 +364,9 @@ def start_batch(src: Path, out: Path, err: Path) -> subprocess.Popen:
     with open(err, "w") as f:
         return subprocess.Popen(
             [sys.executable, "-m", "tristream", "batch", "--input", str(src), "--output", str(out), *FLAGS],
-            stdout=subprocess.DEVNULL, stderr=f, env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            env=ENV,
             # A shell that starts jobs in the background hands them SIGINT ignored.
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )

@@ -7,7 +7,6 @@ import json
 import httpx
 import pytest
 from transformers import AutoTokenizer
-
 from tristream import AsyncEngine
 from tristream.cli import _engine, _params, parse_args
 from tristream.server import build_app
@@ -21,10 +20,19 @@ def write(tmp_path, text: str, name: str = "config.yaml") -> str:
 
 
 def test_yaml_sets_defaults_that_flags_override(tmp_path):
-    config = write(tmp_path, "model_name_or_path: /models/m\ntemplate: chatml\nport: 9000\nmax-model-len: 512\n"
-                             "api_key: k\ninfer_backend: vllm\n")
+    config = write(
+        tmp_path,
+        "model_name_or_path: /models/m\ntemplate: chatml\nport: 9000\nmax-model-len: 512\n"
+        "api_key: k\ninfer_backend: vllm\n",
+    )
     args = parse_args(["serve", config])
-    assert (args.model, args.chat_template, args.port, args.max_model_len, args.api_key) == ("/models/m", "chatml", 9000, 512, "k")
+    assert (args.model, args.chat_template, args.port, args.max_model_len, args.api_key) == (
+        "/models/m",
+        "chatml",
+        9000,
+        512,
+        "k",
+    )
     args = parse_args(["serve", config, "--port", "9100", "--model", "/models/other"])
     assert (args.port, args.model, args.max_model_len) == (9100, "/models/other", 512)
 
@@ -36,15 +44,18 @@ def test_yaml_sampling_keys_for_chat_and_batch(tmp_path):
     assert (batch.input, batch.output, batch.top_k) == ("in.jsonl", "out.jsonl", 5)
 
 
-@pytest.mark.parametrize("text, words", [
-    ("frobnicate: 1\n", ["unknown key", "frobnicate"]),
-    ("system: hi\n", ["unknown key", "system"]),
-    ("- a list\n", ["mapping"]),
-    ("port: [unclosed\n", ["not valid YAML"]),
-    ("adapter_name_or_path: saves/a, saves/b\n", ["2 adapters", "one adapter per request", "lora_modules"]),
-    ("lora_modules: [a]\n", ["lora_modules", "'a' is not NAME=PATH"]),
-    ("lora_modules: /x\n", ["NAME=PATH items or a mapping"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("frobnicate: 1\n", ["unknown key", "frobnicate"]),
+        ("system: hi\n", ["unknown key", "system"]),
+        ("- a list\n", ["mapping"]),
+        ("port: [unclosed\n", ["not valid YAML"]),
+        ("adapter_name_or_path: saves/a, saves/b\n", ["2 adapters", "one adapter per request", "lora_modules"]),
+        ("lora_modules: [a]\n", ["lora_modules", "'a' is not NAME=PATH"]),
+        ("lora_modules: /x\n", ["NAME=PATH items or a mapping"]),
+    ],
+)
 def test_bad_yaml_is_an_error_that_says_why(tmp_path, capsys, text, words):
     with pytest.raises(SystemExit) as info:
         parse_args(["serve", write(tmp_path, text)])
@@ -72,20 +83,31 @@ def test_builtin_templates_render(model_dir):
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "Be brief.Hi"
     tokenizer.chat_template = BUILTIN_TEMPLATES["qwen"]
     assert tokenizer.apply_chat_template(messages[1:], tokenize=False).startswith(
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>"
+    )
     with pytest.raises(ValueError, match="neither a file nor a built-in"):
         resolve_chat_template("no-such-template")
 
 
 async def test_reasoning_content_through_the_server(tmp_path):
     """A template that opens <think> puts what the model writes first into reasoning_content."""
-    template = write(tmp_path, BUILTIN_TEMPLATES["chatml"].replace(
-        "<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}"), "think.jinja")
+    template = write(
+        tmp_path,
+        BUILTIN_TEMPLATES["chatml"].replace(
+            "<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}"
+        ),
+        "think.jinja",
+    )
     assert "<think>" in (tmp_path / "think.jinja").read_text()
-    body = {"messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 12, "temperature": 0,
-            "ignore_eos": True}
-    async with AsyncEngine(chat_template=template, reasoning_parser="think", max_model_len=512,
-                           log_level="WARNING") as engine:
+    body = {
+        "messages": [{"role": "user", "content": "Why is the sky blue?"}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    async with AsyncEngine(
+        chat_template=template, reasoning_parser="think", max_model_len=512, log_level="WARNING"
+    ) as engine:
         transport = httpx.ASGITransport(app=build_app(engine, "m"))
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as http:
             whole = (await http.post("/v1/chat/completions", json=body)).json()
@@ -106,8 +128,9 @@ def test_tensor_parallel_size_from_flag_or_yaml(tmp_path):
 
 
 def test_lora_flags_reach_the_engine_and_the_requests():
-    args = parse_args(["chat", "--lora-modules", "a=/x", "b=/y", "--max-loras", "3", "--max-lora-rank", "8",
-                       "--lora", "b"])
+    args = parse_args(
+        ["chat", "--lora-modules", "a=/x", "b=/y", "--max-loras", "3", "--max-lora-rank", "8", "--lora", "b"]
+    )
     config = _engine(args).config
     assert (config.lora_adapters, config.max_loras, config.max_lora_rank) == ({"a": "/x", "b": "/y"}, 3, 8)
     assert _params(args).lora == "b"
@@ -115,12 +138,15 @@ def test_lora_flags_reach_the_engine_and_the_requests():
     assert (_engine(plain).config.lora_adapters, plain.lora) == (None, None)
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--lora-modules", "a=/x", "nopath"], ["--lora-modules", "'nopath' is not NAME=PATH"]),
-    (["--lora-modules", "a=/x", "a=/y"], ["'a' is given twice"]),
-    (["--lora-modules", "a=/x", "--lora", "b"], ["--lora b", "a"]),
-    (["--lora", "b"], ["--lora b", "none given"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--lora-modules", "a=/x", "nopath"], ["--lora-modules", "'nopath' is not NAME=PATH"]),
+        (["--lora-modules", "a=/x", "a=/y"], ["'a' is given twice"]),
+        (["--lora-modules", "a=/x", "--lora", "b"], ["--lora b", "a"]),
+        (["--lora", "b"], ["--lora b", "none given"]),
+    ],
+)
 def test_bad_lora_flags_are_errors_that_say_why(capsys, argv, words):
     with pytest.raises(SystemExit) as info:
         parse_args(["serve", *argv])
@@ -131,8 +157,11 @@ def test_bad_lora_flags_are_errors_that_say_why(capsys, argv, words):
 
 
 def test_yaml_adapter_name_or_path_loads_it_and_makes_it_the_default(tmp_path):
-    config = write(tmp_path, "model_name_or_path: /models/m\nadapter_name_or_path: saves/llama3-8b/lora/sft/\n"
-                             "finetuning_type: lora\nlora_modules:\n  other: /adapters/other\n")
+    config = write(
+        tmp_path,
+        "model_name_or_path: /models/m\nadapter_name_or_path: saves/llama3-8b/lora/sft/\n"
+        "finetuning_type: lora\nlora_modules:\n  other: /adapters/other\n",
+    )
     args = parse_args(["chat", config])
     assert args.lora_adapters == {"other": "/adapters/other", "sft": "saves/llama3-8b/lora/sft/"}
     assert args.lora == "sft" and _params(args).lora == "sft"

@@ -9,7 +9,6 @@ from itertools import count
 from typing import Any
 
 import pytest
-
 from tristream.model_files import resolve_model
 from tristream.tokenizer_proc import detokenizer
 from tristream.tokenizer_proc.detokenizer import (
@@ -184,7 +183,9 @@ def sentencepiece_tokenizer() -> Any:
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
-def test_sentencepiece_output_decodes_in_prompt_context(sentencepiece_tokenizer: Any, skip_special_tokens: bool) -> None:
+def test_sentencepiece_output_decodes_in_prompt_context(
+    sentencepiece_tokenizer: Any, skip_special_tokens: bool
+) -> None:
     tok = sentencepiece_tokenizer
     prompt = [tok.bos_token_id] + tok.encode("say hello")
     output = tok.encode("world 你好 🙂") + [tok.eos_token_id] + tok.encode("again")
@@ -402,8 +403,10 @@ def test_worker_outputs_of_a_batched_step_match_one_request_at_a_time(
             one_by_one += out
             stopped_one_by_one += stopped
     assert together == one_by_one
-    assert sorted(stopped_together) == sorted(stopped_one_by_one) == sorted(
-        f"r{i}" for i in range(0, 32, 3) if "fox jumps" in tokenizer.decode(outputs[f"r{i}"])
+    assert (
+        sorted(stopped_together)
+        == sorted(stopped_one_by_one)
+        == sorted(f"r{i}" for i in range(0, 32, 3) if "fox jumps" in tokenizer.decode(outputs[f"r{i}"]))
     )
     assert stopped_together
     assert [o.finish_reason for o in together if o.request_id == "r1"][-2:] == [None, "abort"]

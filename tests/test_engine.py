@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from tests.conftest import hf_greedy  # pytest has imported the conftest under this name
 from tristream import SamplingParams
+
+from tests.conftest import hf_greedy  # pytest has imported the conftest under this name
 
 TEXT = (
     "The history of the lighthouse is a story of fire, glass and patience. Long before electric lamps, keepers "
@@ -105,7 +106,7 @@ async def test_abort_mid_stream_frees_pages(engine):
 async def test_closing_the_stream_aborts_the_request(engine):
     params = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
     stream = engine.generate("Count from one to one thousand.", params)
-    async for out in stream:
+    async for _ in stream:
         break
     await stream.aclose()
     stats = await wait_idle(engine)
@@ -169,7 +170,9 @@ async def test_bad_chat_messages_fail_alone(engine):
     for messages in ([], [{"content": "no role"}], "not a list of messages"):
         with pytest.raises(ValueError, match="messages"):
             await collect(engine.chat(messages, SamplingParams(max_tokens=4)))
-    tokens, _, _ = await collect(engine.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=3, ignore_eos=True)))
+    tokens, _, _ = await collect(
+        engine.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=3, ignore_eos=True))
+    )
     assert len(tokens) == 3
 
 
@@ -190,12 +193,18 @@ def test_bad_sampling_params(kwargs, match):
 
 
 async def test_max_tokens_stop_token_and_eos(engine, tokenizer):
-    tokens, _, outs = await collect(engine.generate("The sea", SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)))
+    tokens, _, outs = await collect(
+        engine.generate("The sea", SamplingParams(temperature=0, max_tokens=7, ignore_eos=True))
+    )
     assert len(tokens) == 7 and outs[-1].outputs[0].finish_reason == "length"
     stop_at = tokens[3]
-    cut, _, outs = await collect(engine.generate("The sea", SamplingParams(temperature=0, max_tokens=7, stop_token_ids=[stop_at])))
+    cut, _, outs = await collect(
+        engine.generate("The sea", SamplingParams(temperature=0, max_tokens=7, stop_token_ids=[stop_at]))
+    )
     assert cut == tokens[: tokens.index(stop_at) + 1] and outs[-1].outputs[0].finish_reason == "stop"
-    reply, _, outs = await collect(engine.chat([{"role": "user", "content": "Say hello."}], SamplingParams(temperature=0, max_tokens=200)))
+    reply, _, outs = await collect(
+        engine.chat([{"role": "user", "content": "Say hello."}], SamplingParams(temperature=0, max_tokens=200))
+    )
     assert outs[-1].outputs[0].finish_reason == "stop" and reply[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
@@ -228,18 +237,28 @@ async def test_penalties_and_bias_reach_the_sampler(engine):
     prompt = "Reply using only emojis: I love pizza and rockets 🍕🚀"
     plain, _, _ = await collect(engine.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)))
     repeats = len(plain) - len(set(plain))
-    penalized, _, _ = await collect(engine.generate(
-        prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0)
-    ))
+    penalized, _, _ = await collect(
+        engine.generate(
+            prompt,
+            SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0),
+        )
+    )
     assert len(penalized) - len(set(penalized)) < repeats
-    biased, _, _ = await collect(engine.generate(
-        prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={plain[0]: -100, 42: 100})
-    ))
+    biased, _, _ = await collect(
+        engine.generate(
+            prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={plain[0]: -100, 42: 100})
+        )
+    )
     assert biased == [42] * 6
 
 
 async def test_logprobs_stream_with_their_tokens(engine):
-    outs = [o async for o in engine.generate("The sea", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2))]
+    outs = [
+        o
+        async for o in engine.generate(
+            "The sea", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+        )
+    ]
     tokens = sum((o.outputs[0].token_ids for o in outs), [])
     steps = sum((o.outputs[0].logprobs for o in outs), [])
     assert len(steps) == len(tokens) == 6
@@ -254,6 +273,10 @@ async def test_logprobs_stream_with_their_tokens(engine):
 async def test_generation_config_runs_like_the_sampling_params_it_means(engine):
     from tristream import GenerationConfig
 
-    greedy, _, _ = await collect(engine.generate("Tides are", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)))
-    lmdeploy, _, _ = await collect(engine.generate("Tides are", GenerationConfig(max_new_tokens=8, ignore_eos=True, temperature=0.9)))
+    greedy, _, _ = await collect(
+        engine.generate("Tides are", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    )
+    lmdeploy, _, _ = await collect(
+        engine.generate("Tides are", GenerationConfig(max_new_tokens=8, ignore_eos=True, temperature=0.9))
+    )
     assert lmdeploy == greedy

@@ -28,7 +28,12 @@ class KVSim:
         for slot in plan.freed:
             del self.seqs[slot]
         for new in plan.new:
-            self.seqs[new.slot] = {"tokens": list(new.token_ids), "done": new.num_cached, "pages": [], "seed": new.params.seed}
+            self.seqs[new.slot] = {
+                "tokens": list(new.token_ids),
+                "done": new.num_cached,
+                "pages": [],
+                "seed": new.params.seed,
+            }
         for slot, pages in plan.pages:
             self.seqs[slot]["pages"].extend(pages)
         for src, dst in plan.copies:
@@ -53,7 +58,9 @@ class KVSim:
 
 
 def request(rid: str, prompt: list[int], seed: int, fork_of: str | None = None, **params) -> TokenizedRequest:
-    return TokenizedRequest(rid, prompt, SamplingParams(seed=seed, max_tokens=6, **params), [2], time.time(), fork_of=fork_of)
+    return TokenizedRequest(
+        rid, prompt, SamplingParams(seed=seed, max_tokens=6, **params), [2], time.time(), fork_of=fork_of
+    )
 
 
 def run(sim: KVSim) -> list[BatchPlan]:
@@ -66,8 +73,14 @@ def run(sim: KVSim) -> list[BatchPlan]:
 def test_samples_wait_for_the_prompt_then_copy_its_kv():
     for caching in (True, False):
         for prompt_len in (1, 3, 4, 5, 9, 13):
-            config = EngineConfig(model="unused", max_model_len=64, page_size=PS, max_num_batched_tokens=8,
-                                  enable_prefix_caching=caching, check_invariants=True)
+            config = EngineConfig(
+                model="unused",
+                max_model_len=64,
+                page_size=PS,
+                max_num_batched_tokens=8,
+                enable_prefix_caching=caching,
+                check_invariants=True,
+            )
             sim = KVSim(config, 40)
             prompt = list(range(10, 10 + prompt_len))
             sim.sched.add(request("r", prompt, 0))
@@ -87,8 +100,14 @@ def test_samples_wait_for_the_prompt_then_copy_its_kv():
 
 
 def test_a_sample_whose_leader_is_gone_starts_on_its_own():
-    config = EngineConfig(model="unused", max_model_len=64, page_size=PS, max_num_batched_tokens=64,
-                          enable_prefix_caching=True, check_invariants=True)
+    config = EngineConfig(
+        model="unused",
+        max_model_len=64,
+        page_size=PS,
+        max_num_batched_tokens=64,
+        enable_prefix_caching=True,
+        check_invariants=True,
+    )
     sim = KVSim(config, 40)
     prompt = list(range(10, 19))
     sim.sched.add(request("r", prompt, 0))
@@ -100,8 +119,14 @@ def test_a_sample_whose_leader_is_gone_starts_on_its_own():
 
 
 def test_a_prompt_logprobs_request_computes_its_whole_prompt():
-    config = EngineConfig(model="unused", max_model_len=64, page_size=PS, max_num_batched_tokens=64,
-                          enable_prefix_caching=True, check_invariants=True)
+    config = EngineConfig(
+        model="unused",
+        max_model_len=64,
+        page_size=PS,
+        max_num_batched_tokens=64,
+        enable_prefix_caching=True,
+        check_invariants=True,
+    )
     sim = KVSim(config, 40)
     prompt = list(range(10, 19))
     sim.sched.add(request("a", prompt, 0))

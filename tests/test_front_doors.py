@@ -9,12 +9,12 @@ import time
 from types import SimpleNamespace
 
 import pytest
-
 import tristream.chat as chat
-from tests.conftest import make_lora_adapter  # pytest has imported the conftest under this name
 from tristream import EngineConfig, GenerationConfig, Response, SamplingParams, pipeline
 from tristream.outputs import RequestOutput, accumulate
 from tristream.pipeline import _params, _template_name
+
+from tests.conftest import make_lora_adapter  # pytest has imported the conftest under this name
 
 GREEDY = GenerationConfig(max_new_tokens=16)
 Q1, Q2 = "What is the capital of France?", "Name a color."
@@ -99,7 +99,7 @@ def test_stopping_a_stream_early_aborts_its_requests(pipe):
     assert next(stream).generate_token_len == 1
     stream.close()
     assert_idle(pipe)
-    for resp in pipe.stream_infer(CONV, long):
+    for resp in pipe.stream_infer(CONV, long):  # noqa: B007 (resp is read after the loop)
         break
     assert resp.index == 0
     assert_idle(pipe)
@@ -148,7 +148,14 @@ def test_adapter_name_copies_the_params():
 
 
 def test_adapter_name_and_lora_params_run_the_adapter(pipe, model_dir, tmp_path):
-    make_lora_adapter(model_dir, tmp_path / "a", 0, r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    make_lora_adapter(
+        model_dir,
+        tmp_path / "a",
+        0,
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     pipe.llm.load_lora("a", str(tmp_path / "a"))
     try:
         with_adapter = pipe.llm.chat(user(Q1), dataclasses.replace(GREEDY, lora="a"), use_tqdm=False)[0]
@@ -193,8 +200,12 @@ def test_chat_with_an_llm_keeps_the_history(pipe):
     assert h1 == [(Q1, r1)]
     past = [[Q1, r1]]
     r2, h2 = chat.inference(pipe.llm, "And of Italy?", past, system="Be brief.", sampling_params=params)
-    messages = [{"role": "system", "content": "Be brief."}, *user(Q1), {"role": "assistant", "content": r1},
-                *user("And of Italy?")]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        *user(Q1),
+        {"role": "assistant", "content": r1},
+        *user("And of Italy?"),
+    ]
     assert r2 == pipe.llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
     assert h2 == [(Q1, r1), ("And of Italy?", r2)] and past == [[Q1, r1]]
     steps = list(chat.inference_stream(pipe.llm, "And of Italy?", past, system="Be brief.", sampling_params=params))

@@ -8,7 +8,6 @@ import re
 import jsonschema
 import pytest
 import torch
-
 from tristream.gpu_proc.grammar import GrammarMatchers, apply_token_bitmask
 from tristream.model_config import ModelConfig
 from tristream.sampling_params import StructuredOutput
@@ -119,13 +118,16 @@ def test_apply_token_bitmask_agrees_with_xgrammar_layout(tokenizer, matchers: Gr
     ("structured", "message"),
     [
         (StructuredOutput(json={"type": "nosuchtype"}), r"structured\.json: invalid JSON schema: .*nosuchtype"),
-        (StructuredOutput(json={"type": "array", "minItems": 3, "maxItems": 1}), r"structured\.json: invalid JSON schema: minItems"),
+        (
+            StructuredOutput(json={"type": "array", "minItems": 3, "maxItems": 1}),
+            r"structured\.json: invalid JSON schema: minItems",
+        ),
         (StructuredOutput(json='{"type": "object",'), r"structured\.json: invalid JSON schema: not JSON"),
         (StructuredOutput(json="[1, 2]"), r"structured\.json: invalid JSON schema: must be a JSON object, got list"),
         (StructuredOutput(regex="("), r"structured\.regex: invalid regex: .*parenthesis"),
         (StructuredOutput(grammar='root ::= "a" |'), r"structured\.grammar: invalid grammar: EBNF parser error"),
         (StructuredOutput(grammar='start ::= "a"'), r"structured\.grammar: invalid grammar: .*root"),
-        (StructuredOutput(grammar='root ::= foo'), r'structured\.grammar: invalid grammar: .*"foo" is not defined'),
+        (StructuredOutput(grammar="root ::= foo"), r'structured\.grammar: invalid grammar: .*"foo" is not defined'),
     ],
 )
 def test_grammar_spec_rejects_invalid(structured: StructuredOutput, message: str) -> None:
@@ -134,8 +136,16 @@ def test_grammar_spec_rejects_invalid(structured: StructuredOutput, message: str
 
 
 def test_grammar_spec_kinds_and_canonical_schema_text() -> None:
-    a = {"type": "object", "required": ["b", "a"], "properties": {"b": {"type": "integer", "minimum": 1}, "a": {"type": "string"}}}
-    b = {"properties": {"b": {"minimum": 1, "type": "integer"}, "a": {"type": "string"}}, "required": ["b", "a"], "type": "object"}
+    a = {
+        "type": "object",
+        "required": ["b", "a"],
+        "properties": {"b": {"type": "integer", "minimum": 1}, "a": {"type": "string"}},
+    }
+    b = {
+        "properties": {"b": {"minimum": 1, "type": "integer"}, "a": {"type": "string"}},
+        "required": ["b", "a"],
+        "type": "object",
+    }
     kind, text = grammar_spec(StructuredOutput(json=a))
     assert kind == "json_schema" and json.loads(text) == a
     assert grammar_spec(StructuredOutput(json=b)) == (kind, text)
@@ -185,7 +195,9 @@ def test_choice_decodes_to_one_choice(tokenizer, matchers: GrammarMatchers) -> N
 
 
 def test_replayed_outputs_continue_to_a_valid_completion(tokenizer, matchers: GrammarMatchers) -> None:
-    valid = '{"name": "Al", "age": 42, "color": "green", "tags": ["x", "yz"], "address": {"city": "Oslo", "zip": "01234"}}'
+    valid = (
+        '{"name": "Al", "age": 42, "color": "green", "tags": ["x", "yz"], "address": {"city": "Oslo", "zip": "01234"}}'
+    )
     ids = tokenizer.encode(valid)
     spec = grammar_spec(StructuredOutput(json=SCHEMA))
     for cut in (len(ids) // 3, 2 * len(ids) // 3, len(ids)):

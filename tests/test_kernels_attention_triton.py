@@ -86,8 +86,13 @@ def fill_pools(
         device=DEVICE,
     )
     g = gen(seed)
-    store_kv(randn(len(slots), kv_heads, head_dim, dtype=dtype, g=g),
-             randn(len(slots), kv_heads, head_dim, dtype=dtype, g=g), k_cache, v_cache, slots)
+    store_kv(
+        randn(len(slots), kv_heads, head_dim, dtype=dtype, g=g),
+        randn(len(slots), kv_heads, head_dim, dtype=dtype, g=g),
+        k_cache,
+        v_cache,
+        slots,
+    )
     width = max(num_pages) + 1
     block_table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
     return k_cache, v_cache, tables, block_table
@@ -100,8 +105,13 @@ def qkv_view_q(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: tor
 
 
 def reference(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: list[list[int]], ctx_lens: list[int],
-    qo_indptr: list[int], scale: float,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: list[list[int]],
+    ctx_lens: list[int],
+    qo_indptr: list[int],
+    scale: float,
 ) -> torch.Tensor:
     """The torch reference, in float64."""
     return paged_attention_ref(q.double(), k_cache.double(), v_cache.double(), tables, ctx_lens, qo_indptr, scale)
@@ -157,8 +167,7 @@ def test_paged_decode_attention(heads: int, kv_heads: int, page_size: int, dtype
     q = qkv_view_q(len(DECODE_CTX), heads, kv_heads, head_dim, dtype, seed)
     ref = reference(q, k_cache, v_cache, tables, DECODE_CTX, list(range(len(DECODE_CTX) + 1)), scale)
     for num_splits in (1, 3, 16):
-        out = paged_decode_attention(q, k_cache, v_cache, block_table, int32(DECODE_CTX), scale, num_splits,
-                                     block_n=16)
+        out = paged_decode_attention(q, k_cache, v_cache, block_table, int32(DECODE_CTX), scale, num_splits, block_n=16)
         assert out.shape == q.shape and out.dtype == dtype
         assert rel_err(out, ref) < TOL[dtype], num_splits
 
@@ -203,8 +212,14 @@ EXTEND_BATCH = [(37, 1), (16, 16), (40, 9), (1, 1), (70, 70), (65, 32), (20, 19)
 
 
 def run_extend(
-    batch: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype,
-    seed: int, **blocks: int,
+    batch: list[tuple[int, int]],
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtype: torch.dtype,
+    seed: int,
+    **blocks: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """extend_attention on a batch of (context, new tokens) and the reference output."""
     ctx_lens = [c for c, _ in batch]
@@ -214,8 +229,9 @@ def run_extend(
     k_cache, v_cache, tables, block_table = fill_pools(ctx_lens, page_size, kv_heads, head_dim, dtype, seed)
     q = qkv_view_q(qo_indptr[-1], heads, kv_heads, head_dim, dtype, seed)
     scale = head_dim**-0.5
-    out = extend_attention(q, k_cache, v_cache, block_table, int32(ctx_lens), int32(qo_indptr), scale,
-                           max(n for _, n in batch), **blocks)
+    out = extend_attention(
+        q, k_cache, v_cache, block_table, int32(ctx_lens), int32(qo_indptr), scale, max(n for _, n in batch), **blocks
+    )
     assert out.shape == q.shape and out.dtype == dtype
     return out, reference(q, k_cache, v_cache, tables, ctx_lens, qo_indptr, scale)
 
@@ -225,8 +241,9 @@ def run_extend(
 @pytest.mark.parametrize("heads,kv_heads", HEADS)
 def test_extend_attention_mixed_batch(heads: int, kv_heads: int, page_size: int, dtype: torch.dtype) -> None:
     """Several query blocks per sequence and several key blocks per query block (16 x 16)."""
-    out, ref = run_extend(EXTEND_BATCH, heads, kv_heads, 64, page_size, dtype, heads + page_size,
-                          block_m=16, block_n=16)
+    out, ref = run_extend(
+        EXTEND_BATCH, heads, kv_heads, 64, page_size, dtype, heads + page_size, block_m=16, block_n=16
+    )
     assert rel_err(out, ref) < TOL[dtype]
 
 

@@ -108,11 +108,7 @@ def test_add_rms_norm(shape: tuple[int, int], dtype: torch.dtype) -> None:
 # ---------------------------------------------------------------- RoPE
 
 # (theta, scaling, heads, kv heads, head dim)
-ROPE_CASES = [
-    (500000.0, LLAMA3_SCALING, 9, 3, 64),
-    (1e6, None, 32, 8, 128),
-    (10000.0, None, 5, 1, 96),
-]
+ROPE_CASES = [(500000.0, LLAMA3_SCALING, 9, 3, 64), (1e6, None, 32, 8, 128), (10000.0, None, 5, 1, 96)]
 MAX_POS = 4096
 
 

@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-
 from tristream.kernels.activation import silu_and_mul_ref
 from tristream.kernels.attention import paged_attention_ref, store_kv_ref
 from tristream.kernels.norm import add_rms_norm_ref, rms_norm_ref
@@ -33,9 +32,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 # ---------------------------------------------------------------- attention
 
 
-def naive_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_new: int, scale: float
-) -> torch.Tensor:
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_new: int, scale: float) -> torch.Tensor:
     """Causal attention of the last ``num_new`` of ``k.shape[0]`` tokens, one head at a time, in float64.
 
     q [num_new, H, D]; k, v [ctx, KVH, D] (the whole context of one sequence).

@@ -46,5 +46,8 @@ def test_kernel_samples_depend_on_seed_and_counter_only():
 
 def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="fp32"):
-        gumbel_argmax(torch.zeros(2, 8, dtype=torch.float16, device=DEVICE), torch.zeros(2, dtype=torch.int64),
-                      torch.zeros(2, dtype=torch.int64))
+        gumbel_argmax(
+            torch.zeros(2, 8, dtype=torch.float16, device=DEVICE),
+            torch.zeros(2, dtype=torch.int64),
+            torch.zeros(2, dtype=torch.int64),
+        )

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from tristream import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -46,7 +45,8 @@ def test_chat_single_and_batch(llm, tokenizer):
 
 def test_per_prompt_sampling_params(llm):
     outs = llm.generate(
-        ["a", "b"], [SamplingParams(max_tokens=3, ignore_eos=True), SamplingParams(max_tokens=5, ignore_eos=True)],
+        ["a", "b"],
+        [SamplingParams(max_tokens=3, ignore_eos=True), SamplingParams(max_tokens=5, ignore_eos=True)],
         use_tqdm=False,
     )
     assert [len(o.outputs[0].token_ids) for o in outs] == [3, 5]
@@ -69,7 +69,10 @@ def test_progress_bar(llm, capsys):
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tristream", *args, "--max-model-len", "512"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "tristream", *args, "--max-model-len", "512"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -77,7 +80,9 @@ def test_cli_generate_streams_the_same_answer_as_llm_chat(llm):
     question = "What is the capital of France?"
     res = cli("generate", question, "--max-tokens", "32", "--temperature", "0")
     assert res.returncode == 0, res.stderr
-    expected = llm.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+    expected = llm.chat(
+        [{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=32), use_tqdm=False
+    )
     assert res.stdout.strip() == expected[0].outputs[0].text.strip()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-
 from tristream import LLM, SamplingParams
 from tristream.protocol import SchedulerStats
 
@@ -18,8 +17,11 @@ def llm():
 
 def test_generated_tokens_grow_by_exactly_the_tokens_generated(llm):
     before = llm.get_stats()
-    outs = llm.generate(["One", "Two words", "And three words"],
-                        [SamplingParams(max_tokens=n, ignore_eos=True) for n in (3, 5, 7)], use_tqdm=False)
+    outs = llm.generate(
+        ["One", "Two words", "And three words"],
+        [SamplingParams(max_tokens=n, ignore_eos=True) for n in (3, 5, 7)],
+        use_tqdm=False,
+    )
     after = llm.get_stats()
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     assert generated == 15

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from tristream import SamplingParams
 from tristream.gpu_proc.sampler import Sampler, SamplingState
 
@@ -110,10 +109,16 @@ def test_top_k_top_p_min_p_keep_exactly_the_reference_set_with_ties():
         (tied, SamplingParams(min_p=0.3)),
         (tied, SamplingParams(temperature=0.5, min_p=0.1, top_p=0.95)),
     ]
-    cases += [(2 * torch.randn(VOCAB, generator=gen), SamplingParams(temperature=t, top_k=k, top_p=tp, min_p=mp))
-              for t, k, tp, mp in ((0.7, 10, 0.8, 0.0), (1.3, 0, 0.6, 0.05), (1.0, 20, 1.0, 0.2), (0.9, 3, 0.99, 0.01))]
-    cases += [(tied, SamplingParams(top_k=3, top_p=0.7)), (tied, SamplingParams(top_k=1, top_p=0.5)),
-              (tied, SamplingParams()), (2 * torch.randn(VOCAB, generator=gen), SamplingParams(top_k=12, top_p=0.5))]
+    cases += [
+        (2 * torch.randn(VOCAB, generator=gen), SamplingParams(temperature=t, top_k=k, top_p=tp, min_p=mp))
+        for t, k, tp, mp in ((0.7, 10, 0.8, 0.0), (1.3, 0, 0.6, 0.05), (1.0, 20, 1.0, 0.2), (0.9, 3, 0.99, 0.01))
+    ]
+    cases += [
+        (tied, SamplingParams(top_k=3, top_p=0.7)),
+        (tied, SamplingParams(top_k=1, top_p=0.5)),
+        (tied, SamplingParams()),
+        (2 * torch.randn(VOCAB, generator=gen), SamplingParams(top_k=12, top_p=0.5)),
+    ]
     # The whole batch sorts every row; the subset where each top_p comes with a top_k takes the top-k path.
     short = [c for c in cases if c[1].top_p == 1 or c[1].top_k > 0]
     for batch in (cases, short, [c for c in short if c[0] is not tied]):
@@ -173,7 +178,9 @@ def test_logprobs_are_log_softmax_of_the_processed_distribution():
         if p.temperature:
             dist = dist / p.temperature
             kept = reference_kept(processed[row], p)
-            dist = torch.tensor([v if i in kept else -math.inf for i, v in enumerate(dist.tolist())], dtype=torch.float64)
+            dist = torch.tensor(
+                [v if i in kept else -math.inf for i, v in enumerate(dist.tolist())], dtype=torch.float64
+            )
         ref = dist.log_softmax(-1)
         entries = logprobs[row]
         assert entries[0][0] == tokens[row].item()

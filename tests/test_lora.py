@@ -7,10 +7,10 @@ import asyncio
 import json
 
 import pytest
-
-from tests.conftest import hf_greedy, make_lora_adapter  # pytest has imported the conftest under this name
 from tristream import AsyncEngine, SamplingParams
 from tristream.outputs import accumulate
+
+from tests.conftest import hf_greedy, make_lora_adapter  # pytest has imported the conftest under this name
 
 NEW_TOKENS = 12
 PROMPTS = [
@@ -49,8 +49,12 @@ def adapters(tmp_path_factory, model_dir: str, hf_model, prompt_ids) -> dict[str
 @pytest.fixture(scope="module")
 async def lora_engine(adapters):
     async with AsyncEngine(
-        max_model_len=1024, lora_adapters={"all": adapters["all"][0]}, max_loras=2, max_lora_rank=8,
-        check_invariants=True, log_level="WARNING",
+        max_model_len=1024,
+        lora_adapters={"all": adapters["all"][0]},
+        max_loras=2,
+        max_lora_rank=8,
+        check_invariants=True,
+        log_level="WARNING",
     ) as eng:
         yield eng
 
@@ -77,9 +81,9 @@ async def test_run_time_adapters_mix_in_one_batch(lora_engine, adapters, prompt_
     await lora_engine.load_lora("qv", adapters["qv"][0])
     assert set(lora_engine.lora_adapters) == {"all", "qv"}
     jobs = [(name, i) for i in range(3) for name in ("all", "qv", "base")]
-    results = await asyncio.gather(*(
-        run(lora_engine, prompt_ids[i], greedy(None if name == "base" else name)) for name, i in jobs
-    ))
+    results = await asyncio.gather(
+        *(run(lora_engine, prompt_ids[i], greedy(None if name == "base" else name)) for name, i in jobs)
+    )
     for (name, i), (tokens, _) in zip(jobs, results):
         assert tokens == adapters[name][1][i], (name, i)
 

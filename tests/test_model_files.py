@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from tristream import model_files
 from tristream.model_files import cache_root, default_model_path, resolve_model
 

@@ -8,21 +8,34 @@ import shutil
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
-
 from tristream.config import EngineConfig
 from tristream.gpu_proc.runner import ModelRunner
 from tristream.protocol import BatchPlan, NewSequence
 from tristream.sampling_params import SamplingParams
 
 TINY = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
 )
 ARCHS = {
     "llama3.1-rope": dict(
-        model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 32},
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
     ),
     "qwen2-bias": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=1000000.0),
     "qwen3-qknorm": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=32, rope_theta=1000000.0),
@@ -55,11 +68,17 @@ def run_ours(path: str, prompts: list[list[int]], steps: int, page_size: int, **
         0,
         new=[NewSequence(i, p, 0, 0, SamplingParams(temperature=0, seed=0)) for i, p in enumerate(prompts)],
         pages=[(i, list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq))) for i in range(len(prompts))],
-        slots=list(range(len(prompts))), num_tokens=[len(p) for p in prompts], sample=[True] * len(prompts),
+        slots=list(range(len(prompts))),
+        num_tokens=[len(p) for p in prompts],
+        sample=[True] * len(prompts),
     )
     runner.step(plan)
     for step in range(steps):
-        runner.step(BatchPlan(step + 1, slots=list(range(len(prompts))), num_tokens=[1] * len(prompts), sample=[True] * len(prompts)))
+        runner.step(
+            BatchPlan(
+                step + 1, slots=list(range(len(prompts))), num_tokens=[1] * len(prompts), sample=[True] * len(prompts)
+            )
+        )
     return captured
 
 

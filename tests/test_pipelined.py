@@ -13,7 +13,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import pytest
-
 from tristream import AsyncEngine, SamplingParams
 from tristream.config import EngineConfig
 from tristream.model_config import ModelConfig
@@ -111,8 +110,7 @@ def make_jobs(seed: int, n: int) -> list[Job]:
 def drive(jobs: list[Job], pipelined: bool, num_pages: int) -> dict[str, tuple[list[int], str]]:
     """Run the workload through a Scheduler and the simulated device: (tokens, how it ended) per request."""
     config = EngineConfig(
-        model="unused", max_model_len=96, max_num_seqs=6, max_num_batched_tokens=24, page_size=4,
-        check_invariants=True,
+        model="unused", max_model_len=96, max_num_seqs=6, max_num_batched_tokens=24, page_size=4, check_invariants=True
     )
     sched = Scheduler(config, num_pages)
     device = SimulatedDevice({j.seed: j for j in jobs}, config.page_size)
@@ -286,7 +284,7 @@ async def test_200_requests_with_random_aborts_leak_no_pages(engine) -> None:
 
     async def one(i: int) -> int:
         params = SamplingParams(
-            temperature=rng.choice([0, 0.9]), seed=i, max_tokens=rng.randint(1, 24), ignore_eos=rng.random() < 0.5,
+            temperature=rng.choice([0, 0.9]), seed=i, max_tokens=rng.randint(1, 24), ignore_eos=rng.random() < 0.5
         )
         prompt = [rng.randint(100, 20000) for _ in range(rng.randint(1, 60))]
         abort_at = rng.random() * 0.8 if rng.random() < 0.4 else None

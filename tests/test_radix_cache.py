@@ -8,7 +8,6 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-
 from tristream.scheduler_proc.page_allocator import PageAllocator
 from tristream.scheduler_proc.radix_cache import Node, RadixCache
 
@@ -149,7 +148,9 @@ class RadixMachine(RuleBasedStateMachine):
 
     def checked_evict(self, n: int) -> None:
         """``cache.evict(n)``, checked against the reference, which then drops what went."""
-        nodes_before = [(node, tuple(node.tokens), tuple(node.pages), tuple(path_tokens(node))) for node in tree_nodes(self.cache)]
+        nodes_before = [
+            (node, tuple(node.tokens), tuple(node.pages), tuple(path_tokens(node))) for node in tree_nodes(self.cache)
+        ]
         free_before = set(self.allocator.free_pages())
         evictable_before = sum(1 for prefix in self.ref if self.lock_count(prefix) == 0)
         assert self.cache.num_evictable_pages == evictable_before
@@ -178,7 +179,9 @@ class RadixMachine(RuleBasedStateMachine):
             if id(node) in alive:
                 assert (tuple(node.tokens), tuple(node.pages), tuple(path_tokens(node))) == (tokens, pages, path)
             else:
-                assert all(path[: len(path) - len(tokens) + (j + 1) * self.page_size] in removed for j in range(len(pages)))
+                assert all(
+                    path[: len(path) - len(tokens) + (j + 1) * self.page_size] in removed for j in range(len(pages))
+                )
                 gone.append(len(pages))
         assert sum(gone) == freed
         if gone:

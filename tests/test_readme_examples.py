@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tristream.cli import parse_args
 from tristream.model_files import resolve_model
 
@@ -96,8 +95,9 @@ def test_example_runs(name, tmp_path, request):
     script = tmp_path / f"{name}.py"
     script.write_text(code)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, f"example {name} failed:\n{proc.stderr[-4000:]}"
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert lines, f"example {name} printed nothing"
@@ -124,8 +124,11 @@ def test_llama_factory_yaml_is_a_chat_config(tmp_path, adapter_dir):
     assert args.chat_template == "qwen"
     assert (args.system, args.temperature, args.max_tokens) == ("You are a helpful assistant.", 0.7, 512)
     # serve takes the same file without the sampling and chat keys
-    serve_yaml = "\n".join(line for line in config.read_text().splitlines()
-                           if not line.startswith(("default_system", "temperature", "max_new_tokens")))
+    serve_yaml = "\n".join(
+        line
+        for line in config.read_text().splitlines()
+        if not line.startswith(("default_system", "temperature", "max_new_tokens"))
+    )
     (tmp_path / "serve.yaml").write_text(serve_yaml + "\nport: 8000\n")
     served = parse_args(["serve", str(tmp_path / "serve.yaml")])
     assert (served.lora, served.port) == ("sft", 8000)

@@ -7,12 +7,10 @@ import time
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from tristream import SamplingParams
 from tristream.config import EngineConfig
 from tristream.engine import _Stream
-from tristream.outputs import accumulate
-from tristream.outputs import RequestMetrics
+from tristream.outputs import RequestMetrics, accumulate
 from tristream.protocol import GenerateRequest, TokenBatch, TokenDelta
 from tristream.tokenizer_proc.main import TokenizerWorker
 from tristream.tokenizer_proc.reasoning import ThinkParser, opens_reasoning

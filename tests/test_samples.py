@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 import torch
-
 from tristream import SamplingParams
 from tristream.tokenizer_proc.main import sample_seed
 
@@ -49,11 +48,19 @@ async def test_each_sample_equals_a_lone_request_with_its_seed(engine):
     prompt = "Once upon a time in a village by the sea, there lived a"
     params = SamplingParams(n=3, temperature=0.8, top_p=0.95, max_tokens=16, ignore_eos=True, seed=2024)
     samples, _ = await whole(engine.generate(prompt, params))
-    lone = await asyncio.gather(*(
-        whole(engine.generate(prompt, SamplingParams(temperature=0.8, top_p=0.95, max_tokens=16, ignore_eos=True,
-                                                      seed=sample_seed(2024, i))))
-        for i in range(3)
-    ))
+    lone = await asyncio.gather(
+        *(
+            whole(
+                engine.generate(
+                    prompt,
+                    SamplingParams(
+                        temperature=0.8, top_p=0.95, max_tokens=16, ignore_eos=True, seed=sample_seed(2024, i)
+                    ),
+                )
+            )
+            for i in range(3)
+        )
+    )
     assert [samples[i]["tokens"] for i in range(3)] == [one[0][0]["tokens"] for one in lone]
 
 
@@ -110,11 +117,14 @@ async def test_prompt_logprobs_are_the_models_own(engine, tokenizer, hf_model):
                 assert value == pytest.approx(row[token].item(), abs=1e-4)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(n=0), "n must be"),
-    (dict(n=3, best_of=2), "best_of must be"),
-    (dict(prompt_logprobs=21), "prompt_logprobs must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n=0), "n must be"),
+        (dict(n=3, best_of=2), "best_of must be"),
+        (dict(prompt_logprobs=21), "prompt_logprobs must be"),
+    ],
+)
 def test_bad_sample_counts(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)

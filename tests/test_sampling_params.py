@@ -6,7 +6,6 @@ import dataclasses
 import pickle
 
 import pytest
-
 from tristream import GenerationConfig, SamplingParams
 
 

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-
 from tristream import SamplingParams
 from tristream.config import EngineConfig
 from tristream.protocol import BatchPlan, StepResult, TokenDelta, TokenizedRequest
@@ -41,8 +40,13 @@ class Harness:
 
     def __init__(self, num_pages: int = 64, **config: object) -> None:
         defaults = dict(
-            model="unused", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=4,
-            enable_prefix_caching=False, check_invariants=True,
+            model="unused",
+            max_model_len=128,
+            max_num_seqs=8,
+            max_num_batched_tokens=32,
+            page_size=4,
+            enable_prefix_caching=False,
+            check_invariants=True,
         )
         self.config = EngineConfig(**{**defaults, **config})
         self.num_pages = num_pages
@@ -62,7 +66,9 @@ class Harness:
         self.readmitted: list[tuple[str, int]] = []
         self.last_step_id = -1
 
-    def add(self, request_id: str, prompt_len: int, seed: int, eos: list[int] | None = None, **params: object) -> TokenDelta | None:
+    def add(
+        self, request_id: str, prompt_len: int, seed: int, eos: list[int] | None = None, **params: object
+    ) -> TokenDelta | None:
         """Submit a request of ``prompt_len`` tokens; returns the scheduler's answer."""
         assert seed not in self.rid_of
         prompt = [10 + (seed + i) % 50 for i in range(prompt_len)]

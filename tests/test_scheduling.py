@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from tristream import AsyncEngine, SamplingParams
 
 SYSTEM = (
@@ -74,6 +73,7 @@ async def test_a_kv_starved_engine_finishes_everything_with_identical_output(tok
 
     async def run_all(**args) -> tuple[list[list[int]], int]:
         async with AsyncEngine(max_model_len=128, log_level="WARNING", check_invariants=True, **args) as engine:
+
             async def one(p):
                 tokens = []
                 async for out in engine.generate(p, params):
@@ -108,15 +108,21 @@ async def test_second_chat_turn_hits_the_whole_first_turn(engine):
 async def test_a_request_larger_than_the_kv_cache_is_an_error_and_others_complete():
     async with AsyncEngine(max_model_len=512, kv_cache_tokens=128, log_level="ERROR") as engine:
         ok = asyncio.ensure_future(
-            asyncio.gather(*(
-                _tokens(engine.generate(f"Story {i}:", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)))
-                for i in range(3)
-            ))
+            asyncio.gather(
+                *(
+                    _tokens(
+                        engine.generate(f"Story {i}:", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+                    )
+                    for i in range(3)
+                )
+            )
         )
         with pytest.raises(ValueError, match="KV cache holds only 128 tokens"):
             await _tokens(engine.generate(list(range(1000, 1200)), SamplingParams(max_tokens=4)))
         assert [len(t) for t in await ok] == [20, 20, 20]
-        long, outs = await _tokens(engine.generate(list(range(1000, 1100)), SamplingParams(temperature=0, ignore_eos=True)), True)
+        long, outs = await _tokens(
+            engine.generate(list(range(1000, 1100)), SamplingParams(temperature=0, ignore_eos=True)), True
+        )
         assert len(long) == 28 and outs[-1].outputs[0].finish_reason == "length"
 
 

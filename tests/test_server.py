@@ -8,7 +8,6 @@ import httpx
 import jsonschema
 import openai
 import pytest
-
 from tristream import SamplingParams
 from tristream.server import build_app
 
@@ -27,8 +26,9 @@ def model(live_server) -> str:
 
 def post(live_server, path: str, body: object, **kwargs) -> httpx.Response:
     data = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    return httpx.post(live_server.url + path, content=data, headers={"content-type": "application/json"},
-                      timeout=120, **kwargs)
+    return httpx.post(
+        live_server.url + path, content=data, headers={"content-type": "application/json"}, timeout=120, **kwargs
+    )
 
 
 async def test_chat_matches_the_engine_and_has_openai_shape(client, model, engine):
@@ -66,29 +66,40 @@ async def test_completions_of_several_prompts_match_the_engine(client, model, en
 
 def test_streaming_with_usage_concatenates_to_the_whole_answer(client, model):
     whole = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=24, temperature=0)
-    chunks = list(client.chat.completions.create(
-        model=model, messages=QUESTION, max_tokens=24, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=QUESTION,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
-        whole.choices[0].finish_reason]
+        whole.choices[0].finish_reason
+    ]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert all(c.usage is None for c in chunks[:-1])
 
-    stream = list(client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0,
-                                            stream=True))
+    stream = list(
+        client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0, stream=True)
+    )
     plain = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
     assert "".join(c.choices[0].text for c in stream) == plain.choices[0].text
 
 
 def test_raw_stream_is_sse_ending_in_done(live_server):
-    with httpx.stream("POST", live_server.url + "/v1/chat/completions", timeout=120, json={
-        "messages": QUESTION, "max_tokens": 4, "temperature": 0, "stream": True,
-    }) as r:
+    with httpx.stream(
+        "POST",
+        live_server.url + "/v1/chat/completions",
+        timeout=120,
+        json={"messages": QUESTION, "max_tokens": 4, "temperature": 0, "stream": True},
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         body = r.read().decode()
     events = [e for e in body.split("\n\n") if e]
@@ -109,8 +120,9 @@ def test_n_samples_and_seed_reproducibility(client, model):
 
 
 def test_chat_logprobs_rank_the_top_tokens(client, model):
-    r = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=0,
-                                       logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     tokens = "".join(e.token for e in content)
@@ -125,8 +137,9 @@ def test_chat_logprobs_rank_the_top_tokens(client, model):
 
 
 def test_completion_logprobs_and_echo(client, model):
-    r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=4, temperature=0,
-                                  logprobs=2, echo=True)
+    r = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2, echo=True
+    )
     choice = r.choices[0]
     lp = choice.logprobs
     assert choice.text.startswith("The capital of France is")
@@ -134,7 +147,7 @@ def test_completion_logprobs_and_echo(client, model):
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert len(lp.tokens) == r.usage.prompt_tokens + r.usage.completion_tokens
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
-    for token, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+    for _token, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
         assert value <= 0 and len(top) == 2
     for token, value, top in zip(lp.tokens[-4:], lp.token_logprobs[-4:], lp.top_logprobs[-4:]):
         assert top[token] == pytest.approx(value) and value == pytest.approx(max(top.values()))
@@ -152,17 +165,24 @@ def test_stop_strings(client, model):
 def test_response_format_json_schema_and_json_object(client, model):
     schema = {
         "type": "object",
-        "properties": {"city": {"type": "string", "enum": ["Paris", "London", "Rome"]}, "is_capital": {"type": "boolean"}},
+        "properties": {
+            "city": {"type": "string", "enum": ["Paris", "London", "Rome"]},
+            "is_capital": {"type": "boolean"},
+        },
         "required": ["city", "is_capital"],
         "additionalProperties": False,
     }
     r = client.chat.completions.create(
-        model=model, messages=QUESTION, max_tokens=40, temperature=0,
+        model=model,
+        messages=QUESTION,
+        max_tokens=40,
+        temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
     )
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
-    r = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=60, temperature=0, seed=3,
-                                       response_format={"type": "json_object"})
+    r = client.chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=60, temperature=0, seed=3, response_format={"type": "json_object"}
+    )
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(r.choices[0].message.content), dict)
     else:
@@ -175,7 +195,10 @@ def test_models_tokenize_detokenize(live_server, tokenizer):
     r = post(live_server, "/tokenize", {"prompt": "Hello world"}).json()
     assert r["tokens"] == tokenizer.encode("Hello world") and r["count"] == len(r["tokens"])
     chat = post(live_server, "/tokenize", {"messages": QUESTION}).json()
-    assert chat["tokens"] == tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert (
+        chat["tokens"]
+        == tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=True)["input_ids"]
+    )
     assert post(live_server, "/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": "Hello world"}
     assert post(live_server, "/detokenize", {"tokens": [10**9]}).status_code == 400
 
@@ -190,30 +213,64 @@ def assert_error(r: httpx.Response, status: int, *words: str, param: str | None 
         assert err["param"] == param
 
 
-@pytest.mark.parametrize("path, body, status, words, param", [
-    ("/v1/chat/completions", {"messages": QUESTION, "model": "gpt-9"}, 404, ["gpt-9"], "model"),
-    ("/v1/chat/completions", {"messages": QUESTION, "use_beam_search": True}, 400, ["use_beam_search"], "use_beam_search"),
-    ("/v1/chat/completions", {"messages": QUESTION, "length_penalty": 0.5}, 400, ["length_penalty"], "length_penalty"),
-    ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function"}]}, 400, ["tools"], "tools"),
-    ("/v1/chat/completions", {"messages": QUESTION, "top_logprobs": 2}, 400, ["logprobs"], "top_logprobs"),
-    ("/v1/chat/completions", {"messages": QUESTION, "temperature": "hot"}, 400, ["temperature"], "temperature"),
-    ("/v1/chat/completions", {"messages": QUESTION, "temperature": -1}, 400, ["temperature"], "temperature"),
-    ("/v1/chat/completions", {"messages": QUESTION, "n": 0}, 400, ["n"], "n"),
-    ("/v1/chat/completions", {"messages": "hi"}, 400, ["messages"], "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, ["role"], "messages"),
-    ("/v1/chat/completions", {"messages": QUESTION, "response_format": {"type": "json_schema"}}, 400,
-     ["json_schema"], "response_format"),
-    ("/v1/chat/completions", {"messages": QUESTION, "response_format": {"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}, 400, ["schema"], None),
-    ("/v1/completions", {"prompt": "hi", "suffix": "there"}, 400, ["suffix"], "suffix"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": 99}, 400, ["logprobs"], "logprobs"),
-    ("/v1/completions", {"prompt": ""}, 400, ["empty"], None),
-    ("/v1/completions", {"prompt": []}, 400, ["empty"], "prompt"),
-    ("/v1/completions", {"prompt": [[]]}, 400, ["empty"], None),
-    ("/v1/completions", {"prompt": [10**9]}, 400, ["vocabulary"], None),
-    ("/v1/completions", {"prompt": ["a", [1]]}, 400, ["prompt"], "prompt"),
-    ("/v1/completions", {"max_tokens": 3}, 400, ["prompt"], "prompt"),
-])
+@pytest.mark.parametrize(
+    "path, body, status, words, param",
+    [
+        ("/v1/chat/completions", {"messages": QUESTION, "model": "gpt-9"}, 404, ["gpt-9"], "model"),
+        (
+            "/v1/chat/completions",
+            {"messages": QUESTION, "use_beam_search": True},
+            400,
+            ["use_beam_search"],
+            "use_beam_search",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": QUESTION, "length_penalty": 0.5},
+            400,
+            ["length_penalty"],
+            "length_penalty",
+        ),
+        ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function"}]}, 400, ["tools"], "tools"),
+        ("/v1/chat/completions", {"messages": QUESTION, "top_logprobs": 2}, 400, ["logprobs"], "top_logprobs"),
+        ("/v1/chat/completions", {"messages": QUESTION, "temperature": "hot"}, 400, ["temperature"], "temperature"),
+        ("/v1/chat/completions", {"messages": QUESTION, "temperature": -1}, 400, ["temperature"], "temperature"),
+        ("/v1/chat/completions", {"messages": QUESTION, "n": 0}, 400, ["n"], "n"),
+        ("/v1/chat/completions", {"messages": "hi"}, 400, ["messages"], "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, ["role"], "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": QUESTION, "response_format": {"type": "json_schema"}},
+            400,
+            ["json_schema"],
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": QUESTION,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "x",
+                        "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}},
+                    },
+                },
+            },
+            400,
+            ["schema"],
+            None,
+        ),
+        ("/v1/completions", {"prompt": "hi", "suffix": "there"}, 400, ["suffix"], "suffix"),
+        ("/v1/completions", {"prompt": "hi", "logprobs": 99}, 400, ["logprobs"], "logprobs"),
+        ("/v1/completions", {"prompt": ""}, 400, ["empty"], None),
+        ("/v1/completions", {"prompt": []}, 400, ["empty"], "prompt"),
+        ("/v1/completions", {"prompt": [[]]}, 400, ["empty"], None),
+        ("/v1/completions", {"prompt": [10**9]}, 400, ["vocabulary"], None),
+        ("/v1/completions", {"prompt": ["a", [1]]}, 400, ["prompt"], "prompt"),
+        ("/v1/completions", {"max_tokens": 3}, 400, ["prompt"], "prompt"),
+    ],
+)
 def test_bad_requests_get_openai_errors(live_server, path, body, status, words, param):
     assert_error(post(live_server, path, body), status, *words, param=param)
 
@@ -230,16 +287,24 @@ def test_malformed_bodies_and_unknown_fields(live_server):
     assert_error(post(live_server, "/v1/chat/completions", "[1, 2]"), 400)
     assert_error(post(live_server, "/v1/chat/completions", b"\xff\xfe"), 400)
     assert_error(httpx.get(live_server.url + "/v1/nothing-here"), 404)
-    r = post(live_server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2, "frobnicate": {"x": 1},
-                                                   "user": "u-1", "parallel_tool_calls": False})
+    r = post(
+        live_server,
+        "/v1/chat/completions",
+        {"messages": QUESTION, "max_tokens": 2, "frobnicate": {"x": 1}, "user": "u-1", "parallel_tool_calls": False},
+    )
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
     assert live_server.healthy()
 
 
 def test_chat_echo_and_add_generation_prompt(client, model):
     messages = QUESTION + [{"role": "assistant", "content": "The capital"}]
-    r = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0,
-                                       extra_body={"echo": True, "add_generation_prompt": False})
+    r = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=4,
+        temperature=0,
+        extra_body={"echo": True, "add_generation_prompt": False},
+    )
     assert r.choices[0].message.content.startswith("The capital")
 
 
@@ -257,8 +322,10 @@ async def test_api_key_guards_the_api(engine):
 
 def test_metrics_count_the_requests_sent(live_server, client, model, scrape):
     before = scrape(live_server)
-    usages = [client.chat.completions.create(model=model, messages=QUESTION, max_tokens=n, temperature=0).usage
-              for n in (3, 5)]
+    usages = [
+        client.chat.completions.create(model=model, messages=QUESTION, max_tokens=n, temperature=0).usage
+        for n in (3, 5)
+    ]
     usages.append(client.completions.create(model=model, prompt="Once upon a time", max_tokens=4).usage)
     assert post(live_server, "/v1/completions", {"prompt": [10**9]}).status_code == 400
     after = scrape(live_server)
@@ -278,5 +345,7 @@ def test_metrics_count_the_requests_sent(live_server, client, model, scrape):
     assert 0 < after["tristream_prefix_cache_hit_rate{}"] < 1
     # One step per token at least: the three requests ran one after another.
     assert delta("tristream_engine_steps_total{}") >= sum(u.completion_tokens for u in usages)
-    assert delta("tristream_step_gpu_busy_seconds_total{}") > 0 and delta("tristream_step_scheduler_seconds_total{}") > 0
+    assert (
+        delta("tristream_step_gpu_busy_seconds_total{}") > 0 and delta("tristream_step_scheduler_seconds_total{}") > 0
+    )
     assert delta("tristream_step_gpu_idle_seconds_total{}") >= 0 and delta("tristream_step_ipc_seconds_total{}") >= 0

@@ -22,8 +22,13 @@ LONG = 400
 
 async def stream_chat(http: httpx.AsyncClient, prompt: str, hang_up_after: int | None) -> tuple[str, str | None, bool]:
     """The streamed text, the finish reason, and whether [DONE] arrived; hangs up after that many events."""
-    body = {"messages": [{"role": "user", "content": prompt}], "temperature": 0, "ignore_eos": True, "stream": True,
-            "max_tokens": MAX_TOKENS if hang_up_after is None else LONG}
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "max_tokens": MAX_TOKENS if hang_up_after is None else LONG,
+    }
     text, reason, done, events = "", None, False, 0
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
@@ -48,9 +53,15 @@ async def test_hundred_streams_with_random_hang_ups_leave_no_pages_behind(live_s
     async with httpx.AsyncClient(base_url=live_server.url, timeout=300, limits=limits) as http:
         expected = {}
         for prompt in PROMPTS:
-            r = await http.post("/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS, "temperature": 0,
-                "ignore_eos": True})
+            r = await http.post(
+                "/v1/chat/completions",
+                json={
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": MAX_TOKENS,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            )
             expected[prompt] = r.json()["choices"][0]["message"]["content"]
         before = scrape(live_server)
         plan = [(PROMPTS[i % len(PROMPTS)], rng.randint(1, 6) if i % 3 == 0 else None) for i in range(100)]
@@ -73,6 +84,7 @@ async def test_hundred_streams_with_random_hang_ups_leave_no_pages_behind(live_s
         assert idle["tristream_kv_pages_used{}"] == idle["tristream_kv_pages_cached{}"]
         hung_up = sum(h is not None for _, h in plan)
         aborted = idle["tristream_requests_total{finish_reason=abort}"] - before.get(
-            "tristream_requests_total{finish_reason=abort}", 0)
+            "tristream_requests_total{finish_reason=abort}", 0
+        )
         assert aborted == hung_up
         assert (await http.get("/health")).status_code == 200

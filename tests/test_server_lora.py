@@ -3,13 +3,17 @@ unload at run time."""
 
 from __future__ import annotations
 
-
 import httpx
 import openai
 import pytest
-
-from tests.conftest import hf_greedy, make_lora_adapter, start_server, stop_server  # pytest has imported the conftest under this name
 from tristream.server import build_app
+
+from tests.conftest import (
+    hf_greedy,
+    make_lora_adapter,
+    start_server,
+    stop_server,
+)  # pytest has imported the conftest under this name
 
 PROMPT = "My favourite thing about winter is"
 QUESTION = [{"role": "user", "content": "Write a poem about the sea."}]
@@ -24,19 +28,33 @@ def expected(tmp_path_factory, model_dir, hf_model, tokenizer) -> dict[str, tupl
     chat = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=True)["input_ids"]
 
     def answers(model) -> tuple[str, str]:
-        return tuple(tokenizer.decode(hf_greedy(model, ids, NEW_TOKENS), skip_special_tokens=True)
-                     for ids in (prompt, chat))
+        return tuple(
+            tokenizer.decode(hf_greedy(model, ids, NEW_TOKENS), skip_special_tokens=True) for ids in (prompt, chat)
+        )
 
     out = {"base": ("", *answers(hf_model))}
     for seed, name in enumerate(["qv", "second"]):
-        out[name] = (str(root / name), *answers(make_lora_adapter(model_dir, root / name, seed, r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"])))
+        out[name] = (
+            str(root / name),
+            *answers(
+                make_lora_adapter(model_dir, root / name, seed, r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+            ),
+        )
     return out
 
 
 @pytest.fixture(scope="module")
 def server(expected):
-    server = start_server("--lora-modules", f"qv={expected['qv'][0]}", "--max-loras", "2", "--max-model-len", "1024",
-                          "--log-level", "WARNING")
+    server = start_server(
+        "--lora-modules",
+        f"qv={expected['qv'][0]}",
+        "--max-loras",
+        "2",
+        "--max-model-len",
+        "1024",
+        "--log-level",
+        "WARNING",
+    )
     yield server
     stop_server(server)
 
@@ -46,8 +64,11 @@ def post(server, path: str, body: dict) -> httpx.Response:
 
 
 def complete(server, model: str) -> httpx.Response:
-    return post(server, "/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": NEW_TOKENS,
-                                            "temperature": 0, "ignore_eos": True})
+    return post(
+        server,
+        "/v1/completions",
+        {"model": model, "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True},
+    )
 
 
 def test_model_picks_the_adapter(server, expected):
@@ -58,8 +79,16 @@ def test_model_picks_the_adapter(server, expected):
     assert base["model"] == server.model and base["choices"][0]["text"] == expected["base"][1]
     assert all(a != b for a, b in zip(expected["qv"][1:], expected["base"][1:])), "the adapter must change the output"
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    chunks = list(client.chat.completions.create(model="qv", messages=QUESTION, max_tokens=NEW_TOKENS, temperature=0,
-                                                 stream=True, extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="qv",
+            messages=QUESTION,
+            max_tokens=NEW_TOKENS,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert {c.model for c in chunks} == {"qv"}
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected["qv"][2]
 

@@ -5,14 +5,26 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from tristream.model_config import ModelConfig
 from tristream.sharding import shard_model
 
 BASE = ModelConfig(
-    architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-    num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=1e4, rope_scaling=None,
-    max_position_embeddings=2048, tie_word_embeddings=True, attention_bias=False, qk_norm=False, eos_token_ids=[2],
+    architecture="LlamaForCausalLM",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    rope_theta=1e4,
+    rope_scaling=None,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    attention_bias=False,
+    qk_norm=False,
+    eos_token_ids=[2],
     dtype="bfloat16",
 )
 
@@ -50,12 +62,15 @@ def test_a_vocabulary_that_does_not_divide_is_padded_on_the_last_rank():
     assert [(s.vocab, s.vocab_rows) for s in parts] == [(range(0, 501), 501), (range(501, 1001), 501)]
 
 
-@pytest.mark.parametrize(("heads", "kv", "size", "message"), [
-    (8, 2, 3, "multiple of the KV heads"),
-    (6, 2, 4, "divide the attention heads"),
-    (4, 4, 8, "more than the model's 4 attention heads"),
-    (8, 8, 0, "must be an int >= 1"),
-])
+@pytest.mark.parametrize(
+    ("heads", "kv", "size", "message"),
+    [
+        (8, 2, 3, "multiple of the KV heads"),
+        (6, 2, 4, "divide the attention heads"),
+        (4, 4, 8, "more than the model's 4 attention heads"),
+        (8, 8, 0, "must be an int >= 1"),
+    ],
+)
 def test_splits_that_do_not_fit_say_why(heads, kv, size, message):
     with pytest.raises(ValueError, match=message):
         shard_model(dataclasses.replace(BASE, num_heads=heads, num_kv_heads=kv), size, 0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from tristream import SamplingParams
 from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tristream.tokenizer_proc.main import ActiveRequest
@@ -26,7 +25,9 @@ def spanning_stop(tokenizer, ids: list[int]) -> tuple[str, int]:
 def test_a_stop_string_across_tokens_cuts_the_text(tokenizer, include):
     ids = tokenizer.encode(TEXT)
     stop, boundary = spanning_stop(tokenizer, ids)
-    req = ActiveRequest("r", 0, IncrementalDetokenizer(tokenizer, []), [], None, stop=[stop, "never appears"], include_stop=include)
+    req = ActiveRequest(
+        "r", 0, IncrementalDetokenizer(tokenizer, []), [], None, stop=[stop, "never appears"], include_stop=include
+    )
     emitted, hit_at = [], None
     for i, token in enumerate(ids):
         text, hit = req.text([token], finished=False)
@@ -56,9 +57,15 @@ async def test_the_engine_stops_on_a_string_spanning_two_tokens(engine, tokenize
     text = "".join(o.outputs[0].text for o in base)
     stop, boundary = spanning_stop(tokenizer, ids)
     for include in (False, True):
-        outs = [out async for out in engine.generate(
-            prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=stop, include_stop_str_in_output=include)
-        )]
+        outs = [
+            out
+            async for out in engine.generate(
+                prompt,
+                SamplingParams(
+                    temperature=0, max_tokens=30, ignore_eos=True, stop=stop, include_stop_str_in_output=include
+                ),
+            )
+        ]
         got = "".join(o.outputs[0].text for o in outs)
         assert got == text[: text.index(stop) + (len(stop) if include else 0)]
         assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "stop"
@@ -81,5 +88,7 @@ async def test_bad_words_are_never_generated(engine, tokenizer):
     single = next(w for w in words if len(w) > 3 and len(tokenizer.encode(" " + w)) == 1)
     multi = next(w for w in words if len(tokenizer.encode(" " + w)) > 1)
     for word in (single, multi):
-        out = "".join([o.outputs[0].text async for o in engine.generate(prompt, SamplingParams(**params, bad_words=[word]))])
+        out = "".join(
+            [o.outputs[0].text async for o in engine.generate(prompt, SamplingParams(**params, bad_words=[word]))]
+        )
         assert word in base and word not in out, (word, out)

@@ -8,7 +8,6 @@ import re
 
 import jsonschema
 import pytest
-
 from tristream import SamplingParams, StructuredOutput
 
 SCHEMA = {
@@ -19,7 +18,10 @@ SCHEMA = {
         "role": {"enum": ["admin", "user", "guest"]},
         "address": {
             "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 20}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            },
             "required": ["city", "zip"],
         },
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
@@ -38,8 +40,10 @@ async def text_of(stream) -> tuple[str, str]:
 
 
 async def test_json_schema_outputs_always_validate(engine):
-    params = [SamplingParams(temperature=0.8, max_tokens=160, seed=i, structured=StructuredOutput(json=SCHEMA))
-              for i in range(20)]
+    params = [
+        SamplingParams(temperature=0.8, max_tokens=160, seed=i, structured=StructuredOutput(json=SCHEMA))
+        for i in range(20)
+    ]
     results = await asyncio.gather(*(text_of(engine.chat(MESSAGES, p)) for p in params))
     for text, reason in results:
         assert reason == "stop", text
@@ -50,15 +54,21 @@ async def test_json_schema_outputs_always_validate(engine):
 async def test_regex_choice_and_json_object(engine):
     regex = r"[A-Z][a-z]{2,8}-[0-9]{3}"
     choices = ["red", "green", "blue"]
-    jobs = [
-        engine.generate("A product code:", SamplingParams(temperature=1.0, max_tokens=30, seed=i, structured={"regex": regex}))
-        for i in range(4)
-    ] + [
-        engine.chat(MESSAGES, SamplingParams(temperature=1.0, max_tokens=10, seed=i, structured={"choice": choices}))
-        for i in range(4)
-    ] + [
-        engine.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=120, structured={"json_object": True})),
-    ]
+    jobs = (
+        [
+            engine.generate(
+                "A product code:", SamplingParams(temperature=1.0, max_tokens=30, seed=i, structured={"regex": regex})
+            )
+            for i in range(4)
+        ]
+        + [
+            engine.chat(
+                MESSAGES, SamplingParams(temperature=1.0, max_tokens=10, seed=i, structured={"choice": choices})
+            )
+            for i in range(4)
+        ]
+        + [engine.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=120, structured={"json_object": True}))]
+    )
     results = await asyncio.gather(*(text_of(j) for j in jobs))
     assert all(re.fullmatch(regex, text) and reason == "stop" for text, reason in results[:4]), results[:4]
     assert all(text in choices and reason == "stop" for text, reason in results[4:8]), results[4:8]

@@ -9,18 +9,26 @@ import signal
 import time
 
 import pytest
-
-from tests.conftest import hf_greedy, make_lora_adapter  # pytest has imported the conftest under this name
 from tristream import LLM, AsyncEngine, EngineDeadError, SamplingParams
 from tristream.outputs import accumulate
+
+from tests.conftest import hf_greedy, make_lora_adapter  # pytest has imported the conftest under this name
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,", "1, 2, 3, 4,"]
 
 # Qwen2 (biased q/k/v), one KV head shared by both ranks, and a vocabulary and MLP that split unevenly.
 TINY = {
-    "architectures": ["Qwen2ForCausalLM"], "vocab_size": 1001, "hidden_size": 64, "intermediate_size": 129,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 256, "tie_word_embeddings": False, "eos_token_id": 0,
+    "architectures": ["Qwen2ForCausalLM"],
+    "vocab_size": 1001,
+    "hidden_size": 64,
+    "intermediate_size": 129,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+    "eos_token_id": 0,
 }
 
 
@@ -39,14 +47,22 @@ async def tp_engine():
 
 async def test_lora_adapter_split_over_two_ranks(tp_engine, model_dir, tokenizer, tmp_path) -> None:
     """Each rank holds its rows of B (q/k/v, gate/up) and columns of A (o, down): greedy equals peft's merged model."""
-    merged = make_lora_adapter(model_dir, tmp_path / "a", 3, r=8, lora_alpha=16, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    merged = make_lora_adapter(
+        model_dir,
+        tmp_path / "a",
+        3,
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     await tp_engine.load_lora("a", str(tmp_path / "a"))
     try:
         for prompt in PROMPTS[:2]:
             ids = tokenizer(prompt).input_ids
             final = None
-            async for out in tp_engine.generate(ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, lora="a")):
+            async for out in tp_engine.generate(
+                ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, lora="a")
+            ):
                 final = accumulate(final, out)
             assert final.outputs[0].token_ids == hf_greedy(merged, ids, 12)
     finally:
@@ -60,8 +76,14 @@ def tiny_model(tmp_path) -> str:
 
 
 def tiny_engine(model: str, tp: int) -> AsyncEngine:
-    return AsyncEngine(model=model, load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=tp,
-                       max_model_len=256, log_level="ERROR")
+    return AsyncEngine(
+        model=model,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        tensor_parallel_size=tp,
+        max_model_len=256,
+        log_level="ERROR",
+    )
 
 
 async def generate_all(engine: AsyncEngine, prompts: list, params: SamplingParams) -> list:
@@ -155,8 +177,14 @@ async def test_a_rank_lost_during_start_up_fails_the_start(tiny_model, alive):
 
 
 def test_llm_with_two_ranks_shuts_down_at_once(tiny_model, alive):
-    with LLM(model=tiny_model, load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=2,
-             max_model_len=256, log_level="ERROR") as llm:
+    with LLM(
+        model=tiny_model,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        tensor_parallel_size=2,
+        max_model_len=256,
+        log_level="ERROR",
+    ) as llm:
         pids = list(llm.engine.child_pids.values())
         out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) == 3

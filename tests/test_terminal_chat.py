@@ -10,7 +10,6 @@ import sys
 import time
 
 import pexpect
-
 from tristream import SamplingParams
 from tristream.terminal_chat import PROMPT, run_chat
 

@@ -9,7 +9,11 @@ def test_follow_up_reuses_generated_ids_that_retokenize_differently(tokenizer):
     nl2 = tokenizer.convert_tokens_to_ids("ĊĊ")
     prompt_text = "<|im_start|>user\nList two things.<|im_end|>\n<|im_start|>assistant\n"
     prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
-    reply_ids = tokenizer.encode("Here:", add_special_tokens=False) + [nl2] + tokenizer.encode("1. Sun", add_special_tokens=False)
+    reply_ids = (
+        tokenizer.encode("Here:", add_special_tokens=False)
+        + [nl2]
+        + tokenizer.encode("1. Sun", add_special_tokens=False)
+    )
     reply_text = tokenizer.decode(reply_ids)
     follow_up = prompt_text + reply_text + "<|im_end|>\n<|im_start|>user\nMore?<|im_end|>\n"
     plain = tokenizer.encode(follow_up, add_special_tokens=False)

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import zmq
 from transformers import AutoTokenizer
-
 from tristream.config import EngineConfig
 from tristream.model_config import ModelConfig
 from tristream.processes import bind_inbox, connect_outbox, recv_all, send
@@ -154,21 +153,39 @@ class TokenizerWorker:
         for i in range(params.num_samples):
             rid = req.request_id if i == 0 else f"{req.request_id}#{i}"
             p = dataclasses.replace(
-                params, seed=sample_seed(seed, i), logprobs=0 if ranked else params.logprobs,
+                params,
+                seed=sample_seed(seed, i),
+                logprobs=0 if ranked else params.logprobs,
                 prompt_logprobs=params.prompt_logprobs if i == 0 else None,
             )
             detok = None
             if self.tokenizer is not None:
-                detok = IncrementalDetokenizer(self.tokenizer, ids, p.skip_special_tokens, p.spaces_between_special_tokens)
+                detok = IncrementalDetokenizer(
+                    self.tokenizer, ids, p.skip_special_tokens, p.spaces_between_special_tokens
+                )
             self.active[rid] = ActiveRequest(
-                req.request_id, i, detok, ids, chat_text if params.num_samples == 1 else None,
+                req.request_id,
+                i,
+                detok,
+                ids,
+                chat_text if params.num_samples == 1 else None,
                 ThinkParser(in_reasoning) if self.reasoning_parser == "think" else None,
-                p.stop, p.include_stop_str_in_output,
+                p.stop,
+                p.include_stop_str_in_output,
             )
-            out.append(TokenizedRequest(
-                rid, ids, p, self.model_config.eos_token_ids, req.arrival_time, bad_words_ids,
-                fork_of=req.request_id if i else None, grammar=grammar, lora=req.lora,
-            ))
+            out.append(
+                TokenizedRequest(
+                    rid,
+                    ids,
+                    p,
+                    self.model_config.eos_token_ids,
+                    req.arrival_time,
+                    bad_words_ids,
+                    fork_of=req.request_id if i else None,
+                    grammar=grammar,
+                    lora=req.lora,
+                )
+            )
         self.samples[req.request_id] = [t.request_id for t in out]
         return out
 
@@ -202,8 +219,11 @@ class TokenizerWorker:
         """Each bad word as token ids, alone and after a space."""
         if not params.bad_words or self.tokenizer is None:
             return []
-        variants = {tuple(self.tokenizer.encode(v, add_special_tokens=False))
-                    for word in params.bad_words for v in (word.strip(), " " + word.strip())}
+        variants = {
+            tuple(self.tokenizer.encode(v, add_special_tokens=False))
+            for word in params.bad_words
+            for v in (word.strip(), " " + word.strip())
+        }
         return [list(v) for v in sorted(variants) if v]
 
     def outputs(self, batch: TokenBatch) -> tuple[list[OutputDelta], list[str]]:
@@ -233,9 +253,19 @@ class TokenizerWorker:
                     self._remember_turn(req, reason)
                 out.append(
                     OutputDelta(
-                        req.parent, text, d.token_ids, finished or hit_stop, reason, prompt_ids,
-                        d.num_cached_tokens, d.time_in_queue, d.error, d.logprobs, d.prompt_logprobs,
-                        req.index, reasoning,
+                        req.parent,
+                        text,
+                        d.token_ids,
+                        finished or hit_stop,
+                        reason,
+                        prompt_ids,
+                        d.num_cached_tokens,
+                        d.time_in_queue,
+                        d.error,
+                        d.logprobs,
+                        d.prompt_logprobs,
+                        req.index,
+                        reasoning,
                     )
                 )
         return out, stopped

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
-
 from tristream.protocol import GenerateRequest
 from tristream.tokenizer_proc.turn_cache import TurnCache
 

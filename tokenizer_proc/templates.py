@@ -29,4 +29,6 @@ def resolve_chat_template(value: str) -> str:
     path = Path(value)
     if path.is_file():
         return path.read_text()
-    raise ValueError(f"chat_template {value!r} is neither a file nor a built-in template ({', '.join(BUILTIN_TEMPLATES)})")
+    raise ValueError(
+        f"chat_template {value!r} is neither a file nor a built-in template ({', '.join(BUILTIN_TEMPLATES)})"
+    )

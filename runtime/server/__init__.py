@@ -9,7 +9,6 @@ import sys
 from collections.abc import Iterator
 
 import uvicorn
-
 from tristream.engine import AsyncEngine
 from tristream.model_files import model_name
 from tristream.server.app import build_app
@@ -32,8 +31,15 @@ class _Server(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
 
-async def serve(engine: AsyncEngine, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
-                api_key: str | None = None, announce: bool = False, default_lora: str | None = None) -> None:
+async def serve(
+    engine: AsyncEngine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    announce: bool = False,
+    default_lora: str | None = None,
+) -> None:
     """Start ``engine`` and serve it over HTTP until SIGINT or SIGTERM, or until the engine dies.
 
     Prints the address once it listens (``port=0`` picks a free port); ``announce``
@@ -44,14 +50,22 @@ async def serve(engine: AsyncEngine, host: str = "127.0.0.1", port: int = 8000, 
         name = served_model_name or model_name(engine.config.model)
         adapters = engine.lora_adapters
         if default_lora is not None and default_lora not in adapters:
-            raise ValueError(f"default_lora {default_lora!r} is not one of the engine's LoRA adapters "
-                             f"({', '.join(adapters) or 'none'})")
+            raise ValueError(
+                f"default_lora {default_lora!r} is not one of the engine's LoRA adapters "
+                f"({', '.join(adapters) or 'none'})"
+            )
         if name in adapters:
             raise ValueError(f"a LoRA adapter is named {name!r}, like the served model; rename one")
-        server = _Server(uvicorn.Config(
-            build_app(engine, name, api_key, default_lora), host=host, port=port, log_level="warning",
-            timeout_graceful_shutdown=3, access_log=False,
-        ))
+        server = _Server(
+            uvicorn.Config(
+                build_app(engine, name, api_key, default_lora),
+                host=host,
+                port=port,
+                log_level="warning",
+                timeout_graceful_shutdown=3,
+                access_log=False,
+            )
+        )
         watch = asyncio.ensure_future(_watch(server, engine, name, announce))
         try:
             await server.serve()

@@ -13,7 +13,6 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
-
 from tristream.engine import AsyncEngine, EngineDeadError
 from tristream.outputs import RequestOutput
 from tristream.sampling_params import SamplingParams
@@ -44,8 +43,14 @@ logger = logging.getLogger("tristream.server")
 class ApiError(Exception):
     """An error answered in OpenAI's format."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.type, self.param, self.code = status, type_, param, code
 
@@ -180,8 +185,9 @@ class EventStream(StreamingResponse):
             raise stream.exception()
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-              default_lora: str | None = None) -> FastAPI:
+def build_app(
+    engine: AsyncEngine, model_name: str, api_key: str | None = None, default_lora: str | None = None
+) -> FastAPI:
     """The FastAPI app serving ``engine`` under ``model_name``; ``api_key`` guards /v1 and the tokenizer routes.
 
     A request's ``model`` is ``model_name``, which runs the LoRA adapter ``default_lora``
@@ -196,8 +202,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     async def authorized(request: Request) -> None:
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            raise ApiError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
-                           code="invalid_api_key")
+            raise ApiError(
+                401, "Incorrect or missing API key: send `Authorization: Bearer <key>`", code="invalid_api_key"
+            )
 
     def adapter_for(name: str | None) -> str | None:
         """The LoRA adapter that a request naming the model ``name`` runs through."""
@@ -206,8 +213,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         adapters = engine.lora_adapters
         if name not in adapters:
             names = ", ".join(f"`{n}`" for n in [model_name, *adapters])
-            raise ApiError(404, f"The model `{name}` does not exist; this server serves {names}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model `{name}` does not exist; this server serves {names}",
+                param="model",
+                code="model_not_found",
+            )
         return name
 
     async def token_texts(ids: set[int]) -> dict[int, str]:
@@ -239,8 +250,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, e: HTTPException) -> JSONResponse:
         type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(e.detail), type_, code=e.status_code), status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
+        return JSONResponse(
+            error_body(str(e.detail), type_, code=e.status_code),
+            status_code=e.status_code,
+            headers=getattr(e, "headers", None),
+        )
 
     @app.exception_handler(EngineDeadError)
     async def on_dead(request: Request, e: EngineDeadError) -> JSONResponse:
@@ -274,15 +288,25 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def models() -> JSONResponse:
         """The served model, then each loaded LoRA adapter with its directory as ``root``."""
         card = {"object": "model", "created": created, "owned_by": "tristream", "max_model_len": max_model_len}
-        return JSONResponse({"object": "list", "data": [{"id": model_name, **card}, *(
-            {"id": name, **card, "root": path, "parent": model_name} for name, path in engine.lora_adapters.items()
-        )]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"id": model_name, **card},
+                    *(
+                        {"id": name, **card, "root": path, "parent": model_name}
+                        for name, path in engine.lora_adapters.items()
+                    ),
+                ],
+            }
+        )
 
     @app.post("/v1/load_lora_adapter", dependencies=[Depends(authorized)])
     async def load_lora_adapter(body: LoadLoraAdapterRequest) -> PlainTextResponse:
         if body.lora_name == model_name:
-            raise ApiError(400, f"`{model_name}` is the served model's name; give the adapter another",
-                           param="lora_name")
+            raise ApiError(
+                400, f"`{model_name}` is the served model's name; give the adapter another", param="lora_name"
+            )
         try:
             await engine.load_lora(body.lora_name, body.lora_path)
         except ValueError as e:
@@ -292,8 +316,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     @app.post("/v1/unload_lora_adapter", dependencies=[Depends(authorized)])
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> PlainTextResponse:
         if body.lora_name == default_lora:
-            raise ApiError(400, f"LoRA adapter {default_lora!r} is the default of `{model_name}`, so stays loaded",
-                           param="lora_name")
+            raise ApiError(
+                400,
+                f"LoRA adapter {default_lora!r} is the default of `{model_name}`, so stays loaded",
+                param="lora_name",
+            )
         try:
             await engine.unload_lora(body.lora_name)
         except ValueError as e:
@@ -352,17 +379,30 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 steps[sample.index] += sample.logprobs or []
         if k is not None:
             await token_texts({t for s in steps.values() for step in s for t in step})
-        return JSONResponse({
-            "id": rid, "object": "chat.completion", "created": now(), "model": body.model or model_name,
-            "choices": [{
-                "index": c.index,
-                "message": {"role": "assistant", "content": echo + c.text,
-                            **({"reasoning_content": c.reasoning} if c.reasoning is not None else {})},
-                "logprobs": {"content": chat_logprobs(steps[c.index], texts, k)} if k is not None else None,
-                "finish_reason": c.finish_reason,
-            } for c in choices],
-            "usage": usage(first.metrics.num_prompt_tokens, sum(c.num_tokens for c in choices), first.num_cached_tokens),
-        })
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": now(),
+                "model": body.model or model_name,
+                "choices": [
+                    {
+                        "index": c.index,
+                        "message": {
+                            "role": "assistant",
+                            "content": echo + c.text,
+                            **({"reasoning_content": c.reasoning} if c.reasoning is not None else {}),
+                        },
+                        "logprobs": {"content": chat_logprobs(steps[c.index], texts, k)} if k is not None else None,
+                        "finish_reason": c.finish_reason,
+                    }
+                    for c in choices
+                ],
+                "usage": usage(
+                    first.metrics.num_prompt_tokens, sum(c.num_tokens for c in choices), first.num_cached_tokens
+                ),
+            }
+        )
 
     async def _collect(first: RequestOutput, streams: Streams) -> list[RequestOutput]:
         try:
@@ -370,18 +410,30 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         finally:
             await streams.close()
 
-    async def _chat_events(body: ChatCompletionRequest, params: SamplingParams, rid: str, first: RequestOutput,
-                           streams: Streams, echo: str, k: int | None) -> AsyncIterator[bytes]:
+    async def _chat_events(
+        body: ChatCompletionRequest,
+        params: SamplingParams,
+        rid: str,
+        first: RequestOutput,
+        streams: Streams,
+        echo: str,
+        k: int | None,
+    ) -> AsyncIterator[bytes]:
         created_at = now()
         include_usage = body.include_usage
         model = body.model or model_name
 
         def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> bytes:
-            return sse({
-                "id": rid, "object": "chat.completion.chunk", "created": created_at, "model": model,
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
-                **({"usage": None} if include_usage else {}),
-            })
+            return sse(
+                {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created_at,
+                    "model": model,
+                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+                    **({"usage": None} if include_usage else {}),
+                }
+            )
 
         num_tokens = 0
         for i in range(params.n):
@@ -403,9 +455,16 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 if delta.get("content") or delta.get("reasoning_content") or sample.finish_reason or logprobs:
                     yield chunk(sample.index, delta, sample.finish_reason, logprobs)
         if include_usage:
-            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created_at, "model": model,
-                       "choices": [], "usage": usage(first.metrics.num_prompt_tokens, num_tokens,
-                                                     first.num_cached_tokens)})
+            yield sse(
+                {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created_at,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage(first.metrics.num_prompt_tokens, num_tokens, first.num_cached_tokens),
+                }
+            )
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -417,9 +476,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             raise _bad_request(e, body) from None
         params.lora = lora
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = Streams([
-            metrics.track(engine.generate(p, params, f"{rid}-{i}")) for i, p in enumerate(prompts)
-        ])
+        streams = Streams([metrics.track(engine.generate(p, params, f"{rid}-{i}")) for i, p in enumerate(prompts)])
         try:
             firsts = await _unless_gone(request, streams.firsts())
         except ValueError as e:
@@ -450,8 +507,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             return lp
 
         if body.stream:
-            return EventStream(_completion_events(body, rid, firsts, streams, n, echoes, add_logprobs,
-                                                  prompt_tokens, cached), streams)
+            return EventStream(
+                _completion_events(body, rid, firsts, streams, n, echoes, add_logprobs, prompt_tokens, cached), streams
+            )
         choices = [[Choice(i * n + j) for j in range(n)] for i in range(len(prompts))]
 
         async def gather() -> list[tuple[int, RequestOutput]]:
@@ -465,29 +523,51 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 choices[i][sample.index].fold(sample)
                 await add_logprobs(i, sample)
         flat = [(i, c) for i, row in enumerate(choices) for c in row]
-        return JSONResponse({
-            "id": rid, "object": "text_completion", "created": now(), "model": body.model or model_name,
-            "choices": [{
-                "index": c.index, "text": echoes[i] + c.text,
-                "logprobs": logprobs[i][c.index % n].body() if logprobs is not None else None,
-                "finish_reason": c.finish_reason,
-            } for i, c in flat],
-            "usage": usage(prompt_tokens, sum(c.num_tokens for _, c in flat), cached),
-        })
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": now(),
+                "model": body.model or model_name,
+                "choices": [
+                    {
+                        "index": c.index,
+                        "text": echoes[i] + c.text,
+                        "logprobs": logprobs[i][c.index % n].body() if logprobs is not None else None,
+                        "finish_reason": c.finish_reason,
+                    }
+                    for i, c in flat
+                ],
+                "usage": usage(prompt_tokens, sum(c.num_tokens for _, c in flat), cached),
+            }
+        )
 
-    async def _completion_events(body: CompletionRequest, rid: str, firsts: list[RequestOutput], streams: Streams,
-                                 n: int, echoes: list[str], add_logprobs, prompt_tokens: int,
-                                 cached: int) -> AsyncIterator[bytes]:
+    async def _completion_events(
+        body: CompletionRequest,
+        rid: str,
+        firsts: list[RequestOutput],
+        streams: Streams,
+        n: int,
+        echoes: list[str],
+        add_logprobs,
+        prompt_tokens: int,
+        cached: int,
+    ) -> AsyncIterator[bytes]:
         created_at = now()
         include_usage = body.include_usage
         model = body.model or model_name
 
         def chunk(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> bytes:
-            return sse({
-                "id": rid, "object": "text_completion", "created": created_at, "model": model,
-                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-                **({"usage": None} if include_usage else {}),
-            })
+            return sse(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created_at,
+                    "model": model,
+                    "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+                    **({"usage": None} if include_usage else {}),
+                }
+            )
 
         num_tokens = 0
         pending_echo = {(i, j): echoes[i] for i in range(len(firsts)) for j in range(n) if echoes[i]}
@@ -497,10 +577,17 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 lp = await add_logprobs(i, sample)
                 text = pending_echo.pop((i, sample.index), "") + sample.text
                 if text or sample.finish_reason or (lp is not None and lp.tokens):
-                    yield chunk(i * n + sample.index, text, sample.finish_reason,
-                                lp.take() if lp is not None else None)
+                    yield chunk(i * n + sample.index, text, sample.finish_reason, lp.take() if lp is not None else None)
         if include_usage:
-            yield sse({"id": rid, "object": "text_completion", "created": created_at, "model": model,
-                       "choices": [], "usage": usage(prompt_tokens, num_tokens, cached)})
+            yield sse(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created_at,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage(prompt_tokens, num_tokens, cached),
+                }
+            )
 
     return app

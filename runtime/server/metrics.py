@@ -7,12 +7,30 @@ from collections.abc import AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
-
 from tristream.engine import AsyncEngine
 from tristream.outputs import RequestOutput
 from tristream.protocol import SchedulerStats
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5)
 
 
@@ -23,26 +41,57 @@ class ServerMetrics:
         self.engine = engine
         self.registry = CollectorRegistry()
         r, labels = self.registry, ["model_name"]
-        self.requests = Counter("tristream_requests", "Engine requests that ended, by finish reason",
-                                labels + ["finish_reason"], registry=r)
+        self.requests = Counter(
+            "tristream_requests", "Engine requests that ended, by finish reason", labels + ["finish_reason"], registry=r
+        )
         self.prompt_tokens = Counter("tristream_prompt_tokens", "Prompt tokens of ended requests", labels, registry=r)
         self.generation_tokens = Counter("tristream_generation_tokens", "Generated tokens", labels, registry=r)
-        self.ttft = Histogram("tristream_time_to_first_token_seconds", "Arrival to first token", labels,
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("tristream_inter_token_latency_seconds", "Time between streamed tokens", labels,
-                             buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("tristream_e2e_request_latency_seconds", "Arrival to the last token", labels,
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.queue = Histogram("tristream_request_queue_time_seconds", "Arrival to the first scheduled step", labels,
-                               buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "tristream_time_to_first_token_seconds",
+            "Arrival to first token",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "tristream_inter_token_latency_seconds",
+            "Time between streamed tokens",
+            labels,
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "tristream_e2e_request_latency_seconds",
+            "Arrival to the last token",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "tristream_request_queue_time_seconds",
+            "Arrival to the first scheduled step",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.running = Gauge("tristream_num_requests_running", "Sequences in the running batch", labels, registry=r)
         self.waiting = Gauge("tristream_num_requests_waiting", "Sequences waiting for admission", labels, registry=r)
         self.pages_total = Gauge("tristream_kv_pages_total", "KV cache pages", labels, registry=r)
-        self.pages_used = Gauge("tristream_kv_pages_used", "KV cache pages not free (held by requests or the prefix cache)",
-                                labels, registry=r)
-        self.pages_cached = Gauge("tristream_kv_pages_cached", "KV cache pages held by the prefix cache", labels, registry=r)
-        self.hit_rate = Gauge("tristream_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache, since start",
-                              labels, registry=r)
+        self.pages_used = Gauge(
+            "tristream_kv_pages_used",
+            "KV cache pages not free (held by requests or the prefix cache)",
+            labels,
+            registry=r,
+        )
+        self.pages_cached = Gauge(
+            "tristream_kv_pages_cached", "KV cache pages held by the prefix cache", labels, registry=r
+        )
+        self.hit_rate = Gauge(
+            "tristream_prefix_cache_hit_rate",
+            "Prompt tokens served from the prefix cache, since start",
+            labels,
+            registry=r,
+        )
         self.model_name = model_name
         self.steps = StepAccounting(model_name)
         r.register(self.steps)
@@ -56,7 +105,9 @@ class ServerMetrics:
         self.pages_total.labels(m).set(stats.num_pages)
         self.pages_used.labels(m).set(stats.num_pages - stats.num_free_pages)
         self.pages_cached.labels(m).set(stats.num_cached_pages)
-        self.hit_rate.labels(m).set(stats.num_cache_hit_tokens / stats.num_prompt_tokens if stats.num_prompt_tokens else 0.0)
+        self.hit_rate.labels(m).set(
+            stats.num_cache_hit_tokens / stats.num_prompt_tokens if stats.num_prompt_tokens else 0.0
+        )
         self.steps.stats = stats
         return generate_latest(self.registry)
 

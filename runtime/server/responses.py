@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import orjson
 from starlette.responses import Response
-
 from tristream.outputs import CompletionOutput
 
 # JSON has no -inf; OpenAI clients expect a number.
@@ -31,8 +30,9 @@ def sse(payload: object) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | int | None = None) -> dict:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | int | None = None
+) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -59,12 +59,16 @@ def chat_logprobs(steps: list[dict[int, float]], texts: dict[int, str], k: int) 
     out = []
     for step in steps:
         token, lp = next(iter(step.items()))
-        out.append({
-            "token": texts[token], "logprob": _lp(lp), "bytes": list(texts[token].encode()),
-            "top_logprobs": [
-                {"token": texts[t], "logprob": _lp(v), "bytes": list(texts[t].encode())} for t, v in ranked(step, k)
-            ],
-        })
+        out.append(
+            {
+                "token": texts[token],
+                "logprob": _lp(lp),
+                "bytes": list(texts[token].encode()),
+                "top_logprobs": [
+                    {"token": texts[t], "logprob": _lp(v), "bytes": list(texts[t].encode())} for t, v in ranked(step, k)
+                ],
+            }
+        )
     return out
 
 
@@ -93,8 +97,12 @@ class TextLogprobs:
         self.top_logprobs.append({texts[t]: _lp(v) for t, v in ranked(step, self.k)})
 
     def body(self) -> dict:
-        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs,
-                "top_logprobs": self.top_logprobs, "text_offset": self.text_offset}
+        return {
+            "tokens": self.tokens,
+            "token_logprobs": self.token_logprobs,
+            "top_logprobs": self.top_logprobs,
+            "text_offset": self.text_offset,
+        }
 
     def take(self) -> dict:
         """The body so far, then start afresh (for a streamed delta), keeping the text offset."""

@@ -9,9 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
 from tristream.sampling_params import MAX_LOGPROBS, SamplingParams
-
 
 # OpenAI's own bound on n.
 MAX_SAMPLES = 128
@@ -62,7 +60,10 @@ class ChatMessage(_Body):
             return self.content
         for part in self.content:
             if part.type != "text" or part.text is None:
-                raise UnsupportedField(f"messages[{i}].content", f"messages[{i}]: content parts of type {part.type!r} are not supported; send text")
+                raise UnsupportedField(
+                    f"messages[{i}].content",
+                    f"messages[{i}]: content parts of type {part.type!r} are not supported; send text",
+                )
         return "".join(part.text for part in self.content)
 
 
@@ -109,13 +110,21 @@ class _SamplingFields(_Body):
         if self.use_beam_search:
             raise UnsupportedField("use_beam_search", "use_beam_search is not supported: tristream has no beam search")
         if self.length_penalty != 1.0:
-            raise UnsupportedField("length_penalty", "length_penalty only applies to beam search, which tristream does not run")
+            raise UnsupportedField(
+                "length_penalty", "length_penalty only applies to beam search, which tristream does not run"
+            )
 
     def _structured(self) -> dict | None:
-        given = {name: value for name, value in (
-            ("json", self.guided_json), ("regex", self.guided_regex),
-            ("choice", self.guided_choice), ("grammar", self.guided_grammar),
-        ) if value is not None}
+        given = {
+            name: value
+            for name, value in (
+                ("json", self.guided_json),
+                ("regex", self.guided_regex),
+                ("choice", self.guided_choice),
+                ("grammar", self.guided_grammar),
+            )
+            if value is not None
+        }
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_object":
             given["json_object"] = True
@@ -130,11 +139,20 @@ class _SamplingFields(_Body):
     def _params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
         self._check_supported()
         fields: dict[str, Any] = dict(
-            n=self.n, best_of=self.best_of, max_tokens=max_tokens, min_tokens=self.min_tokens,
-            stop=self.stop, stop_token_ids=self.stop_token_ids or [],
-            include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
-            skip_special_tokens=self.skip_special_tokens, spaces_between_special_tokens=self.spaces_between_special_tokens,
-            seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs, structured=self._structured(),
+            n=self.n,
+            best_of=self.best_of,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids or [],
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            seed=self.seed,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            structured=self._structured(),
         )
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             value = getattr(self, name)

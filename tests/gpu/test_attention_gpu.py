@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-
 from tristream.kernels.attention import (
     choose_num_splits,
     extend_attention,
@@ -70,15 +69,20 @@ def fill_pools(
         device="cuda",
     )
     g = gen(seed)
-    store_kv(randn(len(slots), KV_HEADS, HEAD_DIM, g=g), randn(len(slots), KV_HEADS, HEAD_DIM, g=g),
-             k_cache, v_cache, slots)
+    store_kv(
+        randn(len(slots), KV_HEADS, HEAD_DIM, g=g), randn(len(slots), KV_HEADS, HEAD_DIM, g=g), k_cache, v_cache, slots
+    )
     width = MAX_CONTEXT // PAGE_SIZE
     block_table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda")
     return k_cache, v_cache, tables, block_table
 
 
 def reference(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: list[list[int]], ctx_lens: list[int],
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: list[list[int]],
+    ctx_lens: list[int],
     qo_indptr: list[int],
 ) -> torch.Tensor:
     """The torch reference, in float32."""
@@ -123,8 +127,9 @@ def test_extend_attention_mixed_batch() -> None:
         qo_indptr.append(qo_indptr[-1] + n)
     k_cache, v_cache, tables, block_table = fill_pools(ctx_lens, 1)
     q = randn(qo_indptr[-1], HEADS, HEAD_DIM, g=gen(1))
-    out = extend_attention(q, k_cache, v_cache, block_table, int32(ctx_lens), int32(qo_indptr), SCALE,
-                           max(n for _, n in batch))
+    out = extend_attention(
+        q, k_cache, v_cache, block_table, int32(ctx_lens), int32(qo_indptr), SCALE, max(n for _, n in batch)
+    )
     assert out.shape == q.shape and out.dtype == DTYPE
     assert rel_err(out, reference(q, k_cache, v_cache, tables, ctx_lens, qo_indptr)) < TOL
 

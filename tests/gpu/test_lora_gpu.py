@@ -21,8 +21,15 @@ VOCAB = 1000
 def tiny_llama(folder):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -38,14 +45,20 @@ def reference_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Ten
 
 
 def test_mixed_adapter_batch_tracks_fp32_reference(tmp_path) -> None:
-    from tests.conftest import make_lora_adapter
     from tristream import AsyncEngine, SamplingParams
     from tristream.outputs import accumulate
+
+    from tests.conftest import make_lora_adapter
 
     base_dir = tmp_path / "base"
     refs = {None: tiny_llama(base_dir)}
     refs["all"] = make_lora_adapter(
-        str(base_dir), tmp_path / "all", 0, scale=0.1, r=8, lora_alpha=16,
+        str(base_dir),
+        tmp_path / "all",
+        0,
+        scale=0.1,
+        r=8,
+        lora_alpha=16,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     ).cuda()
     refs["qv"] = make_lora_adapter(
@@ -56,8 +69,13 @@ def test_mixed_adapter_batch_tracks_fp32_reference(tmp_path) -> None:
 
     async def run() -> dict:
         async with AsyncEngine(
-            model=str(base_dir), max_model_len=256, dtype="bfloat16", skip_tokenizer_init=True,
-            lora_adapters={"all": str(tmp_path / "all")}, max_loras=2, log_level="WARNING",
+            model=str(base_dir),
+            max_model_len=256,
+            dtype="bfloat16",
+            skip_tokenizer_init=True,
+            lora_adapters={"all": str(tmp_path / "all")},
+            max_loras=2,
+            log_level="WARNING",
         ) as engine:
             assert engine.info["gpu"]["device"].startswith("cuda")
             await engine.load_lora("qv", str(tmp_path / "qv"))

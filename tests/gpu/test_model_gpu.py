@@ -27,7 +27,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     from transformers import AutoConfig, AutoModelForCausalLM
-
     from tristream.config import EngineConfig
     from tristream.gpu_proc.runner import ModelRunner
     from tristream.gpu_proc.weights import load_weights
@@ -44,8 +43,13 @@ def models(tmp_path_factory):
             else:
                 p.normal_(0.0, 0.02, generator=gen)
     config = EngineConfig(
-        model=str(folder), load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=2048,
-        max_num_seqs=8, kv_cache_tokens=16384,
+        model=str(folder),
+        load_format="dummy",
+        dtype="bfloat16",
+        device="cuda",
+        max_model_len=2048,
+        max_num_seqs=8,
+        kv_cache_tokens=16384,
     )
     runner = ModelRunner(config)
     load_weights(runner.model, hf.state_dict().items(), "transformers")
@@ -74,13 +78,20 @@ def run_ours(runner, prompts: list[list[int]], steps: int, graphs: bool):
         greedy = SamplingParams(temperature=0, seed=0)
         n = len(prompts)
         plan = BatchPlan(
-            0, new=[NewSequence(i, p, 0, 0, greedy) for i, p in enumerate(prompts)],
+            0,
+            new=[NewSequence(i, p, 0, 0, greedy) for i, p in enumerate(prompts)],
             pages=[(i, list(range(1 + i * pages, 1 + (i + 1) * pages))) for i in range(n)],
-            slots=list(range(n)), num_tokens=[len(p) for p in prompts], sample=[True] * n,
+            slots=list(range(n)),
+            num_tokens=[len(p) for p in prompts],
+            sample=[True] * n,
         )
         tokens = [runner.step(plan).token_ids]
         for step in range(steps):
-            tokens.append(runner.step(BatchPlan(step + 1, freed=[], slots=list(range(n)), num_tokens=[1] * n, sample=[True] * n)).token_ids)
+            tokens.append(
+                runner.step(
+                    BatchPlan(step + 1, freed=[], slots=list(range(n)), num_tokens=[1] * n, sample=[True] * n)
+                ).token_ids
+            )
         runner.step(BatchPlan(steps + 1, freed=list(range(n))))
     finally:
         runner.sampler, runner.graphs = sampler, captured_graphs
@@ -125,7 +136,9 @@ def test_logits_and_greedy_tokens_match_transformers(models, capsys):
         pair_err = [rel(ours[s][i], ref16[i][s]) for s in range(STEPS + 1)]
         for s in range(STEPS + 1):
             if ours_err[s] > max(2 * hf_err[s], 5e-3):
-                failures.append(f"prompt {i} step {s}: tristream {ours_err[s]:.2e} vs transformers-bf16 {hf_err[s]:.2e} from fp32")
+                failures.append(
+                    f"prompt {i} step {s}: tristream {ours_err[s]:.2e} vs transformers-bf16 {hf_err[s]:.2e} from fp32"
+                )
         diverge = None
         for s in range(STEPS + 1):
             best = int(ref32[i][s].argmax())
@@ -133,12 +146,18 @@ def test_logits_and_greedy_tokens_match_transformers(models, capsys):
                 gap = (ref32[i][s][best] - ref32[i][s][tokens[i][s]]).item()
                 noise = (ref16[i][s] - ref32[i][s]).abs().max().item()
                 if gap >= NEAR_TIE * noise:
-                    failures.append(f"prompt {i} step {s}: greedy differs from fp32 by a gap {gap:.3f} over bf16 noise {noise:.3f}")
+                    failures.append(
+                        f"prompt {i} step {s}: greedy differs from fp32 by a gap {gap:.3f} over bf16 noise {noise:.3f}"
+                    )
                 diverge = f"step {s}: gap {gap:.3f}, transformers' bf16 noise {noise:.3f}"
                 break
-        lines.append(f"{PROMPT_LENS[i]:6d} | {max(ours_err):.2e} | {max(hf_err):.2e} | {max(pair_err):.2e} | {diverge or 'none in ' + str(STEPS + 1)}")
+        lines.append(
+            f"{PROMPT_LENS[i]:6d} | {max(ours_err):.2e} | {max(hf_err):.2e} | {max(pair_err):.2e} | {diverge or 'none in ' + str(STEPS + 1)}"
+        )
     with capsys.disabled():
-        print("\nprompt | tristream-bf16 vs fp32 | transformers-bf16 vs fp32 | tristream vs transformers-bf16 | first greedy divergence from fp32")
+        print(
+            "\nprompt | tristream-bf16 vs fp32 | transformers-bf16 vs fp32 | tristream vs transformers-bf16 | first greedy divergence from fp32"
+        )
         print("\n".join(lines))
     assert not failures, "\n".join(failures)
 
@@ -151,16 +170,22 @@ def test_pipelined_steps_give_the_tokens_of_synchronous_steps(models):
     _, runner = models
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 128000, (n,), generator=gen).tolist() for n in (7, 70, 300)]
-    params = [SamplingParams(temperature=0, seed=0), SamplingParams(temperature=0.9, seed=5),
-              SamplingParams(temperature=1.0, seed=6, presence_penalty=0.5, logprobs=2)]
+    params = [
+        SamplingParams(temperature=0, seed=0),
+        SamplingParams(temperature=0.9, seed=5),
+        SamplingParams(temperature=1.0, seed=6, presence_penalty=0.5, logprobs=2),
+    ]
     pages = 2048 // runner.page_size
     n = len(prompts)
 
     def plans(steps: int) -> list[BatchPlan]:
         first = BatchPlan(
-            0, new=[NewSequence(i, p, 0, 0, params[i]) for i, p in enumerate(prompts)],
+            0,
+            new=[NewSequence(i, p, 0, 0, params[i]) for i, p in enumerate(prompts)],
             pages=[(i, list(range(1 + i * pages, 1 + (i + 1) * pages))) for i in range(n)],
-            slots=list(range(n)), num_tokens=[len(p) for p in prompts], sample=[True] * n,
+            slots=list(range(n)),
+            num_tokens=[len(p) for p in prompts],
+            sample=[True] * n,
         )
         decode = [BatchPlan(s + 1, slots=list(range(n)), num_tokens=[1] * n, sample=[True] * n) for s in range(steps)]
         return [first, *decode, BatchPlan(steps + 1, freed=list(range(n)))]

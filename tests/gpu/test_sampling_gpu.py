@@ -35,17 +35,21 @@ def test_bitmask_and_sampler_match_the_cpu():
     bitmask = torch.randint(-(2**31), 2**31 - 1, (6, (VOCAB + 31) // 32), generator=g, dtype=torch.int64).int()
     bitmask[0] = -1
     assert torch.equal(apply_token_bitmask(logits, bitmask), apply_token_bitmask(logits.cuda(), bitmask.cuda()).cpu())
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.9, seed=1),
-              SamplingParams(temperature=1.0, top_k=40, min_p=0.05, repetition_penalty=1.2, seed=2),
-              SamplingParams(temperature=0.9, presence_penalty=0.5, frequency_penalty=0.3, seed=3, logprobs=3),
-              SamplingParams(temperature=1.2, logit_bias={5: 3.0}, seed=4),
-              SamplingParams(temperature=0.5, seed=5)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.7, top_p=0.9, seed=1),
+        SamplingParams(temperature=1.0, top_k=40, min_p=0.05, repetition_penalty=1.2, seed=2),
+        SamplingParams(temperature=0.9, presence_penalty=0.5, frequency_penalty=0.3, seed=3, logprobs=3),
+        SamplingParams(temperature=1.2, logit_bias={5: 3.0}, seed=4),
+        SamplingParams(temperature=0.5, seed=5),
+    ]
     tokens = {}
     for device in ("cpu", "cuda"):
         state = SamplingState(8, VOCAB, [2], torch.device(device))
         for slot, p in enumerate(params):
             state.set(slot, p, list(range(100, 160)), 20)
-        out, lp = Sampler(state).sample(logits.to(device), torch.arange(6, device=device), list(range(6)),
-                                        bitmask.to(device))
+        out, lp = Sampler(state).sample(
+            logits.to(device), torch.arange(6, device=device), list(range(6)), bitmask.to(device)
+        )
         tokens[device] = (out.tolist(), lp[3][0][0])
     assert tokens["cpu"] == tokens["cuda"]

@@ -15,7 +15,6 @@ import pathlib
 
 import pytest
 import torch
-
 from tristream import AsyncEngine, SamplingParams
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
@@ -28,8 +27,16 @@ TOP = 20
 
 async def run(model: str, tp: int, prompts: list[list[int]]) -> list[tuple[list[int], list[dict[int, float]]]]:
     params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=TOP)
-    async with AsyncEngine(model=model, load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=tp,
-                           max_model_len=2048, max_num_seqs=8, kv_cache_tokens=16384, log_level="WARNING") as eng:
+    async with AsyncEngine(
+        model=model,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        tensor_parallel_size=tp,
+        max_model_len=2048,
+        max_num_seqs=8,
+        kv_cache_tokens=16384,
+        log_level="WARNING",
+    ) as eng:
 
         async def one(prompt):
             tokens, logprobs = [], []
@@ -44,7 +51,6 @@ async def run(model: str, tp: int, prompts: list[list[int]]) -> list[tuple[list[
 def fp32_logprobs(folder: pathlib.Path, prompts: list[list[int]], paths: list[list[int]]) -> list[list[torch.Tensor]]:
     """transformers in fp32, on the engines' dummy weights, along each token path: the logprobs of every step."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
     from tristream.gpu_proc.weights import dummy_weights
     from tristream.model_config import ModelConfig
 
@@ -82,6 +88,8 @@ def test_two_gpus_give_the_logits_of_one_within_bf16_noise(tmp_path):
                 top = exact.topk(2).values
                 assert (top[0] - top[1]).item() < 2 * err_one, f"step {step}: tokens differ without a near-tie"
                 break
-    print(f"\n{compared} steps: largest top-{TOP} logprob error against fp32: one GPU {err_one:.4f}, two GPUs {err_two:.4f}")
+    print(
+        f"\n{compared} steps: largest top-{TOP} logprob error against fp32: one GPU {err_one:.4f}, two GPUs {err_two:.4f}"
+    )
     assert compared >= len(PROMPT_LENS)
     assert err_two <= 2 * err_one

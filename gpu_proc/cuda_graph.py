@@ -6,9 +6,10 @@ import logging
 import time
 
 import torch
+from torch import nn
+
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.kv_cache import KVCache
-from tristream.gpu_proc.model import DecoderLM
 from tristream.kernels.attention import choose_num_splits
 
 logger = logging.getLogger("tristream")
@@ -29,7 +30,7 @@ class CudaGraphRunner:
     """
 
     def __init__(
-        self, model: DecoderLM, kv: KVCache, max_batch: int, max_pages: int, max_model_len: int, max_loras: int
+        self, model: nn.Module, kv: KVCache, max_batch: int, max_pages: int, max_model_len: int, max_loras: int
     ) -> None:
         device = kv.pool.device
         self.sizes = capture_sizes(max_batch)

@@ -9,20 +9,13 @@ rows of B of its column-parallel outputs and the columns of A of its row-paralle
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from tristream.gpu_proc import ops
 from tristream.gpu_proc.forward_batch import ForwardBatch
-from tristream.gpu_proc.weights import place
-from tristream.lora import adapter_tensors, module_shape, read_adapter, weight_name
+from tristream.lora import MODULES, adapter_tensors, module_shape, read_adapter, weight_name
 from tristream.model_config import ModelConfig
-from tristream.sharding import Shard
-
-# Each fused projection and its parts, in the order of its output rows.
-PARTS = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "o_proj": ("o_proj",),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-    "down_proj": ("down_proj",),
-}
+from tristream.sharding import fused_parts, place
 
 
 class LoraProjection:
@@ -43,16 +36,22 @@ class LoraProjection:
 
 
 class LoraWeights:
-    """The LoRA matrices of ``slots`` adapters of rank up to ``rank`` for this rank's layers (``mc`` is the local config)."""
+    """The LoRA matrices of ``slots`` adapters of rank up to ``rank`` for each projection of ``model`` (one rank's
+    shard of it), by the parameter names of the model's weight table."""
 
-    def __init__(self, mc: ModelConfig, shard: Shard, slots: int, rank: int, dtype: torch.dtype, device: torch.device):
-        self.mc, self.shard, self.rank = mc, shard, rank
+    def __init__(self, model: nn.Module, slots: int, rank: int) -> None:
+        mc, weight = model.config, next(model.parameters())
+        self.mc, self.shard, self.table, self.rank = mc, model.shard, model.weights, rank
+        parts = {name: modules for name, modules in fused_parts(self.table).items() if modules[0] in MODULES}
         shapes = {  # (in, out) of each fused projection: its parts share the input and stack their outputs
-            name: (module_shape(mc, parts[0])[0], sum(module_shape(mc, part)[1] for part in parts))
-            for name, parts in PARTS.items()
+            name: (module_shape(mc, modules[0])[0], sum(module_shape(mc, m)[1] for m in modules))
+            for name, modules in parts.items()
         }
         self.layers = [
-            {name: LoraProjection(slots, rank, len(PARTS[name]), *shapes[name], dtype, device) for name in PARTS}
+            {
+                name: LoraProjection(slots, rank, len(parts[name]), *shapes[name], weight.dtype, weight.device)
+                for name in parts
+            }
             for _ in range(mc.num_layers)
         ]
 
@@ -67,12 +66,12 @@ class LoraWeights:
                 proj.b[slot].zero_()
         r = adapter.rank
         for layer, module, kind, tensor in adapter_tensors(path):
-            p = place(weight_name(layer, module), self.mc, self.shard)
+            p = place(weight_name(layer, module), self.table, self.mc, self.shard)
             proj = self.layers[layer][p.param.split(".")[-2]]
-            cols = slice((p.part or 0) * self.rank, (p.part or 0) * self.rank + r)
+            cols = slice(p.part * self.rank, p.part * self.rank + r)
+            # A row-parallel projection (split along dim 1) holds its columns of A; a column-parallel one its rows of B.
             if kind == "A":
-                src = tensor[:, p.src] if p.dim == 1 else tensor[:]
-                proj.a[slot, cols].copy_(src)
+                proj.a[slot, cols].copy_(tensor[:, p.src] if p.dim == 1 else tensor[:])
             else:
-                src = tensor[p.src] if p.dim == 0 else tensor[:]
-                proj.b[slot, p.dst, cols].copy_(src.to(torch.float32) * adapter.scaling)
+                rows, src = (p.dst, tensor[p.src]) if p.dim == 0 else (slice(None), tensor[:])
+                proj.b[slot, rows, cols].copy_(src.to(torch.float32) * adapter.scaling)

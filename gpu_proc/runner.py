@@ -12,48 +12,30 @@ other ranks receive its tokens by broadcast.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
+
 from tristream.config import EngineConfig
 from tristream.gpu_proc.cuda_graph import CudaGraphRunner
-from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.grammar import GrammarMatchers, SlotGrammar, accept_each
-from tristream.gpu_proc.kv_cache import KVCache, allocate_kv_cache, kv_cache_pages
+from tristream.gpu_proc.kv_cache import allocate_kv_cache, kv_cache_pages
 from tristream.gpu_proc.lora import LoraWeights
-from tristream.gpu_proc.model import DecoderLM
+from tristream.gpu_proc.memory import cuda_kv_budget
 from tristream.gpu_proc.parallel import TensorParallel
 from tristream.gpu_proc.sampler import Sampled, Sampler, SamplingState
+from tristream.gpu_proc.slot_state import Sequence, SlotState
 from tristream.gpu_proc.step_clock import StepClock
 from tristream.gpu_proc.upload import download, upload
-from tristream.gpu_proc.weights import dummy_weights, load_safetensors, load_weights
-from tristream.kernels.attention import choose_num_splits
+from tristream.gpu_proc.weights import build_model
 from tristream.lora import DEFAULT_LORA_RANK
 from tristream.model_config import ModelConfig
-from tristream.protocol import BatchPlan, NewSequence, StepResult
-from tristream.sampling_params import SamplingParams
+from tristream.protocol import BatchPlan, StepResult
 from tristream.sharding import shard_model
 
 logger = logging.getLogger("tristream")
-
-
-@dataclass
-class Sequence:
-    """What the gpu_proc knows of one slot: all its tokens, how many have KV, its pages.
-
-    ``prompt_logprobs`` (top k) is set while the slot still owes prompt logprobs
-    for its first ``prompt_len`` tokens. ``lora_slot`` is its adapter's slot, or -1.
-    """
-
-    token_ids: list[int]
-    num_computed: int
-    pages: list[int] = field(default_factory=list)
-    prompt_len: int = 0
-    prompt_logprobs: int | None = None
-    lora_slot: int = -1
 
 
 @dataclass
@@ -112,24 +94,13 @@ class ModelRunner:
         self.tp = TensorParallel(shard, self.device, rendezvous, decode_bytes, self.dtype)
         self.model_config = mc = shard.local_config(whole)
         start = time.perf_counter()
-        with torch.device("meta"):
-            model = DecoderLM(mc, shard, self.tp)
-        model = model.to_empty(device=self.device).to(self.dtype)
-        if mc.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        if config.load_format == "dummy":
-            load_weights(model, dummy_weights(whole, self.dtype, self.device, config.seed), "dummy weights")
-        else:
-            load_safetensors(model, config.model)
-        model.build_rope(config.max_model_len, self.device)
+        self.model = build_model(config, whole, shard, self.tp, self.dtype, self.device)
         self.lora: LoraWeights | None = None
         if config.lora_slots:
-            max_rank = config.max_lora_rank or DEFAULT_LORA_RANK
-            self.lora = LoraWeights(mc, shard, config.lora_slots, max_rank, self.dtype, self.device)
+            self.lora = LoraWeights(self.model, config.lora_slots, config.max_lora_rank or DEFAULT_LORA_RANK)
             for slot, path in enumerate((config.lora_adapters or {}).values()):
                 self.lora.load(slot, path, whole)
-            model.use_lora(self.lora)
-        self.model = model.eval()
+            self.model.use_lora(self.lora)
         logger.info(
             "loaded %s (%s, %s) on %s in %.1f s%s",
             mc.architecture,
@@ -139,11 +110,6 @@ class ModelRunner:
             time.perf_counter() - start,
             f", tensor-parallel rank {rank} of {shard.size}" if shard.size > 1 else "",
         )
-        self.page_size = config.page_size
-        self.seqs: dict[int, Sequence] = {}
-        max_pages = -(-config.max_model_len // config.page_size)
-        self.block_tables = torch.zeros(config.max_num_seqs, max_pages, dtype=torch.int32, device=self.device)
-        self.last_tokens = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
         self.last_clock: StepClock | None = None
         self.sampler: Sampler | None = None
         self.grammar: GrammarMatchers | None = None
@@ -154,77 +120,16 @@ class ModelRunner:
             )
         self.graphs: CudaGraphRunner | None = None
         explicit = config.kv_cache_tokens is not None or config.kv_cache_bytes is not None
-        budget = self._cuda_kv_budget() if self.device.type == "cuda" and not explicit else None
-        num_pages = self.tp.min(kv_cache_pages(config, mc, self.dtype, budget))
-        self.kv = allocate_kv_cache(config, mc, self.dtype, self.device, num_pages)
+        budget = cuda_kv_budget(self) if self.device.type == "cuda" and not explicit else None
+        self.kv = allocate_kv_cache(
+            config, mc, self.dtype, self.device, self.tp.min(kv_cache_pages(config, mc, self.dtype, budget))
+        )
+        max_pages = -(-config.max_model_len // config.page_size)
+        self.slots = SlotState(config.max_num_seqs, max_pages, config.page_size, self.device)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CudaGraphRunner(
-                self.model,
-                self.kv,
-                config.max_num_seqs,
-                self.block_tables.shape[1],
-                config.max_model_len,
-                config.lora_slots,
+                self.model, self.kv, config.max_num_seqs, max_pages, config.max_model_len, config.lora_slots
             )
-
-    @torch.inference_mode()
-    def _cuda_kv_budget(self) -> int:
-        """Bytes left for KV under ``gpu_memory_utilization`` after the weights and a measured peak.
-
-        The peak comes from a prefill of ``max_num_batched_tokens`` tokens and a
-        top-k/top-p sampling of ``max_num_seqs`` rows, run once on a temporary pool.
-        """
-        config, mc = self.config, self.model_config
-        tokens = min(config.max_num_batched_tokens, config.max_model_len)
-        pages = -(-tokens // config.page_size) + 1
-        scratch = KVCache(
-            torch.zeros(
-                (mc.num_layers, 2, pages, config.page_size, mc.num_kv_heads, mc.head_dim),
-                dtype=self.dtype,
-                device=self.device,
-            )
-        )
-        scratch_bytes = scratch.pool.numel() * scratch.pool.element_size()
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        kv, self.kv = getattr(self, "kv", None), scratch
-        probe = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=0)
-        plan = BatchPlan(
-            0,
-            new=[NewSequence(0, [0] * tokens, 0, 0, probe)],
-            pages=[(0, list(range(1, pages)))],
-            slots=[0],
-            num_tokens=[tokens],
-            sample=[True],
-        )
-        self.step(plan)
-        if self.sampler is not None:
-            for slot in range(config.max_num_seqs):
-                self.sampler.state.set(slot, probe, [0], 0)
-            logits = torch.randn(config.max_num_seqs, mc.vocab_size, device=self.device)
-            self.sampler(
-                logits, torch.arange(config.max_num_seqs, device=self.device), list(range(config.max_num_seqs))
-            )
-            del logits
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - scratch_bytes
-        self.kv, self.seqs, self.last_clock = kv, {}, None
-        self.block_tables.zero_()
-        del scratch
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
-        budget = int(total * config.gpu_memory_utilization) - peak - outside_torch
-        logger.info(
-            "GPU memory: %.2f GiB total, peak %.2f GiB with weights and activations, %.2f GiB used outside torch, "
-            "%.2f GiB left for KV at gpu_memory_utilization=%.2f",
-            total / 2**30,
-            peak / 2**30,
-            outside_torch / 2**30,
-            max(budget, 0) / 2**30,
-            config.gpu_memory_utilization,
-        )
-        return max(budget, 0)
 
     @torch.inference_mode()
     def load_lora(self, slot: int, path: str) -> None:
@@ -233,21 +138,8 @@ class ModelRunner:
             raise ValueError("this engine runs without LoRA slots (max_loras=0)")
         self.lora.load(slot, path, self.whole_config)
 
-    @property
-    def info(self) -> dict:
-        return {"num_pages": self.kv.num_pages, "device": str(self.device), "dtype": str(self.dtype)}
-
     def _apply(self, plan: BatchPlan) -> None:
-        for slot in plan.freed:
-            self.seqs.pop(slot, None)
-        for new in plan.new:
-            self.seqs[new.slot] = Sequence(
-                list(new.token_ids),
-                new.num_cached,
-                prompt_len=len(new.token_ids),
-                prompt_logprobs=new.params.prompt_logprobs if new.num_outputs == 0 else None,
-                lora_slot=new.lora_slot,
-            )
+        self.slots.apply(plan)
         if self.sampler is not None:
             for slot in plan.freed:
                 self.grammar.remove(slot)
@@ -257,118 +149,8 @@ class ModelRunner:
                 else:
                     self.grammar.remove(new.slot)
                 self.sampler.state.set(new.slot, new.params, new.token_ids, new.num_outputs, new.bad_words_ids)
-        if plan.pages:
-            rows: list[int] = []
-            cols: list[int] = []
-            values: list[int] = []
-            for slot, pages in plan.pages:
-                seq = self.seqs[slot]
-                rows += [slot] * len(pages)
-                cols += range(len(seq.pages), len(seq.pages) + len(pages))
-                values += pages
-                seq.pages.extend(pages)
-            index = upload([rows, cols, values], torch.int64, self.device)
-            self.block_tables[index[0], index[1]] = index[2].int()
         if plan.copies:
             self.kv.copy_pages(plan.copies)
-
-    def _build_batch(
-        self, plan: BatchPlan, sample_slots: list[int]
-    ) -> tuple[ForwardBatch, torch.Tensor, list[tuple[int, list[int]]]]:
-        """The batch, ``sample_slots`` (the slots that sample) on the device, and per slot owing prompt logprobs the prompt
-        tokens whose logprobs this step computes. All per-token inputs go to the device in
-        one copy; block tables are already there. A row whose token the host does not know
-        yet (sampled by the step before, still on its way) reads it from ``last_tokens``.
-
-        ``logit_rows`` are the sampling rows, then the rows of prompt positions whose
-        next token's logprob is owed."""
-        ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        qo_indptr = [0]
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        prompt_rows: list[int] = []
-        prompt_targets: list[tuple[int, list[int]]] = []
-        device_rows: list[int] = []
-        device_slots: list[int] = []
-        ps = self.page_size
-        for slot, n, sample in zip(plan.slots, plan.num_tokens, plan.sample):
-            seq = self.seqs[slot]
-            start, end = seq.num_computed, seq.num_computed + n
-            if start < len(seq.token_ids):
-                ids.extend(seq.token_ids[start:end])
-            else:
-                assert start == len(seq.token_ids) and n == 1, "only a slot's newest token may be unknown here"
-                device_rows.append(len(ids))
-                device_slots.append(slot)
-                ids.append(0)
-            positions.extend(range(start, end))
-            slot_mapping.extend(seq.pages[p // ps] * ps + p % ps for p in range(start, end))
-            if seq.prompt_logprobs is not None and start < seq.prompt_len - 1:
-                last = min(end, seq.prompt_len - 1)
-                prompt_rows.extend(range(qo_indptr[-1], qo_indptr[-1] + last - start))
-                prompt_targets.append((slot, seq.token_ids[start + 1 : last + 1]))
-            qo_indptr.append(qo_indptr[-1] + n)
-            seq_lens.append(end)
-            if sample:
-                sample_rows.append(qo_indptr[-1] - 1)
-            seq.num_computed = end
-        lora_groups = self._lora_groups(plan.slots, qo_indptr)
-        lora_rows = [row for group in lora_groups for row in group]
-        lora_indptr = [0] + list(itertools.accumulate(len(group) for group in lora_groups)) if lora_rows else []
-        t, b, s, r, d = len(ids), len(seq_lens), len(sample_rows), len(sample_rows) + len(prompt_rows), len(device_rows)
-        parts = upload(
-            ids
-            + positions
-            + slot_mapping
-            + qo_indptr
-            + seq_lens
-            + sample_rows
-            + prompt_rows
-            + plan.slots
-            + sample_slots
-            + device_rows
-            + device_slots
-            + lora_rows
-            + lora_indptr,
-            torch.int64,
-            self.device,
-        ).split([t, t, t, b + 1, b, r, b, s, d, d, len(lora_rows), len(lora_indptr)])
-        input_ids = parts[0]
-        if d:
-            input_ids = input_ids.index_copy(0, parts[8], self.last_tokens[parts[9]])
-        max_q_len = max(plan.num_tokens)
-        return (
-            ForwardBatch(
-                input_ids=input_ids,
-                positions=parts[1],
-                slot_mapping=parts[2],
-                qo_indptr=parts[3].int(),
-                seq_lens=parts[4].int(),
-                block_table=self.block_tables[parts[6]],
-                logit_rows=parts[5],
-                max_q_len=max_q_len,
-                decode=max_q_len == 1 and not prompt_rows,
-                num_splits=choose_num_splits(b, self.model_config.num_kv_heads, self.config.max_model_len),
-                lora_rows=parts[10].int() if lora_rows else None,
-                lora_indptr=parts[11].int() if lora_rows else None,
-                lora_max_rows=max(map(len, lora_groups), default=0),
-            ),
-            parts[7],
-            prompt_targets,
-        )
-
-    def _lora_groups(self, slots: list[int], qo_indptr: list[int]) -> list[list[int]]:
-        """The rows of each LoRA slot's sequences, by slot; none when no sequence has an adapter."""
-        if self.lora is None:
-            return []
-        groups: list[list[int]] = [[] for _ in range(self.config.lora_slots)]
-        for i, slot in enumerate(slots):
-            lora_slot = self.seqs[slot].lora_slot
-            if lora_slot >= 0:
-                groups[lora_slot].extend(range(qo_indptr[i], qo_indptr[i + 1]))
-        return groups if any(groups) else []
 
     @torch.inference_mode()
     def step(self, plan: BatchPlan) -> StepResult:
@@ -387,8 +169,10 @@ class ModelRunner:
         self._apply(plan)
         if plan.slots:
             queued.slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
-            queued.seqs = [self.seqs[slot] for slot in queued.slots]
-            batch, queued.slots_on_device, queued.prompt_targets = self._build_batch(plan, queued.slots)
+            queued.seqs = [self.slots.seqs[slot] for slot in queued.slots]
+            batch, queued.slots_on_device, queued.prompt_targets = self.slots.batch(
+                plan, queued.slots, self.model_config.num_kv_heads, self.config.max_model_len, self.config.lora_slots
+            )
             if self.graphs is not None and batch.decode:
                 queued.logits = self.graphs.run(batch)
             else:
@@ -417,7 +201,7 @@ class ModelRunner:
                     )
                     self.tp.broadcast(queued.sampled.tokens)
             if k:
-                self.last_tokens.index_copy_(0, queued.slots_on_device, queued.sampled.tokens)
+                self.slots.last_tokens.index_copy_(0, queued.slots_on_device, queued.sampled.tokens)
             queued.logits = None
         queued.clock.mark()
 
@@ -444,7 +228,7 @@ class ModelRunner:
             return None
         lp = logits.float().log_softmax(dim=-1)
         ids = upload([t for _, tokens in targets for t in tokens], torch.int64, lp.device)
-        ns = [self.seqs[slot].prompt_logprobs for slot, _ in targets]
+        ns = [self.slots.seqs[slot].prompt_logprobs for slot, _ in targets]
         k = max(ns)
         top_values, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], ids[:, None][:, :0])
         return ns, download(lp.gather(1, ids[:, None])[:, 0]), download(top_ids), download(top_values)

@@ -19,3 +19,9 @@ def download(t: torch.Tensor) -> torch.Tensor:
         return t
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     return out.copy_(t, non_blocking=True)
+
+
+def upload_named(device: torch.device, **lists: list[int]) -> dict[str, torch.Tensor]:
+    """Every list as an int64 tensor on ``device``, by its name, in a single copy."""
+    flat = upload([v for values in lists.values() for v in values], torch.int64, device)
+    return dict(zip(lists, flat.split([len(values) for values in lists.values()])))

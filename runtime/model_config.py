@@ -6,23 +6,10 @@ import json
 import os
 from dataclasses import dataclass
 
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
-_BY_MODEL_TYPE = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-
 
 @dataclass
 class ModelConfig:
-    """Shapes and constants of a decoder-only transformer."""
+    """Shapes and constants of a decoder-only transformer; ``architecture`` names its model family (``gpu_proc/models``)."""
 
     architecture: str
     vocab_size: int
@@ -38,7 +25,6 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
-    qk_norm: bool
     eos_token_ids: list[int]
     dtype: str
 
@@ -47,12 +33,11 @@ class ModelConfig:
         """Read ``config.json`` (and ``generation_config.json`` for EOS ids)."""
         with open(os.path.join(model_dir, "config.json")) as f:
             raw = json.load(f)
-        arch = (raw.get("architectures") or [_BY_MODEL_TYPE.get(raw.get("model_type"), "")])[0]
-        if arch not in ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {arch or raw.get('model_type')!r} in {model_dir}; supported: {sorted(ARCHITECTURES)}"
-            )
-        family = ARCHITECTURES[arch]
+        arch = _architecture(raw)
+        from tristream.gpu_proc.models import architectures
+
+        if arch not in architectures():
+            raise ValueError(f"unsupported architecture {arch!r} in {model_dir}; supported: {sorted(architectures())}")
         rope = raw.get("rope_parameters") or {}
         theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
         scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -71,11 +56,19 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
-            qk_norm=family == "qwen3",
+            attention_bias=bool(raw.get("attention_bias", False)),
             eos_token_ids=_eos_ids(model_dir, raw),
             dtype=raw.get("torch_dtype") or raw.get("dtype") or "float32",
         )
+
+
+def _architecture(raw: dict) -> str:
+    """The first of ``architectures``; without that list, the causal LM class that transformers has for ``model_type``."""
+    if raw.get("architectures"):
+        return raw["architectures"][0]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(raw.get("model_type"), raw.get("model_type"))
 
 
 def _eos_ids(model_dir: str, raw: dict) -> list[int]:

@@ -1,4 +1,5 @@
-"""How tensor parallelism splits a model: which heads, MLP columns and vocabulary rows each rank holds.
+"""How tensor parallelism splits a model: which heads, MLP columns and vocabulary rows each rank holds,
+and where each checkpoint tensor lands on a rank.
 
 Attention splits by KV head, each with its group of query heads, so a rank's heads
 keep the model's grouping. With fewer KV heads than ranks, the query heads split
@@ -8,6 +9,7 @@ evenly and the ranks that share a KV head each hold a copy of it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tristream.model_config import ModelConfig
@@ -35,6 +37,11 @@ class Shard:
     intermediate: range
     vocab: range
     vocab_rows: int
+
+    def span(self, axis: str, head_dim: int) -> slice:
+        """This rank's rows of a tensor split by ``axis`` ("q_heads", "kv_heads", "intermediate" or "vocab")."""
+        indices, unit = getattr(self, axis), head_dim if axis.endswith("heads") else 1
+        return slice(indices.start * unit, indices.stop * unit)
 
     def local_config(self, mc: ModelConfig) -> ModelConfig:
         """The shapes of the layers on this rank; the vocabulary stays the whole model's."""
@@ -69,3 +76,58 @@ def shard_model(mc: ModelConfig, size: int, rank: int) -> Shard:
     rows = -(-mc.vocab_size // size)
     vocab = range(min(rank * rows, mc.vocab_size), min((rank + 1) * rows, mc.vocab_size))
     return Shard(rank, size, q_heads, kv_heads, _even(mc.intermediate_size, size, rank), vocab, rows)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where the tensors of a checkpoint module go: into the module ``param``, as part ``part`` of the pieces fused
+    there (in the order of its outputs), split over the ranks along ``dim`` by ``axis`` (see ``Shard.span``)."""
+
+    param: str
+    part: int = 0
+    dim: int = 0
+    axis: str | None = None
+
+
+# A model's weight table: its checkpoint module names (``q_proj``, ``embed_tokens``...) and their pieces.
+# A module missing from it is not split: every rank holds it whole, under its own name.
+WeightTable = dict[str, Piece]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one checkpoint tensor goes on a rank: parameter ``param``, piece ``part`` of it; the tensor's ``src``
+    slice along ``dim`` lands at ``dst`` of the parameter."""
+
+    param: str
+    part: int
+    dim: int
+    src: slice
+    dst: slice
+
+
+def module_of(name: str, modules: Iterable[str]) -> str | None:
+    """The one of ``modules`` that the tensor or parameter ``name`` (``layers.0.mlp.up_proj.weight``) belongs to."""
+    return next((m for m in modules if f".{m}." in f".{name}"), None)
+
+
+def fused_parts(table: WeightTable) -> dict[str, list[str]]:
+    """Each parameter module of ``table`` and the checkpoint modules that fill it, in the order of its parts."""
+    parts: dict[str, list[str]] = {}
+    for module, piece in sorted(table.items(), key=lambda item: item[1].part):
+        parts.setdefault(piece.param, []).append(module)
+    return parts
+
+
+def place(name: str, table: WeightTable, mc: ModelConfig, shard: Shard) -> Placement:
+    """The placement of the Hugging Face-named tensor ``name`` on ``shard``'s rank."""
+    name = name.removeprefix("model.")
+    module = module_of(name, table)
+    if module is None or table[module].axis is None:
+        return Placement(name, 0, 0, slice(None), slice(None))
+    piece = table[module]
+    spans = {p.part: shard.span(p.axis, mc.head_dim) for p in table.values() if p.param == piece.param}
+    start = sum(s.stop - s.start for part, s in spans.items() if part < piece.part)
+    src = spans[piece.part]
+    param = f".{name}".replace(f".{module}.", f".{piece.param}.", 1)[1:]
+    return Placement(param, piece.part, piece.dim, src, slice(start, start + src.stop - src.start))

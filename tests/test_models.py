@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+
 from tristream.config import EngineConfig
 from tristream.gpu_proc.runner import ModelRunner
 from tristream.protocol import BatchPlan, NewSequence
@@ -122,3 +123,21 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
         run_ours(str(tmp_path), [[1]], 0, 16, load_format="dummy")
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_dummy_weights_are_a_whole_checkpoint_that_transformers_runs_alike(tmp_path, name):
+    from tristream.gpu_proc.weights import dummy_weights
+    from tristream.model_config import ModelConfig
+
+    model, path = make_model(tmp_path, name)
+    weights = dict(dummy_weights(ModelConfig.load(path), torch.float32, torch.device("cpu"), seed=0))
+    keys = model.load_state_dict(weights, strict=False)
+    tied = ["lm_head.weight"] if model.config.tie_word_embeddings else []
+    assert (keys.missing_keys, keys.unexpected_keys) == (tied, [])
+    prompts = [[5, 17, 300, 2], [9]]
+    ours = run_ours(path, prompts, 3, 16, load_format="dummy")
+    for i, prompt in enumerate(prompts):
+        for step, ref in enumerate(hf_logits(model, prompt, 3)):
+            err = (ours[step][i] - ref).norm() / ref.norm()
+            assert err < 1e-5, f"{name}: prompt {i} step {step}: relative error {err:.2e}"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
 from tristream.model_config import ModelConfig
-from tristream.sharding import shard_model
+from tristream.sharding import place, shard_model
 
 BASE = ModelConfig(
     architecture="LlamaForCausalLM",
@@ -23,7 +24,6 @@ BASE = ModelConfig(
     max_position_embeddings=2048,
     tie_word_embeddings=True,
     attention_bias=False,
-    qk_norm=False,
     eos_token_ids=[2],
     dtype="bfloat16",
 )
@@ -74,3 +74,37 @@ def test_a_vocabulary_that_does_not_divide_is_padded_on_the_last_rank():
 def test_splits_that_do_not_fit_say_why(heads, kv, size, message):
     with pytest.raises(ValueError, match=message):
         shard_model(dataclasses.replace(BASE, num_heads=heads, num_kv_heads=kv), size, 0)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_the_weight_table_places_fused_parts_side_by_side_and_each_rows_once(size):
+    from tristream.gpu_proc.models.llama import WEIGHTS
+
+    def rows(p):
+        return list(range(p.src.start, p.src.stop))
+
+    covered: dict[str, list[int]] = {"q_proj": [], "k_proj": [], "v_proj": [], "o_proj": [], "lm_head": []}
+    for shard in shards(BASE, size):
+        local = shard.local_config(BASE)
+        q, k, v, o = (place(f"model.layers.3.self_attn.{m}.weight", WEIGHTS, BASE, shard) for m in list(covered)[:4])
+        assert {q.param, k.param, v.param} == {"layers.3.self_attn.qkv_proj.weight"}
+        assert (q.part, k.part, v.part, q.dim, o.dim) == (0, 1, 2, 0, 1)
+        assert (q.dst.start, q.dst.stop, k.dst.stop, v.dst.stop) == (
+            0,
+            k.dst.start,
+            v.dst.start,
+            64 * (local.num_heads + 2 * local.num_kv_heads),
+        )
+        head = place("lm_head.weight", WEIGHTS, BASE, shard)
+        assert (head.param, head.dst) == ("lm_head.weight", slice(0, len(shard.vocab)))
+        for module, p in zip(covered, (q, k, v, o, head)):
+            covered[module] += rows(p)
+    assert covered == {
+        "q_proj": list(range(576)),
+        "k_proj": list(range(192)),
+        "v_proj": list(range(192)),
+        "o_proj": list(range(576)),
+        "lm_head": list(range(49152)),
+    }
+    norm = place("model.layers.0.input_layernorm.weight", WEIGHTS, BASE, shards(BASE, size)[-1])
+    assert (norm.param, norm.src, norm.dst) == ("layers.0.input_layernorm.weight", slice(None), slice(None))

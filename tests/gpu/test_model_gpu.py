@@ -74,7 +74,7 @@ def run_ours(runner, prompts: list[list[int]], steps: int, graphs: bool):
 
     runner.sampler, runner.graphs = Recording(), captured_graphs if graphs else None
     try:
-        pages = 2048 // runner.page_size
+        pages = 2048 // runner.config.page_size
         greedy = SamplingParams(temperature=0, seed=0)
         n = len(prompts)
         plan = BatchPlan(
@@ -175,7 +175,7 @@ def test_pipelined_steps_give_the_tokens_of_synchronous_steps(models):
         SamplingParams(temperature=0.9, seed=5),
         SamplingParams(temperature=1.0, seed=6, presence_penalty=0.5, logprobs=2),
     ]
-    pages = 2048 // runner.page_size
+    pages = 2048 // runner.config.page_size
     n = len(prompts)
 
     def plans(steps: int) -> list[BatchPlan]:

@@ -1,0 +1,31 @@
+"""Attention of one layer over the paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from tristream.gpu_proc import ops
+from tristream.gpu_proc.forward_batch import ForwardBatch
+from tristream.gpu_proc.kv_cache import KVCache
+
+
+class PagedAttention:
+    """Stores a step's K/V into layer ``layer``'s pages, then attends each query over its sequence's whole context.
+
+    ``heads`` views the flat q, k and v of a projection per head; the call takes them so (after any norm
+    and rotary embedding) and returns the output flat, [tokens, heads * head_dim].
+    """
+
+    def __init__(self, layer: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+
+    def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """q, k and v viewed as [tokens, heads, head_dim]."""
+        d = self.head_dim
+        return q.view(-1, self.num_heads, d), k.view(-1, self.num_kv_heads, d), v.view(-1, self.num_kv_heads, d)
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, kv: KVCache
+    ) -> torch.Tensor:
+        return ops.attend(q, k, v, *kv.layer(self.layer), batch, self.scale).flatten(1)

@@ -1,0 +1,32 @@
+"""The projection of a layer, or one rank's shard of it, with the LoRA deltas of its batch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from tristream.gpu_proc.forward_batch import ForwardBatch
+from tristream.gpu_proc.parallel import TensorParallel
+
+if TYPE_CHECKING:
+    from tristream.gpu_proc.lora import LoraProjection
+
+
+class Linear(nn.Linear):
+    """``x @ W.T (+ b)``. Column-parallel by default: each rank computes its rows of the output (a fused
+    projection's parts side by side). Given ``tp`` it is row-parallel: each rank holds its columns of the
+    input, and the all-reduce sums the ranks' outputs. ``lora``, when set, adds each row's adapter delta
+    before that sum."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool = False, tp: TensorParallel | None = None) -> None:
+        super().__init__(n_in, n_out, bias=bias)
+        self.tp = tp
+        self.lora: LoraProjection | None = None
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        y = super().forward(x)
+        if self.lora is not None:
+            y = self.lora.add_to(y, x, batch)
+        return y if self.tp is None else self.tp.all_reduce(y)

@@ -1,0 +1,138 @@
+"""The Llama decoder, and the families that share it: Mistral, Qwen2 (bias on q/k/v) and Qwen3 (RMSNorm on q and k).
+
+Under tensor parallelism each rank builds the layers of its shard: column-parallel
+qkv and gate/up, row-parallel o and down followed by an all-reduce, and a
+vocabulary-parallel embedding and LM head. Mistral's ``sliding_window`` is not honoured.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from tristream.gpu_proc.forward_batch import ForwardBatch
+from tristream.gpu_proc.kv_cache import KVCache
+from tristream.gpu_proc.layers.attention import PagedAttention
+from tristream.gpu_proc.layers.linear import Linear
+from tristream.gpu_proc.layers.mlp import GatedMLP
+from tristream.gpu_proc.layers.norm import RMSNorm
+from tristream.gpu_proc.layers.rotary import RotaryEmbedding
+from tristream.gpu_proc.layers.vocab import LMHead, VocabEmbedding
+from tristream.gpu_proc.models import register
+from tristream.gpu_proc.parallel import TensorParallel
+from tristream.model_config import ModelConfig
+from tristream.sharding import Piece, Shard, WeightTable
+
+if TYPE_CHECKING:
+    from tristream.gpu_proc.lora import LoraWeights
+
+# Hugging Face checkpoint modules: q/k/v fuse into qkv_proj and gate/up into gate_up_proj, by heads and columns.
+WEIGHTS: WeightTable = {
+    "q_proj": Piece("qkv_proj", 0, 0, "q_heads"),
+    "k_proj": Piece("qkv_proj", 1, 0, "kv_heads"),
+    "v_proj": Piece("qkv_proj", 2, 0, "kv_heads"),
+    "o_proj": Piece("o_proj", 0, 1, "q_heads"),
+    "gate_proj": Piece("gate_up_proj", 0, 0, "intermediate"),
+    "up_proj": Piece("gate_up_proj", 1, 0, "intermediate"),
+    "down_proj": Piece("down_proj", 0, 1, "intermediate"),
+    "embed_tokens": Piece("embed_tokens", 0, 0, "vocab"),
+    "lm_head": Piece("lm_head", 0, 0, "vocab"),
+}
+
+
+class Attention(nn.Module):
+    """Self-attention of one layer: fused q/k/v, optional q/k RMSNorm, rotary embedding, paged attention, o."""
+
+    def __init__(self, mc: ModelConfig, layer: int, tp: TensorParallel, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.q_size, self.kv_size = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+        self.qkv_proj = Linear(mc.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, mc.hidden_size, tp=tp)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = RMSNorm(mc.head_dim, mc.rms_norm_eps)
+            self.k_norm = RMSNorm(mc.head_dim, mc.rms_norm_eps)
+        self.attn = PagedAttention(layer, mc.num_heads, mc.num_kv_heads, mc.head_dim)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVCache, rotary: RotaryEmbedding) -> torch.Tensor:
+        q, k, v = self.attn.heads(*self.qkv_proj(x, batch).split([self.q_size, self.kv_size, self.kv_size], dim=-1))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, k, batch.positions)
+        return self.o_proj(self.attn(q, k, v, batch, kv), batch)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention, then the MLP; the residual travels beside ``x`` and joins it in the fused norms."""
+
+    def __init__(self, mc: ModelConfig, layer: int, tp: TensorParallel, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.self_attn = Attention(mc, layer, tp, qkv_bias, qk_norm)
+        self.mlp = GatedMLP(mc.hidden_size, mc.intermediate_size, tp)
+        self.input_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
+
+    def forward(self, x, residual, batch, kv, rotary):
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, batch, kv, rotary)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x, batch), residual
+
+
+@register("LlamaForCausalLM", "MistralForCausalLM")
+class LlamaForCausalLM(nn.Module):
+    """The model, or one rank's shard of it. Parameter names follow Hugging Face, with q/k/v and gate/up fused.
+
+    ``config`` holds the shapes of this rank's layers (``Shard.local_config``); the
+    embedding and the LM head hold ``shard.vocab_rows`` rows of the vocabulary.
+    """
+
+    weights = WEIGHTS
+    qkv_bias = False
+    qk_norm = False
+
+    def __init__(self, mc: ModelConfig, shard: Shard, tp: TensorParallel) -> None:
+        super().__init__()
+        self.config, self.shard, self.tp = mc, shard, tp
+        self.embed_tokens = VocabEmbedding(shard, mc.hidden_size, tp)
+        bias = self.qkv_bias or mc.attention_bias
+        self.layers = nn.ModuleList(DecoderLayer(mc, i, tp, bias, self.qk_norm) for i in range(mc.num_layers))
+        self.norm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
+        self.lm_head = LMHead(shard, mc.hidden_size, mc.vocab_size, tp)
+        if mc.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def use_lora(self, weights: LoraWeights) -> None:
+        """Add the adapter deltas of ``weights`` to the projections; batches then need ``lora_rows``."""
+        for layer, projections in zip(self.layers, weights.layers):
+            for name, linear in layer.named_modules():
+                if isinstance(linear, Linear):
+                    linear.lora = projections[name.rsplit(".", 1)[-1]]
+
+    def build_rope(self, max_positions: int, device: torch.device) -> None:
+        """Precompute the rotary tables for positions below ``max_positions``."""
+        mc = self.config
+        self.rotary = RotaryEmbedding(mc.head_dim, mc.rope_theta, mc.rope_scaling, max_positions, device)
+
+    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """Logits [len(logit_rows), vocab] of the rows that need them."""
+        x, residual = self.embed_tokens(batch.input_ids), None
+        for layer in self.layers:
+            x, residual = layer(x, residual, batch, kv, self.rotary)
+        x, _ = self.norm(x, residual)
+        return self.lm_head(x[batch.logit_rows])
+
+
+@register("Qwen2ForCausalLM")
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    qkv_bias = True
+
+
+@register("Qwen3ForCausalLM")
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True

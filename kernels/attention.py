@@ -114,26 +114,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def _store_kv_kernel(
-    k_ptr,
-    v_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
-    slot_ptr,
-    stride_kt,
-    stride_kh,
-    stride_kd,
-    stride_vt,
-    stride_vh,
-    stride_vd,
-    stride_cp,
-    stride_co,
-    stride_ch,
-    stride_cd,
-    NUM_KV_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+    stride_cp, stride_co, stride_ch, stride_cd,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -180,31 +165,14 @@ def _check_pools(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
-    block_tables_ptr,
-    seq_lens_ptr,
-    o_part_ptr,
-    lse_part_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, o_part_ptr, lse_part_ptr,
     qk_scale,
-    stride_qb,
-    stride_qh,
-    stride_qd,
-    stride_cp,
-    stride_co,
-    stride_ch,
-    stride_cd,
-    stride_bb,
-    stride_bp,
-    GROUP: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    stride_qb, stride_qh, stride_qd,
+    stride_cp, stride_co, stride_ch, stride_cd,
+    stride_bb, stride_bp,
+    GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     """One (sequence, kv head, split): all the group's query heads over the split's positions."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -254,16 +222,10 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    o_part_ptr,
-    lse_part_ptr,
-    out_ptr,
-    stride_ob,
-    stride_oh,
-    stride_od,
-    NUM_SPLITS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    o_part_ptr, lse_part_ptr, out_ptr,
+    stride_ob, stride_oh, stride_od,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     """One (sequence, query head): weight each split's output by its share of the total softmax mass."""
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -350,33 +312,15 @@ def paged_decode_attention(
 
 @triton.jit
 def _extend_kernel(
-    q_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
-    block_tables_ptr,
-    seq_lens_ptr,
-    qo_indptr_ptr,
-    out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qo_indptr_ptr, out_ptr,
     qk_scale,
-    stride_qt,
-    stride_qh,
-    stride_qd,
-    stride_ot,
-    stride_oh,
-    stride_od,
-    stride_cp,
-    stride_co,
-    stride_ch,
-    stride_cd,
-    stride_bb,
-    stride_bp,
-    GROUP: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    stride_qt, stride_qh, stride_qd,
+    stride_ot, stride_oh, stride_od,
+    stride_cp, stride_co, stride_ch, stride_cd,
+    stride_bb, stride_bp,
+    GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     """One (sequence, query head, block of new tokens): causal attention over the paged context."""
     b = tl.program_id(0)
     h = tl.program_id(1)

@@ -47,24 +47,10 @@ def lora_expand_ref(
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr,
-    a_ptr,
-    out_ptr,
-    rows_ptr,
-    indptr_ptr,
-    R,
-    x_stride,
-    a_stride_s,
-    a_stride_r,
-    out_stride_split,
-    out_stride_t,
-    K: tl.constexpr,
-    SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    x_ptr, a_ptr, out_ptr, rows_ptr, indptr_ptr, R, x_stride, a_stride_s, a_stride_r, out_stride_split, out_stride_t,
+    K: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
-):
+):  # fmt: skip
     """Program (s, i, j) writes split j of entries ``[i*BLOCK_M, (i+1)*BLOCK_M)`` of slot s's group."""
     slot = tl.program_id(0)
     start = tl.load(indptr_ptr + slot)
@@ -99,24 +85,9 @@ def _shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    s_ptr,
-    b_ptr,
-    y_ptr,
-    rows_ptr,
-    indptr_ptr,
-    N,
-    R,
-    s_stride_split,
-    s_stride_t,
-    b_stride_s,
-    b_stride_n,
-    y_stride,
-    SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
+    s_ptr, b_ptr, y_ptr, rows_ptr, indptr_ptr, N, R, s_stride_split, s_stride_t, b_stride_s, b_stride_n, y_stride,
+    SPLITS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
     """Program (s, i, j) adds to the rows of entries ``[i*BLOCK_M, (i+1)*BLOCK_M)`` of slot s's group, columns of block j."""
     slot = tl.program_id(0)
     start = tl.load(indptr_ptr + slot)

@@ -27,20 +27,12 @@ _MAX_BLOCK = 8192
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr,
-    res_ptr,
-    w_ptr,
-    out_ptr,
+    x_ptr, res_ptr, w_ptr, out_ptr,
     n_heads,
-    x_stride_t,
-    x_stride_h,
-    res_stride_t,
-    res_stride_h,
+    x_stride_t, x_stride_h, res_stride_t, res_stride_h,
     eps,
-    N_COLS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+    N_COLS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     """One program per row ``(t, h)``; the output is contiguous ``[rows, N_COLS]``."""
     dtype = x_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)

@@ -51,20 +51,9 @@ def apply_rope_ref(
 
 @triton.jit
 def _rope_heads(
-    x_ptr,
-    stride_t,
-    stride_h,
-    stride_d,
-    n_heads,
-    t,
-    c1,
-    c2,
-    s1,
-    s2,
-    half,
-    BLOCK_H: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-):
+    x_ptr, stride_t, stride_h, stride_d, n_heads, t, c1, c2, s1, s2, half,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
     """Rotate all heads of token ``t`` in place: (x1, x2) -> (x1*c1 - x2*s1, x2*c2 + x1*s2)."""
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_HALF)[None, :]
@@ -79,25 +68,11 @@ def _rope_heads(
 
 @triton.jit
 def _rope_kernel(
-    q_ptr,
-    k_ptr,
-    pos_ptr,
-    cos_ptr,
-    sin_ptr,
-    q_stride_t,
-    q_stride_h,
-    q_stride_d,
-    k_stride_t,
-    k_stride_h,
-    k_stride_d,
-    n_q_heads,
-    n_k_heads,
-    half,
-    table_stride,
-    BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-):
+    q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
+    q_stride_t, q_stride_h, q_stride_d, k_stride_t, k_stride_h, k_stride_d,
+    n_q_heads, n_k_heads, half, table_stride,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
     """One program per token: rotates its q heads, then its k heads."""
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)

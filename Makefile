@@ -41,7 +41,7 @@ clean:
 # The GPU machine has torch, triton, transformers and uvloop but none of these (xgrammar and the server need the rest;
 # the benchmarks' plots need matplotlib and its dependencies, pinned to releases that take numpy 1.25 or later);
 # fetch them here as cp312 wheels into .whl/ (git-ignored) and carry them there.
-GPU_WHEELS := pyzmq==27.1.0 orjson==3.11.4 gguf==0.17.1 pytest-timeout==2.4.0 \
+GPU_WHEELS := pyzmq==27.1.0 orjson==3.11.4 gguf==0.17.1 pytest-timeout==2.4.0 setproctitle==1.3.8 \
 	xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
 	fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 anyio==4.16.0 h11==0.16.0 click==8.5.1 annotated-doc==0.0.7 \
 	idna==3.11 opentelemetry-api==1.45.2 httpx==0.28.1 httpcore==1.0.9 certifi \

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import json
 import math
 import pathlib
@@ -59,6 +60,9 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from report import header, model_summary, now  # noqa: E402
 from throughput import add_dummy_engine_args, dummy_model, resolve_device, write_report  # noqa: E402
+
+from tristream.cli import engine_args  # noqa: E402
+from tristream.config import EngineConfig  # noqa: E402
 from tristream.model_config import ModelConfig  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -234,29 +238,15 @@ async def bench(url: str, vocab: int, args: argparse.Namespace) -> dict[str, dic
 
 
 def server_args(folder: pathlib.Path, max_len: int, args: argparse.Namespace) -> list[str]:
-    flags = [
-        "--model",
-        str(folder),
-        "--load-format",
-        "dummy",
-        "--dtype",
-        args.dtype,
-        "--device",
-        args.device,
-        "--max-model-len",
-        str(max_len),
-        "--max-num-seqs",
-        str(args.max_num_seqs),
-        "--max-num-batched-tokens",
-        str(args.max_num_batched_tokens),
-        "--gpu-memory-utilization",
-        str(args.gpu_memory_utilization),
-        "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching",
-        "--pipelined" if args.pipelined else "--no-pipelined",
-        "--log-level",
-        "WARNING",
-    ]
-    return flags + (["--kv-cache-tokens", str(args.kv_cache_tokens)] if args.kv_cache_tokens else [])
+    """The ``tristream serve`` flags of the engine arguments that differ from the engine's defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    flags = ["--model", str(folder), "--max-model-len", str(max_len)]
+    for name, value in engine_args(args).items():
+        flag = "--" + name.replace("_", "-")
+        if value == defaults[name] or name == "max_model_len":
+            continue
+        flags += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, str(value)]
+    return flags
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -388,8 +378,7 @@ def print_table(report: dict) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    server = add_dummy_engine_args(parser, "server")
-    server.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=True)
+    add_dummy_engine_args(parser)
     parser.add_argument(
         "--rates",
         type=float,
@@ -401,7 +390,6 @@ if __name__ == "__main__":
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=50.0)
     parser.add_argument("--out", default=None, help="default: bench/results/serving-<gpu or cpu>.json")

@@ -58,7 +58,9 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from report import header, model_summary, now  # noqa: E402
+
 from tristream import LLM, SamplingParams  # noqa: E402
+from tristream.cli import add_engine_args, engine_args  # noqa: E402
 from tristream.model_config import ModelConfig  # noqa: E402
 from tristream.protocol import SchedulerStats  # noqa: E402
 
@@ -83,35 +85,20 @@ def dummy_model(config: str, max_len: int) -> pathlib.Path:
     return folder
 
 
-def add_dummy_engine_args(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
-    """The model (--config, --device, --dtype) and engine flags that throughput and serving share; returns the engine group."""
+def add_dummy_engine_args(parser: argparse.ArgumentParser, **defaults: object) -> None:
+    """The model (--config, run with dummy weights) and the engine's own flags, with the defaults that throughput
+    and serving share, and ``defaults``."""
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="a config.json, run with dummy weights")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "float16", "bfloat16"],
-        help="default: bfloat16 on the GPU, float32 on the CPU",
-    )
-    g = parser.add_argument_group(title)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    g.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="off by default: random prompts share no prefix",
-    )
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (default: the engine's)")
-    return g
+    shared = dict(max_num_seqs=256, max_num_batched_tokens=8192, enable_prefix_caching=False, log_level="WARNING")
+    add_engine_args(parser, skip=("model",), load_format="dummy", **{**shared, **defaults})
 
 
 def resolve_device(args: argparse.Namespace) -> None:
-    """Settle --device auto and the default --dtype."""
+    """Settle --device auto and --dtype auto: bfloat16 on the GPU, float32 on the CPU."""
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
 
 
 def write_report(report: dict, name: str, out: str | None, plot: Callable[[dict, pathlib.Path], None] | None) -> None:
@@ -313,25 +300,13 @@ def main(args: argparse.Namespace) -> dict:
     max_len = max(2 * hi, sum(args.fixed_lens))
     folder = dummy_model(args.config, max_len)
     mc = ModelConfig.load(str(folder))
-    engine_args = dict(
-        load_format="dummy",
-        dtype=args.dtype,
-        device=args.device,
-        skip_tokenizer_init=True,
-        max_model_len=max_len,
-        max_num_seqs=max(args.max_num_seqs, *args.batch_sizes),
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=args.enable_prefix_caching,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_tokens=args.kv_cache_tokens,
-        log_level="WARNING",
-    )
+    engine = {**engine_args(args), "max_model_len": max_len, "max_num_seqs": max(args.max_num_seqs, *args.batch_sizes)}
     gen = torch.Generator().manual_seed(args.seed)
     random_in = torch.randint(lo, hi + 1, (args.num_prompts,), generator=gen).tolist()
     random_out = torch.randint(lo, hi + 1, (args.num_prompts,), generator=gen).tolist()
     fixed_gen = torch.Generator().manual_seed(args.seed + 1)
     workloads, compare = {}, {}
-    with LLM(str(folder), **engine_args) as llm:
+    with LLM(str(folder), **engine) as llm:
         warm_up(llm, mc.vocab_size, args)
         if "random" in args.workloads:
             prompts = random_prompts(random_in, mc.vocab_size, gen)
@@ -343,7 +318,7 @@ def main(args: argparse.Namespace) -> dict:
             print("pipelined:", flush=True)
             compare["pipelined"] = compare_runs(llm, args, mc.vocab_size)
     if "compare" in args.workloads:
-        with LLM(str(folder), **engine_args, pipelined=False) as llm:
+        with LLM(str(folder), **{**engine, "pipelined": False}) as llm:
             warm_up(llm, mc.vocab_size, args)
             print("synchronous:", flush=True)
             compare["synchronous"] = compare_runs(llm, args, mc.vocab_size)
@@ -365,7 +340,7 @@ def main(args: argparse.Namespace) -> dict:
         "gpu": gpu,
         "model_config": args.config,
         "model": {"name": pathlib.Path(args.config).stem + " (dummy weights)", **model_summary(mc, args.dtype)},
-        "engine": {**engine_args, "pipelined": True},
+        "engine": {**engine, "pipelined": True},
         "sampling": "temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output length (vLLM benchmark_throughput)",
         "settings": {
             "workloads": args.workloads,
@@ -490,7 +465,7 @@ def print_table(report: dict) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dummy_engine_args(parser, "engine")
+    add_dummy_engine_args(parser, skip_tokenizer_init=True)
     parser.add_argument(
         "--workloads", nargs="+", default=["random", "fixed", "compare"], choices=["random", "fixed", "compare"]
     )
@@ -512,7 +487,6 @@ if __name__ == "__main__":
         help="fixed workload and the pipelined/synchronous batches",
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between get_stats() samples")
     parser.add_argument("--steady-min-running", type=int, default=64)
     parser.add_argument("--out", default=None, help="default: bench/results/throughput-<gpu>.json")

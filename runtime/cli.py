@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import time
+import typing
+from typing import Any
 
+from tristream.config import EngineConfig
 from tristream.config_file import is_config_file, load_config_file, parse_lora_modules
 from tristream.engine import AsyncEngine
 from tristream.sampling_params import SamplingParams
@@ -19,8 +23,8 @@ DEMO_PROMPTS = [
 ]
 
 
-class _LoraModules(argparse.Action):
-    """``--lora-modules NAME=PATH ...`` as a dict of adapter directories by name."""
+class _Mapping(argparse.Action):
+    """``--flag NAME=PATH ...`` as a dict of paths by name."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         try:
@@ -29,104 +33,68 @@ class _LoraModules(argparse.Action):
             raise argparse.ArgumentError(self, str(e)) from None
 
 
-def _engine_args(parser: argparse.ArgumentParser) -> None:
+def _with_default(help_text: str, default: Any) -> str:
+    """``help_text`` ending in the default, unless it says one or there is none."""
+    if default is None or default is False or "default" in help_text:
+        return help_text
+    return f"{help_text} (default: {default})"
+
+
+def _flag_options(kind: Any, meta: Any, default: Any) -> dict:
+    """The argparse options of an EngineConfig field of type ``kind``, with the help and metadata of ``arg``."""
+    kind = next((k for k in typing.get_args(kind) if k is not type(None)), kind)
+    options = {"help": _with_default(meta["help"], default)}
+    if kind is bool:
+        return {**options, "action": argparse.BooleanOptionalAction}
+    options.update(metavar=meta.get("metavar"), choices=meta.get("choices"))
+    if typing.get_origin(kind) is dict:
+        return {**options, "nargs": "+", "action": _Mapping}
+    return {**options, "type": kind}
+
+
+def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), **defaults: Any) -> None:
+    """A flag for every EngineConfig field but those in ``skip`` (``max_num_seqs`` is ``--max-num-seqs``), with
+    its help and default; ``defaults`` replace some of the defaults."""
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    g.add_argument(
-        "--chat-template", default=None, help="a Jinja file, or a built-in template name (default: the model's)"
-    )
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, help="split the model over this many GPUs")
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--page-size", type=int, default=16)
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--kv-cache-tokens", type=int, default=None)
-    g.add_argument("--kv-cache-bytes", type=int, default=None)
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--enforce-eager", action="store_true", help="run without CUDA graphs")
-    g.add_argument(
-        "--pipelined",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="plan the next step while the GPU runs this one (--no-pipelined: one step at a time)",
-    )
-    g.add_argument("--reasoning-parser", default=None, choices=["think"])
-    g.add_argument(
-        "--lora-modules",
-        dest="lora_adapters",
-        nargs="+",
-        action=_LoraModules,
-        default=None,
-        metavar="NAME=PATH",
-        help="PEFT LoRA adapter directories to load at start-up, by name",
-    )
-    g.add_argument("--max-loras", type=int, default=None, help="adapters resident at once (default: as many as given)")
-    g.add_argument(
-        "--max-lora-rank", type=int, default=None, help="the largest adapter rank (default: 16 or the largest given)"
-    )
-    g.add_argument(
-        "--lora",
-        default=None,
-        metavar="NAME",
-        help="the adapter of --lora-modules that this command's requests use (serve: those naming the model)",
-    )
-    g.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    hints = typing.get_type_hints(EngineConfig)
+    for f in (f for f in dataclasses.fields(EngineConfig) if f.name not in skip):
+        meta, default = f.metadata, defaults.get(f.name, f.default)
+        flags = [meta.get("flag", "--" + f.name.replace("_", "-")), *meta.get("aliases", ())]
+        g.add_argument(*flags, dest=f.name, default=default, **_flag_options(hints[f.name], meta, default))
+
+
+def engine_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The EngineConfig fields that the parsed flags have."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
 
 
 def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int | None, temperature: float = 0.7) -> None:
     g = parser.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens)
-    g.add_argument("--temperature", type=float, default=temperature)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    for flag, kind, default, help_text in (
+        ("--max-tokens", int, max_tokens, "most tokens to generate"),
+        ("--temperature", float, temperature, "0 is greedy"),
+        ("--top-p", float, 1.0, "nucleus sampling: keep the most likely tokens up to this probability"),
+        ("--top-k", int, 0, "keep the k most likely tokens; 0 keeps all"),
+        ("--min-p", float, 0.0, "drop tokens below this fraction of the top token's probability"),
+        ("--repetition-penalty", float, 1.0, "over prompt and output tokens; 1 is off"),
+        ("--presence-penalty", float, 0.0, "over output tokens, in [-2, 2]"),
+        ("--frequency-penalty", float, 0.0, "over output tokens, in [-2, 2]"),
+    ):
+        g.add_argument(flag, type=kind, default=default, help=_with_default(help_text, default))
     g.add_argument("--stop", action="append", default=None, help="a stop string (repeat for several)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
 
 
 def _server_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="the port to listen on; 0 picks a free one (default: 8000)")
     g.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: the model's)")
     g.add_argument(
         "--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and the tokenizer routes"
     )
 
 
-ENGINE_KEYS = (
-    "model",
-    "tokenizer",
-    "chat_template",
-    "dtype",
-    "device",
-    "load_format",
-    "max_model_len",
-    "tensor_parallel_size",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "page_size",
-    "gpu_memory_utilization",
-    "kv_cache_tokens",
-    "kv_cache_bytes",
-    "enable_prefix_caching",
-    "enforce_eager",
-    "pipelined",
-    "reasoning_parser",
-    "log_level",
-    "lora_adapters",
-    "max_loras",
-    "max_lora_rank",
-)
 SAMPLING_KEYS = (
     "max_tokens",
     "temperature",
@@ -137,14 +105,13 @@ SAMPLING_KEYS = (
     "presence_penalty",
     "frequency_penalty",
     "stop",
-    "seed",
     "ignore_eos",
     "lora",
 )
 
 
 def _engine(args: argparse.Namespace) -> AsyncEngine:
-    return AsyncEngine(**{k: getattr(args, k) for k in ENGINE_KEYS})
+    return AsyncEngine(**engine_args(args))
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
@@ -154,7 +121,7 @@ def _params(args: argparse.Namespace) -> SamplingParams:
 async def _generate(args: argparse.Namespace) -> None:
     params = _params(args)
     async with _engine(args) as engine:
-        chat = args.chat if args.chat is not None else engine.info["tokenizer"]["has_chat_template"]
+        chat = args.chat if args.chat is not None else engine.has_chat_template
         for i, prompt in enumerate(args.prompts):
             if i:
                 print()
@@ -193,7 +160,7 @@ async def _demo(args: argparse.Namespace) -> None:
         elapsed = time.perf_counter() - start
         print(
             f"\n{len(DEMO_PROMPTS)} requests, {prompt_tokens} prompt + {generated} generated tokens "
-            f"in {elapsed:.2f} s: {generated / elapsed:.1f} output tok/s on {engine.info['gpu']['device']}"
+            f"in {elapsed:.2f} s: {generated / elapsed:.1f} output tok/s on {engine.device}"
         )
 
 
@@ -235,55 +202,63 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream completions of prompts to stdout")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
     gen.add_argument(
-        "--chat",
-        action=argparse.BooleanOptionalAction,
-        default=None,
+        "--chat", action=argparse.BooleanOptionalAction, default=None,
         help="apply the chat template (default: when the model has one)",
-    )
+    )  # fmt: skip
     _sampling_args(gen, max_tokens=256)
-    _engine_args(gen)
     demo = sub.add_parser("demo", help="stream answers to a few chat prompts, then print throughput")
     _sampling_args(demo, max_tokens=128, temperature=0.0)
-    _engine_args(demo)
     for name, help_text in (
         ("serve", "run the OpenAI-compatible HTTP server"),
         ("webchat", "run the server and print the address of its web chat page"),
     ):
-        srv = sub.add_parser(name, help=help_text)
-        srv.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="a YAML file of these options")
-        _server_args(srv)
-        _engine_args(srv)
+        _server_args(sub.add_parser(name, help=help_text))
     chat = sub.add_parser("chat", help="chat with a model in the terminal")
-    chat.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="a YAML file of these options")
     chat.add_argument("--system", default=None, help="the system prompt")
     _sampling_args(chat, max_tokens=512)
-    _engine_args(chat)
     batch = sub.add_parser("batch", help="run a JSONL file of requests into a JSONL file of results")
-    batch.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="a YAML file of these options")
-    batch.add_argument(
-        "--input", required=False, help="JSONL requests: {id, prompt} or {id, messages}, or OpenAI batch lines"
-    )
-    batch.add_argument("--output", required=False, help="JSONL results, appended to; ids already there are skipped")
+    batch.add_argument("--input", help="JSONL requests: {id, prompt} or {id, messages}, or OpenAI batch lines")
+    batch.add_argument("--output", help="JSONL results, appended to; ids already there are skipped")
     _sampling_args(batch, max_tokens=256, temperature=0.0)
-    _engine_args(batch)
+    for name, command in sub.choices.items():
+        if name in TAKES_MODEL:
+            command.add_argument("target", nargs="?", metavar="MODEL|CONFIG.yaml", help=TARGET_HELP)
+        add_engine_args(command)
+        command.add_argument("--lora", default=None, metavar="NAME", help=LORA_HELP)
     return parser
+
+
+# Commands whose first argument is a model (as in ``vllm serve MODEL``) or a YAML file of their options.
+TAKES_MODEL = ("serve", "webchat", "chat", "batch")
+LORA_HELP = "the adapter of --lora-modules that this command's requests use (serve: those naming the model)"
+TARGET_HELP = "the model (like --model), or a YAML file of these options that flags override"
+
+
+def _apply_target(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None):
+    """``args`` with the first argument applied: a model, or a config file whose options flags override."""
+    target = getattr(args, "target", None)
+    if target is None:
+        return args
+    if not is_config_file(target):
+        if args.model is not None and args.model != target:
+            parser.error(f"the model is given twice: {target} and --model {args.model}")
+        args.model = target
+        return args
+    if not target.endswith((".yaml", ".yml")):
+        parser.error(f"{target}: a config file must end in .yaml or .yml")
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    known = {a.dest for a in sub._actions} - {"help", "target"}
+    try:
+        sub.set_defaults(**load_config_file(target, known))
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    return parser.parse_args(argv)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; a YAML config file sets defaults that flags override."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    config = getattr(args, "config", None)
-    if config is not None:
-        if not is_config_file(config):
-            parser.error(f"{config}: a config file must end in .yaml or .yml")
-        sub = parser._subparsers._group_actions[0].choices[args.command]
-        known = {a.dest for a in sub._actions} - {"help", "config"}
-        try:
-            sub.set_defaults(**load_config_file(config, known))
-        except (ValueError, FileNotFoundError) as e:
-            parser.error(str(e))
-        args = parser.parse_args(argv)
+    args = _apply_target(parser, parser.parse_args(argv), argv)
     if args.command == "batch" and (not args.input or not args.output):
         parser.error("batch needs --input and --output (as flags or in the config file)")
     if args.lora is not None and args.lora not in (args.lora_adapters or {}):

@@ -26,7 +26,8 @@ IGNORED = {
 
 
 def is_config_file(arg: str) -> bool:
-    return arg.endswith((".yaml", ".yml"))
+    """Whether a command's first argument names a file of options rather than a model (a folder or a .gguf file)."""
+    return arg.endswith((".yaml", ".yml", ".json", ".toml", ".ini", ".cfg"))
 
 
 def parse_lora_modules(items: object) -> dict[str, str]:

@@ -17,7 +17,9 @@ import time
 import traceback
 from collections.abc import Iterator
 
+import setproctitle
 import zmq
+
 from tristream.protocol import Ipc, ProcessFailed, decode, encode
 
 logger = logging.getLogger("tristream")
@@ -87,9 +89,11 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def child_main(name: str, module: str, parent_pid: int, ipc: Ipc, *args: object) -> None:
-    """Entry point of every child: guard its life, run ``module.run``, report a crash."""
+def child_main(name: str, title: str, module: str, parent_pid: int, ipc: Ipc, *args: object) -> None:
+    """Entry point of every child: guard its life, show ``tristream::<title>`` in ps and top, run
+    ``module.run``, report a crash."""
     _die_with_parent(parent_pid)
+    setproctitle.setproctitle(f"tristream::{title}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     level = getattr(args[0], "log_level", "INFO") if args else "INFO"
     logging.basicConfig(level=level, format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -123,11 +127,14 @@ def _no_main_reimport() -> Iterator[None]:
         main.__dict__.update(saved)
 
 
-def spawn(name: str, module: str, ipc: Ipc, *args: object) -> mp.Process:
-    """Start ``module.run(ipc, *args)`` in a spawned child process called ``name``."""
+def spawn(name: str, module: str, ipc: Ipc, *args: object, title: str | None = None) -> mp.Process:
+    """Start ``module.run(ipc, *args)`` in a spawned child process called ``name``, titled ``title`` (default: name)."""
     ctx = mp.get_context("spawn")
     proc = ctx.Process(
-        target=child_main, args=(name, module, os.getpid(), ipc, *args), name=f"tristream-{name}", daemon=True
+        target=child_main,
+        args=(name, title or name, module, os.getpid(), ipc, *args),
+        name=f"tristream-{name}",
+        daemon=True,
     )
     with _no_main_reimport():
         proc.start()

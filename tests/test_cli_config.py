@@ -7,6 +7,7 @@ import json
 import httpx
 import pytest
 from transformers import AutoTokenizer
+
 from tristream import AsyncEngine
 from tristream.cli import _engine, _params, parse_args
 from tristream.server import build_app
@@ -167,3 +168,51 @@ def test_yaml_adapter_name_or_path_loads_it_and_makes_it_the_default(tmp_path):
     assert args.lora == "sft" and _params(args).lora == "sft"
     args = parse_args(["serve", write(tmp_path, "lora_modules: [a=/x, b=/y]\nlora: b\n", "list.yaml")])
     assert (args.lora_adapters, args.lora) == ({"a": "/x", "b": "/y"}, "b")
+
+
+def test_every_engine_argument_is_a_flag_with_the_engines_default():
+    from dataclasses import fields
+
+    from tristream.cli import engine_args
+    from tristream.config import EngineConfig
+
+    args = parse_args(["serve"])
+    assert engine_args(args) == {f.name: f.default for f in fields(EngineConfig)}
+    flags = [
+        "--skip-tokenizer-init",
+        "--schedule-policy",
+        "lpm",
+        "--seed",
+        "7",
+        "--tp",
+        "2",
+        "--no-pipelined",
+        "--lora-modules",
+        "a=/adapters/a",
+        "--gpu-memory-utilization",
+        "0.5",
+    ]
+    args = parse_args(["chat", *flags])
+    assert (args.skip_tokenizer_init, args.schedule_policy, args.seed, args.tensor_parallel_size) == (True, "lpm", 7, 2)
+    assert (args.pipelined, args.lora_adapters, args.gpu_memory_utilization) == (False, {"a": "/adapters/a"}, 0.5)
+
+
+def test_help_shows_each_flag_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--max-num-seqs MAX_NUM_SEQS most requests running at once (default: 64)" in out
+    assert "--seed SEED seeds the per-request seeds of requests that give none (default: 0)" in out
+    assert "--port PORT" in out and "(default: 8000)" in out
+
+
+def test_the_first_argument_is_a_model_or_a_config_file(tmp_path, capsys):
+    for command in ("serve", "webchat", "chat"):
+        assert parse_args([command, "/models/m"]).model == "/models/m"
+    assert parse_args(["batch", "/models/m", "--input", "in.jsonl", "--output", "out.jsonl"]).model == "/models/m"
+    config = write(tmp_path, "model: /models/from-yaml\nmax_model_len: 256\n")
+    args = parse_args(["serve", config])
+    assert (args.model, args.max_model_len) == ("/models/from-yaml", 256)
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "/models/m", "--model", "/models/other"])
+    assert "the model is given twice" in capsys.readouterr().err

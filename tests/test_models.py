@@ -141,3 +141,20 @@ def test_dummy_weights_are_a_whole_checkpoint_that_transformers_runs_alike(tmp_p
         for step, ref in enumerate(hf_logits(model, prompt, 3)):
             err = (ours[step][i] - ref).norm() / ref.norm()
             assert err < 1e-5, f"{name}: prompt {i} step {step}: relative error {err:.2e}"
+
+
+def test_the_registry_knows_every_family_without_importing_torch(model_dir):
+    import subprocess
+    import sys
+
+    from tristream.gpu_proc.models import _MODELS, architectures, model_class
+
+    for name, module in architectures().items():
+        assert model_class(name).__module__ == f"tristream.gpu_proc.models.{module}"
+    assert set(_MODELS) == set(architectures())
+    check = (
+        "import sys; from tristream.model_config import ModelConfig; "
+        f"print(ModelConfig.load({model_dir!r}).architecture, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["LlamaForCausalLM", "False"]

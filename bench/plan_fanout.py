@@ -23,7 +23,9 @@ import time
 
 import zmq
 from report import header, now
-from tristream.protocol import BatchPlan, NewSequence, PlanEncoder, decode, encode
+
+from tristream.plan_codec import PlanEncoder
+from tristream.protocol import BatchPlan, NewSequence, decode, encode
 from tristream.sampling_params import SamplingParams
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -58,7 +60,7 @@ def receiver(mode: str, address: str, steps: int, results: mp.Queue, ready: mp.Q
         msg = decode(sock.recv(copy=False).buffer)
         if msg is None:
             continue
-        arrived.append(time.monotonic() - msg.sent_at)
+        arrived.append(time.monotonic() - msg.plan.sent_at)
     results.put(arrived)
 
 

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 
 from report import header, model_summary, now
 from transformers import AutoTokenizer
+
 from tristream import AsyncEngine, RequestOutput, SamplingParams
 from tristream.model_config import ModelConfig
 from tristream.model_files import resolve_model

@@ -21,6 +21,7 @@ import time
 
 import httpx
 from report import header, model_summary, now
+
 from tristream import AsyncEngine, SamplingParams
 from tristream.model_config import ModelConfig
 from tristream.model_files import resolve_model
@@ -111,7 +112,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         await run_engine(engine, 2, 4)
         for c in args.clients:
             results[str(c)] = {"engine": await run_engine(engine, c, args.new_tokens)}
-        device = engine.info["gpu"]["device"]
+        device = engine.device
     proc, url = start_server(["--max-model-len", str(args.max_model_len), "--log-level", "WARNING"])
     try:
         await run_server(url, 2, 4)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import time
 
 import zmq
+
 from tristream.config import EngineConfig
 from tristream.gpu_proc.runner import ModelRunner, QueuedStep
+from tristream.plan_codec import PlanDecoder, PlanDiff
 from tristream.processes import bind_inbox, connect_outbox, recv, send
-from tristream.protocol import Ipc, LoadLora, LoraLoaded, PlanDecoder, PlanDiff, Ready, Shutdown, gpu_process_name
+from tristream.protocol import GpuReady, Ipc, LoadLora, LoraLoaded, Shutdown
 
 # How long to wait for a plan before checking whether the step in flight is done.
 POLL_MS = 0.2
@@ -29,9 +31,10 @@ def run(ipc: Ipc, config: EngineConfig, rank: int) -> None:
     to_scheduler = connect_outbox(ctx, ipc.scheduler)
     to_user = connect_outbox(ctx, ipc.user)
     runner = ModelRunner(config, rank, ipc.rendezvous)
+    ready = GpuReady(rank, runner.kv.num_pages, str(runner.device), str(runner.dtype))
     if rank == 0:
-        send(to_scheduler, Ready("gpu", runner.info))
-    send(to_user, Ready(gpu_process_name(rank), runner.info))
+        send(to_scheduler, ready)
+    send(to_user, ready)
     plans = PlanDecoder()
     in_flight: tuple[QueuedStep, float] | None = None
 
@@ -61,7 +64,7 @@ def run(ipc: Ipc, config: EngineConfig, rank: int) -> None:
                 send(to_user, LoraLoaded(msg.token, rank, f"loading LoRA adapter {msg.path} failed: {e}"))
         elif isinstance(msg, PlanDiff):
             # Transit time: from sending, or from when this process was ready for it, to now.
-            plan_ipc_s = max(0.0, time.monotonic() - max(msg.sent_at, waiting_since))
+            plan_ipc_s = max(0.0, time.monotonic() - max(msg.plan.sent_at, waiting_since))
             queued = runner.forward(plans.plan(msg))
             if in_flight is not None:
                 send_result(*in_flight)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 import zmq
 import zmq.asyncio
+
 from tristream import processes
 from tristream.config import EngineConfig
 from tristream.lora import DEFAULT_LORA_RANK, read_adapter
@@ -24,18 +25,20 @@ from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tristream.protocol import (
     AbortRequest,
     GenerateRequest,
+    GpuReady,
     LoadLora,
     LoraLoaded,
     LoraRef,
     OutputBatch,
     OutputDelta,
     ProcessFailed,
-    Ready,
+    SchedulerReady,
     SchedulerStats,
     Shutdown,
     StatsRequest,
     TokenizeCall,
     TokenizeResult,
+    TokenizerReady,
     decode,
     gpu_process_name,
 )
@@ -59,7 +62,7 @@ class AsyncEngine:
     def __init__(self, model: str | None = None, **engine_args: object) -> None:
         self.config = EngineConfig(model=model, **engine_args)
         self.model_config: ModelConfig | None = None
-        self.info: dict[str, dict] = {}
+        self._ready: dict[str, GpuReady | TokenizerReady | SchedulerReady] = {}
         self._procs: dict[str, object] = {}
         self._queues: dict[str, asyncio.Queue] = {}
         self._dead: str | None = None
@@ -91,6 +94,16 @@ class AsyncEngine:
     def healthy(self) -> bool:
         """True while the engine runs and every one of its processes is alive."""
         return self.is_running and all(proc.is_alive() for proc in self._procs.values())
+
+    @property
+    def device(self) -> str:
+        """The device of tensor-parallel rank 0 once started, e.g. ``cpu`` or ``cuda:0``."""
+        return self._ready["gpu"].device
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the tokenizer has a chat template (known once started)."""
+        return self._ready["tokenizer"].has_chat_template
 
     @property
     def child_pids(self) -> dict[str, int]:
@@ -195,11 +208,9 @@ class AsyncEngine:
                     q = self._queues.get(delta.request_id)
                     if q is not None:
                         q.put_nowait(delta)
-            elif isinstance(msg, Ready):
-                if msg.process in self.info:
-                    continue
-                self.info[msg.process] = msg.info
-                if len(self.info) == len(self._procs) and not self._started.done():
+            elif isinstance(msg, (GpuReady, TokenizerReady, SchedulerReady)):
+                self._ready[msg.process] = msg
+                if len(self._ready) == len(self._procs) and not self._started.done():
                     self._started.set_result(None)
             elif isinstance(msg, (SchedulerStats, TokenizeResult)):
                 future = self._calls.pop(msg.token, None)

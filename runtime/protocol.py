@@ -1,13 +1,15 @@
 """Every message that crosses a process boundary, and their serialization.
 
 Data path: user -> tokenizer_proc -> scheduler_proc -> gpu_proc, and back.
-Each process owns one ZMQ PULL inbox; peers PUSH typed messages into it.
+Each process owns one ZMQ PULL inbox; peers PUSH typed messages into it. A step's plan
+travels as a diff (``tristream.plan_codec``).
 """
 
 from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from tristream.sampling_params import SamplingParams
 
@@ -130,7 +132,7 @@ class BatchPlan:
     has not seen yet. ``copies`` are (source, destination) KV pages to copy before
     the step runs. ``after_idle`` says the scheduler had nothing to run before this
     step, so the device's wait for it is not idle time; ``sent_at`` is the
-    ``time.monotonic()`` of sending.
+    ``time.monotonic()`` of sending. The rows reach the gpu_proc in the plan codec's order.
     """
 
     step_id: int
@@ -150,7 +152,7 @@ class BatchPlan:
 
 @dataclass
 class StepResult:
-    """The tokens sampled in one step, for the slots that sampled.
+    """The tokens sampled in one step, for the slots that sampled, in the order of the plan the gpu_proc ran.
 
     ``logprobs[i]``, for a slot that asked, is [(sampled token, its logprob), then the top ones].
     ``prompt_logprobs`` holds, per slot that asked, the same for each prompt token
@@ -266,16 +268,30 @@ class StatsRequest:
 
 
 @dataclass
-class SchedulerStats:
-    """The scheduler's counters, in answer to ``StatsRequest(token)``.
+class SchedulerCounters:
+    """The scheduler's totals since start.
 
-    ``num_generated_tokens`` counts the output tokens handed on since start.
-    Step accounting, summed over ``num_steps`` steps since start: ``gpu_busy_s`` the
-    device time of the steps (forward and sampling), ``gpu_idle_s`` the device time
-    between consecutive steps while requests were running, ``scheduler_s`` the
-    scheduler's time deciding steps and taking their results, ``ipc_s`` the time plans
-    and results spent in transit between the scheduler and the gpu_proc.
+    ``num_generated_tokens`` counts the output tokens handed on. Step accounting, summed over
+    ``num_steps`` steps: ``gpu_busy_s`` the device time of the steps (forward and sampling),
+    ``gpu_idle_s`` the device time between consecutive steps while requests were running,
+    ``scheduler_s`` the scheduler's time deciding steps and taking their results, ``ipc_s`` the
+    time plans and results spent in transit between the scheduler and the gpu_proc.
     """
+
+    num_prompt_tokens: int = 0
+    num_cache_hit_tokens: int = 0
+    num_preemptions: int = 0
+    num_generated_tokens: int = 0
+    num_steps: int = 0
+    gpu_busy_s: float = 0.0
+    gpu_idle_s: float = 0.0
+    scheduler_s: float = 0.0
+    ipc_s: float = 0.0
+
+
+@dataclass(kw_only=True)
+class SchedulerStats(SchedulerCounters):
+    """The scheduler's KV pages and queues now, and its counters, in answer to ``StatsRequest(token)``."""
 
     token: int
     num_pages: int
@@ -283,15 +299,6 @@ class SchedulerStats:
     num_running: int
     num_waiting: int
     num_cached_pages: int
-    num_prompt_tokens: int
-    num_cache_hit_tokens: int
-    num_preemptions: int
-    num_generated_tokens: int = 0
-    num_steps: int = 0
-    gpu_busy_s: float = 0.0
-    gpu_idle_s: float = 0.0
-    scheduler_s: float = 0.0
-    ipc_s: float = 0.0
 
 
 # user -> scheduler_proc -> every gpu_proc -> user
@@ -313,15 +320,36 @@ class LoraLoaded:
     error: str | None = None
 
 
-# lifecycle: children -> user (and gpu_proc -> scheduler_proc)
+# lifecycle: children -> user (and gpu_proc rank 0 -> scheduler_proc)
 
 
 @dataclass
-class Ready:
-    """A process finished start-up; ``info`` holds what its peers need."""
+class GpuReady:
+    """Tensor-parallel rank ``rank`` finished start-up with ``num_pages`` KV pages (page 0 included)."""
 
-    process: str
-    info: dict = field(default_factory=dict)
+    rank: int
+    num_pages: int
+    device: str
+    dtype: str
+
+    @property
+    def process(self) -> str:
+        return gpu_process_name(self.rank)
+
+
+@dataclass
+class TokenizerReady:
+    """The tokenizer finished start-up."""
+
+    has_chat_template: bool
+    process: ClassVar[str] = "tokenizer"
+
+
+@dataclass
+class SchedulerReady:
+    """The scheduler finished start-up."""
+
+    process: ClassVar[str] = "scheduler"
 
 
 @dataclass
@@ -338,81 +366,3 @@ def encode(message: object) -> bytes:
 
 def decode(data: bytes) -> object:
     return pickle.loads(data)
-
-
-def _decode_prefix(plan: BatchPlan) -> int:
-    """How many leading rows are decode rows (one token, sampling) in ascending slot order."""
-    i, last = 0, -1
-    for slot, n, sample in zip(plan.slots, plan.num_tokens, plan.sample):
-        if n != 1 or not sample or slot <= last:
-            break
-        i, last = i + 1, slot
-    return i
-
-
-@dataclass
-class PlanDiff:
-    """A BatchPlan on the wire: its leading decode rows are given as the slots that
-    ``left`` and ``joined`` the previous plan's decode rows; ``rest`` holds the other
-    rows as (slots, num_tokens, sample), or None."""
-
-    step_id: int
-    left: tuple[int, ...]
-    joined: tuple[int, ...]
-    rest: tuple[list[int], list[int], list[bool]] | None
-    new: list[NewSequence]
-    freed: list[int]
-    pages: list[tuple[int, list[int]]]
-    copies: list[tuple[int, int]]
-    after_idle: bool
-    sent_at: float
-
-
-class PlanEncoder:
-    """The scheduler's end of the plan stream: a steady decode step sends no rows at all."""
-
-    def __init__(self) -> None:
-        self.decode: list[int] = []
-
-    def diff(self, plan: BatchPlan) -> PlanDiff:
-        k = _decode_prefix(plan)
-        decode = plan.slots[:k]
-        left: tuple[int, ...] = ()
-        joined: tuple[int, ...] = ()
-        if decode != self.decode:
-            before, now = set(self.decode), set(decode)
-            left, joined = tuple(before - now), tuple(now - before)
-            self.decode = decode
-        rest = (plan.slots[k:], plan.num_tokens[k:], plan.sample[k:]) if k < len(plan.slots) else None
-        return PlanDiff(
-            plan.step_id,
-            left,
-            joined,
-            rest,
-            plan.new,
-            plan.freed,
-            plan.pages,
-            plan.copies,
-            plan.after_idle,
-            plan.sent_at,
-        )
-
-
-class PlanDecoder:
-    """The gpu_proc's end of the plan stream: each PlanDiff back into its whole BatchPlan."""
-
-    def __init__(self) -> None:
-        self.decode: list[int] = []
-
-    def plan(self, d: PlanDiff) -> BatchPlan:
-        if d.left or d.joined:
-            self.decode = sorted(set(self.decode).difference(d.left).union(d.joined))
-        k = len(self.decode)
-        slots, num_tokens, sample = list(self.decode), [1] * k, [True] * k
-        if d.rest is not None:
-            slots += d.rest[0]
-            num_tokens += d.rest[1]
-            sample += d.rest[2]
-        return BatchPlan(
-            d.step_id, d.new, d.freed, d.pages, slots, num_tokens, sample, d.copies, d.after_idle, d.sent_at
-        )

@@ -150,7 +150,7 @@ async def run_chat(engine: AsyncEngine, params: SamplingParams, system: str | No
     term = _Terminal()
     chat = _Chat(engine, params, system, term)
     model = model_name(engine.config.model) + (f" + LoRA {params.lora}" if params.lora else "")
-    term.note(f"tristream chat with {model} on {engine.info['gpu']['device']}. {COMMANDS}; Ctrl-C stops an answer.")
+    term.note(f"tristream chat with {model} on {engine.device}. {COMMANDS}; Ctrl-C stops an answer.")
     loop = asyncio.get_running_loop()
     previous = signal.getsignal(signal.SIGINT)
     loop.add_signal_handler(signal.SIGINT, chat.on_sigint)

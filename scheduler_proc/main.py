@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 
 import zmq
+
 from tristream.config import EngineConfig
+from tristream.plan_codec import PlanEncoder
 from tristream.processes import bind_inbox, connect_outbox, recv, recv_all, send
 from tristream.protocol import (
     AbortRequest,
+    GpuReady,
     Ipc,
     LoadLora,
-    PlanEncoder,
-    Ready,
+    SchedulerReady,
     Shutdown,
     StatsRequest,
     StepResult,
@@ -39,13 +41,13 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
             sock.send(data, copy=False)
 
     ready = recv(inbox)
-    while not (isinstance(ready, Ready) and ready.process == "gpu"):
+    while not isinstance(ready, GpuReady):
         if isinstance(ready, Shutdown):
             return to_every_gpu(ready)
         ready = recv(inbox)
-    scheduler = Scheduler(config, ready.info["num_pages"])
+    scheduler = Scheduler(config, ready.num_pages)
     plans = PlanEncoder()
-    send(to_user, Ready("scheduler"))
+    send(to_user, SchedulerReady())
     depth = 2 if config.pipelined else 1
     stalled = after_idle = False
     while True:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from tristream.scheduler_proc.page_allocator import PageAllocator
+if TYPE_CHECKING:
+    from tristream.scheduler_proc.kv_pages import PageAllocator
 
 _clock = itertools.count()
 
@@ -40,13 +42,6 @@ class RadixCache:
         self.allocator = allocator
         self.roots: dict[int, Node] = {0: Node([], [], lock_count=1)}
         self.num_pages = 0
-        self.num_evictable_pages = 0
-
-    def _root(self, namespace: int) -> Node:
-        root = self.roots.get(namespace)
-        if root is None:
-            root = self.roots[namespace] = Node([], [], lock_count=1)
-        return root
 
     def _key(self, tokens: list[int], start: int) -> tuple[int, ...]:
         return tuple(tokens[start : start + self.page_size])
@@ -60,15 +55,16 @@ class RadixCache:
         upper.children[self._key(node.tokens, 0)] = node
         return upper
 
-    def _walk(self, tokens: list[int], namespace: int) -> tuple[Node, int, list[int]]:
-        """Follow ``tokens`` down the tree, splitting a node on a partial match.
+    def match(self, tokens: list[int], namespace: int = 0, touch: bool = True) -> tuple[Node, list[int]]:
+        """The longest cached whole-page prefix of ``tokens``: its last node and pages.
 
-        Returns the deepest matched node, the matched length, and its pages.
+        With ``touch`` a partial match splits its node and the matched nodes count as just used;
+        without, the tree stays as it is and a partial match ends at the node above.
         """
         ps = self.page_size
-        node, i, pages = self._root(namespace), 0, []
+        node, pages = self.roots.setdefault(namespace, Node([], [], lock_count=1)), []
         stamp = next(_clock)
-        while i + ps <= len(tokens):
+        while (i := len(pages) * ps) + ps <= len(tokens):
             child = node.children.get(self._key(tokens, i))
             if child is None:
                 break
@@ -79,37 +75,18 @@ class RadixCache:
                     break
                 matched += 1
             if matched < len(child.pages):
+                if not touch:
+                    return node, pages + child.pages[:matched]
                 child = self._split(child, matched)
-            child.last_used = stamp
+            if touch:
+                child.last_used = stamp
             pages.extend(child.pages)
-            i += len(child.tokens)
             node = child
-        return node, i, pages
+        return node, pages
 
     def peek(self, tokens: list[int], namespace: int = 0) -> int:
         """Length of the longest cached whole-page prefix of ``tokens``, leaving the tree untouched."""
-        ps = self.page_size
-        node, i = self.roots.get(namespace), 0
-        if node is None:
-            return 0
-        while i + ps <= len(tokens):
-            child = node.children.get(self._key(tokens, i))
-            if child is None:
-                break
-            for start in range(0, len(child.tokens), ps):
-                if (
-                    i + start + ps > len(tokens)
-                    or child.tokens[start : start + ps] != tokens[i + start : i + start + ps]
-                ):
-                    return i + start
-            i += len(child.tokens)
-            node = child
-        return i
-
-    def match(self, tokens: list[int], namespace: int = 0) -> tuple[Node, list[int]]:
-        """The longest cached whole-page prefix of ``tokens``: its last node and pages."""
-        node, _, pages = self._walk(tokens, namespace)
-        return node, pages
+        return len(self.match(tokens, namespace, touch=False)[1]) * self.page_size
 
     def insert(self, tokens: list[int], pages: list[int], namespace: int = 0) -> tuple[Node, list[int]]:
         """Cache whole pages of ``tokens`` (``len(tokens) == len(pages) * page_size``).
@@ -119,13 +96,12 @@ class RadixCache:
         the tree already had its own copy: the caller still owns those.
         """
         assert len(tokens) == len(pages) * self.page_size
-        node, i, tree_pages = self._walk(tokens, namespace)
-        if i < len(tokens):
+        node, tree_pages = self.match(tokens, namespace)
+        if (i := len(tree_pages) * self.page_size) < len(tokens):
             rest = pages[i // self.page_size :]
             child = Node(tokens[i:], rest, node, {}, 0, next(_clock))
             node.children[self._key(child.tokens, 0)] = child
             self.num_pages += len(rest)
-            self.num_evictable_pages += len(rest)
             tree_pages = tree_pages + rest
             node = child
         return node, tree_pages
@@ -133,17 +109,14 @@ class RadixCache:
     def lock(self, node: Node) -> None:
         """Protect ``node`` and its ancestors from eviction."""
         while node is not None:
-            if node.lock_count == 0:
-                self.num_evictable_pages -= len(node.pages)
             node.lock_count += 1
             node = node.parent
 
     def unlock(self, node: Node) -> None:
+        """Undo one ``lock(node)``."""
         while node is not None:
             node.lock_count -= 1
             assert node.lock_count >= 0, "unlock without lock"
-            if node.lock_count == 0:
-                self.num_evictable_pages += len(node.pages)
             node = node.parent
 
     def evict(self, num_pages: int) -> int:
@@ -158,7 +131,6 @@ class RadixCache:
             self.allocator.free(leaf.pages)
             freed += len(leaf.pages)
             self.num_pages -= len(leaf.pages)
-            self.num_evictable_pages -= len(leaf.pages)
             if not parent.children and parent.lock_count == 0:
                 heapq.heappush(leaves, (parent.last_used, id(parent), parent))
         return freed

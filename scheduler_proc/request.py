@@ -13,9 +13,9 @@ class Request:
     """A request's tokens, pages and progress. ``num_computed`` tokens have KV.
 
     ``pages`` is its block table; it owns ``own_pages`` of them, and the radix
-    cache owns the rest, held for it by a lock on ``cache_node``. ``num_pending``
-    tokens are being sampled in steps still in flight; the steps planned meanwhile
-    count them as known (``num_planned``).
+    cache owns the rest, held for it by a lock on ``cache_node`` (KVPages changes
+    all three). ``num_pending`` tokens are being sampled in steps still in flight;
+    the steps planned meanwhile count them as known (``num_planned``).
     """
 
     spec: TokenizedRequest

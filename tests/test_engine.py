@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from tristream import SamplingParams
 
 from tests.conftest import hf_greedy  # pytest has imported the conftest under this name
+from tristream import SamplingParams
 
 TEXT = (
     "The history of the lighthouse is a story of fire, glass and patience. Long before electric lamps, keepers "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+
 from tristream import LLM, SamplingParams
 from tristream.protocol import SchedulerStats
 

@@ -13,11 +13,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import pytest
+
 from tristream import AsyncEngine, SamplingParams
 from tristream.config import EngineConfig
 from tristream.model_config import ModelConfig
 from tristream.model_files import resolve_model
-from tristream.protocol import BatchPlan, PlanDecoder, PlanEncoder, StepResult, TokenizedRequest, decode, encode
+from tristream.plan_codec import PlanDecoder, PlanEncoder
+from tristream.protocol import BatchPlan, StepResult, TokenizedRequest, decode, encode
 from tristream.scheduler_proc.scheduler import Scheduler
 
 EOS = 2
@@ -139,7 +141,7 @@ def drive(jobs: list[Job], pipelined: bool, num_pages: int) -> dict[str, tuple[l
                 ended[rid] = "stop string"
 
     pending = sorted(jobs, key=lambda j: j.arrive_step)
-    while pending or sched.has_work() or in_flight:
+    while pending or sched.waiting or sched.running or in_flight:
         while pending and pending[0].arrive_step <= step:
             job = pending.pop(0)
             assert sched.add(TokenizedRequest(job.request_id, job.prompt, job.params, [EOS], time.time())) is None
@@ -186,6 +188,17 @@ def test_plan_diff_sends_no_rows_for_a_steady_decode_step() -> None:
             assert diff.left == diff.joined == () and diff.rest is None
         if plan is changed:
             assert set(diff.left) == {3} and set(diff.joined) == {2} and diff.rest == ([7], [1], [False])
+
+
+def test_plan_codec_puts_decode_rows_first_by_slot_then_the_rest_in_plan_order() -> None:
+    encoder, decoder = PlanEncoder(), PlanDecoder()
+    plan = BatchPlan(
+        0, slots=[8, 4, 1, 6, 3, 0], num_tokens=[1, 7, 1, 1, 2, 1], sample=[True, False, True, False, True, True]
+    )
+    got = decoder.plan(decode(encode(encoder.diff(plan))))
+    assert got.slots == [0, 1, 8, 4, 6, 3]
+    assert got.num_tokens == [1, 1, 1, 7, 1, 2]
+    assert got.sample == [True, True, True, False, False, True]
 
 
 # ---------------------------------------------------------------- the engine, pipelined and synchronous

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from tristream.scheduler_proc.page_allocator import PageAllocator
+
+from tristream.scheduler_proc.kv_pages import PageAllocator
 from tristream.scheduler_proc.radix_cache import Node, RadixCache
 
 NUM_PAGES = 20
@@ -35,6 +36,11 @@ def tree_nodes(cache: RadixCache) -> list[Node]:
         out.append(node)
         stack.extend(node.children.values())
     return out
+
+
+def evictable_pages(cache: RadixCache) -> int:
+    """How many pages the unlocked nodes hold."""
+    return sum(len(node.pages) for node in tree_nodes(cache) if node.lock_count == 0)
 
 
 def tree_prefixes(cache: RadixCache) -> dict[Prefix, int]:
@@ -153,7 +159,7 @@ class RadixMachine(RuleBasedStateMachine):
         ]
         free_before = set(self.allocator.free_pages())
         evictable_before = sum(1 for prefix in self.ref if self.lock_count(prefix) == 0)
-        assert self.cache.num_evictable_pages == evictable_before
+        assert evictable_pages(self.cache) == evictable_before
 
         freed = self.cache.evict(n)
 
@@ -220,12 +226,9 @@ class RadixMachine(RuleBasedStateMachine):
     @invariant()
     def locks(self) -> None:
         assert self.cache.roots[0].lock_count == 1 + len(self.handles)
-        evictable = 0
         for node in tree_nodes(self.cache):
             assert node.lock_count == self.lock_count(tuple(path_tokens(node)))
-            if node.lock_count == 0:
-                evictable += len(node.pages)
-        assert self.cache.num_evictable_pages == evictable
+        assert evictable_pages(self.cache) == sum(1 for prefix in self.ref if self.lock_count(prefix) == 0)
         for node, prefix in self.handles:
             assert path_tokens(node) == list(prefix)
 
@@ -289,7 +292,7 @@ def test_partial_match_splits_a_node() -> None:
     (lower,) = node.children.values()
     assert lower.tokens == [2, 2] and lower.pages == pages[2:] and lower.parent is node
     assert node.lock_count == lower.lock_count == 1
-    assert cache.num_pages == 3 and cache.num_evictable_pages == 0
+    assert cache.num_pages == 3 and evictable_pages(cache) == 0
     assert cache.match([0, 0, 1, 1, 2, 2]) == (lower, pages)
 
 
@@ -332,11 +335,11 @@ def test_locked_leaf_survives_evicting_everything() -> None:
 
     assert cache.evict(10**6) == 3
     assert tree_prefixes(cache) == {(1, 1): kept[0], (1, 1, 0, 0): kept[1]}
-    assert cache.num_evictable_pages == 0
+    assert evictable_pages(cache) == 0
     assert sorted(allocator.free_pages() + cache.all_pages()) == list(range(1, 32))
 
     cache.unlock(node)
-    assert cache.num_evictable_pages == 2
+    assert evictable_pages(cache) == 2
     assert cache.evict(10**6) == 2 and cache.num_pages == 0
     assert allocator.num_free == 31
 

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+
 from tristream import SamplingParams
 from tristream.config import EngineConfig
 from tristream.protocol import BatchPlan, StepResult, TokenDelta, TokenizedRequest
@@ -188,7 +189,7 @@ class Harness:
     def run(self, max_steps: int = 5000) -> None:
         for _ in range(max_steps):
             if self.step() is None:
-                assert not self.sched.has_work()
+                assert not (self.sched.waiting or self.sched.running)
                 return
         raise AssertionError("the scheduler did not finish")
 
@@ -326,6 +327,33 @@ def test_preemption_of_the_newest_request_and_recompute() -> None:
     h.assert_all_pages_free()
 
 
+def test_sampled_tokens_are_taken_by_slot_in_any_order() -> None:
+    h = Harness(max_num_batched_tokens=16)
+    for i in range(4):
+        h.add(f"r{i}", prompt_len=3 + 5 * i, seed=i + 1, max_tokens=6)
+    while (plan := h.schedule()) is not None:
+        result = h.compute(plan)
+        result.slots.reverse()
+        result.token_ids.reverse()
+        h.deliver(result)
+    for i in range(4):
+        assert h.out(f"r{i}") == h.expected(f"r{i}", 6)
+    h.assert_all_pages_free()
+
+
+def test_counters_in_the_stats() -> None:
+    h = Harness(num_pages=13, max_model_len=48, max_num_seqs=4, max_num_batched_tokens=64)
+    for i in range(4):
+        h.add(f"r{i}", prompt_len=10, seed=i + 1, max_tokens=20, ignore_eos=True)
+    h.run()
+    stats = h.sched.stats(0)
+    assert stats.num_preemptions == len(h.preempted) > 0
+    assert stats.num_prompt_tokens == 40 and stats.num_cache_hit_tokens == 0
+    assert stats.num_generated_tokens == 80 == len(h.deltas)
+    assert stats.num_steps == len(h.plans)
+    assert stats.scheduler_s > 0 and stats.gpu_busy_s == stats.gpu_idle_s == stats.ipc_s == 0
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_workload_under_page_pressure(seed: int) -> None:
     rng = random.Random(seed)
@@ -383,7 +411,7 @@ def test_abort_waiting_and_running_requests() -> None:
     plan = h.step()
     assert plan is not None and plan.freed == [slot] and plan.slots == [] and plan.new == []
     assert h.step() is None
-    assert not h.sched.has_work()
+    assert not (h.sched.waiting or h.sched.running)
     assert h.abort("running") is None and h.abort("never-added") is None
     assert h.out("running") == h.expected("running", 2) and h.out("waiting") == []
     assert h.reason("running") is None and h.reason("waiting") is None
@@ -437,5 +465,5 @@ def test_duplicate_request_id_gives_an_error_delta() -> None:
 def test_nothing_to_do() -> None:
     h = Harness()
     assert h.sched.schedule() is None
-    assert not h.sched.has_work()
+    assert not (h.sched.waiting or h.sched.running)
     h.assert_all_pages_free()

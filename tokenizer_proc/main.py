@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import zmq
 from transformers import AutoTokenizer
+
 from tristream.config import EngineConfig
 from tristream.model_config import ModelConfig
 from tristream.processes import bind_inbox, connect_outbox, recv_all, send
@@ -18,7 +19,6 @@ from tristream.protocol import (
     Ipc,
     OutputBatch,
     OutputDelta,
-    Ready,
     Shutdown,
     StopRequest,
     TokenBatch,
@@ -26,6 +26,7 @@ from tristream.protocol import (
     TokenizeCall,
     TokenizedRequest,
     TokenizeResult,
+    TokenizerReady,
 )
 from tristream.sampling_params import SamplingParams
 from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer, push_step
@@ -291,7 +292,7 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
     to_scheduler = connect_outbox(ctx, ipc.scheduler)
     to_user = connect_outbox(ctx, ipc.user)
     worker = TokenizerWorker(config)
-    send(to_user, Ready("tokenizer", {"has_chat_template": worker.prompts.has_chat_template}))
+    send(to_user, TokenizerReady(worker.prompts.has_chat_template))
     while True:
         out: list[OutputDelta] = []
         for msg in recv_all(inbox, block=True):

@@ -45,10 +45,9 @@ def reference_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Ten
 
 
 def test_mixed_adapter_batch_tracks_fp32_reference(tmp_path) -> None:
+    from tests.conftest import make_lora_adapter
     from tristream import AsyncEngine, SamplingParams
     from tristream.outputs import accumulate
-
-    from tests.conftest import make_lora_adapter
 
     base_dir = tmp_path / "base"
     refs = {None: tiny_llama(base_dir)}
@@ -77,7 +76,7 @@ def test_mixed_adapter_batch_tracks_fp32_reference(tmp_path) -> None:
             max_loras=2,
             log_level="WARNING",
         ) as engine:
-            assert engine.info["gpu"]["device"].startswith("cuda")
+            assert engine.device.startswith("cuda")
             await engine.load_lora("qv", str(tmp_path / "qv"))
 
             async def one(prompt: list[int], lora: str | None):

@@ -1,0 +1,107 @@
+"""KV page ownership: the free pages, the prefix cache, and the pages each request holds."""
+
+from __future__ import annotations
+
+from tristream.scheduler_proc.radix_cache import RadixCache
+from tristream.scheduler_proc.request import Request
+
+
+class PageAllocator:
+    """Hands out and takes back page ids ``1 .. num_pages - 1``."""
+
+    def __init__(self, num_pages: int) -> None:
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, 0, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> list[int] | None:
+        """``n`` pages, or None (and nothing taken) when fewer are free."""
+        if n > len(self._free):
+            return None
+        taken = self._free[len(self._free) - n :]
+        del self._free[len(self._free) - n :]
+        return taken
+
+    def free_pages(self) -> list[int]:
+        """The free page ids."""
+        return list(self._free)
+
+    def free(self, pages: list[int]) -> None:
+        """Take ``pages`` back."""
+        self._free.extend(reversed(pages))
+
+
+class KVPages:
+    """The scheduler's ``num_pages`` KV pages of ``page_size`` tokens, with a prefix cache if ``enable_cache``."""
+
+    def __init__(self, num_pages: int, page_size: int, enable_cache: bool) -> None:
+        self.page_size = page_size
+        self.allocator = PageAllocator(num_pages)
+        self.cache = RadixCache(page_size, self.allocator) if enable_cache else None
+
+    def _alloc(self, n: int) -> list[int] | None:
+        """``n`` free pages, evicting cache leaves if needed; None if that is not enough."""
+        if n <= 0:
+            return []
+        short = n - self.allocator.num_free
+        if short > 0 and self.cache is not None:
+            self.cache.evict(short)
+        return self.allocator.alloc(n)
+
+    def lock_prefix(self, req: Request) -> int:
+        """Give a request that holds no pages the longest cached whole-page prefix of its tokens but
+        the last, locked; the number of tokens it covers."""
+        if self.cache is None:
+            return 0
+        node, pages = self.cache.match(req.all_token_ids[: req.num_tokens - 1], req.cache_namespace)
+        self.cache.lock(node)
+        req.pages, req.own_pages, req.cache_node = pages, set(), node
+        return len(pages) * self.page_size
+
+    def grow(self, req: Request, num_tokens: int) -> list[int] | None:
+        """The pages added so that ``req``'s hold ``num_tokens`` tokens; None (nothing taken) if too few can be had."""
+        pages = self._alloc(-(-num_tokens // self.page_size) - len(req.pages))
+        if pages:
+            req.pages.extend(pages)
+            req.own_pages.update(pages)
+        return pages
+
+    def cache_computed(self, req: Request) -> None:
+        """Put the request's computed whole pages into the prefix cache and hold them there."""
+        if self.cache is None:
+            return
+        n = min(req.num_computed, req.num_tokens) // self.page_size
+        node, tree_pages = self.cache.insert(
+            req.all_token_ids[: n * self.page_size], req.pages[:n], req.cache_namespace
+        )
+        for mine, theirs in zip(req.pages, tree_pages):
+            if mine == theirs:
+                req.own_pages.discard(mine)
+        self.cache.lock(node)
+        if req.cache_node is not None:
+            self.cache.unlock(req.cache_node)
+        req.cache_node = node
+
+    def release(self, req: Request) -> None:
+        """Free the pages ``req`` owns and unlock the cached ones it used."""
+        self.allocator.free([p for p in req.pages if p in req.own_pages])
+        if req.cache_node is not None:
+            self.cache.unlock(req.cache_node)
+        req.pages, req.own_pages, req.cache_node = [], set(), None
+
+    def check_invariants(self, running: list[Request]) -> None:
+        """Every usable page is exactly one of: free, in the cache, or owned by a running request."""
+        free = self.allocator.free_pages()
+        cached = self.cache.all_pages() if self.cache else []
+        owned = [p for r in running for p in r.own_pages]
+        total = self.allocator.num_pages - 1
+        assert len(free) + len(cached) + len(owned) == total, (len(free), len(cached), len(owned), total)
+        assert sorted(free + cached + owned) == list(range(1, total + 1)), "a page is lost or held twice"
+        for r in running:
+            assert set(r.pages) >= r.own_pages and len(r.pages) * self.page_size >= r.num_computed
+            assert all(p in r.own_pages or p in cached for p in r.pages), "a request uses a page nobody holds"
+        if self.cache:
+            assert self.cache.num_pages == len(cached)

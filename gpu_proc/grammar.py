@@ -77,20 +77,14 @@ class GrammarMatchers:
     def remove(self, slot: int) -> None:
         self._slots.pop(slot, None)
 
-    def __contains__(self, slot: int) -> bool:
-        return slot in self._slots
-
     def of(self, slot_ids: list[int]) -> list[SlotGrammar | None]:
         """Each slot's constraint now, to advance later even if the slot has been refilled by then."""
         return [self._slots.get(slot) for slot in slot_ids]
 
-    def bitmask(self, slot_ids: list[int]) -> torch.Tensor | None:
-        """int32 [len(slot_ids), ceil(vocab/32)] on the device, all ones for slots without a grammar
-        (or whose grammar has accepted EOS); None if no slot has a grammar."""
-        return self.bitmask_of(self.of(slot_ids))
-
     def bitmask_of(self, grammars: list[SlotGrammar | None]) -> torch.Tensor | None:
-        """``bitmask`` of the constraints that ``of`` returned, a row each.
+        """int32 [len(grammars), ceil(vocab/32)] on the device, a row for each constraint that ``of``
+        returned: all ones for a slot without a grammar (or whose grammar has accepted EOS); None if
+        no slot has a grammar.
 
         Filled on the host into a reused buffer: the copy of the step before is done by then,
         since its tokens were read back before this step samples.
@@ -105,10 +99,6 @@ class GrammarMatchers:
             if grammar is not None and not (matcher := grammar.matcher()).is_terminated():
                 matcher.fill_next_token_bitmask(host, row)
         return host.to(self.device, non_blocking=True, copy=True)
-
-    def accept(self, slot_ids: list[int], tokens: list[int]) -> None:
-        """Advance the matchers of the slots that have one by the tokens just sampled."""
-        accept_each(self.of(slot_ids), tokens)
 
 
 def accept_each(grammars: list[SlotGrammar | None], tokens: list[int]) -> None:

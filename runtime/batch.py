@@ -1,14 +1,17 @@
 """``tristream batch``: run a JSONL file of requests into a JSONL file of results, resumably.
 
 Input lines are ``{"id", "prompt"}``, ``{"id", "messages"}`` or OpenAI batch-API
-requests (``{"custom_id", "method", "url", "body"}``). Results are appended to the
-output in input order, one flushed line each; a later run skips the ids already
-there, so an interrupted job picks up where it stopped.
+requests (``{"custom_id", "method", "url", "body"}``). A line's sampling fields are
+read as the server reads the body of ``/v1/completions`` (a prompt) or
+``/v1/chat/completions`` (messages); those it gives override the command's. Results
+are appended to the output in input order, one flushed line each; a later run skips
+the ids already there, so an interrupted job picks up where it stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,21 +20,22 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator
 from typing import TypeVar
 
+from pydantic import ValidationError
 from tqdm.auto import tqdm
+
 from tristream.engine import AsyncEngine
 from tristream.model_files import model_name
-from tristream.outputs import CompletionOutput, RequestOutput, accumulate
-from tristream.sampling_params import SamplingParams, StructuredOutput
+from tristream.openai_api import ROUTES, ChatCompletionRequest, CompletionRequest, EngineCall, validation_message
+from tristream.outputs import CompletionOutput, RequestOutput, fold
+from tristream.sampling_params import SamplingParams
+from tristream.streams import merge
 
 T = TypeVar("T")
 
-OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
-# Fields a line may set, by SamplingParams' own names; logprobs have no place in the records.
-SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - {"logprobs", "prompt_logprobs"}
 MIN_IN_FLIGHT = 256
 
 
@@ -50,18 +54,24 @@ class BatchSummary:
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
+    def add(self, record: dict, tokens: int) -> None:
+        """Count one written record and its output tokens."""
+        if record.get("error") is None:
+            self.done += 1
+        else:
+            self.errors += 1
+        self.tokens += tokens
+
 
 @dataclasses.dataclass
 class Job:
-    """One input line: a request to run, or, with ``error`` set, the reason it cannot run."""
+    """One input line: its OpenAI body and engine requests, or, with ``error`` set, the reason it cannot run."""
 
     line: int
     id: str | int
     openai: bool = False
-    prompt: str | list[int] | None = None
-    messages: list[dict] | None = None
-    params: SamplingParams | None = None
-    model: str | None = None
+    body: ChatCompletionRequest | CompletionRequest | None = None
+    calls: list[EngineCall] = dataclasses.field(default_factory=list)
     error: str | None = None
 
     @property
@@ -71,7 +81,7 @@ class Job:
 
 
 def parse_line(raw: str | bytes, line: int, base: SamplingParams) -> Job:
-    """Parse input line number ``line``; sampling fields on it override ``base``.
+    """Parse input line number ``line``; the sampling fields it gives override ``base``.
 
     A line without a usable id gets the id ``"line-<line>"``.
     """
@@ -90,78 +100,43 @@ def parse_line(raw: str | bytes, line: int, base: SamplingParams) -> Job:
         )
     job = Job(line, ident, openai)
     try:
-        if openai:
-            fields, kind = _openai_body(obj)
-        elif ("prompt" in obj) == ("messages" in obj):
-            raise ValueError("give either prompt or messages")
-        else:
-            fields, kind = obj, "messages" if "messages" in obj else "prompt"
-        if kind == "messages":
-            job.messages = _messages(fields["messages"])
-        else:
-            job.prompt = fields["prompt"]
-        job.params = _sampling(base, fields)
-        if openai and isinstance(fields.get("model"), str):
-            job.model = fields["model"]
+        request, fields = _openai_body(obj) if openai else _simple_body(obj)
+        job.body = request.model_validate(fields)
+        job.calls = job.body.calls(base)
+        if not openai and len(job.calls) != 1:
+            raise ValueError("give one prompt per line")
+        params = dataclasses.replace(job.calls[0].params, logprobs=None, prompt_logprobs=None)
+        for call in job.calls:
+            call.params = params
+    except ValidationError as e:
+        job.error = f"line {line}: {validation_message(e.errors())[0]}"
     except ValueError as e:
         job.error = f"line {line}: {e}"
     return job
 
 
-def _openai_body(obj: dict) -> tuple[dict, str]:
-    """The body of an OpenAI batch line, and which of messages or prompt it holds."""
+def _simple_body(obj: dict) -> tuple[type[ChatCompletionRequest | CompletionRequest], dict]:
+    """A ``{"id", "prompt"}`` or ``{"id", "messages"}`` line, read as the OpenAI body of its kind."""
+    if ("prompt" in obj) == ("messages" in obj):
+        raise ValueError("give either prompt or messages")
+    return (ChatCompletionRequest if "messages" in obj else CompletionRequest), obj
+
+
+def _openai_body(obj: dict) -> tuple[type[ChatCompletionRequest | CompletionRequest], dict]:
+    """The request model and the body of an OpenAI batch line."""
     if obj.get("method", "POST") != "POST":
         raise ValueError(f"method must be POST, got {obj['method']!r}")
     url = obj.get("url")
-    if url not in OPENAI_URLS:
-        raise ValueError(f"url must be one of {', '.join(OPENAI_URLS)}, got {url!r}")
+    request = ROUTES.get(url) if isinstance(url, str) else None
+    if request is None:
+        raise ValueError(f"url must be one of {', '.join(ROUTES)}, got {url!r}")
     body = obj.get("body")
     if not isinstance(body, dict):
         raise ValueError("body must be a JSON object")
-    kind = "messages" if url == "/v1/chat/completions" else "prompt"
+    kind = "messages" if request is ChatCompletionRequest else "prompt"
     if kind not in body:
         raise ValueError(f"the body of a {url} request needs {kind}")
-    return body, kind
-
-
-def _messages(messages: object) -> list[dict]:
-    """Check the shape and join the text parts of list contents into one string."""
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise ValueError("messages must be a non-empty list of objects")
-    flat = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            if not all(
-                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
-            ):
-                raise ValueError("only text content parts are supported")
-            m = {**m, "content": "".join(p["text"] for p in content)}
-        flat.append(m)
-    return flat
-
-
-def _sampling(base: SamplingParams, fields: dict) -> SamplingParams:
-    """``base`` with the SamplingParams fields of ``fields``; null values keep the base."""
-    overrides = {k: v for k, v in fields.items() if k in SAMPLING_FIELDS and v is not None}
-    if fields.get("max_completion_tokens") is not None:
-        overrides["max_tokens"] = fields["max_completion_tokens"]
-    if fields.get("response_format") is not None:
-        structured = _response_format(fields["response_format"])
-        if structured is not None:
-            overrides["structured"] = structured
-    return dataclasses.replace(base, **overrides)
-
-
-def _response_format(fmt: object) -> StructuredOutput | None:
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return StructuredOutput(json_object=True)
-    if kind == "json_schema" and isinstance(fmt.get("json_schema"), dict) and "schema" in fmt["json_schema"]:
-        return StructuredOutput(json=fmt["json_schema"]["schema"])
-    raise ValueError(f"unsupported response_format {fmt!r}")
+    return request, body
 
 
 def load_written(output_path: str) -> Counter[str]:
@@ -216,27 +191,34 @@ def _plan(input_path: str, base: SamplingParams, written: Counter[str]) -> Itera
             counts[job.key] += 1
 
 
-async def _run_job(engine: AsyncEngine, job: Job, model: str, adapters: Collection[str]) -> tuple[dict, int]:
+async def _run_job(
+    engine: AsyncEngine, job: Job, model: str, adapters: Collection[str]
+) -> AsyncIterator[tuple[dict, int]]:
     """The record of one job and its output tokens; an engine ValueError becomes an error record.
 
-    A job whose ``model`` is one of ``adapters`` runs through that LoRA adapter.
+    An OpenAI job whose body's ``model`` is one of ``adapters`` runs through that LoRA adapter.
     """
     if job.error is not None:
-        return _error_record(job), 0
+        yield _error_record(job), 0
+        return
     request_id = uuid.uuid4().hex
-    params = dataclasses.replace(job.params, lora=job.model) if job.model in adapters else job.params
-    if job.messages is not None:
-        stream = engine.chat(job.messages, params, request_id=request_id)
-    else:
-        stream = engine.generate(job.prompt, params, request_id=request_id)
-    final = None
+    if job.openai and job.body.model in adapters:
+        for call in job.calls:
+            call.params.lora = job.body.model
+    streams = [call.start(engine, f"{request_id}-{i}") for i, call in enumerate(job.calls)]
     try:
-        async for out in stream:
-            final = accumulate(final, out)
+        async with contextlib.aclosing(merge(streams)) as merged:
+            finals = await fold(merged, len(streams))
     except ValueError as e:
-        return _error_record(dataclasses.replace(job, error=f"line {job.line}: {e}")), 0
-    tokens = sum(len(o.token_ids) for o in final.outputs)
-    return _result_record(job, final, job.model or model, request_id, tokens), tokens
+        yield _error_record(dataclasses.replace(job, error=f"line {job.line}: {e}")), 0
+        return
+    tokens = sum(len(s.token_ids) for final in finals for s in final.outputs)
+    if not job.openai:
+        yield _simple_record(job, finals[0], tokens), tokens
+        return
+    reply = job.body.reply(job.body, job.calls, request_id, job.body.model or model, engine, {})
+    response = {"status_code": 200, "request_id": request_id, "body": await reply.whole(finals)}
+    yield {"id": f"batch_req_{request_id}", "custom_id": job.id, "response": response, "error": None}, tokens
 
 
 def _error_record(job: Job) -> dict:
@@ -257,66 +239,25 @@ def _choice(o: CompletionOutput) -> dict:
     return choice
 
 
-def _result_record(job: Job, out: RequestOutput, model: str, request_id: str, tokens: int) -> dict:
-    usage = {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": tokens}
-    if not job.openai:
-        record: dict = {"id": job.id}
-        if len(out.outputs) == 1:
-            record.update(_choice(out.outputs[0]))
-        else:
-            record["choices"] = [_choice(o) for o in out.outputs]
-        return {**record, **usage}
-    chat = job.messages is not None
-    choices = []
-    for o in out.outputs:
-        if chat:
-            message = {"role": "assistant", "content": o.text}
-            if o.reasoning_content is not None:
-                message["reasoning_content"] = o.reasoning_content
-            choices.append({"index": o.index, "message": message, "logprobs": None, "finish_reason": o.finish_reason})
-        else:
-            choices.append({"index": o.index, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason})
-    body = {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": {**usage, "total_tokens": usage["prompt_tokens"] + tokens},
-    }
-    return {
-        "id": f"batch_req_{request_id}",
-        "custom_id": job.id,
-        "response": {"status_code": 200, "request_id": request_id, "body": body},
-        "error": None,
-    }
+def _simple_record(job: Job, out: RequestOutput, tokens: int) -> dict:
+    record: dict = {"id": job.id}
+    if len(out.outputs) == 1:
+        record.update(_choice(out.outputs[0]))
+    else:
+        record["choices"] = [_choice(o) for o in out.outputs]
+    return {**record, "prompt_tokens": len(out.prompt_token_ids), "completion_tokens": tokens}
 
 
-async def _run_in_order(work: Iterator[Awaitable[T]], window: int, emit: Callable[[T], None]) -> None:
-    """Run up to ``window`` awaitables at once; emit each result once all before it are emitted."""
-    queue: deque[asyncio.Future] = deque()
-    running: set[asyncio.Future] = set()
-
-    def emit_ready() -> None:
-        while queue and queue[0].done():
-            emit(queue.popleft().result())
-
-    try:
-        for item in work:
-            while len(running) >= window:
-                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                emit_ready()
-            task = asyncio.ensure_future(item)
-            running.add(task)
-            task.add_done_callback(running.discard)
-            queue.append(task)
-        while queue:
-            await asyncio.wait([queue[0]])
-            emit_ready()
-    finally:
-        for task in queue:
-            task.cancel()
-        await asyncio.gather(*queue, return_exceptions=True)
+async def _in_order(streams: Iterable[AsyncIterator[T]], window: int) -> AsyncIterator[T]:
+    """The one item of each stream, in stream order, with up to ``window`` streams running at once."""
+    ready: dict[int, T] = {}
+    emitted = 0
+    async with contextlib.aclosing(merge(streams, window)) as merged:
+        async for i, item in merged:
+            ready[i] = item
+            while emitted in ready:
+                yield ready.pop(emitted)
+                emitted += 1
 
 
 def check_paths(input_path: str, output_path: str) -> None:
@@ -348,52 +289,15 @@ async def run_batch(
     await engine.start()
     model = model_name(engine.config.model)
     window = max(MIN_IN_FLIGHT, 2 * engine.config.max_num_seqs)
-
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    terminated = False
-
-    def on_sigterm() -> None:
-        nonlocal terminated
-        terminated = True
-        main_task.cancel()
-
-    own_sigterm = (
-        threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    )
-    if own_sigterm:
-        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    jobs = (_run_job(engine, job, model, adapters) for job, skip in _plan(input_path, params, written) if not skip)
     start = time.perf_counter()
-    bar = tqdm(total=todo, desc="Batch", unit="req")
     finished = False
     try:
-        with open(output_path, "ab") as out:
-
-            def emit(result: tuple[dict, int]) -> None:
-                record, tokens = result
-                out.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
-                out.flush()
-                if record.get("error") is None:
-                    summary.done += 1
-                else:
-                    summary.errors += 1
-                summary.tokens += tokens
-                bar.set_postfix_str(f"{summary.tokens / (time.perf_counter() - start):.1f} tok/s", refresh=False)
-                bar.update(1)
-
-            work = (
-                _run_job(engine, job, model, adapters) for job, skip in _plan(input_path, params, written) if not skip
-            )
-            await _run_in_order(work, window, emit)
-            finished = True
-    except asyncio.CancelledError:
-        if terminated:
-            raise SystemExit(128 + signal.SIGTERM) from None
-        raise
+        with _sigterm_exits():
+            async with contextlib.aclosing(_in_order(jobs, window)) as results:
+                await _write(results, output_path, summary, todo, start)
+        finished = True
     finally:
-        if own_sigterm:
-            loop.remove_signal_handler(signal.SIGTERM)
-        bar.close()
         summary.seconds = time.perf_counter() - start
         print(
             f"batch: {summary.done} done, {summary.skipped} skipped, {summary.errors} errors, {summary.tokens} output "
@@ -402,3 +306,45 @@ async def run_batch(
             file=sys.stderr,
         )
     return summary
+
+
+async def _write(
+    results: AsyncIterator[tuple[dict, int]], output_path: str, summary: BatchSummary, total: int, start: float
+) -> None:
+    """Append each record to the output as one flushed line, counting it in ``summary`` and on a progress bar."""
+    with tqdm(total=total, desc="Batch", unit="req") as bar, open(output_path, "ab") as out:
+        async for record, tokens in results:
+            out.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+            out.flush()
+            summary.add(record, tokens)
+            bar.set_postfix_str(f"{summary.tokens / (time.perf_counter() - start):.1f} tok/s", refresh=False)
+            bar.update(1)
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM cancels the running task, which then exits with status 143.
+
+    Only in the main thread, and only while SIGTERM has its default action.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    own = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if own:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if terminated:
+            raise SystemExit(128 + signal.SIGTERM) from None
+        raise
+    finally:
+        if own:
+            loop.remove_signal_handler(signal.SIGTERM)

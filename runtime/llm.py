@@ -9,10 +9,12 @@ import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 from tqdm.auto import tqdm
+
 from tristream.engine import AsyncEngine
 from tristream.outputs import RequestOutput, accumulate
 from tristream.protocol import SchedulerStats
 from tristream.sampling_params import SamplingParams
+from tristream.streams import merge
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -178,35 +180,22 @@ class LLM:
             if not self._loop.is_closed():
                 self._loop.run_until_complete(close(step))
 
-    async def _merged(self, jobs: list[tuple], params: list) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """``(job index, delta)`` from every job's stream as they come, all running at once.
+    def _merged(self, jobs: list[tuple], params: list) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """``(job index, delta)`` from every job's stream as they come, all running at once (``merge``)."""
+        return merge(
+            [
+                _numbered(i, getattr(self.engine, kind)(prompt, params[i], **kw))
+                for i, (kind, prompt, kw) in enumerate(jobs)
+            ]
+        )
 
-        The first error ends it (naming its prompt); leaving it early cancels every
-        stream, which aborts their requests.
-        """
-        queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(i: int) -> None:
-            kind, prompt, kwargs = jobs[i]
-            try:
-                async for out in getattr(self.engine, kind)(prompt, params[i], **kwargs):
-                    queue.put_nowait((i, out))
-            except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") from e
-
-        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(jobs))]
-        for i, task in enumerate(tasks):
-            task.add_done_callback(lambda _, i=i: queue.put_nowait((i, None)))
-        try:
-            running = len(tasks)
-            while running:
-                i, out = await queue.get()
-                if out is None:
-                    running -= 1
-                    tasks[i].result()
-                else:
-                    yield i, out
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+async def _numbered(i: int, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """``stream``, with an engine refusal naming its prompt ``i``."""
+    try:
+        async for out in stream:
+            yield out
+    except ValueError as e:
+        raise ValueError(f"prompt {i}: {e}") from e
+    finally:
+        await stream.aclose()

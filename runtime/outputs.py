@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 
@@ -87,3 +88,11 @@ def accumulate(final: RequestOutput | None, out: RequestOutput) -> RequestOutput
     if out.prompt_logprobs is not None:
         final.prompt_logprobs = out.prompt_logprobs
     return final
+
+
+async def fold(items: AsyncIterator[tuple[int, RequestOutput]], count: int) -> list[RequestOutput]:
+    """The whole output of each of ``count`` streams, from their ``(stream number, delta)`` items."""
+    finals: list[RequestOutput | None] = [None] * count
+    async for i, out in items:
+        finals[i] = accumulate(finals[i], out)
+    return finals

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import InitVar, dataclass, field, fields
 
 MAX_LOGPROBS = 20
@@ -122,19 +123,28 @@ class SamplingParams:
             if current not in (None, 0, []) and current != value:
                 raise ValueError(f"{alias}={value!r} conflicts with {name}={current!r}: give one of them")
             setattr(self, name, value)
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        self._check_floats()
+        self._check_counts()
+        self._check_lists()
+
+    def _check_floats(self) -> None:
+        """Temperature, the filters, the penalties and logit_bias: finite and in range."""
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
-        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+        if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not -2 <= value <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.logit_bias is not None:
             try:
@@ -143,7 +153,10 @@ class SamplingParams:
                 raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from e
             bad = {k: v for k, v in self.logit_bias.items() if k < 0 or not -100 <= v <= 100}
             if bad:
-                raise ValueError(f"logit_bias needs token ids >= 0 and biases in [-100, 100], got {bad!r}")
+                raise ValueError(f"logit_bias needs token ids >= 0 and finite biases in [-100, 100], got {bad!r}")
+
+    def _check_counts(self) -> None:
+        """Token counts, logprobs, samples, the seed, the output constraint and the adapter."""
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
@@ -169,6 +182,9 @@ class SamplingParams:
             raise ValueError(f"lora must be an adapter name, got {self.lora!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+    def _check_lists(self) -> None:
+        """Stop strings, bad words and stop token ids, as lists."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -180,10 +196,6 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids)
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
     @property
     def num_samples(self) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from tristream import SamplingParams, StructuredOutput
 from tristream.batch import load_written, parse_line, run_batch
 from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -44,14 +45,22 @@ def record_id(record: dict) -> str | int:
 
 def test_prompt_and_messages_lines_with_overrides():
     job = parse_line('{"id": 7, "prompt": "Hello", "max_tokens": 3, "seed": null, "note": "ignored"}', 1, BASE)
-    assert (job.id, job.prompt, job.messages, job.openai, job.error) == (7, "Hello", None, False, None)
-    assert job.params.max_tokens == 3 and job.params.stop == ["END"] and job.params.temperature == 0
+    (call,) = job.calls
+    assert (job.id, call.prompt, call.messages, job.openai, job.error) == (7, "Hello", None, False, None)
+    assert call.params.max_tokens == 3 and call.params.stop == ["END"] and call.params.temperature == 0
     assert BASE.max_tokens == 8
 
     parts = [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi."}]
     job = parse_line(json.dumps({"id": "c", "messages": [{"role": "user", "content": parts}]}), 2, BASE)
-    assert job.messages == [{"role": "user", "content": "Say hi."}] and job.prompt is None
-    assert job.params == BASE
+    (call,) = job.calls
+    assert call.messages == [{"role": "user", "content": "Say hi."}] and call.prompt is None
+    assert call.params == BASE
+
+    line = {"id": "d", "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 2, "top_k": -1}
+    (call,) = parse_line(json.dumps(line), 3, BASE).calls
+    assert (call.params.max_tokens, call.params.top_k) == (2, 0), (
+        "the fields of the chat body, as the server reads them"
+    )
 
 
 def test_openai_batch_lines_take_their_sampling_fields_from_the_body():
@@ -70,9 +79,10 @@ def test_openai_batch_lines_take_their_sampling_fields_from_the_body():
     }
     line = {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": body}
     job = parse_line(json.dumps(line), 3, BASE)
-    assert job.error is None and job.openai and job.id == "r1" and job.model == "gpt-4o-mini"
-    assert job.messages == body["messages"]
-    p = job.params
+    assert job.error is None and job.openai and job.id == "r1" and job.body.model == "gpt-4o-mini"
+    (call,) = job.calls
+    assert call.messages == body["messages"]
+    p = call.params
     assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.stop, p.n, p.logprobs) == (5, 0.5, 0.9, 11, ["\n"], 2, None)
     assert p.structured == StructuredOutput(json={"type": "object"})
 
@@ -83,8 +93,9 @@ def test_openai_batch_lines_take_their_sampling_fields_from_the_body():
         "body": {"model": "m", "prompt": "Once", "max_tokens": 4, "response_format": {"type": "json_object"}},
     }
     job = parse_line(json.dumps(line), 4, BASE)
-    assert (job.prompt, job.messages, job.params.max_tokens) == ("Once", None, 4)
-    assert job.params.structured == StructuredOutput(json_object=True)
+    (call,) = job.calls
+    assert (call.prompt, call.messages, call.params.max_tokens) == ("Once", None, 4)
+    assert call.params.structured == StructuredOutput(json_object=True)
 
 
 @pytest.mark.parametrize(
@@ -97,6 +108,15 @@ def test_openai_batch_lines_take_their_sampling_fields_from_the_body():
         ('{"id": "a"}', "a", False, "either prompt or messages"),
         ('{"id": "a", "prompt": "x", "messages": []}', "a", False, "either prompt or messages"),
         ('{"id": "a", "prompt": "x", "temperature": -1}', "a", False, "temperature must be >= 0"),
+        ('{"id": "a", "prompt": "x", "temperature": NaN}', "a", False, "temperature: Input should be a finite number"),
+        (
+            '{"id": "a", "prompt": "x", "logit_bias": {"5": 1e999}}',
+            "a",
+            False,
+            "logit_bias.5: Input should be a finite",
+        ),
+        ('{"id": "a", "prompt": ["x", "y"]}', "a", False, "one prompt per line"),
+        ('{"id": "a", "prompt": "x", "use_beam_search": true}', "a", False, "use_beam_search is not supported"),
         ('{"id": "a", "messages": "hi"}', "a", False, "messages must be a non-empty list"),
         ('{"id": "a", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "a", False, "only text"),
         (
@@ -160,7 +180,7 @@ class ReversingEngine:
         async for out in self._answer(prompt, params, request_id):
             yield out
 
-    async def chat(self, messages, params=None, request_id=None):
+    async def chat(self, messages, params=None, request_id=None, chat_template_kwargs=None):
         async for out in self._answer(messages[-1]["content"], params, request_id):
             yield out
 
@@ -243,7 +263,12 @@ async def test_run_batch_writes_in_input_order_and_resumes(tmp_path, capsys):
         }
         for i in range(2)
     ]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 28, "total_tokens": 31}
+    assert body["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 28,
+        "total_tokens": 31,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     body = records[3]["response"]["body"]
     assert body["object"] == "text_completion" and body["model"] == "stand-in"
     assert body["choices"] == [{"index": 0, "text": "OPENAI TEXT", "logprobs": None, "finish_reason": "length"}]

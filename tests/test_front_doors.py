@@ -9,12 +9,12 @@ import time
 from types import SimpleNamespace
 
 import pytest
+
 import tristream.chat as chat
+from tests.conftest import make_lora_adapter  # pytest has imported the conftest under this name
 from tristream import EngineConfig, GenerationConfig, Response, SamplingParams, pipeline
 from tristream.outputs import RequestOutput, accumulate
 from tristream.pipeline import _params, _template_name
-
-from tests.conftest import make_lora_adapter  # pytest has imported the conftest under this name
 
 GREEDY = GenerationConfig(max_new_tokens=16)
 Q1, Q2 = "What is the capital of France?", "Name a color."

@@ -8,7 +8,8 @@ import re
 import jsonschema
 import pytest
 import torch
-from tristream.gpu_proc.grammar import GrammarMatchers, apply_token_bitmask
+
+from tristream.gpu_proc.grammar import GrammarMatchers, accept_each, apply_token_bitmask
 from tristream.model_config import ModelConfig
 from tristream.sampling_params import StructuredOutput
 from tristream.tokenizer_proc.structured import grammar_spec
@@ -62,8 +63,8 @@ def generate(
     active = slots
     for _ in range(MAX_TOKENS):
         logits = torch.stack([torch.randn(matchers.vocab_size, generator=gens[s]) for s in active])
-        tokens = apply_token_bitmask(logits, matchers.bitmask(active)).argmax(dim=-1).tolist()
-        matchers.accept(active, tokens)
+        tokens = apply_token_bitmask(logits, matchers.bitmask_of(matchers.of(active))).argmax(dim=-1).tolist()
+        accept_each(matchers.of(active), tokens)
         for slot, token in zip(active, tokens):
             if token not in matchers.eos_token_ids:
                 outputs[slot].append(token)
@@ -78,7 +79,7 @@ def generate(
 
 def allowed(matchers: GrammarMatchers, slot: int) -> list[int]:
     """The tokens the slot's grammar allows next."""
-    logits = apply_token_bitmask(torch.zeros(1, matchers.vocab_size), matchers.bitmask([slot]))
+    logits = apply_token_bitmask(torch.zeros(1, matchers.vocab_size), matchers.bitmask_of(matchers.of([slot])))
     return logits[0].isfinite().nonzero()[:, 0].tolist()
 
 
@@ -209,17 +210,17 @@ def test_replayed_outputs_continue_to_a_valid_completion(tokenizer, matchers: Gr
 def test_complete_output_allows_only_eos(matchers: GrammarMatchers, tokenizer, eos: list[int]) -> None:
     matchers.add(0, grammar_spec(StructuredOutput(choice=["yes", "no"])), tokenizer.encode("yes"))
     assert allowed(matchers, 0) == eos
-    matchers.accept([0], [eos[0]])
-    assert bool((matchers.bitmask([0]) == -1).all()), "after EOS the slot is unconstrained"
+    accept_each(matchers.of([0]), [eos[0]])
+    assert bool((matchers.bitmask_of(matchers.of([0])) == -1).all()), "after EOS the slot is unconstrained"
     matchers.remove(0)
 
 
 def test_rejected_token_warns_and_the_matcher_goes_on(matchers: GrammarMatchers, tokenizer, caplog) -> None:
     matchers.add(0, grammar_spec(StructuredOutput(choice=["yes", "no"])), [])
-    before = matchers.bitmask([0])
-    matchers.accept([0], tokenizer.encode("maybe")[:1])
+    before = matchers.bitmask_of(matchers.of([0]))
+    accept_each(matchers.of([0]), tokenizer.encode("maybe")[:1])
     assert "rejected token" in caplog.text
-    assert torch.equal(matchers.bitmask([0]), before)
+    assert torch.equal(matchers.bitmask_of(matchers.of([0])), before)
     matchers.remove(0)
 
 
@@ -231,20 +232,20 @@ def test_same_spec_compiles_once(matchers: GrammarMatchers, monkeypatch) -> None
     matchers.add(0, spec, [])
     matchers.add(1, spec, [])
     matchers.add(2, other, [])
-    matchers.bitmask([0, 1, 2])
+    matchers.bitmask_of(matchers.of([0, 1, 2]))
     matchers.add(0, spec, [])
-    matchers.bitmask([0])
+    matchers.bitmask_of(matchers.of([0]))
     assert compiled == [spec, other]
     for slot in (0, 1, 2):
         matchers.remove(slot)
 
 
 def test_mixed_batch_rows(matchers: GrammarMatchers) -> None:
-    assert matchers.bitmask([0, 1]) is None
+    assert matchers.bitmask_of(matchers.of([0, 1])) is None
     matchers.add(1, grammar_spec(StructuredOutput(regex="a+")), [])
-    assert 1 in matchers and 0 not in matchers
-    mask = matchers.bitmask([3, 1, 0])
+    assert [g is not None for g in matchers.of([1, 0])] == [True, False]
+    mask = matchers.bitmask_of(matchers.of([3, 1, 0]))
     assert mask.shape == (3, (matchers.vocab_size + 31) // 32) and mask.dtype == torch.int32
     assert bool((mask[0] == -1).all()) and bool((mask[2] == -1).all()) and not bool((mask[1] == -1).all())
     matchers.remove(1)
-    assert 1 not in matchers and matchers.bitmask([1]) is None
+    assert matchers.of([1]) == [None] and matchers.bitmask_of(matchers.of([1])) is None

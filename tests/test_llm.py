@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from tristream import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -58,6 +59,25 @@ def test_a_bad_prompt_names_its_index_and_the_engine_goes_on(llm):
     with pytest.raises(ValueError, match="prompt 1: the prompt is empty"):
         llm.generate(["fine", "", "also fine"], GREEDY, use_tqdm=False)
     assert len(llm.generate("fine", GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 12
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (
+            SamplingParams(max_tokens=10**12),
+            r"prompt 1: max_tokens=1000000000000 plus the prompt's \d+ tokens exceeds max_model_len=512",
+        ),
+        (
+            SamplingParams(logit_bias={3: 1.0, 49152: 2.0}),
+            r"prompt 1: logit_bias has token ids outside the vocabulary.*49152",
+        ),
+        (SamplingParams(stop_token_ids=[10**6]), r"prompt 1: stop_token_ids has token ids outside the vocabulary"),
+    ],
+)
+def test_parameters_beyond_the_context_or_the_vocabulary_fail_their_prompt(llm, params, match):
+    with pytest.raises(ValueError, match=match):
+        llm.generate(["fine", "bad"], [GREEDY, params], use_tqdm=False)
 
 
 def test_progress_bar(llm, capsys):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tristream.cli import parse_args
 from tristream.model_files import resolve_model
 

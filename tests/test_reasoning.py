@@ -7,6 +7,7 @@ import time
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from tristream import SamplingParams
 from tristream.config import EngineConfig
 from tristream.engine import _Stream

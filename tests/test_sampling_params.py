@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import pickle
 
 import pytest
+
 from tristream import GenerationConfig, SamplingParams
 
 
@@ -29,3 +31,14 @@ def test_generation_config_is_greedy_unless_do_sample():
     sampled = GenerationConfig(do_sample=True, temperature=0.8, top_k=40, random_seed=1)
     assert (sampled.temperature, sampled.top_k, sampled.seed) == (0.8, 40, 1)
     assert isinstance(sampled, SamplingParams)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(
+    "name", ["temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"]
+)
+def test_every_float_must_be_finite(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        SamplingParams(**{name: value})
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={5: value})

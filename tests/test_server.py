@@ -8,6 +8,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+
 from tristream import SamplingParams
 from tristream.server import build_app
 
@@ -45,6 +46,8 @@ async def test_chat_matches_the_engine_and_has_openai_shape(client, model, engin
     assert r.usage.prompt_tokens == final.metrics.num_prompt_tokens
     assert r.usage.completion_tokens == final.metrics.num_generated_tokens
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    again = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=24, temperature=0)
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens, "the prefix cache's hit"
 
 
 async def test_completions_of_several_prompts_match_the_engine(client, model, engine):
@@ -269,10 +272,45 @@ def assert_error(r: httpx.Response, status: int, *words: str, param: str | None 
         ("/v1/completions", {"prompt": [10**9]}, 400, ["vocabulary"], None),
         ("/v1/completions", {"prompt": ["a", [1]]}, 400, ["prompt"], "prompt"),
         ("/v1/completions", {"max_tokens": 3}, 400, ["prompt"], "prompt"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"49152": 5}}, 400, ["logit_bias", "49152"], "logit_bias"),
+        (
+            "/v1/chat/completions",
+            {"messages": QUESTION, "logit_bias": {"7": 1, str(10**12): -1}},
+            400,
+            [],
+            "logit_bias",
+        ),
+        ("/v1/completions", {"prompt": "hi", "stop_token_ids": [2, 10**6]}, 400, ["vocabulary"], "stop_token_ids"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 10**12}, 400, ["1000000000000", "1024"], "max_tokens"),
+        ("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 1020}, 400, ["1020", "1024"], "max_tokens"),
+        ("/v1/chat/completions", {"messages": QUESTION, "max_completion_tokens": 5000}, 400, ["5000"], "max_tokens"),
     ],
 )
 def test_bad_requests_get_openai_errors(live_server, path, body, status, words, param):
     assert_error(post(live_server, path, body), status, *words, param=param)
+
+
+FLOAT_FIELDS = ["temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"]
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999", "-1e999"])
+@pytest.mark.parametrize("field", [*FLOAT_FIELDS, "length_penalty", "logit_bias"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_non_finite_numbers_are_400s_naming_the_field(live_server, path, field, value):
+    """Python's JSON reads NaN, Infinity and 1e999 (an overflow to infinity): each is refused."""
+    given = f'{{"{field}": {{"5": {value}}}}}' if field == "logit_bias" else f'{{"{field}": {value}}}'
+    base = {"messages": QUESTION} if path == "/v1/chat/completions" else {"prompt": "Hello"}
+    raw = json.dumps({**base, "max_tokens": 2})[:-1] + ", " + given[1:]
+    assert_error(post(live_server, path, raw), 400, field, "finite", param=field)
+
+
+def test_max_tokens_that_fits_the_context_still_runs(live_server, tokenizer):
+    """The whole context is usable: max_tokens up to max_model_len minus the prompt."""
+    prompt = "The capital of France is"
+    room = 1024 - len(tokenizer.encode(prompt))
+    r = post(live_server, "/v1/completions", {"prompt": prompt, "max_tokens": room, "temperature": 0, "stop": ["."]})
+    assert r.status_code == 200, r.text
+    assert_error(post(live_server, "/v1/completions", {"prompt": prompt, "max_tokens": room + 1}), 400, str(room + 1))
 
 
 def test_prompt_over_the_context_names_both_lengths(live_server):

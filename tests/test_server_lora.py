@@ -6,7 +6,6 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from tristream.server import build_app
 
 from tests.conftest import (
     hf_greedy,
@@ -14,6 +13,7 @@ from tests.conftest import (
     start_server,
     stop_server,
 )  # pytest has imported the conftest under this name
+from tristream.server import build_app
 
 PROMPT = "My favourite thing about winter is"
 QUESTION = [{"role": "user", "content": "Write a poem about the sea."}]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tristream import SamplingParams
 from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer
 from tristream.tokenizer_proc.main import ActiveRequest
@@ -30,7 +31,7 @@ def test_a_stop_string_across_tokens_cuts_the_text(tokenizer, include):
     )
     emitted, hit_at = [], None
     for i, token in enumerate(ids):
-        text, hit = req.text([token], finished=False)
+        text, hit = req.take_text(req.detok.push([token]), finished=False)
         emitted.append(text)
         if hit:
             hit_at = i
@@ -45,7 +46,8 @@ def test_a_stop_string_across_tokens_cuts_the_text(tokenizer, include):
 def test_without_a_match_everything_is_emitted_at_the_end(tokenizer):
     ids = tokenizer.encode(TEXT)
     req = ActiveRequest("r", 0, IncrementalDetokenizer(tokenizer, []), [], None, stop=["zebra crossing"])
-    parts = [req.text([t], finished=False)[0] for t in ids[:-1]] + [req.text(ids[-1:], finished=True)[0]]
+    parts = [req.take_text(req.detok.push([t]), finished=False)[0] for t in ids[:-1]]
+    parts.append(req.take_text(req.detok.push(ids[-1:]), finished=True)[0])
     assert "".join(parts) == tokenizer.decode(ids)
     assert max(len(p) for p in parts[:-1]) < len(tokenizer.decode(ids))  # streamed, not all held
 

@@ -8,6 +8,7 @@ import re
 
 import jsonschema
 import pytest
+
 from tristream import SamplingParams, StructuredOutput
 
 SCHEMA = {

@@ -112,7 +112,6 @@ class IncrementalDetokenizer:
         self._ids: list[int] = context
         self._read = len(context)
         self._prefix_text = context_text
-        self._pieces: list[str] = []
 
     def push(self, token_ids: Iterable[int]) -> str:
         """Append newly generated ids; return the text that became final since the last call ("" if none)."""
@@ -149,13 +148,6 @@ class IncrementalDetokenizer:
         window_text, unemitted_text = self._decode_many([self._ids, self._ids[self._read :]])
         return self._emit(window_text, unemitted_text, len(self._ids))
 
-    @property
-    def text(self) -> str:
-        """All text emitted so far."""
-        if len(self._pieces) > 1:
-            self._pieces = ["".join(self._pieces)]
-        return self._pieces[0] if self._pieces else ""
-
     def _emit(self, text: str, emitted_text: str, end: int) -> str:
         """Emit `text` (the decode of ids[:end]) past the prefix; slide the window to end at `end`.
 
@@ -165,8 +157,6 @@ class IncrementalDetokenizer:
         del self._ids[: self._read]
         self._read = end - self._read
         self._prefix_text = emitted_text
-        if delta:
-            self._pieces.append(delta)
         return delta
 
     def _decode(self, ids: list[int]) -> str:

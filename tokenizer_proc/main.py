@@ -87,10 +87,6 @@ class ActiveRequest:
     held: str = ""
     emitted: str = ""
 
-    def text(self, token_ids: list[int], finished: bool) -> tuple[str, bool]:
-        """``take_text`` of this request's ids pushed on their own (``outputs`` pushes a whole step at once)."""
-        return self.take_text(self.detok.push(token_ids) if self.detok is not None else "", finished)
-
     def take_text(self, pushed: str, finished: bool) -> tuple[str, bool]:
         """New text to emit and whether a stop string ended the request, given the detokenizer's text for this step.
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
+
 from tristream.protocol import GenerateRequest
+from tristream.sampling_params import SamplingParams
 from tristream.tokenizer_proc.turn_cache import TurnCache
 
 
@@ -52,10 +54,23 @@ class PromptBuilder:
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        self._check(ids, req.params)
+        return ids, text
+
+    def _check(self, ids: list[int], params: SamplingParams) -> None:
+        """Reject a prompt and parameters that do not fit the context or the vocabulary."""
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens, which leaves no room for output within max_model_len={self.max_model_len}"
             )
-        return ids, text
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens exceeds "
+                f"max_model_len={self.max_model_len}"
+            )
+        for name, token_ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in token_ids if t >= self.vocab_size]
+            if bad:
+                raise ValueError(f"{name} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")

@@ -7,6 +7,7 @@ import re
 from functools import lru_cache
 
 import xgrammar as xgr
+
 from tristream.sampling_params import StructuredOutput
 
 # JSON without free whitespace (xgrammar's ", " and ": " separators), so a small model can't loop on whitespace;

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 
 import uvicorn
+
 from tristream.engine import AsyncEngine
 from tristream.model_files import model_name
 from tristream.server.app import build_app

@@ -1,0 +1,571 @@
+"""The OpenAI layer: request bodies into engine calls, engine outputs into response bodies.
+
+The server and ``tristream batch`` both go through it. Unknown fields are ignored, as
+OpenAI ignores them. Known fields that tristream does not implement are refused with
+an error that names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tristream.engine import AsyncEngine
+from tristream.outputs import CompletionOutput, RequestOutput
+from tristream.sampling_params import MAX_LOGPROBS, SamplingParams
+
+# OpenAI's own bound on n.
+MAX_SAMPLES = 128
+# JSON has no -inf; OpenAI clients expect a number.
+MIN_LOGPROB = -9999.0
+
+Items = AsyncIterator[tuple[int, RequestOutput]]
+
+
+class UnsupportedField(ValueError):
+    """A request asks for something tristream does not do; ``param`` names the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """Pydantic's errors of a body as one message, and the field they name."""
+    locs = [[str(x) for x in err.get("loc", ()) if x != "body"] for err in errors]
+    param = locs[0][0] if locs[0] else None
+    same = [(err, loc) for err, loc in zip(errors, locs) if loc[:1] == locs[0][:1]]
+    if len(same) > 1:
+        # A union field: say what each accepted type objected to.
+        reasons = "; ".join(f"{'.'.join(loc[1:]) or param}: {err['msg']}" for err, loc in same[:4])
+        return f"{param}: matches none of the accepted types ({reasons})", param
+    return f"{'.'.join(locs[0]) or 'body'}: {errors[0].get('msg')}", param
+
+
+@dataclass
+class EngineCall:
+    """One engine request of a body: a prompt (text or token ids) or a conversation, and its parameters."""
+
+    params: SamplingParams
+    prompt: str | list[int] | None = None
+    messages: list[dict] | None = None
+    chat_template_kwargs: dict | None = None
+
+    def start(self, engine: AsyncEngine, request_id: str) -> AsyncIterator[RequestOutput]:
+        """The engine's stream of deltas for this request."""
+        if self.messages is not None:
+            return engine.chat(self.messages, self.params, request_id, self.chat_template_kwargs)
+        return engine.generate(self.prompt, self.params, request_id)
+
+
+def usage(outputs: list[RequestOutput], completion_tokens: int) -> dict:
+    """OpenAI's ``usage`` of a request made of ``outputs`` (one per prompt)."""
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)},
+    }
+
+
+def ranked(step: dict[int, float], k: int) -> list[tuple[int, float]]:
+    """The ``k`` most likely tokens of one logprobs step, most likely first."""
+    return sorted(step.items(), key=lambda kv: -kv[1])[:k]
+
+
+def _lp(value: float) -> float:
+    return max(value, MIN_LOGPROB)
+
+
+def _token(texts: dict[int, str], token: int, logprob: float) -> dict:
+    return {"token": texts[token], "logprob": _lp(logprob), "bytes": list(texts[token].encode())}
+
+
+def chat_logprobs(steps: list[dict[int, float]], texts: dict[int, str], k: int) -> list[dict]:
+    """Chat ``logprobs.content`` entries; the first key of each step is the sampled token."""
+    return [
+        {**_token(texts, *next(iter(step.items()))), "top_logprobs": [_token(texts, *top) for top in ranked(step, k)]}
+        for step in steps
+    ]
+
+
+@dataclass
+class TextLogprobs:
+    """Legacy completions logprobs, grown token by token."""
+
+    k: int
+    offset: int = 0
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+
+    def add(self, token: int, step: dict[int, float] | None, texts: dict[int, str]) -> None:
+        """One token; ``step`` is None for the first prompt token, which has no logprob."""
+        text = texts[token]
+        self.tokens.append(text)
+        self.text_offset.append(self.offset)
+        self.offset += len(text)
+        if step is None:
+            self.token_logprobs.append(None)
+            self.top_logprobs.append(None)
+            return
+        self.token_logprobs.append(_lp(step.get(token, next(iter(step.values())))))
+        self.top_logprobs.append({texts[t]: _lp(v) for t, v in ranked(step, self.k)})
+
+    def body(self) -> dict:
+        """The logprobs so far, as the response holds them."""
+        return {name: getattr(self, name) for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+    def take(self) -> dict:
+        """The body so far, then start afresh (for a streamed delta), keeping the text offset."""
+        body = self.body()
+        self.tokens, self.token_logprobs, self.top_logprobs, self.text_offset = [], [], [], []
+        return body
+
+
+class Reply:
+    """The response bodies of one request, built from its engine outputs: ``await whole(finals)`` from
+    each call's whole output, or ``chunks(items)`` from their merged deltas.
+
+    ``texts`` caches each token's text, asked of the engine when logprobs need it.
+    """
+
+    PREFIX: ClassVar[str]
+    OBJECT: ClassVar[str]
+    CHUNK: ClassVar[str]
+
+    def __init__(
+        self, body: Any, calls: list[EngineCall], rid: str, model: str, engine: AsyncEngine, texts: dict[int, str]
+    ) -> None:
+        self.body, self.calls, self.model, self.engine, self.texts = body, calls, model, engine, texts
+        self.id = f"{self.PREFIX}-{rid}"
+        self.created = int(time.time())
+        self.n, self.k = calls[0].params.n, calls[0].params.logprobs
+
+    async def token_texts(self, ids: Iterable[int]) -> dict[int, str]:
+        missing = sorted(set(ids) - self.texts.keys())
+        if missing:
+            self.texts.update(zip(missing, await self.engine.token_texts(missing)))
+        return self.texts
+
+    def envelope(self, kind: str, choices: list[dict], usage: dict | None) -> dict:
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage,
+        }
+
+    def chunk(self, choice: dict) -> dict:
+        """A stream chunk of one choice; ``usage`` is null in it when the stream ends in a usage chunk."""
+        chunk = self.envelope(self.CHUNK, [choice], None)
+        if not self.body.include_usage:
+            del chunk["usage"]
+        return chunk
+
+
+def _tokens(samples: Iterable[CompletionOutput]) -> int:
+    return sum(len(s.token_ids) for s in samples)
+
+
+class ChatReply(Reply):
+    """``chat.completion`` bodies and ``chat.completion.chunk`` chunks."""
+
+    PREFIX, OBJECT, CHUNK = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    async def _logprobs(self, steps: list[dict[int, float]] | None) -> dict | None:
+        if self.k is None:
+            return None
+        texts = await self.token_texts(t for step in steps or [] for t in step)
+        return {"content": chat_logprobs(steps or [], texts, self.k)}
+
+    async def whole(self, finals: list[RequestOutput]) -> dict:
+        echo = self.body.echo_text()
+        choices = []
+        for s in finals[0].outputs:
+            message = {"role": "assistant", "content": echo + s.text}
+            if s.reasoning_content:
+                message["reasoning_content"] = s.reasoning_content
+            logprobs = await self._logprobs(s.logprobs)
+            choices.append(
+                {"index": s.index, "message": message, "logprobs": logprobs, "finish_reason": s.finish_reason}
+            )
+        return self.envelope(self.OBJECT, choices, usage(finals, _tokens(finals[0].outputs)))
+
+    def _delta(self, index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+        return self.chunk({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
+
+    async def chunks(self, items: Items) -> AsyncIterator[dict]:
+        echo = self.body.echo_text()
+        for i in range(self.n):
+            yield self._delta(i, {"role": "assistant", "content": ""})
+            if echo:
+                yield self._delta(i, {"content": echo})
+        num_tokens, last = 0, None
+        async for _, last in items:
+            for s in last.outputs:
+                num_tokens += len(s.token_ids)
+                delta = {"reasoning_content": s.reasoning_content} if s.reasoning_content else {}
+                if s.text or not delta:
+                    delta["content"] = s.text
+                logprobs = await self._logprobs(s.logprobs) if s.logprobs else None
+                if s.text or s.reasoning_content or s.finish_reason or logprobs:
+                    yield self._delta(s.index, delta, s.finish_reason, logprobs)
+        if self.body.include_usage:
+            yield self.envelope(self.CHUNK, [], usage([last], num_tokens))
+
+
+class CompletionReply(Reply):
+    """``text_completion`` bodies and chunks; choice ``i * n + j`` is sample j of prompt i."""
+
+    PREFIX, OBJECT, CHUNK = "cmpl", "text_completion", "text_completion"
+
+    async def _echo(self, i: int, out: RequestOutput) -> str:
+        if not self.body.echo:
+            return ""
+        prompt = self.calls[i].prompt
+        return prompt if isinstance(prompt, str) else await self.engine.detokenize(out.prompt_token_ids)
+
+    async def _start_logprobs(self, first: RequestOutput) -> TextLogprobs | None:
+        """A choice's logprobs, holding the echoed prompt's (``first`` is its prompt's first output)."""
+        if self.k is None:
+            return None
+        lp = TextLogprobs(self.k)
+        if self.body.echo and first.prompt_logprobs is not None:
+            ids = first.prompt_token_ids
+            texts = await self.token_texts(set(ids) | {t for step in first.prompt_logprobs[1:] for t in step})
+            for token, step in zip(ids, first.prompt_logprobs):
+                lp.add(token, step, texts)
+        return lp
+
+    async def _add(self, lp: TextLogprobs | None, sample: CompletionOutput) -> TextLogprobs | None:
+        if lp is not None:
+            steps = sample.logprobs or []
+            texts = await self.token_texts({t for step in steps for t in step} | set(sample.token_ids))
+            for token, step in zip(sample.token_ids, steps):
+                lp.add(token, step, texts)
+        return lp
+
+    async def whole(self, finals: list[RequestOutput]) -> dict:
+        choices = []
+        for i, final in enumerate(finals):
+            echo = await self._echo(i, final)
+            for s in final.outputs:
+                lp = await self._add(await self._start_logprobs(final), s)
+                choices.append(
+                    {
+                        "index": i * self.n + s.index,
+                        "text": echo + s.text,
+                        "logprobs": lp.body() if lp is not None else None,
+                        "finish_reason": s.finish_reason,
+                    }
+                )
+        return self.envelope(self.OBJECT, choices, usage(finals, sum(_tokens(f.outputs) for f in finals)))
+
+    async def chunks(self, items: Items) -> AsyncIterator[dict]:
+        num_tokens = 0
+        firsts: dict[int, tuple[RequestOutput, str]] = {}
+        logprobs: dict[tuple[int, int], TextLogprobs | None] = {}
+        async for i, out in items:
+            if i not in firsts:
+                firsts[i] = out, await self._echo(i, out)
+            for s in out.outputs:
+                num_tokens += len(s.token_ids)
+                text = s.text
+                if (i, s.index) not in logprobs:
+                    first, echo = firsts[i]
+                    logprobs[i, s.index], text = await self._start_logprobs(first), echo + text
+                lp = await self._add(logprobs[i, s.index], s)
+                if text or s.finish_reason or (lp is not None and lp.tokens):
+                    choice = {"index": i * self.n + s.index, "text": text, "finish_reason": s.finish_reason}
+                    yield self.chunk({**choice, "logprobs": lp.take() if lp is not None else None})
+        if self.body.include_usage:
+            yield self.envelope(self.CHUNK, [], usage([first for first, _ in firsts.values()], num_tokens))
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class JsonSchema(_Body):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
+class TextPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self, i: int) -> str:
+        """The content as one string; content parts must be text."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise UnsupportedField(
+                    f"messages[{i}].content",
+                    f"messages[{i}]: only text content parts are supported, not parts of type {part.type!r}",
+                )
+        return "".join(part.text for part in self.content)
+
+
+# The body fields that are SamplingParams fields of the same name and meaning.
+_SAME_NAMES = (
+    "n best_of temperature top_p min_p presence_penalty frequency_penalty repetition_penalty min_tokens stop "
+    "stop_token_ids include_stop_str_in_output ignore_eos skip_special_tokens spaces_between_special_tokens seed"
+).split()
+# The SamplingParams field that each body field sets, where their names differ.
+_PARAM_OF = {
+    "max_completion_tokens": "max_tokens",
+    "top_logprobs": "logprobs",
+    **dict.fromkeys(
+        ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar"), "structured"
+    ),
+}
+
+
+class _SamplingFields(_Body):
+    """The fields that chat and completions share."""
+
+    reply: ClassVar[type[Reply]]
+
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=MAX_SAMPLES)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_SAMPLES)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    echo: bool = False
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _check_supported(self) -> None:
+        if self.use_beam_search:
+            raise UnsupportedField("use_beam_search", "use_beam_search is not supported: tristream has no beam search")
+        if self.length_penalty != 1.0:
+            raise UnsupportedField(
+                "length_penalty", "length_penalty only applies to beam search, which tristream does not run"
+            )
+
+    def _structured(self) -> dict | None:
+        given = {
+            name: value
+            for name, value in (
+                ("json", self.guided_json),
+                ("regex", self.guided_regex),
+                ("choice", self.guided_choice),
+                ("grammar", self.guided_grammar),
+            )
+            if value is not None
+        }
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given["json_object"] = True
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise UnsupportedField("response_format", "response_format json_schema needs json_schema.schema")
+            given["json"] = fmt.json_schema.schema_
+        if len(given) > 1:
+            raise UnsupportedField("response_format", f"give one output constraint, not {sorted(given)}")
+        return given or None
+
+    def _params(
+        self, base: SamplingParams | None, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
+    ) -> SamplingParams:
+        """The body's SamplingParams; with ``base``, only the fields the body gives (not null) override it."""
+        self._check_supported()
+        values: dict[str, Any] = {name: getattr(self, name) for name in _SAME_NAMES}
+        values.update(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        values["structured"] = self._structured()
+        if self.top_k is not None:
+            values["top_k"] = 0 if self.top_k == -1 else self.top_k
+        if self.logit_bias:
+            try:
+                values["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise UnsupportedField("logit_bias", "logit_bias keys must be token ids") from None
+        given = {_PARAM_OF.get(name, name) for name in self.model_fields_set if getattr(self, name) is not None}
+        overrides = {k: v for k, v in values.items() if v is not None and (base is None or k in given)}
+        return dataclasses.replace(base, **overrides) if base is not None else SamplingParams(**overrides)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    reply: ClassVar[type[Reply]] = ChatReply
+
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _non_empty(cls, value: object) -> object:
+        if not isinstance(value, list) or not value:
+            raise ValueError("messages must be a non-empty list of message objects")
+        return value
+
+    def conversation(self) -> list[dict]:
+        """The messages as the chat template takes them."""
+        return [
+            {"role": m.role, "content": m.text(i), **({"name": m.name} if m.name else {})}
+            for i, m in enumerate(self.messages)
+        ]
+
+    def echo_text(self) -> str:
+        """What ``echo`` puts before the reply: the last message, when the assistant's."""
+        last = self.messages[-1]
+        return last.text(len(self.messages) - 1) if self.echo and last.role == "assistant" else ""
+
+    def sampling_params(self, base: SamplingParams | None = None) -> SamplingParams:
+        """The request's SamplingParams; with ``base``, those of the fields it gives, over ``base``."""
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise UnsupportedField(name, f"{name} (tool calling) is not supported")
+        if self.tool_choice not in (None, "none"):
+            raise UnsupportedField("tool_choice", "tool_choice is not supported: tristream has no tool calling")
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise UnsupportedField("top_logprobs", "top_logprobs needs logprobs=true")
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise UnsupportedField("top_logprobs", f"top_logprobs must be in [0, {MAX_LOGPROBS}]")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self._params(base, max_tokens, logprobs, None)
+
+    def calls(self, base: SamplingParams | None = None) -> list[EngineCall]:
+        """The one engine request of this body."""
+        kwargs = {"add_generation_prompt": self.add_generation_prompt, **(self.chat_template_kwargs or {})}
+        return [EngineCall(self.sampling_params(base), messages=self.conversation(), chat_template_kwargs=kwargs)]
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions``."""
+
+    reply: ClassVar[type[Reply]] = CompletionReply
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None
+    logprobs: int | None = None
+    max_tokens: int | None = 16
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        if not p:
+            raise UnsupportedField("prompt", "the prompt is empty")
+        return list(p)
+
+    def sampling_params(self, base: SamplingParams | None = None) -> SamplingParams:
+        """The request's SamplingParams; with ``base``, those of the fields it gives, over ``base``."""
+        if self.suffix:
+            raise UnsupportedField("suffix", "suffix is not supported: tristream does not fill in the middle")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise UnsupportedField("logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}]")
+        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        return self._params(base, self.max_tokens, self.logprobs, prompt_logprobs)
+
+    def calls(self, base: SamplingParams | None = None) -> list[EngineCall]:
+        """One engine request per prompt, all with the same parameters."""
+        params = self.sampling_params(base)
+        return [EngineCall(params, prompt=p) for p in self.prompts()]
+
+
+# The request body of each OpenAI route that generates.
+ROUTES: dict[str, type[_SamplingFields]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+}
+
+
+class TokenizeRequest(_Body):
+    """``POST /tokenize``: a prompt, or chat messages through the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(_Body):
+    """``POST /detokenize``."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class LoadLoraAdapterRequest(_Body):
+    """``POST /v1/load_lora_adapter``: a PEFT adapter directory, served as the model ``lora_name``."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraAdapterRequest(_Body):
+    """``POST /v1/unload_lora_adapter``."""
+
+    lora_name: str

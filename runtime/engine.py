@@ -21,7 +21,7 @@ from tristream.config import EngineConfig
 from tristream.lora import DEFAULT_LORA_RANK, read_adapter
 from tristream.model_config import ModelConfig
 from tristream.model_files import resolve_model
-from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput, accumulate
 from tristream.protocol import (
     AbortRequest,
     GenerateRequest,
@@ -252,28 +252,13 @@ class AsyncEngine:
         if self._ipc_dir:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
-    async def generate(
+    def generate(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Stream a completion of ``prompt`` (text or token ids). Outputs carry deltas."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("the prompt is empty")
-            req = dict(prompt=prompt)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            if not prompt:
-                raise ValueError("the prompt is empty")
-            req = dict(prompt_token_ids=list(prompt))
-        else:
-            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        stream = self._stream(req, params, request_id, prompt if isinstance(prompt, str) else None)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            await stream.aclose()
+        return self._stream({"prompt": prompt}, params, request_id)
 
-    async def chat(
+    def chat(
         self,
         messages: list[dict],
         params: SamplingParams | None = None,
@@ -281,13 +266,7 @@ class AsyncEngine:
         chat_template_kwargs: dict | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the assistant's reply to ``messages`` through the model's chat template."""
-        req = dict(messages=messages, chat_template_kwargs=chat_template_kwargs)
-        stream = self._stream(req, params, request_id, None)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            await stream.aclose()
+        return self._stream(dict(messages=messages, chat_template_kwargs=chat_template_kwargs), params, request_id)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with ``finish_reason="abort"``."""
@@ -391,8 +370,17 @@ class AsyncEngine:
         return result
 
     async def _stream(
-        self, fields: dict, params: SamplingParams | None, request_id: str | None, prompt: str | None
+        self, fields: dict, params: SamplingParams | None, request_id: str | None
     ) -> AsyncIterator[RequestOutput]:
+        prompt = fields.get("prompt")
+        if "prompt" in fields:
+            ids = isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt)
+            if not ids and not isinstance(prompt, str):
+                raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            if ids:
+                fields, prompt = {"prompt_token_ids": list(prompt)}, None
         await self.start()
         if self._dead:
             raise EngineDeadError(self._dead)
@@ -456,10 +444,9 @@ class _Stream:
     metrics: RequestMetrics
     prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
     num_cached_tokens: int = 0
-    prompt_logprobs: list[dict[int, float] | None] | None = None
     cumulative: dict[int, float] = dataclasses.field(default_factory=dict)
     num_finished: int = 0
-    whole: dict[int, CompletionOutput] = dataclasses.field(default_factory=dict)
+    whole: RequestOutput | None = None
     reasoning: bool = False
 
     @property
@@ -484,7 +471,7 @@ class _Stream:
         metrics.num_generated_tokens += len(delta.token_ids)
         prompt_logprobs = None
         if delta.prompt_logprobs is not None:
-            prompt_logprobs = self.prompt_logprobs = [None] + [dict(entry) for entry in delta.prompt_logprobs]
+            prompt_logprobs = [None] + [dict(entry) for entry in delta.prompt_logprobs]
         logprobs = [dict(step) for step in delta.logprobs] if delta.logprobs is not None else None
         if delta.logprobs is not None:
             self.cumulative[delta.index] = self.cumulative.get(delta.index, 0.0) + sum(s[0][1] for s in delta.logprobs)
@@ -500,34 +487,22 @@ class _Stream:
             self.cumulative.get(delta.index),
             delta.reasoning if self.reasoning else None,
         )
-        if self.ranked:
-            self._fold(sample)
-            if not self.finished:
-                return None
-            outputs, prompt_logprobs = self._best(), self.prompt_logprobs
-        else:
-            outputs = [sample]
-        return RequestOutput(
+        out = RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=outputs,
+            outputs=[sample],
             finished=self.finished,
             metrics=dataclasses.replace(metrics),
             num_cached_tokens=self.num_cached_tokens,
             prompt_logprobs=prompt_logprobs,
         )
-
-    def _fold(self, sample: CompletionOutput) -> None:
-        whole = self.whole.setdefault(sample.index, CompletionOutput(sample.index, "", [], logprobs=[]))
-        whole.text += sample.text
-        whole.token_ids = whole.token_ids + sample.token_ids
-        whole.logprobs += sample.logprobs or []
-        whole.finish_reason, whole.cumulative_logprob = sample.finish_reason, sample.cumulative_logprob
-        if sample.reasoning_content is not None:
-            whole.reasoning_content = (whole.reasoning_content or "") + sample.reasoning_content
+        if not self.ranked:
+            return out
+        self.whole = accumulate(self.whole, out)
+        return dataclasses.replace(self.whole, outputs=self._best()) if self.finished else None
 
     def _best(self) -> list[CompletionOutput]:
-        best = sorted(self.whole.values(), key=lambda o: -(o.cumulative_logprob or 0.0))[: self.params.n]
+        best = sorted(self.whole.outputs, key=lambda o: -(o.cumulative_logprob or 0.0))[: self.params.n]
         keep = self.params.logprobs is not None
         return [dataclasses.replace(o, index=i, logprobs=o.logprobs if keep else None) for i, o in enumerate(best)]

@@ -21,6 +21,7 @@ import time
 import torch
 from report import header, model_summary, now
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from tristream import AsyncEngine, SamplingParams
 from tristream.model_config import ModelConfig
 from tristream.model_files import resolve_model

@@ -24,6 +24,7 @@ from typing import Any
 
 from report import header, now
 from transformers import AutoTokenizer
+
 from tristream.model_files import resolve_model
 from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer, push_step
 

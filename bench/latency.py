@@ -34,6 +34,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, matmul_rate  # noqa: E402
 from report import git_info, model_summary, now  # noqa: E402
+
 from tristream import AsyncEngine, SamplingParams  # noqa: E402
 from tristream.model_config import ModelConfig  # noqa: E402
 from tristream.sharding import shard_model  # noqa: E402
@@ -275,6 +276,7 @@ def tp_row(results: list[dict], comm: dict[int, float], tp: int, batch: int, inp
 def _profile_rank(rank: int, tp: int, folder: str, steps: int, rendezvous: str, out: mp.Queue) -> None:
     """Batch-1 decode steps on rank ``rank`` of ``tp``, with rank 0 under the torch profiler."""
     from torch.profiler import ProfilerActivity, profile
+
     from tristream.config import EngineConfig
     from tristream.gpu_proc.runner import ModelRunner
     from tristream.protocol import BatchPlan, NewSequence

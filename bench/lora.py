@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from latency import run_batch  # noqa: E402
 from report import git_info, model_summary, now  # noqa: E402
+
 from tristream import AsyncEngine  # noqa: E402
 from tristream.lora import MODULES, module_shape, weight_name  # noqa: E402
 from tristream.model_config import ModelConfig  # noqa: E402

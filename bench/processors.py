@@ -27,6 +27,7 @@ import time
 
 import torch
 from report import header, model_summary, now
+
 from tristream import AsyncEngine, SamplingParams
 from tristream.gpu_proc.sampler import Sampler, SamplingState
 from tristream.model_config import ModelConfig

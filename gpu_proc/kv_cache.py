@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
 from tristream.config import EngineConfig
 from tristream.gpu_proc.upload import upload
 from tristream.model_config import ModelConfig

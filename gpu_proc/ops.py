@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.kernels import activation, attention, lora, norm, rope, sampling
 

@@ -13,6 +13,7 @@ import os
 
 import torch
 import torch.distributed as dist
+
 from tristream.sharding import Shard
 
 # NVLink multicast (NVLS) stays off in NCCL, torch's symmetric memory and NVSHMEM.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from tristream.gpu_proc import ops
 from tristream.gpu_proc.grammar import apply_token_bitmask
 from tristream.gpu_proc.upload import download, upload

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import sys
 import time
@@ -13,7 +14,9 @@ from typing import Any
 from tristream.config import EngineConfig
 from tristream.config_file import is_config_file, load_config_file, parse_lora_modules
 from tristream.engine import AsyncEngine
+from tristream.outputs import RequestOutput
 from tristream.sampling_params import SamplingParams
+from tristream.streams import merge
 
 DEMO_PROMPTS = [
     "What is the capital of France?",
@@ -134,29 +137,28 @@ async def _generate(args: argparse.Namespace) -> None:
 
 
 async def _demo(args: argparse.Namespace) -> None:
-    """Stream answers to a few chat prompts, run as one batch, then one line of throughput."""
+    """Stream answers to a few chat prompts, run as one batch, then one line of throughput.
+
+    Every answer runs at once; they are shown in order, each as its deltas come (the later ones
+    from what they had gathered by then)."""
     params = _params(args)
     async with _engine(args) as engine:
-        queues = [asyncio.Queue() for _ in DEMO_PROMPTS]
-
-        async def run(i: int) -> None:
-            async for out in engine.chat([{"role": "user", "content": DEMO_PROMPTS[i]}], params):
-                queues[i].put_nowait(out)
-
+        streams = [engine.chat([{"role": "user", "content": prompt}], params) for prompt in DEMO_PROMPTS]
+        held: list[list[RequestOutput]] = [[] for _ in DEMO_PROMPTS]
+        shown, prompt_tokens, generated = 0, 0, 0
         start = time.perf_counter()
-        tasks = [asyncio.ensure_future(run(i)) for i in range(len(DEMO_PROMPTS))]
-        prompt_tokens = generated = 0
-        for i, prompt in enumerate(DEMO_PROMPTS):
-            print(f"\n>>> {prompt}\n", flush=True)
-            while True:
-                out = await queues[i].get()
-                print(out.outputs[0].text, end="", flush=True)
-                generated += len(out.outputs[0].token_ids)
-                if out.finished:
-                    prompt_tokens += out.metrics.num_prompt_tokens
-                    break
-            print()
-        await asyncio.gather(*tasks)
+        print(f"\n>>> {DEMO_PROMPTS[0]}\n", flush=True)
+        async with contextlib.aclosing(merge(streams)) as merged:
+            async for i, out in merged:
+                held[i].append(out)
+                while shown < len(DEMO_PROMPTS) and held[shown]:
+                    out = held[shown].pop(0)
+                    print(out.outputs[0].text, end="", flush=True)
+                    generated += len(out.outputs[0].token_ids)
+                    if out.finished:
+                        prompt_tokens += out.metrics.num_prompt_tokens
+                        shown += 1
+                        print(f"\n\n>>> {DEMO_PROMPTS[shown]}\n" if shown < len(DEMO_PROMPTS) else "", flush=True)
         elapsed = time.perf_counter() - start
         print(
             f"\n{len(DEMO_PROMPTS)} requests, {prompt_tokens} prompt + {generated} generated tokens "

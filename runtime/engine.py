@@ -159,9 +159,9 @@ class AsyncEngine:
             name: processes.connect_outbox(self._sync_ctx, getattr(ipc, name)) for name in ("tokenizer", "scheduler")
         }
         self._reader = loop.create_task(self._read_loop())
-        children = [(gpu_process_name(rank), "gpu", (rank,)) for rank in range(config.tensor_parallel_size)]
-        for name, kind, args in [*children, ("tokenizer", "tokenizer", ()), ("scheduler", "scheduler", ())]:
-            proc = processes.spawn(name, f"tristream.{kind}_proc.main", ipc, self.child_config, *args)
+        ranks = [(gpu_process_name(rank), f"gpu{rank}", "gpu", (rank,)) for rank in range(config.tensor_parallel_size)]
+        for name, title, kind, args in [*ranks, *((kind, kind, kind, ()) for kind in ("tokenizer", "scheduler"))]:
+            proc = processes.spawn(name, f"tristream.{kind}_proc.main", ipc, self.child_config, *args, title=title)
             self._procs[name] = proc
             loop.add_reader(proc.sentinel, self._on_exit, name)
 

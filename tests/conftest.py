@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
 from tristream import AsyncEngine  # noqa: E402
 from tristream.model_files import resolve_model  # noqa: E402
 

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+
 from tristream.kernels.activation import silu_and_mul_ref
 from tristream.kernels.attention import paged_attention_ref, store_kv_ref
 from tristream.kernels.norm import add_rms_norm_ref, rms_norm_ref

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from tristream import SamplingParams
 from tristream.gpu_proc.sampler import Sampler, SamplingState
 

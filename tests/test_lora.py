@@ -7,10 +7,10 @@ import asyncio
 import json
 
 import pytest
-from tristream import AsyncEngine, SamplingParams
-from tristream.outputs import accumulate
 
 from tests.conftest import hf_greedy, make_lora_adapter  # pytest has imported the conftest under this name
+from tristream import AsyncEngine, SamplingParams
+from tristream.outputs import accumulate
 
 NEW_TOKENS = 12
 PROMPTS = [

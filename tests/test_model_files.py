@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+
 from tristream import model_files
 from tristream.model_files import cache_root, default_model_path, resolve_model
 

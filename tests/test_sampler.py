@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tristream import SamplingParams
 from tristream.gpu_proc.sampler import Sampler, SamplingState
 from tristream.kernels.sampling import uniform_noise

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 import torch
+
 from tristream import SamplingParams
 from tristream.tokenizer_proc.main import sample_seed
 

@@ -9,10 +9,10 @@ import signal
 import time
 
 import pytest
-from tristream import LLM, AsyncEngine, EngineDeadError, SamplingParams
-from tristream.outputs import accumulate
 
 from tests.conftest import hf_greedy, make_lora_adapter  # pytest has imported the conftest under this name
+from tristream import LLM, AsyncEngine, EngineDeadError, SamplingParams
+from tristream.outputs import accumulate
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,", "1, 2, 3, 4,"]
 

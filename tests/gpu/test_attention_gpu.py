@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+
 from tristream.kernels.attention import (
     choose_num_splits,
     extend_attention,

@@ -27,6 +27,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     from transformers import AutoConfig, AutoModelForCausalLM
+
     from tristream.config import EngineConfig
     from tristream.gpu_proc.runner import ModelRunner
     from tristream.gpu_proc.weights import load_weights

@@ -15,6 +15,7 @@ import pathlib
 
 import pytest
 import torch
+
 from tristream import AsyncEngine, SamplingParams
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
@@ -51,6 +52,7 @@ async def run(model: str, tp: int, prompts: list[list[int]]) -> list[tuple[list[
 def fp32_logprobs(folder: pathlib.Path, prompts: list[list[int]], paths: list[list[int]]) -> list[list[torch.Tensor]]:
     """transformers in fp32, on the engines' dummy weights, along each token path: the logprobs of every step."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
     from tristream.gpu_proc.weights import dummy_weights
     from tristream.model_config import ModelConfig
 

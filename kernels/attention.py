@@ -142,20 +142,11 @@ def store_kv(
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](
-        k,
-        v,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        *k.stride(),
-        *v.stride(),
-        *k_cache.stride(),
-        NUM_KV_HEADS=num_kv_heads,
-        HEAD_DIM=head_dim,
-        PAGE_SIZE=k_cache.shape[1],
-        BLOCK=triton.next_power_of_2(num_kv_heads * head_dim),
-        num_warps=4,
-    )
+        k, v, k_cache, v_cache, slot_mapping,
+        *k.stride(), *v.stride(), *k_cache.stride(),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
+        BLOCK=triton.next_power_of_2(num_kv_heads * head_dim), num_warps=4,
+    )  # fmt: skip
 
 
 def _check_pools(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -277,36 +268,17 @@ def paged_decode_attention(
     if batch == 0:
         return out
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        o_part,
-        lse_part,
+        q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part,
         scale * _LOG2E,
-        *q.stride(),
-        *k_cache.stride(),
-        *block_tables.stride(),
-        GROUP=group,
-        NUM_SPLITS=num_splits,
-        PAGE_SIZE=page_size,
-        HEAD_DIM=head_dim,
-        BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n,
-        PRECISION=_dot_precision(q.dtype),
+        *q.stride(), *k_cache.stride(), *block_tables.stride(),
+        GROUP=group, NUM_SPLITS=num_splits, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, PRECISION=_dot_precision(q.dtype),
         num_warps=4,
-    )
+    )  # fmt: skip
     _decode_merge_kernel[(batch, num_heads)](
-        o_part,
-        lse_part,
-        out,
-        *out.stride(),
-        NUM_SPLITS=num_splits,
-        HEAD_DIM=head_dim,
-        BLOCK_S=triton.next_power_of_2(num_splits),
-        num_warps=4,
-    )
+        o_part, lse_part, out, *out.stride(),
+        NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+    )  # fmt: skip
     return out
 
 
@@ -399,24 +371,10 @@ def extend_attention(
     if batch == 0 or max_q_len == 0:
         return out
     _extend_kernel[(batch, num_heads, triton.cdiv(max_q_len, block_m))](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        qo_indptr,
-        out,
+        q, k_cache, v_cache, block_tables, seq_lens, qo_indptr, out,
         scale * _LOG2E,
-        *q.stride(),
-        *out.stride(),
-        *k_cache.stride(),
-        *block_tables.stride(),
-        GROUP=num_heads // num_kv_heads,
-        PAGE_SIZE=page_size,
-        HEAD_DIM=head_dim,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
-    )
+        *q.stride(), *out.stride(), *k_cache.stride(), *block_tables.stride(),
+        GROUP=num_heads // num_kv_heads, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_dot_precision(q.dtype), num_warps=4,
+    )  # fmt: skip
     return out

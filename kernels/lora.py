@@ -133,25 +133,10 @@ def lora_shrink(
     splits, block_m = triton.cdiv(k, split), _block_m(max_rows)
     out = torch.empty(splits, x.shape[0], r, dtype=torch.float32, device=x.device)
     _shrink_kernel[(a.shape[0], triton.cdiv(max_rows, block_m), splits)](
-        x,
-        a,
-        out,
-        rows,
-        indptr,
-        r,
-        x.stride(0),
-        a.stride(0),
-        a.stride(1),
-        out.stride(0),
-        out.stride(1),
-        K=k,
-        SPLIT=split,
-        PRECISION=_precision(x.dtype),
-        BLOCK_M=block_m,
-        BLOCK_R=max(16, triton.next_power_of_2(r)),
-        BLOCK_K=64,
-        num_warps=4,
-    )
+        x, a, out, rows, indptr, r, x.stride(0), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+        K=k, SPLIT=split, PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(r)),
+        BLOCK_K=64, num_warps=4,
+    )  # fmt: skip
     return out
 
 
@@ -164,23 +149,8 @@ def lora_expand(
     n, r = b.shape[1], b.shape[2]
     block_n, block_m = 64, _block_m(max_rows)
     _expand_kernel[(b.shape[0], triton.cdiv(max_rows, block_m), triton.cdiv(n, block_n))](
-        parts,
-        b,
-        y,
-        rows,
-        indptr,
-        n,
-        r,
-        parts.stride(0),
-        parts.stride(1),
-        b.stride(0),
-        b.stride(1),
-        y.stride(0),
-        SPLITS=parts.shape[0],
-        PRECISION=_precision(b.dtype),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_R=max(16, triton.next_power_of_2(r)),
-        num_warps=4,
-    )
+        parts, b, y, rows, indptr, n, r, parts.stride(0), parts.stride(1), b.stride(0), b.stride(1), y.stride(0),
+        SPLITS=parts.shape[0], PRECISION=_precision(b.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_R=max(16, triton.next_power_of_2(r)), num_warps=4,
+    )  # fmt: skip
     return y

@@ -96,21 +96,13 @@ def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     block = min(triton.next_power_of_2(n_cols), _MAX_BLOCK)
     _rms_norm_kernel[(x3.shape[0] * x3.shape[1],)](
-        x3,
-        res3,
-        weight,
-        out,
+        x3, res3, weight, out,
         x3.shape[1],
-        x3.stride(0),
-        x3.stride(1),
-        res3.stride(0),
-        res3.stride(1),
+        x3.stride(0), x3.stride(1), res3.stride(0), res3.stride(1),
         eps,
-        N_COLS=n_cols,
-        HAS_RESIDUAL=residual is not None,
-        BLOCK=block,
+        N_COLS=n_cols, HAS_RESIDUAL=residual is not None, BLOCK=block,
         num_warps=min(max(block // 256, 1), 8),
-    )
+    )  # fmt: skip
     return out
 
 

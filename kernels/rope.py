@@ -109,24 +109,11 @@ def apply_rope(
         raise ValueError("positions must be contiguous [T]")
     half = head_dim // 2
     _rope_kernel[(n_tokens,)](
-        q,
-        k,
-        positions,
-        cos,
-        sin,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        n_q_heads,
-        k.shape[1],
-        half,
-        cos.stride(0),
-        BLOCK_HQ=triton.next_power_of_2(n_q_heads),
-        BLOCK_HK=triton.next_power_of_2(k.shape[1]),
+        q, k, positions, cos, sin,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        n_q_heads, k.shape[1], half, cos.stride(0),
+        BLOCK_HQ=triton.next_power_of_2(n_q_heads), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
         BLOCK_HALF=triton.next_power_of_2(half),
         num_warps=4,
-    )
+    )  # fmt: skip
     return q, k

@@ -74,12 +74,7 @@ def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, counters: torch.Ten
     out = torch.empty(scaled.shape[0], dtype=torch.int64, device=scaled.device)
     block = min(triton.next_power_of_2(scaled.shape[1]), 4096)
     _gumbel_argmax_kernel[(scaled.shape[0],)](
-        scaled,
-        row_hash(seeds, counters).contiguous(),
-        out,
-        scaled.stride(0),
-        VOCAB=scaled.shape[1],
-        BLOCK=block,
+        scaled, row_hash(seeds, counters).contiguous(), out, scaled.stride(0), VOCAB=scaled.shape[1], BLOCK=block,
         num_warps=8,
-    )
+    )  # fmt: skip
     return out

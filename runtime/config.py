@@ -57,6 +57,14 @@ class EngineConfig:
     )
     max_loras: int | None = arg(None, "LoRA adapters resident at once (default: as many as given)", low=0)
     max_lora_rank: int | None = arg(None, "the largest LoRA rank (default: 16 or the largest given)", low=1)
+    download_dir: str | None = arg(
+        None, "where Hub models are looked up and downloaded (default: the Hugging Face cache)"
+    )
+    generation_config: str = arg(
+        "auto",
+        "auto: the sampling fields a request leaves out come from the model's generation_config.json; none: they do not",
+        choices=("auto", "none"),
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):

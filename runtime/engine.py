@@ -20,7 +20,7 @@ from tristream import processes
 from tristream.config import EngineConfig
 from tristream.lora import DEFAULT_LORA_RANK, read_adapter
 from tristream.model_config import ModelConfig
-from tristream.model_files import resolve_model
+from tristream.model_files import generation_defaults, resolve_model
 from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput, accumulate
 from tristream.protocol import (
     AbortRequest,
@@ -128,8 +128,16 @@ class AsyncEngine:
 
     async def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
         config = self.config
-        model_dir = await asyncio.to_thread(resolve_model, config.model, config.load_format)
+        _log_to_stderr(config.log_level)
+        model_dir = await asyncio.to_thread(resolve_model, config.model, config.load_format, config.download_dir)
         mc = ModelConfig.load(model_dir)
+        self.generation_defaults = generation_defaults(model_dir) if config.generation_config == "auto" else {}
+        if self.generation_defaults:
+            logger.info(
+                "sampling defaults from the model's generation_config.json, for requests that leave them out: %s "
+                "(generation_config='none' turns them off)",
+                ", ".join(f"{name}={value}" for name, value in self.generation_defaults.items()),
+            )
         max_len = config.max_model_len or mc.max_position_embeddings
         if max_len > mc.max_position_embeddings:
             raise ValueError(
@@ -164,6 +172,13 @@ class AsyncEngine:
             proc = processes.spawn(name, f"tristream.{kind}_proc.main", ipc, self.child_config, *args, title=title)
             self._procs[name] = proc
             loop.add_reader(proc.sentinel, self._on_exit, name)
+
+    def default_sampling_params(self, **fields: object) -> SamplingParams:
+        """``SamplingParams(**fields)`` with the model's generation_config.json defaults over them (known once
+        started; none with ``generation_config="none"``): what a request without sampling params runs with."""
+        if self.model_config is None:
+            raise RuntimeError("the model's sampling defaults are known once the engine has started")
+        return SamplingParams(**{**fields, **self.generation_defaults})
 
     def _on_exit(self, name: str) -> None:
         loop = asyncio.get_running_loop()
@@ -386,7 +401,7 @@ class AsyncEngine:
             raise EngineDeadError(self._dead)
         if self._closing:
             raise EngineDeadError("the engine was closed")
-        params = params if params is not None else SamplingParams()
+        params = params if params is not None else self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         request_id = request_id or uuid.uuid4().hex
@@ -428,6 +443,16 @@ class AsyncEngine:
                 self._lora_users[params.lora] -= 1
             if not finished and self.is_running:
                 processes.send(self._out["tokenizer"], AbortRequest(request_id))
+
+
+def _log_to_stderr(level: str) -> None:
+    """Show the user process's own log lines (model download and conversion, sampling defaults) on stderr at
+    ``level``, as the engine processes show theirs, unless the application has configured logging."""
+    if not logger.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s tristream %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(level)
 
 
 @dataclasses.dataclass

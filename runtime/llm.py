@@ -103,6 +103,11 @@ class LLM:
         merged = self._merged(jobs, self._params(jobs, sampling_params))
         return self._drive(merged)
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` and ``chat`` sample with when given no ``sampling_params``: the sampling defaults of
+        the model's generation_config.json (``AsyncEngine.default_sampling_params``)."""
+        return self.engine.default_sampling_params()
+
     def load_lora(self, name: str, path: str) -> None:
         """Load a PEFT LoRA adapter as ``name`` (``AsyncEngine.load_lora``)."""
         self._loop.run_until_complete(self.engine.load_lora(name, path))

@@ -346,6 +346,7 @@ _SAME_NAMES = (
 _PARAM_OF = {
     "max_completion_tokens": "max_tokens",
     "top_logprobs": "logprobs",
+    "echo": "prompt_logprobs",
     **dict.fromkeys(
         ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar"), "structured"
     ),

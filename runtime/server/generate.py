@@ -35,7 +35,9 @@ async def _generate(body: ChatCompletionRequest | CompletionRequest, request: Re
     state = server_state(request)
     lora = state.adapter_for(body.model)
     try:
-        calls = body.calls()
+        # The fields the body gives, over the model's sampling defaults, over the body's default max_tokens.
+        omitted = {} if "max_tokens" in body.model_fields_set else {"max_tokens": body.max_tokens}
+        calls = body.calls(state.engine.default_sampling_params(**omitted))
     except ValueError as e:
         raise bad_request(e, body) from None
     reply = body.reply(body, calls, uuid.uuid4().hex, body.model or state.model_name, state.engine, state.texts)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import sys
@@ -15,7 +17,13 @@ from tristream.outputs import RequestOutput
 from tristream.sampling_params import SamplingParams
 
 PROMPT = ">>> "
-COMMANDS = "/clear forgets the conversation, /system TEXT sets the system prompt, /exit or Ctrl-D leaves"
+MORE = "... "
+BLOCK = '"""'
+COMMANDS = (
+    "/clear forgets the conversation, /undo drops the last exchange, /regen answers the last message again, "
+    "/save FILE writes the conversation as JSON, /system TEXT sets the system prompt, /exit or Ctrl-D leaves"
+)
+KEYS = f"{BLOCK} opens and closes a message of several lines; the arrow keys edit a line and recall earlier ones"
 EXIT_HINT = "(to leave, type /exit or press Ctrl-D)"
 
 
@@ -27,10 +35,14 @@ def _stats(output: RequestOutput, elapsed: float) -> str:
 
 
 class _Terminal:
-    """Writes to stdout, dimming notes when it is a terminal."""
+    """Reads stdin and writes stdout; a terminal gets readline's line editing and history, and dimmed notes."""
 
     def __init__(self) -> None:
         self.color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        self.interactive = sys.stdin.isatty() and sys.stdout.isatty()
+        if self.interactive:
+            with contextlib.suppress(ImportError):  # Windows has no readline; its console edits lines itself
+                import readline  # noqa: F401  (importing it is what gives input() line editing and history)
 
     def write(self, text: str) -> None:
         sys.stdout.write(text)
@@ -39,8 +51,14 @@ class _Terminal:
     def note(self, text: str) -> None:
         self.write(f"\x1b[2m{text}\x1b[0m\n" if self.color else f"{text}\n")
 
+    def dropped_line(self, prompt: str = "") -> None:
+        """Ctrl-C at the prompt: the line is gone; say how to leave and prompt again."""
+        self.write("\n")
+        self.note(EXIT_HINT)
+        self.write(prompt)
 
-async def _read_line(term: _Terminal) -> str | None:
+
+async def _read_piped_line(term: _Terminal, prompt: str) -> str | None:
     """Prompt for one line of stdin, read in a thread; None at end of input."""
     loop = asyncio.get_running_loop()
     line: asyncio.Future[str | None] = loop.create_future()
@@ -53,7 +71,7 @@ async def _read_line(term: _Terminal) -> str | None:
         text = sys.stdin.readline()
         loop.call_soon_threadsafe(deliver, text.rstrip("\r\n") if text else None)
 
-    term.write(PROMPT)
+    term.write(prompt)
     # A daemon thread, unlike an executor's, cannot hold up the exit while it waits for input.
     threading.Thread(target=read, name="chat-input", daemon=True).start()
     return await line
@@ -70,21 +88,62 @@ class _Chat:
         self.history: list[dict] = []
         self.answering: asyncio.Task | None = None
         self.interrupted = False
+        self.reading = False
+        self.loop = asyncio.get_running_loop()
 
     def messages(self) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.history
 
-    def on_sigint(self) -> None:
+    def on_sigint(self, signum: int, frame: object) -> None:
+        """Ctrl-C: stop the answer being streamed, or else drop the line being typed."""
         if self.answering is not None and not self.answering.done():
             self.interrupted = self.answering.cancel()
-        else:
+            self.loop.call_soon_threadsafe(lambda: None)  # wakes the loop to carry out the cancellation
+        elif self.reading:
+            raise KeyboardInterrupt  # readline drops the line, and input() raises it
+        elif not self.term.interactive:
             # The terminal dropped the half-typed line; the reading thread waits for the next one.
-            self.term.write("\n")
-            self.term.note(EXIT_HINT)
-            self.term.write(PROMPT)
+            self.loop.call_soon_threadsafe(self.term.dropped_line, PROMPT)
 
-    def command(self, line: str) -> bool:
+    async def read_line(self, prompt: str) -> str | None:
+        """One line; None at end of input. Ctrl-C at a terminal's prompt raises KeyboardInterrupt."""
+        if not self.term.interactive:
+            return await _read_piped_line(self.term, prompt)
+        # readline drops the typed line on Ctrl-C only when input() runs on the main thread, so input() holds the
+        # loop, which has nothing else to do between answers.
+        self.reading = True
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+        finally:
+            self.reading = False
+
+    async def read_message(self) -> str | None:
+        """The next message: a line, or the lines from one that opens with \"\"\" to one that ends with it."""
+        line = await self.read_line(PROMPT)
+        if line is None or not line.lstrip().startswith(BLOCK):
+            return line
+        text = line.lstrip()[len(BLOCK) :]
+        while not text.rstrip().endswith(BLOCK):
+            more = await self.read_line(MORE)
+            if more is None:
+                return None
+            text += "\n" + more
+        return text.rstrip()[: -len(BLOCK)]
+
+    def save(self, path: str) -> None:
+        """Write the conversation, the system prompt first, as a JSON list of OpenAI-style messages."""
+        try:
+            with open(os.path.expanduser(path), "w", encoding="utf-8") as f:
+                json.dump(self.messages(), f, ensure_ascii=False, indent=2)
+        except OSError as e:
+            self.term.note(f"error: cannot write {path}: {e.strerror}")
+            return
+        self.term.note(f"saved {len(self.messages())} messages to {path}")
+
+    async def command(self, line: str) -> bool:
         """Run a /command; False when it asks to leave."""
         name, _, arg = line.partition(" ")
         arg = arg.strip()
@@ -93,13 +152,26 @@ class _Chat:
         if name == "/clear":
             self.history.clear()
             self.term.note("conversation cleared" + (" (the system prompt stays)" if self.system else ""))
+        elif name in ("/undo", "/regen") and not self.history:
+            self.term.note(f"{name}: the conversation is empty")
+        elif name == "/undo":
+            del self.history[-2:]
+            self.term.note("last exchange dropped")
+        elif name == "/regen":
+            question = self.history[-2]["content"]
+            del self.history[-2:]
+            await self.ask(question)
+        elif name == "/save" and arg:
+            self.save(arg)
+        elif name == "/save":
+            self.term.note("usage: /save FILE")
         elif name == "/system" and arg:
             self.system = arg
             self.term.note("system prompt set")
         elif name == "/system":
             self.term.note(f"system prompt: {self.system}" if self.system else "no system prompt")
         else:
-            self.term.note(("" if name == "/help" else f"unknown command {name}; ") + f"commands: {COMMANDS}")
+            self.term.note(("" if name == "/help" else f"unknown command {name}; ") + f"commands: {COMMANDS}; {KEYS}")
         return True
 
     async def ask(self, text: str) -> None:
@@ -151,21 +223,27 @@ async def run_chat(engine: AsyncEngine, params: SamplingParams, system: str | No
     chat = _Chat(engine, params, system, term)
     model = model_name(engine.config.model) + (f" + LoRA {params.lora}" if params.lora else "")
     term.note(f"tristream chat with {model} on {engine.device}. {COMMANDS}; Ctrl-C stops an answer.")
-    loop = asyncio.get_running_loop()
-    previous = signal.getsignal(signal.SIGINT)
-    loop.add_signal_handler(signal.SIGINT, chat.on_sigint)
+    term.note(f"{KEYS}; /help lists the commands.")
+    # A Python-level handler rather than the loop's: it runs inside input() too, where readline needs it.
+    previous = signal.signal(signal.SIGINT, chat.on_sigint)
     try:
-        while (line := await _read_line(term)) is not None:
-            line = line.strip()
-            if not line:
+        while True:
+            try:
+                text = await chat.read_message()
+            except KeyboardInterrupt:
+                term.dropped_line()
                 continue
-            if line.startswith("/"):
-                if not chat.command(line):
+            if text is None:
+                break
+            text = text.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                if not await chat.command(text):
                     return
                 continue
-            await chat.ask(line)
+            await chat.ask(text)
         term.write("\n")
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

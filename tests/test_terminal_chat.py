@@ -1,8 +1,9 @@
-"""``tristream chat`` in a terminal: history, commands, Ctrl-C, Ctrl-D and a clean exit."""
+"""``tristream chat`` in a terminal: history, line editing, commands, Ctrl-C, Ctrl-D and a clean exit."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -12,10 +13,11 @@ import time
 import pexpect
 
 from tristream import SamplingParams
-from tristream.terminal_chat import PROMPT, run_chat
+from tristream.terminal_chat import MORE, PROMPT, run_chat
 
 STATS = re.compile(r"\[(stopped; )?prompt (\d+) tokens, (\d+) tokens, (\d+\.\d) tok/s\]")
 CHAT = [sys.executable, "-m", "tristream", "chat", "--temperature", "0", "--max-model-len", "1024"]
+LEFT, UP = "\x1b[D", "\x1b[A"
 
 
 def spawn(*flags: str) -> pexpect.spawn:
@@ -96,6 +98,7 @@ def test_history_commands_and_exit(alive):
 
     # Ctrl-C at the prompt drops the half-typed line and only hints how to leave.
     child.send("half-typed")
+    child.expect_exact("half-typed")  # readline loses a Ctrl-C that lands while it is reading a key
     child.sendintr()
     child.expect_exact("to leave, type /exit or press Ctrl-D")
     child.expect_exact(PROMPT)
@@ -110,6 +113,69 @@ def test_history_commands_and_exit(alive):
     child.wait()
     assert child.exitstatus == 0
     assert wait_gone(alive, engine_pids) == []
+
+
+def test_line_editing_multi_line_messages_and_commands(tmp_path):
+    child = spawn("--max-tokens", "8")
+    # The arrow keys move in the line and recall earlier lines instead of typing escape codes.
+    child.send(f"/nope{LEFT}{LEFT}X\r")
+    child.expect_exact("unknown command /noXpe; commands: /clear")
+    child.expect_exact(PROMPT)
+    child.send(f"{UP}\r")
+    child.expect_exact("unknown command /noXpe;")
+    child.expect_exact(PROMPT)
+
+    # A message between """ and """ runs over several lines; Ctrl-C drops the whole message.
+    child.sendline('"""/system You are')
+    child.expect_exact(MORE)
+    child.sendline('a pirate."""')
+    child.expect_exact("system prompt set")
+    child.expect_exact(PROMPT)
+    child.sendline("/system")
+    child.expect_exact("system prompt: You are\r\na pirate.")
+    child.expect_exact(PROMPT)
+    child.sendline('"""')
+    child.expect_exact(MORE)
+    child.send("half-typed")
+    child.expect_exact("half-typed")
+    child.sendintr()
+    child.expect_exact("to leave, type /exit or press Ctrl-D")
+    child.expect_exact(PROMPT)
+
+    for name in ("/undo", "/regen"):
+        child.sendline(name)
+        child.expect_exact(f"{name}: the conversation is empty")
+        child.expect_exact(PROMPT)
+    first, _ = turn(child, "My name is Alice.")
+    second, answer = turn(child, "What is my name?")
+    assert turn(child, "/regen") == (second, answer)  # the same conversation, answered again greedily
+
+    child.sendline("/save")
+    child.expect_exact("usage: /save FILE")
+    child.sendline(f"/save {tmp_path}/missing/chat.json")
+    child.expect_exact(f"error: cannot write {tmp_path}/missing/chat.json: No such file or directory")
+    child.sendline(f"/save {tmp_path}/chat.json")
+    child.expect_exact(f"saved 5 messages to {tmp_path}/chat.json")
+    child.expect_exact(PROMPT)
+    saved = json.loads((tmp_path / "chat.json").read_text())
+    assert [m["role"] for m in saved] == ["system", "user", "assistant", "user", "assistant"]
+    assert [saved[0]["content"], saved[1]["content"], saved[3]["content"]] == [
+        "You are\na pirate.",
+        "My name is Alice.",
+        "What is my name?",
+    ]
+
+    child.sendline("/undo")
+    child.expect_exact("last exchange dropped")
+    child.expect_exact(PROMPT)
+    assert turn(child, "What is my name?")[0] == second  # the dropped exchange is gone, the first one stays
+    child.sendline("/undo")
+    child.expect_exact(PROMPT)
+    child.sendline("/undo")
+    child.expect_exact(PROMPT)
+    assert turn(child, "My name is Alice.")[0] == first
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
 
 
 def test_ctrl_c_stops_an_answer_and_ctrl_d_leaves(alive):

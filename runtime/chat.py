@@ -1,66 +1,169 @@
 """An ms-swift-style front door: chat with a history of ``(query, response)`` pairs.
 
 ``inference`` and ``inference_stream`` take an ``LLM`` (synchronous) or an
-``AsyncEngine`` (awaitable, async generator). The default sampling is greedy
-(temperature 0) with at most 512 new tokens, a deterministic answer of bounded
-length; pass ``sampling_params`` for anything else.
+``AsyncEngine`` (awaitable, async generator), and then either the query, or as
+ms-swift 2 does, a ``Template`` (``get_template``) and then the query. The
+default sampling is the model's ``generation_config`` when it has one
+(``get_model_tokenizer``), else greedy (temperature 0) with at most 512 new
+tokens, a deterministic answer of bounded length; pass ``sampling_params`` for
+anything else.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tristream.engine import AsyncEngine
 from tristream.llm import LLM
-from tristream.sampling_params import SamplingParams
+from tristream.outputs import RequestOutput
+from tristream.sampling_params import GenerationConfig, SamplingParams
+from tristream.tokenizer_proc.templates import resolve_chat_template
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 History = list[tuple[str, str]]
 HistoryIn = Sequence[tuple[str, str] | list[str]] | None
+Printer = Callable[[RequestOutput], None] | None
 
 DEFAULT_PARAMS = SamplingParams(temperature=0, max_tokens=512)
 
 
-def inference(
-    engine_or_llm: LLM | AsyncEngine,
-    query: str,
-    history: HistoryIn = None,
-    system: str | None = None,
-    sampling_params: SamplingParams | None = None,
-) -> tuple[str, History] | Awaitable[tuple[str, History]]:
-    """Answer ``query`` after ``history``; return ``(response, history + [(query, response)])``.
+@dataclass
+class Template:
+    """A chat template for ``inference`` (ms-swift's ``get_template``).
 
-    The input history is left as it is. With an ``AsyncEngine`` this returns an
-    awaitable: ``response, history = await inference(engine, query)``.
+    ``template_type`` names a built-in template or a Jinja file (``chat_template``); None is the
+    model's own. ``default_system`` is the system prompt of turns that give none.
     """
-    past, messages, params = _prepare(engine_or_llm, query, history, system, sampling_params)
+
+    template_type: str | None
+    tokenizer: PreTrainedTokenizerBase | None = None
+    default_system: str | None = None
+    chat_template_kwargs: dict | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.template_type is not None:
+            self.chat_template_kwargs = {"chat_template": resolve_chat_template(self.template_type)}
+
+
+@dataclass
+class _Turn:
+    """One prepared turn: the query after the past turns, as chat messages, and how to sample the reply."""
+
+    query: str
+    past: History
+    messages: list[dict]
+    params: SamplingParams
+    chat_template_kwargs: dict | None
+
+    def history(self, response: str) -> History:
+        return [*self.past, (self.query, response)]
+
+
+def get_model_tokenizer(
+    model_type_or_path: str | None, torch_dtype: object = None, model_kwargs: dict | None = None, **engine_args: object
+) -> tuple[LLM, PreTrainedTokenizerBase]:
+    """ms-swift's loader: an ``LLM`` of a model directory or .gguf file (None: the bundled model), and its tokenizer.
+
+    ``torch_dtype`` (a torch dtype or its name) is the engine's ``dtype``. Of ``model_kwargs`` only
+    ``device_map`` has a meaning here: ``"auto"``, ``"cpu"`` or ``"cuda"``, the engine's ``device``.
+    ``model.generation_config`` is a transformers GenerationConfig, from the model's
+    generation_config.json (at most 512 new tokens unless it says otherwise): what ``inference``
+    samples with when given no ``sampling_params``.
+    """
+    from transformers import GenerationConfig as HFGenerationConfig  # transformers loads only when asked for
+
+    extra = dict(model_kwargs or {})
+    device = extra.pop("device_map", "auto")
+    if extra:
+        raise ValueError(f"model_kwargs {sorted(extra)} have no meaning here: give engine arguments as keywords")
+    if torch_dtype is not None:
+        engine_args["dtype"] = str(torch_dtype).removeprefix("torch.")
+    llm = LLM(model_type_or_path, device=device, **engine_args)
+    model_dir = Path(llm.engine.child_config.model)
+    found = (model_dir / "generation_config.json").is_file()
+    llm.generation_config = HFGenerationConfig.from_pretrained(model_dir) if found else HFGenerationConfig()
+    llm.generation_config.max_new_tokens = llm.generation_config.max_new_tokens or DEFAULT_PARAMS.max_tokens
+    return llm, llm.get_tokenizer()
+
+
+def get_default_template_type(model_type_or_path: str | None) -> None:
+    """ms-swift's template of a model type: here always None, the model's own chat template."""
+    return None
+
+
+def get_template(
+    template_type: str | None, tokenizer: PreTrainedTokenizerBase | None = None, default_system: str | None = None
+) -> Template:
+    """ms-swift's ``get_template``: a ``Template`` for ``inference`` (a ValueError for an unknown name)."""
+    return Template(template_type, tokenizer, default_system)
+
+
+def inference(
+    engine_or_llm: LLM | AsyncEngine, *args: object, verbose: bool = False, stream: bool = False, **kwargs: object
+) -> tuple[str, History] | Awaitable[tuple[str, History]]:
+    """Answer a query after a history; return ``(response, history + [(query, response)])``.
+
+    The arguments after the engine are ``query, history=None, system=None, sampling_params=None``,
+    with ms-swift's ``template`` before them if given, and its ``generation_config`` (a transformers
+    GenerationConfig) as a keyword. ``verbose`` prints the rendered prompt and the reply, as it
+    streams with ``stream``. The input history is left as it is. With an ``AsyncEngine`` this returns
+    an awaitable: ``response, history = await inference(engine, query)``.
+    """
+    turn = _prepare(engine_or_llm, args, kwargs)
+    printer = _Verbose(stream) if verbose else None
     if isinstance(engine_or_llm, AsyncEngine):
-        return _ainference(engine_or_llm, query, past, messages, params)
-    response = engine_or_llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
-    return response, [*past, (query, response)]
+        return _ainference(engine_or_llm, turn, printer)
+    result = "", turn.history("")
+    for result in _stream(engine_or_llm, turn, printer):  # noqa: B007 (the last step is the answer)
+        pass
+    return result
 
 
 def inference_stream(
-    engine_or_llm: LLM | AsyncEngine,
+    engine_or_llm: LLM | AsyncEngine, *args: object, **kwargs: object
+) -> Iterator[tuple[str, History]] | AsyncIterator[tuple[str, History]]:
+    """Yield ``(response_so_far, history)`` as the answer grows; history ends with ``(query, response_so_far)``.
+
+    The arguments are ``inference``'s. A generator with an ``LLM``, an async generator with an ``AsyncEngine``.
+    """
+    turn = _prepare(engine_or_llm, args, kwargs)
+    if isinstance(engine_or_llm, AsyncEngine):
+        return _astream(engine_or_llm, turn, None)
+    return _stream(engine_or_llm, turn, None)
+
+
+def conversation(query: str, past: History, system: str | None = None) -> list[dict]:
+    """The chat messages of ``query`` after the ``(query, response)`` turns of ``past``, and a system prompt."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    for q, r in past:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+    return [*messages, {"role": "user", "content": query}]
+
+
+def _prepare(engine_or_llm: object, args: tuple, kwargs: dict) -> _Turn:
+    """The turn of either call form: ms-swift's puts a ``Template`` before the query."""
+    if args and isinstance(args[0], Template):
+        return _turn(engine_or_llm, args[0], *args[1:], **kwargs)
+    return _turn(engine_or_llm, Template(None), *args, **kwargs)
+
+
+def _turn(
+    engine_or_llm: object,
+    template: Template,
     query: str,
     history: HistoryIn = None,
     system: str | None = None,
     sampling_params: SamplingParams | None = None,
-) -> Iterator[tuple[str, History]] | AsyncIterator[tuple[str, History]]:
-    """Yield ``(response_so_far, history)`` as the answer grows; history ends with ``(query, response_so_far)``.
-
-    A generator with an ``LLM``, an async generator with an ``AsyncEngine``.
-    """
-    past, messages, params = _prepare(engine_or_llm, query, history, system, sampling_params)
-    if isinstance(engine_or_llm, AsyncEngine):
-        return _astream(engine_or_llm, query, past, messages, params)
-    return _stream(engine_or_llm, query, past, messages, params)
-
-
-def _prepare(
-    engine_or_llm: object, query: str, history: HistoryIn, system: str | None, sampling_params: SamplingParams | None
-) -> tuple[History, list[dict], SamplingParams]:
-    """Check the arguments; return the history as pairs, the chat messages and the parameters."""
+    *,
+    generation_config: object = None,
+) -> _Turn:
+    """Check the arguments and prepare the turn: the history as pairs, the messages and the parameters."""
     if not isinstance(engine_or_llm, (LLM, AsyncEngine)):
         raise TypeError(f"engine_or_llm must be a tristream LLM or AsyncEngine, got {type(engine_or_llm).__name__}")
     if not isinstance(query, str):
@@ -74,43 +177,72 @@ def _prepare(
         if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(t, str) for t in pair):
             raise ValueError(f"history[{i}] must be a (query, response) pair of strings, got {pair!r}")
         past.append((pair[0], pair[1]))
-    params = sampling_params if sampling_params is not None else DEFAULT_PARAMS
+    if generation_config is None:
+        generation_config = getattr(engine_or_llm, "generation_config", None)
+    params = sampling_params
+    if params is None:
+        params = DEFAULT_PARAMS if generation_config is None else _sampling_params(generation_config)
     if not isinstance(params, SamplingParams):
         raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
     if params.num_samples != 1:
         raise ValueError("a chat turn has one response: n and best_of must be 1")
-    messages = [{"role": "system", "content": system}] if system is not None else []
-    for q, r in past:
-        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
-    messages.append({"role": "user", "content": query})
-    return past, messages, params
+    system = system if system is not None else template.default_system
+    return _Turn(query, past, conversation(query, past, system), params, template.chat_template_kwargs)
 
 
-async def _ainference(
-    engine: AsyncEngine, query: str, past: History, messages: list[dict], params: SamplingParams
-) -> tuple[str, History]:
+def _sampling_params(config: object) -> SamplingParams:
+    """The parameters of a transformers GenerationConfig: greedy unless ``do_sample``, as transformers decodes."""
+    sampled = {name: getattr(config, name) for name in ("temperature", "top_p", "top_k")} if config.do_sample else {}
+    return GenerationConfig(
+        do_sample=bool(config.do_sample),
+        max_new_tokens=config.max_new_tokens or DEFAULT_PARAMS.max_tokens,
+        repetition_penalty=config.repetition_penalty or 1.0,
+        **{name: value for name, value in sampled.items() if value is not None},
+    )
+
+
+@dataclass
+class _Verbose:
+    """Prints a turn as ms-swift's ``verbose=True``: ``[PROMPT]``, the rendered prompt, ``[OUTPUT]`` and the reply,
+    as it streams when ``stream``."""
+
+    stream: bool
+    reply: str | None = None
+
+    def __call__(self, out: RequestOutput) -> None:
+        if self.reply is None:
+            print(f"[PROMPT]{out.prompt}[OUTPUT]", end="", flush=True)
+            self.reply = ""
+        self.reply += out.outputs[0].text
+        if self.stream:
+            print(out.outputs[0].text, end="", flush=True)
+        if out.finished:
+            print("" if self.stream else self.reply)
+
+
+async def _ainference(engine: AsyncEngine, turn: _Turn, printer: Printer) -> tuple[str, History]:
+    result = "", turn.history("")
+    async for result in _astream(engine, turn, printer):  # noqa: B007 (the last step is the answer)
+        pass
+    return result
+
+
+async def _astream(engine: AsyncEngine, turn: _Turn, printer: Printer) -> AsyncIterator[tuple[str, History]]:
     response = ""
-    async with contextlib.aclosing(engine.chat(messages, params)) as deltas:
+    deltas = engine.chat(turn.messages, turn.params, chat_template_kwargs=turn.chat_template_kwargs)
+    async with contextlib.aclosing(deltas):
         async for out in deltas:
             response += out.outputs[0].text
-    return response, [*past, (query, response)]
+            if printer is not None:
+                printer(out)
+            yield response, turn.history(response)
 
 
-async def _astream(
-    engine: AsyncEngine, query: str, past: History, messages: list[dict], params: SamplingParams
-) -> AsyncIterator[tuple[str, History]]:
+def _stream(llm: LLM, turn: _Turn, printer: Printer) -> Iterator[tuple[str, History]]:
     response = ""
-    async with contextlib.aclosing(engine.chat(messages, params)) as deltas:
-        async for out in deltas:
-            response += out.outputs[0].text
-            yield response, [*past, (query, response)]
-
-
-def _stream(
-    llm: LLM, query: str, past: History, messages: list[dict], params: SamplingParams
-) -> Iterator[tuple[str, History]]:
-    response = ""
-    with contextlib.closing(llm.stream_chat(messages, params)) as deltas:
+    with contextlib.closing(llm.stream_chat(turn.messages, turn.params, turn.chat_template_kwargs)) as deltas:
         for _, out in deltas:
             response += out.outputs[0].text
-            yield response, [*past, (query, response)]
+            if printer is not None:
+                printer(out)
+            yield response, turn.history(response)

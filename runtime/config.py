@@ -7,6 +7,34 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from tristream.model_files import LOAD_FORMATS
+from tristream.tokenizer_proc.templates import BUILTIN_TEMPLATES, resolve_chat_template
+
+# Every name selects the one <think>...</think> parser: tristream's, FastDeploy's and vLLM's names.
+REASONING_PARSERS = ("think", "ernie-45-vl", "qwen3", "deepseek_r1")
+
+# Engine arguments of vLLM, SGLang, LMDeploy and FastDeploy that tristream spells its own way, or does not need.
+PEER_ARGS = {
+    "tp": "use tensor_parallel_size",
+    "tp_size": "use tensor_parallel_size",
+    "session_len": "use max_model_len",
+    "context_length": "use max_model_len",
+    "max_seq_len": "use max_model_len",
+    "block_size": "use page_size",
+    "max_batch_size": "use max_num_seqs",
+    "max_running_requests": "use max_num_seqs",
+    "chunked_prefill_size": "use max_num_batched_tokens",
+    "max_prefill_token_num": "use max_num_batched_tokens",
+    "mem_fraction_static": "use gpu_memory_utilization",
+    "cache_max_entry_count": "use gpu_memory_utilization",
+    "model_path": "use model",
+    "tokenizer_path": "use tokenizer",
+    "disable_radix_cache": "use enable_prefix_caching=False",
+    "enable_lora": "use lora_adapters, or max_loras to load adapters later",
+    "adapters": "use lora_adapters",
+    "trust_remote_code": "not needed: tristream runs its own code for every model it supports; leave it out",
+    "swap_space": "not needed: a preempted request is recomputed from the prefix cache, never swapped; leave it out",
+    "quantization": "not supported yet: tristream runs bf16, fp16 or fp32 weights; leave it out",
+}
 
 
 def arg(default: Any, help: str, **flag: Any) -> Any:
@@ -25,7 +53,7 @@ class EngineConfig:
     model: str | None = arg(None, "a Hugging Face directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
     tokenizer: str | None = arg(None, "a tokenizer directory, if not the model's")
     chat_template: str | None = arg(
-        None, "a Jinja file, or chatml, qwen, llama3 or default-generation, instead of the tokenizer's template"
+        None, f"a Jinja file or a built-in name ({', '.join(BUILTIN_TEMPLATES)}), instead of the tokenizer's template"
     )
     skip_tokenizer_init: bool = arg(False, "run without a tokenizer: prompts are token ids, outputs have no text")
     load_format: str = arg("auto", "dummy: random weights from config.json, for benchmarks", choices=LOAD_FORMATS)
@@ -50,7 +78,9 @@ class EngineConfig:
     log_level: str = arg("INFO", "of the engine processes", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     startup_timeout: float = arg(600.0, "seconds to wait for the engine processes to start", low=0, above=True)
     reasoning_parser: str | None = arg(
-        None, "think: split <think> reasoning into reasoning_content", choices=("think",)
+        None,
+        "think: split <think> reasoning into reasoning_content (ernie-45-vl, qwen3 and deepseek_r1 name it too)",
+        choices=REASONING_PARSERS,
     )
     lora_adapters: dict[str, str] | None = arg(
         None, "PEFT LoRA adapter directories to load at start-up, by name", flag="--lora-modules", metavar="NAME=PATH"
@@ -103,3 +133,19 @@ def _check(name: str, value: Any, default: Any, meta: dict) -> None:
     ):
         bounds = f"{'>' if above else '>='} {low}" if high == math.inf else f"in {'(' if above else '['}{low}, {high}]"
         raise ValueError(f"{name} must be {'an int' if kind == (int,) else 'a number'} {bounds}, got {value!r}")
+
+
+def engine_config(**kwargs: Any) -> EngineConfig:
+    """An EngineConfig from keyword arguments. A peer engine's name for an argument is a TypeError that says
+    what to use instead; any other unknown name is a TypeError that lists the valid ones. A chat template
+    that is neither a file nor a built-in name is a ValueError here, before any process starts."""
+    names = [f.name for f in fields(EngineConfig)]
+    for key in kwargs:
+        if key in PEER_ARGS:
+            raise TypeError(f"{key}: {PEER_ARGS[key]}")
+        if key not in names:
+            raise TypeError(f"unknown engine argument {key!r}; the engine arguments are: {', '.join(names)}")
+    config = EngineConfig(**kwargs)
+    if config.chat_template is not None:
+        resolve_chat_template(config.chat_template)
+    return config

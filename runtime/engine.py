@@ -17,7 +17,7 @@ import zmq
 import zmq.asyncio
 
 from tristream import processes
-from tristream.config import EngineConfig
+from tristream.config import engine_config
 from tristream.lora import DEFAULT_LORA_RANK, read_adapter
 from tristream.model_config import ModelConfig
 from tristream.model_files import generation_defaults, resolve_model
@@ -60,7 +60,7 @@ class AsyncEngine:
     """
 
     def __init__(self, model: str | None = None, **engine_args: object) -> None:
-        self.config = EngineConfig(model=model, **engine_args)
+        self.config = engine_config(model=model, **engine_args)
         self.model_config: ModelConfig | None = None
         self._ready: dict[str, GpuReady | TokenizerReady | SchedulerReady] = {}
         self._procs: dict[str, object] = {}
@@ -186,14 +186,14 @@ class AsyncEngine:
         loop.remove_reader(proc.sentinel)
         if not self._closing:
             # Give a ProcessFailed message with the traceback a moment to arrive first.
-            loop.call_later(0.5, self._fail, f"the {name} process died (exit code {proc.exitcode})", name)
+            loop.call_later(0.5, lambda: self._fail(f"the {name} process died ({processes.exit_reason(proc)})", name))
 
     def _fail(self, reason: str, process: str) -> None:
         if self._dead or self._closing:
             return
         # A process that lost a peer (a tensor-parallel rank) fails too: name the dead ones first.
         died = [
-            f"the {name} process died (exit code {proc.exitcode})"
+            f"the {name} process died ({processes.exit_reason(proc)})"
             for name, proc in self._procs.items()
             if name != process and proc.exitcode is not None
         ]
@@ -268,9 +268,9 @@ class AsyncEngine:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
     def generate(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: str | list[int] | dict, params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a completion of ``prompt`` (text or token ids). Outputs carry deltas."""
+        """Stream a completion of ``prompt``: text, token ids, or a dict (``prompt_fields``). Outputs carry deltas."""
         return self._stream({"prompt": prompt}, params, request_id)
 
     def chat(
@@ -280,7 +280,10 @@ class AsyncEngine:
         request_id: str | None = None,
         chat_template_kwargs: dict | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream the assistant's reply to ``messages`` through the model's chat template."""
+        """Stream the assistant's reply to ``messages`` through the model's chat template.
+
+        A message's content is text, or a list of text parts (``{"type": "text", "text": ...}``) that are joined.
+        """
         return self._stream(dict(messages=messages, chat_template_kwargs=chat_template_kwargs), params, request_id)
 
     async def abort(self, request_id: str) -> None:
@@ -387,15 +390,8 @@ class AsyncEngine:
     async def _stream(
         self, fields: dict, params: SamplingParams | None, request_id: str | None
     ) -> AsyncIterator[RequestOutput]:
-        prompt = fields.get("prompt")
         if "prompt" in fields:
-            ids = isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt)
-            if not ids and not isinstance(prompt, str):
-                raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-            if not prompt:
-                raise ValueError("the prompt is empty")
-            if ids:
-                fields, prompt = {"prompt_token_ids": list(prompt)}, None
+            fields = prompt_fields(fields["prompt"])
         await self.start()
         if self._dead:
             raise EngineDeadError(self._dead)
@@ -416,7 +412,7 @@ class AsyncEngine:
         self._queues[request_id] = queue
         stream = _Stream(
             request_id,
-            prompt,
+            fields.get("prompt"),
             params,
             RequestMetrics(arrival_time=time.time()),
             reasoning=self.config.reasoning_parser is not None,
@@ -445,6 +441,46 @@ class AsyncEngine:
                 processes.send(self._out["tokenizer"], AbortRequest(request_id))
 
 
+MEDIA_KEYS = ("multimodal_data", "multi_modal_data")
+
+
+def prompt_fields(prompt: str | list[int] | dict) -> dict:
+    """The request fields of a prompt: text, token ids, or a dict of ``prompt`` (text) or ``prompt_token_ids``,
+    as vLLM's TextPrompt and TokensPrompt and FastDeploy's prompt dicts, with at most an empty ``multimodal_data``.
+    """
+    if isinstance(prompt, dict):
+        prompt = _dict_prompt(prompt)
+    ids = isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt)
+    if not ids and not isinstance(prompt, str):
+        raise ValueError(
+            f"a prompt must be a string, a list of token ids or a prompt dict, got {type(prompt).__name__}"
+        )
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    return {"prompt_token_ids": list(prompt)} if ids else {"prompt": prompt}
+
+
+def _dict_prompt(prompt: dict) -> str | list[int]:
+    """The text or token ids of a prompt dict; a ValueError for media or for keys it does not take."""
+    unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids", *MEDIA_KEYS})
+    if unknown:
+        raise ValueError(f"a prompt dict takes prompt, prompt_token_ids and multimodal_data, not {unknown}")
+    for key in MEDIA_KEYS:
+        media = prompt.get(key) or {}
+        if not isinstance(media, dict):
+            raise ValueError(f"{key} must be a dict of media lists, got {type(media).__name__}")
+        given = [kind for kind, items in media.items() if not (items is None or isinstance(items, list) and not items)]
+        if given:
+            raise ValueError(f"{' and '.join(given)} input is not supported yet: send text or token ids")
+    keys = [key for key in ("prompt", "prompt_token_ids") if key in prompt]
+    if len(keys) != 1:
+        raise ValueError("a prompt dict needs exactly one of prompt or prompt_token_ids")
+    value = prompt[keys[0]]
+    if (keys[0] == "prompt") != isinstance(value, str):
+        raise ValueError(f"{keys[0]} must be {'a string' if keys[0] == 'prompt' else 'a list of token ids'}")
+    return value
+
+
 def _log_to_stderr(level: str) -> None:
     """Show the user process's own log lines (model download and conversion, sampling defaults) on stderr at
     ``level``, as the engine processes show theirs, unless the application has configured logging."""
@@ -470,6 +506,7 @@ class _Stream:
     prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
     num_cached_tokens: int = 0
     cumulative: dict[int, float] = dataclasses.field(default_factory=dict)
+    sent: dict[int, int] = dataclasses.field(default_factory=dict)
     num_finished: int = 0
     whole: RequestOutput | None = None
     reasoning: bool = False
@@ -483,42 +520,18 @@ class _Stream:
         return self.params.num_samples > self.params.n
 
     def output(self, delta: OutputDelta) -> RequestOutput | None:
-        now = time.time()
-        metrics = self.metrics
-        if delta.prompt_token_ids is not None:
-            self.prompt_token_ids = delta.prompt_token_ids
-            metrics.num_prompt_tokens = len(delta.prompt_token_ids)
-        if delta.time_in_queue is not None and delta.index == 0:
-            metrics.time_in_queue = delta.time_in_queue
-            self.num_cached_tokens = delta.num_cached_tokens
-        if delta.token_ids and metrics.first_token_time is None:
-            metrics.first_token_time = now
-        metrics.num_generated_tokens += len(delta.token_ids)
+        """The RequestOutput of ``delta``; with ``best_of > n``, the ranked samples once all finish (None before)."""
+        self._count(delta)
         prompt_logprobs = None
         if delta.prompt_logprobs is not None:
             prompt_logprobs = [None] + [dict(entry) for entry in delta.prompt_logprobs]
-        logprobs = [dict(step) for step in delta.logprobs] if delta.logprobs is not None else None
-        if delta.logprobs is not None:
-            self.cumulative[delta.index] = self.cumulative.get(delta.index, 0.0) + sum(s[0][1] for s in delta.logprobs)
-        self.num_finished += delta.finished
-        if self.finished:
-            metrics.finished_time = now
-        sample = CompletionOutput(
-            delta.index,
-            delta.text,
-            delta.token_ids,
-            delta.finish_reason,
-            logprobs,
-            self.cumulative.get(delta.index),
-            delta.reasoning if self.reasoning else None,
-        )
         out = RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[sample],
+            outputs=[self._sample(delta)],
             finished=self.finished,
-            metrics=dataclasses.replace(metrics),
+            metrics=dataclasses.replace(self.metrics),
             num_cached_tokens=self.num_cached_tokens,
             prompt_logprobs=prompt_logprobs,
         )
@@ -526,6 +539,43 @@ class _Stream:
             return out
         self.whole = accumulate(self.whole, out)
         return dataclasses.replace(self.whole, outputs=self._best()) if self.finished else None
+
+    def _count(self, delta: OutputDelta) -> None:
+        """Take the prompt (its ids, and a chat's rendered text), the counts and the times of ``delta``."""
+        now = time.time()
+        metrics = self.metrics
+        if delta.prompt_token_ids is not None:
+            self.prompt_token_ids = delta.prompt_token_ids
+            metrics.num_prompt_tokens = len(delta.prompt_token_ids)
+        if delta.prompt is not None:
+            self.prompt = delta.prompt
+        if delta.time_in_queue is not None and delta.index == 0:
+            metrics.time_in_queue = delta.time_in_queue
+            self.num_cached_tokens = delta.num_cached_tokens
+        if delta.token_ids:
+            metrics.first_token_time = metrics.first_token_time or now
+            metrics.last_token_time = now
+        metrics.num_generated_tokens += len(delta.token_ids)
+        self.num_finished += delta.finished
+        if self.finished:
+            metrics.finished_time = now
+
+    def _sample(self, delta: OutputDelta) -> CompletionOutput:
+        """The CompletionOutput of ``delta``, numbered among its sample's deltas."""
+        logprobs = [dict(step) for step in delta.logprobs] if delta.logprobs is not None else None
+        if delta.logprobs is not None:
+            self.cumulative[delta.index] = self.cumulative.get(delta.index, 0.0) + sum(s[0][1] for s in delta.logprobs)
+        self.sent[delta.index] = self.sent.get(delta.index, -1) + 1
+        return CompletionOutput(
+            delta.index,
+            delta.text,
+            delta.token_ids,
+            delta.finish_reason,
+            logprobs,
+            self.cumulative.get(delta.index),
+            delta.reasoning if self.reasoning else None,
+            self.sent[delta.index],
+        )
 
     def _best(self) -> list[CompletionOutput]:
         best = sorted(self.whole.outputs, key=lambda o: -(o.cumulative_logprob or 0.0))[: self.params.n]

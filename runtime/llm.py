@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -15,6 +16,11 @@ from tristream.outputs import RequestOutput, accumulate
 from tristream.protocol import SchedulerStats
 from tristream.sampling_params import SamplingParams
 from tristream.streams import merge
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+Prompt = str | list[int] | dict
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -40,8 +46,9 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_args: object) -> None:
-        self._loop = _new_loop()
         self.engine = AsyncEngine(model, **engine_args)
+        self._loop = _new_loop()
+        self._tokenizer = None
         self._finalizer = weakref.finalize(self, _shutdown, self._loop, self.engine)
         try:
             self._loop.run_until_complete(self.engine.start())
@@ -61,17 +68,24 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[int] | Sequence[str] | Sequence[list[int]],
+        prompts: Prompt | Sequence[Prompt] | None = None,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        prompt_token_ids: list[int] | Sequence[list[int]] | None = None,
     ) -> list[RequestOutput]:
-        """Complete a prompt or a batch of prompts (strings or token-id lists)."""
-        if isinstance(prompts, str) or (
-            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
-        ):
-            prompts = [prompts]
-        jobs = [("generate", p, {}) for p in prompts]
-        return self._run(jobs, sampling_params, use_tqdm)
+        """Complete a prompt or a batch of prompts.
+
+        A prompt is a string, a list of token ids, or a dict of ``prompt`` or ``prompt_token_ids`` (vLLM's
+        TextPrompt and TokensPrompt, FastDeploy's prompt dict; ``AsyncEngine.generate``). vLLM's older
+        ``prompt_token_ids`` keyword takes token-id prompts in place of ``prompts``.
+        """
+        if prompt_token_ids is not None:
+            if prompts is not None:
+                raise ValueError("give prompts or prompt_token_ids, not both")
+            prompts = [{"prompt_token_ids": ids} for ids in _batch(prompt_token_ids)]
+        if prompts is None:
+            raise ValueError("generate needs prompts or prompt_token_ids")
+        return self._run([("generate", p, {}) for p in _batch(prompts)], sampling_params, use_tqdm)
 
     def chat(
         self,
@@ -80,11 +94,11 @@ class LLM:
         chat_template_kwargs: dict | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Reply to one conversation or a batch of them, through the chat template."""
-        if messages and isinstance(messages[0], dict):
-            messages = [messages]
-        jobs = [("chat", m, {"chat_template_kwargs": chat_template_kwargs}) for m in messages]
-        return self._run(jobs, sampling_params, use_tqdm)
+        """Reply to one conversation or a batch of them, through the chat template.
+
+        A message's content is text, or a list of text parts, which are joined (``AsyncEngine.chat``).
+        """
+        return self._run(_chat_jobs(messages, chat_template_kwargs), sampling_params, use_tqdm)
 
     def stream_chat(
         self,
@@ -97,11 +111,17 @@ class LLM:
         Closing the iterator early aborts the requests still running. While it is
         open, run nothing else on this LLM and call ``get_stats`` only from this thread.
         """
-        if messages and isinstance(messages[0], dict):
-            messages = [messages]
-        jobs = [("chat", m, {"chat_template_kwargs": chat_template_kwargs}) for m in messages]
-        merged = self._merged(jobs, self._params(jobs, sampling_params))
-        return self._drive(merged)
+        return self._stream(_chat_jobs(messages, chat_template_kwargs), sampling_params)
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The model's transformers tokenizer, with the engine's chat template, loaded here on the first call."""
+        if self._tokenizer is None:
+            if self.engine.config.skip_tokenizer_init:
+                raise ValueError("this LLM runs without a tokenizer (skip_tokenizer_init)")
+            from tristream.tokenizer_proc.prompts import load_tokenizer  # transformers loads only when asked for
+
+            self._tokenizer = load_tokenizer(self.engine.child_config)
+        return self._tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What ``generate`` and ``chat`` sample with when given no ``sampling_params``: the sampling defaults of
@@ -148,6 +168,10 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling_params for {len(jobs)} prompts")
         return params
 
+    def _stream(self, jobs: list[tuple], sampling_params) -> Iterator[tuple[int, RequestOutput]]:
+        """``(job index, delta)`` of every job as they come, all running at once (``_drive``)."""
+        return self._drive(self._merged(jobs, self._params(jobs, sampling_params)))
+
     def _run(self, jobs: list[tuple], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         params = self._params(jobs, sampling_params)
         return self._loop.run_until_complete(self._run_async(jobs, params, use_tqdm))
@@ -193,6 +217,22 @@ class LLM:
                 for i, (kind, prompt, kw) in enumerate(jobs)
             ]
         )
+
+
+def _batch(prompts: Prompt | Sequence[Prompt]) -> Sequence[Prompt]:
+    """A single prompt (text, token ids or a dict) as a batch of one; a batch as it is."""
+    if isinstance(prompts, (str, dict)) or (
+        isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+    ):
+        return [prompts]
+    return prompts
+
+
+def _chat_jobs(messages: list[dict] | Sequence[list[dict]], chat_template_kwargs: dict | None) -> list[tuple]:
+    """One chat job per conversation; a single conversation is a batch of one."""
+    if messages and isinstance(messages[0], dict):
+        messages = [messages]
+    return [("chat", m, {"chat_template_kwargs": chat_template_kwargs}) for m in messages]
 
 
 async def _numbered(i: int, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

@@ -16,7 +16,8 @@ class CompletionOutput:
     ``logprobs[i]`` maps token ids to log-probabilities at step i: the sampled
     token first, then the top ``SamplingParams.logprobs`` tokens, most likely first.
     ``reasoning_content`` is the text inside ``<think>...</think>`` when the engine
-    runs a reasoning parser; ``text`` is then the answer after it.
+    runs a reasoning parser; ``text`` is then the answer after it. ``send_idx``
+    (FastDeploy's) numbers the sample's deltas from 0; a whole result has its last.
     """
 
     index: int
@@ -26,11 +27,29 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
     reasoning_content: str | None = None
+    send_idx: int = 0
+
+
+class CompletionOutputs(list):
+    """``RequestOutput.outputs``: the samples, a list, whose own attributes read the first sample.
+
+    ``out.outputs[0].text`` and FastDeploy's ``out.outputs.text`` are the same text;
+    ``index`` and ``count`` stay the list's methods.
+    """
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("_") or not self:
+            raise AttributeError(name)
+        return getattr(self[0], name)
 
 
 @dataclass
 class RequestMetrics:
-    """Timestamps (``time.time()``) and counts of one request."""
+    """Timestamps (``time.time()``) and counts of one request, and FastDeploy's durations derived from them.
+
+    ``time_in_queue`` runs from arrival until the scheduler first ran the request;
+    ``last_token_time`` is when its latest tokens arrived.
+    """
 
     arrival_time: float
     first_token_time: float | None = None
@@ -38,15 +57,34 @@ class RequestMetrics:
     finished_time: float | None = None
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    last_token_time: float | None = None
+
+    @property
+    def inference_start_time(self) -> float | None:
+        """When the scheduler first ran the request (its prompt's first step)."""
+        return None if self.time_in_queue is None else self.arrival_time + self.time_in_queue
+
+    @property
+    def model_forward_time(self) -> float | None:
+        """Seconds from ``inference_start_time`` to the latest tokens: the time the request spent running."""
+        start = self.inference_start_time
+        return None if start is None or self.last_token_time is None else self.last_token_time - start
+
+    @property
+    def model_execute_time(self) -> float | None:
+        """Seconds from arrival to the latest tokens: queueing, tokenizing and running together."""
+        return None if self.last_token_time is None else self.last_token_time - self.arrival_time
 
 
 @dataclass
 class RequestOutput:
     """The state of one request: a delta while streaming, the whole result from ``LLM``.
 
-    While streaming, ``outputs`` holds the samples that changed. ``prompt_logprobs``
-    (when asked for) comes with the first output: None for the first prompt token,
-    then a dict like ``CompletionOutput.logprobs`` for each of the others.
+    While streaming, ``outputs`` holds the samples that changed. ``prompt`` is the
+    prompt's text: for a chat, the conversation as the chat template rendered it.
+    ``prompt_logprobs`` (when asked for) comes with the first output: None for the
+    first prompt token, then a dict like ``CompletionOutput.logprobs`` for each of
+    the others. ``error_code`` and ``error_msg`` are FastDeploy's names for ``error``.
     """
 
     request_id: str
@@ -58,6 +96,20 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.outputs, CompletionOutputs):
+            self.outputs = CompletionOutputs(self.outputs)
+
+    @property
+    def error_code(self) -> int:
+        """200, or 400 when the request failed (``error``)."""
+        return 200 if self.error is None else 400
+
+    @property
+    def error_msg(self) -> str | None:
+        """``error``."""
+        return self.error
 
 
 def accumulate(final: RequestOutput | None, out: RequestOutput) -> RequestOutput:
@@ -79,6 +131,7 @@ def accumulate(final: RequestOutput | None, out: RequestOutput) -> RequestOutput
         whole.text += delta.text
         whole.token_ids.extend(delta.token_ids)
         whole.finish_reason, whole.cumulative_logprob = delta.finish_reason, delta.cumulative_logprob
+        whole.send_idx = delta.send_idx
         if delta.logprobs is not None:
             whole.logprobs = (whole.logprobs or []) + delta.logprobs
         if delta.reasoning_content is not None:

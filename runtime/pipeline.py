@@ -1,21 +1,34 @@
-"""An LMDeploy-style front door: ``pipeline(...)`` and ``Response``, on ``LLM``."""
+"""An LMDeploy-style front door: ``pipeline(...)``, ``Response`` and chat ``Session``s, on ``LLM``."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from tristream.chat import History, conversation
 from tristream.config import EngineConfig
 from tristream.llm import LLM
-from tristream.outputs import RequestOutput
+from tristream.lmdeploy import BackendConfig
+from tristream.outputs import RequestOutput, accumulate
 from tristream.sampling_params import GenerationConfig, SamplingParams
 from tristream.tokenizer_proc.templates import resolve_chat_template
 
 Messages = list[dict]
 Prompts = str | Messages | Sequence[str | Messages]
 GenConfig = SamplingParams | Sequence[SamplingParams] | None
+
+# LMDeploy's old arguments of the call itself, and the sampling field each sets.
+CALL_TIME_ARGS = {
+    "request_output_len": "max_tokens",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "temperature": "temperature",
+    "repetition_penalty": "repetition_penalty",
+    "ignore_eos": "ignore_eos",
+}
 
 
 @dataclass
@@ -37,6 +50,14 @@ class Response:
     index: int = 0
 
 
+@dataclass
+class Session:
+    """A conversation of ``Pipeline.chat``, as LMDeploy's: its ``(prompt, reply)`` turns, and the last reply whole."""
+
+    history: History = field(default_factory=list)
+    response: Response | None = None
+
+
 class Pipeline:
     """Runs prompts through the chat template on an owned ``LLM`` (``pipe.llm``)."""
 
@@ -54,28 +75,93 @@ class Pipeline:
         self.llm.shutdown()
 
     def __call__(
-        self, prompts: Prompts, gen_config: GenConfig = None, adapter_name: str | None = None, use_tqdm: bool = False
+        self,
+        prompts: Prompts,
+        gen_config: GenConfig = None,
+        adapter_name: str | None = None,
+        use_tqdm: bool = False,
+        do_preprocess: bool = True,
+        **call_time: object,
     ) -> Response | list[Response]:
         """Reply to a prompt or a batch: one ``Response`` for a string or a message list, else a list.
 
-        A string is one user message. ``gen_config`` (default ``GenerationConfig()``,
-        greedy) may be one per prompt; ``adapter_name`` runs them through that LoRA adapter.
+        A string is one user message; with ``do_preprocess=False`` it is the whole prompt, without the chat
+        template. ``gen_config`` (default ``GenerationConfig()``, greedy) may be one per prompt;
+        ``adapter_name`` runs them through that LoRA adapter. LMDeploy's deprecated arguments of the call
+        (``request_output_len``, ``top_k``, ``top_p``, ``temperature``, ``repetition_penalty``,
+        ``ignore_eos``) override ``gen_config``, with a DeprecationWarning.
         """
-        conversations, single = _conversations(prompts)
-        params = _params(gen_config, adapter_name, len(conversations))
-        outputs = self.llm.chat(conversations, params, use_tqdm=use_tqdm)
-        responses = [_response(out, i) for i, out in enumerate(outputs)]
+        jobs, single = _jobs(prompts, do_preprocess)
+        params = _params(gen_config, adapter_name, len(jobs), _call_time(call_time))
+        responses = [_response(out, i) for i, out in enumerate(self.llm._run(jobs, params, use_tqdm))]
         return responses[0] if single else responses
 
     def stream_infer(
-        self, prompts: Prompts, gen_config: GenConfig = None, adapter_name: str | None = None
+        self,
+        prompts: Prompts,
+        gen_config: GenConfig = None,
+        adapter_name: str | None = None,
+        do_preprocess: bool = True,
+        **call_time: object,
     ) -> Iterator[Response]:
         """Yield ``Response`` deltas of every prompt as they come, all prompts running at once.
 
         Stopping early (closing the iterator) aborts the prompts still running.
         """
-        conversations, _ = _conversations(prompts)
-        return _responses(self.llm.stream_chat(conversations, _params(gen_config, adapter_name, len(conversations))))
+        jobs, _ = _jobs(prompts, do_preprocess)
+        params = _params(gen_config, adapter_name, len(jobs), _call_time(call_time))
+        return _responses(self.llm._stream(jobs, params))
+
+    def chat(
+        self,
+        prompt: str,
+        session: Session | None = None,
+        gen_config: SamplingParams | None = None,
+        stream_response: bool = False,
+        adapter_name: str | None = None,
+    ) -> Session | Iterator[Response]:
+        """Reply to ``prompt`` after the turns of ``session`` (None: a new one) and return the session, with
+        the reply in ``session.response`` and the turn added to ``session.history``.
+
+        With ``stream_response``, return an iterator of the reply's Response deltas instead; the session
+        takes the turn when it ends.
+        """
+        if not isinstance(prompt, str):
+            raise ValueError(f"a chat prompt must be a string (image input is not supported yet), got {prompt!r}")
+        session = session if session is not None else Session()
+        turn = self._turn(session, prompt, _params(gen_config, adapter_name, 1))
+        if stream_response:
+            return turn
+        for _ in turn:
+            pass
+        return session
+
+    def _turn(self, session: Session, prompt: str, params: list[SamplingParams]) -> Iterator[Response]:
+        whole = None
+        with contextlib.closing(self.llm._stream([("chat", conversation(prompt, session.history), {})], params)) as d:
+            for _, out in d:
+                whole = accumulate(whole, out)
+                yield _response(out, 0)
+        session.response = _response(whole, 0)
+        session.history.append((prompt, session.response.text))
+
+    def get_ppl(self, input_ids: list[int] | Sequence[list[int]] | Mapping) -> list[float]:
+        """Each prompt's cross-entropy, as LMDeploy's: the mean negative log-likelihood of its tokens after the
+        first (the perplexity's logarithm), from the engine's prompt logprobs. A tokenizer's output works too.
+        """
+        if isinstance(input_ids, Mapping):
+            input_ids = input_ids["input_ids"]
+        prompts = [input_ids] if input_ids and isinstance(input_ids[0], int) else list(input_ids)
+        for i, ids in enumerate(prompts):
+            if not isinstance(ids, (list, tuple)) or len(ids) < 2:
+                raise ValueError(f"prompt {i}: get_ppl needs a list of at least 2 token ids, got {ids!r}")
+        params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+        outs = self.llm.generate([list(ids) for ids in prompts], params, use_tqdm=False)
+        return [
+            -sum(step[t] for step, t in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:]))
+            / (len(out.prompt_token_ids) - 1)
+            for out in outs
+        ]
 
 
 def pipeline(
@@ -87,13 +173,22 @@ def pipeline(
 ) -> Pipeline:
     """Start an engine (``model_path=None``: the bundled model) and return a ``Pipeline`` on it.
 
-    ``backend_config`` fields are engine arguments, which ``engine_args`` override.
-    ``chat_template_config`` is a built-in template name, a Jinja file, or an object
-    or dict with a ``model_name`` naming one (LMDeploy's ``ChatTemplateConfig``).
+    ``backend_config`` is an EngineConfig, or LMDeploy's TurbomindEngineConfig or PytorchEngineConfig;
+    its engine arguments are overridden by ``engine_args``. ``chat_template_config`` is a built-in
+    template name, a Jinja file, or an object or dict with a ``model_name`` naming one (LMDeploy's
+    ``ChatTemplateConfig``).
     """
-    if backend_config is not None and not isinstance(backend_config, EngineConfig):
-        raise TypeError(f"backend_config must be a tristream EngineConfig, got {type(backend_config).__name__}")
-    args = dataclasses.asdict(backend_config) if backend_config is not None else {}
+    if isinstance(backend_config, BackendConfig):
+        args = backend_config.engine_args()
+    elif isinstance(backend_config, EngineConfig):
+        args = dataclasses.asdict(backend_config)
+    elif backend_config is None:
+        args = {}
+    else:
+        raise TypeError(
+            "backend_config must be a tristream EngineConfig, a TurbomindEngineConfig or a PytorchEngineConfig, "
+            f"got {type(backend_config).__name__}"
+        )
     args.update(engine_args, log_level=log_level)
     model = args.pop("model", None)
     template = _template_name(chat_template_config)
@@ -122,27 +217,50 @@ def _template_name(config: object) -> str | None:
     return name
 
 
-def _conversations(prompts: Prompts) -> tuple[list[Messages], bool]:
-    """The prompts as message lists, and whether they were a single prompt."""
+def _jobs(prompts: Prompts, chat_template: bool) -> tuple[list[tuple], bool]:
+    """An LLM job per prompt (a chat, or with ``chat_template=False`` a plain text prompt), and whether
+    they were a single prompt."""
     if isinstance(prompts, str):
-        return [_as_messages(prompts, 0)], True
+        return [_job(prompts, 0, chat_template)], True
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"prompts must be a string, a message list, or a non-empty list of them; got {prompts!r}")
     if all(isinstance(m, dict) for m in prompts):
-        return [list(prompts)], True
-    return [_as_messages(p, i) for i, p in enumerate(prompts)], False
+        return [_job(list(prompts), 0, chat_template)], True
+    return [_job(p, i, chat_template) for i, p in enumerate(prompts)], False
 
 
-def _as_messages(prompt: str | Messages, i: int) -> Messages:
+def _job(prompt: str | Messages, i: int, chat_template: bool) -> tuple:
     if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
+        return ("chat", [{"role": "user", "content": prompt}], {}) if chat_template else ("generate", prompt, {})
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-        return list(prompt)
-    raise ValueError(f"prompt {i} must be a string or a non-empty list of message dicts, got {prompt!r}")
+        if not chat_template:
+            raise ValueError(f"prompt {i}: do_preprocess=False takes text, not messages")
+        return "chat", list(prompt), {}
+    raise ValueError(
+        f"prompt {i} must be a string or a non-empty list of message dicts (image input is not supported yet), "
+        f"got {prompt!r}"
+    )
 
 
-def _params(gen_config: GenConfig, adapter_name: str | None, count: int) -> list[SamplingParams]:
-    """One copy of the parameters per prompt, with ``lora=adapter_name`` when given."""
+def _call_time(args: dict[str, object]) -> dict[str, object]:
+    """The sampling fields that LMDeploy's deprecated arguments of the call set, with its DeprecationWarning."""
+    unknown = sorted(set(args) - set(CALL_TIME_ARGS))
+    if unknown:
+        raise TypeError(f"unexpected arguments {unknown}; the call takes gen_config=GenerationConfig(...)")
+    if args:
+        warnings.warn(
+            f"{', '.join(args)} as arguments of the call are deprecated, as in LMDeploy: set them in "
+            "gen_config=GenerationConfig(...) (request_output_len is max_new_tokens)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    return {CALL_TIME_ARGS[name]: value for name, value in args.items()}
+
+
+def _params(
+    gen_config: GenConfig, adapter_name: str | None, count: int, overrides: dict[str, object] | None = None
+) -> list[SamplingParams]:
+    """One copy of the parameters per prompt, with ``overrides`` and ``lora=adapter_name`` when given."""
     if gen_config is None or isinstance(gen_config, SamplingParams):
         configs = [gen_config if gen_config is not None else GenerationConfig()] * count
     elif isinstance(gen_config, (list, tuple)):
@@ -158,7 +276,8 @@ def _params(gen_config: GenConfig, adapter_name: str | None, count: int) -> list
             raise TypeError(f"gen_config must be a GenerationConfig or SamplingParams, got {type(c).__name__}")
         if c.num_samples != 1:
             raise ValueError("a pipeline returns one Response per prompt: n and best_of must be 1")
-    return [dataclasses.replace(c, lora=adapter_name) if adapter_name is not None else c for c in configs]
+    changes = {**(overrides or {}), **({"lora": adapter_name} if adapter_name is not None else {})}
+    return [dataclasses.replace(c, **changes) if changes else c for c in configs]
 
 
 def _responses(deltas: Iterator[tuple[int, RequestOutput]]) -> Iterator[Response]:

@@ -25,6 +25,9 @@ from tristream.protocol import Ipc, ProcessFailed, decode, encode
 logger = logging.getLogger("tristream")
 
 PR_SET_PDEATHSIG = 1
+# What a process still has to send when it closes a socket reaches a live peer at once; a peer that has
+# exited never takes it, and waiting longer for that only delays shutdown.
+OUTBOX_LINGER_MS = 100
 
 
 def make_ipc(num_ranks: int = 1) -> tuple[Ipc, str]:
@@ -48,7 +51,7 @@ def bind_inbox(ctx: zmq.Context, address: str) -> zmq.Socket:
 def connect_outbox(ctx: zmq.Context, address: str) -> zmq.Socket:
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.LINGER, 2000)
+    sock.setsockopt(zmq.LINGER, OUTBOX_LINGER_MS)
     sock.connect(address)
     return sock
 
@@ -106,6 +109,11 @@ def child_main(name: str, title: str, module: str, parent_pid: int, ipc: Ipc, *a
         send(sock, ProcessFailed(name, error))
         sock.close(linger=2000)
         sys.exit(1)
+    # A clean exit skips the interpreter's teardown of torch and transformers, which takes about a second.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @contextlib.contextmanager
@@ -139,6 +147,15 @@ def spawn(name: str, module: str, ipc: Ipc, *args: object, title: str | None = N
     with _no_main_reimport():
         proc.start()
     return proc
+
+
+def exit_reason(proc: mp.Process) -> str:
+    """How a child that has gone ended: its exit code, or the signal that killed it."""
+    code = proc.exitcode
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
 
 
 async def stop(procs: list[mp.Process], timeout: float = 5.0) -> None:

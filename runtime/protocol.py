@@ -205,6 +205,7 @@ class OutputDelta:
     """Text and ids since the last delta of sample ``index`` of one request.
 
     ``finished`` ends this sample; ``reasoning`` is text split off by the reasoning parser.
+    The first delta of a chat sample carries the rendered conversation in ``prompt``.
     """
 
     request_id: str
@@ -220,6 +221,7 @@ class OutputDelta:
     prompt_logprobs: list[list[tuple[int, float]]] | None = None
     index: int = 0
     reasoning: str = ""
+    prompt: str | None = None
 
 
 @dataclass

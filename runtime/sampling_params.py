@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from dataclasses import InitVar, dataclass, field, fields
 
 MAX_LOGPROBS = 20
+
+logger = logging.getLogger("tristream")
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ class SamplingParams:
     """How to sample one request. ``temperature=0`` is greedy.
 
     ``max_tokens=None`` generates until EOS, a stop token, or ``max_model_len``.
-    ``top_k=0``, ``top_p=1`` and ``min_p=0`` switch those filters off; ``min_p`` is
+    ``top_k=0`` (or vLLM's -1, kept as 0), ``top_p=1`` and ``min_p=0`` switch those filters off; ``min_p`` is
     relative to the most likely token's probability. ``presence_penalty`` and
     ``frequency_penalty`` (OpenAI semantics) count output tokens;
     ``repetition_penalty`` counts prompt and output tokens, dividing a positive
@@ -137,8 +141,10 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k == -1 and isinstance(self.top_k, int):
+            self.top_k = 0
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
+            raise ValueError(f"top_k must be an int >= 0 (0 or -1 disables it), got {self.top_k!r}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -208,7 +214,8 @@ class GenerationConfig(SamplingParams):
     """LMDeploy-style sampling parameters: greedy unless ``do_sample=True``.
 
     Every SamplingParams field and alias (``max_new_tokens``, ``stop_words``,
-    ``random_seed``, ``bad_words``, ...) works here too.
+    ``random_seed``, ``bad_words``, ...) works here too. Sampling fields given
+    without ``do_sample`` are logged once, as LMDeploy logs it, and have no effect.
     """
 
     do_sample: bool = False
@@ -216,4 +223,14 @@ class GenerationConfig(SamplingParams):
     def __post_init__(self, *aliases: object) -> None:
         super().__post_init__(*aliases)
         if not self.do_sample:
+            if self.temperature not in (0, 1) or self.top_p != 1 or self.top_k not in (0, 1) or self.min_p != 0:
+                _log_greedy()
             self.temperature = 0.0
+
+
+@functools.cache
+def _log_greedy() -> None:
+    logger.warning(
+        "GenerationConfig sets temperature, top_p, top_k or min_p, but do_sample is False: decoding is greedy, "
+        "as in LMDeploy; pass do_sample=True to sample"
+    )

@@ -153,7 +153,7 @@ async def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(engine):
         ([5, 49152], "outside the vocabulary"),
         ([-1, 5], "outside the vocabulary"),
         ("max_model_len tokens", "max_model_len"),
-        (12, "string or a list of token ids"),
+        (12, "a string, a list of token ids or a prompt dict"),
         ("a lone surrogate \ud800", "could not be tokenized"),
     ],
 )
@@ -183,13 +183,19 @@ async def test_bad_chat_messages_fail_alone(engine):
         ({"temperature": -0.5}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
-        ({"top_k": -1}, "top_k"),
+        ({"top_k": -2}, "top_k"),
         ({"stop_token_ids": [-3]}, "stop_token_ids"),
     ],
 )
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_top_k_minus_one_is_off_as_in_vllm():
+    assert SamplingParams(top_k=-1).top_k == 0 == SamplingParams().top_k
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=-1.0)
 
 
 async def test_max_tokens_stop_token_and_eos(engine, tokenizer):

@@ -268,3 +268,188 @@ async def test_chat_with_an_engine_reuses_the_first_turn(engine):
     assert steps[-1] == (r2, h2)
     for (before_text, _), (after, history) in zip(steps, steps[1:]):
         assert after.startswith(before_text) and history == [(Q1, r1), ("And of Italy?", after)]
+
+
+def text_of(out: RequestOutput) -> str:
+    return out.outputs[0].text
+
+
+def test_prompt_dicts_and_prompt_token_ids_are_the_plain_prompts(pipe, tokenizer):
+    """vLLM's TextPrompt and TokensPrompt, FastDeploy's prompt dict, and vLLM's prompt_token_ids keyword."""
+    llm, params = pipe.llm, SamplingParams(temperature=0, max_tokens=8)
+    ids = tokenizer.encode(Q1)
+    [plain, by_ids] = llm.generate([Q1, ids], params, use_tqdm=False)
+    assert by_ids.prompt_token_ids == ids
+    forms = [{"prompt": Q1}, {"prompt": Q1, "multimodal_data": {}}, {"prompt": Q1, "multimodal_data": {"image": []}}]
+    for form in forms:
+        [out] = llm.generate(prompts=form, sampling_params=params, use_tqdm=False)
+        assert (text_of(out), out.prompt_token_ids) == (text_of(plain), plain.prompt_token_ids)
+    outs = llm.generate([{"prompt_token_ids": ids}, {"prompt": Q1}], params, use_tqdm=False)
+    assert [text_of(o) for o in outs] == [text_of(by_ids), text_of(plain)]
+    [out] = llm.generate(prompts=None, sampling_params=params, prompt_token_ids=[ids], use_tqdm=False)
+    assert (text_of(out), out.prompt_token_ids) == (text_of(by_ids), ids)
+    [out] = llm.generate(sampling_params=params, prompt_token_ids=ids, use_tqdm=False)
+    assert text_of(out) == text_of(by_ids)
+
+
+@pytest.mark.parametrize(
+    "prompt, match",
+    [
+        ({"text": Q1}, r"prompt, prompt_token_ids and multimodal_data, not \['text'\]"),
+        ({"prompt": Q1, "prompt_token_ids": [1, 2]}, "exactly one of prompt or prompt_token_ids"),
+        ({}, "exactly one of prompt or prompt_token_ids"),
+        ({"prompt": [1, 2]}, "prompt must be a string"),
+        ({"prompt_token_ids": "text"}, "prompt_token_ids must be a list of token ids"),
+        ({"prompt": Q1, "multimodal_data": {"image": ["cat.png"]}}, "image input is not supported yet"),
+        ({"prompt": Q1, "multi_modal_data": ["cat.png"]}, "multi_modal_data must be a dict"),
+        ({"prompt": ""}, "the prompt is empty"),
+    ],
+)
+def test_a_bad_prompt_dict_is_refused(pipe, prompt, match):
+    with pytest.raises(ValueError, match=match):
+        pipe.llm.generate([Q1, prompt], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_generate_takes_prompts_or_prompt_token_ids(pipe):
+    with pytest.raises(ValueError, match="not both"):
+        pipe.llm.generate(Q1, prompt_token_ids=[[1, 2]])
+    with pytest.raises(ValueError, match="needs prompts or prompt_token_ids"):
+        pipe.llm.generate()
+
+
+def test_chat_outputs_carry_the_rendered_prompt_and_fastdeploys_fields(pipe, tokenizer):
+    [out] = pipe.llm.chat(CONV, GREEDY, use_tqdm=False)
+    assert out.prompt == tokenizer.apply_chat_template(CONV, tokenize=False, add_generation_prompt=True)
+    assert out.outputs.text == out.outputs[0].text and out.outputs.token_ids == out.outputs[0].token_ids
+    assert len(out.outputs) == 1 and out.outputs.index(out.outputs[0]) == 0, "still a list"
+    assert (out.error_code, out.error_msg) == (200, None)
+    assert out.outputs.send_idx >= 1, "a whole result has its sample's last delta number"
+    m = out.metrics
+    assert m.arrival_time <= m.inference_start_time <= m.first_token_time <= m.last_token_time <= m.finished_time
+    assert m.model_execute_time == pytest.approx(m.last_token_time - m.arrival_time)
+    assert 0 < m.model_forward_time <= m.model_execute_time
+    [plain] = pipe.llm.generate(Q1, GREEDY, use_tqdm=False)
+    assert plain.prompt == Q1
+
+
+def test_content_as_a_list_of_text_parts_is_the_joined_text(pipe):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the "}, {"type": "text", "text": Q1[12:]}]}]
+    want = text_of(pipe.llm.chat(user(Q1), GREEDY, use_tqdm=False)[0])
+    assert text_of(pipe.llm.chat(parts, GREEDY, use_tqdm=False)[0]) == want
+    assert pipe(parts, GREEDY).text == want
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    with pytest.raises(ValueError, match="only text content parts are supported yet, not parts of type 'image_url'"):
+        pipe.llm.chat(image, GREEDY, use_tqdm=False)
+
+
+def test_pipeline_chat_keeps_a_session(pipe):
+    first = pipe.chat(Q1, gen_config=GREEDY)
+    assert first.response.text == pipe(Q1, GREEDY).text and first.history == [(Q1, first.response.text)]
+    second = pipe.chat("And of Italy?", session=first, gen_config=GREEDY)
+    assert second is first and len(second.history) == 2
+    messages = [*user(Q1), {"role": "assistant", "content": second.history[0][1]}, *user("And of Italy?")]
+    assert second.response.text == text_of(pipe.llm.chat(messages, GREEDY, use_tqdm=False)[0])
+    fresh = pipe.chat(Q1, gen_config=GREEDY, stream_response=True)
+    deltas = list(fresh)
+    assert "".join(d.text for d in deltas) == first.history[0][1] and deltas[-1].finish_reason is not None
+    with pytest.raises(ValueError, match="a chat prompt must be a string"):
+        pipe.chat(user(Q1))
+
+
+def test_do_preprocess_false_runs_the_text_without_the_template(pipe):
+    text = "The capital of France is"
+    got = pipe(text, GREEDY, do_preprocess=False)
+    assert got.text == text_of(pipe.llm.generate(text, GREEDY, use_tqdm=False)[0])
+    assert got.text != pipe(text, GREEDY).text
+    with pytest.raises(ValueError, match="do_preprocess=False takes text"):
+        pipe([user(Q1)], GREEDY, do_preprocess=False)
+
+
+def test_lmdeploys_call_time_arguments_warn_and_apply(pipe):
+    with pytest.warns(DeprecationWarning, match="request_output_len, ignore_eos as arguments of the call"):
+        got = pipe(Q1, GREEDY, request_output_len=5, ignore_eos=True)
+    assert got.generate_token_len == 5 and got.finish_reason == "length"
+    assert got.text == pipe(Q1, GenerationConfig(max_new_tokens=5, ignore_eos=True)).text
+    with pytest.warns(DeprecationWarning):
+        streamed = list(pipe.stream_infer(Q1, GREEDY, request_output_len=5, ignore_eos=True))
+    assert "".join(r.text for r in streamed) == got.text
+    with pytest.raises(TypeError, match=r"unexpected arguments \['max_length'\]"):
+        pipe(Q1, max_length=5)
+
+
+def test_sampling_fields_without_do_sample_are_logged_once(caplog):
+    from tristream.sampling_params import _log_greedy
+
+    _log_greedy.cache_clear()
+    with caplog.at_level("WARNING", logger="tristream"):
+        assert GenerationConfig(temperature=0.8, top_p=0.9).temperature == 0
+        assert GenerationConfig(top_k=40).temperature == 0
+        assert GenerationConfig(do_sample=True, temperature=0.8).temperature == 0.8
+        GenerationConfig(max_new_tokens=8)
+    assert [r.message for r in caplog.records if "do_sample is False" in r.message] == [
+        "GenerationConfig sets temperature, top_p, top_k or min_p, but do_sample is False: decoding is greedy, "
+        "as in LMDeploy; pass do_sample=True to sample"
+    ]
+
+
+def test_lmdeploys_engine_configs_become_engine_args():
+    from tristream import ChatTemplateConfig, PytorchEngineConfig, TurbomindEngineConfig
+
+    turbo = TurbomindEngineConfig(tp=1, session_len=2048, max_batch_size=8, cache_max_entry_count=0.5)
+    assert turbo.engine_args() == {
+        "dtype": "auto",
+        "tensor_parallel_size": 1,
+        "max_model_len": 2048,
+        "max_num_seqs": 8,
+        "gpu_memory_utilization": 0.5,
+        "enable_prefix_caching": False,
+        "page_size": 64,
+        "max_num_batched_tokens": 8192,
+    }
+    torch_config = PytorchEngineConfig(block_size=16, adapters={"a": "/a"}, eager_mode=True, model_name="qwen")
+    args = torch_config.engine_args()
+    assert (args["page_size"], args["lora_adapters"], args["enforce_eager"]) == (16, {"a": "/a"}, True)
+    assert (args["chat_template"], args["max_num_batched_tokens"]) == ("qwen", 4096)
+    assert "model_format" not in args and "quant_policy" not in args
+    for make, match in [
+        (lambda: TurbomindEngineConfig(quant_policy=8), "quant_policy=8: KV cache quantization is not supported"),
+        (lambda: PytorchEngineConfig(model_format="awq"), "model_format='awq': quantized weights"),
+        (lambda: PytorchEngineConfig(eviction_type="copy"), "always recomputed"),
+        (lambda: ChatTemplateConfig("qwen", system="Be brief."), "system are not supported; give a Jinja file"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            make()
+    with pytest.raises(TypeError):
+        TurbomindEngineConfig(rope_scaling_factor=2.0)
+    assert ChatTemplateConfig("qwen").model_name == "qwen"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tp": 2}, "tp: use tensor_parallel_size"),
+        ({"session_len": 2048}, "session_len: use max_model_len"),
+        ({"block_size": 16}, "block_size: use page_size"),
+        ({"trust_remote_code": True}, "trust_remote_code: not needed"),
+        ({"max_lenght": 8}, "unknown engine argument 'max_lenght'; the engine arguments are: model, "),
+    ],
+)
+def test_a_peer_engines_argument_names_tristreams(kwargs, match):
+    from tristream import LLM, AsyncEngine
+
+    with pytest.raises(TypeError, match=match):
+        AsyncEngine(**kwargs)
+    with pytest.raises(TypeError, match=match):
+        LLM(**kwargs)
+
+
+def test_peer_reasoning_parser_names_and_template_names_are_checked_at_once():
+    from tristream import AsyncEngine
+
+    for name in ("think", "qwen3", "deepseek_r1", "ernie-45-vl"):
+        assert AsyncEngine(reasoning_parser=name).config.reasoning_parser == name
+    with pytest.raises(ValueError, match="reasoning_parser"):
+        AsyncEngine(reasoning_parser="granite")
+    assert AsyncEngine(chat_template="vicuna").config.chat_template == "vicuna"
+    with pytest.raises(ValueError, match="'qwen2.5' is neither a file nor a built-in template"):
+        AsyncEngine(chat_template="qwen2.5")

@@ -411,6 +411,7 @@ def test_conversion_is_announced_in_the_users_process(tmp_path: pathlib.Path) ->
     r = subprocess.run(
         [sys.executable, "-c", "import sys; from tristream import LLM; LLM(sys.argv[1])", str(gguf)],
         env={**os.environ, "TRISTREAM_CACHE": str(tmp_path / "cache")},
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import zmq
-from transformers import AutoTokenizer
 
 from tristream.config import EngineConfig
 from tristream.model_config import ModelConfig
@@ -30,10 +29,9 @@ from tristream.protocol import (
 )
 from tristream.sampling_params import SamplingParams
 from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer, push_step
-from tristream.tokenizer_proc.prompts import PromptBuilder
+from tristream.tokenizer_proc.prompts import PromptBuilder, load_tokenizer
 from tristream.tokenizer_proc.reasoning import ThinkParser, opens_reasoning
 from tristream.tokenizer_proc.structured import grammar_spec
-from tristream.tokenizer_proc.templates import resolve_chat_template
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -72,7 +70,11 @@ def _input_error(e: Exception) -> str:
 
 @dataclass
 class ActiveRequest:
-    """What the tokenizer keeps of one running sample of a request."""
+    """What the tokenizer keeps of one running sample of a request.
+
+    ``chat_text`` is the rendered chat of a one-sample request, whose turn the prompt builder remembers;
+    ``prompt_text`` the rendered chat of any, for the user.
+    """
 
     parent: str
     index: int
@@ -86,6 +88,7 @@ class ActiveRequest:
     prompt_sent: bool = False
     held: str = ""
     emitted: str = ""
+    prompt_text: str | None = None
 
     def take_text(self, pushed: str, finished: bool) -> tuple[str, bool]:
         """New text to emit and whether a stop string ended the request, given the detokenizer's text for this step.
@@ -117,9 +120,7 @@ class TokenizerWorker:
         self.model_config = ModelConfig.load(config.model)
         self.tokenizer = None
         if not config.skip_tokenizer_init:
-            self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
-            if config.chat_template is not None:
-                self.tokenizer.chat_template = resolve_chat_template(config.chat_template)
+            self.tokenizer = load_tokenizer(config)
         self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, config.max_model_len)
         self.seeds = random.Random(config.seed)
         self.reasoning_parser = config.reasoning_parser
@@ -166,9 +167,10 @@ class TokenizerWorker:
                 detok,
                 ids,
                 chat_text if params.num_samples == 1 else None,
-                ThinkParser(in_reasoning) if self.reasoning_parser == "think" else None,
+                ThinkParser(in_reasoning) if self.reasoning_parser is not None else None,
                 p.stop,
                 p.include_stop_str_in_output,
+                prompt_text=chat_text,
             )
             out.append(
                 TokenizedRequest(
@@ -234,9 +236,9 @@ class TokenizerWorker:
             for d, req in live:
                 finished = d.finish_reason is not None or d.error is not None
                 req.output_token_ids += d.token_ids
-                prompt_ids = None
+                prompt_ids = prompt_text = None
                 if not req.prompt_sent:
-                    req.prompt_sent, prompt_ids = True, req.prompt_token_ids
+                    req.prompt_sent, prompt_ids, prompt_text = True, req.prompt_token_ids, req.prompt_text
                 text, hit_stop = req.take_text(next(pushed) if req.detok is not None else "", finished)
                 reason = "stop" if hit_stop else d.finish_reason
                 if hit_stop and not finished:
@@ -263,6 +265,7 @@ class TokenizerWorker:
                         d.prompt_logprobs,
                         req.index,
                         reasoning,
+                        prompt_text,
                     )
                 )
         return out, stopped

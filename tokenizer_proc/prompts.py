@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from tristream.config import EngineConfig
 from tristream.protocol import GenerateRequest
 from tristream.sampling_params import SamplingParams
+from tristream.tokenizer_proc.templates import resolve_chat_template
 from tristream.tokenizer_proc.turn_cache import TurnCache
+
+
+def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer the engine runs: of ``config.tokenizer`` or the (resolved) model, with its ``chat_template``."""
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+    if config.chat_template is not None:
+        tokenizer.chat_template = resolve_chat_template(config.chat_template)
+    return tokenizer
+
+
+def _text_message(i: int, message: object) -> dict:
+    """Message ``i`` with its content as text: a list of text parts is joined, other parts are a ValueError."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+        raise ValueError(f"messages[{i}] must be a dict with a string 'role' and a 'content'")
+    content = message["content"]
+    if not isinstance(content, list):
+        return message
+    for part in content:
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"messages[{i}]: only text content parts are supported yet, not parts of type {kind!r}")
+    return {**message, "content": "".join(part["text"] for part in content)}
 
 
 class PromptBuilder:
@@ -28,9 +52,7 @@ class PromptBuilder:
             raise ValueError("this model's tokenizer has no chat template; send a plain prompt instead")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-                raise ValueError(f"messages[{i}] must be a dict with a string 'role' and a 'content'")
+        messages = [_text_message(i, m) for i, m in enumerate(messages)]
         kwargs = {"add_generation_prompt": True, **(chat_template_kwargs or {})}
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)

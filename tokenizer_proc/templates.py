@@ -1,4 +1,8 @@
-"""Chat templates by name, or from a Jinja file, to override the tokenizer's own."""
+"""Chat templates by name, or from a Jinja file, to override the tokenizer's own.
+
+The names are tristream's (``chatml``, ``qwen``, ``llama3``, ``default-generation``) and LLaMA-Factory's for the
+common model families; a LLaMA-Factory name renders the text that LLaMA-Factory's template of that name does.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,110 @@ LLAMA3 = (
 )
 DEFAULT_GENERATION = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
-BUILTIN_TEMPLATES = {"chatml": CHATML, "qwen": QWEN, "llama3": LLAMA3, "default-generation": DEFAULT_GENERATION}
+
+def turns(
+    user: str,
+    assistant: str,
+    header: str = "",
+    system: str = "{content}",
+    prefix: str = "",
+    default_system: str = "",
+    system_in_user: bool = False,
+) -> str:
+    """The Jinja text of a template declared as LLaMA-Factory declares one.
+
+    ``user``, ``assistant`` and ``system`` are the text of a turn around ``{content}``; ``header`` opens the
+    assistant's turn (the generation prompt); ``prefix`` opens the conversation; ``{bos}`` and ``{eos}`` are
+    those tokens. The system prompt, or ``default_system`` when the messages have none, comes first, or with
+    ``system_in_user`` (Llama 2, Mistral, Gemma) at the start of the first user turn.
+    """
+
+    def slot(text: str, content: str) -> str:
+        tokens = text.replace("{bos}", "{{ bos_token }}").replace("{eos}", "{{ eos_token }}")
+        return tokens.replace("{content}", "{{ " + content + " }}")
+
+    own_system = "messages and messages[0]['role'] == 'system'"
+    system_text = "{% if system %}" + slot(system, "system") + "{% endif %}"
+    before, _, after = slot(user, "m['content']").partition("{{ m['content'] }}")
+    first = "{% if loop.first %}" + system_text + "{% endif %}" if system_in_user else ""
+    return (
+        f"{{% set system = messages[0]['content'] if {own_system} else {default_system!r} %}}"
+        f"{{% set rest = messages[1:] if {own_system} else messages %}}"
+        + slot(prefix, "")
+        + ("" if system_in_user else system_text)
+        + "{% for m in rest %}{% if m['role'] == 'assistant' %}"
+        + slot(header + assistant, "m['content']")
+        + "{% else %}"
+        + before
+        + first
+        + "{{ m['content'] }}"
+        + after
+        + "{% endif %}{% endfor %}{% if add_generation_prompt %}"
+        + header
+        + "{% endif %}"
+    )
+
+
+BUILTIN_TEMPLATES = {
+    "chatml": CHATML,
+    "qwen": QWEN,
+    "llama3": LLAMA3,
+    "default-generation": DEFAULT_GENERATION,
+    # LLaMA-Factory's names.
+    "empty": DEFAULT_GENERATION,
+    "yi": CHATML,
+    "qwen3": CHATML,
+    "default": turns(
+        "Human: {content}{eos}\n", "{content}{eos}\n", header="Assistant:", system="System: {content}{eos}\n"
+    ),
+    "alpaca": turns(
+        "### Instruction:\n{content}\n\n",
+        "{content}{eos}\n\n",
+        header="### Response:\n",
+        default_system="Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n",
+    ),
+    "vicuna": turns(
+        "USER: {content} ",
+        "{content}{eos}",
+        header="ASSISTANT:",
+        default_system="A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    ),
+    "llama2": turns(
+        "{bos}[INST] {content} [/INST]",
+        "{content}{eos}",
+        system="<<SYS>>\n{content}\n<</SYS>>\n\n",
+        system_in_user=True,
+    ),
+    "mistral": turns(
+        "[INST] {content}[/INST]", " {content}{eos}", system="{content}\n\n", prefix="{bos}", system_in_user=True
+    ),
+    "gemma": turns(
+        "<start_of_turn>user\n{content}<end_of_turn>\n",
+        "{content}<end_of_turn>\n",
+        header="<start_of_turn>model\n",
+        system="{content}\n\n",
+        prefix="{bos}",
+        system_in_user=True,
+    ),
+    "phi": turns(
+        "<|user|>\n{content}<|end|>\n",
+        "{content}<|end|>\n",
+        header="<|assistant|>\n",
+        system="<|system|>\n{content}<|end|>\n",
+    ),
+    "zephyr": turns(
+        "<|user|>\n{content}{eos}",
+        "{content}{eos}",
+        header="<|assistant|>\n",
+        system="<|system|>\n{content}{eos}",
+        default_system="You are Zephyr, a helpful assistant.",
+    ),
+    "deepseek": turns(
+        "User: {content}\n\n", "{content}{eos}", header="Assistant:", system="{content}\n\n", prefix="{bos}"
+    ),
+}
 
 
 def resolve_chat_template(value: str) -> str:

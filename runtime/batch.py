@@ -3,9 +3,10 @@
 Input lines are ``{"id", "prompt"}``, ``{"id", "messages"}`` or OpenAI batch-API
 requests (``{"custom_id", "method", "url", "body"}``). A line's sampling fields are
 read as the server reads the body of ``/v1/completions`` (a prompt) or
-``/v1/chat/completions`` (messages); those it gives override the command's. Results
-are appended to the output in input order, one flushed line each; a later run skips
-the ids already there, so an interrupted job picks up where it stopped.
+``/v1/chat/completions`` (messages), with the command's sampling options as the
+server's defaults. Results are appended to the output in input order, one flushed
+line each; a later run skips the ids already there, so an interrupted job picks up
+where it stopped (and with ``retry_errors`` runs the error records again).
 """
 
 from __future__ import annotations
@@ -29,9 +30,15 @@ from tqdm.auto import tqdm
 
 from tristream.engine import AsyncEngine
 from tristream.model_files import model_name
-from tristream.openai_api import ROUTES, ChatCompletionRequest, CompletionRequest, EngineCall, validation_message
+from tristream.openai_api import (
+    ROUTES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EngineCall,
+    RequestDefaults,
+    validation_message,
+)
 from tristream.outputs import CompletionOutput, RequestOutput, fold
-from tristream.sampling_params import SamplingParams
 from tristream.streams import merge
 
 T = TypeVar("T")
@@ -65,7 +72,10 @@ class BatchSummary:
 
 @dataclasses.dataclass
 class Job:
-    """One input line: its OpenAI body and engine requests, or, with ``error`` set, the reason it cannot run."""
+    """One input line: its OpenAI body and engine requests, or, with ``error`` set, the reason it cannot run.
+
+    A line that repeats an earlier line's id is an error recorded as ``"line-<line>"``, with ``duplicate_id``.
+    """
 
     line: int
     id: str | int
@@ -73,6 +83,7 @@ class Job:
     body: ChatCompletionRequest | CompletionRequest | None = None
     calls: list[EngineCall] = dataclasses.field(default_factory=list)
     error: str | None = None
+    duplicate_id: str | int | None = None
 
     @property
     def key(self) -> str:
@@ -80,8 +91,8 @@ class Job:
         return json.dumps(self.id)
 
 
-def parse_line(raw: str | bytes, line: int, base: SamplingParams) -> Job:
-    """Parse input line number ``line``; the sampling fields it gives override ``base``.
+def parse_line(raw: str | bytes, line: int, defaults: RequestDefaults, engine: AsyncEngine) -> Job:
+    """Parse input line number ``line``; what it leaves out takes ``defaults``, as in the server of ``engine``.
 
     A line without a usable id gets the id ``"line-<line>"``.
     """
@@ -102,7 +113,7 @@ def parse_line(raw: str | bytes, line: int, base: SamplingParams) -> Job:
     try:
         request, fields = _openai_body(obj) if openai else _simple_body(obj)
         job.body = request.model_validate(fields)
-        job.calls = job.body.calls(base)
+        job.calls = defaults.calls(job.body, engine)
         if not openai and len(job.calls) != 1:
             raise ValueError("give one prompt per line")
         params = dataclasses.replace(job.calls[0].params, logprobs=None, prompt_logprobs=None)
@@ -139,39 +150,49 @@ def _openai_body(obj: dict) -> tuple[type[ChatCompletionRequest | CompletionRequ
     return request, body
 
 
-def load_written(output_path: str) -> Counter[str]:
+def complete_lines(path: str) -> list[bytes]:
+    """The lines of ``path`` (none if it does not exist), each with its newline.
+
+    A last line without its newline is what an interrupted write left: it is cut off.
+    """
+    if not os.path.exists(path):
+        return []
+    with open(path, "r+b") as f:
+        lines = f.readlines()
+        if lines and not lines[-1].endswith(b"\n"):
+            f.truncate(f.tell() - len(lines.pop()))
+    return lines
+
+
+def load_written(output_path: str, retry_errors: bool = False) -> Counter[str]:
     """How many records each id (as JSON text) has in ``output_path``; empty if it does not exist.
 
-    A last line without its newline is what an interrupted write left: it is cut
-    off, so its record runs again.
+    A torn last line is cut off, so its record runs again; with ``retry_errors`` so are the error records.
     """
-    written: Counter[str] = Counter()
-    if not os.path.exists(output_path):
-        return written
-    with open(output_path, "r+b") as f:
-        offset = 0
-        for n, line in enumerate(f, 1):
-            if not line.endswith(b"\n"):
-                f.truncate(offset)
-                break
-            offset += len(line)
-            if line.strip():
-                written[_record_key(line, output_path, n)] += 1
-    return written
+    lines = complete_lines(output_path)
+    records = [(line, _record(line, output_path, n)) for n, line in enumerate(lines, 1) if line.strip()]
+    if retry_errors and any(record.get("error") is not None for _, record in records):
+        records = [(line, record) for line, record in records if record.get("error") is None]
+        with open(output_path + ".tmp", "wb") as f:
+            f.writelines(line for line, _ in records)
+        os.replace(output_path + ".tmp", output_path)
+    return Counter(json.dumps(record["custom_id"] if "custom_id" in record else record["id"]) for _, record in records)
 
 
-def _record_key(line: bytes, path: str, n: int) -> str:
+def _record(line: bytes, path: str, n: int) -> dict:
+    """The batch result on line ``n`` of ``path``; ValueError if it is none."""
     try:
         record = json.loads(line)
     except ValueError:
         record = None
-    ident = (record["custom_id"] if "custom_id" in record else record.get("id")) if isinstance(record, dict) else None
-    if ident is None:
+    if not isinstance(record, dict) or record.get("custom_id", record.get("id")) is None:
         raise ValueError(f"{path} line {n} is not a batch result; give another --output")
-    return json.dumps(ident)
+    return record
 
 
-def _plan(input_path: str, base: SamplingParams, written: Counter[str]) -> Iterator[tuple[Job, bool]]:
+def _plan(
+    input_path: str, defaults: RequestDefaults, engine: AsyncEngine, written: Counter[str]
+) -> Iterator[tuple[Job, bool]]:
     """Every input record, and whether the output has it already.
 
     The k-th record of an id counts as written when the output holds at least k
@@ -183,10 +204,11 @@ def _plan(input_path: str, base: SamplingParams, written: Counter[str]) -> Itera
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            job = parse_line(raw, n, base)
+            job = parse_line(raw, n, defaults, engine)
             first = seen.setdefault(job.key, n)
-            if first != n and job.error is None:
-                job.error = f"line {n}: duplicate id {job.id!r} (first on line {first})"
+            if first != n:
+                job.error = job.error or f"line {n}: duplicate id {job.id!r} (first on line {first})"
+                job.duplicate_id, job.id = job.id, f"line-{n}"
             yield job, counts[job.key] < written[job.key]
             counts[job.key] += 1
 
@@ -222,14 +244,16 @@ async def _run_job(
 
 
 def _error_record(job: Job) -> dict:
+    duplicate = {} if job.duplicate_id is None else {"duplicate_id": job.duplicate_id}
     if job.openai:
         return {
             "id": f"batch_req_{uuid.uuid4().hex}",
             "custom_id": job.id,
+            **duplicate,
             "response": None,
             "error": {"code": "invalid_request", "message": job.error},
         }
-    return {"id": job.id, "error": job.error}
+    return {"id": job.id, **duplicate, "error": job.error}
 
 
 def _choice(o: CompletionOutput) -> dict:
@@ -269,33 +293,51 @@ def check_paths(input_path: str, output_path: str) -> None:
 
 
 async def run_batch(
-    engine: AsyncEngine, params: SamplingParams, input_path: str, output_path: str, adapters: Collection[str] = ()
+    engine: AsyncEngine,
+    defaults: RequestDefaults,
+    input_path: str,
+    output_path: str,
+    adapters: Collection[str] = (),
+    retry_errors: bool = False,
 ) -> BatchSummary:
     """Run every request of ``input_path`` that ``output_path`` lacks, appending results in input order.
 
-    ``params`` is the base that sampling fields on a line override; an OpenAI
-    line whose ``model`` is one of the LoRA ``adapters`` runs through it. A line that
-    cannot run is written as an error record and the job goes on. Shows a
-    progress bar and prints a summary line to stderr. While it runs in the main
-    thread, SIGTERM stops it cleanly and exits with status 143.
+    What a line leaves out takes ``defaults``, as in the server; an OpenAI line whose ``model`` is one of
+    the LoRA ``adapters`` runs through it. A line that cannot run is written as an error record and the
+    job goes on; ``retry_errors`` runs the error records of an earlier run again.
     """
     check_paths(input_path, output_path)
-    written = load_written(output_path)
+    written = load_written(output_path, retry_errors)
+    await engine.start()
     summary = BatchSummary()
     todo = 0
-    for _, skip in _plan(input_path, params, written):
+    for _, skip in _plan(input_path, defaults, engine, written):
         summary.skipped += skip
         todo += not skip
-    await engine.start()
     model = model_name(engine.config.model)
+    plan = _plan(input_path, defaults, engine, written)
+    jobs = (_run_job(engine, job, model, adapters) for job, skip in plan if not skip)
+    return await run_jobs(engine, jobs, output_path, summary, todo)
+
+
+async def run_jobs(
+    engine: AsyncEngine,
+    jobs: Iterable[AsyncIterator[tuple[dict, int]]],
+    output_path: str,
+    summary: BatchSummary,
+    total: int,
+) -> BatchSummary:
+    """Run ``jobs`` (each yields one record and its output tokens), many at once, appending their records to
+    ``output_path`` in order. Shows a progress bar and prints a summary line to stderr. While it runs in the
+    main thread, SIGTERM stops it cleanly and exits with status 143.
+    """
     window = max(MIN_IN_FLIGHT, 2 * engine.config.max_num_seqs)
-    jobs = (_run_job(engine, job, model, adapters) for job, skip in _plan(input_path, params, written) if not skip)
     start = time.perf_counter()
     finished = False
     try:
         with _sigterm_exits():
             async with contextlib.aclosing(_in_order(jobs, window)) as results:
-                await _write(results, output_path, summary, todo, start)
+                await _write(results, output_path, summary, total, start)
         finished = True
     finally:
         summary.seconds = time.perf_counter() - start

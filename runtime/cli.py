@@ -6,17 +6,22 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import os
 import sys
 import time
 import typing
 from typing import Any
 
+from tristream import __version__
 from tristream.config import EngineConfig
 from tristream.config_file import is_config_file, load_config_file, parse_lora_modules
+from tristream.datasets import CUTOFF_LEN, PREDICTIONS
 from tristream.engine import AsyncEngine
+from tristream.openai_api import RequestDefaults, with_system
 from tristream.outputs import RequestOutput
 from tristream.sampling_params import SamplingParams
 from tristream.streams import merge
+from tristream.tokenizer_proc.templates import resolve_chat_template
 
 DEMO_PROMPTS = [
     "What is the capital of France?",
@@ -71,66 +76,98 @@ def engine_args(args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
 
 
-def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int | None, temperature: float = 0.7) -> None:
-    g = parser.add_argument_group("sampling")
-    for flag, kind, default, help_text in (
-        ("--max-tokens", int, max_tokens, "most tokens to generate"),
-        ("--temperature", float, temperature, "0 is greedy"),
-        ("--top-p", float, 1.0, "nucleus sampling: keep the most likely tokens up to this probability"),
-        ("--top-k", int, 0, "keep the k most likely tokens; 0 keeps all"),
-        ("--min-p", float, 0.0, "drop tokens below this fraction of the top token's probability"),
-        ("--repetition-penalty", float, 1.0, "over prompt and output tokens; 1 is off"),
-        ("--presence-penalty", float, 0.0, "over output tokens, in [-2, 2]"),
-        ("--frequency-penalty", float, 0.0, "over output tokens, in [-2, 2]"),
-    ):
-        g.add_argument(flag, type=kind, default=default, help=_with_default(help_text, default))
+# The sampling flags, by SamplingParams field: their type and help. A request that leaves a field out takes
+# the flag's value, or else the model's generation_config.json default and then SamplingParams' (in --help).
+SAMPLING_FLAGS = {
+    "max_tokens": (int, "most tokens to generate (default: until EOS or the context; 16 for a /v1/completions body)"),
+    "temperature": (float, "0 is greedy"),
+    "top_p": (float, "nucleus sampling: keep the most likely tokens up to this probability"),
+    "top_k": (int, "keep the k most likely tokens; 0 keeps all"),
+    "min_p": (float, "drop tokens below this fraction of the top token's probability"),
+    "repetition_penalty": (float, "over prompt and output tokens; 1 is off"),
+    "presence_penalty": (float, "over output tokens, in [-2, 2]"),
+    "frequency_penalty": (float, "over output tokens, in [-2, 2]"),
+}
+SAMPLING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+
+
+def _sampling_args(parser: argparse.ArgumentParser, system: str) -> None:
+    """The sampling flags and the system prompt (``--system``, or ``--default-system`` for the commands that
+    take requests): what the command's requests take where they leave them out."""
+    g = parser.add_argument_group(
+        "sampling",
+        "what a request that leaves a field out takes; without the flag, the model's generation_config.json "
+        "or else the default shown",
+    )
+    for name, (kind, help_text) in SAMPLING_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        g.add_argument(flag, type=kind, default=None, help=_with_default(help_text, SAMPLING_DEFAULTS[name]))
     g.add_argument("--stop", action="append", default=None, help="a stop string (repeat for several)")
-    g.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
+    g.add_argument("--ignore-eos", action="store_const", const=True, help="go on past the end-of-sequence token")
+    flag = "--" + system.replace("_", "-")
+    g.add_argument(flag, dest=system, default=None, help="the system prompt of conversations that have none")
 
 
-def _server_args(parser: argparse.ArgumentParser) -> None:
+def _server_args(parser: argparse.ArgumentParser, env: bool) -> None:
+    """Where to listen; with ``env``, $API_HOST and $API_PORT (as LLaMA-Factory's api reads them) set the defaults."""
     g = parser.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
-    g.add_argument("--port", type=int, default=8000, help="the port to listen on; 0 picks a free one (default: 8000)")
+    host, port = (
+        (os.environ.get("API_HOST", "127.0.0.1"), os.environ.get("API_PORT", 8000)) if env else ("127.0.0.1", 8000)
+    )
+    g.add_argument(
+        "--host",
+        default=host,
+        help="the address to listen on" + env * "; $API_HOST sets it too" + " (default: 127.0.0.1)",
+    )
+    port_help = "the port to listen on; 0 picks a free one" + env * "; $API_PORT sets it too" + " (default: 8000)"
+    g.add_argument("--port", type=int, default=port, help=port_help)
     g.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: the model's)")
     g.add_argument(
         "--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and the tokenizer routes"
     )
+    g.add_argument("--disable-log-requests", action="store_true", help="log no line per request")
 
 
-SAMPLING_KEYS = (
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "stop",
-    "ignore_eos",
-    "lora",
-)
+def _batch_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", help="JSONL requests: {id, prompt} or {id, messages}, or OpenAI batch lines")
+    parser.add_argument("--output", help="JSONL results, appended to; ids already there are skipped")
+    parser.add_argument("--retry-errors", action="store_true", help="run the error records of --output again")
+    g = parser.add_argument_group("LLaMA-Factory batch prediction, instead of --input and --output")
+    g.add_argument("--eval-dataset", metavar="NAME[,NAME...]", help="the datasets of dataset_info.json to answer")
+    g.add_argument("--dataset-dir", default="data", help="the folder of dataset_info.json (default: data)")
+    g.add_argument("--max-samples", type=int, default=None, help="answer the first N samples of each dataset")
+    g.add_argument(
+        "--cutoff-len", type=int, default=CUTOFF_LEN, help=_with_default("most prompt and label tokens", CUTOFF_LEN)
+    )
+    g.add_argument("--output-dir", help=f"where {PREDICTIONS} goes; the lines already there are skipped")
 
 
 def _engine(args: argparse.Namespace) -> AsyncEngine:
     return AsyncEngine(**engine_args(args))
 
 
-def _params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(**{k: getattr(args, k) for k in SAMPLING_KEYS})
+def _defaults(args: argparse.Namespace) -> RequestDefaults:
+    """The sampling options and the system prompt that the flags give, for requests that leave them out."""
+    names = [*SAMPLING_FLAGS, "stop", "ignore_eos", "lora"]
+    sampling = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return RequestDefaults(sampling, getattr(args, "system", getattr(args, "default_system", None)))
+
+
+def _params(engine: AsyncEngine, defaults: RequestDefaults) -> SamplingParams:
+    """The flags' sampling options over the model's defaults (once the engine has started)."""
+    return dataclasses.replace(engine.default_sampling_params(), **defaults.sampling)
 
 
 async def _generate(args: argparse.Namespace) -> None:
-    params = _params(args)
+    defaults = _defaults(args)
     async with _engine(args) as engine:
+        params = _params(engine, defaults)
         chat = args.chat if args.chat is not None else engine.has_chat_template
         for i, prompt in enumerate(args.prompts):
             if i:
                 print()
-            stream = (
-                engine.chat([{"role": "user", "content": prompt}], params) if chat else engine.generate(prompt, params)
-            )
+            messages = with_system([{"role": "user", "content": prompt}], defaults.system)
+            stream = engine.chat(messages, params) if chat else engine.generate(prompt, params)
             async for out in stream:
                 print(out.outputs[0].text, end="", flush=True)
             print()
@@ -141,9 +178,11 @@ async def _demo(args: argparse.Namespace) -> None:
 
     Every answer runs at once; they are shown in order, each as its deltas come (the later ones
     from what they had gathered by then)."""
-    params = _params(args)
+    defaults = _defaults(args)
     async with _engine(args) as engine:
-        streams = [engine.chat([{"role": "user", "content": prompt}], params) for prompt in DEMO_PROMPTS]
+        params = _params(engine, defaults)
+        chats = [with_system([{"role": "user", "content": prompt}], defaults.system) for prompt in DEMO_PROMPTS]
+        streams = [engine.chat(messages, params) for messages in chats]
         held: list[list[RequestOutput]] = [[] for _ in DEMO_PROMPTS]
         shown, prompt_tokens, generated = 0, 0, 0
         start = time.perf_counter()
@@ -177,22 +216,32 @@ async def _serve(args: argparse.Namespace) -> None:
         api_key=args.api_key,
         announce=args.command == "webchat",
         default_lora=args.lora,
+        defaults=_defaults(args),
+        log_requests=not args.disable_log_requests,
     )
 
 
 async def _chat(args: argparse.Namespace) -> None:
     from tristream.terminal_chat import run_chat
 
+    defaults = _defaults(args)
     async with _engine(args) as engine:
-        await run_chat(engine, _params(args), system=args.system)
+        await run_chat(engine, _params(engine, defaults), system=defaults.system)
 
 
 async def _batch(args: argparse.Namespace) -> None:
     from tristream.batch import check_paths, run_batch
+    from tristream.datasets import read_samples, run_predict
 
+    defaults = _defaults(args)
+    if args.eval_dataset is not None:
+        samples = read_samples(args.eval_dataset, args.dataset_dir, args.max_samples)
+        async with _engine(args) as engine:
+            await run_predict(engine, defaults, samples, args.output_dir, args.cutoff_len)
+        return
     check_paths(args.input, args.output)
     async with _engine(args) as engine:
-        await run_batch(engine, _params(args), args.input, args.output, engine.lora_adapters)
+        await run_batch(engine, defaults, args.input, args.output, engine.lora_adapters, args.retry_errors)
 
 
 COMMANDS = {"generate": _generate, "demo": _demo, "serve": _serve, "webchat": _serve, "chat": _chat, "batch": _batch}
@@ -200,6 +249,7 @@ COMMANDS = {"generate": _generate, "demo": _demo, "serve": _serve, "webchat": _s
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tristream", description="tristream LLM inference engine")
+    parser.add_argument("--version", action="version", version=f"tristream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="stream completions of prompts to stdout")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
@@ -207,24 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat", action=argparse.BooleanOptionalAction, default=None,
         help="apply the chat template (default: when the model has one)",
     )  # fmt: skip
-    _sampling_args(gen, max_tokens=256)
-    demo = sub.add_parser("demo", help="stream answers to a few chat prompts, then print throughput")
-    _sampling_args(demo, max_tokens=128, temperature=0.0)
-    for name, help_text in (
-        ("serve", "run the OpenAI-compatible HTTP server"),
-        ("webchat", "run the server and print the address of its web chat page"),
-    ):
-        _server_args(sub.add_parser(name, help=help_text))
-    chat = sub.add_parser("chat", help="chat with a model in the terminal")
-    chat.add_argument("--system", default=None, help="the system prompt")
-    _sampling_args(chat, max_tokens=512)
-    batch = sub.add_parser("batch", help="run a JSONL file of requests into a JSONL file of results")
-    batch.add_argument("--input", help="JSONL requests: {id, prompt} or {id, messages}, or OpenAI batch lines")
-    batch.add_argument("--output", help="JSONL results, appended to; ids already there are skipped")
-    _sampling_args(batch, max_tokens=256, temperature=0.0)
+    sub.add_parser("demo", help="stream answers to a few chat prompts, then print throughput")
+    _server_args(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server"), env=True)
+    _server_args(sub.add_parser("webchat", help="run the server and print the address of its web chat page"), False)
+    sub.add_parser("chat", help="chat with a model in the terminal")
+    _batch_args(sub.add_parser("batch", help="run a JSONL file of requests, or LLaMA-Factory datasets, into results"))
     for name, command in sub.choices.items():
         if name in TAKES_MODEL:
             command.add_argument("target", nargs="?", metavar="MODEL|CONFIG.yaml", help=TARGET_HELP)
+        _sampling_args(command, "default_system" if name in TAKE_REQUESTS else "system")
         add_engine_args(command)
         command.add_argument("--lora", default=None, metavar="NAME", help=LORA_HELP)
     return parser
@@ -232,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands whose first argument is a model (as in ``vllm serve MODEL``) or a YAML file of their options.
 TAKES_MODEL = ("serve", "webchat", "chat", "batch")
+# Commands that run requests given to them, whose system prompt is a default: ``--default-system``.
+TAKE_REQUESTS = ("serve", "webchat", "batch")
 LORA_HELP = "the adapter of --lora-modules that this command's requests use (serve: those naming the model)"
 TARGET_HELP = "the model (like --model), or a YAML file of these options that flags override"
 
@@ -261,8 +304,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; a YAML config file sets defaults that flags override."""
     parser = build_parser()
     args = _apply_target(parser, parser.parse_args(argv), argv)
-    if args.command == "batch" and (not args.input or not args.output):
-        parser.error("batch needs --input and --output (as flags or in the config file)")
+    if args.command == "batch" and not (args.input and args.output or args.eval_dataset and args.output_dir):
+        parser.error("batch needs --input and --output, or --eval-dataset and --output-dir (as flags or in a YAML)")
+    if args.chat_template is not None:
+        try:
+            resolve_chat_template(args.chat_template)
+        except ValueError as e:
+            parser.error(str(e))
     if args.lora is not None and args.lora not in (args.lora_adapters or {}):
         parser.error(
             f"--lora {args.lora}: no adapter of that name in --lora-modules "

@@ -17,12 +17,30 @@ ALIASES = {
     "max_new_tokens": "max_tokens",
     "default_system": "system",
     "lora_modules": "lora_adapters",
+    "infer_dtype": "dtype",
+    "vllm_maxlen": "max_model_len",
+    "vllm_gpu_util": "gpu_memory_utilization",
+    "vllm_enforce_eager": "enforce_eager",
+    "vllm_max_lora_rank": "max_lora_rank",
 }
+# LLaMA-Factory's keys that only matter for training (a prediction YAML of ``llamafactory-cli train`` has them).
+TRAINING = (
+    "stage do_train do_eval deepspeed per_device_eval_batch_size per_device_train_batch_size predict_with_generate "
+    "gradient_accumulation_steps overwrite_cache overwrite_output_dir preprocessing_num_workers dataloader_num_workers "
+    "report_to ddp_timeout fp16 bf16 pure_bf16 flash_attn learning_rate num_train_epochs max_steps lr_scheduler_type "
+    "warmup_ratio warmup_steps weight_decay logging_steps save_steps plot_loss val_size eval_strategy eval_steps "
+    "dataset lora_rank lora_alpha lora_dropout lora_target"
+).split()
 IGNORED = {
     "infer_backend": "tristream is its own backend",
     "trust_remote_code": "tristream runs no remote code",
     "finetuning_type": "adapters come from adapter_name_or_path",
+    "num_beams": "tristream has no beam search; requests sample as configured",
+    "quantization_bit": "tristream loads the checkpoint as it is",
+    **dict.fromkeys(TRAINING, "it only matters for training"),
 }
+# The keys of LLaMA-Factory's batch prediction: flags of ``tristream batch``, which ``do_predict`` selects.
+PREDICT_KEYS = ("do_predict", "eval_dataset", "dataset_dir", "max_samples", "cutoff_len", "output_dir")
 
 
 def is_config_file(arg: str) -> bool:
@@ -64,7 +82,8 @@ def _adapter(path: str, value: object) -> tuple[str, str]:
 def load_config_file(path: str, known: set[str]) -> dict:
     """The flag defaults that a YAML file sets; ``ValueError`` names any key no flag has.
 
-    ``adapter_name_or_path`` adds that adapter to ``lora_adapters`` and makes it the default ``lora``.
+    ``adapter_name_or_path`` adds that adapter to ``lora_adapters`` and makes it the default ``lora``;
+    ``do_sample: false`` is greedy (temperature 0), as in LLaMA-Factory.
     """
     p = Path(path)
     if not p.is_file():
@@ -82,10 +101,15 @@ def load_config_file(path: str, known: set[str]) -> dict:
         if name in IGNORED:
             logger.warning("config file %s: %s is ignored (%s)", path, key, IGNORED[name])
             continue
+        if name in PREDICT_KEYS and "eval_dataset" not in known:
+            logger.warning("config file %s: %s is ignored (only `tristream batch` predicts over datasets)", path, key)
+            continue
+        if name in ("do_predict", "do_sample"):
+            continue
         if name == "adapter_name_or_path":
             adapter = _adapter(path, value) if value is not None else None
             continue
-        name = ALIASES.get(name, name)
+        name = ALIASES[name] if ALIASES.get(name) in known else name
         if name not in known:
             raise ValueError(f"config file {path}: unknown key {key!r}")
         if name == "lora_adapters":
@@ -94,6 +118,8 @@ def load_config_file(path: str, known: set[str]) -> dict:
             except ValueError as e:
                 raise ValueError(f"config file {path}: {key}: {e}") from None
         out[name] = value
+    if data.get("do_sample") is False:
+        out["temperature"] = 0.0
     if adapter is not None:
         name, adapter_dir = adapter
         adapters = out.setdefault("lora_adapters", {})

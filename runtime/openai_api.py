@@ -11,7 +11,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -61,6 +61,32 @@ class EngineCall:
         if self.messages is not None:
             return engine.chat(self.messages, self.params, request_id, self.chat_template_kwargs)
         return engine.generate(self.prompt, self.params, request_id)
+
+
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
+    """``messages`` opened by the system prompt ``system``, unless it is None or they have one."""
+    if system is None or any(m["role"] in ("system", "developer") for m in messages):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
+
+
+@dataclass
+class RequestDefaults:
+    """What a server or batch job gives the requests that leave it out: SamplingParams fields (the command's
+    sampling options) and a system prompt for conversations that have none."""
+
+    sampling: dict[str, Any] = field(default_factory=dict)
+    system: str | None = None
+
+    def base(self, body: _SamplingFields, engine: AsyncEngine) -> SamplingParams:
+        """What the fields ``body`` leaves out take: these sampling fields, over the model's generation_config.json
+        defaults, over the body's own default ``max_tokens`` (OpenAI's 16 for completions)."""
+        omitted = {} if "max_tokens" in body.model_fields_set else {"max_tokens": body.max_tokens}
+        return dataclasses.replace(engine.default_sampling_params(**omitted), **self.sampling)
+
+    def calls(self, body: _SamplingFields, engine: AsyncEngine) -> list[EngineCall]:
+        """The engine requests of ``body``, with these defaults."""
+        return body.calls(self.base(body, engine), self.system)
 
 
 def usage(outputs: list[RequestOutput], completion_tokens: int) -> dict:
@@ -466,12 +492,13 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("messages must be a non-empty list of message objects")
         return value
 
-    def conversation(self) -> list[dict]:
-        """The messages as the chat template takes them."""
-        return [
+    def conversation(self, system: str | None = None) -> list[dict]:
+        """The messages as the chat template takes them, opened by ``system`` unless they have a system prompt."""
+        messages = [
             {"role": m.role, "content": m.text(i), **({"name": m.name} if m.name else {})}
             for i, m in enumerate(self.messages)
         ]
+        return with_system(messages, system)
 
     def echo_text(self) -> str:
         """What ``echo`` puts before the reply: the last message, when the assistant's."""
@@ -494,10 +521,11 @@ class ChatCompletionRequest(_SamplingFields):
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._params(base, max_tokens, logprobs, None)
 
-    def calls(self, base: SamplingParams | None = None) -> list[EngineCall]:
-        """The one engine request of this body."""
+    def calls(self, base: SamplingParams | None = None, system: str | None = None) -> list[EngineCall]:
+        """The one engine request of this body; ``system`` opens a conversation that has no system prompt."""
         kwargs = {"add_generation_prompt": self.add_generation_prompt, **(self.chat_template_kwargs or {})}
-        return [EngineCall(self.sampling_params(base), messages=self.conversation(), chat_template_kwargs=kwargs)]
+        messages = self.conversation(system)
+        return [EngineCall(self.sampling_params(base), messages=messages, chat_template_kwargs=kwargs)]
 
 
 class CompletionRequest(_SamplingFields):
@@ -528,8 +556,8 @@ class CompletionRequest(_SamplingFields):
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
         return self._params(base, self.max_tokens, self.logprobs, prompt_logprobs)
 
-    def calls(self, base: SamplingParams | None = None) -> list[EngineCall]:
-        """One engine request per prompt, all with the same parameters."""
+    def calls(self, base: SamplingParams | None = None, system: str | None = None) -> list[EngineCall]:
+        """One engine request per prompt, all with the same parameters (``system`` is for chats)."""
         params = self.sampling_params(base)
         return [EngineCall(params, prompt=p) for p in self.prompts()]
 
@@ -539,6 +567,24 @@ ROUTES: dict[str, type[_SamplingFields]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
 }
+
+
+class SimpleChatRequest(_Body):
+    """``POST /``, the deployment guide's API: a ``prompt`` after a ``history`` of ``[query, response]`` pairs,
+    with ``max_length`` (prompt and answer together), ``top_p`` and ``temperature``."""
+
+    prompt: str
+    history: list[Annotated[list[str], Field(min_length=2, max_length=2)]] | None = None
+    max_length: int | None = Field(default=None, ge=1)
+    top_p: float | None = None
+    temperature: float | None = None
+
+    def chat(self, max_tokens: int | None = None) -> ChatCompletionRequest:
+        """The same request as a chat completions body."""
+        turns = [(role, text) for pair in self.history or [] for role, text in zip(("user", "assistant"), pair)]
+        messages = [{"role": role, "content": text} for role, text in [*turns, ("user", self.prompt)]]
+        given = {"top_p": self.top_p, "temperature": self.temperature, "max_tokens": max_tokens}
+        return ChatCompletionRequest(messages=messages, **{k: v for k, v in given.items() if v is not None})
 
 
 class TokenizeRequest(_Body):

@@ -1,4 +1,5 @@
-"""``tristream batch``: line kinds, resuming after a torn write, ordering, and interrupted runs of the real CLI."""
+"""``tristream batch``: line kinds, resuming after a torn write, ordering, interrupted runs of the real CLI, and
+LLaMA-Factory's batch prediction."""
 
 from __future__ import annotations
 
@@ -16,9 +17,17 @@ import pytest
 
 from tristream import SamplingParams, StructuredOutput
 from tristream.batch import load_written, parse_line, run_batch
+from tristream.datasets import prompt_length, read_samples, run_predict
+from tristream.openai_api import RequestDefaults, with_system
 from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 BASE = SamplingParams(temperature=0, max_tokens=8, stop=["END"])
+# The command's sampling options, which make BASE of what a line leaves out.
+DEFAULTS = RequestDefaults({"temperature": 0, "max_tokens": 8, "stop": ["END"]})
+
+
+def parse(raw: str, line: int):
+    return parse_line(raw, line, DEFAULTS, ReversingEngine())
 
 
 def stable(record: dict) -> dict:
@@ -44,20 +53,20 @@ def record_id(record: dict) -> str | int:
 
 
 def test_prompt_and_messages_lines_with_overrides():
-    job = parse_line('{"id": 7, "prompt": "Hello", "max_tokens": 3, "seed": null, "note": "ignored"}', 1, BASE)
+    job = parse('{"id": 7, "prompt": "Hello", "max_tokens": 3, "seed": null, "note": "ignored"}', 1)
     (call,) = job.calls
     assert (job.id, call.prompt, call.messages, job.openai, job.error) == (7, "Hello", None, False, None)
     assert call.params.max_tokens == 3 and call.params.stop == ["END"] and call.params.temperature == 0
     assert BASE.max_tokens == 8
 
     parts = [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi."}]
-    job = parse_line(json.dumps({"id": "c", "messages": [{"role": "user", "content": parts}]}), 2, BASE)
+    job = parse(json.dumps({"id": "c", "messages": [{"role": "user", "content": parts}]}), 2)
     (call,) = job.calls
     assert call.messages == [{"role": "user", "content": "Say hi."}] and call.prompt is None
     assert call.params == BASE
 
     line = {"id": "d", "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 2, "top_k": -1}
-    (call,) = parse_line(json.dumps(line), 3, BASE).calls
+    (call,) = parse(json.dumps(line), 3).calls
     assert (call.params.max_tokens, call.params.top_k) == (2, 0), (
         "the fields of the chat body, as the server reads them"
     )
@@ -78,7 +87,7 @@ def test_openai_batch_lines_take_their_sampling_fields_from_the_body():
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
     }
     line = {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": body}
-    job = parse_line(json.dumps(line), 3, BASE)
+    job = parse(json.dumps(line), 3)
     assert job.error is None and job.openai and job.id == "r1" and job.body.model == "gpt-4o-mini"
     (call,) = job.calls
     assert call.messages == body["messages"]
@@ -92,7 +101,7 @@ def test_openai_batch_lines_take_their_sampling_fields_from_the_body():
         "url": "/v1/completions",
         "body": {"model": "m", "prompt": "Once", "max_tokens": 4, "response_format": {"type": "json_object"}},
     }
-    job = parse_line(json.dumps(line), 4, BASE)
+    job = parse(json.dumps(line), 4)
     (call,) = job.calls
     assert (call.prompt, call.messages, call.params.max_tokens) == ("Once", None, 4)
     assert call.params.structured == StructuredOutput(json_object=True)
@@ -133,7 +142,7 @@ def test_openai_batch_lines_take_their_sampling_fields_from_the_body():
     ],
 )
 def test_malformed_lines_become_errors_naming_the_line(line, ident, openai, reason):
-    job = parse_line(line, 5, BASE)
+    job = parse(line, 5)
     assert (job.id, job.openai) == (ident, openai)
     assert job.error.startswith("line 5: ") and reason in job.error
 
@@ -162,17 +171,23 @@ def test_a_torn_last_line_is_cut_off_and_counts_as_not_written(tmp_path):
 
 
 class ReversingEngine:
-    """Answers a prompt with it upper-cased, in two deltas; later requests finish first."""
+    """Answers a prompt with it upper-cased, in two deltas; later requests finish first. It refuses the prompts
+    in ``refuse``, and keeps each prompt's parameters and each chat's messages, by their last text."""
 
-    def __init__(self) -> None:
+    def __init__(self, refuse: tuple[str, ...] = ()) -> None:
         self.config = SimpleNamespace(model="/models/stand-in", max_num_seqs=4)
         self.started = 0
         self.running = 0
         self.most_running = 0
+        self.refuse = refuse
         self.params: dict[str, SamplingParams] = {}
+        self.messages: dict[str, list[dict]] = {}
 
     async def start(self) -> None:
         pass
+
+    def default_sampling_params(self, **fields) -> SamplingParams:
+        return SamplingParams(**fields)
 
     async def generate(self, prompt, params=None, request_id=None):
         if not prompt:
@@ -181,10 +196,13 @@ class ReversingEngine:
             yield out
 
     async def chat(self, messages, params=None, request_id=None, chat_template_kwargs=None):
+        self.messages[messages[-1]["content"]] = messages
         async for out in self._answer(messages[-1]["content"], params, request_id):
             yield out
 
     async def _answer(self, text, params, request_id):
+        if text in self.refuse:
+            raise ValueError(f"{text} is refused")
         self.started += 1
         self.params[text] = params
         self.running += 1
@@ -234,13 +252,13 @@ async def test_run_batch_writes_in_input_order_and_resumes(tmp_path, capsys):
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\n\nnot json\n")
     out = tmp_path / "out.jsonl"
     engine = ReversingEngine()
-    summary = await run_batch(engine, BASE, str(src), str(out))
+    summary = await run_batch(engine, DEFAULTS, str(src), str(out))
     assert (summary.done, summary.skipped, summary.errors, summary.tokens) == (5, 0, 3, 85)
     assert engine.most_running > 1 and engine.params["openai chat"].max_tokens == 5
     assert "batch: 5 done, 0 skipped, 3 errors, 85 output tokens" in capsys.readouterr().err
 
     records = read_records(out)
-    assert [record_id(r) for r in records] == ["p1", 2, "c3", "c4", "empty", "p1", "p7", "line-9"]
+    assert [record_id(r) for r in records] == ["p1", 2, "c3", "c4", "empty", "line-6", "p7", "line-9"]
     assert records[0] == {
         "id": "p1",
         "text": "FIRST PROMPT",
@@ -273,7 +291,7 @@ async def test_run_batch_writes_in_input_order_and_resumes(tmp_path, capsys):
     assert body["object"] == "text_completion" and body["model"] == "stand-in"
     assert body["choices"] == [{"index": 0, "text": "OPENAI TEXT", "logprobs": None, "finish_reason": "length"}]
     assert records[4] == {"id": "empty", "error": "line 5: the prompt is empty"}
-    assert records[5] == {"id": "p1", "error": "line 6: duplicate id 'p1' (first on line 1)"}
+    assert records[5] == {"id": "line-6", "duplicate_id": "p1", "error": "line 6: duplicate id 'p1' (first on line 1)"}
     assert records[6]["choices"] == [
         {"text": "LAST PROMPT #0", "finish_reason": "length"},
         {"text": "LAST PROMPT #1", "finish_reason": "length"},
@@ -281,19 +299,83 @@ async def test_run_batch_writes_in_input_order_and_resumes(tmp_path, capsys):
     assert records[7]["id"] == "line-9" and "not valid JSON" in records[7]["error"]
 
     full = out.read_bytes()
-    again = await run_batch(ReversingEngine(), BASE, str(src), str(out))
+    again = await run_batch(ReversingEngine(), DEFAULTS, str(src), str(out))
     assert (again.done, again.skipped, again.errors) == (0, 8, 0) and out.read_bytes() == full
 
     kept = full.splitlines(keepends=True)[:4]
     out.write_bytes(b"".join(kept) + full.splitlines(keepends=True)[4][:9])
-    resumed = await run_batch(ReversingEngine(), BASE, str(src), str(out))
+    resumed = await run_batch(ReversingEngine(), DEFAULTS, str(src), str(out))
     assert (resumed.done, resumed.skipped, resumed.errors) == (1, 4, 3)
     assert [stable(r) for r in read_records(out)] == [stable(r) for r in records]
 
 
+def openai_line(custom_id: str, url: str, **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+async def test_lines_take_openai_defaults_unless_the_command_gives_its_own(tmp_path):
+    lines = [
+        openai_line("a", "/v1/chat/completions", messages=[{"role": "user", "content": "two samples"}], n=2),
+        openai_line("b", "/v1/completions", prompt="a completion"),
+        {"id": "c", "messages": [{"role": "user", "content": "no system"}]},
+        {"id": "d", "messages": [{"role": "system", "content": "Own."}, {"role": "user", "content": "own system"}]},
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    engine = ReversingEngine()
+    await run_batch(engine, RequestDefaults({}, "Be brief."), str(src), str(tmp_path / "out.jsonl"))
+    two, completion = engine.params["two samples"], engine.params["a completion"]
+    assert (two.temperature, two.n, two.max_tokens) == (1.0, 2, None), "OpenAI's defaults, so n=2 samples two"
+    assert (completion.temperature, completion.max_tokens) == (1.0, 16), "OpenAI's max_tokens of a completion"
+    assert engine.messages["no system"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "no system"},
+    ]
+    assert engine.messages["own system"][0] == {"role": "system", "content": "Own."}
+    assert len(engine.messages["own system"]) == 2
+
+    engine = ReversingEngine()
+    await run_batch(engine, RequestDefaults({"temperature": 0.0, "max_tokens": 5}), str(src), str(tmp_path / "o2"))
+    two, completion = engine.params["two samples"], engine.params["a completion"]
+    assert (two.temperature, two.max_tokens, completion.temperature, completion.max_tokens) == (0.0, 5, 0.0, 5)
+    assert engine.messages["no system"] == [{"role": "user", "content": "no system"}]
+
+
+async def test_retry_errors_runs_the_error_records_again(tmp_path, capsys):
+    chat = [{"role": "user", "content": "openai"}]
+    lines = [
+        {"id": "p1", "prompt": "first"},
+        {"id": "p2", "prompt": "flaky"},
+        openai_line("c", "/v1/chat/completions", messages=chat),
+        {"id": "p1", "prompt": "first again"},
+        openai_line("c", "/v1/chat/completions", messages=chat),
+        {"id": "p3", "prompt": "last"},
+    ]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    first = await run_batch(ReversingEngine(refuse=("flaky",)), DEFAULTS, str(src), str(out))
+    assert (first.done, first.errors) == (3, 3)
+    records = read_records(out)
+    assert [record_id(r) for r in records] == ["p1", "p2", "c", "line-4", "line-5", "p3"]
+    assert records[1] == {"id": "p2", "error": "line 2: flaky is refused"}
+    assert records[3] == {"id": "line-4", "duplicate_id": "p1", "error": "line 4: duplicate id 'p1' (first on line 1)"}
+    assert (records[4]["custom_id"], records[4]["duplicate_id"], records[4]["response"]) == ("line-5", "c", None)
+    assert records[4]["error"]["message"] == "line 5: duplicate id 'c' (first on line 3)"
+
+    again = await run_batch(ReversingEngine(), DEFAULTS, str(src), str(out))
+    assert (again.done, again.skipped, again.errors) == (0, 6, 0) and read_records(out) == records
+
+    retried = await run_batch(ReversingEngine(), DEFAULTS, str(src), str(out), retry_errors=True)
+    assert (retried.done, retried.skipped, retried.errors) == (1, 3, 2)
+    after = read_records(out)
+    assert [record_id(r) for r in after] == ["p1", "c", "p3", "p2", "line-4", "line-5"]
+    assert after[3]["text"] == "FLAKY" and [after[0], after[1], after[2]] == [records[0], records[2], records[5]]
+    assert "batch: 1 done, 3 skipped, 2 errors" in capsys.readouterr().err
+
+
 async def test_a_missing_input_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such.jsonl"):
-        await run_batch(ReversingEngine(), BASE, str(tmp_path / "no-such.jsonl"), str(tmp_path / "out.jsonl"))
+        await run_batch(ReversingEngine(), DEFAULTS, str(tmp_path / "no-such.jsonl"), str(tmp_path / "out.jsonl"))
 
 
 # ---------------------------------------------------------------- the CLI on the bundled model, interrupted
@@ -473,3 +555,137 @@ def test_interrupted_runs_resume_to_the_same_result_as_one_run(tmp_path, alive):
     lines_before = second.count(b"\n")
     assert f"{lines_before} skipped" in last.stderr
     assert [stable(r) for r in read_records(out)] == [stable(r) for r in reference]
+
+
+# ---------------------------------------------------------------- LLaMA-Factory batch prediction
+
+
+def write_datasets(folder: Path) -> None:
+    """An alpaca dataset with its own column names, and a sharegpt one with OpenAI-style tags and a broken row."""
+    folder.mkdir()
+    alpaca = [
+        {"q": "What is the capital of France?", "ctx": "", "a": "Paris."},
+        {"q": "Translate to French:", "ctx": "cat", "a": "chat", "sys": "You translate."},
+        {"q": "Not read: past max_samples", "a": ""},
+    ]
+    (folder / "alpaca.json").write_text(json.dumps(alpaca))
+    turns = [("user", "Hi"), ("assistant", "Hello!"), ("user", "Name a color."), ("assistant", "Blue.")]
+    chats = [
+        {"messages": [{"role": r, "content": c} for r, c in turns]},
+        {"messages": [{"role": "robot", "content": "?"}]},
+    ]
+    (folder / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    info = {
+        "alpaca_mine": {
+            "file_name": "alpaca.json",
+            "columns": {"prompt": "q", "query": "ctx", "response": "a", "system": "sys"},
+        },
+        "chats": {
+            "file_name": "chats.jsonl",
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages"},
+            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+        },
+    }
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+
+
+def test_samples_of_alpaca_and_sharegpt_datasets(tmp_path):
+    write_datasets(tmp_path / "data")
+    samples = read_samples("alpaca_mine, chats", str(tmp_path / "data"), max_samples=2)
+    assert [(s.messages, s.label) for s in samples[:3]] == [
+        ([{"role": "user", "content": "What is the capital of France?"}], "Paris."),
+        (
+            [{"role": "system", "content": "You translate."}, {"role": "user", "content": "Translate to French:\ncat"}],
+            "chat",
+        ),
+        (
+            [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Name a color."},
+            ],
+            "Blue.",
+        ),
+    ]
+    assert "dataset 'chats' sample 1" in samples[3].error and "'robot'" in samples[3].error and len(samples) == 4
+    with pytest.raises(ValueError, match="dataset 'nope' is not in .*dataset_info.json .it has alpaca_mine, chats"):
+        read_samples(["nope"], str(tmp_path / "data"))
+    with pytest.raises(FileNotFoundError, match="no dataset_info.json"):
+        read_samples("chats", str(tmp_path))
+
+
+@pytest.mark.parametrize("prompt, label, kept", [(100, 10, 40), (10, 100, 10), (60, 40, 30), (30, 5, 30), (0, 0, 0)])
+def test_prompts_are_cut_as_llama_factory_cuts_them(prompt, label, kept):
+    """cutoff_len 50: a short label keeps its room, a short prompt all of it, else they share in proportion."""
+    assert prompt_length(prompt, label, 50) == kept
+
+
+async def test_predictions_are_the_engines_answers(tmp_path, engine, tokenizer):
+    write_datasets(tmp_path / "data")
+    samples = read_samples("alpaca_mine,chats", str(tmp_path / "data"), max_samples=2)
+    defaults = RequestDefaults({"temperature": 0.0, "max_tokens": 6}, "Be terse.")
+    summary = await run_predict(engine, defaults, samples, str(tmp_path / "saves"))
+    assert (summary.done, summary.errors, summary.skipped) == (3, 1, 0)
+    path = tmp_path / "saves" / "generated_predictions.jsonl"
+    records = read_records(path)
+    assert [set(r) for r in records] == [{"prompt", "predict", "label"}] * 3 + [{"prompt", "predict", "label", "error"}]
+    for sample, record in zip(samples[:3], records):
+        messages = with_system(sample.messages, "Be terse.")
+        assert record["prompt"] == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        greedy = SamplingParams(temperature=0, max_tokens=6)
+        assert record["predict"] == "".join([o.outputs[0].text async for o in engine.chat(messages, greedy)])
+        assert record["label"] == sample.label
+    assert records[1]["prompt"].count("system") == 1 and "You translate." in records[1]["prompt"]
+
+    whole = path.read_bytes()
+    path.write_bytes(whole[: whole.index(b"\n") + 10])
+    resumed = await run_predict(engine, defaults, samples, str(tmp_path / "saves"))
+    assert (resumed.done, resumed.skipped) == (2, 1) and read_records(path) == records
+
+    cut = await run_predict(engine, defaults, samples[:1], str(tmp_path / "cut"), cutoff_len=12)
+    assert cut.done == 1
+    text = tokenizer.apply_chat_template(
+        with_system(samples[0].messages, "Be terse."), tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    kept = prompt_length(len(ids), len(tokenizer.encode("Paris.", add_special_tokens=False)), 12)
+    assert read_records(tmp_path / "cut" / "generated_predictions.jsonl")[0]["prompt"] == tokenizer.decode(ids[:kept])
+
+
+PREDICT_YAML = """\
+stage: sft
+do_predict: true
+finetuning_type: lora
+template: chatml
+eval_dataset: alpaca_mine
+dataset_dir: {data}
+max_samples: 2
+cutoff_len: 1024
+max_new_tokens: 4
+do_sample: false
+per_device_eval_batch_size: 1
+predict_with_generate: true
+output_dir: {out}
+"""
+
+
+def test_a_llama_factory_prediction_yaml_runs(tmp_path):
+    write_datasets(tmp_path / "data")
+    config = tmp_path / "predict.yaml"
+    config.write_text(PREDICT_YAML.format(data=tmp_path / "data", out=tmp_path / "saves"))
+    done = subprocess.run(
+        [sys.executable, "-m", "tristream", "batch", str(config), "--max-model-len", "1024"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert done.returncode == 0, done.stderr
+    for key in ("stage", "finetuning_type", "per_device_eval_batch_size", "predict_with_generate"):
+        assert f"{key} is ignored" in done.stderr
+    assert "batch: 2 done, 0 skipped, 0 errors" in done.stderr
+    records = read_records(tmp_path / "saves" / "generated_predictions.jsonl")
+    assert [r["label"] for r in records] == ["Paris.", "chat"]
+    assert records[0]["prompt"].startswith("<|im_start|>user\nWhat is the capital of France?")
+    assert all(r["predict"] for r in records)

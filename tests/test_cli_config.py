@@ -9,7 +9,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from tristream import AsyncEngine
-from tristream.cli import _engine, _params, parse_args
+from tristream.cli import _defaults, _engine, parse_args
+from tristream.openai_api import RequestDefaults
 from tristream.server import build_app
 from tristream.tokenizer_proc.templates import BUILTIN_TEMPLATES, resolve_chat_template
 
@@ -134,7 +135,7 @@ def test_lora_flags_reach_the_engine_and_the_requests():
     )
     config = _engine(args).config
     assert (config.lora_adapters, config.max_loras, config.max_lora_rank) == ({"a": "/x", "b": "/y"}, 3, 8)
-    assert _params(args).lora == "b"
+    assert _defaults(args).sampling["lora"] == "b"
     plain = parse_args(["serve"])
     assert (_engine(plain).config.lora_adapters, plain.lora) == (None, None)
 
@@ -165,7 +166,7 @@ def test_yaml_adapter_name_or_path_loads_it_and_makes_it_the_default(tmp_path):
     )
     args = parse_args(["chat", config])
     assert args.lora_adapters == {"other": "/adapters/other", "sft": "saves/llama3-8b/lora/sft/"}
-    assert args.lora == "sft" and _params(args).lora == "sft"
+    assert args.lora == "sft" and _defaults(args).sampling["lora"] == "sft"
     args = parse_args(["serve", write(tmp_path, "lora_modules: [a=/x, b=/y]\nlora: b\n", "list.yaml")])
     assert (args.lora_adapters, args.lora) == ({"a": "/x", "b": "/y"}, "b")
 
@@ -216,3 +217,151 @@ def test_the_first_argument_is_a_model_or_a_config_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["serve", "/models/m", "--model", "/models/other"])
     assert "the model is given twice" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import importlib.metadata
+
+    import tristream
+
+    assert tristream.__version__ == importlib.metadata.version("tristream")
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"tristream {tristream.__version__}"
+
+
+COMMANDS = ["generate x", "demo", "serve", "webchat", "chat", "batch --input i --output o"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_one_set_of_sampling_defaults_shown_in_every_help(capsys, command):
+    """No sampling flag: no default of the command's own, so a request takes the model's and SamplingParams'."""
+    argv = command.split()
+    assert _defaults(parse_args(argv)).sampling == {}
+    with pytest.raises(SystemExit):
+        parse_args([argv[0], "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in (
+        "--temperature TEMPERATURE 0 is greedy (default: 1.0)",
+        "--top-p TOP_P nucleus sampling: keep the most likely tokens up to this probability (default: 1.0)",
+        "--top-k TOP_K keep the k most likely tokens; 0 keeps all (default: 0)",
+        "--max-tokens MAX_TOKENS most tokens to generate (default: until EOS or the context; 16 for a",
+        "--repetition-penalty REPETITION_PENALTY over prompt and output tokens; 1 is off (default: 1.0)",
+    ):
+        assert text in out
+    flags = "--temperature 0.5 --top-p 0.9 --max-tokens 7 --stop END --ignore-eos".split()
+    assert _defaults(parse_args([*argv, *flags])).sampling == {
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "max_tokens": 7,
+        "stop": ["END"],
+        "ignore_eos": True,
+    }
+
+
+LLAMA_FACTORY = """\
+template: chatml
+default_system: You are terse.
+temperature: 0.3
+top_p: 0.8
+max_new_tokens: 20
+vllm_maxlen: 512
+do_predict: true
+eval_dataset: alpaca_demo
+dataset_dir: data
+output_dir: saves/predict
+cutoff_len: 256
+stage: sft
+finetuning_type: lora
+per_device_eval_batch_size: 1
+predict_with_generate: true
+deepspeed: ds_z3.json
+"""
+
+
+@pytest.mark.parametrize("command", ["chat", "webchat", "serve", "batch"])
+def test_one_llama_factory_yaml_serves_every_command(tmp_path, caplog, command):
+    config = write(tmp_path, LLAMA_FACTORY)
+    with caplog.at_level("WARNING", logger="tristream"):
+        args = parse_args([command, config])
+    defaults = _defaults(args)
+    assert defaults == RequestDefaults({"temperature": 0.3, "top_p": 0.8, "max_tokens": 20}, "You are terse.")
+    assert (args.chat_template, args.max_model_len) == ("chatml", 512)
+    ignored = {m.split(": ")[1].split()[0] for m in caplog.messages if "is ignored" in m}
+    assert {"stage", "finetuning_type", "per_device_eval_batch_size", "predict_with_generate", "deepspeed"} <= ignored
+    prediction = {"do_predict", "eval_dataset", "dataset_dir", "output_dir", "cutoff_len"}
+    if command == "batch":
+        assert (args.eval_dataset, args.dataset_dir, args.output_dir, args.cutoff_len) == (
+            "alpaca_demo",
+            "data",
+            "saves/predict",
+            256,
+        )
+        assert not ignored & prediction
+    else:
+        assert prediction <= ignored
+        assert all("only `tristream batch`" in m for m in caplog.messages if m.split(": ")[1].split()[0] in prediction)
+
+
+def test_llama_factory_do_sample_false_is_greedy(tmp_path):
+    args = parse_args(["serve", write(tmp_path, "do_sample: false\ntemperature: 0.9\ntop_k: 5\n")])
+    assert _defaults(args).sampling == {"temperature": 0.0, "top_k": 5}
+    args = parse_args(["serve", write(tmp_path, "do_sample: true\ntemperature: 0.9\n", "b.yaml")])
+    assert _defaults(args).sampling == {"temperature": 0.9}
+
+
+def test_api_port_and_host_set_the_server_address(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("API_PORT", "9123")
+    monkeypatch.setenv("API_HOST", "0.0.0.0")
+    args = parse_args(["serve"])
+    assert (args.host, args.port) == ("0.0.0.0", 9123)
+    assert parse_args(["serve", "--port", "9200", "--host", "127.0.0.2"]).port == 9200
+    assert parse_args(["serve", write(tmp_path, "port: 9300\n")]).port == 9300
+    assert (parse_args(["webchat"]).port, parse_args(["webchat"]).host) == (8000, "127.0.0.1")
+    monkeypatch.setenv("API_PORT", "eighty")
+    with pytest.raises(SystemExit):
+        parse_args(["serve"])
+    assert "invalid int value: 'eighty'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv", [["chat", "--chat-template", "qwen2.5"], ["serve", "--chat-template", "/no/such.jinja"]]
+)
+def test_a_bad_template_name_is_refused_before_anything_starts(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "is neither a file nor a built-in template" in err
+    assert "llama3, " in err and "mistral" in err and "Traceback" not in err
+
+
+def test_llama_factory_templates_render_as_llama_factory_does(model_dir):
+    """The text each template of LLaMA-Factory's template.py gives, with the bundled model's bos and eos."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    system, user, answer, again = "Be brief.", "Hi", "Hello", "Bye"
+    conversation = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": again},
+    ]
+    expected = {
+        "default": f"System: {system}{eos}\nHuman: {user}{eos}\nAssistant:{answer}{eos}\nHuman: {again}{eos}\nAssistant:",
+        "mistral": f"{bos}[INST] {system}\n\n{user}[/INST] {answer}{eos}[INST] {again}[/INST]",
+        "llama2": f"{bos}[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]{answer}{eos}{bos}[INST] {again} [/INST]",
+        "gemma": f"{bos}<start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n<start_of_turn>model\n{answer}"
+        f"<end_of_turn>\n<start_of_turn>user\n{again}<end_of_turn>\n<start_of_turn>model\n",
+        "empty": system + user + answer + again,
+        "chatml": tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True),
+    }
+    for name, text in expected.items():
+        tokenizer.chat_template = resolve_chat_template(name)
+        assert tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == text, name
+    tokenizer.chat_template = resolve_chat_template("alpaca")
+    assert tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+    ) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        f"\n\n### Instruction:\n{user}\n\n### Response:\n"
+    )

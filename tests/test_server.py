@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import jsonschema
@@ -10,6 +11,7 @@ import openai
 import pytest
 
 from tristream import SamplingParams
+from tristream.openai_api import RequestDefaults
 from tristream.server import build_app
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -387,3 +389,50 @@ def test_metrics_count_the_requests_sent(live_server, client, model, scrape):
         delta("tristream_step_gpu_busy_seconds_total{}") > 0 and delta("tristream_step_scheduler_seconds_total{}") > 0
     )
     assert delta("tristream_step_gpu_idle_seconds_total{}") >= 0 and delta("tristream_step_ipc_seconds_total{}") >= 0
+
+
+async def test_the_deployment_guides_simple_api(live_server, engine):
+    """``POST /`` with a prompt and a history of [query, response] pairs, as the guide's api.py answers it."""
+    history = [["What is the capital of France?", "The capital of France is Paris."]]
+    body = {"prompt": "And of Italy?", "history": history, "temperature": 0, "max_length": 200}
+    r = post(live_server, "/", body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert set(answer) == {"response", "history", "status", "time"} and answer["status"] == 200
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", answer["time"])
+    messages = [
+        {"role": "user", "content": history[0][0]},
+        {"role": "assistant", "content": history[0][1]},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    prompt = await engine.tokenize(messages=messages)
+    params = SamplingParams(temperature=0, max_tokens=200 - len(prompt))
+    assert answer["response"] == "".join([o.outputs[0].text async for o in engine.chat(messages, params)])
+    assert answer["history"] == [*history, ["And of Italy?", answer["response"]]]
+    first = post(live_server, "/", {"prompt": "Hi", "max_length": 40}).json()
+    assert first["history"] == [["Hi", first["response"]]]
+    assert_error(post(live_server, "/", {"prompt": "Hi", "max_length": 3}), 400, "no room", param="max_length")
+    assert_error(post(live_server, "/", {"history": []}), 400, param="prompt")
+    assert_error(post(live_server, "/", {"prompt": "Hi", "history": [["only a query"]]}), 400, param="history")
+    assert httpx.get(live_server.url + "/").text.lstrip().lower().startswith("<!doctype html>")
+
+
+async def test_the_servers_defaults_fill_in_what_requests_leave_out(engine):
+    defaults = RequestDefaults({"max_tokens": 3, "temperature": 0.0}, "Answer in French.")
+    transport = httpx.ASGITransport(app=build_app(engine, "m", defaults=defaults))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as http:
+        chat = (await http.post("/v1/chat/completions", json={"messages": QUESTION})).json()
+        system = [{"role": "system", "content": "Answer in French."}, *QUESTION]
+        assert chat["usage"]["completion_tokens"] == 3
+        assert chat["usage"]["prompt_tokens"] == len(await engine.tokenize(messages=system))
+        greedy = SamplingParams(temperature=0, max_tokens=3)
+        expected = "".join([o.outputs[0].text async for o in engine.chat(system, greedy)])
+        assert chat["choices"][0]["message"]["content"] == expected
+        own = [{"role": "system", "content": "Be brief."}, *QUESTION]
+        chat = (await http.post("/v1/chat/completions", json={"messages": own, "max_tokens": 5})).json()
+        assert chat["usage"]["completion_tokens"] == 5
+        assert chat["usage"]["prompt_tokens"] == len(await engine.tokenize(messages=own))
+        completion = (await http.post("/v1/completions", json={"prompt": "Once upon a time"})).json()
+        assert completion["usage"]["completion_tokens"] == 3
+        simple = (await http.post("/", json={"prompt": QUESTION[0]["content"]})).json()
+        assert simple["response"] == expected

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
+import time
 from collections.abc import Iterator
 
 import uvicorn
 
-from tristream.engine import AsyncEngine
+from tristream.engine import AsyncEngine, EngineDeadError
 from tristream.model_files import model_name
+from tristream.openai_api import RequestDefaults
 from tristream.server.app import build_app
+from tristream.server.metrics import ThroughputLog
 
 __all__ = ["build_app", "serve"]
+
+logger = logging.getLogger("tristream.server")
+# Seconds between the throughput lines of a busy server.
+STATS_INTERVAL = 5.0
 
 
 class _Server(uvicorn.Server):
@@ -40,12 +48,18 @@ async def serve(
     api_key: str | None = None,
     announce: bool = False,
     default_lora: str | None = None,
+    defaults: RequestDefaults | None = None,
+    log_requests: bool = True,
+    stats_interval: float | None = STATS_INTERVAL,
 ) -> None:
     """Start ``engine`` and serve it over HTTP until SIGINT or SIGTERM, or until the engine dies.
 
     Prints the address once it listens (``port=0`` picks a free port); ``announce``
     also prints the web chat's address. Requests naming the served model run the
-    LoRA adapter ``default_lora``, one of the engine's start-up adapters (None: the base model).
+    LoRA adapter ``default_lora``, one of the engine's start-up adapters (None: the base model);
+    ``defaults`` fill in what requests leave out. Logs a line per request with ``log_requests``, and
+    the throughput every ``stats_interval`` seconds while busy. If an engine process dies, raises
+    ``EngineDeadError`` saying which and why.
     """
     async with engine:
         name = served_model_name or model_name(engine.config.model)
@@ -57,23 +71,23 @@ async def serve(
             )
         if name in adapters:
             raise ValueError(f"a LoRA adapter is named {name!r}, like the served model; rename one")
-        server = _Server(
-            uvicorn.Config(
-                build_app(engine, name, api_key, default_lora),
-                host=host,
-                port=port,
-                log_level="warning",
-                timeout_graceful_shutdown=3,
-                access_log=False,
-            )
+        app = build_app(engine, name, api_key, default_lora, defaults)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3, access_log=log_requests
         )
-        watch = asyncio.ensure_future(_watch(server, engine, name, announce))
+        if log_requests:
+            logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+        server = _Server(config)
+        tasks = [asyncio.ensure_future(_watch(server, engine, name, announce))]
+        if stats_interval:
+            tasks.append(asyncio.ensure_future(_log_stats(engine, stats_interval)))
         try:
             await server.serve()
         finally:
-            watch.cancel()
+            for task in tasks:
+                task.cancel()
         if not engine.healthy:
-            raise RuntimeError("the engine stopped, so the server did too")
+            raise EngineDeadError(await _death(engine))
 
 
 async def _watch(server: uvicorn.Server, engine: AsyncEngine, name: str, announce: bool) -> None:
@@ -86,6 +100,29 @@ async def _watch(server: uvicorn.Server, engine: AsyncEngine, name: str, announc
         print(f"tristream: web chat at {url}/", flush=True)
     while not server.should_exit:
         if not engine.healthy:
-            print("tristream: the engine stopped; shutting the server down", file=sys.stderr, flush=True)
+            print("tristream: an engine process stopped; shutting the server down", file=sys.stderr, flush=True)
             server.should_exit = True
         await asyncio.sleep(0.5)
+
+
+async def _log_stats(engine: AsyncEngine, interval: float) -> None:
+    """Log the throughput line every ``interval`` seconds while the engine is busy."""
+    log = ThroughputLog()
+    while True:
+        with contextlib.suppress(EngineDeadError, asyncio.TimeoutError):
+            line = log.line(await engine.get_stats(), time.monotonic())
+            if line is not None:
+                logger.info(line)
+        await asyncio.sleep(interval)
+
+
+async def _death(engine: AsyncEngine) -> str:
+    """Why the engine stopped, as a call to it says once the engine has taken in that a process died."""
+    while True:
+        try:
+            await engine.get_stats(timeout=1.0)
+        except EngineDeadError as e:
+            return str(e)
+        except asyncio.TimeoutError:
+            pass
+        await asyncio.sleep(0.1)

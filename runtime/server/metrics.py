@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -156,3 +157,32 @@ class StepAccounting:
             family = CounterMetricFamily(name, doc, labels=["model_name"])
             family.add_metric([self.model_name], getattr(self.stats, field))
             yield family
+
+
+@dataclass
+class ThroughputLog:
+    """The line a busy server logs every few seconds, as vLLM's: prompt and generation tokens/s since the
+    previous reading, running and waiting requests, KV cache use and the prefix cache's hit rate since start."""
+
+    last: SchedulerStats | None = None
+    at: float = 0.0
+
+    def line(self, stats: SchedulerStats, now: float) -> str | None:
+        """The line for ``stats``, read at ``now`` (seconds); None for the first reading and while idle."""
+        last, at = self.last, self.at
+        self.last, self.at = stats, now
+        if last is None:
+            return None
+        prompt = stats.num_prompt_tokens - last.num_prompt_tokens
+        generated = stats.num_generated_tokens - last.num_generated_tokens
+        if not (prompt or generated or stats.num_running or stats.num_waiting):
+            return None
+        seconds = max(now - at, 1e-9)
+        used = 1 - stats.num_free_pages / stats.num_pages
+        hits = stats.num_cache_hit_tokens / stats.num_prompt_tokens if stats.num_prompt_tokens else 0.0
+        return (
+            f"Avg prompt throughput: {prompt / seconds:.1f} tokens/s, "
+            f"Avg generation throughput: {generated / seconds:.1f} tokens/s, "
+            f"Running: {stats.num_running} reqs, Waiting: {stats.num_waiting} reqs, "
+            f"KV cache usage: {used:.1%}, Prefix cache hit rate: {hits:.1%}"
+        )

@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from tristream.engine import AsyncEngine
+from tristream.openai_api import RequestDefaults
 from tristream.server.http import ApiError
 from tristream.server.metrics import ServerMetrics
 
 
 @dataclass
 class ServerState:
-    """The engine and the names it is served under, the API key, the metrics and a cache of token texts.
+    """The engine and the names it is served under, the API key, the metrics, what requests that leave out a
+    sampling field or a system prompt get, and a cache of token texts.
 
     A request's ``model`` is ``model_name``, which runs the LoRA adapter ``default_lora``
     (None: the base model), or the name of a loaded adapter, which runs that adapter.
@@ -25,6 +27,7 @@ class ServerState:
     default_lora: str | None
     api_key: str | None
     metrics: ServerMetrics
+    defaults: RequestDefaults = field(default_factory=RequestDefaults)
     created: int = field(default_factory=lambda: int(time.time()))
     texts: dict[int, str] = field(default_factory=dict)
 

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible FastAPI app over one AsyncEngine."""
+"""The OpenAI-compatible FastAPI app over one AsyncEngine, and the web chat page's static files."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.staticfiles import StaticFiles
 
 from tristream.engine import AsyncEngine, EngineDeadError
-from tristream.openai_api import validation_message
+from tristream.openai_api import RequestDefaults, validation_message
 from tristream.server import generate, routes
 from tristream.server.http import ApiError, ClientGone, JSONResponse, error_body
 from tristream.server.metrics import ServerMetrics
@@ -20,19 +21,27 @@ logger = logging.getLogger("tristream.server")
 
 
 def build_app(
-    engine: AsyncEngine, model_name: str, api_key: str | None = None, default_lora: str | None = None
+    engine: AsyncEngine,
+    model_name: str,
+    api_key: str | None = None,
+    default_lora: str | None = None,
+    defaults: RequestDefaults | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``engine`` under ``model_name``; ``api_key`` guards /v1 and the tokenizer routes.
 
     A request's ``model`` is ``model_name``, which runs the LoRA adapter ``default_lora``
-    (None: the base model), or the name of a loaded adapter, which runs that adapter.
+    (None: the base model), or the name of a loaded adapter, which runs that adapter. ``defaults`` fill in
+    the sampling fields and the system prompt that a request leaves out.
     """
     app = FastAPI(title="tristream", summary="OpenAI-compatible LLM server", default_response_class=JSONResponse)
-    app.state.server = ServerState(engine, model_name, default_lora, api_key, ServerMetrics(engine, model_name))
+    metrics = ServerMetrics(engine, model_name)
+    app.state.server = ServerState(engine, model_name, default_lora, api_key, metrics, defaults or RequestDefaults())
     for exc, handler in HANDLERS.items():
         app.add_exception_handler(exc, handler)
     for router in (routes.public, routes.guarded, generate.router):
         app.include_router(router)
+    # The web chat's script, styles and the libraries it uses, public like the page itself.
+    app.mount("/static", StaticFiles(packages=[("tristream.server", "static")]), name="static")
     return app
 
 

@@ -79,7 +79,7 @@ def engine_args(args: argparse.Namespace) -> dict[str, Any]:
 # The sampling flags, by SamplingParams field: their type and help. A request that leaves a field out takes
 # the flag's value, or else the model's generation_config.json default and then SamplingParams' (in --help).
 SAMPLING_FLAGS = {
-    "max_tokens": (int, "most tokens to generate (default: until EOS or the context; 16 for a /v1/completions body)"),
+    "max_tokens": (int, "most tokens to generate"),
     "temperature": (float, "0 is greedy"),
     "top_p": (float, "nucleus sampling: keep the most likely tokens up to this probability"),
     "top_k": (int, "keep the k most likely tokens; 0 keeps all"),
@@ -88,12 +88,16 @@ SAMPLING_FLAGS = {
     "presence_penalty": (float, "over output tokens, in [-2, 2]"),
     "frequency_penalty": (float, "over output tokens, in [-2, 2]"),
 }
-SAMPLING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+SAMPLING_DEFAULTS = {
+    **{f.name: f.default for f in dataclasses.fields(SamplingParams)},
+    "max_tokens": "until EOS or the context; 16 for a /v1/completions body",
+}
 
 
-def _sampling_args(parser: argparse.ArgumentParser, system: str) -> None:
+def _sampling_args(parser: argparse.ArgumentParser, system: str, **own: object) -> None:
     """The sampling flags and the system prompt (``--system``, or ``--default-system`` for the commands that
-    take requests): what the command's requests take where they leave them out."""
+    take requests): what the command's requests take where they leave them out. ``own`` are a command's own
+    defaults, which take the place of the model's."""
     g = parser.add_argument_group(
         "sampling",
         "what a request that leaves a field out takes; without the flag, the model's generation_config.json "
@@ -101,7 +105,9 @@ def _sampling_args(parser: argparse.ArgumentParser, system: str) -> None:
     )
     for name, (kind, help_text) in SAMPLING_FLAGS.items():
         flag = "--" + name.replace("_", "-")
-        g.add_argument(flag, type=kind, default=None, help=_with_default(help_text, SAMPLING_DEFAULTS[name]))
+        default = own.get(name)
+        help_text = _with_default(help_text, SAMPLING_DEFAULTS[name] if default is None else default)
+        g.add_argument(flag, type=kind, default=default, help=help_text)
     g.add_argument("--stop", action="append", default=None, help="a stop string (repeat for several)")
     g.add_argument("--ignore-eos", action="store_const", const=True, help="go on past the end-of-sequence token")
     flag = "--" + system.replace("_", "-")
@@ -265,12 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command in sub.choices.items():
         if name in TAKES_MODEL:
             command.add_argument("target", nargs="?", metavar="MODEL|CONFIG.yaml", help=TARGET_HELP)
-        _sampling_args(command, "default_system" if name in TAKE_REQUESTS else "system")
+        _sampling_args(command, "default_system" if name in TAKE_REQUESTS else "system", **OWN_DEFAULTS.get(name, {}))
         add_engine_args(command)
         command.add_argument("--lora", default=None, metavar="NAME", help=LORA_HELP)
     return parser
 
 
+# The demo shows the engine on fixed prompts: short greedy answers, whatever the model's sampling defaults.
+OWN_DEFAULTS = {"demo": {"temperature": 0.0, "max_tokens": 128}}
 # Commands whose first argument is a model (as in ``vllm serve MODEL``) or a YAML file of their options.
 TAKES_MODEL = ("serve", "webchat", "chat", "batch")
 # Commands that run requests given to them, whose system prompt is a default: ``--default-system``.

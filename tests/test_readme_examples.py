@@ -124,14 +124,12 @@ def test_llama_factory_yaml_is_a_chat_config(tmp_path, adapter_dir):
     assert args.lora_adapters == {"sft": str(sft)} and args.lora == "sft"
     assert args.chat_template == "qwen"
     assert (args.system, args.temperature, args.max_tokens) == ("You are a helpful assistant.", 0.7, 512)
-    # serve takes the same file without the sampling and chat keys
-    serve_yaml = "\n".join(
-        line
-        for line in config.read_text().splitlines()
-        if not line.startswith(("default_system", "temperature", "max_new_tokens"))
-    )
-    (tmp_path / "serve.yaml").write_text(serve_yaml + "\nport: 8000\n")
-    served = parse_args(["serve", str(tmp_path / "serve.yaml")])
-    assert (served.lora, served.port) == ("sft", 8000)
-    with pytest.raises(SystemExit):
-        parse_args(["serve", str(config)])  # sampling keys belong to chat and batch
+    # webchat, serve and batch take the same file: its sampling keys and system prompt are their defaults
+    for argv in (["webchat"], ["serve"], ["batch", "--input", "in.jsonl", "--output", "out.jsonl"]):
+        same = parse_args([argv[0], str(config), *argv[1:]])
+        assert (same.model, same.lora, same.chat_template) == (resolve_model(None), "sft", "qwen")
+        assert (same.default_system, same.temperature, same.max_tokens) == ("You are a helpful assistant.", 0.7, 512)
+    # the bundled model is the one a file names by leaving model_name_or_path out, or null
+    for text in (yaml_text.replace(f"model_name_or_path: {model}\n", ""), yaml_text.replace(model, "null")):
+        config.write_text(text.replace(adapter, str(sft)))
+        assert parse_args(["chat", str(config)]).model is None

@@ -93,6 +93,73 @@ for output in outputs:
     print(repr(output.outputs.text), output.outputs.send_idx, output.metrics.model_execute_time > 0)
 """,
     ),
+    # FastDeploy, the same page, "Text Completion Interface (LLM.generate)".
+    "fastdeploy-generate": Snippet(
+        code="""\
+from fastdeploy import LLM, SamplingParams
+
+prompts = [
+    "User: 帮我写一篇关于深圳文心公园的500字游记和赏析。\\nAssistant: 好的。"
+]
+
+# 采样参数
+sampling_params = SamplingParams(top_p=0.95, max_tokens=6400)
+
+# 加载模型
+llm = LLM(model="baidu/ERNIE-4.5-21B-A3B-Base-Paddle", tensor_parallel_size=1, max_model_len=8192)
+
+# 批量进行推理（llm内部基于资源情况进行请求排队、动态插入处理）
+outputs = llm.generate(prompts, sampling_params)
+
+# 输出结果
+for output in outputs:
+    prompt = output.prompt
+    generated_text = output.outputs.text
+""",
+        swaps={
+            "from fastdeploy import": "from tristream import",
+            '"baidu/ERNIE-4.5-21B-A3B-Base-Paddle"': MODEL,
+            "max_tokens=6400": "max_tokens=32",
+        },
+        checks="""\
+assert len(outputs) == 1 and prompt == prompts[0] and generated_text == outputs[0].outputs[0].text, outputs
+print(repr(generated_text))
+""",
+    ),
+    # LMDeploy, https://lmdeploy.readthedocs.io/en/latest/llm/pipeline.html (docs/en/llm/pipeline.md),
+    # "Apply streaming output"; the bundled model's 3 KV heads do not split over tp=2, so it runs on one rank.
+    "lmdeploy-stream": Snippet(
+        code="""\
+from lmdeploy import pipeline, GenerationConfig, TurbomindEngineConfig
+
+backend_config = TurbomindEngineConfig(tp=2)
+gen_config = GenerationConfig(top_p=0.8,
+                              top_k=40,
+                              temperature=0.8,
+                              max_new_tokens=1024)
+pipe = pipeline('internlm/internlm2_5-7b-chat',
+                backend_config=backend_config)
+prompts = [[{
+    'role': 'user',
+    'content': 'Hi, pls intro yourself'
+}], [{
+    'role': 'user',
+    'content': 'Shanghai is'
+}]]
+for item in pipe.stream_infer(prompts, gen_config=gen_config):
+    print(item)
+""",
+        swaps={
+            "from lmdeploy import": "from tristream import",
+            "tp=2": "tp=1",
+            "'internlm/internlm2_5-7b-chat'": MODEL,
+            "max_new_tokens=1024": "max_new_tokens=24",
+        },
+        checks="""\
+assert item.finish_reason is not None and pipe.llm.engine.config.tensor_parallel_size == 1
+pipe.close()
+""",
+    ),
     # LMDeploy, https://lmdeploy.readthedocs.io/en/latest/llm/pipeline.html (docs/en/llm/pipeline.md),
     # "Calculate ppl".
     "lmdeploy-ppl": Snippet(

@@ -85,7 +85,7 @@ class LLM:
             prompts = [{"prompt_token_ids": ids} for ids in _batch(prompt_token_ids)]
         if prompts is None:
             raise ValueError("generate needs prompts or prompt_token_ids")
-        return self._run([("generate", p, {}) for p in _batch(prompts)], sampling_params, use_tqdm)
+        return self._run(_generate_jobs(prompts), sampling_params, use_tqdm)
 
     def chat(
         self,
@@ -112,6 +112,14 @@ class LLM:
         open, run nothing else on this LLM and call ``get_stats`` only from this thread.
         """
         return self._stream(_chat_jobs(messages, chat_template_kwargs), sampling_params)
+
+    def stream_generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Iterator[tuple[int, RequestOutput]]:
+        """Like ``generate``, but yield ``(prompt index, delta)`` as the completions stream, as ``stream_chat``."""
+        return self._stream(_generate_jobs(prompts), sampling_params)
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         """The model's transformers tokenizer, with the engine's chat template, loaded here on the first call."""
@@ -226,6 +234,11 @@ def _batch(prompts: Prompt | Sequence[Prompt]) -> Sequence[Prompt]:
     ):
         return [prompts]
     return prompts
+
+
+def _generate_jobs(prompts: Prompt | Sequence[Prompt]) -> list[tuple]:
+    """One completion job per prompt; a single prompt is a batch of one."""
+    return [("generate", p, {}) for p in _batch(prompts)]
 
 
 def _chat_jobs(messages: list[dict] | Sequence[list[dict]], chat_template_kwargs: dict | None) -> list[tuple]:

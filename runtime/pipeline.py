@@ -91,9 +91,10 @@ class Pipeline:
         (``request_output_len``, ``top_k``, ``top_p``, ``temperature``, ``repetition_penalty``,
         ``ignore_eos``) override ``gen_config``, with a DeprecationWarning.
         """
-        jobs, single = _jobs(prompts, do_preprocess)
-        params = _params(gen_config, adapter_name, len(jobs), _call_time(call_time))
-        responses = [_response(out, i) for i, out in enumerate(self.llm._run(jobs, params, use_tqdm))]
+        prompts, single = _prompts(prompts, do_preprocess)
+        params = _params(gen_config, adapter_name, len(prompts), _call_time(call_time))
+        run = self.llm.chat if do_preprocess else self.llm.generate
+        responses = [_response(out, i) for i, out in enumerate(run(prompts, params, use_tqdm=use_tqdm))]
         return responses[0] if single else responses
 
     def stream_infer(
@@ -108,9 +109,10 @@ class Pipeline:
 
         Stopping early (closing the iterator) aborts the prompts still running.
         """
-        jobs, _ = _jobs(prompts, do_preprocess)
-        params = _params(gen_config, adapter_name, len(jobs), _call_time(call_time))
-        return _responses(self.llm._stream(jobs, params))
+        prompts, _ = _prompts(prompts, do_preprocess)
+        params = _params(gen_config, adapter_name, len(prompts), _call_time(call_time))
+        stream = self.llm.stream_chat if do_preprocess else self.llm.stream_generate
+        return _responses(stream(prompts, params))
 
     def chat(
         self,
@@ -138,7 +140,7 @@ class Pipeline:
 
     def _turn(self, session: Session, prompt: str, params: list[SamplingParams]) -> Iterator[Response]:
         whole = None
-        with contextlib.closing(self.llm._stream([("chat", conversation(prompt, session.history), {})], params)) as d:
+        with contextlib.closing(self.llm.stream_chat(conversation(prompt, session.history), params)) as d:
             for _, out in d:
                 whole = accumulate(whole, out)
                 yield _response(out, 0)
@@ -217,25 +219,25 @@ def _template_name(config: object) -> str | None:
     return name
 
 
-def _jobs(prompts: Prompts, chat_template: bool) -> tuple[list[tuple], bool]:
-    """An LLM job per prompt (a chat, or with ``chat_template=False`` a plain text prompt), and whether
-    they were a single prompt."""
+def _prompts(prompts: Prompts, chat_template: bool) -> tuple[list[str] | list[Messages], bool]:
+    """The prompts as conversations for ``LLM.chat`` (or, with ``chat_template=False``, as text for
+    ``LLM.generate``), and whether they were a single prompt."""
     if isinstance(prompts, str):
-        return [_job(prompts, 0, chat_template)], True
+        return [_prompt(prompts, 0, chat_template)], True
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"prompts must be a string, a message list, or a non-empty list of them; got {prompts!r}")
     if all(isinstance(m, dict) for m in prompts):
-        return [_job(list(prompts), 0, chat_template)], True
-    return [_job(p, i, chat_template) for i, p in enumerate(prompts)], False
+        return [_prompt(list(prompts), 0, chat_template)], True
+    return [_prompt(p, i, chat_template) for i, p in enumerate(prompts)], False
 
 
-def _job(prompt: str | Messages, i: int, chat_template: bool) -> tuple:
+def _prompt(prompt: str | Messages, i: int, chat_template: bool) -> str | Messages:
     if isinstance(prompt, str):
-        return ("chat", [{"role": "user", "content": prompt}], {}) if chat_template else ("generate", prompt, {})
+        return [{"role": "user", "content": prompt}] if chat_template else prompt
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
         if not chat_template:
             raise ValueError(f"prompt {i}: do_preprocess=False takes text, not messages")
-        return "chat", list(prompt), {}
+        return list(prompt)
     raise ValueError(
         f"prompt {i} must be a string or a non-empty list of message dicts (image input is not supported yet), "
         f"got {prompt!r}"

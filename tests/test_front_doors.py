@@ -361,6 +361,7 @@ def test_do_preprocess_false_runs_the_text_without_the_template(pipe):
     got = pipe(text, GREEDY, do_preprocess=False)
     assert got.text == text_of(pipe.llm.generate(text, GREEDY, use_tqdm=False)[0])
     assert got.text != pipe(text, GREEDY).text
+    assert "".join(r.text for r in pipe.stream_infer([text], GREEDY, do_preprocess=False)) == got.text
     with pytest.raises(ValueError, match="do_preprocess=False takes text"):
         pipe([user(Q1)], GREEDY, do_preprocess=False)
 

@@ -1,4 +1,4 @@
-"""Hardware ceilings measured in the same run as a benchmark: copy bandwidth and bf16 matmul rate."""
+"""Hardware ceilings measured in the same run as a benchmark: copy bandwidth, bf16 and fp8 matmul rates."""
 
 from __future__ import annotations
 
@@ -17,6 +17,14 @@ def matmul_rate(device: torch.device, n: int = 8192, repeats: int = 20) -> float
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     return 2 * n**3 / _median_seconds(lambda: a @ b, repeats)
+
+
+def fp8_matmul_rate(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
+    """e4m3 n x n x n matrix product (``torch._scaled_mm``, per-tensor scales, bf16 out), FLOP per second."""
+    a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device=device)
+    return 2 * n**3 / _median_seconds(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16), repeats)
 
 
 def _median_seconds(fn, repeats: int) -> float:

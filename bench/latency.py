@@ -3,7 +3,14 @@
 Runs through AsyncEngine (three processes, CUDA graphs, Triton kernels), bf16:
 batch sizes x input lengths with a fixed output length, then one long prefill.
 Decode is compared with its bandwidth roofline (weights + KV read per step over
-the measured copy bandwidth), prefill with the measured bf16 matmul rate.
+the measured copy bandwidth), prefill with the measured bf16 matmul rate (fp8's
+for fp8 weights).
+
+``--quantization`` and ``--kv-cache-dtype`` take several values: each pair runs as an
+engine of its own in the same run (random 16-bit weights quantized at load), its
+roofline counting its own bytes (fp8: one per weight; int4: half, plus a 16-bit scale
+and zero per 128), and ``vs_bf16`` is its speed over the bf16 engine's at the same
+batch and input length.
 
 With ``--tp N`` the same runs go at tensor parallelism 1 and N, one engine after the
 other, and the report gives the speed-up and the time a decode step spends in
@@ -12,6 +19,8 @@ CUDA graph on N ranks.
 
     python3 bench/latency.py --config bench/configs/llama-3-8b.json
     python3 bench/latency.py --tp 2 --batch-sizes 1 64 --input-lens 128
+    python3 bench/latency.py --quantization none fp8 awq --batch-sizes 1 --input-lens 128
+    python3 bench/latency.py --kv-cache-dtype auto fp8 --batch-sizes 256 --input-lens 2048
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from ceilings import copy_bandwidth, matmul_rate  # noqa: E402
+from ceilings import copy_bandwidth, fp8_matmul_rate, matmul_rate  # noqa: E402
 from report import git_info, model_summary, now  # noqa: E402
 
 from tristream import AsyncEngine, SamplingParams  # noqa: E402
@@ -40,6 +49,9 @@ from tristream.model_config import ModelConfig  # noqa: E402
 from tristream.sharding import shard_model  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+# Bytes per decoder weight as each quantization holds it, scales and zeros included (int4: a 16-bit scale and
+# zero per group of 128 inputs); the embedding and the LM head stay bf16.
+WEIGHT_BYTES = {"none": 2.0, "fp8": 1.0, "awq": 0.5 + 4 / 128, "gptq": 0.5 + 4 / 128}
 
 
 def model_sizes(mc: ModelConfig) -> dict:
@@ -107,15 +119,19 @@ async def run_batch(
 
 
 async def run_engine(
-    args: argparse.Namespace, folder: pathlib.Path, mc: ModelConfig, tp: int, bandwidth: float, flops: float
+    args: argparse.Namespace, folder: pathlib.Path, mc: ModelConfig, variant: dict, bandwidth: float, flops: float
 ) -> tuple[list[dict], dict]:
-    """Decode runs and one long prefill on an engine of ``tp`` ranks; the rooflines count one rank's share."""
-    sizes = model_sizes(mc)
+    """Decode runs and one long prefill on an engine of ``variant`` (tp, quantization, kv_cache_dtype); the
+    rooflines count one rank's share, at the variant's bytes per weight and per KV entry."""
+    sizes, tp, quant, kv = model_sizes(mc), variant["tp"], variant["quantization"], variant["kv_cache_dtype"]
+    kv_bytes = sizes["kv_bytes_per_token"] / (2 if kv != "auto" else 1)
     results = []
     async with AsyncEngine(
         model=str(folder),
         load_format="dummy",
         dtype="bfloat16",
+        quantization=None if quant == "none" else quant,
+        kv_cache_dtype=kv,
         max_model_len=args.max_len,
         tensor_parallel_size=tp,
         max_num_seqs=max(args.batch_sizes),
@@ -130,15 +146,14 @@ async def run_engine(
             for batch in args.batch_sizes:
                 r = await run_batch(engine, batch, input_len, args.output_len, mc.vocab_size, seed=batch + input_len)
                 ctx = input_len + args.output_len / 2
-                step_bytes = (
-                    2 * (sizes["layer_params"] + sizes["lm_head_params"]) + batch * ctx * sizes["kv_bytes_per_token"]
-                )
-                r["tp"] = tp
+                weights = WEIGHT_BYTES[quant] * sizes["layer_params"] + 2 * sizes["lm_head_params"]
+                step_bytes = weights + batch * ctx * kv_bytes
+                r.update(variant)
                 r["decode_bytes_per_step"] = step_bytes
                 r["roofline_tpot_s"] = step_bytes / tp / bandwidth
                 r["roofline_fraction"] = r["roofline_tpot_s"] / r["tpot_s"] if r["tpot_s"] else None
                 results.append(r)
-                print(f"tp {tp} batch {batch:4d} in {input_len:5d}: {row(r)}", flush=True)
+                print(f"{label(variant)} batch {batch:4d} in {input_len:5d}: {row(r)}", flush=True)
         pre = await run_batch(engine, 1, args.prefill_len, 1, mc.vocab_size, seed=7)
     n = args.prefill_len
     prefill_flops = (
@@ -147,7 +162,7 @@ async def run_engine(
         + 2 * mc.num_layers * mc.num_heads * mc.head_dim * n * n
     )
     prefill = {
-        "tp": tp,
+        **variant,
         "prompt_tokens": n,
         "ttft_s": pre["ttft_p50_s"],
         "tokens_per_s": n / pre["ttft_p50_s"],
@@ -218,9 +233,59 @@ def run_ranks(target, tp: int, *args: object) -> object:
     return result
 
 
+def label(variant: dict) -> str:
+    """``tp 1``, or ``tp 1 fp8 kv-fp8`` for a quantized one."""
+    extra = [variant["quantization"]] * (variant["quantization"] != "none")
+    return " ".join([f"tp {variant['tp']}", *extra, *(["kv-fp8"] * (variant["kv_cache_dtype"] != "auto"))])
+
+
+def variants(args: argparse.Namespace) -> list[dict]:
+    """Every (tp, quantization, KV dtype) to run, bf16 with a 16-bit KV cache first."""
+    return [
+        {"tp": tp, "quantization": quant, "kv_cache_dtype": kv}
+        for tp in sorted({1, args.tp})
+        for quant in sorted(set(args.quantization), key=lambda q: q != "none")
+        for kv in sorted(set(args.kv_cache_dtype), key=lambda k: k != "auto")
+    ]
+
+
+def compare(results: list[dict], prefills: list[dict]) -> list[dict]:
+    """Each quantized or fp8-KV run over the bf16 run of its tp, batch and input length: ``vs_bf16`` of TPOT
+    (the bf16 step time over this one's) and of output tok/s, and of prefill tok/s."""
+    key = ("tp", "batch", "input_len")
+    plain = {
+        tuple(r[k] for k in key): r for r in results if (r["quantization"], r["kv_cache_dtype"]) == ("none", "auto")
+    }
+    rows = []
+    for r in results:
+        base = plain.get(tuple(r[k] for k in key))
+        if base is None or base is r:
+            continue
+        tpot = base["tpot_s"] / r["tpot_s"] if base["tpot_s"] and r["tpot_s"] else None
+        rows.append(
+            {
+                **{k: r[k] for k in (*key, "quantization", "kv_cache_dtype")},
+                "tpot_vs_bf16": tpot,
+                "tok_per_s_vs_bf16": r["output_tok_per_s"] / base["output_tok_per_s"],
+                "roofline_fraction": r["roofline_fraction"],
+            }
+        )
+    plain_prefill = {p["tp"]: p for p in prefills if (p["quantization"], p["kv_cache_dtype"]) == ("none", "auto")}
+    for p in prefills:
+        base = plain_prefill.get(p["tp"])
+        if base is not None and base is not p:
+            rows.append(
+                {
+                    **{k: p[k] for k in ("tp", "quantization", "kv_cache_dtype", "prompt_tokens")},
+                    "prefill_tok_per_s_vs_bf16": p["tokens_per_s"] / base["tokens_per_s"],
+                }
+            )
+    return rows
+
+
 async def main(args: argparse.Namespace) -> dict:
     device = torch.device("cuda")
-    bandwidth, flops = copy_bandwidth(device), matmul_rate(device)
+    bandwidth, flops, fp8_flops = copy_bandwidth(device), matmul_rate(device), fp8_matmul_rate(device)
     torch.cuda.empty_cache()
     folder = pathlib.Path(tempfile.mkdtemp(prefix="tristream-bench-"))
     args.max_len = max(max(args.input_lens) + args.output_len, args.prefill_len + 1)
@@ -230,8 +295,9 @@ async def main(args: argparse.Namespace) -> dict:
     (folder / "config.json").write_text(json.dumps(config))
     mc = ModelConfig.load(str(folder))
     results, prefills = [], []
-    for tp in sorted({1, args.tp}):
-        decode, prefill = await run_engine(args, folder, mc, tp, bandwidth, flops)
+    for variant in variants(args):
+        rate = fp8_flops if variant["quantization"] == "fp8" else flops
+        decode, prefill = await run_engine(args, folder, mc, variant, bandwidth, rate)
         results += decode
         prefills.append(prefill)
     profiles = [decode_profile(folder, tp) for tp in sorted({1, args.tp})] if args.profile else None
@@ -244,9 +310,10 @@ async def main(args: argparse.Namespace) -> dict:
         "model": {**model_summary(mc, "bfloat16"), **model_sizes(mc)},
         **git_info(),
         "timestamp": now(),
-        "ceilings": {"copy_bytes_per_s": bandwidth, "bf16_matmul_flops": flops},
+        "ceilings": {"copy_bytes_per_s": bandwidth, "bf16_matmul_flops": flops, "fp8_matmul_flops": fp8_flops},
         "decode": results,
         "prefill": prefills,
+        "vs_bf16": compare(results, prefills),
         "batch1_decode_profile": profiles,
     }
     if args.tp > 1:
@@ -260,7 +327,8 @@ async def main(args: argparse.Namespace) -> dict:
 
 def tp_row(results: list[dict], comm: dict[int, float], tp: int, batch: int, input_len: int) -> dict:
     """Tensor parallelism ``tp`` against one GPU at one batch size and input length."""
-    one, many = ({(r["tp"], r["batch"], r["input_len"]): r for r in results}[(t, batch, input_len)] for t in (1, tp))
+    plain = [r for r in results if (r["quantization"], r["kv_cache_dtype"]) == ("none", "auto")]
+    one, many = ({(r["tp"], r["batch"], r["input_len"]): r for r in plain}[(t, batch, input_len)] for t in (1, tp))
     return {
         "tp": tp,
         "batch": batch,
@@ -393,6 +461,16 @@ if __name__ == "__main__":
     parser.add_argument(
         "--tp", type=int, default=1, help="also run at this tensor parallelism and compare with one GPU"
     )
+    parser.add_argument(
+        "--quantization",
+        nargs="+",
+        default=["none"],
+        choices=("none", *WEIGHT_BYTES),
+        help="the weights of each engine to run (default: none, bf16)",
+    )
+    parser.add_argument(
+        "--kv-cache-dtype", nargs="+", default=["auto"], choices=("auto", "fp8"), help="the KV cache of each engine"
+    )
     args = parser.parse_args()
     report = asyncio.run(main(args))
     gpu = report["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
@@ -407,15 +485,26 @@ if __name__ == "__main__":
     print(f"\nwrote {out}")
     print(
         f"ceilings: copy {report['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-        f"bf16 matmul {report['ceilings']['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s"
+        f"bf16 matmul {report['ceilings']['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s, "
+        f"fp8 matmul {report['ceilings']['fp8_matmul_flops'] / 1e12:.0f} TFLOP/s"
     )
     for r in report["decode"]:
-        print(f"tp {r['tp']} batch {r['batch']:4d} in {r['input_len']:5d}: {row(r)}")
+        print(f"{label(r)} batch {r['batch']:4d} in {r['input_len']:5d}: {row(r)}")
     for p in report["prefill"]:
+        rate = "fp8" if p["quantization"] == "fp8" else "bf16"
         print(
-            f"tp {p['tp']} prefill {p['prompt_tokens']} tokens: {p['ttft_s'] * 1e3:.1f} ms, {p['tokens_per_s']:.0f} tok/s, "
-            f"{100 * p['matmul_fraction']:.1f}% of bf16 matmul rate (x{p['tp']} GPUs)"
+            f"{label(p)} prefill {p['prompt_tokens']} tokens: {p['ttft_s'] * 1e3:.1f} ms, {p['tokens_per_s']:.0f} tok/s, "
+            f"{100 * p['matmul_fraction']:.1f}% of {rate} matmul rate (x{p['tp']} GPUs)"
         )
+    for c in report["vs_bf16"]:
+        if "prefill_tok_per_s_vs_bf16" in c:
+            print(f"{label(c)} prefill {c['prompt_tokens']}: {c['prefill_tok_per_s_vs_bf16']:.2f}x bf16's tok/s")
+        else:
+            tpot = f"{c['tpot_vs_bf16']:.2f}x" if c["tpot_vs_bf16"] else "n/a"
+            print(
+                f"{label(c)} batch {c['batch']:4d} in {c['input_len']:5d}: TPOT {tpot} faster than bf16, "
+                f"{c['tok_per_s_vs_bf16']:.2f}x its tok/s"
+            )
     for t in report.get("tensor_parallel", []):
         tpot = f"{t['speedup_tpot']:.2f}x" if t["speedup_tpot"] else "n/a"
         share = f"{100 * t['collectives_fraction_of_tpot']:.1f}%" if t["collectives_fraction_of_tpot"] else "n/a"

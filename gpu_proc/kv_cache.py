@@ -39,7 +39,7 @@ class KVCache:
 
 
 def bytes_per_token(mc: ModelConfig, dtype: torch.dtype) -> int:
-    return 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * torch.finfo(dtype).bits // 8
+    return 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * dtype.itemsize
 
 
 def kv_cache_pages(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, budget_bytes: int | None) -> int:
@@ -69,10 +69,12 @@ def allocate_kv_cache(
     pool = torch.empty(shape, dtype=dtype, device=device)
     pool[:, :, 0].zero_()
     logger.info(
-        "KV cache: %d tokens in %d pages of %d, %d bytes/token, %.2f GiB; %d concurrent requests of max_model_len=%d",
+        "KV cache: %d tokens in %d pages of %d, %s, %d bytes/token, %.2f GiB; %d concurrent requests of "
+        "max_model_len=%d",
         usable,
         num_pages - 1,
         config.page_size,
+        str(dtype).removeprefix("torch."),
         bytes_per_token(mc, dtype),
         pool.numel() * pool.element_size() / 2**30,
         usable // config.max_model_len,

@@ -25,7 +25,7 @@ def _peak_bytes(runner: ModelRunner) -> int:
     tokens = min(config.max_num_batched_tokens, config.max_model_len)
     pages = -(-tokens // config.page_size) + 1
     shape = (mc.num_layers, 2, pages, config.page_size, mc.num_kv_heads, mc.head_dim)
-    runner.kv = KVCache(torch.zeros(shape, dtype=runner.dtype, device=device))
+    runner.kv = KVCache(torch.zeros(shape, dtype=runner.kv_dtype, device=device))
     runner.slots = SlotState(1, pages, config.page_size, device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)

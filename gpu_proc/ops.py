@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tristream.gpu_proc.forward_batch import ForwardBatch
-from tristream.kernels import activation, attention, lora, norm, rope, sampling
+from tristream.kernels import activation, attention, fp8, int4, lora, norm, rope, sampling
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -44,6 +44,38 @@ def lora_expand(
     return lora.lora_expand_ref(parts, b, rows, indptr, y)
 
 
+def fp8_linear(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` with e4m3 ``w`` scaled per channel: ``x`` quantized per token, or by ``x_scale``."""
+    rows = x.reshape(-1, x.shape[-1])
+    if x_scale is None:
+        xq, xs = (fp8.quant_fp8_per_token if x.is_cuda else fp8.quant_fp8_per_token_ref)(rows)
+    else:
+        xq, xs = fp8.quant_fp8_static(rows, x_scale), x_scale
+    y = (fp8.fp8_scaled_mm if x.is_cuda else fp8.fp8_scaled_mm_ref)(xq, xs, w, w_scale, x.dtype, bias)
+    return y.reshape(*x.shape[:-1], -1)
+
+
+def fp8_block_linear(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, block: tuple[int, int], bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` with e4m3 ``w`` scaled per ``block``; ``x`` quantized per 1 x block-columns group."""
+    rows = x.reshape(-1, x.shape[-1])
+    xq, xs = (fp8.quant_fp8_per_group if x.is_cuda else fp8.quant_fp8_per_group_ref)(rows, block[1])
+    y = (fp8.fp8_block_matmul if x.is_cuda else fp8.fp8_block_matmul_ref)(xq, xs, w, w_scale, *block, x.dtype)
+    y = y.reshape(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
+
+
+def w4a16_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    y = (int4.w4a16_matmul if x.is_cuda else int4.w4a16_matmul_ref)(rows, qweight, scales, zeros, group_size)
+    return y.reshape(*x.shape[:-1], -1)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -52,16 +84,28 @@ def attend(
     v_cache: torch.Tensor,
     batch: ForwardBatch,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Store the new K/V into the pool, then attend over each sequence's whole context."""
+    """Store the new K/V into the pool (an fp8 one divided by ``k_scale`` and ``v_scale``), then attend over
+    each sequence's whole context."""
     if not q.is_cuda:
-        attention.store_kv_ref(k, v, k_cache, v_cache, batch.slot_mapping)
-        return attention.paged_attention_ref(q, k_cache, v_cache, *batch.host_meta, scale)
-    attention.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        attention.store_kv_ref(k, v, k_cache, v_cache, batch.slot_mapping, k_scale, v_scale)
+        return attention.paged_attention_ref(q, k_cache, v_cache, *batch.host_meta, scale, k_scale, v_scale)
+    attention.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, k_scale, v_scale)
     if batch.decode:
         return attention.paged_decode_attention(
-            q, k_cache, v_cache, batch.block_table, batch.seq_lens, scale, batch.num_splits
+            q, k_cache, v_cache, batch.block_table, batch.seq_lens, scale, batch.num_splits, k_scale, v_scale
         )
     return attention.extend_attention(
-        q, k_cache, v_cache, batch.block_table, batch.seq_lens, batch.qo_indptr, scale, batch.max_q_len
+        q,
+        k_cache,
+        v_cache,
+        batch.block_table,
+        batch.seq_lens,
+        batch.qo_indptr,
+        scale,
+        batch.max_q_len,
+        k_scale,
+        v_scale,
     )

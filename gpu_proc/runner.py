@@ -88,6 +88,7 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config, rank)
         self.dtype = resolve_dtype(config, self.device)
+        self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else torch.float8_e4m3fn
         self.whole_config = whole = ModelConfig.load(config.model)
         shard = shard_model(whole, config.tensor_parallel_size, rank)
         decode_bytes = config.max_num_seqs * whole.hidden_size * self.dtype.itemsize
@@ -122,7 +123,7 @@ class ModelRunner:
         explicit = config.kv_cache_tokens is not None or config.kv_cache_bytes is not None
         budget = cuda_kv_budget(self) if self.device.type == "cuda" and not explicit else None
         self.kv = allocate_kv_cache(
-            config, mc, self.dtype, self.device, self.tp.min(kv_cache_pages(config, mc, self.dtype, budget))
+            config, mc, self.kv_dtype, self.device, self.tp.min(kv_cache_pages(config, mc, self.kv_dtype, budget))
         )
         max_pages = -(-config.max_model_len // config.page_size)
         self.slots = SlotState(config.max_num_seqs, max_pages, config.page_size, self.device)

@@ -2,12 +2,18 @@
 
 Each rank takes its part of every checkpoint tensor, as the model's weight table places it
 (``tristream.sharding.place``): rows of column-parallel projections, the embedding and the
-LM head, columns of row-parallel ones, and the whole of everything else.
+LM head, columns of row-parallel ones, and the whole of everything else. A quantized
+projection's tensors (scales, packed weights) are placed by where they lie against the
+weight (``Linear.layout``), and each projection is finished once loaded (quantized at load,
+or its scales combined).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import glob
+import logging
 import os
 from collections.abc import Iterable, Iterator
 
@@ -16,46 +22,97 @@ from safetensors import safe_open
 from torch import nn
 
 from tristream.config import EngineConfig
+from tristream.gpu_proc.layers.linear import Linear
+from tristream.gpu_proc.layers.quantized import Layout
 from tristream.gpu_proc.models import model_class
 from tristream.gpu_proc.parallel import TensorParallel
 from tristream.model_config import ModelConfig
-from tristream.sharding import Shard, fused_parts, module_of, place, shard_model
+from tristream.quantization import quant_spec
+from tristream.sharding import Placement, Shard, fused_parts, module_of, place, shard_model
+
+logger = logging.getLogger("tristream")
+# Checkpoint tensors the engine does not use.
+UNUSED = ("rotary_emb",)
+# The calibrated scales of an fp8 KV cache, by checkpoint name ending, and the attention attribute each sets.
+KV_SCALES = {
+    "self_attn.k_scale": "k_scale",
+    "self_attn.v_scale": "v_scale",
+    "k_proj.output_scale": "k_scale",
+    "v_proj.output_scale": "v_scale",
+}
 
 
 def build_model(
     config: EngineConfig, whole: ModelConfig, shard: Shard, tp: TensorParallel, dtype: torch.dtype, device: torch.device
 ) -> nn.Module:
-    """This rank's shard of the model ``whole``, with its weights (``config.load_format``) and rotary tables."""
-    with torch.device("meta"):
+    """This rank's shard of the model ``whole``, with its weights (``config.load_format``) and rotary tables.
+
+    Its decoder projections hold their weights as ``quant_spec`` resolves them; with dummy weights, a
+    quantization method quantizes random 16-bit weights at load.
+    """
+    dummy = config.load_format == "dummy"
+    quant = quant_spec(whole.quantization_config, config.quantization, dummy)
+    if quant is not None and quant.method == "int8" and device.type != "cpu":
+        raise ValueError("quantization='int8' is the CPU's weight-only path; on a GPU use quantization='fp8'")
+    whole = dataclasses.replace(whole, quant=quant)
+    with torch.device("meta"), _default_dtype(dtype):
         model = model_class(whole.architecture)(shard.local_config(whole), shard, tp)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to_empty(device=device)
     if whole.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    if config.load_format == "dummy":
+    if dummy:
         load_weights(model, dummy_weights(whole, dtype, device, config.seed), "dummy weights")
     else:
         load_weights(model, safetensors(config.model), config.model)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.scheme.finish(module)
+    if quant is not None:
+        logger.info("quantized projections: %s", quant.describe())
     model.build_rope(config.max_model_len, device)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Parameters made without a dtype take ``dtype``; quantized ones name their own."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, object]], source: str) -> None:
     """Copy this rank's part of each Hugging Face-named tensor into (its part of) its parameter; every part
     must be set. A tensor may be a safetensors slice, read only where this rank needs it."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
     loaded: set[tuple[str, int]] = set()
     with torch.no_grad():
         for name in ("embed_tokens.weight", "lm_head.weight"):
             params[name][len(model.shard.vocab) :].zero_()
         for name, tensor in weights:
+            if _kv_scale(modules, name, tensor):
+                continue
             p = place(name, model.weights, model.config, model.shard)
-            if p.param not in params:
-                if "rotary_emb" in name:
+            owner, _, suffix = p.param.rpartition(".")
+            linear = modules.get(owner)
+            layout = Layout() if tensor_dims(tensor) > 1 else Layout(inp=None)
+            if isinstance(linear, Linear):
+                converted = linear.scheme.checkpoint(suffix, tensor)
+                if converted is None:
+                    continue
+                suffix, tensor = converted
+                layout = linear.layout(suffix)
+            param = params.get(f"{owner}.{suffix}")
+            if param is None:
+                if any(unused in name for unused in UNUSED):
                     continue
                 raise ValueError(f"unexpected weight {name!r} in {source}")
-            src = tensor[(slice(None),) * p.dim + (p.src,)]
-            params[p.param][(slice(None),) * p.dim + (p.dst,)].copy_(src)
-            loaded.add((p.param, p.part))
+            _copy(param, tensor, p, layout, name)
+            loaded.add((f"{owner}.{suffix}", p.part))
     fused = fused_parts(model.weights)
     expected = set()
     for name, _ in model.named_parameters():
@@ -64,6 +121,58 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, object]], source
     missing = sorted(f"{name}#{i}" for name, i in expected - loaded)
     if missing:
         raise ValueError(f"weights missing from {source}: {missing[:8]}")
+
+
+def _kv_scale(modules: dict[str, nn.Module], name: str, tensor: object) -> bool:
+    """Set a layer's fp8 KV-cache scale if ``name`` is one; whether it was."""
+    ending = next((e for e in KV_SCALES if name.endswith(e)), None)
+    if ending is None:
+        return False
+    attention = modules[name.removeprefix("model.").split(".self_attn.")[0] + ".self_attn"].attn
+    setattr(attention, KV_SCALES[ending], float(_whole(tensor).reshape(-1)[0]))
+    return True
+
+
+def tensor_dims(tensor: object) -> int:
+    """The dims of a tensor or of a safetensors slice."""
+    return tensor.dim() if isinstance(tensor, torch.Tensor) else len(tensor.get_shape())
+
+
+def _copy(param: torch.Tensor, tensor: object, p: Placement, layout: Layout, name: str) -> None:
+    """Copy this rank's part of checkpoint ``tensor`` into ``param``, whose dims lie against the weight as
+    ``layout`` says: the placement's weight rows or columns, in the parameter's own units."""
+    if layout.per_part:
+        target, value = param[p.part], _whole(tensor).reshape(-1)
+    else:
+        along = layout.out if p.dim == 0 else layout.inp
+        if along is None:  # held whole on every rank
+            target, value = param, _whole(tensor)
+        else:
+            dim, unit = along
+            src, dst = _units(p.src, unit, name), _units(p.dst, unit, name)
+            target = param[(slice(None),) * dim + (dst,)]
+            # One number (a per-tensor scale) fills its part's channels.
+            value = tensor if tensor_dims(tensor) == 0 else tensor[(slice(None),) * dim + (src,)]
+    if value.numel() != 1 and value.shape != target.shape:
+        raise ValueError(f"{name} has shape {list(value.shape)} where {list(target.shape)} was expected")
+    target.copy_(value.reshape(()) if value.numel() == 1 and target.dim() == 0 else value)
+
+
+def _whole(tensor: object) -> torch.Tensor:
+    """A tensor, or the whole of a safetensors slice (of any dims, none included)."""
+    return tensor if isinstance(tensor, torch.Tensor) else tensor[...]
+
+
+def _units(span: slice, unit: int, name: str) -> slice:
+    """``span`` of weight rows or columns in entries of ``unit`` of them; a ValueError where it splits one."""
+    if span == slice(None) or unit == 1:
+        return span
+    if span.start % unit or span.stop % unit:
+        raise ValueError(
+            f"{name}: weight rows or columns {span.start}..{span.stop} split its quantization groups of {unit}; "
+            "the model cannot be split that way (tensor_parallel_size) with this checkpoint"
+        )
+    return slice(span.start // unit, span.stop // unit)
 
 
 def safetensors(model_dir: str) -> Iterator[tuple[str, object]]:
@@ -83,6 +192,7 @@ def dummy_weights(
     """Random Hugging Face-named weights of realistic scale for the whole model ``mc``, for benchmarks without a
     checkpoint: N(0, 0.02), and ones for norms. Every rank draws the same whole tensors and keeps its shard."""
     gen = torch.Generator(device=device).manual_seed(seed)
+    mc = dataclasses.replace(mc, quant=None)
     whole = shard_model(mc, 1, 0)
     with torch.device("meta"):
         model = model_class(mc.architecture)(mc, whole, TensorParallel(whole, device, None))

@@ -1,7 +1,8 @@
 """Attention over a paged KV pool, and writing new K/V into it.
 
 The pool of one layer is ``[num_pages, page_size, num_kv_heads, head_dim]``;
-a token's flat slot is ``page * page_size + offset``.
+a token's flat slot is ``page * page_size + offset``. A pool may be ``torch.float8_e4m3fn`` under
+16/32-bit K/V, with one float scale per layer for K and one for V: real value = stored value * scale.
 """
 
 from __future__ import annotations
@@ -11,13 +12,34 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+FP8 = torch.float8_e4m3fn
+_FP8_MAX = torch.finfo(FP8).max
+
+
+def _check_scales(cache: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    if cache.dtype != FP8 and (k_scale != 1.0 or v_scale != 1.0):
+        raise ValueError(f"k_scale and v_scale must be 1.0 for a {cache.dtype} pool")
+
+
+def _quantize(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    if dtype != FP8:
+        return x
+    return (x.float() / scale).clamp(-_FP8_MAX, _FP8_MAX).to(FP8)
+
 
 def store_kv_ref(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Write k, v [T, KVH, D] into the pools at flat slots [T]."""
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
+    """Write k, v [T, KVH, D] into the pools at flat slots [T]; an fp8 pool gets clamp(x / scale) (saturating)."""
+    _check_scales(k_cache, k_scale, v_scale)
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = _quantize(k, k_cache.dtype, k_scale)
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = _quantize(v, v_cache.dtype, v_scale)
 
 
 def paged_attention_ref(
@@ -28,30 +50,35 @@ def paged_attention_ref(
     seq_lens: list[int],
     qo_indptr: list[int],
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of a ragged batch of new tokens over their whole context.
 
     Sequence b owns queries ``q[qo_indptr[b]:qo_indptr[b+1]]`` (the last tokens of
-    its ``seq_lens[b]``-token context) and its pages ``block_tables[b]``.
-    Single-token (decode) sequences run as one padded batch. Returns [T, H, D].
+    its ``seq_lens[b]``-token context) and its pages ``block_tables[b]``. K/V of an fp8 pool
+    are dequantized to q's dtype. Single-token (decode) sequences run as one padded batch. Returns [T, H, D].
     """
+    _check_scales(k_cache, k_scale, v_scale)
+    kv_scales = (k_scale, v_scale)
     out = torch.empty_like(q)
     decode = [b for b in range(len(seq_lens)) if qo_indptr[b + 1] - qo_indptr[b] == 1]
     if decode:
         rows = torch.tensor([qo_indptr[b] for b in decode], device=q.device)
-        out[rows] = _decode_attention(
-            q[rows], k_cache, v_cache, [block_tables[b] for b in decode], [seq_lens[b] for b in decode], scale
-        )
+        tables, lens = [block_tables[b] for b in decode], [seq_lens[b] for b in decode]
+        out[rows] = _decode_attention(q[rows], k_cache, v_cache, tables, lens, scale, kv_scales)
     for b, ctx_len in enumerate(seq_lens):
         start, end = qo_indptr[b], qo_indptr[b + 1]
         if end - start == 1:
             continue
-        out[start:end] = _extend_attention(q[start:end], k_cache, v_cache, block_tables[b], ctx_len, scale)
+        out[start:end] = _extend_attention(q[start:end], k_cache, v_cache, block_tables[b], ctx_len, scale, kv_scales)
     return out
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    return cache.flatten(0, 1)[slots]
+def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """The pool's rows at ``slots``; an fp8 pool's dequantized to ``dtype``."""
+    rows = cache.flatten(0, 1)[slots]
+    return (rows.float() * scale).to(dtype) if rows.dtype == FP8 else rows
 
 
 def _slots(table: list[int], ctx_len: int, page_size: int, device: torch.device) -> torch.Tensor:
@@ -59,7 +86,7 @@ def _slots(table: list[int], ctx_len: int, page_size: int, device: torch.device)
     return torch.tensor(table, device=device)[pos // page_size] * page_size + pos % page_size
 
 
-def _decode_attention(q, k_cache, v_cache, tables, seq_lens, scale) -> torch.Tensor:
+def _decode_attention(q, k_cache, v_cache, tables, seq_lens, scale, kv_scales) -> torch.Tensor:
     """One query per sequence: [B, H, D] over contexts padded to the longest, masked."""
     page_size, longest = k_cache.shape[1], max(seq_lens)
     slots = torch.zeros(len(tables), longest, dtype=torch.long, device=q.device)
@@ -67,8 +94,8 @@ def _decode_attention(q, k_cache, v_cache, tables, seq_lens, scale) -> torch.Ten
         slots[j, :ctx_len] = _slots(table, ctx_len, page_size, q.device)
     valid = torch.arange(longest, device=q.device)[None, :] < torch.tensor(seq_lens, device=q.device)[:, None]
     pad = ~valid[:, :, None, None]
-    k = _gather(k_cache, slots).masked_fill(pad, 0).transpose(1, 2)
-    v = _gather(v_cache, slots).masked_fill(pad, 0).transpose(1, 2)
+    k = _gather(k_cache, slots, q.dtype, kv_scales[0]).masked_fill(pad, 0).transpose(1, 2)
+    v = _gather(v_cache, slots, q.dtype, kv_scales[1]).masked_fill(pad, 0).transpose(1, 2)
     groups = q.shape[1] // k.shape[1]
     o = F.scaled_dot_product_attention(
         q[:, :, None, :],
@@ -80,12 +107,12 @@ def _decode_attention(q, k_cache, v_cache, tables, seq_lens, scale) -> torch.Ten
     return o[:, :, 0, :]
 
 
-def _extend_attention(q, k_cache, v_cache, table, ctx_len, scale) -> torch.Tensor:
+def _extend_attention(q, k_cache, v_cache, table, ctx_len, scale, kv_scales) -> torch.Tensor:
     """The last ``len(q)`` tokens of one sequence, each attending causally to its context."""
     n = q.shape[0]
     slots = _slots(table, ctx_len, k_cache.shape[1], q.device)
-    k = _gather(k_cache, slots).transpose(0, 1)
-    v = _gather(v_cache, slots).transpose(0, 1)
+    k = _gather(k_cache, slots, q.dtype, kv_scales[0]).transpose(0, 1)
+    v = _gather(v_cache, slots, q.dtype, kv_scales[1]).transpose(0, 1)
     qb = q.transpose(0, 1)
     if n == ctx_len:
         o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -105,6 +132,7 @@ def _extend_attention(q, k_cache, v_cache, table, ctx_len, scale) -> torch.Tenso
 
 _LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
+_FP8_MAX_TL = tl.constexpr(_FP8_MAX)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -115,6 +143,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 @triton.jit
 def _store_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    k_scale, v_scale,
     stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
     stride_cp, stride_co, stride_ch, stride_cd,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr,
@@ -129,29 +158,44 @@ def _store_kv_kernel(
     dst = (slot // PAGE_SIZE) * stride_cp + (slot % PAGE_SIZE) * stride_co + h * stride_ch + d * stride_cd
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d * stride_kd, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d * stride_vd, mask=mask)
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+        # Saturate before the cast: torch's and the interpreter's fp8 casts do not (out of range gives NaN or junk).
+        k = tl.clamp(k.to(tl.float32) / k_scale, -_FP8_MAX_TL, _FP8_MAX_TL)
+        v = tl.clamp(v.to(tl.float32) / v_scale, -_FP8_MAX_TL, _FP8_MAX_TL)
     tl.store(k_cache_ptr + dst, k, mask=mask)
     tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
 def store_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Write k, v [T, KVH, D] into the pools at flat slots [T] (int32 or int64); negative slots are skipped."""
-    _check_pools(k_cache, v_cache)
+    """Write k, v [T, KVH, D] into the pools at flat slots [T] (int32 or int64); negative slots are skipped.
+
+    An fp8 pool gets clamp(x / scale) (saturating), as `store_kv_ref`.
+    """
+    _check_pools(k_cache, v_cache, k_scale, v_scale)
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
+        k_scale, v_scale,
         *k.stride(), *v.stride(), *k_cache.stride(),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         BLOCK=triton.next_power_of_2(num_kv_heads * head_dim), num_warps=4,
     )  # fmt: skip
 
 
-def _check_pools(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
-        raise ValueError("k_cache and v_cache must share shape and strides")
+def _check_pools(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.dtype != v_cache.dtype:
+        raise ValueError("k_cache and v_cache must share shape, strides and dtype")
+    _check_scales(k_cache, k_scale, v_scale)
 
 
 @triton.jit
@@ -192,14 +236,14 @@ def _decode_split_kernel(
         valid = pos < end
         page = tl.load(block_tables_ptr + b * stride_bb + (pos // PAGE_SIZE) * stride_bp, mask=valid, other=0)
         offs = (page.to(tl.int64) * stride_cp + (pos % PAGE_SIZE) * stride_co)[:, None] + head_offs
-        k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         row_sum = row_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
 
@@ -214,6 +258,7 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_merge_kernel(
     o_part_ptr, lse_part_ptr, out_ptr,
+    v_scale,
     stride_ob, stride_oh, stride_od,
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
@@ -230,7 +275,7 @@ def _decode_merge_kernel(
     w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))
     o = tl.load(o_part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=split_mask[:, None], other=0.0)
     total = tl.sum(w, 0)
-    res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
+    res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0) * v_scale
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d * stride_od, res.to(out_ptr.dtype.element_ty))
 
 
@@ -248,15 +293,18 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     num_splits: int,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     *,
     block_n: int = 64,
 ) -> torch.Tensor:
     """Split-KV attention of one query token per sequence over its paged context.
 
     q [B, H, D]; block_tables [B, max_pages] and seq_lens [B] are device tensors, so one launch
-    serves every context length (CUDA-graph safe). A zero-length sequence gives zeros. Returns [B, H, D].
+    serves every context length (CUDA-graph safe). A zero-length sequence gives zeros. An fp8 pool holds
+    K / k_scale and V / v_scale. Returns [B, H, D].
     """
-    _check_pools(k_cache, v_cache)
+    _check_pools(k_cache, v_cache, k_scale, v_scale)
     batch, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -269,14 +317,14 @@ def paged_decode_attention(
         return out
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part,
-        scale * _LOG2E,
+        scale * k_scale * _LOG2E,
         *q.stride(), *k_cache.stride(), *block_tables.stride(),
         GROUP=group, NUM_SPLITS=num_splits, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, PRECISION=_dot_precision(q.dtype),
         num_warps=4,
     )  # fmt: skip
     _decode_merge_kernel[(batch, num_heads)](
-        o_part, lse_part, out, *out.stride(),
+        o_part, lse_part, out, v_scale, *out.stride(),
         NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
     )  # fmt: skip
     return out
@@ -285,7 +333,7 @@ def paged_decode_attention(
 @triton.jit
 def _extend_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qo_indptr_ptr, out_ptr,
-    qk_scale,
+    qk_scale, v_scale,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
     stride_cp, stride_co, stride_ch, stride_cd,
@@ -324,18 +372,18 @@ def _extend_kernel(
         valid = pos < end
         page = tl.load(block_tables_ptr + b * stride_bb + (pos // PAGE_SIZE) * stride_bp, mask=valid, other=0)
         offs = (page.to(tl.int64) * stride_cp + (pos % PAGE_SIZE) * stride_co)[:, None] + head_offs
-        k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         row_sum = row_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
 
-    out = acc / row_sum[:, None]
+    out = acc / row_sum[:, None] * v_scale
     tl.store(
         out_ptr + (q_start + i)[:, None] * stride_ot + h * stride_oh + d[None, :] * stride_od,
         out.to(out_ptr.dtype.element_ty),
@@ -352,6 +400,8 @@ def extend_attention(
     qo_indptr: torch.Tensor,
     scale: float,
     max_q_len: int,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     *,
     block_m: int = 64,
     block_n: int = 64,
@@ -359,9 +409,10 @@ def extend_attention(
     """Causal attention of a ragged batch of new tokens (decode rows included) over their paged context.
 
     Sequence b owns rows ``q[qo_indptr[b]:qo_indptr[b+1]]``, the last tokens of its ``seq_lens[b]``-token
-    context, whose K/V are already in the pool. ``max_q_len`` bounds the rows of any sequence. Returns [T, H, D].
+    context, whose K/V are already in the pool. ``max_q_len`` bounds the rows of any sequence. An fp8 pool
+    holds K / k_scale and V / v_scale. Returns [T, H, D].
     """
-    _check_pools(k_cache, v_cache)
+    _check_pools(k_cache, v_cache, k_scale, v_scale)
     num_tokens, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if num_heads % num_kv_heads or head_dim & (head_dim - 1) or head_dim < 16:
@@ -372,7 +423,7 @@ def extend_attention(
         return out
     _extend_kernel[(batch, num_heads, triton.cdiv(max_q_len, block_m))](
         q, k_cache, v_cache, block_tables, seq_lens, qo_indptr, out,
-        scale * _LOG2E,
+        scale * k_scale * _LOG2E, v_scale,
         *q.stride(), *out.stride(), *k_cache.stride(), *block_tables.stride(),
         GROUP=num_heads // num_kv_heads, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_dot_precision(q.dtype), num_warps=4,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from tristream.model_files import LOAD_FORMATS
+from tristream.quantization import KV_CACHE_DTYPES, METHODS
 from tristream.tokenizer_proc.templates import BUILTIN_TEMPLATES, resolve_chat_template
 
 # Every name selects the one <think>...</think> parser: tristream's, FastDeploy's and vLLM's names.
@@ -33,7 +34,7 @@ PEER_ARGS = {
     "adapters": "use lora_adapters",
     "trust_remote_code": "not needed: tristream runs its own code for every model it supports; leave it out",
     "swap_space": "not needed: a preempted request is recomputed from the prefix cache, never swapped; leave it out",
-    "quantization": "not supported yet: tristream runs bf16, fp16 or fp32 weights; leave it out",
+    "quant_policy": "use kv_cache_dtype='fp8' for an 8-bit KV cache",
 }
 
 
@@ -61,6 +62,17 @@ class EngineConfig:
         "auto", "auto is float32 on CPU, bfloat16 on CUDA", choices=("auto", "float32", "float16", "bfloat16")
     )
     device: str = arg("auto", "where the model runs", choices=("auto", "cpu", "cuda"))
+    quantization: str | None = arg(
+        None,
+        "the checkpoint's own method is found from its quantization_config; fp8 (GPU) or int8 (CPU, weight-only) "
+        "quantize a 16/32-bit checkpoint at load",
+        choices=METHODS,
+    )
+    kv_cache_dtype: str = arg(
+        "auto",
+        "fp8 (or fp8_e4m3): an e4m3 KV cache, twice the tokens; auto: the model's dtype",
+        choices=KV_CACHE_DTYPES,
+    )
     max_model_len: int | None = arg(None, "longest prompt plus output (default: the model's)", low=1)
     tensor_parallel_size: int = arg(1, "split the model over this many GPUs", low=1, aliases=("--tp",))
     max_num_seqs: int = arg(64, "most requests running at once", low=1)

@@ -42,6 +42,7 @@ from tristream.protocol import (
     decode,
     gpu_process_name,
 )
+from tristream.quantization import quant_spec
 from tristream.sampling_params import SamplingParams
 from tristream.sharding import shard_model
 
@@ -131,6 +132,7 @@ class AsyncEngine:
         _log_to_stderr(config.log_level)
         model_dir = await asyncio.to_thread(resolve_model, config.model, config.load_format, config.download_dir)
         mc = ModelConfig.load(model_dir)
+        quant_spec(mc.quantization_config, config.quantization)  # an unsupported checkpoint fails here
         self.generation_defaults = generation_defaults(model_dir) if config.generation_config == "auto" else {}
         if self.generation_defaults:
             logger.info(

@@ -28,7 +28,9 @@ class BackendConfig:
 
     ``engine_args()`` maps them onto tristream's engine arguments; a field left None
     keeps tristream's default. ``cache_max_entry_count`` becomes ``gpu_memory_utilization``,
-    a share of the whole GPU memory rather than of what the weights leave.
+    a share of the whole GPU memory rather than of what the weights leave. ``quant_policy=8``
+    is an 8-bit (fp8 e4m3) KV cache, and ``model_format`` a quantized checkpoint's method
+    (``awq``, ``gptq``, ``fp8``; ``hf`` is unquantized).
     """
 
     dtype: str = "auto"
@@ -43,18 +45,23 @@ class BackendConfig:
     model_name: str | None = None
 
     def __post_init__(self) -> None:
-        if self.quant_policy != 0:
-            raise ValueError(f"quant_policy={self.quant_policy!r}: KV cache quantization is not supported yet")
-        if self.model_format not in (None, "hf"):
-            raise ValueError(f"model_format={self.model_format!r}: quantized weights are not supported yet")
+        if self.quant_policy not in (0, 8):
+            raise ValueError(f"quant_policy={self.quant_policy!r}: only 8 (an 8-bit KV cache) is supported")
+        if self.model_format not in (None, "hf", "awq", "gptq", "fp8"):
+            raise ValueError(f"model_format={self.model_format!r}: supported are hf, awq, gptq and fp8")
 
     def engine_args(self) -> dict[str, object]:
         """The tristream engine arguments that this config sets."""
-        return {
+        args = {
             ENGINE_ARGS[f.name]: getattr(self, f.name)
             for f in fields(self)
             if f.name in ENGINE_ARGS and getattr(self, f.name) is not None
         }
+        if self.quant_policy == 8:
+            args["kv_cache_dtype"] = "fp8"
+        if self.model_format not in (None, "hf"):
+            args["quantization"] = self.model_format
+        return args
 
 
 @dataclass

@@ -6,10 +6,16 @@ import json
 import os
 from dataclasses import dataclass
 
+from tristream.quantization import QuantSpec
+
 
 @dataclass
 class ModelConfig:
-    """Shapes and constants of a decoder-only transformer; ``architecture`` names its model family (``gpu_proc/models``)."""
+    """Shapes and constants of a decoder-only transformer; ``architecture`` names its model family (``gpu_proc/models``).
+
+    ``quant`` is how the decoder's linear layers hold their weights, once the engine has resolved it from
+    ``quantization_config`` and its ``quantization`` argument (``tristream.quantization.quant_spec``).
+    """
 
     architecture: str
     vocab_size: int
@@ -27,6 +33,8 @@ class ModelConfig:
     attention_bias: bool
     eos_token_ids: list[int]
     dtype: str
+    quantization_config: dict | None = None
+    quant: QuantSpec | None = None
 
     @classmethod
     def load(cls, model_dir: str) -> ModelConfig:
@@ -59,6 +67,7 @@ class ModelConfig:
             attention_bias=bool(raw.get("attention_bias", False)),
             eos_token_ids=_eos_ids(model_dir, raw),
             dtype=raw.get("torch_dtype") or raw.get("dtype") or "float32",
+            quantization_config=raw.get("quantization_config"),
         )
 
 

@@ -17,12 +17,52 @@ from prometheus_client.parser import text_string_to_metric_families
 if not torch.cuda.is_available():
     # Triton kernels run in its interpreter on the CPU; it must be set before triton is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    import numpy as np
+    import triton.language as tl
+    import triton.runtime.interpreter as _interpreter
+
+    _patch_lang_tensor = _interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor_numpy24(tensor: type, scope: _interpreter._LangPatchScope) -> None:
+        # Triton 3.6's interpreter takes int() of one-element arrays for loop bounds read from
+        # memory, which numpy >= 2.4 refuses (triton-lang/triton#9171).
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    _interpreter._patch_lang_tensor = _patch_lang_tensor_numpy24
+
+    _convert_float = _interpreter._convert_float
+    _TORCH_FLOATS = {
+        tl.float32: torch.float32,
+        tl.float16: torch.float16,
+        tl.bfloat16: torch.bfloat16,
+        tl.float8e4nv: torch.float8_e4m3fn,
+    }
+    _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+    def _convert_float_fp8_rne(
+        data: np.ndarray, src: tl.dtype, dst: tl.dtype, rounding: _interpreter._ir.ROUNDING_MODE | None
+    ) -> np.ndarray:
+        # Triton 3.6's interpreter rounds to fp8 half-up and drops the mantissa's carry into the exponent
+        # (halving some values: triton-lang/triton#8322, #11897), and reads fp8 NaN as 480. Torch rounds to
+        # nearest even, as the GPU does.
+        fp8 = tl.float8e4nv in (src, dst) and src in _TORCH_FLOATS and dst in _TORCH_FLOATS
+        if not fp8 or rounding == _interpreter._ir.ROUNDING_MODE.RTZ:
+            return _convert_float(data, src, dst, rounding)
+        out = torch.from_numpy(np.ascontiguousarray(data)).view(_TORCH_FLOATS[src]).to(_TORCH_FLOATS[dst])
+        return out.view(_BITS[out.element_size()]).numpy()
+
+    _interpreter._convert_float = _convert_float_fp8_rne
 
 import pytest  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from tristream import AsyncEngine  # noqa: E402
+from tristream.config import EngineConfig  # noqa: E402
+from tristream.gpu_proc.runner import ModelRunner  # noqa: E402
 from tristream.model_files import resolve_model  # noqa: E402
+from tristream.protocol import BatchPlan, NewSequence  # noqa: E402
+from tristream.sampling_params import SamplingParams  # noqa: E402
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
@@ -37,6 +77,44 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
                 torch.tensor([[token]], device=model.device), past_key_values=res.past_key_values, use_cache=True
             )
     return out
+
+
+def run_ours(path: str, prompts: list[list[int]], steps: int, page_size: int, **overrides) -> list[torch.Tensor]:
+    """Prefill every prompt in one step, then decode greedily; returns each step's logits."""
+    config = EngineConfig(model=path, max_model_len=256, page_size=page_size, kv_cache_tokens=4096, **overrides)
+    runner = ModelRunner(config)
+    captured: list[torch.Tensor] = []
+    model_forward = runner.model.forward
+    runner.model.forward = lambda batch, kv: captured.append(model_forward(batch, kv)) or captured[-1]
+    pages_per_seq = 256 // page_size
+    plan = BatchPlan(
+        0,
+        new=[NewSequence(i, p, 0, 0, SamplingParams(temperature=0, seed=0)) for i, p in enumerate(prompts)],
+        pages=[(i, list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq))) for i in range(len(prompts))],
+        slots=list(range(len(prompts))),
+        num_tokens=[len(p) for p in prompts],
+        sample=[True] * len(prompts),
+    )
+    runner.step(plan)
+    for step in range(steps):
+        runner.step(
+            BatchPlan(
+                step + 1, slots=list(range(len(prompts))), num_tokens=[1] * len(prompts), sample=[True] * len(prompts)
+            )
+        )
+    return captured
+
+
+def hf_logits(model, prompt: list[int], steps: int) -> list[torch.Tensor]:
+    """transformers' last-position logits after ``prompt``, then after each of ``steps`` greedy tokens."""
+    rows = []
+    with torch.no_grad():
+        res = model(torch.tensor([prompt]), use_cache=True)
+        for _ in range(steps + 1):
+            rows.append(res.logits[0, -1])
+            token = int(res.logits[0, -1].argmax())
+            res = model(torch.tensor([[token]]), past_key_values=res.past_key_values, use_cache=True)
+    return rows
 
 
 def make_lora_adapter(model_dir: str, path, seed: int, scale: float = 0.05, **lora: object):

@@ -412,9 +412,11 @@ def test_lmdeploys_engine_configs_become_engine_args():
     assert (args["page_size"], args["lora_adapters"], args["enforce_eager"]) == (16, {"a": "/a"}, True)
     assert (args["chat_template"], args["max_num_batched_tokens"]) == ("qwen", 4096)
     assert "model_format" not in args and "quant_policy" not in args
+    quantized = TurbomindEngineConfig(quant_policy=8, model_format="awq").engine_args()
+    assert (quantized["kv_cache_dtype"], quantized["quantization"]) == ("fp8", "awq")
     for make, match in [
-        (lambda: TurbomindEngineConfig(quant_policy=8), "quant_policy=8: KV cache quantization is not supported"),
-        (lambda: PytorchEngineConfig(model_format="awq"), "model_format='awq': quantized weights"),
+        (lambda: TurbomindEngineConfig(quant_policy=4), "quant_policy=4: only 8 \\(an 8-bit KV cache\\)"),
+        (lambda: PytorchEngineConfig(model_format="bnb"), "model_format='bnb': supported are hf, awq, gptq and fp8"),
         (lambda: PytorchEngineConfig(eviction_type="copy"), "always recomputed"),
         (lambda: ChatTemplateConfig("qwen", system="Be brief."), "system are not supported; give a Jinja file"),
     ]:

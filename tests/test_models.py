@@ -9,10 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tristream.config import EngineConfig
-from tristream.gpu_proc.runner import ModelRunner
-from tristream.protocol import BatchPlan, NewSequence
-from tristream.sampling_params import SamplingParams
+from tests.conftest import hf_logits, run_ours  # pytest has imported the conftest under this name
 
 TINY = dict(
     vocab_size=512,
@@ -55,43 +52,6 @@ def make_model(tmp_path, name: str):
     path = tmp_path / name
     model.save_pretrained(path)
     return model, str(path)
-
-
-def run_ours(path: str, prompts: list[list[int]], steps: int, page_size: int, **overrides) -> list[torch.Tensor]:
-    """Prefill every prompt in one step, then decode greedily; returns each step's logits."""
-    config = EngineConfig(model=path, max_model_len=256, page_size=page_size, kv_cache_tokens=4096, **overrides)
-    runner = ModelRunner(config)
-    captured: list[torch.Tensor] = []
-    model_forward = runner.model.forward
-    runner.model.forward = lambda batch, kv: captured.append(model_forward(batch, kv)) or captured[-1]
-    pages_per_seq = 256 // page_size
-    plan = BatchPlan(
-        0,
-        new=[NewSequence(i, p, 0, 0, SamplingParams(temperature=0, seed=0)) for i, p in enumerate(prompts)],
-        pages=[(i, list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq))) for i in range(len(prompts))],
-        slots=list(range(len(prompts))),
-        num_tokens=[len(p) for p in prompts],
-        sample=[True] * len(prompts),
-    )
-    runner.step(plan)
-    for step in range(steps):
-        runner.step(
-            BatchPlan(
-                step + 1, slots=list(range(len(prompts))), num_tokens=[1] * len(prompts), sample=[True] * len(prompts)
-            )
-        )
-    return captured
-
-
-def hf_logits(model, prompt: list[int], steps: int) -> list[torch.Tensor]:
-    rows = []
-    with torch.no_grad():
-        res = model(torch.tensor([prompt]), use_cache=True)
-        for _ in range(steps + 1):
-            rows.append(res.logits[0, -1])
-            token = int(res.logits[0, -1].argmax())
-            res = model(torch.tensor([[token]]), past_key_values=res.past_key_values, use_cache=True)
-    return rows
 
 
 @pytest.mark.parametrize("name", list(ARCHS))

@@ -13,12 +13,14 @@ class PagedAttention:
     """Stores a step's K/V into layer ``layer``'s pages, then attends each query over its sequence's whole context.
 
     ``heads`` views the flat q, k and v of a projection per head; the call takes them so (after any norm
-    and rotary embedding) and returns the output flat, [tokens, heads * head_dim].
+    and rotary embedding) and returns the output flat, [tokens, heads * head_dim]. An fp8 KV cache holds
+    K / ``k_scale`` and V / ``v_scale`` (a checkpoint's calibrated scales, else 1).
     """
 
     def __init__(self, layer: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
+        self.k_scale = self.v_scale = 1.0
 
     def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """q, k and v viewed as [tokens, heads, head_dim]."""
@@ -28,4 +30,6 @@ class PagedAttention:
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, kv: KVCache
     ) -> torch.Tensor:
-        return ops.attend(q, k, v, *kv.layer(self.layer), batch, self.scale).flatten(1)
+        k_cache, v_cache = kv.layer(self.layer)
+        scales = (self.k_scale, self.v_scale) if k_cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
+        return ops.attend(q, k, v, k_cache, v_cache, batch, self.scale, *scales).flatten(1)

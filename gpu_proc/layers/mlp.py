@@ -9,15 +9,18 @@ from tristream.gpu_proc import ops
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.layers.linear import Linear
 from tristream.gpu_proc.parallel import TensorParallel
+from tristream.quantization import QuantSpec
 
 
 class GatedMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))``, gate and up fused (column-parallel), down row-parallel."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, tp: TensorParallel) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, tp: TensorParallel, quant: QuantSpec | None = None
+    ) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
-        self.down_proj = Linear(intermediate_size, hidden_size, tp=tp)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, quant=quant, parts=2)
+        self.down_proj = Linear(intermediate_size, hidden_size, tp=tp, quant=quant)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x, batch)), batch)

@@ -48,8 +48,8 @@ class Attention(nn.Module):
     def __init__(self, mc: ModelConfig, layer: int, tp: TensorParallel, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.q_size, self.kv_size = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
-        self.qkv_proj = Linear(mc.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = Linear(self.q_size, mc.hidden_size, tp=tp)
+        self.qkv_proj = Linear(mc.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias, quant=mc.quant, parts=3)
+        self.o_proj = Linear(self.q_size, mc.hidden_size, tp=tp, quant=mc.quant)
         self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm = RMSNorm(mc.head_dim, mc.rms_norm_eps)
@@ -70,7 +70,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, mc: ModelConfig, layer: int, tp: TensorParallel, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.self_attn = Attention(mc, layer, tp, qkv_bias, qk_norm)
-        self.mlp = GatedMLP(mc.hidden_size, mc.intermediate_size, tp)
+        self.mlp = GatedMLP(mc.hidden_size, mc.intermediate_size, tp, mc.quant)
         self.input_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
 

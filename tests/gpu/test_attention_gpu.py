@@ -1,4 +1,4 @@
-"""The Triton KV store and paged attention kernels on CUDA in bf16 at Llama-3-8B sizes."""
+"""The Triton KV store and paged attention kernels on CUDA in bf16 at Llama-3-8B sizes, over bf16 or fp8 pools."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tristream.kernels.attention import (
+    FP8,
     choose_num_splits,
     extend_attention,
     paged_attention_ref,
@@ -24,6 +25,8 @@ TOL = 1e-2
 HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
 SCALE = HEAD_DIM**-0.5
 MAX_CONTEXT = 4096
+# (k_scale, v_scale) of fp8 pools: N(0, 1) K/V use about half of e4m3's range (+-448).
+FP8_SCALES = (0.011, 0.017)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -44,17 +47,22 @@ def int32(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device="cuda")
 
 
-def nan_pools(num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nan_pools(num_pages: int, dtype: torch.dtype = DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (num_pages, PAGE_SIZE, KV_HEADS, HEAD_DIM)
-    k_cache = torch.full(shape, math.nan, dtype=DTYPE, device="cuda")
+    k_cache = torch.full(shape, math.nan, dtype=dtype, device="cuda")
     return k_cache, torch.full_like(k_cache, math.nan)
 
 
 def fill_pools(
-    ctx_lens: list[int], seed: int, spare_pages: int = 8
+    ctx_lens: list[int],
+    seed: int,
+    spare_pages: int = 8,
+    pool_dtype: torch.dtype = DTYPE,
+    scales: tuple[float, float] = (1.0, 1.0),
 ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]], torch.Tensor]:
     """NaN pools holding random K/V for each context on shuffled pages (page 0 and spares stay unused).
 
+    K/V are stored with ``scales`` into pools of ``pool_dtype``.
     Returns the pools, the page lists and a padded int32 block table wide enough for MAX_CONTEXT.
     """
     num_pages = [-(-n // PAGE_SIZE) for n in ctx_lens]
@@ -64,15 +72,14 @@ def fill_pools(
     for n in num_pages:
         tables.append(pages[start : start + n])
         start += n
-    k_cache, v_cache = nan_pools(len(pages) + 1)
+    k_cache, v_cache = nan_pools(len(pages) + 1, pool_dtype)
     slots = torch.tensor(
         [t[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for t, n in zip(tables, ctx_lens) for p in range(n)],
         device="cuda",
     )
     g = gen(seed)
-    store_kv(
-        randn(len(slots), KV_HEADS, HEAD_DIM, g=g), randn(len(slots), KV_HEADS, HEAD_DIM, g=g), k_cache, v_cache, slots
-    )
+    k, v = randn(len(slots), KV_HEADS, HEAD_DIM, g=g), randn(len(slots), KV_HEADS, HEAD_DIM, g=g)
+    store_kv(k, v, k_cache, v_cache, slots, *scales)
     width = MAX_CONTEXT // PAGE_SIZE
     block_table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda")
     return k_cache, v_cache, tables, block_table
@@ -85,9 +92,12 @@ def reference(
     tables: list[list[int]],
     ctx_lens: list[int],
     qo_indptr: list[int],
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
-    """The torch reference, in float32."""
-    return paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), tables, ctx_lens, qo_indptr, SCALE)
+    """The torch reference, in float32; it dequantizes an fp8 pool itself."""
+    if k_cache.dtype != FP8:
+        k_cache, v_cache = k_cache.float(), v_cache.float()
+    return paged_attention_ref(q.float(), k_cache, v_cache, tables, ctx_lens, qo_indptr, SCALE, *kv_scales)
 
 
 def test_store_kv_writes_exactly_its_slots() -> None:
@@ -108,6 +118,29 @@ def test_store_kv_writes_exactly_its_slots() -> None:
         assert cache.flatten(0, 1).isnan().all(dim=(1, 2)).sum() == num_pages * PAGE_SIZE - int(written.sum())
 
 
+def test_store_kv_fp8_pool() -> None:
+    """Within one fp8 step of the reference (which may round x / scale differently), saturating at +-448."""
+    g = gen(4)
+    tokens, num_pages = 4096, 512
+    k = randn(tokens, KV_HEADS, HEAD_DIM, g=g) * 2
+    v = randn(tokens, KV_HEADS, HEAD_DIM, g=g) * 2
+    slots = torch.randperm(num_pages * PAGE_SIZE, device="cuda", generator=g)[:tokens]
+    slots[::97] = -1
+    written = slots >= 0
+    k_cache, v_cache = nan_pools(num_pages, FP8)
+    k_ref, v_ref = nan_pools(num_pages, FP8)
+    store_kv(k, v, k_cache, v_cache, slots, *FP8_SCALES)
+    store_kv_ref(k[written], v[written], k_ref, v_ref, slots[written], *FP8_SCALES)
+    for x, scale, cache, ref in ((k, FP8_SCALES[0], k_cache, k_ref), (v, FP8_SCALES[1], v_cache, v_ref)):
+        assert (cache.view(torch.uint8).int() - ref.view(torch.uint8).int()).abs().max() <= 1
+        stored = cache.flatten(0, 1)[slots[written]].float()
+        assert not stored.isnan().any()
+        beyond = x[written].float().abs() >= 448 * scale
+        assert beyond.any()
+        assert torch.equal(stored[beyond], 448 * x[written].float()[beyond].sign())
+        assert cache.flatten(0, 1).isnan().all(dim=(1, 2)).sum() == num_pages * PAGE_SIZE - int(written.sum())
+
+
 @pytest.mark.parametrize("batch,num_splits", [(1, 16), (8, 4), (8, 16), (64, 1), (64, 3)])
 def test_paged_decode_attention(batch: int, num_splits: int) -> None:
     rng = random.Random(batch * 100 + num_splits)
@@ -119,20 +152,42 @@ def test_paged_decode_attention(batch: int, num_splits: int) -> None:
     assert rel_err(out, reference(q, k_cache, v_cache, tables, ctx_lens, list(range(batch + 1)))) < TOL
 
 
-def test_extend_attention_mixed_batch() -> None:
+@pytest.mark.parametrize("batch,num_splits", [(8, 4), (64, 3)])
+def test_paged_decode_attention_fp8_pool(batch: int, num_splits: int) -> None:
+    rng = random.Random(batch * 100 + num_splits + 1)
+    ctx_lens = [MAX_CONTEXT, 1] + [rng.randint(1, MAX_CONTEXT) for _ in range(batch - 2)]
+    k_cache, v_cache, tables, block_table = fill_pools(ctx_lens, batch + num_splits, pool_dtype=FP8, scales=FP8_SCALES)
+    q = randn(batch, HEADS, HEAD_DIM, g=gen(batch))
+    out = paged_decode_attention(q, k_cache, v_cache, block_table, int32(ctx_lens), SCALE, num_splits, *FP8_SCALES)
+    assert out.shape == q.shape and out.dtype == DTYPE
+    ref = reference(q, k_cache, v_cache, tables, ctx_lens, list(range(batch + 1)), FP8_SCALES)
+    assert rel_err(out, ref) < TOL
+
+
+def extend_mixed_batch(pool_dtype: torch.dtype = DTYPE, scales: tuple[float, float] = (1.0, 1.0)) -> float:
+    """extend_attention's relative error on a mixed batch, over pools of ``pool_dtype`` holding K/V stored with ``scales``."""
     # (context, new tokens): chunks of ~500 on prefixes of ~1000, decode rows, pure prefills
     batch = [(1500, 500), (1537, 512), (1000, 1), (2000, 477), (700, 700), (4096, 1), (513, 513), (3000, 3)]
     ctx_lens = [c for c, _ in batch]
     qo_indptr = [0]
     for _, n in batch:
         qo_indptr.append(qo_indptr[-1] + n)
-    k_cache, v_cache, tables, block_table = fill_pools(ctx_lens, 1)
+    k_cache, v_cache, tables, block_table = fill_pools(ctx_lens, 1, pool_dtype=pool_dtype, scales=scales)
     q = randn(qo_indptr[-1], HEADS, HEAD_DIM, g=gen(1))
+    max_q_len = max(n for _, n in batch)
     out = extend_attention(
-        q, k_cache, v_cache, block_table, int32(ctx_lens), int32(qo_indptr), SCALE, max(n for _, n in batch)
+        q, k_cache, v_cache, block_table, int32(ctx_lens), int32(qo_indptr), SCALE, max_q_len, *scales
     )
     assert out.shape == q.shape and out.dtype == DTYPE
-    assert rel_err(out, reference(q, k_cache, v_cache, tables, ctx_lens, qo_indptr)) < TOL
+    return rel_err(out, reference(q, k_cache, v_cache, tables, ctx_lens, qo_indptr, scales))
+
+
+def test_extend_attention_mixed_batch() -> None:
+    assert extend_mixed_batch() < TOL
+
+
+def test_extend_attention_mixed_batch_fp8_pool() -> None:
+    assert extend_mixed_batch(FP8, FP8_SCALES) < TOL
 
 
 def test_paged_decode_attention_replays_in_a_cuda_graph() -> None:

@@ -1,0 +1,115 @@
+"""How far quantized weights move a model's next-token log-probabilities from bf16's, on the same weights.
+
+Dummy weights in a real model's shape (default Llama-3-8B), drawn once from the engine's seed: the bf16
+model, then the same weights quantized at load (fp8 per channel, fp8 in 128 x 128 blocks, int4 with groups
+of 128). Each runs the same random prompts (prefill, then greedy decode steps along bf16's own tokens, so
+every model sees the same text), and at each step the bf16 model's 20 most likely tokens give
+``|logprob - bf16 logprob|``: its mean and its max are reported per method, with the share of steps whose
+most likely token is bf16's. Writes bench/results/quant-accuracy-<gpu>.json.
+
+    python3 bench/quant_accuracy.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from report import git_info, now  # noqa: E402
+
+from tristream.config import EngineConfig  # noqa: E402
+from tristream.gpu_proc.runner import ModelRunner  # noqa: E402
+from tristream.protocol import BatchPlan, NewSequence  # noqa: E402
+from tristream.sampling_params import SamplingParams  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+METHODS = {"fp8": ("fp8", None), "fp8_block": ("fp8", [128, 128]), "int4": ("awq", None)}
+
+
+def logprobs(folder: str, prompts: list[list[int]], forced: list[list[int]] | None, quantization: str | None):
+    """Log-probabilities [steps, prompts, vocab] after each prompt and each forced token (None: bf16's greedy
+    tokens, which are returned too)."""
+    config = EngineConfig(
+        model=folder, load_format="dummy", dtype="bfloat16", quantization=quantization, max_model_len=1024,
+        kv_cache_tokens=len(prompts) * 1024, enforce_eager=True, skip_tokenizer_init=True,
+    )  # fmt: skip
+    runner = ModelRunner(config)
+    steps = len(forced[0]) if forced else 8
+    captured, forward = [], runner.model.forward
+    runner.model.forward = lambda batch, kv: captured.append(forward(batch, kv).float().log_softmax(-1)) or captured[-1]
+    greedy = SamplingParams(temperature=0, seed=0)
+    new = [NewSequence(i, p, 0, 0, greedy) for i, p in enumerate(prompts)]
+    pages = [(i, list(range(1 + 64 * i, 1 + 64 * (i + 1)))) for i in range(len(prompts))]
+    slots = list(range(len(prompts)))
+    runner.step(
+        BatchPlan(
+            0, new=new, pages=pages, slots=slots, num_tokens=[len(p) for p in prompts], sample=[True] * len(slots)
+        )
+    )
+    tokens = [[int(captured[-1][i].argmax())] for i in slots]
+    for step in range(steps):
+        if forced:
+            runner.slots.last_tokens[: len(slots)] = torch.tensor([f[step] for f in forced], device=runner.device)
+        runner.step(BatchPlan(step + 1, slots=slots, num_tokens=[1] * len(slots), sample=[True] * len(slots)))
+        for i in slots:
+            tokens[i].append(int(captured[-1][i].argmax()))
+    result = torch.stack(captured[: steps + 1]).cpu()
+    del runner
+    torch.cuda.empty_cache()
+    return result, [t[:steps] for t in tokens]
+
+
+def main(args: argparse.Namespace) -> dict:
+    folder = tempfile.mkdtemp(prefix="tristream-quant-")
+    config = json.loads(pathlib.Path(args.config).read_text())
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, config["vocab_size"] - 100, (n,), generator=gen).tolist() for n in (16, 64, 200, 500)]
+    results = {}
+    (pathlib.Path(folder) / "config.json").write_text(json.dumps(config))
+    base, tokens = logprobs(folder, prompts, None, None)
+    top = base.topk(20, dim=-1).indices
+    for name, (method, block) in METHODS.items():
+        quant_config = {**config, "quantization_config": {"quant_method": "fp8", "weight_block_size": block}}
+        (pathlib.Path(folder) / "config.json").write_text(json.dumps(quant_config if block else config))
+        ours, _ = logprobs(folder, prompts, tokens, method)
+        delta = (ours.gather(-1, top) - base.gather(-1, top)).abs()
+        same = (ours.argmax(-1) == base.argmax(-1)).float().mean().item()
+        results[name] = {
+            "mean_abs_dlogprob_top20": delta.mean().item(),
+            "max_abs_dlogprob_top20": delta.max().item(),
+            "same_top1": same,
+        }
+        print(
+            f"{name:9}: |dlogprob| over bf16's top 20: mean {delta.mean():.4f}, max {delta.max():.3f}; top-1 the same at {100 * same:.1f}% of steps",
+            flush=True,
+        )
+    return {
+        "benchmark": "quant_accuracy",
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "model_config": args.config,
+        **git_info(),
+        "timestamp": now(),
+        "prompt_lens": [len(p) for p in prompts],
+        "steps_per_prompt": len(tokens[0]) + 1,
+        "results": results,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "bench" / "configs" / "llama-3-8b.json"))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    report = main(args)
+    gpu = report["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
+    out = pathlib.Path(args.out or REPO / "bench" / "results" / f"quant-accuracy-{gpu}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")

@@ -1,0 +1,138 @@
+"""The quantized projections' kernels alone, against bf16 cuBLAS at the same shapes, on the GPU.
+
+For each (N, K) of Llama-3-8B's projections and each number of rows M, it times one projection as the
+engine runs it, activation quantization included: bf16 ``F.linear``; fp8 with per-channel weight scales
+(per-token activation scales, ``torch._scaled_mm``); block-wise fp8 (128 x 128 weight blocks, per-group
+activation scales, the Triton GEMM); and 4-bit weights with 16-bit activations (group 128, the Triton
+W4A16 kernel). Each is replayed from a CUDA graph over rotating weights (more bytes than the L2 holds).
+Small M is held to the bandwidth roofline (the weight bytes over the measured copy rate), large M to the
+matmul rate (fp8's for the fp8 kernels). Writes bench/results/quant-kernels-<gpu>.json.
+
+    python3 bench/quant_kernels.py
+    python3 bench/quant_kernels.py --rows 1 16 --shapes 4096x4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from ceilings import copy_bandwidth, fp8_matmul_rate, matmul_rate  # noqa: E402
+from report import git_info, now  # noqa: E402
+
+from tristream.gpu_proc.layers.quantized import quantize_fp8  # noqa: E402
+from tristream.kernels import fp8, int4  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SHAPES = ["6144x4096", "4096x4096", "28672x4096", "4096x14336"]  # (N, K): qkv, o, gate/up, down
+COPIES = 4  # weight sets the timing rotates over
+
+
+def kernels(n: int, k: int, device: torch.device) -> dict[str, tuple[list, callable, float]]:
+    """Each kind's weight sets, its projection of x, and its bytes per weight."""
+    dense = [torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5 for _ in range(COPIES)]
+    channel = [quantize_fp8(w, None) for w in dense]
+    block = [quantize_fp8(w, (128, 128)) for w in dense]
+    packed = [int4.quantize(w.T.contiguous(), 128) for w in dense]
+
+    def fp8_channel(x, weights):
+        xq, xs = fp8.quant_fp8_per_token(x)
+        return fp8.fp8_scaled_mm(xq, xs, *weights, torch.bfloat16)
+
+    def fp8_block(x, weights):
+        xq, xs = fp8.quant_fp8_per_group(x, 128)
+        return fp8.fp8_block_matmul(xq, xs, *weights, 128, 128, torch.bfloat16)
+
+    return {
+        "bf16": (dense, lambda x, w: F.linear(x, w), 2.0),
+        "fp8": (channel, fp8_channel, 1.0),
+        "fp8_block": (block, fp8_block, 1.0),
+        "int4": (packed, lambda x, w: int4.w4a16_matmul(x, *w, 128), 0.5 + 4 / 128),
+    }
+
+
+def graph_seconds(fn, x: torch.Tensor, weight_sets: list, repeats: int = 20) -> float:
+    """Seconds per call, from one CUDA graph of ``repeats`` calls per weight set, replayed."""
+    for w in weight_sets:
+        fn(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            for w in weight_sets:
+                fn(x, w)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / (repeats * len(weight_sets)))
+    return sorted(times)[len(times) // 2]
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = torch.device("cuda")
+    bandwidth, bf16_rate, fp8_rate = copy_bandwidth(device), matmul_rate(device), fp8_matmul_rate(device)
+    rows = []
+    for shape in args.shapes:
+        n, k = map(int, shape.split("x"))
+        table = kernels(n, k, device)
+        for m in args.rows:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            base = None
+            for name, (weight_sets, fn, per_weight) in table.items():
+                seconds = graph_seconds(fn, x, weight_sets)
+                base = base or seconds
+                rate = fp8_rate if name.startswith("fp8") else bf16_rate
+                floor = max(n * k * per_weight / bandwidth, 2 * m * n * k / rate)
+                rows.append(
+                    {
+                        "n": n,
+                        "k": k,
+                        "m": m,
+                        "kernel": name,
+                        "seconds": seconds,
+                        "speedup": base / seconds,
+                        "roofline_fraction": floor / seconds,
+                    }
+                )
+                r = rows[-1]
+                print(
+                    f"{shape:>11} M {m:5d} {name:9}: {seconds * 1e6:9.1f} us  {r['speedup']:5.2f}x bf16  "
+                    f"{100 * r['roofline_fraction']:5.1f}% of roofline",
+                    flush=True,
+                )
+        del table
+        torch.cuda.empty_cache()
+    return {
+        "benchmark": "quant_kernels",
+        "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        **git_info(),
+        "timestamp": now(),
+        "ceilings": {"copy_bytes_per_s": bandwidth, "bf16_matmul_flops": bf16_rate, "fp8_matmul_flops": fp8_rate},
+        "results": rows,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, metavar="NxK")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 256, 4096])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    report = main(args)
+    gpu = report["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
+    out = pathlib.Path(args.out or REPO / "bench" / "results" / f"quant-kernels-{gpu}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")

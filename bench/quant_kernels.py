@@ -1,10 +1,11 @@
 """The quantized projections' kernels alone, against bf16 cuBLAS at the same shapes, on the GPU.
 
 For each (N, K) of Llama-3-8B's projections and each number of rows M, it times one projection as the
-engine runs it, activation quantization included: bf16 ``F.linear``; fp8 with per-channel weight scales
-(per-token activation scales, ``torch._scaled_mm``); block-wise fp8 (128 x 128 weight blocks, per-group
-activation scales, the Triton GEMM); and 4-bit weights with 16-bit activations (group 128, the Triton
-W4A16 kernel). Each is replayed from a CUDA graph over rotating weights (more bytes than the L2 holds).
+engine runs it (``gpu_proc.ops``), activation quantization included: bf16 ``F.linear``; fp8 with
+per-channel weight scales (per-token activation scales, ``torch._scaled_mm``); block-wise fp8 (128 x 128
+weight blocks, per-group activation scales, the Triton GEMM); and 4-bit weights with 16-bit activations
+(group 128, the Triton W4A16 kernel). A single row takes the one-row kernels (fp8 weights with the row
+unquantized; the int4 GEMV). Each is replayed from a CUDA graph over rotating weights (more bytes than the L2 holds).
 Small M is held to the bandwidth roofline (the weight bytes over the measured copy rate), large M to the
 matmul rate (fp8's for the fp8 kernels). Writes bench/results/quant-kernels-<gpu>.json.
 
@@ -26,8 +27,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, fp8_matmul_rate, matmul_rate  # noqa: E402
 from report import git_info, now  # noqa: E402
 
+from tristream.gpu_proc import ops  # noqa: E402
 from tristream.gpu_proc.layers.quantized import quantize_fp8  # noqa: E402
-from tristream.kernels import fp8, int4  # noqa: E402
+from tristream.kernels import int4  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHAPES = ["6144x4096", "4096x4096", "28672x4096", "4096x14336"]  # (N, K): qkv, o, gate/up, down
@@ -41,19 +43,11 @@ def kernels(n: int, k: int, device: torch.device) -> dict[str, tuple[list, calla
     block = [quantize_fp8(w, (128, 128)) for w in dense]
     packed = [int4.quantize(w.T.contiguous(), 128) for w in dense]
 
-    def fp8_channel(x, weights):
-        xq, xs = fp8.quant_fp8_per_token(x)
-        return fp8.fp8_scaled_mm(xq, xs, *weights, torch.bfloat16)
-
-    def fp8_block(x, weights):
-        xq, xs = fp8.quant_fp8_per_group(x, 128)
-        return fp8.fp8_block_matmul(xq, xs, *weights, 128, 128, torch.bfloat16)
-
     return {
         "bf16": (dense, lambda x, w: F.linear(x, w), 2.0),
-        "fp8": (channel, fp8_channel, 1.0),
-        "fp8_block": (block, fp8_block, 1.0),
-        "int4": (packed, lambda x, w: int4.w4a16_matmul(x, *w, 128), 0.5 + 4 / 128),
+        "fp8": (channel, lambda x, w: ops.fp8_linear(x, *w, None, None), 1.0),
+        "fp8_block": (block, lambda x, w: ops.fp8_block_linear(x, *w, (128, 128), None), 1.0),
+        "int4": (packed, lambda x, w: ops.w4a16_matmul(x, *w, 128), 0.5 + 4 / 128),
     }
 
 

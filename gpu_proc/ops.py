@@ -47,8 +47,12 @@ def lora_expand(
 def fp8_linear(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` with e4m3 ``w`` scaled per channel: ``x`` quantized per token, or by ``x_scale``."""
+    """``x @ W.T (+ bias)`` with e4m3 ``w`` scaled per channel: ``x`` quantized per token, or by ``x_scale``;
+    on CUDA a single row multiplies the weights unquantized (``fp8_gemv``)."""
     rows = x.reshape(-1, x.shape[-1])
+    if _gemv_fits(rows):
+        y = fp8.fp8_gemv(rows, w, w_scale, 1, rows.shape[1])
+        return (y if bias is None else y + bias).reshape(*x.shape[:-1], -1)
     if x_scale is None:
         xq, xs = (fp8.quant_fp8_per_token if x.is_cuda else fp8.quant_fp8_per_token_ref)(rows)
     else:
@@ -60,12 +64,21 @@ def fp8_linear(
 def fp8_block_linear(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, block: tuple[int, int], bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` with e4m3 ``w`` scaled per ``block``; ``x`` quantized per 1 x block-columns group."""
+    """``x @ W.T (+ bias)`` with e4m3 ``w`` scaled per ``block``; ``x`` quantized per 1 x block-columns group
+    (on CUDA a single row is not: ``fp8_gemv``)."""
     rows = x.reshape(-1, x.shape[-1])
-    xq, xs = (fp8.quant_fp8_per_group if x.is_cuda else fp8.quant_fp8_per_group_ref)(rows, block[1])
-    y = (fp8.fp8_block_matmul if x.is_cuda else fp8.fp8_block_matmul_ref)(xq, xs, w, w_scale, *block, x.dtype)
+    if _gemv_fits(rows):
+        y = fp8.fp8_gemv(rows, w, w_scale, *block)
+    else:
+        xq, xs = (fp8.quant_fp8_per_group if x.is_cuda else fp8.quant_fp8_per_group_ref)(rows, block[1])
+        y = (fp8.fp8_block_matmul if x.is_cuda else fp8.fp8_block_matmul_ref)(xq, xs, w, w_scale, *block, x.dtype)
     y = y.reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
+
+
+def _gemv_fits(rows: torch.Tensor) -> bool:
+    """Whether the fp8 projection of ``rows`` takes the one-row kernel: one row on CUDA, K in steps of 128."""
+    return rows.is_cuda and rows.shape[0] == 1 and rows.shape[1] % 128 == 0
 
 
 def w4a16_matmul(

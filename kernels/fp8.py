@@ -348,3 +348,64 @@ def fp8_scaled_mm(
     if bias is not None and not fused:
         y += bias.float()
     return y
+
+
+def fp8_gemv_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
+    """One row x [1, K] (16-bit, not quantized) times e4m3 w [N, K] scaled per channel (``w_scale`` [N]; pass
+    ``block_n`` 1 and ``block_k`` K) or per block ([ceil(N / block_n), ceil(K / block_k)]) -> y [1, N]."""
+    n, k = w.shape
+    scale = w_scale.reshape(-(-n // block_n), -1).float()
+    full = scale.repeat_interleave(block_n, 0)[:n].repeat_interleave(block_k, 1)[:, :k]
+    return (x.float() @ (w.float() * full).T).to(x.dtype)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, ws_ptr, out_ptr, N, x_stride, w_stride, ws_stride_n, ws_stride_k, out_stride_split,
+    SCALE_BLOCK_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Program (t, s): outputs ``[t * BLOCK_N, (t + 1) * BLOCK_N)`` over inputs ``[s * CHUNK, (s + 1) * CHUNK)``;
+    each K-step's products are summed, then scaled by the step's weight scale (one per block along K)."""
+    tile, split = tl.program_id(0), tl.program_id(1)
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for step in range(0, CHUNK, BLOCK_K):
+        k = split * CHUNK + step + kk
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * w_stride + k[None, :], mask=row_mask[:, None], other=0.0)
+        x = tl.load(x_ptr + k * x_stride).to(tl.float32)
+        scale_at = (rows // SCALE_BLOCK_N) * ws_stride_n + (split * CHUNK + step) // SCALE_BLOCK_K * ws_stride_k
+        scale = tl.load(ws_ptr + scale_at, mask=row_mask, other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1) * scale
+    tl.store(out_ptr + split * out_stride_split + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+GEMV_BLOCK_N = 64
+GEMV_PROGRAMS_PER_SM = 4
+
+
+def fp8_gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
+    """Triton :func:`fp8_gemv_ref`: for decode at batch 1, each weight read once, K split over programs until
+    the GPU is full; the row is not quantized (W8A16), which also saves its quantization's launch."""
+    n, k = w.shape
+    if x.shape != (1, k) or w.stride(1) != 1:
+        raise ValueError(f"x must be [1, {k}] and w row-major [N, K]")
+    block = block_k if block_k < k else 128
+    if k % block or block % 16:
+        raise ValueError(f"K = {k} must be a multiple of the scale block {block} (itself of 16)")
+    scale = w_scale.reshape(-(-n // block_n), -1)
+    tiles, steps = triton.cdiv(n, GEMV_BLOCK_N), k // block
+    wanted = max(1, min(steps, GEMV_PROGRAMS_PER_SM * _num_sms(x.device) // tiles))
+    splits = max(d for d in range(1, wanted + 1) if steps % d == 0)
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    out = y if splits == 1 else torch.empty(splits, 1, n, dtype=torch.float32, device=x.device)
+    _gemv_kernel[(tiles, splits)](
+        x, w, scale, out, n, x.stride(1), w.stride(0), scale.stride(0), scale.stride(1) if scale.shape[1] > 1 else 0,
+        out.stride(0) if splits > 1 else 0, SCALE_BLOCK_N=block_n, SCALE_BLOCK_K=min(block_k, k), CHUNK=k // splits,
+        BLOCK_N=GEMV_BLOCK_N, BLOCK_K=block, num_warps=4, num_stages=4,
+    )  # fmt: skip
+    if splits > 1:
+        _sum_splits_kernel[(triton.cdiv(n, 1024),)](out, y, n, SPLITS=splits, BLOCK=1024, num_warps=4)
+    return y

@@ -257,6 +257,59 @@ def _w4a16_kernel(
 
 
 @triton.jit
+def _gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, bits_of_16, N, x_stride, qw_stride, s_stride, z_stride, out_stride_split,
+    G: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Program (t, s): outputs ``[t * BLOCK_N, (t + 1) * BLOCK_N)`` of one row x over inputs
+    ``[s * CHUNK, (s + 1) * CHUNK)``, each K-step inside one group. The [BLOCK_K / 8, BLOCK_N] products stay
+    apart across steps and are summed once at the end; a step's zero point comes off as (16 + z) times the sum
+    of its inputs, and its scale multiplies the step's sums."""
+    tile, split = tl.program_id(0), tl.program_id(1)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    r = tl.arange(0, BLOCK_K // 8)
+    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    for step in range(0, CHUNK, BLOCK_K):
+        k0 = split * CHUNK + step
+        words = tl.load(qw_ptr + (k0 // 8 + r)[:, None] * qw_stride + cols[None, :], mask=col_mask[None, :], other=0)
+        s = tl.load(s_ptr + k0 // G * s_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + k0 // G * z_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
+        sums = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        x_sums = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            x = tl.load(x_ptr + (k0 + 8 * r + j) * x_stride).to(tl.float32)
+            sums += _biased_nibble(words, bits_of_16, j) * x[:, None]
+            x_sums += x
+        acc += (sums - (z + 16.0)[None, :] * x_sums[:, None]) * s[None, :]
+    out = tl.sum(acc, axis=0)
+    tl.store(out_ptr + split * out_stride_split + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+GEMV_BLOCK_N = 128
+GEMV_PROGRAMS_PER_SM = 4
+
+
+def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int):
+    """One row x [1, K]: each packed word read once, K split over programs until the GPU is full."""
+    k, n = x.shape[1], qweight.shape[1]
+    block = min(128, group_size & -group_size)
+    tiles, steps = triton.cdiv(n, GEMV_BLOCK_N), k // block
+    wanted = max(1, min(steps, GEMV_PROGRAMS_PER_SM * _num_sms(x.device) // tiles))
+    splits = max(d for d in range(1, wanted + 1) if steps % d == 0)
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    out = y if splits == 1 else torch.empty(splits, n, dtype=torch.float32, device=x.device)
+    _gemv_kernel[(tiles, splits)](
+        x, qweight, scales, zeros, out, _BITS_OF_16, n, x.stride(1), qweight.stride(0), scales.stride(0),
+        zeros.stride(0), out.stride(0) if splits > 1 else 0, G=group_size, CHUNK=k // splits, BLOCK_N=GEMV_BLOCK_N,
+        BLOCK_K=block, num_warps=4, num_stages=4,
+    )  # fmt: skip
+    if splits > 1:
+        _sum_splits_kernel[(triton.cdiv(n, 1024),)](out, y, n, SPLITS=splits, BLOCK=1024, num_warps=4)
+    return y
+
+
+@triton.jit
 def _sum_splits_kernel(parts_ptr, y_ptr, size, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     """y (flat, ``size`` entries) = the sum over splits of parts [splits, size], in split order."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -290,6 +343,8 @@ def w4a16_matmul(
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
+    if m == 1 and (group_size & -group_size) >= 16:
+        return _gemv(x, qweight, scales, zeros, group_size)
     cfg = choose_config(m, n, k, group_size, _num_sms(x.device))
     split = cfg.splits > 1
     out = torch.empty(cfg.splits, m, n, dtype=torch.float32, device=x.device) if split else y[None]

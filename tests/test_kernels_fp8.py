@@ -20,6 +20,8 @@ from tristream.kernels.fp8 import (
     block_matmul_config,
     fp8_block_matmul,
     fp8_block_matmul_ref,
+    fp8_gemv,
+    fp8_gemv_ref,
     fp8_scaled_mm,
     fp8_scaled_mm_ref,
     quant_fp8_per_group,
@@ -216,3 +218,27 @@ def test_scaled_mm_ref_and_fallback_match_a_dequantized_matmul(per_tensor: bool,
     args = (t.to(DEVICE) for t in (xq, x_scale, wq, w_scale))
     got = fp8_scaled_mm(*args, torch.float16, None if bias is None else bias.to(DEVICE))
     assert got.dtype == torch.float16 and rel_err(got, expected) < 2e-3
+
+
+def gemv_case(n: int, k: int, block_n: int, block_k: int, dtype: torch.dtype, seed: int = 0):
+    """One 16-bit row, e4m3 weights and positive scales per channel (block_n 1, block_k K) or per block."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 2 * k, generator=gen).to(dtype)[:, ::2]  # a strided row
+    w = (torch.randn(n, k, generator=gen) * 64).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    w_scale = torch.rand(-(-n // block_n), -(-k // block_k), generator=gen) / 64 + 1e-3
+    return (t.to(DEVICE) for t in (x, w, w_scale.squeeze(1) if block_k == k else w_scale))
+
+
+def test_gemv_ref_is_the_dequantized_product() -> None:
+    x, w, w_scale = gemv_case(40, 256, 32, 128, torch.float32)
+    deq = w.cpu().double() * w_scale.cpu().double().repeat_interleave(32, 0)[:40].repeat_interleave(128, 1)
+    assert rel_err(fp8_gemv_ref(x, w, w_scale, 32, 128), x.cpu().double() @ deq.T) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,k,block_n,block_k", [(200, 256, 1, 256), (72, 384, 128, 128), (130, 128, 64, 128)])
+def test_triton_gemv_matches_reference(n: int, k: int, block_n: int, block_k: int, dtype: torch.dtype) -> None:
+    x, w, w_scale = gemv_case(n, k, block_n, block_k, dtype, seed=n)
+    got = fp8_gemv(x, w, w_scale, block_n, block_k)
+    assert got.dtype == dtype and got.shape == (1, n)
+    assert rel_err(got, fp8_gemv_ref(x, w, w_scale, block_n, block_k)) < TOL[dtype]

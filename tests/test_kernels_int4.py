@@ -29,8 +29,11 @@ from tristream.kernels.int4 import (
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble i of word c holds column 8c + AWQ_ORDER[i]
-CASES = [  # M, N, K, group size, x a view with a row stride
+CASES = [  # M, N, K, group size, x a view with a row stride (one row: the GEMV, but for group 24)
     (1, 72, 128, 32, False),
+    (1, 200, 256, 64, True),
+    (1, 130, 384, 384, False),
+    (1, 72, 192, 24, False),
     (3, 200, 256, 64, True),
     (16, 72, 384, 384, False),
     (16, 128, 256, 64, False),

@@ -17,6 +17,8 @@ from tristream.kernels.fp8 import (
     FP8_MAX,
     fp8_block_matmul,
     fp8_block_matmul_ref,
+    fp8_gemv,
+    fp8_gemv_ref,
     fp8_scaled_mm,
     fp8_scaled_mm_ref,
     quant_fp8_per_group,
@@ -121,3 +123,16 @@ def test_scaled_mm_matches_reference(m: int, n: int, k: int, per_tensor: bool) -
     got = fp8_scaled_mm(xq, x_scale, wq, w_scale, DTYPE, bias)
     assert got.dtype == DTYPE and got.shape == (m, n)
     assert rel_err(got, fp8_scaled_mm_ref(xq, x_scale, wq, w_scale, torch.float32, bias)) < TOL
+
+
+@pytest.mark.parametrize("block", [None, BLOCK])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_gemv_matches_reference(n: int, k: int, block: int | None) -> None:
+    """One bf16 row times e4m3 weights scaled per channel or per 128 x 128 block."""
+    block_n, block_k = (block, block) if block else (1, k)
+    w, w_scale = quant_weight_blocks(randn(n, k, seed=n + k, scale=k**-0.5), block_n, block_k)
+    w_scale = w_scale[:, 0] if block is None else w_scale
+    x = randn(1, k, seed=k)
+    got = fp8_gemv(x, w, w_scale, block_n, block_k)
+    assert got.dtype == DTYPE and got.shape == (1, n)
+    assert rel_err(got, fp8_gemv_ref(x, w, w_scale, block_n, block_k)) < TOL

@@ -36,7 +36,7 @@ IGNORED = {
     "trust_remote_code": "tristream runs no remote code",
     "finetuning_type": "adapters come from adapter_name_or_path",
     "num_beams": "tristream has no beam search; requests sample as configured",
-    "quantization_bit": "tristream loads the checkpoint as it is",
+    "quantization_bit": "bitsandbytes quantization at load is not supported; use quantization: fp8 (GPU) or int8 (CPU)",
     **dict.fromkeys(TRAINING, "it only matters for training"),
 }
 # The keys of LLaMA-Factory's batch prediction: flags of ``tristream batch``, which ``do_predict`` selects.

@@ -6,6 +6,11 @@ divided by (end-to-end time - time to first token); for a batch, the time to fir
 token is when every request has its first token. transformers' time to first token
 is estimated by timing a generate of one new token.
 
+tristream also runs with int8 weights (``quantization="int8"``; ``int8_vs_fp32`` is its
+decode tok/s over fp32's), and, when ``llama_cpp`` (llama-cpp-python) is installed,
+llama.cpp runs the bundled GGUF itself (its Q4_1 weights) at batch 1, on the same
+threads.
+
     python bench/cpu_decode.py --batch-sizes 1 8 --new-tokens 64
 """
 
@@ -89,11 +94,14 @@ async def tristream_once(engine: AsyncEngine, prompts: list[list[int]], new_toke
     }
 
 
-async def bench_tristream(prompts: list[list[int]], batch_sizes: list[int], new_tokens: int, repeats: int) -> dict:
+async def bench_tristream(
+    prompts: list[list[int]], batch_sizes: list[int], new_tokens: int, repeats: int, quantization: str | None = None
+) -> dict:
     max_len = max(len(p) for p in prompts) + new_tokens
     engine_args = dict(
         device="cpu",
         dtype="float32",
+        quantization=quantization,
         max_model_len=max_len,
         max_num_seqs=max(batch_sizes),
         kv_cache_tokens=max(batch_sizes) * max_len,
@@ -152,6 +160,29 @@ def bench_transformers(
     return out
 
 
+def bench_llama_cpp(prompts: list[list[int]], new_tokens: int, repeats: int) -> dict | None:
+    """llama.cpp on the bundled GGUF at batch 1 (the first prompt's ids), greedy, if llama-cpp-python is there."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from tristream.model_files import default_model_path
+
+    llm = Llama(default_model_path(), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+    runs, tokens = [], []
+    for i in range(repeats + 1):  # the first run warms up
+        llm.reset()
+        start, first, tokens = time.perf_counter(), None, []
+        for token in llm.generate(prompts[0], temp=0.0, top_k=1, reset=True):
+            first = first or time.perf_counter()
+            tokens.append(token)
+            if len(tokens) == new_tokens:
+                break
+        if i:
+            runs.append({"e2e_s": time.perf_counter() - start, "ttft_s": first - start})
+    return summarize(runs, 1, new_tokens) | {"tokens": [tokens], "version": __import__("llama_cpp").__version__}
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -188,14 +219,21 @@ def main() -> None:
         flush=True,
     )
     ours = asyncio.run(bench_tristream(prompts, args.batch_sizes, args.new_tokens, args.repeats))
+    print("tristream, int8 weights ...", flush=True)
+    int8 = asyncio.run(bench_tristream(prompts, args.batch_sizes, args.new_tokens, args.repeats, "int8"))
     print("transformers ...", flush=True)
     theirs = bench_transformers(model_dir, prompts, args.batch_sizes, args.new_tokens, args.repeats)
+    print("llama.cpp (if installed) ...", flush=True)
+    llama = bench_llama_cpp(prompts, args.new_tokens, args.repeats)
 
     results = {}
     for bs in args.batch_sizes:
-        a, b = ours[bs], theirs[bs]
+        a, b, q = ours[bs], theirs[bs], int8[bs]
         results[str(bs)] = {
             "tristream": {k: v for k, v in a.items() if k != "tokens"},
+            "tristream_int8": {k: v for k, v in q.items() if k != "tokens"},
+            "int8_vs_fp32": q["decode_tok_s"] / a["decode_tok_s"] if q["decode_tok_s"] and a["decode_tok_s"] else None,
+            "int8_greedy_agreement": agreement(q["tokens"], a["tokens"]),
             "transformers": {k: v for k, v in b.items() if k != "tokens"},
             "ratio_decode_tok_s": a["decode_tok_s"] / b["decode_tok_s"]
             if a["decode_tok_s"] and b["decode_tok_s"]
@@ -203,6 +241,9 @@ def main() -> None:
             "ratio_e2e_tok_s": a["e2e_tok_s"] / b["e2e_tok_s"],
             "greedy_agreement": agreement(a["tokens"], b["tokens"]),
         }
+    if llama is not None:
+        results["1"]["llama_cpp"] = {k: v for k, v in llama.items() if k != "tokens"}
+        results["1"]["llama_cpp_vs_tristream_int8"] = llama["decode_tok_s"] / int8[1]["decode_tok_s"]
 
     report = {
         **header("cpu_decode", started),
@@ -228,21 +269,24 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2) + "\n")
 
     print()
-    columns = f"{'batch':>5} | {'system':<12} | {'TTFT s':>7} | {'e2e s':>7} | {'decode tok/s':>12} | {'e2e tok/s':>9}"
+    columns = f"{'batch':>5} | {'system':<14} | {'TTFT s':>7} | {'e2e s':>7} | {'decode tok/s':>12} | {'e2e tok/s':>9}"
     print(columns)
     print("-" * len(columns))
     for bs in args.batch_sizes:
         r = results[str(bs)]
-        for name in ("tristream", "transformers"):
+        for name in ("tristream", "tristream_int8", "transformers", "llama_cpp"):
+            if name not in r:
+                continue
             x = r[name]
             decode = f"{x['decode_tok_s']:.1f}" if x["decode_tok_s"] else "n/a"
             print(
-                f"{bs:>5} | {name:<12} | {x['ttft_s']:>7.3f} | {x['e2e_s']:>7.2f} | {decode:>12} | {x['e2e_tok_s']:>9.1f}"
+                f"{bs:>5} | {name:<14} | {x['ttft_s']:>7.3f} | {x['e2e_s']:>7.2f} | {decode:>12} | {x['e2e_tok_s']:>9.1f}"
             )
         ratio = f"{r['ratio_decode_tok_s']:.2f}" if r["ratio_decode_tok_s"] else "n/a"
         print(
-            f"{bs:>5} | {'ratio':<12} | {'':>7} | {'':>7} | {ratio:>12} | {r['ratio_e2e_tok_s']:>9.2f}"
-            f"   (greedy agreement {r['greedy_agreement']:.0%})"
+            f"{bs:>5} | {'ratio':<14} | {'':>7} | {'':>7} | {ratio:>12} | {r['ratio_e2e_tok_s']:>9.2f}"
+            f"   (greedy agreement {r['greedy_agreement']:.0%}); int8 {r['int8_vs_fp32']:.2f}x fp32's decode tok/s "
+            f"(greedy agreement {r['int8_greedy_agreement']:.0%})"
         )
     print(
         f"\nCPU: {report['device']['cpu_model']} ({report['device']['cpu_count']} cores), torch threads {report['torch_threads']}"

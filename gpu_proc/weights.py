@@ -68,7 +68,8 @@ def build_model(
         if isinstance(module, Linear):
             module.scheme.finish(module)
     if quant is not None:
-        logger.info("quantized projections: %s", quant.describe())
+        scheme = next(m for m in model.modules() if isinstance(m, Linear)).scheme
+        logger.info("quantized projections: %s; kernels: %s", quant.describe(), scheme.kernels(device))
     model.build_rope(config.max_model_len, device)
     return model.eval()
 

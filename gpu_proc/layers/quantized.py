@@ -54,8 +54,9 @@ class Dense:
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
 
-    def describe(self) -> str:
-        return "dense"
+    def kernels(self, device: torch.device) -> str:
+        """Which kernels multiply, on ``device`` (for the start-up log)."""
+        return "torch"
 
 
 class Fp8(Dense):
@@ -103,8 +104,11 @@ class Fp8(Dense):
         static = layer.input_scale if self.spec.static_input else None
         return ops.fp8_linear(x, layer.weight, layer.weight_scale, static, layer.bias)
 
-    def describe(self) -> str:
-        return self.spec.describe()
+    def kernels(self, device: torch.device) -> str:
+        if device.type != "cuda":
+            return "torch reference (dequantize, then matmul)"
+        many = "Triton block-scaled GEMM" if self.spec.block else "torch._scaled_mm (row-wise scales)"
+        return f"{many}; one row: Triton fp8-weight GEMV"
 
 
 class Int4(Dense):
@@ -157,8 +161,10 @@ class Int4(Dense):
         y = ops.w4a16_matmul(x, layer.qweight, layer.scales, layer.zeros, self.group(layer.in_features))
         return y if layer.bias is None else y + layer.bias
 
-    def describe(self) -> str:
-        return self.spec.describe()
+    def kernels(self, device: torch.device) -> str:
+        if device.type != "cuda":
+            return "torch reference (dequantize, then matmul)"
+        return "Triton W4A16 (split-K for few rows); one row: Triton int4 GEMV"
 
 
 class Int8(Dense):
@@ -175,8 +181,8 @@ class Int8(Dense):
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), layer.weight, layer.weight_scale).to(x.dtype)
         return y if layer.bias is None else y + layer.bias
 
-    def describe(self) -> str:
-        return QuantSpec("int8", from_checkpoint=False).describe()
+    def kernels(self, device: torch.device) -> str:
+        return "torch int8 weight-pack matmul"
 
 
 def quantize_fp8(w: torch.Tensor, block: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:

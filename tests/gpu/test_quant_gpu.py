@@ -7,13 +7,12 @@ near bf16's, and CUDA graphs change nothing: an eager engine gives the same toke
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 import torch
 
-from tristream import AsyncEngine, SamplingParams
+from tristream import LLM, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -49,26 +48,22 @@ def folder(tmp_path, block: bool) -> str:
     return str(path)
 
 
-async def greedy(path: str, quantization: str | None, kv: str, eager: bool = False) -> list[tuple[list, list]]:
+def greedy(path: str, quantization: str | None, kv: str, eager: bool = False) -> list[tuple[list, list]]:
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
-    async with AsyncEngine(
+    with LLM(
         model=path, load_format="dummy", quantization=quantization, kv_cache_dtype=kv, enforce_eager=eager,
         max_model_len=512, skip_tokenizer_init=True, log_level="WARNING",
-    ) as engine:  # fmt: skip
-
-        async def one(prompt: list[int]) -> tuple[list, list]:
-            outs = [o async for o in engine.generate(prompt, params)]
-            return [t for o in outs for t in o.outputs[0].token_ids], [s for o in outs for s in o.outputs[0].logprobs]
-
-        return list(await asyncio.gather(*(one(p) for p in PROMPTS)))
+    ) as llm:  # fmt: skip
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-async def test_a_quantized_engine_follows_bf16_and_graphs_change_nothing(tmp_path, name):
+def test_a_quantized_engine_follows_bf16_and_graphs_change_nothing(tmp_path, name):
     quantization, kv, block = VARIANTS[name]
-    base = await greedy(folder(tmp_path, False), None, "auto")
+    base = greedy(folder(tmp_path, False), None, "auto")
     path = folder(tmp_path, block)
-    ours, eager = await greedy(path, quantization, kv), await greedy(path, quantization, kv, eager=True)
+    ours, eager = greedy(path, quantization, kv), greedy(path, quantization, kv, eager=True)
     assert [t for t, _ in ours] == [t for t, _ in eager], "CUDA graphs change the tokens"
     for (tokens, logprobs), (want, want_logprobs) in zip(ours, base):
         shared = next((i for i, (a, b) in enumerate(zip(tokens, want)) if a != b), len(want))

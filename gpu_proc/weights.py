@@ -67,6 +67,8 @@ def build_model(
     for module in model.modules():
         if isinstance(module, Linear):
             module.scheme.finish(module)
+    if quant is not None and quant.method == "int8":
+        model.lm_head.use_int8()
     if quant is not None:
         scheme = next(m for m in model.modules() if isinstance(m, Linear)).scheme
         logger.info("quantized projections: %s; kernels: %s", quant.describe(), scheme.kernels(device))

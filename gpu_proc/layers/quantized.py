@@ -167,18 +167,28 @@ class Int4(Dense):
         return "Triton W4A16 (split-K for few rows); one row: Triton int4 GEMV"
 
 
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` [out, in] as int8 with a bf16 scale per output channel."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale.to(torch.bfloat16)
+
+
+def int8_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (w * scale).T`` through torch's CPU int8 weight-pack matmul, which takes bf16 activations."""
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w, scale).to(x.dtype)
+
+
 class Int8(Dense):
-    """Weight-only int8 on the CPU: a 16/32-bit weight quantized at load, one scale per output channel, through
-    torch's int8 weight-pack matmul (which takes bf16 activations)."""
+    """Weight-only int8 on the CPU: a 16/32-bit weight quantized at load, one scale per output channel."""
 
     def finish(self, layer: nn.Module) -> None:
-        w = layer.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        layer.weight = nn.Parameter((w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), requires_grad=False)
-        layer.weight_scale = nn.Parameter(scale.to(torch.bfloat16), requires_grad=False)
+        weight, scale = quantize_int8(layer.weight.detach())
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), layer.weight, layer.weight_scale).to(x.dtype)
+        y = int8_matmul(x, layer.weight, layer.weight_scale)
         return y if layer.bias is None else y + layer.bias
 
     def kernels(self, device: torch.device) -> str:

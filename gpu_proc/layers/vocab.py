@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tristream.gpu_proc.layers.quantized import int8_matmul, quantize_int8
 from tristream.gpu_proc.parallel import TensorParallel
 from tristream.sharding import Shard
 
@@ -27,11 +28,17 @@ class VocabEmbedding(nn.Embedding):
 
 
 class LMHead(nn.Linear):
-    """The logits over the whole vocabulary (``vocab_size``), from every rank's rows gathered."""
+    """The logits over the whole vocabulary (``vocab_size``), from every rank's rows gathered. With weight-only
+    int8 (``use_int8``) it multiplies an int8 copy of its weight, which a tied embedding keeps as it is."""
 
     def __init__(self, shard: Shard, hidden_size: int, vocab_size: int, tp: TensorParallel) -> None:
         super().__init__(hidden_size, shard.vocab_rows, bias=False)
         self.vocab_size, self.tp = vocab_size, tp
+        self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def use_int8(self) -> None:
+        self.int8 = quantize_int8(self.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.gather_vocab(super().forward(x), self.vocab_size)
+        logits = super().forward(x) if self.int8 is None else int8_matmul(x, *self.int8)
+        return self.tp.gather_vocab(logits, self.vocab_size)

@@ -9,13 +9,18 @@ unquantized; the int4 GEMV). Each is replayed from a CUDA graph over rotating we
 Small M is held to the bandwidth roofline (the weight bytes over the measured copy rate), large M to the
 matmul rate (fp8's for the fp8 kernels). Writes bench/results/quant-kernels-<gpu>.json.
 
+With ``--gemv-sweep`` it times the one-row kernels instead, over a grid of their configs (outputs per
+program, inputs per step, programs per SM, warps), and prints the best per shape.
+
     python3 bench/quant_kernels.py
     python3 bench/quant_kernels.py --rows 1 16 --shapes 4096x4096
+    python3 bench/quant_kernels.py --gemv-sweep
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pathlib
 import sys
@@ -29,7 +34,7 @@ from report import git_info, now  # noqa: E402
 
 from tristream.gpu_proc import ops  # noqa: E402
 from tristream.gpu_proc.layers.quantized import quantize_fp8  # noqa: E402
-from tristream.kernels import int4  # noqa: E402
+from tristream.kernels import fp8, int4  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHAPES = ["6144x4096", "4096x4096", "28672x4096", "4096x14336"]  # (N, K): qkv, o, gate/up, down
@@ -73,11 +78,43 @@ def graph_seconds(fn, x: torch.Tensor, weight_sets: list, repeats: int = 20) -> 
     return sorted(times)[len(times) // 2]
 
 
+def gemv_sweep(shapes: list[str], bandwidth: float) -> list[dict]:
+    """Each one-row kernel config's time at each shape, as a share of its bandwidth roofline."""
+    device, rows = torch.device("cuda"), []
+    grids = {
+        "int4": [
+            int4.GemvConfig(bn, pps, warps) for bn, pps, warps in itertools.product((128, 256), (2, 4, 8), (4, 8))
+        ],
+        "fp8": [fp8.GemvConfig(bn, bk, pps) for bn, bk, pps in itertools.product((32, 64), (128, 256), (2, 4, 8))],
+    }
+    for shape in shapes:
+        n, k = map(int, shape.split("x"))
+        table = kernels(n, k, device)
+        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        calls = {
+            "int4": lambda x, w, c: int4.int4_gemv(x, *w, 128, config=c),
+            "fp8": lambda x, w, c, k=k: fp8.fp8_gemv(x, *w, 1, k, config=c),
+        }
+        for name, configs in grids.items():
+            weight_sets, _, per_weight = table[name]
+            call = calls[name]
+            times = [(graph_seconds(lambda x, w, c=c, f=call: f(x, w, c), x, weight_sets), c) for c in configs]
+            for seconds, c in times:
+                rows.append({"n": n, "k": k, "kernel": name, "config": c._asdict(), "seconds": seconds,
+                             "roofline_fraction": n * k * per_weight / bandwidth / seconds})  # fmt: skip
+            seconds, best = min(times)
+            print(f"{shape:>11} {name:5}: best {seconds * 1e6:7.1f} us "
+                  f"({100 * n * k * per_weight / bandwidth / seconds:5.1f}% of roofline) with {best}", flush=True)  # fmt: skip
+        del table
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(args: argparse.Namespace) -> dict:
     device = torch.device("cuda")
     bandwidth, bf16_rate, fp8_rate = copy_bandwidth(device), matmul_rate(device), fp8_matmul_rate(device)
-    rows = []
-    for shape in args.shapes:
+    rows = gemv_sweep(args.shapes, bandwidth) if args.gemv_sweep else []
+    for shape in [] if args.gemv_sweep else args.shapes:
         n, k = map(int, shape.split("x"))
         table = kernels(n, k, device)
         for m in args.rows:
@@ -122,6 +159,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=SHAPES, metavar="NxK")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 256, 4096])
+    parser.add_argument("--gemv-sweep", action="store_true", help="time the one-row kernels' configs instead")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     report = main(args)

@@ -382,29 +382,44 @@ def _gemv_kernel(
     tl.store(out_ptr + split * out_stride_split + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-GEMV_BLOCK_N = 64
-GEMV_PROGRAMS_PER_SM = 4
+class GemvConfig(NamedTuple):
+    """How :func:`fp8_gemv` tiles one row: output channels per program, inputs per step, and K split until there
+    are about ``programs_per_sm`` programs per SM."""
+
+    block_n: int = 64
+    block_k: int = 128
+    programs_per_sm: int = 4
+    num_warps: int = 4
+    num_stages: int = 4
 
 
-def fp8_gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
+def fp8_gemv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    block_n: int,
+    block_k: int,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
     """Triton :func:`fp8_gemv_ref`: for decode at batch 1, each weight read once, K split over programs until
     the GPU is full; the row is not quantized (W8A16), which also saves its quantization's launch."""
+    cfg = config or GemvConfig()
     n, k = w.shape
     if x.shape != (1, k) or w.stride(1) != 1:
         raise ValueError(f"x must be [1, {k}] and w row-major [N, K]")
-    block = block_k if block_k < k else 128
+    block = min(block_k, cfg.block_k)
     if k % block or block % 16:
         raise ValueError(f"K = {k} must be a multiple of the scale block {block} (itself of 16)")
     scale = w_scale.reshape(-(-n // block_n), -1)
-    tiles, steps = triton.cdiv(n, GEMV_BLOCK_N), k // block
-    wanted = max(1, min(steps, GEMV_PROGRAMS_PER_SM * _num_sms(x.device) // tiles))
+    tiles, steps = triton.cdiv(n, cfg.block_n), k // block
+    wanted = max(1, min(steps, cfg.programs_per_sm * _num_sms(x.device) // tiles))
     splits = max(d for d in range(1, wanted + 1) if steps % d == 0)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     out = y if splits == 1 else torch.empty(splits, 1, n, dtype=torch.float32, device=x.device)
     _gemv_kernel[(tiles, splits)](
         x, w, scale, out, n, x.stride(1), w.stride(0), scale.stride(0), scale.stride(1) if scale.shape[1] > 1 else 0,
         out.stride(0) if splits > 1 else 0, SCALE_BLOCK_N=block_n, SCALE_BLOCK_K=min(block_k, k), CHUNK=k // splits,
-        BLOCK_N=GEMV_BLOCK_N, BLOCK_K=block, num_warps=4, num_stages=4,
+        BLOCK_N=cfg.block_n, BLOCK_K=block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if splits > 1:
         _sum_splits_kernel[(triton.cdiv(n, 1024),)](out, y, n, SPLITS=splits, BLOCK=1024, num_warps=4)

@@ -286,23 +286,40 @@ def _gemv_kernel(
     tl.store(out_ptr + split * out_stride_split + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
-GEMV_BLOCK_N = 128
-GEMV_PROGRAMS_PER_SM = 4
+class GemvConfig(NamedTuple):
+    """How :func:`int4_gemv` tiles one row: outputs per program, and K split until there are about
+    ``programs_per_sm`` programs per SM."""
+
+    block_n: int = 128
+    programs_per_sm: int = 4
+    num_warps: int = 4
+    num_stages: int = 4
 
 
-def _gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int):
-    """One row x [1, K]: each packed word read once, K split over programs until the GPU is full."""
+def int4_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """One row x [1, K] (:func:`w4a16_matmul` takes this path): each packed word read once, K split over
+    programs until the GPU is full. The group size must have a power-of-two factor of at least 16."""
+    cfg = config or GemvConfig()
     k, n = x.shape[1], qweight.shape[1]
     block = min(128, group_size & -group_size)
-    tiles, steps = triton.cdiv(n, GEMV_BLOCK_N), k // block
-    wanted = max(1, min(steps, GEMV_PROGRAMS_PER_SM * _num_sms(x.device) // tiles))
+    if block < 16:
+        raise ValueError(f"the one-row kernel needs groups of a multiple of 16 inputs, not {group_size}")
+    tiles, steps = triton.cdiv(n, cfg.block_n), k // block
+    wanted = max(1, min(steps, cfg.programs_per_sm * _num_sms(x.device) // tiles))
     splits = max(d for d in range(1, wanted + 1) if steps % d == 0)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     out = y if splits == 1 else torch.empty(splits, n, dtype=torch.float32, device=x.device)
     _gemv_kernel[(tiles, splits)](
         x, qweight, scales, zeros, out, _BITS_OF_16, n, x.stride(1), qweight.stride(0), scales.stride(0),
-        zeros.stride(0), out.stride(0) if splits > 1 else 0, G=group_size, CHUNK=k // splits, BLOCK_N=GEMV_BLOCK_N,
-        BLOCK_K=block, num_warps=4, num_stages=4,
+        zeros.stride(0), out.stride(0) if splits > 1 else 0, G=group_size, CHUNK=k // splits, BLOCK_N=cfg.block_n,
+        BLOCK_K=block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if splits > 1:
         _sum_splits_kernel[(triton.cdiv(n, 1024),)](out, y, n, SPLITS=splits, BLOCK=1024, num_warps=4)
@@ -344,7 +361,7 @@ def w4a16_matmul(
     if m == 0:
         return y
     if m == 1 and (group_size & -group_size) >= 16:
-        return _gemv(x, qweight, scales, zeros, group_size)
+        return int4_gemv(x, qweight, scales, zeros, group_size)
     cfg = choose_config(m, n, k, group_size, _num_sms(x.device))
     split = cfg.splits > 1
     out = torch.empty(cfg.splits, m, n, dtype=torch.float32, device=x.device) if split else y[None]

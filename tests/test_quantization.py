@@ -290,6 +290,20 @@ def reference_model(path: str, name: str, scales: dict[str, torch.Tensor]) -> to
     return ref
 
 
+def assert_runs_as(quantized: str, ref: torch.nn.Module, fp8: bool, name: str) -> None:
+    """Our logits of ``quantized`` against transformers' ``ref``, prefill and greedy steps, as the test below says."""
+    ours, errors = run_ours(quantized, PROMPTS, STEPS, 16), []
+    for i, prompt in enumerate(PROMPTS):
+        for step, want in enumerate(hf_logits(ref, prompt, STEPS)):
+            got = ours[step][i]
+            errors.append(((got - want).norm() / want.norm()).item())
+            assert got.argmax().item() == want.argmax().item(), f"{name}: prompt {i} step {step}: greedy token"
+    if fp8:
+        assert max(errors) < 5e-2 and sorted(errors)[len(errors) // 2] < 1e-4, [f"{e:.1e}" for e in errors]
+    else:
+        assert max(errors) < 1e-5, [f"{e:.1e}" for e in errors]
+
+
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_a_quantized_checkpoint_runs_as_its_dequantized_weights(model, tmp_path, name):
     """int4 weights with 16-bit activations give transformers' logits on the dequantized weights (to fp32
@@ -299,17 +313,40 @@ def test_a_quantized_checkpoint_runs_as_its_dequantized_weights(model, tmp_path,
     must agree to 1e-4, and every step to 5e-2. Greedy tokens agree everywhere."""
     scales = calibrate(model, PROMPTS) if "static" in name else {}
     quantized, reference = checkpoints(model, tmp_path, name, scales)
-    ours, ref = run_ours(quantized, PROMPTS, STEPS, 16), reference_model(reference, name, scales)
-    errors = []
-    for i, prompt in enumerate(PROMPTS):
-        for step, want in enumerate(hf_logits(ref, prompt, STEPS)):
-            got = ours[step][i]
-            errors.append(((got - want).norm() / want.norm()).item())
-            assert got.argmax().item() == want.argmax().item(), f"{name}: prompt {i} step {step}: greedy token"
-    if FORMATS[name][2]:
-        assert max(errors) < 5e-2 and sorted(errors)[len(errors) // 2] < 1e-4, [f"{e:.1e}" for e in errors]
-    else:
-        assert max(errors) < 1e-5, [f"{e:.1e}" for e in errors]
+    assert_runs_as(quantized, reference_model(reference, name, scales), FORMATS[name][2], name)
+
+
+def test_a_checkpoint_written_by_compressed_tensors_runs_as_its_dequantized_weights(tmp_path):
+    """compressed-tensors itself lays out an FP8_DYNAMIC checkpoint (per-channel weight scales, per-token
+    activations); its tensors, dequantized, make the reference."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+
+    model = tiny_llama()
+    scheme = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "weight_scale"):
+                module.weight_scale.copy_(module.weight.abs().amax(dim=1, keepdim=True) / 448)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    quantized, reference = tmp_path / "quantized", tmp_path / "reference"
+    model.save_pretrained(quantized)
+    compressor.update_config(str(quantized))
+    tensors = load_file(str(quantized / "model.safetensors"))
+    plain = {
+        name: tensor.float() * tensors[name + "_scale"] if tensor.dtype == FP8 else tensor
+        for name, tensor in tensors.items()
+        if not name.endswith("_scale")
+    }
+    config = json.loads((quantized / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    reference.mkdir()
+    (reference / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "quantization_config"}))
+    save_file(plain, str(reference / "model.safetensors"))
+    ref = reference_model(str(reference), "fp8-channel-dynamic", {})
+    assert_runs_as(str(quantized), ref, True, "compressed-tensors FP8_DYNAMIC")
 
 
 @pytest.mark.parametrize(

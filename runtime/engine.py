@@ -132,7 +132,8 @@ class AsyncEngine:
         _log_to_stderr(config.log_level)
         model_dir = await asyncio.to_thread(resolve_model, config.model, config.load_format, config.download_dir)
         mc = ModelConfig.load(model_dir)
-        quant_spec(mc.quantization_config, config.quantization)  # an unsupported checkpoint fails here
+        # An unsupported checkpoint fails here, before any process starts.
+        quant_spec(mc.quantization_config, config.quantization, config.load_format == "dummy")
         self.generation_defaults = generation_defaults(model_dir) if config.generation_config == "auto" else {}
         if self.generation_defaults:
             logger.info(

@@ -1,13 +1,19 @@
-"""How far quantized weights move a model's next-token log-probabilities from bf16's, on the same weights.
+"""How far quantized weights move a model's next-token log-probabilities from the unquantized model's.
 
-Dummy weights in a real model's shape (default Llama-3-8B), drawn once from the engine's seed: the bf16
-model, then the same weights quantized at load (fp8 per channel, fp8 in 128 x 128 blocks, int4 with groups
-of 128). Each runs the same random prompts (prefill, then greedy decode steps along bf16's own tokens, so
-every model sees the same text), and at each step the bf16 model's 20 most likely tokens give
-``|logprob - bf16 logprob|``: its mean and its max are reported per method, with the share of steps whose
-most likely token is bf16's. Writes bench/results/quant-accuracy-<gpu>.json.
+Dummy weights in a real model's shape (default Llama-3-8B), drawn once from the engine's seed, in bf16 on
+the GPU: the unquantized model, then the same weights quantized at load (fp8 per channel, fp8 in 128 x 128
+blocks, int4 with groups of 128). Or, with ``--model``, a real checkpoint (``--model bundled``: the bundled
+SmolLM2 on the CPU, in fp32, against fp8 per channel and int8). Each runs the same random prompts (prefill,
+then greedy decode steps along the unquantized model's own tokens, so every model sees the same text), and at
+each step that model's 20 most likely tokens give ``|logprob - its logprob|``: its mean and its max are
+reported per method, with the share of steps whose most likely token is its.
+
+Random weights make a chaotic model: over 32 layers any perturbation grows until the outputs no longer
+correlate, so on dummy weights the figures measure that growth more than the quantization.
+Writes bench/results/quant-accuracy-<device>.json.
 
     python3 bench/quant_accuracy.py
+    python3 bench/quant_accuracy.py --model bundled
 """
 
 from __future__ import annotations
@@ -25,19 +31,24 @@ from report import git_info, now  # noqa: E402
 
 from tristream.config import EngineConfig  # noqa: E402
 from tristream.gpu_proc.runner import ModelRunner  # noqa: E402
+from tristream.model_files import resolve_model  # noqa: E402
 from tristream.protocol import BatchPlan, NewSequence  # noqa: E402
 from tristream.sampling_params import SamplingParams  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 METHODS = {"fp8": ("fp8", None), "fp8_block": ("fp8", [128, 128]), "int4": ("awq", None)}
+REAL_METHODS = {"fp8": ("fp8", None), "int8": ("int8", None)}
 
 
-def logprobs(folder: str, prompts: list[list[int]], forced: list[list[int]] | None, quantization: str | None):
-    """Log-probabilities [steps, prompts, vocab] after each prompt and each forced token (None: bf16's greedy
-    tokens, which are returned too)."""
+def logprobs(
+    folder: str, prompts: list[list[int]], forced: list[list[int]] | None, quantization: str | None, dummy: bool
+):
+    """Log-probabilities [steps, prompts, vocab] after each prompt and each forced token (None: the model's
+    own greedy tokens, which are returned too)."""
     config = EngineConfig(
-        model=folder, load_format="dummy", dtype="bfloat16", quantization=quantization, max_model_len=1024,
-        kv_cache_tokens=len(prompts) * 1024, enforce_eager=True, skip_tokenizer_init=True,
+        model=folder, load_format="dummy" if dummy else "auto", dtype="bfloat16" if dummy else "float32",
+        quantization=quantization, max_model_len=1024, kv_cache_tokens=len(prompts) * 1024, enforce_eager=True,
+        skip_tokenizer_init=True,
     )  # fmt: skip
     runner = ModelRunner(config)
     steps = len(forced[0]) if forced else 8
@@ -54,8 +65,9 @@ def logprobs(folder: str, prompts: list[list[int]], forced: list[list[int]] | No
     )
     tokens = [[int(captured[-1][i].argmax())] for i in slots]
     for step in range(steps):
-        if forced:
-            runner.slots.last_tokens[: len(slots)] = torch.tensor([f[step] for f in forced], device=runner.device)
+        if forced:  # the unquantized model's token in place of the one this model just sampled
+            for slot, tokens_of in zip(slots, forced):
+                runner.slots.seqs[slot].token_ids[-1] = tokens_of[step]
         runner.step(BatchPlan(step + 1, slots=slots, num_tokens=[1] * len(slots), sample=[True] * len(slots)))
         for i in slots:
             tokens[i].append(int(captured[-1][i].argmax()))
@@ -66,18 +78,25 @@ def logprobs(folder: str, prompts: list[list[int]], forced: list[list[int]] | No
 
 
 def main(args: argparse.Namespace) -> dict:
-    folder = tempfile.mkdtemp(prefix="tristream-quant-")
-    config = json.loads(pathlib.Path(args.config).read_text())
+    dummy = args.model is None
+    folder = (
+        tempfile.mkdtemp(prefix="tristream-quant-")
+        if dummy
+        else resolve_model(None if args.model == "bundled" else args.model)
+    )
+    config = json.loads(pathlib.Path(args.config if dummy else f"{folder}/config.json").read_text())
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, config["vocab_size"] - 100, (n,), generator=gen).tolist() for n in (16, 64, 200, 500)]
     results = {}
-    (pathlib.Path(folder) / "config.json").write_text(json.dumps(config))
-    base, tokens = logprobs(folder, prompts, None, None)
+    if dummy:
+        (pathlib.Path(folder) / "config.json").write_text(json.dumps(config))
+    base, tokens = logprobs(folder, prompts, None, None, dummy)
     top = base.topk(20, dim=-1).indices
-    for name, (method, block) in METHODS.items():
+    for name, (method, block) in (METHODS if dummy else REAL_METHODS).items():
         quant_config = {**config, "quantization_config": {"quant_method": "fp8", "weight_block_size": block}}
-        (pathlib.Path(folder) / "config.json").write_text(json.dumps(quant_config if block else config))
-        ours, _ = logprobs(folder, prompts, tokens, method)
+        if dummy:
+            (pathlib.Path(folder) / "config.json").write_text(json.dumps(quant_config if block else config))
+        ours, _ = logprobs(folder, prompts, tokens, method, dummy)
         delta = (ours.gather(-1, top) - base.gather(-1, top)).abs()
         same = (ours.argmax(-1) == base.argmax(-1)).float().mean().item()
         results[name] = {
@@ -86,14 +105,15 @@ def main(args: argparse.Namespace) -> dict:
             "same_top1": same,
         }
         print(
-            f"{name:9}: |dlogprob| over bf16's top 20: mean {delta.mean():.4f}, max {delta.max():.3f}; top-1 the same at {100 * same:.1f}% of steps",
+            f"{name:9}: |dlogprob| over the unquantized model's top 20: mean {delta.mean():.4f}, max {delta.max():.3f}; top-1 the same at {100 * same:.1f}% of steps",
             flush=True,
         )
     return {
         "benchmark": "quant_accuracy",
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if dummy else "cpu",
         "torch": torch.__version__,
-        "model_config": args.config,
+        "model_config": args.config if dummy else args.model,
+        "weights": "dummy, bf16" if dummy else "the checkpoint's, fp32",
         **git_info(),
         "timestamp": now(),
         "prompt_lens": [len(p) for p in prompts],
@@ -105,6 +125,7 @@ def main(args: argparse.Namespace) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "bench" / "configs" / "llama-3-8b.json"))
+    parser.add_argument("--model", default=None, help="a real checkpoint, or 'bundled' (default: dummy weights)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     report = main(args)

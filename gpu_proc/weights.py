@@ -15,6 +15,7 @@ import dataclasses
 import glob
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from tristream.config import EngineConfig
 from tristream.gpu_proc.layers.linear import Linear
+from tristream.gpu_proc.layers.moe import ExpertWeights
 from tristream.gpu_proc.layers.quantized import Layout
 from tristream.gpu_proc.models import model_class
 from tristream.gpu_proc.parallel import TensorParallel
@@ -31,6 +33,8 @@ from tristream.quantization import quant_spec
 from tristream.sharding import Placement, Shard, fused_parts, module_of, place, shard_model
 
 logger = logging.getLogger("tristream")
+# The expert index in a checkpoint tensor's name (``layers.0.mlp.experts.7.up_proj.weight``).
+EXPERT = re.compile(r"\.experts\.(\d+)\.")
 # Checkpoint tensors the engine does not use.
 UNUSED = ("rotary_emb",)
 # The calibrated scales of an fp8 KV cache, by checkpoint name ending, and the attention attribute each sets.
@@ -51,7 +55,7 @@ def build_model(
     quantization method quantizes random 16-bit weights at load.
     """
     dummy = config.load_format == "dummy"
-    quant = quant_spec(whole.quantization_config, config.quantization, dummy)
+    quant = quant_spec(whole.quantization_config, config.quantization, dummy, whole.num_experts)
     if quant is not None and quant.method == "int8" and device.type != "cpu":
         raise ValueError("quantization='int8' is the CPU's weight-only path; on a GPU use quantization='fp8'")
     whole = dataclasses.replace(whole, quant=quant)
@@ -89,16 +93,18 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, object]], source: str) -> None:
     """Copy this rank's part of each Hugging Face-named tensor into (its part of) its parameter; every part
-    must be set. A tensor may be a safetensors slice, read only where this rank needs it."""
+    must be set. A tensor may be a safetensors slice, read only where this rank needs it. Expert ``e``'s
+    tensors (``mlp.experts.{e}.up_proj.weight``) go into entry ``e`` of the experts' stacked parameter."""
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
-    loaded: set[tuple[str, int]] = set()
+    loaded: set[tuple[str, int, int]] = set()
     with torch.no_grad():
         for name in ("embed_tokens.weight", "lm_head.weight"):
             params[name][len(model.shard.vocab) :].zero_()
         for name, tensor in weights:
             if _kv_scale(modules, name, tensor):
                 continue
+            name, expert = _expert(name)
             p = place(name, model.weights, model.config, model.shard)
             owner, _, suffix = p.param.rpartition(".")
             linear = modules.get(owner)
@@ -114,16 +120,33 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, object]], source
                 if any(unused in name for unused in UNUSED):
                     continue
                 raise ValueError(f"unexpected weight {name!r} in {source}")
-            _copy(param, tensor, p, layout, name)
-            loaded.add((f"{owner}.{suffix}", p.part))
-    fused = fused_parts(model.weights)
-    expected = set()
-    for name, _ in model.named_parameters():
-        module = module_of(name, fused)
-        expected |= {(name, i) for i in range(len(fused[module]) if module else 1)}
-    missing = sorted(f"{name}#{i}" for name, i in expected - loaded)
+            _copy(param if expert < 0 else param[expert], tensor, p, layout, name)
+            loaded.add((f"{owner}.{suffix}", p.part, expert))
+    missing = sorted(f"{name}#{i}" + (f"@{e}" if e >= 0 else "") for name, i, e in _expected(model) - loaded)
     if missing:
         raise ValueError(f"weights missing from {source}: {missing[:8]}")
+
+
+def _expert(name: str) -> tuple[str, int]:
+    """(``name`` without its expert index, the index), or (``name``, -1) for a tensor of no expert."""
+    m = EXPERT.search(name)
+    return (name, -1) if m is None else (name[: m.start()] + ".experts." + name[m.end() :], int(m.group(1)))
+
+
+def _expected(model: nn.Module) -> set[tuple[str, int, int]]:
+    """(parameter, part, expert) of every part that loading must set; expert -1 where it is no expert's."""
+    fused, experts = fused_parts(model.weights), _stacked(model)
+    expected = set()
+    for name, param in model.named_parameters():
+        module = module_of(name, fused)
+        for e in range(param.shape[0]) if name in experts else [-1]:
+            expected |= {(name, i, e) for i in range(len(fused[module]) if module else 1)}
+    return expected
+
+
+def _stacked(model: nn.Module) -> set[str]:
+    """The names of the parameters that stack every expert's weight."""
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, ExpertWeights)}
 
 
 def _kv_scale(modules: dict[str, nn.Module], name: str, tensor: object) -> bool:
@@ -199,16 +222,20 @@ def dummy_weights(
     whole = shard_model(mc, 1, 0)
     with torch.device("meta"):
         model = model_class(mc.architecture)(mc, whole, TensorParallel(whole, device, None))
-    fused = fused_parts(model.weights)
+    fused, experts = fused_parts(model.weights), _stacked(model)
     for name, param in model.named_parameters():
         target = module_of(name, fused)
+        shape = list(param.shape[1:] if name in experts else param.shape)
         for module in fused[target] if target else [None]:
-            shape, hf_name = list(param.shape), name
+            hf_name = name
             if module is not None:
                 piece = model.weights[module]
-                span = whole.span(piece.axis, mc.head_dim)
-                shape[piece.dim] = span.stop - span.start
+                if piece.axis is not None:
+                    span = whole.span(piece.axis, mc.head_dim)
+                    shape[piece.dim] = span.stop - span.start
                 hf_name = f".{name}".replace(f".{target}.", f".{module}.", 1)[1:]
-            tensor = torch.empty(shape, dtype=dtype, device=device)
-            tensor = tensor.fill_(1.0) if "norm" in name else tensor.normal_(0.0, 0.02, generator=gen)
-            yield hf_name if hf_name.startswith("lm_head.") else f"model.{hf_name}", tensor
+            for e in range(param.shape[0]) if name in experts else [-1]:
+                tensor = torch.empty(shape, dtype=dtype, device=device)
+                tensor = tensor.fill_(1.0) if "norm" in name else tensor.normal_(0.0, 0.02, generator=gen)
+                full = hf_name if e < 0 else hf_name.replace(".experts.", f".experts.{e}.", 1)
+                yield full if full.startswith("lm_head.") else f"model.{full}", tensor

@@ -133,7 +133,7 @@ class AsyncEngine:
         model_dir = await asyncio.to_thread(resolve_model, config.model, config.load_format, config.download_dir)
         mc = ModelConfig.load(model_dir)
         # An unsupported checkpoint fails here, before any process starts.
-        quant_spec(mc.quantization_config, config.quantization, config.load_format == "dummy")
+        quant_spec(mc.quantization_config, config.quantization, config.load_format == "dummy", mc.num_experts)
         self.generation_defaults = generation_defaults(model_dir) if config.generation_config == "auto" else {}
         if self.generation_defaults:
             logger.info(

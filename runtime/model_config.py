@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tristream.quantization import QuantSpec
 
@@ -15,6 +15,9 @@ class ModelConfig:
 
     ``quant`` is how the decoder's linear layers hold their weights, once the engine has resolved it from
     ``quantization_config`` and its ``quantization`` argument (``tristream.quantization.quant_spec``).
+    A mixture-of-experts model routes each token to ``num_experts_per_tok`` of its ``num_experts`` experts, each
+    an MLP of ``moe_intermediate_size``; a shared expert (``shared_expert_intermediate_size``) sees every token.
+    ``hf`` is the whole ``config.json``, for the fields only one family reads.
     """
 
     architecture: str
@@ -35,6 +38,11 @@ class ModelConfig:
     dtype: str
     quantization_config: dict | None = None
     quant: QuantSpec | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    hf: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def load(cls, model_dir: str) -> ModelConfig:
@@ -68,6 +76,8 @@ class ModelConfig:
             eos_token_ids=_eos_ids(model_dir, raw),
             dtype=raw.get("torch_dtype") or raw.get("dtype") or "float32",
             quantization_config=raw.get("quantization_config"),
+            **_experts(raw),
+            hf=raw,
         )
 
 
@@ -78,6 +88,21 @@ def _architecture(raw: dict) -> str:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(raw.get("model_type"), raw.get("model_type"))
+
+
+def _experts(raw: dict) -> dict[str, int]:
+    """The mixture-of-experts shapes of ``raw`` under the names each family gives them (none for a dense model)."""
+    experts = raw.get("num_experts") or raw.get("num_local_experts") or raw.get("moe_num_experts") or 0
+    if not experts:
+        return {}
+    size = raw.get("moe_intermediate_size") or raw["intermediate_size"]
+    shared = raw.get("shared_expert_intermediate_size") or size * raw.get("moe_num_shared_experts", 0)
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=raw.get("num_experts_per_tok") or raw.get("moe_k") or 2,
+        moe_intermediate_size=size,
+        shared_expert_intermediate_size=shared,
+    )
 
 
 def _eos_ids(model_dir: str, raw: dict) -> list[int]:

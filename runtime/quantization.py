@@ -52,12 +52,17 @@ class QuantSpec:
         return kind + ("" if self.from_checkpoint else ", quantized at load")
 
 
-def quant_spec(quantization_config: dict | None, requested: str | None, dummy: bool = False) -> QuantSpec | None:
+def quant_spec(
+    quantization_config: dict | None, requested: str | None, dummy: bool = False, experts: int = 0
+) -> QuantSpec | None:
     """The spec of a checkpoint's ``quantization_config`` (None: unquantized) and the ``quantization``
-    argument; a ValueError names an unsupported method or a mismatch. With ``dummy`` (random weights),
-    the method quantizes random 16-bit weights at load, in the checkpoint's layout where it names one."""
+    argument; a ValueError names an unsupported method or a mismatch, or a mixture-of-experts model (with
+    ``experts``), whose experts have no quantized kernels. With ``dummy`` (random weights), the method
+    quantizes random 16-bit weights at load, in the checkpoint's layout where it names one."""
     if requested is not None and requested not in METHODS:
         raise ValueError(f"quantization={requested!r} is not supported; choose one of {', '.join(METHODS)}")
+    if experts and (requested is not None or quantization_config is not None):
+        raise ValueError("quantized mixture-of-experts models are not supported: load a 16-bit checkpoint")
     if quantization_config is None:
         if requested in ("awq", "gptq") and not dummy:
             raise ValueError(f"quantization={requested!r} needs a checkpoint quantized with {requested}")

@@ -37,16 +37,24 @@ class Shard:
     intermediate: range
     vocab: range
     vocab_rows: int
+    moe_intermediate: range = range(0)
+    shared_intermediate: range = range(0)
 
     def span(self, axis: str, head_dim: int) -> slice:
-        """This rank's rows of a tensor split by ``axis`` ("q_heads", "kv_heads", "intermediate" or "vocab")."""
+        """This rank's rows of a tensor split by ``axis``: "q_heads", "kv_heads", "intermediate", "vocab", or an
+        expert's "moe_intermediate" or the shared expert's "shared_intermediate"."""
         indices, unit = getattr(self, axis), head_dim if axis.endswith("heads") else 1
         return slice(indices.start * unit, indices.stop * unit)
 
     def local_config(self, mc: ModelConfig) -> ModelConfig:
         """The shapes of the layers on this rank; the vocabulary stays the whole model's."""
         return dataclasses.replace(
-            mc, num_heads=len(self.q_heads), num_kv_heads=len(self.kv_heads), intermediate_size=len(self.intermediate)
+            mc,
+            num_heads=len(self.q_heads),
+            num_kv_heads=len(self.kv_heads),
+            intermediate_size=len(self.intermediate),
+            moe_intermediate_size=len(self.moe_intermediate),
+            shared_expert_intermediate_size=len(self.shared_intermediate),
         )
 
 
@@ -73,15 +81,30 @@ def shard_model(mc: ModelConfig, size: int, rank: int) -> Shard:
         raise ValueError(
             f"tensor_parallel_size={size} is more than the model's intermediate size {mc.intermediate_size}"
         )
+    if mc.num_experts and size > mc.moe_intermediate_size:
+        raise ValueError(
+            f"tensor_parallel_size={size} is more than the experts' intermediate size {mc.moe_intermediate_size}"
+        )
     rows = -(-mc.vocab_size // size)
     vocab = range(min(rank * rows, mc.vocab_size), min((rank + 1) * rows, mc.vocab_size))
-    return Shard(rank, size, q_heads, kv_heads, _even(mc.intermediate_size, size, rank), vocab, rows)
+    return Shard(
+        rank,
+        size,
+        q_heads,
+        kv_heads,
+        _even(mc.intermediate_size, size, rank),
+        vocab,
+        rows,
+        _even(mc.moe_intermediate_size, size, rank),
+        _even(mc.shared_expert_intermediate_size, size, rank),
+    )
 
 
 @dataclass(frozen=True)
 class Piece:
     """Where the tensors of a checkpoint module go: into the module ``param``, as part ``part`` of the pieces fused
-    there (in the order of its outputs), split over the ranks along ``dim`` by ``axis`` (see ``Shard.span``)."""
+    there (in the order of its outputs), split over the ranks along ``dim`` by ``axis`` (see ``Shard.span``),
+    or held whole on every rank without an ``axis``."""
 
     param: str
     part: int = 0
@@ -107,8 +130,9 @@ class Placement:
 
 
 def module_of(name: str, modules: Iterable[str]) -> str | None:
-    """The one of ``modules`` that the tensor or parameter ``name`` (``layers.0.mlp.up_proj.weight``) belongs to."""
-    return next((m for m in modules if f".{m}." in f".{name}"), None)
+    """The one of ``modules`` that the tensor or parameter ``name`` (``layers.0.mlp.up_proj.weight``) belongs to;
+    of several (``up_proj`` and ``experts.up_proj``), the longest."""
+    return max((m for m in modules if f".{m}." in f".{name}"), key=len, default=None)
 
 
 def fused_parts(table: WeightTable) -> dict[str, list[str]]:
@@ -123,11 +147,13 @@ def place(name: str, table: WeightTable, mc: ModelConfig, shard: Shard) -> Place
     """The placement of the Hugging Face-named tensor ``name`` on ``shard``'s rank."""
     name = name.removeprefix("model.")
     module = module_of(name, table)
-    if module is None or table[module].axis is None:
+    if module is None:
         return Placement(name, 0, 0, slice(None), slice(None))
     piece = table[module]
+    param = f".{name}".replace(f".{module}.", f".{piece.param}.", 1)[1:]
+    if piece.axis is None:
+        return Placement(param, piece.part, piece.dim, slice(None), slice(None))
     spans = {p.part: shard.span(p.axis, mc.head_dim) for p in table.values() if p.param == piece.param}
     start = sum(s.stop - s.start for part, s in spans.items() if part < piece.part)
     src = spans[piece.part]
-    param = f".{name}".replace(f".{module}.", f".{piece.param}.", 1)[1:]
     return Placement(param, piece.part, piece.dim, src, slice(start, start + src.stop - src.start))

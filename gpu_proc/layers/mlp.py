@@ -13,10 +13,11 @@ from tristream.quantization import QuantSpec
 
 
 class GatedMLP(nn.Module):
-    """``down(silu(gate(x)) * up(x))``, gate and up fused (column-parallel), down row-parallel."""
+    """``down(silu(gate(x)) * up(x))``, gate and up fused (column-parallel), down row-parallel: without ``tp``
+    the caller sums the ranks' outputs."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, tp: TensorParallel, quant: QuantSpec | None = None
+        self, hidden_size: int, intermediate_size: int, tp: TensorParallel | None, quant: QuantSpec | None = None
     ) -> None:
         super().__init__()
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, quant=quant, parts=2)

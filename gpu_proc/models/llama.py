@@ -65,12 +65,15 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention, then the MLP; the residual travels beside ``x`` and joins it in the fused norms."""
+    """Pre-norm attention, then the MLP (dense, or a mixture of experts); the residual travels beside ``x`` and
+    joins it in the fused norms."""
 
-    def __init__(self, mc: ModelConfig, layer: int, tp: TensorParallel, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, mc: ModelConfig, layer: int, tp: TensorParallel, qkv_bias: bool, qk_norm: bool, mlp: nn.Module
+    ) -> None:
         super().__init__()
         self.self_attn = Attention(mc, layer, tp, qkv_bias, qk_norm)
-        self.mlp = GatedMLP(mc.hidden_size, mc.intermediate_size, tp, mc.quant)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
 
@@ -101,11 +104,17 @@ class LlamaForCausalLM(nn.Module):
         self.config, self.shard, self.tp = mc, shard, tp
         self.embed_tokens = VocabEmbedding(shard, mc.hidden_size, tp)
         bias = self.qkv_bias or mc.attention_bias
-        self.layers = nn.ModuleList(DecoderLayer(mc, i, tp, bias, self.qk_norm) for i in range(mc.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(mc, i, tp, bias, self.qk_norm, self.make_mlp(mc, i, tp)) for i in range(mc.num_layers)
+        )
         self.norm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
         self.lm_head = LMHead(shard, mc.hidden_size, mc.vocab_size, tp)
         if mc.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def make_mlp(self, mc: ModelConfig, layer: int, tp: TensorParallel) -> nn.Module:
+        """The MLP of layer ``layer``."""
+        return GatedMLP(mc.hidden_size, mc.intermediate_size, tp, mc.quant)
 
     def use_lora(self, weights: LoraWeights) -> None:
         """Add the adapter deltas of ``weights`` to the projections; batches then need ``lora_rows``."""

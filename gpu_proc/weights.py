@@ -69,8 +69,8 @@ def build_model(
     else:
         load_weights(model, safetensors(config.model), config.model)
     for module in model.modules():
-        if isinstance(module, Linear):
-            module.scheme.finish(module)
+        if hasattr(module, "loaded"):
+            module.loaded()
     if quant is not None and quant.method == "int8":
         model.lm_head.use_int8()
     if quant is not None:
@@ -101,7 +101,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, object]], source
     with torch.no_grad():
         for name in ("embed_tokens.weight", "lm_head.weight"):
             params[name][len(model.shard.vocab) :].zero_()
-        for name, tensor in weights:
+        for name, tensor in model.checkpoint_tensors(weights):
             if _kv_scale(modules, name, tensor):
                 continue
             name, expert = _expert(name)

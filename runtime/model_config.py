@@ -38,11 +38,22 @@ class ModelConfig:
     dtype: str
     quantization_config: dict | None = None
     quant: QuantSpec | None = None
+    partial_rotary_factor: float = 1.0
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     hf: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def sliding_window(self, layer: int) -> int:
+        """The sliding window of layer ``layer``'s attention, or 0: the config's ``sliding_window`` where its
+        ``layer_types`` mark the layer "sliding_attention", or on every layer without ``layer_types``
+        (Mistral, Phi-3), unless ``use_sliding_window`` is false (Qwen2)."""
+        size = self.hf.get("sliding_window") or 0
+        types = self.hf.get("layer_types")
+        if types:
+            return size if types[layer] == "sliding_attention" else 0
+        return 0 if self.hf.get("use_sliding_window") is False else size
 
     @classmethod
     def load(cls, model_dir: str) -> ModelConfig:
@@ -57,6 +68,8 @@ class ModelConfig:
         rope = raw.get("rope_parameters") or {}
         theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
         scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling and "original_max_position_embeddings" in raw:  # Phi-3 keeps it beside rope_scaling
+            scaling = {"original_max_position_embeddings": raw["original_max_position_embeddings"], **scaling}
         num_heads = raw["num_attention_heads"]
         return cls(
             architecture=arch,
@@ -76,6 +89,7 @@ class ModelConfig:
             eos_token_ids=_eos_ids(model_dir, raw),
             dtype=raw.get("torch_dtype") or raw.get("dtype") or "float32",
             quantization_config=raw.get("quantization_config"),
+            partial_rotary_factor=rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)),
             **_experts(raw),
             hf=raw,
         )

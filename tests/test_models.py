@@ -21,6 +21,7 @@ TINY = dict(
     max_position_embeddings=256,
     rms_norm_eps=1e-6,
     tie_word_embeddings=False,
+    pad_token_id=0,
 )
 ARCHS = {
     "llama3.1-rope": dict(
@@ -38,6 +39,78 @@ ARCHS = {
     "qwen2-bias": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=1000000.0),
     "qwen3-qknorm": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=32, rope_theta=1000000.0),
     "llama-tied": dict(model_type="llama", architectures=["LlamaForCausalLM"], tie_word_embeddings=True),
+    "qwen3-moe-top8": dict(
+        model_type="qwen3_moe",
+        architectures=["Qwen3MoeForCausalLM"],
+        head_dim=32,
+        num_experts=16,
+        num_experts_per_tok=8,
+        moe_intermediate_size=48,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+    ),
+    "qwen2-moe-shared": dict(
+        model_type="qwen2_moe",
+        architectures=["Qwen2MoeForCausalLM"],
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=96,
+    ),
+    "mixtral": dict(
+        model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=4, num_experts_per_tok=2
+    ),
+    "ernie4.5-moe": dict(
+        model_type="ernie4_5_moe",
+        architectures=["Ernie4_5_MoeForCausalLM"],
+        moe_num_experts=8,
+        moe_k=2,
+        moe_intermediate_size=32,
+        moe_num_shared_experts=1,
+        moe_layer_start_index=1,
+        tie_word_embeddings=True,
+    ),
+    "ernie4.5": dict(model_type="ernie4_5", architectures=["Ernie4_5ForCausalLM"], head_dim=32),
+    "mistral-window": dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=24),
+    "gemma2": dict(
+        model_type="gemma2",
+        architectures=["Gemma2ForCausalLM"],
+        head_dim=32,
+        query_pre_attn_scalar=24,
+        sliding_window=24,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+        tie_word_embeddings=True,
+    ),
+    "gemma3": dict(
+        model_type="gemma3_text",
+        architectures=["Gemma3ForCausalLM"],
+        num_hidden_layers=3,
+        head_dim=32,
+        query_pre_attn_scalar=24,
+        sliding_window=24,
+        sliding_window_pattern=3,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+        },
+        tie_word_embeddings=True,
+    ),
+    "glm4": dict(model_type="glm4", architectures=["Glm4ForCausalLM"], head_dim=32, attention_bias=True),
+    "phi3": dict(model_type="phi3", architectures=["Phi3ForCausalLM"], sliding_window=48),
+    "phi3-longrope-partial": dict(
+        model_type="phi3",
+        architectures=["Phi3ForCausalLM"],
+        partial_rotary_factor=0.75,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=256,
+        rope_scaling={
+            "rope_type": "longrope",
+            "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 2.5],
+            "long_factor": [1.5, 2.0, 3.0, 4.0, 5.0, 6.0],
+        },
+    ),
+    "olmo2": dict(model_type="olmo2", architectures=["Olmo2ForCausalLM"]),
 }
 
 
@@ -85,16 +158,31 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
         run_ours(str(tmp_path), [[1]], 0, 16, load_format="dummy")
 
 
+# Families whose checkpoints hold fused projections, which our dummy weights give unfused.
+FUSED_IN_CHECKPOINT = {
+    "phi3": {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]},
+    "glm4": {"gate_up_proj": ["gate_proj", "up_proj"]},
+}
+
+
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_dummy_weights_are_a_whole_checkpoint_that_transformers_runs_alike(tmp_path, name):
+    from safetensors.torch import save_file
+
     from tristream.gpu_proc.weights import dummy_weights
     from tristream.model_config import ModelConfig
 
-    model, path = make_model(tmp_path, name)
+    _, path = make_model(tmp_path, name)
     weights = dict(dummy_weights(ModelConfig.load(path), torch.float32, torch.device("cpu"), seed=0))
-    keys = model.load_state_dict(weights, strict=False)
-    tied = ["lm_head.weight"] if model.config.tie_word_embeddings else []
-    assert (keys.missing_keys, keys.unexpected_keys) == (tied, [])
+    for fused, parts in FUSED_IN_CHECKPOINT.get(ARCHS[name]["model_type"], {}).items():
+        for key in [k for k in weights if f".{parts[0]}." in k]:
+            pieces = [weights.pop(key.replace(parts[0], part)) for part in parts]
+            weights[key.replace(parts[0], fused)] = torch.cat(pieces)
+    (tmp_path / "dummy").mkdir()
+    shutil.copy(f"{path}/config.json", tmp_path / "dummy")
+    save_file(weights, tmp_path / "dummy" / "model.safetensors", metadata={"format": "pt"})
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "dummy", output_loading_info=True)
+    assert (info["missing_keys"], info["unexpected_keys"]) == (set(), set()), info
     prompts = [[5, 17, 300, 2], [9]]
     ours = run_ours(path, prompts, 3, 16, load_format="dummy")
     for i, prompt in enumerate(prompts):

@@ -43,6 +43,10 @@ class Linear(nn.Module):
         """Where parameter ``name`` lies against the weight [out, in] (for the loader)."""
         return self.scheme.layout(name)
 
+    def loaded(self) -> None:
+        """Finish the weight once every part is loaded (quantize it, or combine its scales)."""
+        self.scheme.finish(self)
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         y = self.scheme.apply(self, x)
         if self.lora is not None:

@@ -20,3 +20,12 @@ class RMSNorm(nn.Module):
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps)
         return ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm, ``x / rms(x) * (1 + weight)``: the checkpoint's weight plus one once loaded (in a 16-bit
+    model that sum is rounded to its dtype, where transformers adds in fp32)."""
+
+    def loaded(self) -> None:
+        with torch.no_grad():
+            self.weight += 1.0

@@ -1,12 +1,14 @@
-"""The Llama decoder, and the families that share it: Mistral, Qwen2 (bias on q/k/v) and Qwen3 (RMSNorm on q and k).
+"""The Llama decoder, and the families that share it: Mistral (sliding window), Qwen2 (bias on q/k/v) and
+Qwen3 (RMSNorm on q and k). Other families build on its attention, layer and model.
 
 Under tensor parallelism each rank builds the layers of its shard: column-parallel
 qkv and gate/up, row-parallel o and down followed by an all-reduce, and a
-vocabulary-parallel embedding and LM head. Mistral's ``sliding_window`` is not honoured.
+vocabulary-parallel embedding and LM head.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,19 +44,44 @@ WEIGHTS: WeightTable = {
 }
 
 
-class Attention(nn.Module):
-    """Self-attention of one layer: fused q/k/v, optional q/k RMSNorm, rotary embedding, paged attention, o."""
+def split_rows(
+    weights: Iterable[tuple[str, object]], fused: dict[str, list[tuple[str, int]]]
+) -> Iterator[tuple[str, object]]:
+    """The checkpoint's tensors with each fused module's (a key of ``fused``) split by rows into the modules
+    it holds, as (name, rows) in order: ``qkv_proj`` into ``q_proj``, ``k_proj`` and ``v_proj``."""
+    for name, tensor in weights:
+        module = next((m for m in fused if f".{m}." in name), None)
+        if module is None:
+            yield name, tensor
+            continue
+        start = 0
+        for part, rows in fused[module]:
+            yield name.replace(f".{module}.", f".{part}."), tensor[start : start + rows]
+            start += rows
 
-    def __init__(self, mc: ModelConfig, layer: int, tp: TensorParallel, qkv_bias: bool, qk_norm: bool) -> None:
+
+class Attention(nn.Module):
+    """Self-attention of one layer: fused q/k/v, optional per-head q/k norms (of class ``qk_norm``), rotary
+    embedding, paged attention (with ``options``: scale, sliding window, soft-cap), o."""
+
+    def __init__(
+        self,
+        mc: ModelConfig,
+        layer: int,
+        tp: TensorParallel,
+        qkv_bias: bool,
+        qk_norm: type[RMSNorm] | None = None,
+        **options: float,
+    ) -> None:
         super().__init__()
         self.q_size, self.kv_size = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
         self.qkv_proj = Linear(mc.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias, quant=mc.quant, parts=3)
         self.o_proj = Linear(self.q_size, mc.hidden_size, tp=tp, quant=mc.quant)
-        self.qk_norm = qk_norm
-        if qk_norm:
-            self.q_norm = RMSNorm(mc.head_dim, mc.rms_norm_eps)
-            self.k_norm = RMSNorm(mc.head_dim, mc.rms_norm_eps)
-        self.attn = PagedAttention(layer, mc.num_heads, mc.num_kv_heads, mc.head_dim)
+        self.qk_norm = qk_norm is not None
+        if qk_norm is not None:
+            self.q_norm = qk_norm(mc.head_dim, mc.rms_norm_eps)
+            self.k_norm = qk_norm(mc.head_dim, mc.rms_norm_eps)
+        self.attn = PagedAttention(layer, mc.num_heads, mc.num_kv_heads, mc.head_dim, **options)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVCache, rotary: RotaryEmbedding) -> torch.Tensor:
         q, k, v = self.attn.heads(*self.qkv_proj(x, batch).split([self.q_size, self.kv_size, self.kv_size], dim=-1))
@@ -68,11 +95,9 @@ class DecoderLayer(nn.Module):
     """Pre-norm attention, then the MLP (dense, or a mixture of experts); the residual travels beside ``x`` and
     joins it in the fused norms."""
 
-    def __init__(
-        self, mc: ModelConfig, layer: int, tp: TensorParallel, qkv_bias: bool, qk_norm: bool, mlp: nn.Module
-    ) -> None:
+    def __init__(self, mc: ModelConfig, attention: Attention, mlp: nn.Module) -> None:
         super().__init__()
-        self.self_attn = Attention(mc, layer, tp, qkv_bias, qk_norm)
+        self.self_attn = attention
         self.mlp = mlp
         self.input_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
@@ -97,24 +122,36 @@ class LlamaForCausalLM(nn.Module):
 
     weights = WEIGHTS
     qkv_bias = False
-    qk_norm = False
+    qk_norm: type[RMSNorm] | None = None
+    norm_class: type[RMSNorm] = RMSNorm
+    rope_interleaved = False
 
     def __init__(self, mc: ModelConfig, shard: Shard, tp: TensorParallel) -> None:
         super().__init__()
         self.config, self.shard, self.tp = mc, shard, tp
         self.embed_tokens = VocabEmbedding(shard, mc.hidden_size, tp)
-        bias = self.qkv_bias or mc.attention_bias
-        self.layers = nn.ModuleList(
-            DecoderLayer(mc, i, tp, bias, self.qk_norm, self.make_mlp(mc, i, tp)) for i in range(mc.num_layers)
-        )
-        self.norm = RMSNorm(mc.hidden_size, mc.rms_norm_eps)
+        self.layers = nn.ModuleList(self.make_layer(mc, i, tp) for i in range(mc.num_layers))
+        self.norm = self.norm_class(mc.hidden_size, mc.rms_norm_eps)
         self.lm_head = LMHead(shard, mc.hidden_size, mc.vocab_size, tp)
         if mc.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def make_layer(self, mc: ModelConfig, layer: int, tp: TensorParallel) -> nn.Module:
+        """Decoder layer ``layer``."""
+        return DecoderLayer(mc, self.make_attention(mc, layer, tp), self.make_mlp(mc, layer, tp))
+
+    def make_attention(self, mc: ModelConfig, layer: int, tp: TensorParallel) -> Attention:
+        """The self-attention of layer ``layer``: a sliding window where the config gives the layer one."""
+        bias = self.qkv_bias or mc.attention_bias
+        return Attention(mc, layer, tp, bias, self.qk_norm, window=mc.sliding_window(layer))
+
     def make_mlp(self, mc: ModelConfig, layer: int, tp: TensorParallel) -> nn.Module:
         """The MLP of layer ``layer``."""
         return GatedMLP(mc.hidden_size, mc.intermediate_size, tp, mc.quant)
+
+    def checkpoint_tensors(self, weights: Iterable[tuple[str, object]]) -> Iterable[tuple[str, object]]:
+        """The checkpoint's tensors by Hugging Face name, as the weight table reads them."""
+        return weights
 
     def use_lora(self, weights: LoraWeights) -> None:
         """Add the adapter deltas of ``weights`` to the projections; batches then need ``lora_rows``."""
@@ -126,15 +163,27 @@ class LlamaForCausalLM(nn.Module):
     def build_rope(self, max_positions: int, device: torch.device) -> None:
         """Precompute the rotary tables for positions below ``max_positions``."""
         mc = self.config
-        self.rotary = RotaryEmbedding(mc.head_dim, mc.rope_theta, mc.rope_scaling, max_positions, device)
+        self.rotary = RotaryEmbedding(
+            mc.head_dim,
+            mc.rope_theta,
+            mc.rope_scaling,
+            max_positions,
+            device,
+            rotary_dim=int(mc.head_dim * mc.partial_rotary_factor),
+            interleaved=self.rope_interleaved,
+            max_position_embeddings=mc.max_position_embeddings,
+        )
 
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Logits [len(logit_rows), vocab] of the rows that need them."""
         x, residual = self.embed_tokens(batch.input_ids), None
         for layer in self.layers:
             x, residual = layer(x, residual, batch, kv, self.rotary)
-        x, _ = self.norm(x, residual)
-        return self.lm_head(x[batch.logit_rows])
+        return self.lm_head(self.final_norm(x, residual)[batch.logit_rows])
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The last layer's output through ``norm``, with the residual that has not yet joined it, if any."""
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
 
 @register("Qwen2ForCausalLM")
@@ -144,4 +193,4 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 @register("Qwen3ForCausalLM")
 class Qwen3ForCausalLM(LlamaForCausalLM):
-    qk_norm = True
+    qk_norm = RMSNorm

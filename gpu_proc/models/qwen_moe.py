@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from tristream.gpu_proc.layers.moe import SparseMoE
+from tristream.gpu_proc.layers.norm import RMSNorm
 from tristream.gpu_proc.models import register
 from tristream.gpu_proc.models.llama import WEIGHTS, LlamaForCausalLM
 from tristream.gpu_proc.parallel import TensorParallel
@@ -30,7 +31,7 @@ EXPERT_WEIGHTS: WeightTable = {
 @register("Qwen3MoeForCausalLM")
 class Qwen3MoeForCausalLM(LlamaForCausalLM):
     weights = {**WEIGHTS, **EXPERT_WEIGHTS}
-    qk_norm = True
+    qk_norm = RMSNorm
     shared_gate = False
 
     def make_mlp(self, mc: ModelConfig, layer: int, tp: TensorParallel) -> nn.Module:
@@ -42,6 +43,6 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
 
 @register("Qwen2MoeForCausalLM")
 class Qwen2MoeForCausalLM(Qwen3MoeForCausalLM):
-    qk_norm = False
+    qk_norm = None
     qkv_bias = True
     shared_gate = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tristream.gpu_proc.forward_batch import ForwardBatch
-from tristream.kernels import activation, attention, fp8, int4, lora, norm, rope, sampling
+from tristream.kernels import activation, attention, fp8, int4, lora, moe, norm, rope, sampling
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -22,6 +22,10 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (activation.silu_and_mul if x.is_cuda else activation.silu_and_mul_ref)(x)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return (activation.gelu_tanh_and_mul if x.is_cuda else activation.gelu_tanh_and_mul_ref)(x)
 
 
 def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
@@ -99,16 +103,21 @@ def attend(
     scale: float,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    *,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Store the new K/V into the pool (an fp8 one divided by ``k_scale`` and ``v_scale``), then attend over
-    each sequence's whole context."""
+    each sequence's whole context, or its last ``window`` positions, with scores soft-capped at ``softcap``
+    (0 turns either off)."""
+    opts = {"window": window, "softcap": softcap}
     if not q.is_cuda:
         attention.store_kv_ref(k, v, k_cache, v_cache, batch.slot_mapping, k_scale, v_scale)
-        return attention.paged_attention_ref(q, k_cache, v_cache, *batch.host_meta, scale, k_scale, v_scale)
+        return attention.paged_attention_ref(q, k_cache, v_cache, *batch.host_meta, scale, k_scale, v_scale, **opts)
     attention.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, k_scale, v_scale)
     if batch.decode:
         return attention.paged_decode_attention(
-            q, k_cache, v_cache, batch.block_table, batch.seq_lens, scale, batch.num_splits, k_scale, v_scale
+            q, k_cache, v_cache, batch.block_table, batch.seq_lens, scale, batch.num_splits, k_scale, v_scale, **opts
         )
     return attention.extend_attention(
         q,
@@ -121,4 +130,12 @@ def attend(
         batch.max_q_len,
         k_scale,
         v_scale,
+        **opts,
     )
+
+
+def fused_moe(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """Each token's chosen experts' SiLU-gated MLPs, weighted and summed."""
+    return (moe.fused_moe if x.is_cuda else moe.fused_moe_ref)(x, w13, w2, topk_weights, topk_ids)

@@ -52,27 +52,39 @@ def paged_attention_ref(
     scale: float,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    *,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of a ragged batch of new tokens over their whole context.
 
     Sequence b owns queries ``q[qo_indptr[b]:qo_indptr[b+1]]`` (the last tokens of
     its ``seq_lens[b]``-token context) and its pages ``block_tables[b]``. K/V of an fp8 pool
-    are dequantized to q's dtype. Single-token (decode) sequences run as one padded batch. Returns [T, H, D].
+    are dequantized to q's dtype. Single-token (decode) sequences run as one padded batch.
+    With ``window`` > 0 the query at position p sees only keys at positions k with p - window < k <= p
+    (keys before the first query's window are never read); with ``softcap`` > 0 the scaled scores s
+    become softcap * tanh(s / softcap) before the mask. Returns [T, H, D].
     """
     _check_scales(k_cache, k_scale, v_scale)
-    kv_scales = (k_scale, v_scale)
+    _check_window_softcap(window, softcap)
+    opts = ((k_scale, v_scale), window, softcap)
     out = torch.empty_like(q)
     decode = [b for b in range(len(seq_lens)) if qo_indptr[b + 1] - qo_indptr[b] == 1]
     if decode:
         rows = torch.tensor([qo_indptr[b] for b in decode], device=q.device)
         tables, lens = [block_tables[b] for b in decode], [seq_lens[b] for b in decode]
-        out[rows] = _decode_attention(q[rows], k_cache, v_cache, tables, lens, scale, kv_scales)
+        out[rows] = _decode_attention(q[rows], k_cache, v_cache, tables, lens, scale, *opts)
     for b, ctx_len in enumerate(seq_lens):
         start, end = qo_indptr[b], qo_indptr[b + 1]
         if end - start == 1:
             continue
-        out[start:end] = _extend_attention(q[start:end], k_cache, v_cache, block_tables[b], ctx_len, scale, kv_scales)
+        out[start:end] = _extend_attention(q[start:end], k_cache, v_cache, block_tables[b], ctx_len, scale, *opts)
     return out
+
+
+def _check_window_softcap(window: int, softcap: float) -> None:
+    if window < 0 or softcap < 0:
+        raise ValueError(f"window ({window}) and softcap ({softcap}) must be >= 0 (0 turns them off)")
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
@@ -81,50 +93,61 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype, scale:
     return (rows.float() * scale).to(dtype) if rows.dtype == FP8 else rows
 
 
-def _slots(table: list[int], ctx_len: int, page_size: int, device: torch.device) -> torch.Tensor:
-    pos = torch.arange(ctx_len, device=device)
+def _slots(table: list[int], lo: int, hi: int, page_size: int, device: torch.device) -> torch.Tensor:
+    """The flat slots of positions ``lo..hi-1``."""
+    pos = torch.arange(lo, hi, device=device)
     return torch.tensor(table, device=device)[pos // page_size] * page_size + pos % page_size
 
 
-def _decode_attention(q, k_cache, v_cache, tables, seq_lens, scale, kv_scales) -> torch.Tensor:
-    """One query per sequence: [B, H, D] over contexts padded to the longest, masked."""
-    page_size, longest = k_cache.shape[1], max(seq_lens)
-    slots = torch.zeros(len(tables), longest, dtype=torch.long, device=q.device)
-    for j, (table, ctx_len) in enumerate(zip(tables, seq_lens)):
-        slots[j, :ctx_len] = _slots(table, ctx_len, page_size, q.device)
-    valid = torch.arange(longest, device=q.device)[None, :] < torch.tensor(seq_lens, device=q.device)[:, None]
+def _dense(q, k, v, mask, scale, softcap) -> torch.Tensor:
+    """softmax over keys of q·k * scale (soft-capped when ``softcap`` > 0), where ``mask`` holds, times v."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    s = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
+    s = softcap * torch.tanh(s / softcap)
+    return (torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v.to(s.dtype)).to(q.dtype)
+
+
+def _decode_attention(q, k_cache, v_cache, tables, seq_lens, scale, kv_scales, window, softcap) -> torch.Tensor:
+    """One query per sequence: [B, H, D] over its in-window keys, padded to the longest, masked."""
+    page_size = k_cache.shape[1]
+    los = [max(0, n - window) if window else 0 for n in seq_lens]
+    counts = [n - lo for n, lo in zip(seq_lens, los)]
+    slots = torch.zeros(len(tables), max(counts), dtype=torch.long, device=q.device)
+    for j, (table, lo, ctx_len) in enumerate(zip(tables, los, seq_lens)):
+        slots[j, : ctx_len - lo] = _slots(table, lo, ctx_len, page_size, q.device)
+    valid = torch.arange(max(counts), device=q.device)[None, :] < torch.tensor(counts, device=q.device)[:, None]
     pad = ~valid[:, :, None, None]
     k = _gather(k_cache, slots, q.dtype, kv_scales[0]).masked_fill(pad, 0).transpose(1, 2)
     v = _gather(v_cache, slots, q.dtype, kv_scales[1]).masked_fill(pad, 0).transpose(1, 2)
     groups = q.shape[1] // k.shape[1]
-    o = F.scaled_dot_product_attention(
+    o = _dense(
         q[:, :, None, :],
         k.repeat_interleave(groups, 1),
         v.repeat_interleave(groups, 1),
-        attn_mask=valid[:, None, None, :],
-        scale=scale,
+        valid[:, None, None, :],
+        scale,
+        softcap,
     )
     return o[:, :, 0, :]
 
 
-def _extend_attention(q, k_cache, v_cache, table, ctx_len, scale, kv_scales) -> torch.Tensor:
-    """The last ``len(q)`` tokens of one sequence, each attending causally to its context."""
+def _extend_attention(q, k_cache, v_cache, table, ctx_len, scale, kv_scales, window, softcap) -> torch.Tensor:
+    """The last ``len(q)`` tokens of one sequence, each attending causally to its context (or window)."""
     n = q.shape[0]
-    slots = _slots(table, ctx_len, k_cache.shape[1], q.device)
+    lo = max(0, ctx_len - n - window + 1) if window else 0
+    slots = _slots(table, lo, ctx_len, k_cache.shape[1], q.device)
     k = _gather(k_cache, slots, q.dtype, kv_scales[0]).transpose(0, 1)
     v = _gather(v_cache, slots, q.dtype, kv_scales[1]).transpose(0, 1)
     qb = q.transpose(0, 1)
-    if n == ctx_len:
+    if n == ctx_len and not window and not softcap:
         o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        mask = (
-            torch.arange(ctx_len, device=q.device)[None, :]
-            <= torch.arange(ctx_len - n, ctx_len, device=q.device)[:, None]
-        )
+        k_pos = torch.arange(lo, ctx_len, device=q.device)[None, :]
+        q_pos = torch.arange(ctx_len - n, ctx_len, device=q.device)[:, None]
+        mask = (k_pos <= q_pos) & (k_pos > q_pos - window) if window else k_pos <= q_pos
         groups = qb.shape[0] // k.shape[0]
-        o = F.scaled_dot_product_attention(
-            qb, k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0), attn_mask=mask, scale=scale
-        )
+        o = _dense(qb, k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0), mask, scale, softcap)
     return o.transpose(0, 1)
 
 
@@ -132,12 +155,30 @@ def _extend_attention(q, k_cache, v_cache, table, ctx_len, scale, kv_scales) -> 
 
 _LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E_TL = tl.constexpr(_LOG2E)
 _FP8_MAX_TL = tl.constexpr(_FP8_MAX)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs stay exact (no TF32); 16-bit inputs run on tensor cores either way.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _score_scales(scale: float, k_scale: float, softcap: float) -> tuple[float, float]:
+    """(qk_scale, cap) of the kernels: log2-domain scores are q·k * qk_scale, or tanh(q·k * qk_scale) * cap."""
+    if softcap:
+        return scale * k_scale / softcap, softcap * _LOG2E
+    return scale * k_scale * _LOG2E, 1.0
+
+
+@triton.jit
+def _scores(q, k, qk_scale, cap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """Scaled (and soft-capped) scores of q against k, in log2 units."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if SOFTCAP:
+        # tanh(x) = 1 - 2 / (e^2x + 1), which saturates to +-1 for large |x|.
+        s = (1.0 - 2.0 / (tl.exp2(s * (2.0 * _LOG2E_TL)) + 1.0)) * cap
+    return s
 
 
 @triton.jit
@@ -201,22 +242,26 @@ def _check_pools(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: float, v
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, o_part_ptr, lse_part_ptr,
-    qk_scale,
+    qk_scale, cap,
     stride_qb, stride_qh, stride_qd,
     stride_cp, stride_co, stride_ch, stride_cd,
     stride_bb, stride_bp,
     GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, kv head, split): all the group's query heads over the split's positions."""
+    """One (sequence, kv head, split): all the group's query heads over the split's share of the in-window positions."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     num_heads = tl.num_programs(1) * GROUP
 
     seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    lo = 0
+    if WINDOW > 0:
+        lo = tl.maximum(seq_len - WINDOW, 0)
+    split_len = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
     g = tl.arange(0, BLOCK_H)
@@ -237,7 +282,7 @@ def _decode_split_kernel(
         page = tl.load(block_tables_ptr + b * stride_bb + (pos // PAGE_SIZE) * stride_bp, mask=valid, other=0)
         offs = (page.to(tl.int64) * stride_cp + (pos % PAGE_SIZE) * stride_co)[:, None] + head_offs
         k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = _scores(q, k, qk_scale, cap, SOFTCAP, PRECISION)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
@@ -296,15 +341,19 @@ def paged_decode_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     *,
+    window: int = 0,
+    softcap: float = 0.0,
     block_n: int = 64,
 ) -> torch.Tensor:
     """Split-KV attention of one query token per sequence over its paged context.
 
     q [B, H, D]; block_tables [B, max_pages] and seq_lens [B] are device tensors, so one launch
     serves every context length (CUDA-graph safe). A zero-length sequence gives zeros. An fp8 pool holds
-    K / k_scale and V / v_scale. Returns [B, H, D].
+    K / k_scale and V / v_scale. ``window`` and ``softcap`` are as in `paged_attention_ref`; with a window
+    the splits share only the last ``window`` positions, and no earlier one is read. Returns [B, H, D].
     """
     _check_pools(k_cache, v_cache, k_scale, v_scale)
+    _check_window_softcap(window, softcap)
     batch, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -317,11 +366,11 @@ def paged_decode_attention(
         return out
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, o_part, lse_part,
-        scale * k_scale * _LOG2E,
+        *_score_scales(scale, k_scale, softcap),
         *q.stride(), *k_cache.stride(), *block_tables.stride(),
         GROUP=group, NUM_SPLITS=num_splits, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
+        WINDOW=window, SOFTCAP=softcap > 0, num_warps=4,
     )  # fmt: skip
     _decode_merge_kernel[(batch, num_heads)](
         o_part, lse_part, out, v_scale, *out.stride(),
@@ -333,15 +382,16 @@ def paged_decode_attention(
 @triton.jit
 def _extend_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qo_indptr_ptr, out_ptr,
-    qk_scale, v_scale,
+    qk_scale, cap, v_scale,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
     stride_cp, stride_co, stride_ch, stride_cd,
     stride_bb, stride_bp,
     GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, query head, block of new tokens): causal attention over the paged context."""
+    """One (sequence, query head, block of new tokens): causal attention over the paged context (or window)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     mb = tl.program_id(2)
@@ -353,7 +403,8 @@ def _extend_kernel(
 
     i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = i < num_new
-    q_pos = seq_len - num_new + i
+    # Rows past num_new take the last new token's position, so no row is left without keys.
+    q_pos = seq_len - num_new + tl.minimum(i, num_new - 1)
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(
         q_ptr + (q_start + i)[:, None] * stride_qt + h * stride_qh + d[None, :] * stride_qd,
@@ -362,19 +413,29 @@ def _extend_kernel(
     )
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    if WINDOW > 0:
+        # A row may see none of a block's keys: a finite running max keeps exp2 off (-inf) - (-inf).
+        m = tl.full([BLOCK_M], -1e30, tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     head_offs = (h // GROUP) * stride_ch + d[None, :] * stride_cd
     # Positions up to the block's last new token; rows past num_new see only positions < seq_len.
     end = seq_len - num_new + tl.minimum(num_new, (mb + 1) * BLOCK_M)
-    for n0 in range(0, end, BLOCK_N):
+    # With a window, positions before the block's first query's window are never read.
+    lo = 0
+    if WINDOW > 0:
+        lo = tl.maximum(seq_len - num_new + mb * BLOCK_M - WINDOW + 1, 0)
+    for n0 in range(lo, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
         page = tl.load(block_tables_ptr + b * stride_bb + (pos // PAGE_SIZE) * stride_bp, mask=valid, other=0)
         offs = (page.to(tl.int64) * stride_cp + (pos % PAGE_SIZE) * stride_co)[:, None] + head_offs
         k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        s = _scores(q, k, qk_scale, cap, SOFTCAP, PRECISION)
+        seen = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+        if WINDOW > 0:
+            seen &= pos[None, :] > q_pos[:, None] - WINDOW
+        s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -403,6 +464,8 @@ def extend_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     *,
+    window: int = 0,
+    softcap: float = 0.0,
     block_m: int = 64,
     block_n: int = 64,
 ) -> torch.Tensor:
@@ -410,9 +473,11 @@ def extend_attention(
 
     Sequence b owns rows ``q[qo_indptr[b]:qo_indptr[b+1]]``, the last tokens of its ``seq_lens[b]``-token
     context, whose K/V are already in the pool. ``max_q_len`` bounds the rows of any sequence. An fp8 pool
-    holds K / k_scale and V / v_scale. Returns [T, H, D].
+    holds K / k_scale and V / v_scale. ``window`` and ``softcap`` are as in `paged_attention_ref`; with a
+    window each block of queries reads from its first query's window on. Returns [T, H, D].
     """
     _check_pools(k_cache, v_cache, k_scale, v_scale)
+    _check_window_softcap(window, softcap)
     num_tokens, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if num_heads % num_kv_heads or head_dim & (head_dim - 1) or head_dim < 16:
@@ -423,9 +488,10 @@ def extend_attention(
         return out
     _extend_kernel[(batch, num_heads, triton.cdiv(max_q_len, block_m))](
         q, k_cache, v_cache, block_tables, seq_lens, qo_indptr, out,
-        scale * k_scale * _LOG2E, v_scale,
+        *_score_scales(scale, k_scale, softcap), v_scale,
         *q.stride(), *out.stride(), *k_cache.stride(), *block_tables.stride(),
         GROUP=num_heads // num_kv_heads, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_dot_precision(q.dtype), num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_dot_precision(q.dtype),
+        WINDOW=window, SOFTCAP=softcap > 0, num_warps=4,
     )  # fmt: skip
     return out

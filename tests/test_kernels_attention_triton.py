@@ -13,6 +13,7 @@ import random
 
 import pytest
 import torch
+from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the conftest fixes two of the interpreter's faults
@@ -115,11 +116,12 @@ def reference(
     qo_indptr: list[int],
     scale: float,
     kv_scales: tuple[float, float] = (1.0, 1.0),
+    **opts: float,
 ) -> torch.Tensor:
-    """The torch reference, in float64; it dequantizes an fp8 pool itself."""
+    """The torch reference, in float64; it dequantizes an fp8 pool itself. ``opts``: window and softcap."""
     if k_cache.dtype != FP8:
         k_cache, v_cache = k_cache.double(), v_cache.double()
-    return paged_attention_ref(q.double(), k_cache, v_cache, tables, ctx_lens, qo_indptr, scale, *kv_scales)
+    return paged_attention_ref(q.double(), k_cache, v_cache, tables, ctx_lens, qo_indptr, scale, *kv_scales, **opts)
 
 
 def int32(values: list[int]) -> torch.Tensor:
@@ -287,9 +289,12 @@ def run_extend(
     seed: int,
     pool_dtype: torch.dtype | None = None,
     scales: tuple[float, float] = (1.0, 1.0),
-    **blocks: int,
+    **opts: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """extend_attention on a batch of (context, new tokens) and the reference output."""
+    """extend_attention on a batch of (context, new tokens) and the reference output.
+
+    ``opts``: block sizes, and window and softcap (which the reference gets too).
+    """
     ctx_lens = [c for c, _ in batch]
     qo_indptr = [0]
     for _, n in batch:
@@ -301,10 +306,11 @@ def run_extend(
     scale = head_dim**-0.5
     max_q_len = max(n for _, n in batch)
     out = extend_attention(
-        q, k_cache, v_cache, block_table, int32(ctx_lens), int32(qo_indptr), scale, max_q_len, *scales, **blocks
+        q, k_cache, v_cache, block_table, int32(ctx_lens), int32(qo_indptr), scale, max_q_len, *scales, **opts
     )
     assert out.shape == q.shape and out.dtype == dtype
-    return out, reference(q, k_cache, v_cache, tables, ctx_lens, qo_indptr, scale, scales)
+    ref_opts = {k: v for k, v in opts.items() if k in ("window", "softcap")}
+    return out, reference(q, k_cache, v_cache, tables, ctx_lens, qo_indptr, scale, scales, **ref_opts)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -334,3 +340,137 @@ def test_extend_attention_fp8_pool(dtype: torch.dtype) -> None:
     """Scaled fp8 K/V, read in the query's dtype: off the reference (reading the same pool) by rounding only."""
     out, ref = run_extend(EXTEND_BATCH, 6, 2, 64, 16, dtype, 22, FP8, FP8_SCALES, block_m=16, block_n=16)
     assert rel_err(out, ref) < TOL[dtype]
+
+
+# ---------------------------------------------------------------- sliding window and soft-capping
+
+# Gemma 2 caps attention logits at 50; a cap of 2 bends N(0, 1) scores visibly.
+SOFTCAP = 2.0
+# (window, softcap, decode splits): windows of 17 and 5 are no multiple of a page, and are below, equal to and
+# above contexts of the batches; with 5, rows 16 on of a 32-row query block see none of the first 16 keys.
+WINDOW_CASES = [(17, 0.0, 3), (0, SOFTCAP, 1), (5, SOFTCAP, 4)]
+WINDOW_BATCH = [(37, 1), (17, 17), (40, 9), (1, 1), (50, 50), (33, 20), (5, 5)]
+
+
+def indptr(batch: list[tuple[int, int]]) -> list[int]:
+    """qo_indptr of a batch of (context, new tokens)."""
+    out = [0]
+    for _, n in batch:
+        out.append(out[-1] + n)
+    return out
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, softcap: float, scale: float
+) -> torch.Tensor:
+    """Naive attention of the last len(q) positions over dense k, v [ctx, KVH, D], masked by transformers."""
+    n, ctx = q.shape[0], k.shape[0]
+    mask_fn = sliding_window_causal_mask_function(window) if window else causal_mask_function
+    mask = mask_fn(0, 0, torch.arange(ctx - n, ctx)[:, None], torch.arange(ctx)[None, :])
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(groups, 1), v.double().repeat_interleave(groups, 1)
+    s = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    p = torch.softmax(s.masked_fill(~mask, -math.inf), -1)
+    return torch.einsum("hqk,khd->qhd", p, v)
+
+
+def test_reference_window_and_softcap_match_dense_attention() -> None:
+    """The reference, on a mixed batch, against dense attention with transformers' sliding-window causal mask."""
+    page_size, g = 16, gen(30)
+    ctx_lens, qo_indptr = [c for c, _ in EXTEND_BATCH], indptr(EXTEND_BATCH)
+    tables = [[1 + 8 * b + p for p in range(-(-c // page_size))] for b, c in enumerate(ctx_lens)]
+    k_cache = randn(8 * len(ctx_lens) + 1, page_size, 2, 64, dtype=torch.float64, g=g)
+    v_cache = randn(*k_cache.shape, dtype=torch.float64, g=g)
+    q = randn(qo_indptr[-1], 6, 64, dtype=torch.float64, g=g)
+    for window, softcap in [(0, SOFTCAP), (1, 0.0), (5, SOFTCAP), (17, 0.0), (17, SOFTCAP), (200, 0.0)]:
+        ref = reference(q, k_cache, v_cache, tables, ctx_lens, qo_indptr, 0.125, window=window, softcap=softcap)
+        for b, (ctx, start, end) in enumerate(zip(ctx_lens, qo_indptr, qo_indptr[1:])):
+            k, v = k_cache[tables[b]].flatten(0, 1)[:ctx], v_cache[tables[b]].flatten(0, 1)[:ctx]
+            dense = dense_attention(q[start:end], k, v, window, softcap, 0.125)
+            assert rel_err(ref[start:end], dense) < 1e-12, (window, softcap, b)
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_paged_decode_attention_window_softcap(page_size: int) -> None:
+    """One split, three, and four: more than the in-window blocks of any context, so some are empty."""
+    heads, kv_heads, head_dim, scale = 4, 1, 64, 64**-0.5
+    k_cache, v_cache, tables, block_table = fill_pools(DECODE_CTX, page_size, kv_heads, head_dim, torch.float32, 40)
+    q = qkv_view_q(len(DECODE_CTX), heads, kv_heads, head_dim, torch.float32, 40)
+    for window, softcap, num_splits in WINDOW_CASES:
+        opts = {"window": window, "softcap": softcap}
+        ref = reference(q, k_cache, v_cache, tables, DECODE_CTX, list(range(len(DECODE_CTX) + 1)), scale, **opts)
+        out = paged_decode_attention(
+            q, k_cache, v_cache, block_table, int32(DECODE_CTX), scale, num_splits, block_n=16, **opts
+        )
+        assert rel_err(out, ref) < TOL[torch.float32], opts
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_extend_attention_window_softcap(page_size: int) -> None:
+    """Query blocks of 32 whose windows start mid-page and mid-block, over key blocks of 16."""
+    heads, kv_heads, head_dim, scale = 4, 2, 64, 64**-0.5
+    ctx_lens, qo_indptr = [c for c, _ in WINDOW_BATCH], indptr(WINDOW_BATCH)
+    k_cache, v_cache, tables, block_table = fill_pools(ctx_lens, page_size, kv_heads, head_dim, torch.float32, 50)
+    q = qkv_view_q(qo_indptr[-1], heads, kv_heads, head_dim, torch.float32, 50)
+    meta = (block_table, int32(ctx_lens), int32(qo_indptr), scale, max(n for _, n in WINDOW_BATCH))
+    for window, softcap, _ in WINDOW_CASES:
+        opts = {"window": window, "softcap": softcap}
+        out = extend_attention(q, k_cache, v_cache, *meta, block_m=32, block_n=16, **opts)
+        ref = reference(q, k_cache, v_cache, tables, ctx_lens, qo_indptr, scale, **opts)
+        assert rel_err(out, ref) < TOL[torch.float32], opts
+
+
+def test_window_softcap_fp16_over_fp8_pool() -> None:
+    """The soft cap folds k_scale in: fp16 queries over a scaled fp8 pool, window 16 (a whole page)."""
+    opts = {"window": 16, "softcap": SOFTCAP}
+    k_cache, v_cache, tables, block_table = fill_pools(DECODE_CTX, 16, 2, 64, torch.float16, 60, FP8, FP8_SCALES)
+    q = qkv_view_q(len(DECODE_CTX), 4, 2, 64, torch.float16, 60)
+    qo_indptr = list(range(len(DECODE_CTX) + 1))
+    ref = reference(q, k_cache, v_cache, tables, DECODE_CTX, qo_indptr, 0.125, FP8_SCALES, **opts)
+    lens_t, indptr_t = int32(DECODE_CTX), int32(qo_indptr)
+    out = paged_decode_attention(q, k_cache, v_cache, block_table, lens_t, 0.125, 3, *FP8_SCALES, block_n=16, **opts)
+    assert rel_err(out, ref) < TOL[torch.float16]
+    out = extend_attention(q, k_cache, v_cache, block_table, lens_t, indptr_t, 0.125, 1, *FP8_SCALES, **opts)
+    assert rel_err(out, ref) < TOL[torch.float16]
+
+
+def test_window_skips_pages_before_it() -> None:
+    """Pages wholly before every query's window are never read: NaN there leaves every output as it was."""
+    window, page_size = 20, 16
+    batch = [(100, 1), (70, 1), (90, 7), (64, 40)]
+    ctx_lens, qo_indptr = [c for c, _ in batch], indptr(batch)
+    k_cache, v_cache, tables, block_table = fill_pools(ctx_lens, page_size, 1, 64, torch.float32, 70)
+    q = qkv_view_q(qo_indptr[-1], 2, 1, 64, torch.float32, 70)
+    lens_t, indptr_t = int32(ctx_lens), int32(qo_indptr)
+
+    def run() -> list[torch.Tensor]:
+        return [
+            paged_decode_attention(
+                q[:2], k_cache, v_cache, block_table[:2], lens_t[:2], 0.125, 3, window=window, block_n=16
+            ),
+            extend_attention(
+                q, k_cache, v_cache, block_table, lens_t, indptr_t, 0.125, 40, window=window, block_m=16, block_n=16
+            ),
+            reference(q, k_cache, v_cache, tables, ctx_lens, qo_indptr, 0.125, window=window),
+        ]
+
+    before = run()
+    # Each sequence's first query sits at c - n; its window starts at c - n - window + 1.
+    outside = [p for t, (c, n) in zip(tables, batch) for p in t[: max(0, c - n - window + 1) // page_size]]
+    assert len(outside) == 5 + 3 + 4
+    k_cache[outside] = math.nan
+    v_cache[outside] = math.nan
+    for out, expected in zip(run(), before):
+        assert out.isfinite().all()
+        assert torch.equal(out, expected)
+
+
+def test_window_and_softcap_must_not_be_negative() -> None:
+    k_cache, v_cache = nan_pools(2, 16, 2, 64, torch.float32)
+    q = torch.zeros(1, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError):
+        paged_decode_attention(q, k_cache, v_cache, int32([[0]]), int32([1]), 0.125, 1, window=-1)
+    with pytest.raises(ValueError):
+        extend_attention(q, k_cache, v_cache, int32([[0]]), int32([1]), int32([0, 1]), 0.125, 1, softcap=-1.0)

@@ -14,12 +14,25 @@ class PagedAttention:
 
     ``heads`` views the flat q, k and v of a projection per head; the call takes them so (after any norm
     and rotary embedding) and returns the output flat, [tokens, heads * head_dim]. An fp8 KV cache holds
-    K / ``k_scale`` and V / ``v_scale`` (a checkpoint's calibrated scales, else 1).
+    K / ``k_scale`` and V / ``v_scale`` (a checkpoint's calibrated scales, else 1). Scores are q·k * ``scale``
+    (default head_dim**-0.5); ``window`` > 0 makes the layer's attention a sliding window of that many positions,
+    the query's own included, and ``softcap`` > 0 caps the scores at softcap * tanh(score / softcap).
     """
 
-    def __init__(self, layer: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self,
+        layer: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        scale: float | None = None,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> None:
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, num_heads, num_kv_heads, head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.window, self.softcap = window, softcap
         self.k_scale = self.v_scale = 1.0
 
     def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -32,4 +45,6 @@ class PagedAttention:
     ) -> torch.Tensor:
         k_cache, v_cache = kv.layer(self.layer)
         scales = (self.k_scale, self.v_scale) if k_cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
-        return ops.attend(q, k, v, k_cache, v_cache, batch, self.scale, *scales).flatten(1)
+        return ops.attend(
+            q, k, v, k_cache, v_cache, batch, self.scale, *scales, window=self.window, softcap=self.softcap
+        ).flatten(1)

@@ -93,11 +93,12 @@ def reference(
     ctx_lens: list[int],
     qo_indptr: list[int],
     kv_scales: tuple[float, float] = (1.0, 1.0),
+    **opts: float,
 ) -> torch.Tensor:
-    """The torch reference, in float32; it dequantizes an fp8 pool itself."""
+    """The torch reference, in float32; it dequantizes an fp8 pool itself. ``opts``: window and softcap."""
     if k_cache.dtype != FP8:
         k_cache, v_cache = k_cache.float(), v_cache.float()
-    return paged_attention_ref(q.float(), k_cache, v_cache, tables, ctx_lens, qo_indptr, SCALE, *kv_scales)
+    return paged_attention_ref(q.float(), k_cache, v_cache, tables, ctx_lens, qo_indptr, SCALE, *kv_scales, **opts)
 
 
 def test_store_kv_writes_exactly_its_slots() -> None:
@@ -164,22 +165,32 @@ def test_paged_decode_attention_fp8_pool(batch: int, num_splits: int) -> None:
     assert rel_err(out, ref) < TOL
 
 
-def extend_mixed_batch(pool_dtype: torch.dtype = DTYPE, scales: tuple[float, float] = (1.0, 1.0)) -> float:
-    """extend_attention's relative error on a mixed batch, over pools of ``pool_dtype`` holding K/V stored with ``scales``."""
-    # (context, new tokens): chunks of ~500 on prefixes of ~1000, decode rows, pure prefills
-    batch = [(1500, 500), (1537, 512), (1000, 1), (2000, 477), (700, 700), (4096, 1), (513, 513), (3000, 3)]
-    ctx_lens = [c for c, _ in batch]
-    qo_indptr = [0]
+# (context, new tokens): chunks of ~500 on prefixes of ~1000, decode rows, pure prefills
+MIXED_BATCH = [(1500, 500), (1537, 512), (1000, 1), (2000, 477), (700, 700), (4096, 1), (513, 513), (3000, 3)]
+
+
+def indptr(batch: list[tuple[int, int]]) -> list[int]:
+    """qo_indptr of a batch of (context, new tokens)."""
+    out = [0]
     for _, n in batch:
-        qo_indptr.append(qo_indptr[-1] + n)
+        out.append(out[-1] + n)
+    return out
+
+
+def extend_mixed_batch(
+    pool_dtype: torch.dtype = DTYPE, scales: tuple[float, float] = (1.0, 1.0), **opts: float
+) -> float:
+    """extend_attention's relative error on a mixed batch, over pools of ``pool_dtype`` holding K/V stored with
+    ``scales``; ``opts``: window and softcap."""
+    ctx_lens, qo_indptr = [c for c, _ in MIXED_BATCH], indptr(MIXED_BATCH)
     k_cache, v_cache, tables, block_table = fill_pools(ctx_lens, 1, pool_dtype=pool_dtype, scales=scales)
     q = randn(qo_indptr[-1], HEADS, HEAD_DIM, g=gen(1))
-    max_q_len = max(n for _, n in batch)
+    max_q_len = max(n for _, n in MIXED_BATCH)
     out = extend_attention(
-        q, k_cache, v_cache, block_table, int32(ctx_lens), int32(qo_indptr), SCALE, max_q_len, *scales
+        q, k_cache, v_cache, block_table, int32(ctx_lens), int32(qo_indptr), SCALE, max_q_len, *scales, **opts
     )
     assert out.shape == q.shape and out.dtype == DTYPE
-    return rel_err(out, reference(q, k_cache, v_cache, tables, ctx_lens, qo_indptr, scales))
+    return rel_err(out, reference(q, k_cache, v_cache, tables, ctx_lens, qo_indptr, scales, **opts))
 
 
 def test_extend_attention_mixed_batch() -> None:
@@ -216,3 +227,85 @@ def test_paged_decode_attention_replays_in_a_cuda_graph() -> None:
     q.copy_(randn(batch, HEADS, HEAD_DIM, g=gen(3)))
     graph.replay()
     assert rel_err(out, reference(q, k_cache, v_cache, tables[batch:], second, list(range(batch + 1)))) < TOL
+
+
+# (window, softcap): windows below, at and above the contexts, none a multiple of a page or of a key block;
+# Gemma 2's cap of 50 and one of 2 that bends N(0, 1) scores visibly.
+WINDOW_CASES = [(1000, 0.0), (0, 50.0), (4095, 2.0), (37, 2.0)]
+
+
+@pytest.mark.parametrize("window,softcap", WINDOW_CASES)
+@pytest.mark.parametrize("batch,num_splits", [(1, 16), (8, 4), (64, 1)])
+def test_paged_decode_attention_window_softcap(batch: int, num_splits: int, window: int, softcap: float) -> None:
+    rng = random.Random(batch * 100 + num_splits + 2)
+    ctx_lens = ([MAX_CONTEXT, 1] + [rng.randint(1, MAX_CONTEXT) for _ in range(batch - 2)])[:batch]
+    k_cache, v_cache, tables, block_table = fill_pools(ctx_lens, batch + num_splits + 2)
+    q = randn(batch, HEADS, HEAD_DIM, g=gen(batch + 2))
+    opts = {"window": window, "softcap": softcap}
+    out = paged_decode_attention(q, k_cache, v_cache, block_table, int32(ctx_lens), SCALE, num_splits, **opts)
+    ref = reference(q, k_cache, v_cache, tables, ctx_lens, list(range(batch + 1)), **opts)
+    assert rel_err(out, ref) < TOL
+
+
+@pytest.mark.parametrize("window,softcap", WINDOW_CASES)
+def test_extend_attention_window_softcap(window: int, softcap: float) -> None:
+    assert extend_mixed_batch(window=window, softcap=softcap) < TOL
+
+
+def test_extend_attention_window_softcap_fp8_pool() -> None:
+    assert extend_mixed_batch(FP8, FP8_SCALES, window=1000, softcap=50.0) < TOL
+
+
+def test_window_skips_pages_before_it() -> None:
+    """Pages wholly before every query's window are never read: NaN there leaves every output as it was."""
+    window = 1000
+    ctx_lens, qo_indptr = [c for c, _ in MIXED_BATCH], indptr(MIXED_BATCH)
+    k_cache, v_cache, tables, block_table = fill_pools(ctx_lens, 5)
+    q = randn(qo_indptr[-1], HEADS, HEAD_DIM, g=gen(5))
+    lens_t, indptr_t = int32(ctx_lens), int32(qo_indptr)
+    decode = [b for b, (_, n) in enumerate(MIXED_BATCH) if n == 1]
+    rows = [qo_indptr[b] for b in decode]
+
+    def run() -> list[torch.Tensor]:
+        return [
+            paged_decode_attention(
+                q[rows], k_cache, v_cache, block_table[decode], lens_t[decode], SCALE, 4, window=window
+            ),
+            extend_attention(q, k_cache, v_cache, block_table, lens_t, indptr_t, SCALE, 700, window=window),
+        ]
+
+    before = run()
+    # Each sequence's first query sits at c - n; its window starts at c - n - window + 1.
+    outside = [p for t, (c, n) in zip(tables, MIXED_BATCH) for p in t[: max(0, c - n - window + 1) // PAGE_SIZE]]
+    assert len(outside) > 300
+    k_cache[outside] = math.nan
+    v_cache[outside] = math.nan
+    for out, expected in zip(run(), before):
+        assert out.isfinite().all()
+        assert torch.equal(out, expected)
+
+
+def test_paged_decode_attention_window_replays_in_a_cuda_graph() -> None:
+    """A windowed, soft-capped decode captured once, replayed after seq_lens and block tables change in place."""
+    batch, opts = 8, {"window": 1000, "softcap": 50.0}
+    num_splits = choose_num_splits(batch, KV_HEADS, MAX_CONTEXT)
+    first, second = [100, 4096, 1, 2000, 17, 333, 1024, 3000], [4000, 5, 64, 2500, 1, 4096, 700, 129]
+    k_cache, v_cache, tables, block_table = fill_pools(first + second, 6)
+    q = randn(batch, HEADS, HEAD_DIM, g=gen(6))
+    seq_lens, table = int32(first), block_table[:batch].clone()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        paged_decode_attention(q, k_cache, v_cache, table, seq_lens, SCALE, num_splits, **opts)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, SCALE, num_splits, **opts)
+
+    graph.replay()
+    assert rel_err(out, reference(q, k_cache, v_cache, tables[:batch], first, list(range(batch + 1)), **opts)) < TOL
+    seq_lens.copy_(int32(second))
+    table.copy_(block_table[batch:])
+    graph.replay()
+    assert rel_err(out, reference(q, k_cache, v_cache, tables[batch:], second, list(range(batch + 1)), **opts)) < TOL

@@ -33,8 +33,7 @@ def _act_and_mul_kernel(x_ptr, out_ptr, n_cols, x_stride_t, out_stride_t, GELU: 
     gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_row + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     if GELU:  # 0.5 * (1 + tanh(u)) = sigmoid(2u), u = sqrt(2 / pi) * (g + 0.044715 g^3)
-        gate = gate * (1.5957691216057308 * (1.0 + 0.044715 * gate * gate))
-        act = (tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) / (1.0 + tl.exp(-gate)))
+        act = gate / (1.0 + tl.exp(-1.5957691216057308 * gate * (1.0 + 0.044715 * gate * gate)))
     else:
         act = gate / (1.0 + tl.exp(-gate))
     # The activation is rounded to x's dtype before the product, as in the reference.

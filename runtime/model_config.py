@@ -70,6 +70,8 @@ class ModelConfig:
         scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling and "original_max_position_embeddings" in raw:  # Phi-3 keeps it beside rope_scaling
             scaling = {"original_max_position_embeddings": raw["original_max_position_embeddings"], **scaling}
+        if scaling and scaling.get("type") == "su":  # Phi-3's first name for LongRoPE
+            scaling = {**scaling, "type": "longrope"}
         num_heads = raw["num_attention_heads"]
         return cls(
             architecture=arch,

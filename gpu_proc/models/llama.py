@@ -154,11 +154,14 @@ class LlamaForCausalLM(nn.Module):
         return weights
 
     def use_lora(self, weights: LoraWeights) -> None:
-        """Add the adapter deltas of ``weights`` to the projections; batches then need ``lora_rows``."""
+        """Add the adapter deltas of ``weights`` to the attention and dense MLP projections (not to experts);
+        batches then need ``lora_rows``."""
         for layer, projections in zip(self.layers, weights.layers):
-            for name, linear in layer.named_modules():
-                if isinstance(linear, Linear):
-                    linear.lora = projections[name.rsplit(".", 1)[-1]]
+            for owner in (layer.self_attn, layer.mlp):
+                for name, projection in projections.items():
+                    linear = getattr(owner, name, None)
+                    if isinstance(linear, Linear):
+                        linear.lora = projection
 
     def build_rope(self, max_positions: int, device: torch.device) -> None:
         """Precompute the rotary tables for positions below ``max_positions``."""

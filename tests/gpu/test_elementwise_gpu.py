@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 from tristream.kernels.activation import silu_and_mul, silu_and_mul_ref
 from tristream.kernels.norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
-from tristream.kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin, rope_inv_freq
+from tristream.kernels.rope import apply_rope, apply_rope_ref, rope_tables
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -46,8 +46,8 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator(device="cuda").manual_seed(seed)
 
 
-def rope_tables() -> tuple[torch.Tensor, torch.Tensor]:
-    cos, sin = rope_cos_sin(rope_inv_freq(HEAD_DIM, 500000.0, LLAMA3_SCALING), MAX_POS)
+def llama3_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = rope_tables(HEAD_DIM, 500000.0, LLAMA3_SCALING, MAX_POS)
     return cos.cuda(), sin.cuda()
 
 
@@ -97,7 +97,7 @@ def test_add_rms_norm(tokens: int) -> None:
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_apply_rope(tokens: int) -> None:
     g = gen(tokens + 3)
-    cos, sin = rope_tables()
+    cos, sin = llama3_tables()
     qkv, q, k = fused_qkv(tokens, g)
     v_before = qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :].clone()
     positions = torch.randint(0, MAX_POS, (tokens,), device="cuda", generator=g)
@@ -106,6 +106,26 @@ def test_apply_rope(tokens: int) -> None:
     assert rel_err(q, ref_q) < TOL
     assert rel_err(k, ref_k) < TOL
     assert torch.equal(qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :], v_before)
+
+
+# (rotary dim, interleaved): GLM-4's interleaved half, ERNIE 4.5's interleaved whole head, a partial rotate-half.
+ROPE_VARIANTS = [(64, True), (HEAD_DIM, True), (96, False)]
+
+
+@pytest.mark.parametrize("rotary_dim,interleaved", ROPE_VARIANTS)
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_apply_rope_variants(tokens: int, rotary_dim: int, interleaved: bool) -> None:
+    g = gen(tokens + rotary_dim)
+    cos, sin = (t.cuda() for t in rope_tables(rotary_dim, 10000.0, None, MAX_POS))
+    qkv, q, k = fused_qkv(tokens, g)
+    before = qkv.clone()
+    positions = torch.randint(0, MAX_POS, (tokens,), device="cuda", generator=g)
+    ref_q, ref_k = apply_rope_ref(q.clone(), k.clone(), positions, cos, sin, interleaved)
+    apply_rope(q, k, positions, cos, sin, interleaved)
+    assert rel_err(q, ref_q) < TOL
+    assert rel_err(k, ref_k) < TOL
+    assert torch.equal(q[..., rotary_dim:], ref_q[..., rotary_dim:])
+    assert torch.equal(qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :], before[:, (HEADS + KV_HEADS) * HEAD_DIM :])
 
 
 @pytest.mark.parametrize("tokens", TOKENS)
@@ -118,7 +138,7 @@ def test_kernels_replay_in_a_cuda_graph() -> None:
     """Captured once, a graph of all four kernels follows new values copied into its inputs."""
     tokens = 64
     g = gen(5)
-    cos, sin = rope_tables()
+    cos, sin = llama3_tables()
     x, residual = randn(tokens, HIDDEN, g=g), randn(tokens, HIDDEN, g=g)
     weight = randn(HIDDEN, g=g, scale=0.1) + 1
     qkv, q, k = fused_qkv(tokens, g)

@@ -3,7 +3,8 @@
 Runs through AsyncEngine (three processes, CUDA graphs, Triton kernels), bf16:
 batch sizes x input lengths with a fixed output length, then one long prefill.
 Decode is compared with its bandwidth roofline (weights + KV read per step over
-the measured copy bandwidth), prefill with the measured bf16 matmul rate (fp8's
+the measured copy bandwidth; for a mixture of experts, the experts a step's tokens
+touch on average under uniform routing), prefill with the measured bf16 matmul rate (fp8's
 for fp8 weights).
 
 ``--quantization`` and ``--kv-cache-dtype`` take several values: each pair runs as an
@@ -45,6 +46,9 @@ from ceilings import copy_bandwidth, fp8_matmul_rate, matmul_rate  # noqa: E402
 from report import git_info, model_summary, now  # noqa: E402
 
 from tristream import AsyncEngine, SamplingParams  # noqa: E402
+from tristream.gpu_proc.layers.moe import Experts  # noqa: E402
+from tristream.gpu_proc.models import model_class  # noqa: E402
+from tristream.gpu_proc.parallel import TensorParallel  # noqa: E402
 from tristream.model_config import ModelConfig  # noqa: E402
 from tristream.sharding import shard_model  # noqa: E402
 
@@ -55,20 +59,36 @@ WEIGHT_BYTES = {"none": 2.0, "fp8": 1.0, "awq": 0.5 + 4 / 128, "gptq": 0.5 + 4 /
 
 
 def model_sizes(mc: ModelConfig) -> dict:
-    """Parameter counts and bytes per step of a decoder."""
-    attn = (
-        mc.hidden_size * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
-        + mc.num_heads * mc.head_dim * mc.hidden_size
-    )
-    mlp = 3 * mc.hidden_size * mc.intermediate_size
-    layers = mc.num_layers * (attn + mlp + 2 * mc.hidden_size)
+    """Parameter counts and bytes per step of a decoder, counted on the model built without memory. A
+    mixture-of-experts model's experts count apart: ``expert_params`` of one expert in one sparse layer."""
+    whole = shard_model(mc, 1, 0)
+    with torch.device("meta"):
+        model = model_class(mc.architecture)(mc, whole, TensorParallel(whole, torch.device("meta"), None))
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    expert_total = sum(p.numel() for m in experts for p in m.parameters())
     head = mc.vocab_size * mc.hidden_size
     return {
-        "layer_params": layers,
+        "layer_params": sum(p.numel() for p in model.layers.parameters()) - expert_total,
+        "sparse_layers": len(experts),
+        "expert_params": expert_total // max(1, len(experts) * mc.num_experts),
         "lm_head_params": head,
         "embed_params": head,
         "kv_bytes_per_token": 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2,
     }
+
+
+def decode_params(mc: ModelConfig, sizes: dict, batch: int) -> float:
+    """The decoder parameters a decode step of ``batch`` tokens reads: every dense one, and in each sparse layer
+    the experts its tokens chose, as many as ``batch`` uniform top-k choices touch on average."""
+    if not sizes["sparse_layers"]:
+        return sizes["layer_params"]
+    touched = mc.num_experts * (1 - (1 - mc.num_experts_per_tok / mc.num_experts) ** batch)
+    return sizes["layer_params"] + sizes["sparse_layers"] * touched * sizes["expert_params"]
+
+
+def active_params(mc: ModelConfig, sizes: dict) -> int:
+    """The decoder parameters that multiply each token: the dense ones and its top-k experts."""
+    return sizes["layer_params"] + sizes["sparse_layers"] * mc.num_experts_per_tok * sizes["expert_params"]
 
 
 async def run_batch(
@@ -146,7 +166,7 @@ async def run_engine(
             for batch in args.batch_sizes:
                 r = await run_batch(engine, batch, input_len, args.output_len, mc.vocab_size, seed=batch + input_len)
                 ctx = input_len + args.output_len / 2
-                weights = WEIGHT_BYTES[quant] * sizes["layer_params"] + 2 * sizes["lm_head_params"]
+                weights = WEIGHT_BYTES[quant] * decode_params(mc, sizes, batch) + 2 * sizes["lm_head_params"]
                 step_bytes = weights + batch * ctx * kv_bytes
                 r.update(variant)
                 r["decode_bytes_per_step"] = step_bytes
@@ -157,7 +177,7 @@ async def run_engine(
         pre = await run_batch(engine, 1, args.prefill_len, 1, mc.vocab_size, seed=7)
     n = args.prefill_len
     prefill_flops = (
-        2 * sizes["layer_params"] * n
+        2 * active_params(mc, sizes) * n
         + 2 * sizes["lm_head_params"]
         + 2 * mc.num_layers * mc.num_heads * mc.head_dim * n * n
     )

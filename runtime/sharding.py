@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from tristream.gpu_proc.models import single_rank
 from tristream.model_config import ModelConfig
 
 
@@ -62,6 +63,8 @@ def shard_model(mc: ModelConfig, size: int, rank: int) -> Shard:
     """The shard of ``rank`` out of ``size``; a ValueError says why a model cannot split that way."""
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"tensor_parallel_size must be an int >= 1, got {size!r}")
+    if size > 1 and mc.architecture in single_rank():
+        raise ValueError(f"{mc.architecture} cannot be split over ranks: use tensor_parallel_size=1")
     heads, kv = mc.num_heads, mc.num_kv_heads
     if size > heads:
         raise ValueError(f"tensor_parallel_size={size} is more than the model's {heads} attention heads")

@@ -152,6 +152,17 @@ def test_dummy_weights_need_only_a_config(tmp_path):
     assert logits[0].std() > 0
 
 
+def test_a_family_that_cannot_split_refuses_tensor_parallelism_before_any_process(tmp_path):
+    from tristream.model_config import ModelConfig
+    from tristream.sharding import shard_model
+
+    _, path = make_model(tmp_path, "olmo2")
+    mc = ModelConfig.load(path)
+    assert shard_model(mc, 1, 0).q_heads == range(4)
+    with pytest.raises(ValueError, match="Olmo2ForCausalLM cannot be split over ranks"):
+        shard_model(mc, 2, 0)
+
+
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):

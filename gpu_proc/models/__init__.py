@@ -1,5 +1,6 @@
 """The model families, one module each. A family registers its model classes under their Hugging Face
-``architectures`` names with ``@register("SomeForCausalLM", ...)`` (string literals).
+``architectures`` names with ``@register("SomeForCausalLM", ...)`` (string literals), and with
+``tensor_parallel=False`` where the model cannot be split over ranks.
 
 Which architectures there are is read from those decorators without importing the modules, so that the
 user's process can check a model without loading torch; ``model_class`` imports the family it needs.
@@ -16,8 +17,9 @@ import pkgutil
 _MODELS: dict[str, type] = {}
 
 
-def register(*names: str):
-    """Class decorator: build the model of each architecture in ``names`` with this class."""
+def register(*names: str, tensor_parallel: bool = True):
+    """Class decorator: build the model of each architecture in ``names`` with this class; ``tensor_parallel``
+    False says it runs on one rank only (read by ``single_rank``, not here)."""
 
     def add(cls: type) -> type:
         for name in names:
@@ -27,26 +29,38 @@ def register(*names: str):
     return add
 
 
-def _registered(path: pathlib.Path) -> list[str]:
-    """The architecture names of the ``@register`` decorators in the module at ``path``."""
+def _decorators(path: pathlib.Path) -> list[ast.Call]:
+    """The ``@register(...)`` calls in the module at ``path``."""
     return [
-        arg.value
+        decorator
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.ClassDef)
         for decorator in node.decorator_list
         if isinstance(decorator, ast.Call) and getattr(decorator.func, "id", None) == "register"
-        for arg in decorator.args
     ]
+
+
+@functools.cache
+def _families() -> dict[str, list[ast.Call]]:
+    folder = pathlib.Path(__path__[0])
+    return {module.name: _decorators(folder / f"{module.name}.py") for module in pkgutil.iter_modules(__path__)}
 
 
 @functools.cache
 def architectures() -> dict[str, str]:
     """Every supported architecture name and the module of its family."""
-    folder = pathlib.Path(__path__[0])
+    return {arg.value: module for module, calls in _families().items() for call in calls for arg in call.args}
+
+
+@functools.cache
+def single_rank() -> set[str]:
+    """The architectures registered with ``tensor_parallel=False``."""
     return {
-        name: module.name
-        for module in pkgutil.iter_modules(__path__)
-        for name in _registered(folder / f"{module.name}.py")
+        arg.value
+        for calls in _families().values()
+        for call in calls
+        if any(k.arg == "tensor_parallel" and k.value.value is False for k in call.keywords)
+        for arg in call.args
     }
 
 

@@ -18,7 +18,6 @@ from tristream.gpu_proc.models import register
 from tristream.gpu_proc.models.llama import Attention, LlamaForCausalLM
 from tristream.gpu_proc.parallel import TensorParallel
 from tristream.model_config import ModelConfig
-from tristream.sharding import Shard
 
 
 class Olmo2Attention(Attention):
@@ -50,12 +49,7 @@ class PostNormDecoderLayer(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(x, batch)), None
 
 
-@register("Olmo2ForCausalLM")
+@register("Olmo2ForCausalLM", tensor_parallel=False)
 class Olmo2ForCausalLM(LlamaForCausalLM):
-    def __init__(self, mc: ModelConfig, shard: Shard, tp: TensorParallel) -> None:
-        if shard.size > 1:
-            raise ValueError("OLMo 2 runs with tensor_parallel_size=1: its q/k norms span every head")
-        super().__init__(mc, shard, tp)
-
     def make_layer(self, mc: ModelConfig, layer: int, tp: TensorParallel) -> nn.Module:
         return PostNormDecoderLayer(mc, Olmo2Attention(mc, layer, tp), self.make_mlp(mc, layer, tp))

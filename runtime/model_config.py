@@ -17,6 +17,8 @@ class ModelConfig:
     ``quantization_config`` and its ``quantization`` argument (``tristream.quantization.quant_spec``).
     A mixture-of-experts model routes each token to ``num_experts_per_tok`` of its ``num_experts`` experts, each
     an MLP of ``moe_intermediate_size``; a shared expert (``shared_expert_intermediate_size``) sees every token.
+    ``num_kv_heads`` and ``head_dim`` shape the KV cache: under multi-head latent attention (DeepSeek-V2/V3) it
+    holds every head's whole K and V, so there are ``num_heads`` of them, as wide as ``_cache_heads`` says.
     ``hf`` is the whole ``config.json``, for the fields only one family reads.
     """
 
@@ -80,8 +82,7 @@ class ModelConfig:
             intermediate_size=raw["intermediate_size"],
             num_layers=raw["num_hidden_layers"],
             num_heads=num_heads,
-            num_kv_heads=raw.get("num_key_value_heads") or num_heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
+            **_cache_heads(raw),
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             rope_scaling=scaling,
@@ -108,17 +109,37 @@ def _architecture(raw: dict) -> str:
 
 def _experts(raw: dict) -> dict[str, int]:
     """The mixture-of-experts shapes of ``raw`` under the names each family gives them (none for a dense model)."""
-    experts = raw.get("num_experts") or raw.get("num_local_experts") or raw.get("moe_num_experts") or 0
+    experts = (
+        raw.get("num_experts")
+        or raw.get("num_local_experts")
+        or raw.get("moe_num_experts")
+        or raw.get("n_routed_experts")
+    )
     if not experts:
         return {}
     size = raw.get("moe_intermediate_size") or raw["intermediate_size"]
-    shared = raw.get("shared_expert_intermediate_size") or size * raw.get("moe_num_shared_experts", 0)
+    shared_experts = raw.get("moe_num_shared_experts") or raw.get("n_shared_experts") or 0
+    shared = raw.get("shared_expert_intermediate_size") or size * shared_experts
     return dict(
         num_experts=experts,
         num_experts_per_tok=raw.get("num_experts_per_tok") or raw.get("moe_k") or 2,
         moe_intermediate_size=size,
         shared_expert_intermediate_size=shared,
     )
+
+
+def _cache_heads(raw: dict) -> dict[str, int]:
+    """``num_kv_heads`` and ``head_dim`` of the KV cache. Under multi-head latent attention (``kv_lora_rank`` set)
+    it holds every query head's K and V, zero-padded to one width: the next power of two (at least 16) that holds
+    both the q/k head (``qk_nope_head_dim + qk_rope_head_dim``) and ``v_head_dim``, as the attention kernels need."""
+    heads = raw["num_attention_heads"]
+    if raw.get("kv_lora_rank") is None:
+        return dict(
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+        )
+    width = max(raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"], raw["v_head_dim"], 16)
+    return dict(num_kv_heads=heads, head_dim=1 << (width - 1).bit_length())
 
 
 def _eos_ids(model_dir: str, raw: dict) -> list[int]:

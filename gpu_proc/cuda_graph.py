@@ -30,7 +30,7 @@ class CudaGraphRunner:
     """
 
     def __init__(
-        self, model: nn.Module, kv: KVCache, max_batch: int, max_pages: int, max_model_len: int, max_loras: int
+        self, model: nn.Module, kv: KVCache, max_batch: int, max_pages: int, attention_span: int, max_loras: int
     ) -> None:
         device = kv.pool.device
         self.sizes = capture_sizes(max_batch)
@@ -59,7 +59,7 @@ class CudaGraphRunner:
                     self.logit_rows[:size],
                     1,
                     True,
-                    choose_num_splits(size, mc.num_kv_heads, max_model_len),
+                    choose_num_splits(size, mc.num_kv_heads, attention_span),
                     self.lora_rows[:size] if lora else None,
                     self.lora_indptr if lora else None,
                     size,

@@ -125,11 +125,13 @@ class ModelRunner:
         self.kv = allocate_kv_cache(
             config, mc, self.kv_dtype, self.device, self.tp.min(kv_cache_pages(config, mc, self.kv_dtype, budget))
         )
+        # Decode splits each query's keys over this many positions at most (a sliding window's, if every layer has one).
+        self.attention_span = mc.attention_span(config.max_model_len)
         max_pages = -(-config.max_model_len // config.page_size)
         self.slots = SlotState(config.max_num_seqs, max_pages, config.page_size, self.device)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CudaGraphRunner(
-                self.model, self.kv, config.max_num_seqs, max_pages, config.max_model_len, config.lora_slots
+                self.model, self.kv, config.max_num_seqs, max_pages, self.attention_span, config.lora_slots
             )
 
     @torch.inference_mode()
@@ -172,7 +174,7 @@ class ModelRunner:
             queued.slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
             queued.seqs = [self.slots.seqs[slot] for slot in queued.slots]
             batch, queued.slots_on_device, queued.prompt_targets = self.slots.batch(
-                plan, queued.slots, self.model_config.num_kv_heads, self.config.max_model_len, self.config.lora_slots
+                plan, queued.slots, self.model_config.num_kv_heads, self.attention_span, self.config.lora_slots
             )
             if self.graphs is not None and batch.decode:
                 queued.logits = self.graphs.run(batch)

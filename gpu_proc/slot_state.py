@@ -110,7 +110,7 @@ class SlotState:
         return rows
 
     def batch(
-        self, plan: BatchPlan, sample_slots: list[int], num_kv_heads: int, max_model_len: int, num_loras: int
+        self, plan: BatchPlan, sample_slots: list[int], num_kv_heads: int, attention_span: int, num_loras: int
     ) -> tuple[ForwardBatch, torch.Tensor, list[tuple[int, list[int]]]]:
         """The step's batch, ``sample_slots`` (the slots that sample) on the device, and ``StepRows.prompt_targets``.
 
@@ -149,7 +149,7 @@ class SlotState:
             logit_rows=t["logit_rows"],
             max_q_len=max_q_len,
             decode=max_q_len == 1 and not rows.prompt_rows,
-            num_splits=choose_num_splits(len(rows.seq_lens), num_kv_heads, max_model_len),
+            num_splits=choose_num_splits(len(rows.seq_lens), num_kv_heads, attention_span),
             lora_rows=t["lora_rows"].int() if lora_rows else None,
             lora_indptr=t["lora_indptr"].int() if lora_rows else None,
             lora_max_rows=max(map(len, groups), default=0),

@@ -57,6 +57,12 @@ class ModelConfig:
             return size if types[layer] == "sliding_attention" else 0
         return 0 if self.hf.get("use_sliding_window") is False else size
 
+    def attention_span(self, max_len: int) -> int:
+        """The most positions one query attends to in sequences of up to ``max_len`` tokens: the widest
+        layer's window, or ``max_len`` where a layer attends to the whole context."""
+        windows = [self.sliding_window(layer) for layer in range(self.num_layers)]
+        return max_len if 0 in windows else min(max_len, max(windows))
+
     @classmethod
     def load(cls, model_dir: str) -> ModelConfig:
         """Read ``config.json`` (and ``generation_config.json`` for EOS ids)."""

@@ -39,3 +39,25 @@ def _median_seconds(fn, repeats: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def graph_seconds(fn, calls: list[tuple], repeats: int) -> float:
+    """Seconds per call, from one CUDA graph of ``repeats`` rounds over ``calls``' arguments, replayed."""
+    for args in calls:
+        fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            for args in calls:
+                fn(*args)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / (repeats * len(calls)))
+    return sorted(times)[len(times) // 2]

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from ceilings import copy_bandwidth, matmul_rate  # noqa: E402
+from ceilings import copy_bandwidth, graph_seconds, matmul_rate  # noqa: E402
 from report import git_info, now  # noqa: E402
 
 from tristream.kernels.moe import MoEConfig, choose_config, fused_moe, fused_moe_ref  # noqa: E402
@@ -75,28 +75,6 @@ def grouped_mm_moe(
     return torch.empty_like(y).index_copy_(0, order, y).view(t, k, -1).sum(1)
 
 
-def graph_seconds(fn, calls: list[tuple], repeats: int = 10) -> float:
-    """Seconds per call, from one CUDA graph of ``repeats`` rounds over ``calls``' arguments, replayed."""
-    for args in calls:
-        fn(*args)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            for args in calls:
-                fn(*args)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / (repeats * len(calls)))
-    return sorted(times)[len(times) // 2]
-
-
 def eager_seconds(fn, calls: list[tuple], repeats: int = 5) -> float:
     """Seconds per call run eagerly, host time included, the median of ``repeats`` rounds over ``calls``."""
     for args in calls:
@@ -130,7 +108,7 @@ def measure(shape: str, t: int, w13: torch.Tensor, w2: torch.Tensor, bandwidth: 
     """One row: each kernel's seconds and roofline fraction at T = ``t``, and fused's speedups."""
     e, k, h, i = SHAPES[shape]
     calls = [(x, w13, w2, weights, ids) for x, weights, ids in routings(t, e, k, h, w13.device)]
-    seconds = {"fused": graph_seconds(fused_moe, calls), "expert_loop": eager_seconds(fused_moe_ref, calls)}
+    seconds = {"fused": graph_seconds(fused_moe, calls, repeats=10), "expert_loop": eager_seconds(fused_moe_ref, calls)}
     if grouped_mm_runs(w13.device):
         w13_t, w2_t = w13.transpose(1, 2), w2.transpose(1, 2)
         seconds["grouped_mm"] = graph_seconds(

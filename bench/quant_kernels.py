@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from ceilings import copy_bandwidth, fp8_matmul_rate, matmul_rate  # noqa: E402
+from ceilings import copy_bandwidth, fp8_matmul_rate, graph_seconds, matmul_rate  # noqa: E402
 from report import git_info, now  # noqa: E402
 
 from tristream.gpu_proc import ops  # noqa: E402
@@ -56,28 +56,6 @@ def kernels(n: int, k: int, device: torch.device) -> dict[str, tuple[list, calla
     }
 
 
-def graph_seconds(fn, x: torch.Tensor, weight_sets: list, repeats: int = 20) -> float:
-    """Seconds per call, from one CUDA graph of ``repeats`` calls per weight set, replayed."""
-    for w in weight_sets:
-        fn(x, w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            for w in weight_sets:
-                fn(x, w)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / (repeats * len(weight_sets)))
-    return sorted(times)[len(times) // 2]
-
-
 def gemv_sweep(shapes: list[str], bandwidth: float) -> list[dict]:
     """Each one-row kernel config's time at each shape, as a share of its bandwidth roofline."""
     device, rows = torch.device("cuda"), []
@@ -98,7 +76,10 @@ def gemv_sweep(shapes: list[str], bandwidth: float) -> list[dict]:
         for name, configs in grids.items():
             weight_sets, _, per_weight = table[name]
             call = calls[name]
-            times = [(graph_seconds(lambda x, w, c=c, f=call: f(x, w, c), x, weight_sets), c) for c in configs]
+            times = [
+                (graph_seconds(lambda x, w, c=c, f=call: f(x, w, c), [(x, w) for w in weight_sets], 20), c)
+                for c in configs
+            ]
             for seconds, c in times:
                 rows.append({"n": n, "k": k, "kernel": name, "config": c._asdict(), "seconds": seconds,
                              "roofline_fraction": n * k * per_weight / bandwidth / seconds})  # fmt: skip
@@ -121,7 +102,7 @@ def main(args: argparse.Namespace) -> dict:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             base = None
             for name, (weight_sets, fn, per_weight) in table.items():
-                seconds = graph_seconds(fn, x, weight_sets)
+                seconds = graph_seconds(fn, [(x, w) for w in weight_sets], 20)
                 base = base or seconds
                 rate = fp8_rate if name.startswith("fp8") else bf16_rate
                 floor = max(n * k * per_weight / bandwidth, 2 * m * n * k / rate)

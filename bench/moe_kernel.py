@@ -112,7 +112,7 @@ def measure(shape: str, t: int, w13: torch.Tensor, w2: torch.Tensor, bandwidth: 
     if grouped_mm_runs(w13.device):
         w13_t, w2_t = w13.transpose(1, 2), w2.transpose(1, 2)
         seconds["grouped_mm"] = graph_seconds(
-            grouped_mm_moe, [(x, w13_t, w2_t, weights, ids) for x, _, _, weights, ids in calls]
+            grouped_mm_moe, [(x, w13_t, w2_t, weights, ids) for x, _, _, weights, ids in calls], repeats=10
         )
     chosen = sum(len(ids.unique()) for *_, ids in calls) / len(calls)
     expert_bytes = chosen * 3 * h * i * w13.element_size()

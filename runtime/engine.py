@@ -171,7 +171,11 @@ class AsyncEngine:
         }
         self._reader = loop.create_task(self._read_loop())
         ranks = [(gpu_process_name(rank), f"gpu{rank}", "gpu", (rank,)) for rank in range(config.tensor_parallel_size)]
-        for name, title, kind, args in [*ranks, *((kind, kind, kind, ()) for kind in ("tokenizer", "scheduler"))]:
+        others = [
+            ("tokenizer", "tokenizer", "tokenizer", ()),
+            ("scheduler", "scheduler", "scheduler", (mc.kv_window(),)),
+        ]
+        for name, title, kind, args in [*ranks, *others]:
             proc = processes.spawn(name, f"tristream.{kind}_proc.main", ipc, self.child_config, *args, title=title)
             self._procs[name] = proc
             loop.add_reader(proc.sentinel, self._on_exit, name)

@@ -57,11 +57,15 @@ class ModelConfig:
             return size if types[layer] == "sliding_attention" else 0
         return 0 if self.hf.get("use_sliding_window") is False else size
 
-    def attention_span(self, max_len: int) -> int:
-        """The most positions one query attends to in sequences of up to ``max_len`` tokens: the widest
-        layer's window, or ``max_len`` where a layer attends to the whole context."""
+    def kv_window(self) -> int:
+        """How far back any layer's attention reads: the largest sliding window, or 0 where a layer sees its
+        whole context. Pages wholly before it are never read again."""
         windows = [self.sliding_window(layer) for layer in range(self.num_layers)]
-        return max_len if 0 in windows else min(max_len, max(windows))
+        return 0 if 0 in windows else max(windows)
+
+    def attention_span(self, max_len: int) -> int:
+        """The most positions one query attends to in sequences of up to ``max_len`` tokens."""
+        return min(max_len, self.kv_window() or max_len)
 
     @classmethod
     def load(cls, model_dir: str) -> ModelConfig:

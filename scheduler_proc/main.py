@@ -26,8 +26,9 @@ from tristream.protocol import (
 from tristream.scheduler_proc.scheduler import Scheduler
 
 
-def run(ipc: Ipc, config: EngineConfig) -> None:
-    """Process entry point: plans go out while up to one step (two, pipelined) is in flight."""
+def run(ipc: Ipc, config: EngineConfig, window: int = 0) -> None:
+    """Process entry point: plans go out while up to one step (two, pipelined) is in flight. ``window`` is
+    the largest sliding window of a model whose every layer has one, or 0."""
     ctx = zmq.Context()
     inbox = bind_inbox(ctx, ipc.scheduler)
     to_gpus = [connect_outbox(ctx, address) for address in ipc.gpu]
@@ -45,7 +46,7 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
         if isinstance(ready, Shutdown):
             return to_every_gpu(ready)
         ready = recv(inbox)
-    scheduler = Scheduler(config, ready.num_pages)
+    scheduler = Scheduler(config, ready.num_pages, window)
     plans = PlanEncoder()
     send(to_user, SchedulerReady())
     depth = 2 if config.pipelined else 1

@@ -16,6 +16,10 @@ class Request:
     cache owns the rest, held for it by a lock on ``cache_node`` (KVPages changes
     all three). ``num_pending`` tokens are being sampled in steps still in flight;
     the steps planned meanwhile count them as known (``num_planned``).
+
+    Under sliding-window attention the entries of ``pages`` before ``window_page``
+    lie wholly before the window of every query still to come: those it owned
+    were freed and are 0 there (KVPages.drop_out_of_window).
     """
 
     spec: TokenizedRequest
@@ -24,6 +28,7 @@ class Request:
     pages: list[int] = field(default_factory=list)
     own_pages: set[int] = field(default_factory=set)
     cache_node: Node | None = None
+    window_page: int = 0
     num_computed: int = 0
     num_pending: int = 0
     num_cached_tokens: int | None = None

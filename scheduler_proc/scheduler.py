@@ -52,12 +52,15 @@ class Scheduler:
     request that ends in a step may still be in the step after; the token it samples
     there is dropped. A step's sampled tokens are matched to its requests by slot, whatever
     order the plan's rows travel in.
+
+    With a sliding window on every layer (``window``: the largest), each step first frees the
+    pages of running requests that no query still to come can read (``KVPages.drop_out_of_window``).
     """
 
-    def __init__(self, config: EngineConfig, num_pages: int) -> None:
+    def __init__(self, config: EngineConfig, num_pages: int, window: int = 0) -> None:
         self.config = config
         self.page_size = config.page_size
-        self.kv = KVPages(num_pages, self.page_size, config.enable_prefix_caching)
+        self.kv = KVPages(num_pages, self.page_size, config.enable_prefix_caching, window)
         self.capacity = (num_pages - 1) * self.page_size
         self.max_len = min(config.max_model_len, self.capacity)
         self.waiting: deque[Request] = deque()
@@ -140,6 +143,7 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _run(self, req: Request, n: int, plan: BatchPlan, step: StepInFlight) -> None:
+        assert req.window_page <= self.kv.window_page(req.num_computed), "a query's window reaches a dropped page"
         plan.slots.append(req.slot)
         plan.num_tokens.append(n)
         req.num_computed += n
@@ -159,8 +163,22 @@ class Scheduler:
         return (max_tokens is not None and outputs >= max_tokens) or req.num_planned >= self.max_len
 
     def _fork_source(self, req: Request) -> Request | None:
-        """The running sample whose prompt KV ``req`` copies, or None to start on its own."""
-        return self.by_id.get(req.spec.fork_of) if req.spec.fork_of and not req.output_token_ids else None
+        """The running sample whose prompt KV ``req`` copies, or None to start on its own (also when that
+        one has dropped pages that the window of ``req``'s last prompt token reads)."""
+        leader = self.by_id.get(req.spec.fork_of) if req.spec.fork_of and not req.output_token_ids else None
+        if leader is not None and leader.window_page > self.kv.window_page(req.num_tokens - 1):
+            return None
+        return leader
+
+    def _drop_out_of_window(self) -> None:
+        """Free the running requests' pages that no query still to come can read. A request whose samples
+        wait to copy its prompt keeps the pages that its last prompt token's window reads."""
+        forked = {r.spec.fork_of for r in self.waiting if r.spec.fork_of and not r.output_token_ids}
+        for req in self.running:
+            query = req.num_computed
+            if req.request_id in forked:
+                query = min(query, len(req.spec.prompt_token_ids) - 1)
+            self.kv.drop_out_of_window(req, query)
 
     def _admit(self, req: Request, budget: int, plan: BatchPlan, step: StepInFlight, leader: Request | None) -> int:
         """Start ``req`` from its longest cached prefix, or from a copy of ``leader``'s prompt KV;
@@ -172,8 +190,10 @@ class Scheduler:
         if new is None:
             self.kv.release(req)
             return 0
+        self.kv.drop_out_of_window(req, start)
         if leader is not None:
-            plan.copies.extend(zip(leader.pages[hit // self.page_size : -(-start // self.page_size)], new))
+            copied = range(hit // self.page_size, -(-start // self.page_size))
+            plan.copies.extend((leader.pages[j], req.pages[j]) for j in copied if req.pages[j])
         req.slot = self.free_slots.pop()
         req.num_computed = start
         if req.num_cached_tokens is None:
@@ -213,6 +233,8 @@ class Scheduler:
         step = StepInFlight(self.step_id)
         budget = self.config.max_num_batched_tokens
         preempted = False
+        if self.kv.window:
+            self._drop_out_of_window()
         # Samples may fork only prompts whose KV was computed before this step.
         forkable = (
             {r.request_id for r in self.running if r.num_computed >= len(r.spec.prompt_token_ids)}

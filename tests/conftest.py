@@ -161,6 +161,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def wait_gone(pids, timeout: float = 10.0) -> list[int]:
+    """Wait up to ``timeout`` s for the processes ``pids`` to end; those still alive then."""
+    pids = list(pids)
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
 @pytest.fixture(scope="session")
 def alive():
     """``alive(pid)``: True while the process runs (a zombie counts as gone)."""

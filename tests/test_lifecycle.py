@@ -11,17 +11,8 @@ import time
 
 import pytest
 
+from tests.conftest import wait_gone  # pytest has imported the conftest under this name
 from tristream import LLM, AsyncEngine, EngineDeadError, SamplingParams
-
-
-def wait_gone(alive, pids, timeout: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        left = [p for p in pids if alive(p)]
-        if not left:
-            return []
-        time.sleep(0.1)
-    return [p for p in pids if alive(p)]
 
 
 async def test_unknown_model_path_fails_at_start_with_the_path():
@@ -38,15 +29,15 @@ def test_unknown_engine_argument_is_rejected():
         AsyncEngine(page_size=0)
 
 
-async def test_error_in_a_child_during_start_reaches_the_caller(alive):
+async def test_error_in_a_child_during_start_reaches_the_caller():
     engine = AsyncEngine(kv_cache_bytes=1000, log_level="ERROR")
     with pytest.raises(RuntimeError) as info:
         await engine.start()
     assert "gpu process failed" in str(info.value) and "less than one page" in str(info.value)
-    assert wait_gone(alive, engine.child_pids.values()) == []
+    assert wait_gone(engine.child_pids.values()) == []
 
 
-async def test_a_dead_child_fails_pending_requests_and_the_engine(alive):
+async def test_a_dead_child_fails_pending_requests_and_the_engine():
     engine = AsyncEngine(max_model_len=512, log_level="ERROR")
     await engine.start()
     params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
@@ -72,7 +63,7 @@ async def test_a_dead_child_fails_pending_requests_and_the_engine(alive):
         async for _ in engine.generate("Hello", params):
             pass
     await engine.close()
-    assert wait_gone(alive, engine.child_pids.values()) == []
+    assert wait_gone(engine.child_pids.values()) == []
 
 
 def test_llm_context_leaves_no_child_alive(alive):
@@ -81,7 +72,7 @@ def test_llm_context_leaves_no_child_alive(alive):
         assert len(pids) == 3 and all(alive(p) for p in pids)
         out = llm.generate("Hi", SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) == 2
-    assert wait_gone(alive, pids, timeout=1.0) == []
+    assert wait_gone(pids, timeout=1.0) == []
 
 
 PARENT = """
@@ -101,7 +92,7 @@ def test_children_die_with_a_killed_parent(alive, tmp_path):
         assert len(pids) == 3 and all(alive(p) for p in pids)
         parent.kill()
         parent.wait(10)
-        assert wait_gone(alive, pids, timeout=5.0) == []
+        assert wait_gone(pids, timeout=5.0) == []
     finally:
         parent.kill()
 

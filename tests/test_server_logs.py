@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, start_server  # pytest has imported the conftest under this name
+from tests.conftest import LiveServer, start_server, wait_gone  # pytest has imported the conftest under this name
 from tristream.protocol import SchedulerStats
 from tristream.server.metrics import ThroughputLog
 
@@ -72,7 +72,7 @@ def children(parent: int) -> dict[str, int]:
 
 
 @pytest.mark.timeout(600)
-def test_serve_logs_and_says_which_engine_process_died(alive):
+def test_serve_logs_and_says_which_engine_process_died():
     server = start_server("--max-model-len", "512")
     try:
         assert "KV cache:" in wait_for(server, "KV cache:")
@@ -93,7 +93,7 @@ def test_serve_logs_and_says_which_engine_process_died(alive):
         os.kill(kids["tristream::gpu0"], signal.SIGKILL)
         assert server.proc.wait(60) == 1
         assert "tristream: error: the gpu process died (killed by SIGKILL)" in wait_for(server, "tristream: error")
-        assert [pid for pid in kids.values() if alive(pid)] == []
+        assert wait_gone(kids.values()) == []
     finally:
         if server.proc.poll() is None:
             server.proc.kill()

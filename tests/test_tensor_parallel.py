@@ -6,11 +6,10 @@ import asyncio
 import json
 import os
 import signal
-import time
 
 import pytest
 
-from tests.conftest import hf_greedy, make_lora_adapter  # pytest has imported the conftest under this name
+from tests.conftest import hf_greedy, make_lora_adapter, wait_gone  # pytest has imported the conftest under this name
 from tristream import LLM, AsyncEngine, EngineDeadError, SamplingParams
 from tristream.outputs import accumulate
 
@@ -30,13 +29,6 @@ TINY = {
     "tie_word_embeddings": False,
     "eos_token_id": 0,
 }
-
-
-def wait_gone(alive, pids, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.05)
-    return [p for p in pids if alive(p)]
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +136,7 @@ async def test_replicated_kv_heads_and_a_padded_vocabulary_match_one_rank(tiny_m
     assert all(max(tokens) < TINY["vocab_size"] for tokens, _ in results[1])
 
 
-async def test_a_dead_rank_fails_pending_requests_and_leaves_no_process(tiny_model, alive):
+async def test_a_dead_rank_fails_pending_requests_and_leaves_no_process(tiny_model):
     engine = tiny_engine(tiny_model, 2)
     await engine.start()
     pids = list(engine.child_pids.values())
@@ -162,10 +154,10 @@ async def test_a_dead_rank_fails_pending_requests_and_leaves_no_process(tiny_mod
     with pytest.raises(EngineDeadError, match="gpu1 process died"):
         await asyncio.wait_for(consume(), 30)
     await engine.close()
-    assert wait_gone(alive, pids, timeout=10) == []
+    assert wait_gone(pids, timeout=10) == []
 
 
-async def test_a_rank_lost_during_start_up_fails_the_start(tiny_model, alive):
+async def test_a_rank_lost_during_start_up_fails_the_start(tiny_model):
     engine = tiny_engine(tiny_model, 2)
     start = asyncio.ensure_future(engine.start())
     while "gpu1" not in engine.child_pids:
@@ -173,10 +165,10 @@ async def test_a_rank_lost_during_start_up_fails_the_start(tiny_model, alive):
     os.kill(engine.child_pids["gpu1"], signal.SIGKILL)
     with pytest.raises(RuntimeError, match="gpu1 process died"):
         await asyncio.wait_for(start, 60)
-    assert wait_gone(alive, engine.child_pids.values(), timeout=10) == []
+    assert wait_gone(engine.child_pids.values(), timeout=10) == []
 
 
-def test_llm_with_two_ranks_shuts_down_at_once(tiny_model, alive):
+def test_llm_with_two_ranks_shuts_down_at_once(tiny_model):
     with LLM(
         model=tiny_model,
         load_format="dummy",
@@ -188,7 +180,7 @@ def test_llm_with_two_ranks_shuts_down_at_once(tiny_model, alive):
         pids = list(llm.engine.child_pids.values())
         out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) == 3
-    assert wait_gone(alive, pids, timeout=2.0) == []
+    assert wait_gone(pids, timeout=2.0) == []
 
 
 async def test_a_split_that_does_not_fit_the_model_is_refused_before_start(tiny_model):

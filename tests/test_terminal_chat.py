@@ -12,6 +12,7 @@ import time
 
 import pexpect
 
+from tests.conftest import wait_gone  # pytest has imported the conftest under this name
 from tristream import SamplingParams
 from tristream.terminal_chat import MORE, PROMPT, run_chat
 
@@ -63,14 +64,7 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def wait_gone(alive, pids: list[int], timeout: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return [p for p in pids if alive(p)]
-
-
-def test_history_commands_and_exit(alive):
+def test_history_commands_and_exit():
     child = spawn("--max-tokens", "8")
     first, answer = turn(child, "My name is Alice.")
     second, _ = turn(child, "What is my name?")
@@ -112,7 +106,7 @@ def test_history_commands_and_exit(alive):
     child.expect(pexpect.EOF)
     child.wait()
     assert child.exitstatus == 0
-    assert wait_gone(alive, engine_pids) == []
+    assert wait_gone(engine_pids) == []
 
 
 def test_line_editing_multi_line_messages_and_commands(tmp_path):
@@ -178,7 +172,7 @@ def test_line_editing_multi_line_messages_and_commands(tmp_path):
     child.expect(pexpect.EOF)
 
 
-def test_ctrl_c_stops_an_answer_and_ctrl_d_leaves(alive):
+def test_ctrl_c_stops_an_answer_and_ctrl_d_leaves():
     child = spawn("--max-tokens", "400", "--ignore-eos")
     first, partial = interrupt(child, "Tell me a long story about a dragon.")
     assert 0 < partial < 400
@@ -190,7 +184,7 @@ def test_ctrl_c_stops_an_answer_and_ctrl_d_leaves(alive):
     child.expect(pexpect.EOF)
     child.wait()
     assert child.exitstatus == 0
-    assert wait_gone(alive, engine_pids) == []
+    assert wait_gone(engine_pids) == []
 
 
 async def test_a_failed_request_is_dropped_and_ctrl_c_aborts_the_request(engine, capsys, monkeypatch):

@@ -37,6 +37,8 @@ a PNG of output tok/s over time.
 
     python bench/throughput.py                       # GPU: dummy Llama-3-8B, bf16
     python bench/throughput.py --workloads compare   # only pipelined against synchronous
+    python bench/throughput.py --config bench/configs/qwen3-30b-a3b.json --workloads fixed \\
+        --baseline-config bench/configs/llama-3-8b.json  # a MoE model against a dense one
     # CPU smoke test; tiny.json: a Llama config of 2 layers, hidden 256, vocab 1024
     OMP_NUM_THREADS=1 python bench/throughput.py --device cpu --config tiny.json --num-prompts 24 \\
         --random-range 8 64 --fixed-lens 32 32 --batch-sizes 1 8 --steady-min-running 4 --out /tmp/t.json
@@ -253,6 +255,23 @@ def warm_up(llm: LLM, vocab: int, args: argparse.Namespace) -> None:
     llm.generate(random_prompts(lens + [args.fixed_lens[0]], vocab, gen), vllm_params(8), use_tqdm=False)
 
 
+def baseline(args: argparse.Namespace, engine: dict, max_len: int) -> dict | None:
+    """The fixed workload (same prompts and seed) on ``--baseline-config``'s model, in an engine of its own."""
+    if not args.baseline_config or "fixed" not in args.workloads:
+        return None
+    folder = dummy_model(args.baseline_config, max_len)
+    mc = ModelConfig.load(str(folder))
+    prompts = random_prompts(
+        [args.fixed_lens[0]] * args.num_prompts, mc.vocab_size, torch.Generator().manual_seed(args.seed + 1)
+    )
+    with LLM(str(folder), **engine) as llm:
+        warm_up(llm, mc.vocab_size, args)
+        print("baseline:", flush=True)
+        fixed = workload(llm, "fixed", prompts, [args.fixed_lens[1]] * args.num_prompts, args)
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"model_config": args.baseline_config, "model": model_summary(mc, args.dtype), "fixed": fixed}
+
+
 def target(fixed: dict | None, ceilings: dict | None, gpu: str | None, args: argparse.Namespace) -> dict:
     """The fixed run against vLLM's H100 figure, scaled by copy bandwidth off an H100."""
     out = {
@@ -323,6 +342,7 @@ def main(args: argparse.Namespace) -> dict:
             print("synchronous:", flush=True)
             compare["synchronous"] = compare_runs(llm, args, mc.vocab_size)
     shutil.rmtree(folder, ignore_errors=True)
+    base = baseline(args, engine, max_len)
     pipelined_vs_sync = (
         {
             str(b): {
@@ -355,6 +375,8 @@ def main(args: argparse.Namespace) -> dict:
         "ceilings": ceilings,
         "workloads": workloads,
         "pipelined_vs_synchronous": pipelined_vs_sync,
+        "baseline": base,
+        "vs_baseline": base and workloads["fixed"]["output_tok_per_s"] / base["fixed"]["output_tok_per_s"],
         "target": target(workloads.get("fixed"), ceilings, gpu, args),
         "definitions": {
             "output_tok_per_s": "generated tokens / wall time of the generate call",
@@ -453,6 +475,9 @@ def print_table(report: dict) -> None:
                 f"{b:>5} | {p['output_tok_per_s']:15.1f} | {s['output_tok_per_s']:17.1f} | {r['gain']:5.2f} | "
                 f"{pct(p['whole_run']['gpu_idle_fraction']):>14} | {pct(s['whole_run']['gpu_idle_fraction']):>16}"
             )
+    if report["vs_baseline"] is not None:
+        base = report["baseline"]["fixed"]["output_tok_per_s"]
+        print(f"\nvs baseline ({report['baseline']['model_config']}, {base:.1f} tok/s): {report['vs_baseline']:.3f}")
     t = report["target"]
     if t["ratio"] is not None:
         print(
@@ -489,6 +514,12 @@ if __name__ == "__main__":
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between get_stats() samples")
     parser.add_argument("--steady-min-running", type=int, default=64)
+    parser.add_argument(
+        "--baseline-config",
+        default=None,
+        help="a second config.json whose model runs the fixed workload after the first, in the same run: "
+        "vs_baseline is the first's output tok/s over its (e.g. a MoE model against bench/configs/llama-3-8b.json)",
+    )
     parser.add_argument("--out", default=None, help="default: bench/results/throughput-<gpu>.json")
     args = parser.parse_args()
     resolve_device(args)

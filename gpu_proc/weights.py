@@ -75,7 +75,8 @@ def build_model(
         model.lm_head.use_int8()
     if quant is not None:
         scheme = next(m for m in model.modules() if isinstance(m, Linear)).scheme
-        logger.info("quantized projections: %s; kernels: %s", quant.describe(), scheme.kernels(device))
+        experts = "; the experts dequantized to 16-bit at load" if _stacked(model) else ""
+        logger.info("quantized projections: %s; kernels: %s%s", quant.describe(), scheme.kernels(device), experts)
     model.build_rope(config.max_model_len, device)
     return model.eval()
 
@@ -109,8 +110,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, object]], source
             owner, _, suffix = p.param.rpartition(".")
             linear = modules.get(owner)
             layout = Layout() if tensor_dims(tensor) > 1 else Layout(inp=None)
-            if isinstance(linear, Linear):
-                converted = linear.scheme.checkpoint(suffix, tensor)
+            if isinstance(linear, (Linear, ExpertWeights)):
+                converted = linear.checkpoint(suffix, tensor)
                 if converted is None:
                     continue
                 suffix, tensor = converted
@@ -145,8 +146,10 @@ def _expected(model: nn.Module) -> set[tuple[str, int, int]]:
 
 
 def _stacked(model: nn.Module) -> set[str]:
-    """The names of the parameters that stack every expert's weight."""
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, ExpertWeights)}
+    """The names of the parameters that stack every expert's (weights and their scales)."""
+    return {
+        f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, ExpertWeights) for p, _ in m.named_parameters()
+    }
 
 
 def _kv_scale(modules: dict[str, nn.Module], name: str, tensor: object) -> bool:

@@ -56,14 +56,15 @@ def quant_spec(
     quantization_config: dict | None, requested: str | None, dummy: bool = False, experts: int = 0
 ) -> QuantSpec | None:
     """The spec of a checkpoint's ``quantization_config`` (None: unquantized) and the ``quantization``
-    argument; a ValueError names an unsupported method or a mismatch, or a mixture-of-experts model (with
-    ``experts``), whose experts have no quantized kernels. With ``dummy`` (random weights), the method
-    quantizes random 16-bit weights at load, in the checkpoint's layout where it names one."""
+    argument; a ValueError names an unsupported method or a mismatch. A mixture-of-experts model (with
+    ``experts``) takes only a block-wise fp8 checkpoint, whose experts are dequantized at load (they have no
+    fp8 kernel). With ``dummy`` (random weights), the method quantizes random 16-bit weights at load, in the
+    checkpoint's layout where it names one."""
     if requested is not None and requested not in METHODS:
         raise ValueError(f"quantization={requested!r} is not supported; choose one of {', '.join(METHODS)}")
-    if experts and (requested is not None or quantization_config is not None):
-        raise ValueError("quantized mixture-of-experts models are not supported: load a 16-bit checkpoint")
     if quantization_config is None:
+        if experts and requested is not None:
+            raise ValueError(f"quantization={requested!r} at load is not supported for a mixture-of-experts model")
         if requested in ("awq", "gptq") and not dummy:
             raise ValueError(f"quantization={requested!r} needs a checkpoint quantized with {requested}")
         if requested is None:
@@ -79,6 +80,11 @@ def quant_spec(
     spec = parse(quantization_config)
     if requested is not None and requested != spec.method:
         raise ValueError(f"quantization={requested!r}, but the checkpoint is quantized with {spec.method}")
+    if experts and (spec.method != "fp8" or spec.block is None):
+        raise ValueError(
+            f"a mixture-of-experts checkpoint quantized as {spec.describe()} is not supported: "
+            "only block-wise fp8 (weight_block_size) is, or a 16-bit checkpoint"
+        )
     return dataclasses.replace(spec, from_checkpoint=False, static_input=False) if dummy else spec
 
 

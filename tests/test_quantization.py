@@ -349,6 +349,49 @@ def test_a_checkpoint_written_by_compressed_tensors_runs_as_its_dequantized_weig
     assert_runs_as(str(quantized), ref, True, "compressed-tensors FP8_DYNAMIC")
 
 
+def test_a_block_fp8_mixture_of_experts_checkpoint_runs_as_its_dequantized_weights(tmp_path):
+    """Qwen3-MoE as Qwen3-30B-A3B-FP8 ships: every projection and every expert block-wise fp8. The attention
+    and dense projections run in fp8; the experts are dequantized at load. transformers runs the dequantized
+    weights, with the fp8 projections' inputs rounded as ours are (its experts' are not, nor ours)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "qwen3_moe",
+        **{**TINY, "intermediate_size": 128},
+        head_dim=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "source")
+    quantize = fp8_block(32, "weight_scale_inv")
+    quantized, reference = {}, {}
+    for name, tensor in load_file(tmp_path / "source" / "model.safetensors").items():
+        if name.rsplit(".", 2)[-2] in PROJECTIONS and name.endswith(".weight"):
+            tensors, reference[name] = quantize(tensor.float() * 10)
+            quantized.update({name.removesuffix("weight") + suffix: t for suffix, t in tensors.items()})
+        else:
+            quantized[name] = reference[name] = tensor
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}
+    for kind, tensors in (("quantized", quantized), ("reference", reference)):
+        config.save_pretrained(tmp_path / kind)
+        raw = json.loads((tmp_path / kind / "config.json").read_text())
+        (tmp_path / kind / "config.json").write_text(
+            json.dumps({**raw, "quantization_config": qc} if kind == "quantized" else raw)
+        )
+        save_file(tensors, str(tmp_path / kind / "model.safetensors"))
+    ref = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "reference", dtype=torch.float32, experts_implementation="eager"
+    )
+    for module_name, module in ref.eval().named_modules():
+        if module_name.rsplit(".", 1)[-1] in PROJECTIONS:
+            module.register_forward_pre_hook(fake_quant("group", {}))
+    assert_runs_as(str(tmp_path / "quantized"), ref, True, "qwen3-moe fp8-block")
+
+
 @pytest.mark.parametrize(
     "config, requested, match",
     [
@@ -367,6 +410,21 @@ def test_a_checkpoint_written_by_compressed_tensors_runs_as_its_dequantized_weig
 def test_an_unsupported_quantization_is_refused_by_name(config, requested, match):
     with pytest.raises(ValueError, match=match):
         quant_spec(config, requested)
+
+
+@pytest.mark.parametrize(
+    "config, requested, match",
+    [
+        (int4_config("awq", 128), None, "mixture-of-experts checkpoint quantized as awq 4-bit"),
+        ({"quant_method": "fp8"}, None, r"quantized as fp8 e4m3 weights \(per-channel scales\)"),
+        (None, "fp8", "quantization='fp8' at load is not supported for a mixture-of-experts model"),
+    ],
+)
+def test_a_mixture_of_experts_takes_only_block_fp8(config, requested, match):
+    with pytest.raises(ValueError, match=match):
+        quant_spec(config, requested, experts=8)
+    block = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    assert quant_spec(block, None, experts=8).block == (128, 128)
 
 
 def test_int8_weights_in_compressed_tensors_are_refused():

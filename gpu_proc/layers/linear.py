@@ -43,6 +43,10 @@ class Linear(nn.Module):
         """Where parameter ``name`` lies against the weight [out, in] (for the loader)."""
         return self.scheme.layout(name)
 
+    def checkpoint(self, name: str, tensor: object) -> tuple[str, object] | None:
+        """A checkpoint tensor of this projection as (parameter name, tensor), or None where it is not kept."""
+        return self.scheme.checkpoint(name, tensor)
+
     def loaded(self) -> None:
         """Finish the weight once every part is loaded (quantize it, or combine its scales)."""
         self.scheme.finish(self)

@@ -12,16 +12,42 @@ from torch import nn
 from tristream.gpu_proc import ops
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.layers.mlp import GatedMLP
+from tristream.gpu_proc.layers.quantized import Layout
 from tristream.gpu_proc.parallel import TensorParallel
 from tristream.model_config import ModelConfig
+from tristream.quantization import QuantSpec
 
 
 class ExpertWeights(nn.Module):
-    """One projection of every expert, stacked: ``weight`` [experts, out, in]."""
+    """One projection of every expert, stacked: ``weight`` [experts, out, in]. From a block-wise fp8 checkpoint
+    (``quant``) it loads e4m3 values and ``weight_scale`` [experts, out / rows, in / columns], and dequantizes
+    them into ``weight`` once loaded: the experts have no fp8 kernel."""
 
-    def __init__(self, experts: int, n_out: int, n_in: int) -> None:
+    def __init__(self, experts: int, n_out: int, n_in: int, quant: QuantSpec | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(experts, n_out, n_in))
+        self.block = quant.block if quant is not None and quant.from_checkpoint else None
+        if self.block is not None:
+            shape = (experts, -(-n_out // self.block[0]), -(-n_in // self.block[1]))
+            self.weight_scale = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
+
+    def layout(self, name: str) -> Layout:
+        """Where parameter ``name`` lies against one expert's weight [out, in] (for the loader)."""
+        return Layout((0, self.block[0]), (1, self.block[1])) if name == "weight_scale" else Layout()
+
+    def checkpoint(self, name: str, tensor: object) -> tuple[str, object]:
+        """A checkpoint tensor of this projection as (parameter name, tensor)."""
+        return ("weight_scale", tensor[...].float()) if name == "weight_scale_inv" else (name, tensor)
+
+    def loaded(self) -> None:
+        if self.block is None:
+            return
+        rows, cols = self.block
+        with torch.no_grad():
+            for weight, scale in zip(self.weight, self.weight_scale):
+                full = scale.repeat_interleave(rows, 0)[: weight.shape[0]].repeat_interleave(cols, 1)
+                weight.copy_(weight.float() * full[:, : weight.shape[1]])
+        self.weight_scale = None
 
 
 class Router(nn.Module):
@@ -60,10 +86,10 @@ class Experts(nn.Module):
     """Every expert's SiLU-gated MLP: ``gate_up_proj`` [experts, 2 * intermediate, hidden] (gate rows, then up
     rows) and ``down_proj`` [experts, hidden, intermediate]; a token's output is its experts' weighted sum."""
 
-    def __init__(self, experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, experts: int, hidden_size: int, intermediate_size: int, quant: QuantSpec | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = ExpertWeights(experts, 2 * intermediate_size, hidden_size)
-        self.down_proj = ExpertWeights(experts, hidden_size, intermediate_size)
+        self.gate_up_proj = ExpertWeights(experts, 2 * intermediate_size, hidden_size, quant)
+        self.down_proj = ExpertWeights(experts, hidden_size, intermediate_size, quant)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return ops.fused_moe(x, self.gate_up_proj.weight, self.down_proj.weight, weights, ids)
@@ -77,10 +103,10 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.tp = tp
         self.gate = Router(mc.hidden_size, mc.num_experts, mc.num_experts_per_tok, renormalize)
-        self.experts = Experts(mc.num_experts, mc.hidden_size, mc.moe_intermediate_size)
+        self.experts = Experts(mc.num_experts, mc.hidden_size, mc.moe_intermediate_size, mc.quant)
         self.shared_expert = self.shared_expert_gate = None
         if mc.shared_expert_intermediate_size:
-            self.shared_expert = GatedMLP(mc.hidden_size, mc.shared_expert_intermediate_size, None)
+            self.shared_expert = GatedMLP(mc.hidden_size, mc.shared_expert_intermediate_size, None, mc.quant)
             if shared_gate:
                 self.shared_expert_gate = nn.Linear(mc.hidden_size, 1, bias=False)
 

@@ -163,6 +163,23 @@ def test_a_family_that_cannot_split_refuses_tensor_parallelism_before_any_proces
         shard_model(mc, 2, 0)
 
 
+def test_a_quantized_checkpoint_of_fused_projections_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, path = make_model(tmp_path, "phi3")
+    tensors = load_file(f"{path}/model.safetensors")
+    for name in [n for n in tensors if n.endswith("qkv_proj.weight") or n.endswith("gate_up_proj.weight")]:
+        rows, cols = tensors[name].shape
+        tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+        tensors[name.replace("weight", "weight_scale_inv")] = torch.ones(rows // 32, cols // 32)
+    save_file(tensors, f"{path}/model.safetensors")
+    raw = json.loads(open(f"{path}/config.json").read())
+    raw["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}
+    open(f"{path}/config.json", "w").write(json.dumps(raw))
+    with pytest.raises(ValueError, match="quantized checkpoints that fuse (qkv|gate_up)_proj are not supported"):
+        run_ours(path, [[1, 2]], 0, 16)
+
+
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):

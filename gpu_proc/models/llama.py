@@ -48,16 +48,30 @@ def split_rows(
     weights: Iterable[tuple[str, object]], fused: dict[str, list[tuple[str, int]]]
 ) -> Iterator[tuple[str, object]]:
     """The checkpoint's tensors with each fused module's (a key of ``fused``) split by rows into the modules
-    it holds, as (name, rows) in order: ``qkv_proj`` into ``q_proj``, ``k_proj`` and ``v_proj``."""
+    it holds, as (name, rows) in order: ``qkv_proj`` into ``q_proj``, ``k_proj`` and ``v_proj``. Only
+    16/32-bit weights and biases split so: a fused module's quantized tensors are a ValueError."""
     for name, tensor in weights:
         module = next((m for m in fused if f".{m}." in name), None)
         if module is None:
             yield name, tensor
             continue
+        if not name.endswith((".weight", ".bias")) or tensor_dtype(tensor) not in (
+            torch.float32,
+            torch.float16,
+            torch.bfloat16,
+        ):
+            raise ValueError(f"{name}: quantized checkpoints that fuse {module} are not supported")
         start = 0
         for part, rows in fused[module]:
             yield name.replace(f".{module}.", f".{part}."), tensor[start : start + rows]
             start += rows
+
+
+def tensor_dtype(tensor: object) -> torch.dtype:
+    """The dtype of a tensor or of a safetensors slice."""
+    if isinstance(tensor, torch.Tensor):
+        return tensor.dtype
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(tensor.get_dtype(), torch.uint8)
 
 
 class Attention(nn.Module):

@@ -7,6 +7,7 @@ shared expert's), as the dense MLP splits; the block's output is summed over the
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tristream.gpu_proc import ops
@@ -51,7 +52,7 @@ class ExpertWeights(nn.Module):
 
 
 class Router(nn.Module):
-    """Each token's ``top_k`` experts by softmax(x @ weight.T) in fp32, and their weights: the chosen
+    """Each token's ``top_k`` experts by the fp32 softmax of x @ weight.T, and their weights: the chosen
     probabilities, divided by their sum (at least ``norm_min``) when ``renormalize``. A ``bias`` added to the
     probabilities changes which experts are chosen, not their weights (ERNIE 4.5's score correction). ``dtype``
     keeps the weight in a dtype of its own (fp32) under a 16-bit model."""
@@ -71,7 +72,10 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, top_k] fp32, expert ids [T, top_k] int32)."""
-        probs = torch.softmax(torch.nn.functional.linear(x.float(), self.weight.float()), dim=-1)
+        # Logits in the model's dtype, as transformers computes them, unless the weight keeps a dtype of its own.
+        w = self.weight
+        logits = F.linear(x, w) if w.dtype == x.dtype else F.linear(x.float(), w.float())
+        probs = torch.softmax(logits.float(), dim=-1)
         if bias is None:
             weights, ids = torch.topk(probs, self.top_k, dim=-1)
         else:

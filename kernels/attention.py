@@ -182,6 +182,25 @@ def _scores(q, k, qk_scale, cap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr)
 
 
 @triton.jit
+def _kv_rows(block_table_row, stride_bp, pos, valid, stride_cp, stride_co, head_offs, PAGE_SIZE: tl.constexpr):
+    """Offsets into a pool of the entries at ``pos`` [N] of one sequence (its block-table row), for ``head_offs``."""
+    page = tl.load(block_table_row + (pos // PAGE_SIZE) * stride_bp, mask=valid, other=0)
+    return (page.to(tl.int64) * stride_cp + (pos % PAGE_SIZE) * stride_co)[:, None] + head_offs
+
+
+@triton.jit
+def _online_softmax(s, v, m, row_sum, acc, PRECISION: tl.constexpr):
+    """One block of keys in the running softmax: masked scores ``s`` (log2 units) and their values ``v`` update
+    the running max ``m``, ``row_sum`` and ``acc``."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    row_sum = row_sum * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, row_sum, acc
+
+
+@triton.jit
 def _store_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     k_scale, v_scale,
@@ -279,18 +298,13 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
-        page = tl.load(block_tables_ptr + b * stride_bb + (pos // PAGE_SIZE) * stride_bp, mask=valid, other=0)
-        offs = (page.to(tl.int64) * stride_cp + (pos % PAGE_SIZE) * stride_co)[:, None] + head_offs
+        offs = _kv_rows(
+            block_tables_ptr + b * stride_bb, stride_bp, pos, valid, stride_cp, stride_co, head_offs, PAGE_SIZE
+        )
         k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0).to(q.dtype)
-        s = _scores(q, k, qk_scale, cap, SOFTCAP, PRECISION)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        row_sum = row_sum * alpha + tl.sum(p, 1)
+        s = tl.where(valid[None, :], _scores(q, k, qk_scale, cap, SOFTCAP, PRECISION), float("-inf"))
         v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, row_sum, acc = _online_softmax(s, v, m, row_sum, acc, PRECISION)
 
     # An empty split (start >= end) keeps row_sum == 0 and m == -inf: it writes zeros and lse = -inf.
     l_safe = tl.where(row_sum > 0, row_sum, 1.0)
@@ -406,16 +420,11 @@ def _extend_kernel(
     # Rows past num_new take the last new token's position, so no row is left without keys.
     q_pos = seq_len - num_new + tl.minimum(i, num_new - 1)
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        q_ptr + (q_start + i)[:, None] * stride_qt + h * stride_qh + d[None, :] * stride_qd,
-        mask=row_mask[:, None],
-        other=0.0,
-    )
+    q_rows = q_ptr + (q_start + i)[:, None] * stride_qt + h * stride_qh + d[None, :] * stride_qd
+    q = tl.load(q_rows, mask=row_mask[:, None], other=0.0)
 
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    if WINDOW > 0:
-        # A row may see none of a block's keys: a finite running max keeps exp2 off (-inf) - (-inf).
-        m = tl.full([BLOCK_M], -1e30, tl.float32)
+    # A row may see none of a block's keys (a window's): a finite running max keeps exp2 off (-inf) - (-inf).
+    m = tl.full([BLOCK_M], -1e30, tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     head_offs = (h // GROUP) * stride_ch + d[None, :] * stride_cd
@@ -428,28 +437,19 @@ def _extend_kernel(
     for n0 in range(lo, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
-        page = tl.load(block_tables_ptr + b * stride_bb + (pos // PAGE_SIZE) * stride_bp, mask=valid, other=0)
-        offs = (page.to(tl.int64) * stride_cp + (pos % PAGE_SIZE) * stride_co)[:, None] + head_offs
+        offs = _kv_rows(
+            block_tables_ptr + b * stride_bb, stride_bp, pos, valid, stride_cp, stride_co, head_offs, PAGE_SIZE
+        )
         k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0).to(q.dtype)
-        s = _scores(q, k, qk_scale, cap, SOFTCAP, PRECISION)
         seen = valid[None, :] & (pos[None, :] <= q_pos[:, None])
         if WINDOW > 0:
             seen &= pos[None, :] > q_pos[:, None] - WINDOW
-        s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        row_sum = row_sum * alpha + tl.sum(p, 1)
+        s = tl.where(seen, _scores(q, k, qk_scale, cap, SOFTCAP, PRECISION), float("-inf"))
         v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, row_sum, acc = _online_softmax(s, v, m, row_sum, acc, PRECISION)
 
-    out = acc / row_sum[:, None] * v_scale
-    tl.store(
-        out_ptr + (q_start + i)[:, None] * stride_ot + h * stride_oh + d[None, :] * stride_od,
-        out.to(out_ptr.dtype.element_ty),
-        mask=row_mask[:, None],
-    )
+    out_rows = out_ptr + (q_start + i)[:, None] * stride_ot + h * stride_oh + d[None, :] * stride_od
+    tl.store(out_rows, (acc / row_sum[:, None] * v_scale).to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
 def extend_attention(

@@ -55,7 +55,7 @@ if not torch.cuda.is_available():
     _interpreter._convert_float = _convert_float_fp8_rne
 
 import pytest  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from tristream import AsyncEngine  # noqa: E402
 from tristream.config import EngineConfig  # noqa: E402
@@ -115,6 +115,26 @@ def hf_logits(model, prompt: list[int], steps: int) -> list[torch.Tensor]:
             token = int(res.logits[0, -1].argmax())
             res = model(torch.tensor([[token]]), past_key_values=res.past_key_values, use_cache=True)
     return rows
+
+
+def random_hf_model(path, fields: dict, norm_offset: float = 0.0, **load: object):
+    """transformers' model of ``fields`` (its ``model_type`` and config), every weight (and a router's
+    score-correction buffer) redrawn N(0, 0.2) from seed 0, norm weights plus ``norm_offset``, saved at ``path``.
+    ``load`` goes to ``from_config``."""
+    fields = dict(fields)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **load).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.2)
+            if "norm" in name:
+                p.add_(norm_offset)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    return model
 
 
 def make_lora_adapter(model_dir: str, path, seed: int, scale: float = 0.05, **lora: object):

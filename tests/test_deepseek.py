@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
-from tests.conftest import hf_logits, run_ours  # pytest has imported the conftest under this name
+from tests.conftest import hf_logits, random_hf_model, run_ours  # pytest has imported the conftest under this name
 from tristream.gpu_proc.weights import dummy_weights
 from tristream.model_config import ModelConfig
 from tristream.sharding import shard_model
@@ -75,19 +75,8 @@ CONFIGS = {
 
 def make_model(tmp_path, name: str, **overrides):
     """transformers' model of ``CONFIGS[name]`` with N(0, 0.2) weights and score corrections, saved."""
-    fields = {**TINY, **CONFIGS[name], **overrides}
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-        for name_, b in model.named_buffers():
-            if name_.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.2)
     path = tmp_path / name
-    model.save_pretrained(path)
-    return model, str(path)
+    return random_hf_model(path, {**TINY, **CONFIGS[name], **overrides}), str(path)
 
 
 def compare(ours: list[torch.Tensor], model, prompts: list[list[int]], steps: int, label: str) -> None:

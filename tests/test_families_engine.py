@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.conftest import hf_logits  # pytest has imported the conftest under this name
+from tests.conftest import hf_logits, random_hf_model  # pytest has imported the conftest under this name
 from tristream import LLM, SamplingParams
 
 PAGE = 8
@@ -91,20 +90,12 @@ def reference(model, prompt: list[int]) -> Reference:
 
 def build(root, name: str) -> Family:
     fields = {**TINY, **FAMILIES[name]}
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    torch.manual_seed(0)
     # transformers' grouped expert matmul wants 16-byte strides, which 33 columns are not.
     extra = {"experts_implementation": "eager"} if "num_experts" in fields else {}
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **extra).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            p.normal_(0.0, 0.2)
-            # Norm weights near 1 (Gemma's norms scale by 1 + w already): at 0.2 the attention is nearly uniform
-            # and greedy decoding settles on one repeated token, whatever the window or the rotary embedding.
-            if "norm" in pname and name != "gemma2":
-                p.add_(1.0)
+    # Norm weights near 1 (Gemma's norms scale by 1 + w already): at 0.2 the attention is nearly uniform
+    # and greedy decoding settles on one repeated token, whatever the window or the rotary embedding.
     path = root / name
-    model.save_pretrained(path)
+    model = random_hf_model(path, fields, norm_offset=0.0 if name == "gemma2" else 1.0, **extra)
 
     gen = torch.Generator().manual_seed(1)
 

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
-from tests.conftest import hf_logits, run_ours  # pytest has imported the conftest under this name
+from tests.conftest import hf_logits, random_hf_model, run_ours  # pytest has imported the conftest under this name
 
 TINY = dict(
     vocab_size=512,
@@ -115,16 +115,7 @@ ARCHS = {
 
 
 def make_model(tmp_path, name: str):
-    fields = {**TINY, **ARCHS[name]}
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    path = tmp_path / name
-    model.save_pretrained(path)
-    return model, str(path)
+    return random_hf_model(tmp_path / name, {**TINY, **ARCHS[name]}), str(tmp_path / name)
 
 
 @pytest.mark.parametrize("name", list(ARCHS))

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
-from tests.conftest import hf_greedy  # pytest has imported the conftest under this name
+from tests.conftest import hf_greedy, random_hf_model  # pytest has imported the conftest under this name
 from tristream import AsyncEngine, SamplingParams
 from tristream.config import EngineConfig
 from tristream.model_config import ModelConfig
@@ -384,16 +384,10 @@ async def generate_watching_pages(path: str, prompts: list[list[int]], caching: 
 def mistral(tmp_path_factory) -> tuple[str, list[list[int]], list[list[int]]]:
     """A tiny random Mistral with a window of 8; the long prompt, then one that shares its first 17 tokens,
     then the long one again; and transformers' greedy tokens for each."""
-    config = AutoConfig.for_model("mistral", sliding_window=ENGINE_WINDOW, **TINY)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.2)
-            if "norm" in name:  # norms near 1, else attention is near uniform and greedy repeats one token
-                p.add_(1.0)
     path = tmp_path_factory.mktemp("sliding") / "mistral"
-    model.save_pretrained(path)
+    # Norms near 1, else attention is near uniform and greedy repeats one token.
+    fields = {"model_type": "mistral", "sliding_window": ENGINE_WINDOW, **TINY}
+    model = random_hf_model(path, fields, norm_offset=1.0)
     prompt = torch.randint(1, 512, (27,), generator=torch.Generator().manual_seed(1)).tolist()
     prompts = [prompt, prompt[:17] + [5, 6, 7], prompt]
     ref = [hf_greedy(model, p, NEW_TOKENS) for p in prompts[:2]]

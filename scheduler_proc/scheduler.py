@@ -143,7 +143,6 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _run(self, req: Request, n: int, plan: BatchPlan, step: StepInFlight) -> None:
-        assert req.window_page <= self.kv.window_page(req.num_computed), "a query's window reaches a dropped page"
         plan.slots.append(req.slot)
         plan.num_tokens.append(n)
         req.num_computed += n
@@ -173,9 +172,13 @@ class Scheduler:
     def _drop_out_of_window(self) -> None:
         """Free the running requests' pages that no query still to come can read. A request whose samples
         wait to copy its prompt keeps the pages that its last prompt token's window reads."""
-        forked = {r.spec.fork_of for r in self.waiting if r.spec.fork_of and not r.output_token_ids}
+        forked: set[str] | None = None  # read from the waiting queue only when a request has pages to drop
         for req in self.running:
             query = req.num_computed
+            if self.kv.window_page(query) <= req.window_page:
+                continue
+            if forked is None:
+                forked = {r.spec.fork_of for r in self.waiting if r.spec.fork_of and not r.output_token_ids}
             if req.request_id in forked:
                 query = min(query, len(req.spec.prompt_token_ids) - 1)
             self.kv.drop_out_of_window(req, query)

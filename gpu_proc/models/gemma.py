@@ -52,6 +52,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
     def __init__(self, mc: ModelConfig, shard: Shard, tp: TensorParallel) -> None:
         super().__init__(mc, shard, tp)
         self.final_softcap = mc.hf.get("final_logit_softcapping") or 0.0
+        # sqrt(hidden) rounded to the model's dtype (the default while the model is built), as transformers does.
+        self.embed_scale = torch.tensor(mc.hidden_size**0.5, dtype=torch.get_default_dtype(), device="cpu").item()
 
     def make_layer(self, mc: ModelConfig, layer: int, tp: TensorParallel) -> nn.Module:
         attention, mlp = self.make_attention(mc, layer, tp), self.make_mlp(mc, layer, tp)
@@ -86,7 +88,7 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
-        x, residual = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype), None
+        x, residual = x * self.embed_scale, None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, batch, kv, self.rotary_of(i))
         logits = self.lm_head(self.final_norm(x, residual)[batch.logit_rows])

@@ -43,7 +43,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, fp8_matmul_rate, matmul_rate  # noqa: E402
-from report import git_info, model_summary, now  # noqa: E402
+from report import git_info, model_summary, now, write_report  # noqa: E402
 
 from tristream import AsyncEngine, SamplingParams  # noqa: E402
 from tristream.gpu_proc.layers.moe import Experts  # noqa: E402
@@ -493,16 +493,7 @@ if __name__ == "__main__":
     )
     args = parser.parse_args()
     report = asyncio.run(main(args))
-    gpu = report["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
-    suffix = f"-tp{args.tp}" if args.tp > 1 else ""
-    out = pathlib.Path(args.out or REPO / "bench" / "results" / f"latency-{gpu}{suffix}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    try:
-        plot(report, out.with_suffix(".png"))
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-    print(f"\nwrote {out}")
+    write_report(report, "latency", report["device"], args.out, plot, f"-tp{args.tp}" if args.tp > 1 else "")
     print(
         f"ceilings: copy {report['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
         f"bf16 matmul {report['ceilings']['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s, "

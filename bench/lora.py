@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from latency import run_batch  # noqa: E402
-from report import git_info, model_summary, now  # noqa: E402
+from report import git_info, model_summary, now, write_report  # noqa: E402
 
 from tristream import AsyncEngine  # noqa: E402
 from tristream.lora import MODULES, module_shape, weight_name  # noqa: E402
@@ -191,10 +191,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     report = asyncio.run(main(args))
-    gpu = report["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
-    out = pathlib.Path(args.out or REPO / "bench" / "results" / f"lora-{gpu}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_report(report, "lora", report["device"], args.out)
     print(f"\n{'batch':>6} {'plain TPOT':>11} {'LoRA engine, base':>18} {'LoRA engine, adapters':>22}")
     for r in report["decode_vs_plain"]:
         print(

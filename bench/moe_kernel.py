@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
 import pathlib
 import sys
 import time
@@ -38,7 +37,7 @@ import triton
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, graph_seconds, matmul_rate  # noqa: E402
-from report import git_info, now  # noqa: E402
+from report import git_info, now, write_report  # noqa: E402
 
 from tristream.kernels.moe import MoEConfig, choose_config, fused_moe, fused_moe_ref  # noqa: E402
 
@@ -199,9 +198,4 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     report = main(args)
-    gpu = report["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
-    name = f"moe-kernel-sweep-{gpu}.json" if args.sweep else f"moe-kernel-{gpu}.json"
-    out = pathlib.Path(args.out or REPO / "bench" / "results" / name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    write_report(report, "moe-kernel-sweep" if args.sweep else "moe-kernel", report["device"], args.out)

@@ -27,7 +27,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from report import git_info, now  # noqa: E402
+from report import git_info, now, write_report  # noqa: E402
 
 from tristream.config import EngineConfig  # noqa: E402
 from tristream.gpu_proc.runner import ModelRunner  # noqa: E402
@@ -129,8 +129,4 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     report = main(args)
-    gpu = report["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
-    out = pathlib.Path(args.out or REPO / "bench" / "results" / f"quant-accuracy-{gpu}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    write_report(report, "quant-accuracy", report["device"], args.out)

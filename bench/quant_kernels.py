@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import pathlib
 import sys
 
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from ceilings import copy_bandwidth, fp8_matmul_rate, graph_seconds, matmul_rate  # noqa: E402
-from report import git_info, now  # noqa: E402
+from report import git_info, now, write_report  # noqa: E402
 
 from tristream.gpu_proc import ops  # noqa: E402
 from tristream.gpu_proc.layers.quantized import quantize_fp8  # noqa: E402
@@ -144,8 +143,4 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     report = main(args)
-    gpu = report["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
-    out = pathlib.Path(args.out or REPO / "bench" / "results" / f"quant-kernels-{gpu}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    write_report(report, "quant-kernels", report["device"], args.out)

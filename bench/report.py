@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pathlib
 import platform
 import subprocess
+from collections.abc import Callable
 
 from tristream.model_config import ModelConfig
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
 
 
 def cpu_info() -> dict:
@@ -75,3 +78,30 @@ def model_summary(mc: ModelConfig, dtype: str) -> dict:
         "vocab": mc.vocab_size,
         "dtype": dtype,
     }
+
+
+def write_report(
+    report: dict,
+    name: str,
+    gpu: str | None,
+    out: str | None,
+    plot: Callable[[dict, pathlib.Path], None] | None = None,
+    suffix: str = "",
+) -> pathlib.Path:
+    """The JSON at ``out`` (default bench/results/<name>-<gpu><suffix>.json), and its PNG beside it when
+    matplotlib is installed."""
+    path = pathlib.Path(out or RESULTS / f"{name}-{gpu_label(gpu)}{suffix}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    if plot is not None:
+        try:
+            plot(report, path.with_suffix(".png"))
+        except ImportError:
+            print("matplotlib is not installed: no plot")
+    print(f"wrote {path}")
+    return path
+
+
+def gpu_label(name: str | None) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``h100-80gb-hbm3``; no GPU -> ``cpu``."""
+    return name.replace("NVIDIA ", "").replace(" ", "-").lower() if name else "cpu"

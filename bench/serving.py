@@ -58,8 +58,8 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from report import header, model_summary, now  # noqa: E402
-from throughput import add_dummy_engine_args, dummy_model, resolve_device, write_report  # noqa: E402
+from report import header, model_summary, now, write_report  # noqa: E402
+from throughput import add_dummy_engine_args, dummy_model, resolve_device  # noqa: E402
 
 from tristream.cli import engine_args  # noqa: E402
 from tristream.config import EngineConfig  # noqa: E402
@@ -396,5 +396,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     resolve_device(args)
     report = main(args)
-    write_report(report, "serving", args.out, plot)
+    write_report(report, "serving", report["gpu"], args.out, plot)
     print_table(report)

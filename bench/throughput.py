@@ -54,12 +54,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from report import header, model_summary, now  # noqa: E402
+from report import header, model_summary, now, write_report  # noqa: E402
 
 from tristream import LLM, SamplingParams  # noqa: E402
 from tristream.cli import add_engine_args, engine_args  # noqa: E402
@@ -101,24 +100,6 @@ def resolve_device(args: argparse.Namespace) -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
-
-
-def write_report(report: dict, name: str, out: str | None, plot: Callable[[dict, pathlib.Path], None] | None) -> None:
-    """The JSON at ``out`` (default bench/results/<name>-<gpu>.json), and its PNG beside it when matplotlib is installed."""
-    path = pathlib.Path(out or REPO / "bench" / "results" / f"{name}-{gpu_label(report['gpu'])}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    if plot is not None:
-        try:
-            plot(report, path.with_suffix(".png"))
-        except ImportError:
-            print("matplotlib is not installed: no plot")
-    print(f"wrote {path}")
-
-
-def gpu_label(name: str | None) -> str:
-    """``NVIDIA H100 80GB HBM3`` -> ``h100-80gb-hbm3``; no GPU -> ``cpu``."""
-    return name.replace("NVIDIA ", "").replace(" ", "-").lower() if name else "cpu"
 
 
 def random_prompts(lens: list[int], vocab: int, gen: torch.Generator) -> list[list[int]]:
@@ -524,5 +505,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     resolve_device(args)
     report = main(args)
-    write_report(report, "throughput", args.out, plot if report["workloads"] else None)
+    write_report(report, "throughput", report["gpu"], args.out, plot if report["workloads"] else None)
     print_table(report)

@@ -19,6 +19,9 @@ class ForwardBatch:
     split-KV factor of the decode kernel. With LoRA adapters in the batch, ``lora_rows``
     lists the rows that have one, grouped by adapter slot: slot s's are
     ``lora_rows[lora_indptr[s]:lora_indptr[s+1]]``, at most ``lora_max_rows`` of them.
+    A batch with prompt tokens of a model with multimodal rotary positions has them in ``mrope_positions``
+    [3, tokens] (``positions`` then holds their first row); the embeddings of rows ``image_rows`` (image tokens)
+    are ``image_embeds``.
     """
 
     input_ids: torch.Tensor
@@ -34,6 +37,9 @@ class ForwardBatch:
     lora_rows: torch.Tensor | None = None
     lora_indptr: torch.Tensor | None = None
     lora_max_rows: int = 0
+    mrope_positions: torch.Tensor | None = None
+    image_rows: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
 
     @cached_property
     def host_meta(self) -> tuple[list[list[int]], list[int], list[int]]:

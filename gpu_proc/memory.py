@@ -26,7 +26,7 @@ def _peak_bytes(runner: ModelRunner) -> int:
     pages = -(-tokens // config.page_size) + 1
     shape = (mc.num_layers, 2, pages, config.page_size, mc.num_kv_heads, mc.head_dim)
     runner.kv = KVCache(torch.zeros(shape, dtype=runner.kv_dtype, device=device))
-    runner.slots = SlotState(1, pages, config.page_size, device)
+    runner.slots = SlotState(1, pages, config.page_size, device, runner.model)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     probe = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=0)

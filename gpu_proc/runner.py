@@ -128,7 +128,7 @@ class ModelRunner:
         # Decode splits each query's keys over this many positions at most (a sliding window's, if every layer has one).
         self.attention_span = mc.attention_span(config.max_model_len)
         max_pages = -(-config.max_model_len // config.page_size)
-        self.slots = SlotState(config.max_num_seqs, max_pages, config.page_size, self.device)
+        self.slots = SlotState(config.max_num_seqs, max_pages, config.page_size, self.device, self.model)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CudaGraphRunner(
                 self.model, self.kv, config.max_num_seqs, max_pages, self.attention_span, config.lora_slots

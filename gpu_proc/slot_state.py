@@ -6,11 +6,13 @@ import itertools
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from tristream.gpu_proc.forward_batch import ForwardBatch
+from tristream.gpu_proc.images import SlotImages, splice_embeddings
 from tristream.gpu_proc.upload import upload, upload_named
 from tristream.kernels.attention import choose_num_splits
-from tristream.protocol import BatchPlan
+from tristream.protocol import BatchPlan, NewSequence
 
 
 @dataclass
@@ -19,6 +21,7 @@ class Sequence:
 
     ``prompt_logprobs`` (top k) is set while the slot still owes prompt logprobs
     for its first ``prompt_len`` tokens. ``lora_slot`` is its adapter's slot, or -1.
+    ``images`` are its prompt's images, if it has any.
     """
 
     token_ids: list[int]
@@ -27,6 +30,7 @@ class Sequence:
     prompt_len: int = 0
     prompt_logprobs: int | None = None
     lora_slot: int = -1
+    images: SlotImages | None = None
 
 
 @dataclass
@@ -36,6 +40,8 @@ class StepRows:
     ``device_rows`` are rows whose token the host does not know yet (sampled by the step before, still on its
     way): they read it from ``last_tokens[device_slots]``. ``prompt_targets`` holds, per slot owing prompt
     logprobs, the prompt tokens whose logprobs this step computes (their rows are ``prompt_rows``).
+    ``mrope`` holds (first row, [3, rows] positions) of the prompt rows of slots with multimodal rotary positions;
+    ``image_rows`` are the rows of image tokens, whose embeddings are ``image_pieces`` (``splice_embeddings``).
     """
 
     ids: list[int] = field(default_factory=list)
@@ -48,14 +54,18 @@ class StepRows:
     device_rows: list[int] = field(default_factory=list)
     device_slots: list[int] = field(default_factory=list)
     prompt_targets: list[tuple[int, list[int]]] = field(default_factory=list)
+    mrope: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    image_rows: list[int] = field(default_factory=list)
+    image_pieces: list[tuple[SlotImages, int, int, int]] = field(default_factory=list)
 
 
 class SlotState:
     """Each slot's ``Sequence``, its block table on the device, and its newest token on the device
-    (``last_tokens``, which every sampling writes) for ``max_slots`` slots of ``max_pages`` pages."""
+    (``last_tokens``, which every sampling writes) for ``max_slots`` slots of ``max_pages`` pages. ``model``
+    encodes images and, where it has them, gives their multimodal rotary positions (``rope_index``)."""
 
-    def __init__(self, max_slots: int, max_pages: int, page_size: int, device: torch.device) -> None:
-        self.page_size, self.device = page_size, device
+    def __init__(self, max_slots: int, max_pages: int, page_size: int, device: torch.device, model: nn.Module) -> None:
+        self.page_size, self.device, self.model = page_size, device, model
         self.seqs: dict[int, Sequence] = {}
         self.block_tables = torch.zeros(max_slots, max_pages, dtype=torch.int32, device=device)
         self.last_tokens = torch.zeros(max_slots, dtype=torch.int64, device=device)
@@ -71,6 +81,7 @@ class SlotState:
                 prompt_len=len(new.token_ids),
                 prompt_logprobs=new.params.prompt_logprobs if new.num_outputs == 0 else None,
                 lora_slot=new.lora_slot,
+                images=self._images(new) if new.images else None,
             )
         if plan.pages:
             rows, cols, values = [], [], []
@@ -82,6 +93,13 @@ class SlotState:
                 seq.pages.extend(pages)
             index = upload([rows, cols, values], torch.int64, self.device)
             self.block_tables[index[0], index[1]] = index[2].int()
+
+    def _images(self, new: NewSequence) -> SlotImages:
+        images = SlotImages(new.images)
+        rope_index = getattr(self.model, "rope_index", None)
+        if rope_index is not None:
+            images.rope, images.rope_delta = rope_index(len(new.token_ids), new.images)
+        return images
 
     def _rows(self, plan: BatchPlan) -> StepRows:
         """The rows of every slot the plan runs, in plan order; advances each slot's ``num_computed``."""
@@ -96,7 +114,10 @@ class SlotState:
                 rows.device_rows.append(len(rows.ids))
                 rows.device_slots.append(slot)
                 rows.ids.append(0)
-            rows.positions.extend(range(start, end))
+            if seq.images is None:
+                rows.positions.extend(range(start, end))
+            else:
+                self._image_rows(rows, seq.images, start, end)
             rows.slot_mapping.extend(seq.pages[p // ps] * ps + p % ps for p in range(start, end))
             if seq.prompt_logprobs is not None and start < seq.prompt_len - 1:
                 last = min(end, seq.prompt_len - 1)
@@ -108,6 +129,21 @@ class SlotState:
                 rows.sample_rows.append(rows.qo_indptr[-1] - 1)
             seq.num_computed = end
         return rows
+
+    @staticmethod
+    def _image_rows(rows: StepRows, images: SlotImages, start: int, end: int) -> None:
+        """The positions of a slot with images, whose rows ``start:end`` come last in ``rows.ids``, and its image
+        rows."""
+        row = len(rows.ids) - (end - start)
+        known = start if images.rope is None else min(end, images.rope.shape[1])
+        if start < known:
+            rows.mrope.append((row, images.rope[:, start:known]))
+            rows.positions.extend(images.rope[0, start:known].tolist())
+        rows.positions.extend(range(max(start, known) + images.rope_delta, end + images.rope_delta))
+        for k, a, b in images.pieces(start, end):
+            first = row + images.images[k].offset + a - start
+            rows.image_rows.extend(range(first, first + b - a))
+            rows.image_pieces.append((images, k, a, b))
 
     def batch(
         self, plan: BatchPlan, sample_slots: list[int], num_kv_heads: int, attention_span: int, num_loras: int
@@ -139,6 +175,7 @@ class SlotState:
         if rows.device_rows:
             input_ids = input_ids.index_copy(0, t["device_rows"], self.last_tokens[t["device_slots"]])
         max_q_len = max(plan.num_tokens)
+        images = bool(rows.image_rows or rows.mrope)
         batch = ForwardBatch(
             input_ids=input_ids,
             positions=t["positions"],
@@ -148,13 +185,26 @@ class SlotState:
             block_table=self.block_tables[t["slots"]],
             logit_rows=t["logit_rows"],
             max_q_len=max_q_len,
-            decode=max_q_len == 1 and not rows.prompt_rows,
+            decode=max_q_len == 1 and not rows.prompt_rows and not images,
             num_splits=choose_num_splits(len(rows.seq_lens), num_kv_heads, attention_span),
             lora_rows=t["lora_rows"].int() if lora_rows else None,
             lora_indptr=t["lora_indptr"].int() if lora_rows else None,
             lora_max_rows=max(map(len, groups), default=0),
         )
+        if images:
+            self._add_images(batch, rows)
         return batch, t["sample_slots"], rows.prompt_targets
+
+    def _add_images(self, batch: ForwardBatch, rows: StepRows) -> None:
+        """Give ``batch`` its multimodal rotary positions and its image rows' embeddings."""
+        if rows.mrope:
+            mrope = torch.tensor(rows.positions).expand(3, -1).clone()
+            for row, positions in rows.mrope:
+                mrope[:, row : row + positions.shape[1]] = positions
+            batch.mrope_positions = mrope.to(self.device, non_blocking=True)
+        if rows.image_rows:
+            batch.image_rows = upload(rows.image_rows, torch.int64, self.device)
+            batch.image_embeds = splice_embeddings(self.model, rows.image_pieces, self.device)
 
     def _lora_groups(self, slots: list[int], qo_indptr: list[int], num_loras: int) -> list[list[int]]:
         """The rows of each LoRA slot's sequences, by slot; none when no sequence has an adapter."""

@@ -64,10 +64,13 @@ def build_model(
     model = model.to_empty(device=device)
     if whole.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    if dummy:
-        load_weights(model, dummy_weights(whole, dtype, device, config.seed), "dummy weights")
-    else:
-        load_weights(model, safetensors(config.model), config.model)
+    weights = dummy_weights(whole, dtype, device, config.seed) if dummy else safetensors(config.model)
+    vision = getattr(model, "vision", None)
+    if vision is not None:
+        weights = vision.claim(weights)
+    load_weights(model, weights, "dummy weights" if dummy else config.model)
+    if vision is not None:
+        vision.load(device, dtype, dummy)
     for module in model.modules():
         if hasattr(module, "loaded"):
             module.loaded()

@@ -8,6 +8,7 @@ from typing import Any
 
 from tristream.model_files import LOAD_FORMATS
 from tristream.quantization import KV_CACHE_DTYPES, METHODS
+from tristream.tokenizer_proc.images import DEFAULT_IMAGE_LIMIT
 from tristream.tokenizer_proc.templates import BUILTIN_TEMPLATES, resolve_chat_template
 
 # Every name selects the one <think>...</think> parser: tristream's, FastDeploy's and vLLM's names.
@@ -102,6 +103,11 @@ class EngineConfig:
     download_dir: str | None = arg(
         None, "where Hub models are looked up and downloaded (default: the Hugging Face cache)"
     )
+    limit_mm_per_prompt: dict[str, int] | None = arg(
+        None,
+        f"the most images one prompt may hold, as image=N (default: {DEFAULT_IMAGE_LIMIT}, on vision-language models)",
+        metavar="image=N",
+    )
     generation_config: str = arg(
         "auto",
         "auto: the sampling fields a request leaves out come from the model's generation_config.json; none: they do not",
@@ -116,8 +122,20 @@ class EngineConfig:
             and all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in self.lora_adapters.items())
         ):
             raise ValueError(f"lora_adapters must map adapter names to directories, got {self.lora_adapters!r}")
+        limits = self.limit_mm_per_prompt
+        if limits is not None and not (
+            isinstance(limits, dict)
+            and set(limits) <= {"image"}
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in limits.values())
+        ):
+            raise ValueError(f"limit_mm_per_prompt takes {{'image': N}} with N >= 0, got {limits!r}")
         if len(self.lora_adapters or {}) > self.lora_slots:
             raise ValueError(f"{len(self.lora_adapters)} lora_adapters do not fit in max_loras={self.max_loras}")
+
+    @property
+    def image_limit(self) -> int:
+        """The most images one prompt may hold (``limit_mm_per_prompt``'s image entry)."""
+        return (self.limit_mm_per_prompt or {}).get("image", DEFAULT_IMAGE_LIMIT)
 
     @property
     def lora_slots(self) -> int:

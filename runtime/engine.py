@@ -19,6 +19,7 @@ import zmq.asyncio
 from tristream import processes
 from tristream.config import engine_config
 from tristream.lora import DEFAULT_LORA_RANK, read_adapter
+from tristream.media import MediaPolicy, load_images, prompt_images, split_images
 from tristream.model_config import ModelConfig
 from tristream.model_files import generation_defaults, resolve_model
 from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput, accumulate
@@ -79,6 +80,7 @@ class AsyncEngine:
         self._lora_users: Counter[str] = Counter()
         self._lora_acks: dict[int, list[LoraLoaded]] = {}
         self._reserved_slots: set[int] = set()
+        self.media = MediaPolicy()
 
     async def __aenter__(self) -> AsyncEngine:
         await self.start()
@@ -289,7 +291,9 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream the assistant's reply to ``messages`` through the model's chat template.
 
-        A message's content is text, or a list of text parts (``{"type": "text", "text": ...}``) that are joined.
+        A message's content is text, or a list of parts: text (``{"type": "text", "text": ...}``) and, for a
+        vision-language model, images (``{"type": "image_url", "image_url": {"url": ...}}`` with a ``data:``,
+        ``http(s)://`` or file URL or path, or ``{"type": "image", "image": ...}`` with a PIL image, bytes or a path).
         """
         return self._stream(dict(messages=messages, chat_template_kwargs=chat_template_kwargs), params, request_id)
 
@@ -399,6 +403,11 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         if "prompt" in fields:
             fields = prompt_fields(fields["prompt"])
+        else:
+            messages, images = split_images(fields["messages"])
+            fields = {**fields, "messages": messages, **({"images": images} if images else {})}
+        if "images" in fields:
+            fields["images"] = await load_images(fields["images"], self.media)
         await self.start()
         if self._dead:
             raise EngineDeadError(self._dead)
@@ -453,10 +462,12 @@ MEDIA_KEYS = ("multimodal_data", "multi_modal_data")
 
 def prompt_fields(prompt: str | list[int] | dict) -> dict:
     """The request fields of a prompt: text, token ids, or a dict of ``prompt`` (text) or ``prompt_token_ids``,
-    as vLLM's TextPrompt and TokensPrompt and FastDeploy's prompt dicts, with at most an empty ``multimodal_data``.
+    as vLLM's TextPrompt and TokensPrompt and FastDeploy's prompt dicts, with its ``multimodal_data`` images
+    (``{"image": [...]}``) under ``images``: one for each image placeholder of the prompt.
     """
+    images = []
     if isinstance(prompt, dict):
-        prompt = _dict_prompt(prompt)
+        prompt, images = _dict_prompt(prompt)
     ids = isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt)
     if not ids and not isinstance(prompt, str):
         raise ValueError(
@@ -464,28 +475,23 @@ def prompt_fields(prompt: str | list[int] | dict) -> dict:
         )
     if not prompt:
         raise ValueError("the prompt is empty")
-    return {"prompt_token_ids": list(prompt)} if ids else {"prompt": prompt}
+    fields = {"prompt_token_ids": list(prompt)} if ids else {"prompt": prompt}
+    return {**fields, "images": images} if images else fields
 
 
-def _dict_prompt(prompt: dict) -> str | list[int]:
-    """The text or token ids of a prompt dict; a ValueError for media or for keys it does not take."""
+def _dict_prompt(prompt: dict) -> tuple[str | list[int], list]:
+    """The text or token ids of a prompt dict and its images; a ValueError for keys it does not take."""
     unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids", *MEDIA_KEYS})
     if unknown:
         raise ValueError(f"a prompt dict takes prompt, prompt_token_ids and multimodal_data, not {unknown}")
-    for key in MEDIA_KEYS:
-        media = prompt.get(key) or {}
-        if not isinstance(media, dict):
-            raise ValueError(f"{key} must be a dict of media lists, got {type(media).__name__}")
-        given = [kind for kind, items in media.items() if not (items is None or isinstance(items, list) and not items)]
-        if given:
-            raise ValueError(f"{' and '.join(given)} input is not supported yet: send text or token ids")
+    images = [image for key in MEDIA_KEYS for image in prompt_images(prompt.get(key) or {})]
     keys = [key for key in ("prompt", "prompt_token_ids") if key in prompt]
     if len(keys) != 1:
         raise ValueError("a prompt dict needs exactly one of prompt or prompt_token_ids")
     value = prompt[keys[0]]
     if (keys[0] == "prompt") != isinstance(value, str):
         raise ValueError(f"{keys[0]} must be {'a string' if keys[0] == 'prompt' else 'a list of token ids'}")
-    return value
+    return value, images
 
 
 def _log_to_stderr(level: str) -> None:

@@ -69,9 +69,13 @@ class ModelConfig:
 
     @classmethod
     def load(cls, model_dir: str) -> ModelConfig:
-        """Read ``config.json`` (and ``generation_config.json`` for EOS ids)."""
+        """Read ``config.json`` (and ``generation_config.json`` for EOS ids). A vision-language model's language
+        model fields may sit in its ``text_config``."""
         with open(os.path.join(model_dir, "config.json")) as f:
             raw = json.load(f)
+        text = raw.get("text_config")
+        if text:
+            raw = {**raw, **text, "model_type": raw.get("model_type", text.get("model_type"))}
         arch = _architecture(raw)
         from tristream.gpu_proc.models import architectures
 
@@ -84,6 +88,8 @@ class ModelConfig:
             scaling = {"original_max_position_embeddings": raw["original_max_position_embeddings"], **scaling}
         if scaling and scaling.get("type") == "su":  # Phi-3's first name for LongRoPE
             scaling = {**scaling, "type": "longrope"}
+        if scaling and scaling.get("rope_type", scaling.get("type")) in ("mrope", "default"):
+            scaling = None  # Qwen2-VL's multimodal rope: default frequencies, split by its mrope_section
         num_heads = raw["num_attention_heads"]
         return cls(
             architecture=arch,

@@ -31,14 +31,24 @@ OUTBOX_LINGER_MS = 100
 
 
 def make_ipc(num_ranks: int = 1) -> tuple[Ipc, str]:
-    """Fresh ``ipc://`` inbox addresses, and the ranks' rendezvous file, in a private temporary directory."""
+    """Fresh ``ipc://`` inbox addresses, the ranks' rendezvous file and the image folder, in a private temporary
+    directory."""
     folder = tempfile.mkdtemp(prefix="tristream-")
+    os.mkdir(os.path.join(folder, "media"))
 
     def addr(name: str) -> str:
         return f"ipc://{os.path.join(folder, name)}"
 
     gpus = [addr(f"gpu{rank}") for rank in range(num_ranks)]
-    return Ipc(addr("user"), addr("tokenizer"), addr("scheduler"), gpus, os.path.join(folder, "rendezvous")), folder
+    ipc = Ipc(
+        addr("user"),
+        addr("tokenizer"),
+        addr("scheduler"),
+        gpus,
+        os.path.join(folder, "rendezvous"),
+        os.path.join(folder, "media"),
+    )
+    return ipc, folder
 
 
 def bind_inbox(ctx: zmq.Context, address: str) -> zmq.Socket:

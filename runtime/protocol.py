@@ -17,13 +17,14 @@ from tristream.sampling_params import SamplingParams
 @dataclass
 class Ipc:
     """The ``ipc://`` address of every process's inbox (one per tensor-parallel rank for the
-    gpu_proc), and the file where the ranks' process group meets."""
+    gpu_proc), the file where the ranks' process group meets, and the folder of image payloads."""
 
     user: str
     tokenizer: str
     scheduler: str
     gpu: list[str]
     rendezvous: str
+    media: str = ""
 
 
 def gpu_process_name(rank: int) -> str:
@@ -46,7 +47,9 @@ class LoraRef:
 @dataclass
 class GenerateRequest:
     """A new request: exactly one of ``prompt``, ``prompt_token_ids`` or ``messages``;
-    ``lora`` is the adapter that ``params.lora`` names."""
+    ``lora`` is the adapter that ``params.lora`` names. ``images`` are its images in prompt order (encoded
+    bytes, a local path or a PIL image), one for each ``{"type": "image"}`` part of ``messages`` or each image
+    placeholder of the prompt."""
 
     request_id: str
     params: SamplingParams
@@ -56,6 +59,7 @@ class GenerateRequest:
     messages: list[dict] | None = None
     chat_template_kwargs: dict | None = None
     lora: LoraRef | None = None
+    images: list | None = None
 
 
 @dataclass
@@ -77,7 +81,21 @@ class Shutdown:
     """Ask a child process to exit."""
 
 
-# tokenizer_proc -> scheduler_proc
+# tokenizer_proc -> scheduler_proc -> gpu_proc
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One preprocessed image of a prompt: its pixel values (float32 of ``shape``) in the file ``path``, its grid of
+    patches (t, h, w) where the model has one, the prompt positions ``offset:offset + length`` of its tokens, and
+    ``digest``, a hash of its pixels that keys its tokens in the prefix cache."""
+
+    path: str
+    shape: tuple[int, ...]
+    grid: tuple[int, int, int] | None
+    offset: int
+    length: int
+    digest: int
 
 
 @dataclass
@@ -87,6 +105,7 @@ class TokenizedRequest:
     One of the ``n`` samples of a request names the first sample in ``fork_of``:
     it waits for that one's prompt to be computed, then starts from a copy of its KV.
     ``grammar`` is a structured output constraint as (kind, text), for the gpu_proc.
+    ``images`` are the prompt's images; their files live until the request ends.
     """
 
     request_id: str
@@ -98,6 +117,7 @@ class TokenizedRequest:
     fork_of: str | None = None
     grammar: tuple[str, str] | None = None
     lora: LoraRef | None = None
+    images: list[ImageInput] = field(default_factory=list)
 
 
 # scheduler_proc -> gpu_proc
@@ -109,7 +129,7 @@ class NewSequence:
 
     ``num_cached`` tokens already sit in its pages; ``num_outputs`` of the tokens
     are earlier outputs (a request resumed after preemption). ``lora_slot`` is its
-    LoRA adapter's slot, or -1 for the base model.
+    LoRA adapter's slot, or -1 for the base model. ``images`` are its prompt's images.
     """
 
     slot: int
@@ -120,6 +140,7 @@ class NewSequence:
     bad_words_ids: list[list[int]] = field(default_factory=list)
     grammar: tuple[str, str] | None = None
     lora_slot: int = -1
+    images: list[ImageInput] = field(default_factory=list)
 
 
 @dataclass

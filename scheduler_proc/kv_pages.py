@@ -63,7 +63,7 @@ class KVPages:
         the last, locked; the number of tokens it covers."""
         if self.cache is None:
             return 0
-        node, pages = self.cache.match(req.all_token_ids[: req.num_tokens - 1], req.cache_namespace)
+        node, pages = self.cache.match(req.cache_token_ids[: req.num_tokens - 1], req.cache_namespace)
         self.cache.lock(node)
         req.pages, req.own_pages, req.cache_node = pages, set(), node
         return len(pages) * self.page_size
@@ -106,7 +106,7 @@ class KVPages:
             return
         n = min(req.num_computed, req.num_tokens) // self.page_size
         node, tree_pages = self.cache.insert(
-            req.all_token_ids[: n * self.page_size], req.pages[:n], req.cache_namespace
+            req.cache_token_ids[: n * self.page_size], req.pages[:n], req.cache_namespace
         )
         for mine, theirs in zip(req.pages, tree_pages):
             if mine == theirs:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from tristream.protocol import TokenizedRequest
 from tristream.scheduler_proc.radix_cache import Node
 
+IMAGE_KEY_MASK = (1 << 62) - 1
+
 
 @dataclass
 class Request:
@@ -34,6 +36,10 @@ class Request:
     num_cached_tokens: int | None = None
     first_scheduled_time: float | None = None
     prompt_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    cache_prompt: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.cache_prompt = cache_keys(self.spec)
 
     @property
     def request_id(self) -> str:
@@ -48,6 +54,11 @@ class Request:
         return self.spec.prompt_token_ids + self.output_token_ids
 
     @property
+    def cache_token_ids(self) -> list[int]:
+        """``all_token_ids`` as the prefix cache keys them (``cache_keys``)."""
+        return self.cache_prompt + self.output_token_ids
+
+    @property
     def cache_namespace(self) -> int:
         """Its prefix cache tree: its LoRA adapter's id, or 0."""
         return self.spec.lora.id if self.spec.lora else 0
@@ -55,3 +66,16 @@ class Request:
     @property
     def num_planned(self) -> int:
         return self.num_tokens + self.num_pending
+
+
+def cache_keys(spec: TokenizedRequest) -> list[int]:
+    """The prompt's token ids with each image's tokens made negative numbers derived from the image's digest and
+    their place in it, so that the prefix cache tells images apart where their placeholder ids are the same."""
+    if not spec.images:
+        return spec.prompt_token_ids
+    keys = list(spec.prompt_token_ids)
+    for image in spec.images:
+        keys[image.offset : image.offset + image.length] = [
+            -1 - ((image.digest + j) & IMAGE_KEY_MASK) for j in range(image.length)
+        ]
+    return keys

@@ -17,6 +17,7 @@ from tristream.protocol import (
     TokenDelta,
     TokenizedRequest,
 )
+from tristream.scheduler_proc.image_files import ImageFiles
 from tristream.scheduler_proc.kv_pages import KVPages
 from tristream.scheduler_proc.request import Request
 
@@ -71,6 +72,7 @@ class Scheduler:
         self.in_flight: deque[StepInFlight] = deque()
         self.step_id = 0
         self.counters = SchedulerCounters()
+        self.images = ImageFiles()
 
     def stats(self, token: int) -> SchedulerStats:
         """The pages and queues now and the counters, in answer to ``StatsRequest(token)``."""
@@ -86,15 +88,18 @@ class Scheduler:
 
     def add(self, spec: TokenizedRequest) -> TokenDelta | None:
         """Queue a request; an error delta if it is a duplicate or can never fit."""
+        self.images.add(spec.images)
+        error = None
         if spec.request_id in self.by_id:
-            return TokenDelta(spec.request_id, [], error=f"request_id {spec.request_id!r} is already running")
-        if len(spec.prompt_token_ids) >= self.max_len:
-            return TokenDelta(
-                spec.request_id,
-                [],
-                error=f"the prompt has {len(spec.prompt_token_ids)} tokens, but the KV cache holds only "
-                f"{self.capacity} tokens: it can never run",
+            error = f"request_id {spec.request_id!r} is already running"
+        elif len(spec.prompt_token_ids) >= self.max_len:
+            error = (
+                f"the prompt has {len(spec.prompt_token_ids)} tokens, but the KV cache holds only "
+                f"{self.capacity} tokens: it can never run"
             )
+        if error is not None:
+            self.images.drop(spec.images, None)
+            return TokenDelta(spec.request_id, [], error=error)
         req = Request(spec)
         self.by_id[spec.request_id] = req
         self.waiting.append(req)
@@ -116,6 +121,7 @@ class Scheduler:
 
     def _end(self, req: Request, cache: bool) -> None:
         del self.by_id[req.request_id]
+        self.images.drop(req.spec.images, self.in_flight[-1].step_id if self.in_flight else None)
         if req.slot is None:
             self.waiting.remove(req)
         else:
@@ -216,6 +222,7 @@ class Scheduler:
                 req.spec.bad_words_ids,
                 req.spec.grammar,
                 req.spec.lora.slot if req.spec.lora else -1,
+                req.spec.images,
             )
         )
         plan.pages.append((req.slot, list(req.pages)))
@@ -226,7 +233,7 @@ class Scheduler:
         """Longest cached prefix first, after the preempted requests, which keep their place."""
         resumed = [r for r in self.waiting if r.output_token_ids]
         fresh = [r for r in self.waiting if not r.output_token_ids]
-        fresh.sort(key=lambda r: -self.kv.cache.peek(r.spec.prompt_token_ids, r.cache_namespace))
+        fresh.sort(key=lambda r: -self.kv.cache.peek(r.cache_prompt, r.cache_namespace))
         self.waiting = deque(resumed + fresh)
 
     def schedule(self) -> BatchPlan | None:
@@ -294,6 +301,7 @@ class Scheduler:
         start = time.perf_counter()
         step = self.in_flight.popleft()
         assert step.step_id == result.step_id, (step.step_id, result.step_id)
+        self.images.step_done(result.step_id)
         for req in step.prefilling:
             if self._live(req) and req.slot is not None:
                 self.kv.cache_computed(req)

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -135,6 +136,113 @@ def random_hf_model(path, fields: dict, norm_offset: float = 0.0, **load: object
                 b.normal_(0.0, 0.2)
     model.save_pretrained(path)
     return model
+
+
+# Chat templates of the tiny vision-language models: Qwen2-VL's and LLaVA-1.5's image placeholders.
+QWEN_VL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}"
+    "{% else %}{% for p in m.content %}{% if p.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ p.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{{ m.role | upper }}: {% if m.content is string %}{{ m.content }}"
+    "{% else %}{% for p in m.content %}{% if p.type == 'image' %}<image>\n{% else %}{{ p.text }}{% endif %}"
+    "{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def random_vision_model(path, model_type: str):
+    """A tiny random vision-language model of ``model_type`` (qwen2_5_vl, qwen2_vl or llava) saved at ``path``
+    with the bundled tokenizer plus its image tokens, a chat template that places images, and an image processor
+    made from its class's defaults (Qwen: 56x56 to 224x224 pixels; LLaVA: 56x56 crops, 16 tokens an image).
+    Returns transformers' model."""
+    from transformers import AutoModelForImageTextToText, CLIPImageProcessorPil, Qwen2VLImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(None))
+    llava = model_type == "llava"
+    special = ["<image>"] if llava else ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+    tok.add_special_tokens({"additional_special_tokens": special})
+    ids = tok.convert_tokens_to_ids(special)
+    tok.chat_template = LLAVA_TEMPLATE if llava else QWEN_VL_TEMPLATE
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+    if llava:
+        vision = dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+            projection_dim=32,
+        )
+        config = AutoConfig.for_model(
+            "llava", text_config=dict(model_type="llama", **text), vision_config=vision, image_token_id=ids[0]
+        )
+        processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    else:
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+        vision = (
+            dict(
+                depth=2,
+                hidden_size=32,
+                num_heads=2,
+                intermediate_size=64,
+                out_hidden_size=64,
+                fullatt_block_indexes=[1],
+                window_size=56,
+            )
+            if model_type == "qwen2_5_vl"
+            else dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+        )
+        config = AutoConfig.for_model(
+            model_type,
+            text_config=text,
+            vision_config=vision,
+            image_token_id=ids[2],
+            vision_start_token_id=ids[0],
+            vision_end_token_id=ids[1],
+        )
+        processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.2)
+            if "norm" in name and name.endswith("weight"):
+                p.add_(1.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model
+
+
+def random_image(seed: int, width: int = 224, height: int = 168):
+    """A PIL image of random RGB noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="session")
+def qwen_vl_dir(tmp_path_factory) -> str:
+    """A tiny random Qwen2.5-VL model directory, made once."""
+    path = tmp_path_factory.mktemp("qwen2_5_vl")
+    random_vision_model(path, "qwen2_5_vl")
+    return str(path)
 
 
 def make_lora_adapter(model_dir: str, path, seed: int, scale: float = 0.05, **lora: object):

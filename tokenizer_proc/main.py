@@ -29,6 +29,7 @@ from tristream.protocol import (
 )
 from tristream.sampling_params import SamplingParams
 from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer, push_step
+from tristream.tokenizer_proc.images import PromptImages, remove_files
 from tristream.tokenizer_proc.prompts import PromptBuilder, load_tokenizer
 from tristream.tokenizer_proc.reasoning import ThinkParser, opens_reasoning
 from tristream.tokenizer_proc.structured import grammar_spec
@@ -116,12 +117,13 @@ class ActiveRequest:
 class TokenizerWorker:
     """Per-request detokenizers plus the prompt builder."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, media_dir: str) -> None:
         self.model_config = ModelConfig.load(config.model)
         self.tokenizer = None
         if not config.skip_tokenizer_init:
             self.tokenizer = load_tokenizer(config)
-        self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, config.max_model_len)
+        images = PromptImages(config.model, self.model_config, media_dir, config.image_limit)
+        self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, config.max_model_len, images)
         self.seeds = random.Random(config.seed)
         self.reasoning_parser = config.reasoning_parser
         self.active: dict[str, ActiveRequest] = {}
@@ -133,14 +135,16 @@ class TokenizerWorker:
         Sample 0 keeps the request id; the others are ``id#i`` and fork sample 0.
         With ``best_of > n`` every sample reports logprobs, which rank them.
         """
+        images = []
         try:
-            ids, chat_text = self.prompts.build(req)
+            ids, chat_text, images = self.prompts.build(req)
             grammar = None
             if req.params.structured is not None:
                 if self.tokenizer is None:
                     raise ValueError("structured output needs a tokenizer (this engine runs with skip_tokenizer_init)")
                 grammar = grammar_spec(req.params.structured)
         except Exception as e:
+            remove_files(images)
             return OutputDelta(req.request_id, "", [], finished=True, error=_input_error(e))
         params = req.params
         seed = self.seeds.getrandbits(63) if params.seed is None else params.seed
@@ -183,6 +187,7 @@ class TokenizerWorker:
                     fork_of=req.request_id if i else None,
                     grammar=grammar,
                     lora=req.lora,
+                    images=images,
                 )
             )
         self.samples[req.request_id] = [t.request_id for t in out]
@@ -290,7 +295,7 @@ def run(ipc: Ipc, config: EngineConfig) -> None:
     inbox = bind_inbox(ctx, ipc.tokenizer)
     to_scheduler = connect_outbox(ctx, ipc.scheduler)
     to_user = connect_outbox(ctx, ipc.user)
-    worker = TokenizerWorker(config)
+    worker = TokenizerWorker(config, ipc.media)
     send(to_user, TokenizerReady(worker.prompts.has_chat_template))
     while True:
         out: list[OutputDelta] = []

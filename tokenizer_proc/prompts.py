@@ -5,8 +5,9 @@ from __future__ import annotations
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tristream.config import EngineConfig
-from tristream.protocol import GenerateRequest
+from tristream.protocol import GenerateRequest, ImageInput
 from tristream.sampling_params import SamplingParams
+from tristream.tokenizer_proc.images import PromptImages
 from tristream.tokenizer_proc.templates import resolve_chat_template
 from tristream.tokenizer_proc.turn_cache import TurnCache
 
@@ -19,25 +20,32 @@ def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _text_message(i: int, message: object) -> dict:
-    """Message ``i`` with its content as text: a list of text parts is joined, other parts are a ValueError."""
+def _template_message(i: int, message: object) -> dict:
+    """Message ``i`` as the chat template takes it: a list of text parts joined into text, a list that holds
+    ``{"type": "image"}`` parts kept for the template to place the images; other parts are a ValueError."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
         raise ValueError(f"messages[{i}] must be a dict with a string 'role' and a 'content'")
     content = message["content"]
     if not isinstance(content, list):
         return message
     for part in content:
-        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+        text = isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        if not text and part != {"type": "image"}:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise ValueError(f"messages[{i}]: only text content parts are supported yet, not parts of type {kind!r}")
+            raise ValueError(f"messages[{i}]: content parts are text or images, not parts of type {kind!r}")
+    if any(part["type"] == "image" for part in content):
+        return message
     return {**message, "content": "".join(part["text"] for part in content)}
 
 
 class PromptBuilder:
     """Applies chat templates, tokenizes, and rejects prompts the engine cannot run."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int, max_model_len: int) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int, max_model_len: int, images: PromptImages
+    ) -> None:
         self.tokenizer = tokenizer
+        self.images = images
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.turns = TurnCache(tokenizer) if tokenizer is not None else None
@@ -52,15 +60,15 @@ class PromptBuilder:
             raise ValueError("this model's tokenizer has no chat template; send a plain prompt instead")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        messages = [_text_message(i, m) for i, m in enumerate(messages)]
+        messages = [_template_message(i, m) for i, m in enumerate(messages)]
         kwargs = {"add_generation_prompt": True, **(chat_template_kwargs or {})}
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
         except Exception as e:
             raise ValueError(f"the chat template failed on these messages: {e}") from e
 
-    def build(self, req: GenerateRequest) -> tuple[list[int], str | None]:
-        """Prompt token ids for ``req`` and, for a chat, its rendered text; ``ValueError`` if it is bad."""
+    def build(self, req: GenerateRequest) -> tuple[list[int], str | None, list[ImageInput]]:
+        """Prompt token ids for ``req``, for a chat its rendered text, and its images; ``ValueError`` if it is bad."""
         text = None
         if self.tokenizer is None and req.prompt_token_ids is None:
             raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init): send prompt token ids")
@@ -76,8 +84,9 @@ class PromptBuilder:
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        ids, images = self.images.expand(ids, req.images or [])
         self._check(ids, req.params)
-        return ids, text
+        return ids, text, images
 
     def _check(self, ids: list[int], params: SamplingParams) -> None:
         """Reject a prompt and parameters that do not fit the context or the vocabulary."""

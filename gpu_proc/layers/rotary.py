@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from tristream.gpu_proc import ops
@@ -43,3 +45,15 @@ class RotaryEmbedding:
             return ops.apply_rope(q, k, positions, self.cos, self.sin)
         apply = rope.apply_rope if q.is_cuda else rope.apply_rope_ref
         return apply(q, k, positions, self.cos, self.sin, interleaved=True)
+
+    def multimodal(self, positions: torch.Tensor, section: list[int]) -> RotaryEmbedding:
+        """The rotation of tokens at multimodal positions [3, tokens] (time, height, width), as a table of one row
+        per token (rotate at ``arange(tokens)``): frequency i takes its position from the row that ``section``
+        (frequencies per row, Qwen2-VL's ``mrope_section``) gives it."""
+        rows = torch.arange(3, device=positions.device).repeat_interleave(
+            torch.tensor(section, device=positions.device)
+        )
+        index = torch.cat([rows, rows]).expand(positions.shape[1], 1, -1)
+        table = copy.copy(self)
+        table.cos, table.sin = (t[positions.T].gather(1, index)[:, 0] for t in (self.cos, self.sin))
+        return table

@@ -193,10 +193,22 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Logits [len(logit_rows), vocab] of the rows that need them."""
-        x, residual = self.embed_tokens(batch.input_ids), None
+        x, residual = self.embed(batch), None
+        rotary, batch = self.rotary_of(batch)
         for layer in self.layers:
-            x, residual = layer(x, residual, batch, kv, self.rotary)
+            x, residual = layer(x, residual, batch, kv, rotary)
         return self.lm_head(self.final_norm(x, residual)[batch.logit_rows])
+
+    def embed(self, batch: ForwardBatch) -> torch.Tensor:
+        """The input embeddings of the batch's tokens, image tokens' taken from ``batch.image_embeds``."""
+        x = self.embed_tokens(batch.input_ids)
+        if batch.image_rows is None:
+            return x
+        return x.index_copy(0, batch.image_rows, batch.image_embeds.to(x.dtype))
+
+    def rotary_of(self, batch: ForwardBatch) -> tuple[RotaryEmbedding, ForwardBatch]:
+        """The rotary embedding of the batch's positions, and the batch as the layers take it."""
+        return self.rotary, batch
 
     def final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """The last layer's output through ``norm``, with the residual that has not yet joined it, if any."""

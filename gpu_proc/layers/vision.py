@@ -1,0 +1,85 @@
+"""The vision encoder of a vision-language model: transformers' own vision tower and projector, run beside the
+language model on every rank, in the engine's dtype."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from tristream.gpu_proc.images import read_pixels
+from tristream.protocol import ImageInput
+
+
+class VisionEncoder:
+    """Encodes images into language-model embeddings with ``module``, which ``make`` builds (from transformers'
+    vision classes) once its weights are in. ``prefixes`` maps the checkpoint name prefixes of its tensors to
+    its own parameter names (the first that fits, so longer ones first); ``run(module, pixels, images)`` gives
+    the embeddings [tokens, hidden] of each image from their pixel values, concatenated on dim 0.
+
+    It is not a submodule of the language model, whose weight table and tensor-parallel placement it stays out of.
+    """
+
+    def __init__(
+        self,
+        make: Callable[[], nn.Module],
+        prefixes: dict[str, str],
+        run: Callable[[nn.Module, torch.Tensor, list[ImageInput]], list[torch.Tensor]],
+    ) -> None:
+        self.make, self.prefixes, self.run = make, prefixes, run
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.module: nn.Module | None = None
+
+    def claim(self, weights: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+        """The checkpoint's tensors but the encoder's, which it keeps to load."""
+        for name, tensor in weights:
+            prefix = next((p for p in self.prefixes if name.startswith(p)), None)
+            if prefix is None:
+                yield name, tensor
+            else:
+                self.tensors[self.prefixes[prefix] + name[len(prefix) :]] = _whole(tensor)
+
+    def load(self, device: torch.device, dtype: torch.dtype, dummy: bool) -> None:
+        """Build the encoder on ``device`` with the tensors claimed (random ones for dummy weights)."""
+        with torch.device(device):
+            module = self.make()
+        module.to(dtype)
+        if not dummy:
+            missing, unexpected = module.load_state_dict(self.tensors, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"vision encoder weights missing: {missing[:8]}; unexpected: {unexpected[:8]}")
+        self.tensors = {}
+        self.module = module.eval()
+
+    @torch.inference_mode()
+    def __call__(self, images: list[ImageInput], device: torch.device) -> list[torch.Tensor]:
+        """The embeddings [tokens, hidden] of each image."""
+        dtype = next(self.module.parameters()).dtype
+        pixels = torch.cat([read_pixels(image) for image in images]).to(device, dtype, non_blocking=True)
+        embeds = self.run(self.module, pixels, images)
+        return list(embeds.split([image.length for image in images]))
+
+
+def _whole(tensor: object) -> torch.Tensor:
+    return tensor if isinstance(tensor, torch.Tensor) else tensor[...]
+
+
+def vision_config(hf: dict, key: str = "vision_config"):
+    """transformers' config object of the model's ``vision_config`` (or the whole model's, for ``key`` None), with
+    PyTorch's scaled-dot-product attention."""
+    from transformers import AutoConfig
+
+    raw = dict(hf)
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    config = config if key is None else getattr(config, key)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def rename(weights: Iterable[tuple[str, object]], prefixes: dict[str, str]) -> Iterator[tuple[str, object]]:
+    """The tensors with the first prefix of ``prefixes`` that a name starts with replaced by its value: the
+    language model's tensors as a text model of the family names them."""
+    for name, tensor in weights:
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        yield (name if prefix is None else prefixes[prefix] + name[len(prefix) :]), tensor

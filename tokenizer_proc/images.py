@@ -65,15 +65,19 @@ class PromptImages:
             full = mc.hf.get("vision_feature_select_strategy") == "full"
             self.tokens_per_image = (vision.get("image_size", 0) // vision.get("patch_size", 1)) ** 2 + full
 
+    def check(self, count: int) -> None:
+        """A ValueError unless the model takes ``count`` images in one prompt."""
+        if count and self.processor is None:
+            raise ValueError(f"{self.architecture} is a text-only model: it takes no images")
+        if count > self.limit:
+            raise ValueError(f"{count} images, but limit_mm_per_prompt allows {self.limit} per prompt")
+
     def expand(self, ids: list[int], images: list) -> tuple[list[int], list[ImageInput]]:
         """``ids`` with each image placeholder made the tokens of its image (in order), and the images' inputs."""
+        self.check(len(images))
         if self.processor is None:
-            if images:
-                raise ValueError(f"{self.architecture} is a text-only model: it takes no images")
             return ids, []
         places = [i for i, t in enumerate(ids) if t == self.token_id]
-        if len(images) > self.limit:
-            raise ValueError(f"{len(images)} images, but limit_mm_per_prompt allows {self.limit} per prompt")
         if len(places) != len(images):
             raise ValueError(f"the prompt has {len(places)} image placeholders for {len(images)} images")
         out, inputs, start = [], [], 0

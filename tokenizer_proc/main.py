@@ -73,7 +73,8 @@ def _input_error(e: Exception) -> str:
 class ActiveRequest:
     """What the tokenizer keeps of one running sample of a request.
 
-    ``chat_text`` is the rendered chat of a one-sample request, whose turn the prompt builder remembers;
+    ``chat_text`` is the rendered chat of a one-sample request without images (their token ids hold the images'
+    tokens, not their placeholders), whose turn the prompt builder remembers;
     ``prompt_text`` the rendered chat of any, for the user.
     """
 
@@ -170,7 +171,7 @@ class TokenizerWorker:
                 i,
                 detok,
                 ids,
-                chat_text if params.num_samples == 1 else None,
+                chat_text if params.num_samples == 1 and not images else None,
                 ThinkParser(in_reasoning) if self.reasoning_parser is not None else None,
                 p.stop,
                 p.include_stop_str_in_output,

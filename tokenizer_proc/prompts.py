@@ -70,6 +70,7 @@ class PromptBuilder:
     def build(self, req: GenerateRequest) -> tuple[list[int], str | None, list[ImageInput]]:
         """Prompt token ids for ``req``, for a chat its rendered text, and its images; ``ValueError`` if it is bad."""
         text = None
+        self.images.check(len(req.images or []))
         if self.tokenizer is None and req.prompt_token_ids is None:
             raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init): send prompt token ids")
         if req.messages is not None:

@@ -111,8 +111,11 @@ def test_bad_images_fail_alone(chunked):
     assert media_files(chunked) == []
 
 
-def test_qwen2_5_vl_without_prefix_cache_in_one_chunk(qwen_vl_dir, qwen_hf):
-    with LLM(qwen_vl_dir, max_model_len=1024, enable_prefix_caching=False, log_level="WARNING") as llm:
+def test_qwen2_5_vl_on_two_ranks_without_prefix_cache(qwen_vl_dir, qwen_hf):
+    """The language model split over two CPU ranks, each running the vision encoder; prompts in one chunk."""
+    with LLM(
+        qwen_vl_dir, max_model_len=1024, enable_prefix_caching=False, tensor_parallel_size=2, log_level="WARNING"
+    ) as llm:
         outs = llm.chat([chat(random_image(0), "What is in this picture?"), chat(random_image(7), "Hi.")], GREEDY)
     assert_matches_hf(outs[0], qwen_hf, [random_image(0)])
     assert_matches_hf(outs[1], qwen_hf, [random_image(7)])

@@ -120,13 +120,13 @@ class ModelRunner:
                 config.tokenizer or config.model, mc.vocab_size, mc.eos_token_ids, self.device
             )
         self.graphs: CudaGraphRunner | None = None
+        # Decode splits each query's keys over this many positions at most (a sliding window's, if every layer has one).
+        self.attention_span = mc.attention_span(config.max_model_len)
         explicit = config.kv_cache_tokens is not None or config.kv_cache_bytes is not None
         budget = cuda_kv_budget(self) if self.device.type == "cuda" and not explicit else None
         self.kv = allocate_kv_cache(
             config, mc, self.kv_dtype, self.device, self.tp.min(kv_cache_pages(config, mc, self.kv_dtype, budget))
         )
-        # Decode splits each query's keys over this many positions at most (a sliding window's, if every layer has one).
-        self.attention_span = mc.attention_span(config.max_model_len)
         max_pages = -(-config.max_model_len // config.page_size)
         self.slots = SlotState(config.max_num_seqs, max_pages, config.page_size, self.device, self.model)
         if self.device.type == "cuda" and not config.enforce_eager:

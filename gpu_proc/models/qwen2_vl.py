@@ -36,7 +36,7 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
             lambda: _vision_class(mc.architecture)._from_config(vision_config(mc.hf)),
             {"visual.": "", "model.visual.": ""},
             lambda module, pixels, images: (
-                module(pixels, grid_thw=torch.tensor([i.grid for i in images])).pooler_output
+                module(pixels, grid_thw=torch.tensor([i.grid for i in images], device=pixels.device)).pooler_output
             ),
         )
 

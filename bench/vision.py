@@ -5,8 +5,9 @@
 Prefill: batches of 1, 8 and 32 requests of one image each (distinct images, prefix cache off), one output token
 each, give images/s. The same prompts with text in place of the image tokens (as long, no vision encoder) run
 on the same engine, and ``vision_share`` is the part of the image run's time that the text run does not take:
-preprocessing in the tokenizer process, the pixel files and the vision encoder. ``encoder_matmul_fraction``
-is the vision encoder's matmul work per second over the bf16 matmul rate measured in the same run.
+preprocessing in the tokenizer process, the pixel files and the vision encoder. The encoder then runs alone in
+this process on the same number of images: ``encoder_share`` is its time over the image run's, and
+``encoder_matmul_fraction`` its matmul work per second over the bf16 matmul rate measured in the same run.
 
 Decode: a batch of requests with an image in context, greedy, against the same-length text prompts on the
 same engine (``vs_text``) and on the text-only language model in the same run (``vs_text_model``).
@@ -137,7 +138,6 @@ async def prefill(engine: AsyncEngine, mc: ModelConfig, args: argparse.Namespace
                 "images_per_s": batch / image_s,
                 "vision_share": (image_s - text_s) / image_s,
                 "encoder_tflop": flops / 1e12,
-                "encoder_matmul_fraction": flops / max(image_s - text_s, 1e-9) / args.flops,
             }
         )
         print(rows[-1], flush=True)
@@ -197,6 +197,45 @@ def preprocessing(folder: pathlib.Path, size: int) -> tuple[int, float]:
     return patches, (time.perf_counter() - start) / 3
 
 
+def encoder_seconds(
+    folder: pathlib.Path, mc: ModelConfig, args: argparse.Namespace, device: torch.device
+) -> list[dict]:
+    """The vision encoder alone, in this process with random weights: seconds to read the pixel files and to
+    encode them, for each batch of images (the median of three runs after a warm-up)."""
+    from tristream.gpu_proc.images import read_pixels
+    from tristream.gpu_proc.models import model_class
+    from tristream.gpu_proc.parallel import TensorParallel
+    from tristream.sharding import shard_model
+    from tristream.tokenizer_proc.images import PromptImages, remove_files
+
+    shard = shard_model(mc, 1, 0)
+    with torch.device("meta"):
+        model = model_class(mc.architecture)(mc, shard, TensorParallel(shard, device, None))
+    model.vision.load(device, torch.bfloat16, dummy=True)
+    prompts = PromptImages(str(folder), mc, tempfile.mkdtemp(prefix="tristream-bench-"), max(args.batch_sizes))
+    rows = []
+    for batch in args.batch_sizes:
+        ids = [mc.hf["image_token_id"]] * batch
+        _, images = prompts.expand(ids, [image(7000 + i, args.image_size) for i in range(batch)])
+        read = _median(lambda batch: [read_pixels(i) for i in batch], images)
+        encode = _median(model.vision, images, device)
+        rows.append({"batch": batch, "read_pixels_s": read, "encode_s": encode})
+        remove_files(images)
+    return rows
+
+
+def _median(fn, *args: object) -> float:
+    fn(*args)
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(*args)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 async def main(args: argparse.Namespace) -> dict:
     args.flops = matmul_rate(torch.device("cuda"))
     torch.cuda.empty_cache()
@@ -214,6 +253,11 @@ async def main(args: argparse.Namespace) -> dict:
         )
         prefills = await prefill(engine, mc, args, tokens)
         decoding = await decode(engine, mc, args, tokens)
+    encoder = encoder_seconds(folder, mc, args, torch.device("cuda"))
+    for row, alone in zip(prefills, encoder):
+        row |= alone
+        row["encoder_share"] = alone["encode_s"] / row["image_s"]
+        row["encoder_matmul_fraction"] = row["encoder_tflop"] * 1e12 / alone["encode_s"] / args.flops
     shutil.rmtree(folder, ignore_errors=True)
     decoding["text_model_tpot_s"] = await text_model_tpot(args, tokens)
     decoding["vs_text"] = decoding["tpot_s"] / decoding["text_tpot_s"]
@@ -261,10 +305,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def print_table(report: dict) -> None:
-    print(f"{'batch':>5} {'images/s':>9} {'vision share':>13} {'encoder/bf16 peak':>18}")
+    print(f"{'batch':>5} {'images/s':>9} {'vision share':>13} {'encoder share':>14} {'encoder/bf16 peak':>18}")
     for r in report["prefill"]:
         print(
-            f"{r['batch']:>5} {r['images_per_s']:>9.2f} {r['vision_share']:>13.1%} {r['encoder_matmul_fraction']:>18.1%}"
+            f"{r['batch']:>5} {r['images_per_s']:>9.2f} {r['vision_share']:>13.1%} {r['encoder_share']:>14.1%} "
+            f"{r['encoder_matmul_fraction']:>18.1%}"
         )
     d = report["decode"]
     print(

@@ -137,6 +137,25 @@ async def test_text_only_model_refuses_images(engine):
     with pytest.raises(ValueError, match="text-only model: it takes no images"):
         async for _ in engine.chat(chat(random_image(0), "What is this?"), GREEDY):
             pass
-    async for out in engine.chat([{"role": "user", "content": "Still here?"}], SamplingParams(max_tokens=2)):
-        pass
-    assert out.finished
+    outs = [
+        out async for out in engine.chat([{"role": "user", "content": "Still here?"}], SamplingParams(max_tokens=2))
+    ]
+    assert outs[-1].finished
+
+
+def test_packed_attention_equals_attention_per_sequence():
+    from tristream.gpu_proc.layers.vision import packed_attention
+
+    gen = torch.Generator().manual_seed(0)
+    for lengths in ([5, 64, 17, 64], [32, 32]):
+        cu = torch.tensor([0, *lengths]).cumsum(0)
+        q, k, v = (torch.randn(int(cu[-1]), 4, 16, generator=gen) for _ in range(3))
+        want = torch.cat(
+            [
+                torch.nn.functional.scaled_dot_product_attention(
+                    *(t[a:b].transpose(0, 1) for t in (q, k, v)), scale=0.25
+                ).transpose(0, 1)
+                for a, b in zip(cu[:-1], cu[1:])
+            ]
+        )
+        torch.testing.assert_close(packed_attention(q, k, v, cu, 0.25), want, atol=1e-5, rtol=1e-5)

@@ -83,3 +83,17 @@ def rename(weights: Iterable[tuple[str, object]], prefixes: dict[str, str]) -> I
     for name, tensor in weights:
         prefix = next((p for p in prefixes if name.startswith(p)), None)
         yield (name if prefix is None else prefixes[prefix] + name[len(prefix) :]), tensor
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float):
+    """Attention of q, k, v [tokens, heads, head_dim] within each sequence ``cu_seqlens[i]:cu_seqlens[i + 1]``, as
+    one scaled-dot-product call over the sequences padded to the longest (a window or an image of a vision
+    tower), instead of a call per sequence."""
+    lengths = cu_seqlens.diff()
+    positions = torch.arange(int(lengths.max()), device=q.device)
+    valid = positions < lengths[:, None]
+    index = (cu_seqlens[:-1, None] + positions).clamp(max=q.shape[0] - 1)
+    qb, kb, vb = (t[index].transpose(1, 2) for t in (q, k, v))
+    mask = None if bool(valid.all()) else valid[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)[valid]

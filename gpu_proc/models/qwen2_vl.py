@@ -5,12 +5,13 @@ token's three positions (time, height, width) are equal, an image token's are it
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import torch
 
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.layers.rotary import RotaryEmbedding
-from tristream.gpu_proc.layers.vision import VisionEncoder, rename, vision_config
+from tristream.gpu_proc.layers.vision import VisionEncoder, packed_attention, rename, vision_config
 from tristream.gpu_proc.models import register
 from tristream.gpu_proc.models.llama import Qwen2ForCausalLM
 from tristream.gpu_proc.parallel import TensorParallel
@@ -33,7 +34,7 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         self.mrope_section = rope.get("mrope_section", [16, 24, 24])
         self.merge = mc.hf["vision_config"].get("spatial_merge_size", 2)
         self.vision = VisionEncoder(
-            lambda: _vision_class(mc.architecture)._from_config(vision_config(mc.hf)),
+            lambda: _packed(_vision_class(mc.architecture)._from_config(vision_config(mc.hf))),
             {"visual.": "", "model.visual.": ""},
             lambda module, pixels, images: (
                 module(pixels, grid_thw=torch.tensor([i.grid for i in images], device=pixels.device)).pooler_output
@@ -68,6 +69,23 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         return self.rotary.multimodal(batch.mrope_positions, self.mrope_section), dataclasses.replace(
             batch, positions=rows
         )
+
+
+def _packed(tower: torch.nn.Module) -> torch.nn.Module:
+    """``tower`` with each block's attention over all its windows (or images) in one call (``packed_attention``)."""
+    for block in tower.blocks:
+        block.attn.forward = types.MethodType(_attention, block.attn)
+    return tower
+
+
+def _attention(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings, **_) -> torch.Tensor:
+    """The forward pass of transformers' Qwen2-VL vision attention (``self``), packed."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    n = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).unbind(1)
+    q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+    return self.proj(packed_attention(q, k, v, cu_seqlens, self.scaling).reshape(n, -1))
 
 
 def _vision_class(architecture: str) -> type:

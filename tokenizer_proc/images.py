@@ -96,10 +96,11 @@ class PromptImages:
         """The input of ``image``, whose tokens start at prompt position ``offset``; its pixels go to a file."""
         pixels, grid = self._pixels(image)
         n = math.prod(grid) // self.merge**2 if grid else self.tokens_per_image
-        digest = hashlib.blake2b(pixels.tobytes() + repr(grid).encode(), digest_size=8).digest()
+        digest = hashlib.sha256(memoryview(pixels).cast("B"))
+        digest.update(repr(grid).encode())
         path = os.path.join(self.media_dir, f"{uuid.uuid4().hex}.f32")
         pixels.tofile(path)
-        return ImageInput(path, pixels.shape, grid, offset, n, int.from_bytes(digest) >> 2)
+        return ImageInput(path, pixels.shape, grid, offset, n, int.from_bytes(digest.digest()[:8]) >> 2)
 
     def _pixels(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int, int] | None]:
         """The processor's float32 pixel values of ``image``, and its patch grid (t, h, w) if it gives one."""

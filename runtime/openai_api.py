@@ -338,29 +338,58 @@ class ResponseFormat(_Body):
     json_schema: JsonSchema | None = None
 
 
-class TextPart(_Body):
+class ImageUrl(_Body):
+    url: str
+
+
+class ContentPart(_Body):
+    """A content part: ``{"type": "text", "text": ...}`` or ``{"type": "image_url", "image_url": {"url": ...}}``."""
+
     type: str
     text: str | None = None
+    image_url: ImageUrl | None = None
+
+    def engine_part(self, i: int) -> dict:
+        """The part as the engine takes it; ``i`` is its message's index, for the error of any other part."""
+        if self.type == "text" and self.text is not None:
+            return {"type": "text", "text": self.text}
+        if self.type == "image_url" and self.image_url is not None:
+            return {"type": "image_url", "image_url": {"url": self.image_url.url}}
+        missing = f" without {self.type!r}" if self.type in ("text", "image_url") else ""
+        raise UnsupportedField(
+            f"messages[{i}].content",
+            f'messages[{i}]: only text parts {{"type": "text", "text": ...}} and image parts '
+            f'{{"type": "image_url", "image_url": {{"url": ...}}}} are supported, not a part of type {self.type!r}'
+            + missing,
+        )
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    def parts(self, i: int) -> list[dict]:
+        """The content as the engine's content parts (text and image_url), in order."""
+        if self.content is None:
+            return []
+        if isinstance(self.content, str):
+            return [{"type": "text", "text": self.content}]
+        return [part.engine_part(i) for part in self.content]
+
+    def engine_content(self, i: int) -> str | list[dict]:
+        """The content as the engine takes it: one string, or its parts when it holds images."""
+        parts = self.parts(i)
+        if any(part["type"] == "image_url" for part in parts):
+            return parts
+        return "".join(part["text"] for part in parts)
 
     def text(self, i: int) -> str:
         """The content as one string; content parts must be text."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise UnsupportedField(
-                    f"messages[{i}].content",
-                    f"messages[{i}]: only text content parts are supported, not parts of type {part.type!r}",
-                )
-        return "".join(part.text for part in self.content)
+        content = self.engine_content(i)
+        if not isinstance(content, str):
+            raise UnsupportedField(f"messages[{i}].content", f"messages[{i}]: images are not taken here, only text")
+        return content
 
 
 # The body fields that are SamplingParams fields of the same name and meaning.
@@ -495,15 +524,17 @@ class ChatCompletionRequest(_SamplingFields):
     def conversation(self, system: str | None = None) -> list[dict]:
         """The messages as the chat template takes them, opened by ``system`` unless they have a system prompt."""
         messages = [
-            {"role": m.role, "content": m.text(i), **({"name": m.name} if m.name else {})}
+            {"role": m.role, "content": m.engine_content(i), **({"name": m.name} if m.name else {})}
             for i, m in enumerate(self.messages)
         ]
         return with_system(messages, system)
 
     def echo_text(self) -> str:
-        """What ``echo`` puts before the reply: the last message, when the assistant's."""
+        """What ``echo`` puts before the reply: the last message's text, when the assistant's."""
         last = self.messages[-1]
-        return last.text(len(self.messages) - 1) if self.echo and last.role == "assistant" else ""
+        if not self.echo or last.role != "assistant":
+            return ""
+        return "".join(part.get("text", "") for part in last.parts(len(self.messages) - 1))
 
     def sampling_params(self, base: SamplingParams | None = None) -> SamplingParams:
         """The request's SamplingParams; with ``base``, those of the fields it gives, over ``base``."""

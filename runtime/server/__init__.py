@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from tristream.engine import AsyncEngine, EngineDeadError
+from tristream.media import MediaPolicy
 from tristream.model_files import model_name
 from tristream.openai_api import RequestDefaults
 from tristream.server.app import build_app
@@ -51,6 +52,7 @@ async def serve(
     defaults: RequestDefaults | None = None,
     log_requests: bool = True,
     stats_interval: float | None = STATS_INTERVAL,
+    media: MediaPolicy | None = None,
 ) -> None:
     """Start ``engine`` and serve it over HTTP until SIGINT or SIGTERM, or until the engine dies.
 
@@ -58,9 +60,11 @@ async def serve(
     also prints the web chat's address. Requests naming the served model run the
     LoRA adapter ``default_lora``, one of the engine's start-up adapters (None: the base model);
     ``defaults`` fill in what requests leave out. Logs a line per request with ``log_requests``, and
-    the throughput every ``stats_interval`` seconds while busy. If an engine process dies, raises
-    ``EngineDeadError`` saying which and why.
+    the throughput every ``stats_interval`` seconds while busy. ``media`` (None: the engine's own) says where
+    requests may take images from. If an engine process dies, raises ``EngineDeadError`` saying which and why.
     """
+    if media is not None:
+        engine.media = media
     async with engine:
         name = served_model_name or model_name(engine.config.model)
         adapters = engine.lora_adapters

@@ -8,19 +8,24 @@ const ui = {
   topP: $("top-p"), topK: $("top-k"), maxTokens: $("max-tokens"), apiKey: $("api-key"),
   model: $("model"), modelSelect: $("model-select"), modelStatus: $("model-status"),
   newChat: $("new-chat"), settingsToggle: $("settings-toggle"), settingsForm: $("settings-form"),
+  attach: $("attach"), imageInput: $("image-input"), attachments: $("attachments"),
 };
 const DEFAULTS = { system: "", temperature: "0.7", "top-p": "", "top-k": "", "max-tokens": "512", "api-key": "" };
 
-// The conversation sent with every turn: {role, content}, with what the page shows of each turn
-// (el; for an answer also reasoning, state, tokens and meta), kept in local storage between visits.
+// The conversation sent with every turn: {role, content} and a user turn's images (data: URLs), with what the
+// page shows of each turn (el; for an answer also reasoning, state, tokens and meta), kept in local storage
+// between visits.
 let history = [];
+let attached = []; // the images, as data: URLs, that go with the next message
 let inflight = null; // the AbortController of the answer being streamed
 let modelPromise = null;
 
+// Reads a setting, or stores one and says whether it could.
 function storage(key, value) {
   try {
     if (value === undefined) return localStorage.getItem("tristream." + key);
     localStorage.setItem("tristream." + key, value);
+    return true;
   } catch (e) {
     return null; // storage can be disabled or full; settings and the conversation then last for the page only
   }
@@ -162,10 +167,22 @@ async function copyText(text) {
   }
 }
 
+function thumbnail(url) {
+  const img = element("img", "thumb");
+  img.src = url;
+  img.alt = "Attached image";
+  return img;
+}
+
 function addUserMessage(turn) {
   const el = element("div", "msg user");
   const tools = element("div", "tools");
   tools.append(tool("Edit", "Edit this message and ask again", () => editMessage(turn), "edit"));
+  if (turn.images && turn.images.length) {
+    const images = element("div", "images");
+    images.append(...turn.images.map(thumbnail));
+    el.append(images);
+  }
   el.append(element("div", "content", turn.content), tools);
   ui.empty.hidden = true;
   ui.messages.append(el);
@@ -318,9 +335,50 @@ function summary(stats, state) {
   return { tokens, text: parts.join(" · ") };
 }
 
+// The conversation as local storage keeps it: with its images if they fit, else without them.
 function saveConversation() {
-  const turns = history.map(({ role, content, reasoning, state, tokens, meta }) => ({ role, content, reasoning, state, tokens, meta }));
-  storage("conversation", JSON.stringify(turns));
+  const turns = history.map(({ role, content, images, reasoning, state, tokens, meta }) => ({ role, content, images, reasoning, state, tokens, meta }));
+  if (!storage("conversation", JSON.stringify(turns))) {
+    storage("conversation", JSON.stringify(turns.map((turn) => ({ ...turn, images: undefined }))));
+  }
+}
+
+// A turn as the chat completions API takes it: a user turn with images has its images, then its text, as parts.
+function apiMessage({ role, content, images }) {
+  if (!images || !images.length) return { role, content };
+  const parts = images.map((url) => ({ type: "image_url", image_url: { url } }));
+  return { role, content: content ? parts.concat({ type: "text", text: content }) : parts };
+}
+
+function readImage(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+// The images waiting to go with the next message, each with a button that removes it.
+function showAttachments() {
+  ui.attachments.replaceChildren(...attached.map((url, i) => {
+    const item = element("div", "attachment");
+    const remove = tool("×", "Remove this image", () => {
+      attached.splice(i, 1);
+      showAttachments();
+    }, "remove");
+    remove.setAttribute("aria-label", "Remove image");
+    item.append(thumbnail(url), remove);
+    return item;
+  }));
+  ui.attachments.hidden = !attached.length;
+  updateSend();
+}
+
+async function attachFiles(files) {
+  attached = attached.concat(await Promise.all(Array.from(files, readImage)));
+  showAttachments();
+  ui.prompt.focus();
 }
 
 // Marks the last exchange, which Edit and Regenerate act on.
@@ -377,7 +435,7 @@ async function answer(turns, userTurn, view) {
   try {
     const body = {
       model: await pickedModel(),
-      messages: systemMessages().concat(turns.map(({ role, content }) => ({ role, content }))),
+      messages: systemMessages().concat(turns.map(apiMessage)),
       stream: true,
       stream_options: { include_usage: true },
       ...sampling(),
@@ -396,8 +454,10 @@ async function answer(turns, userTurn, view) {
       turns.splice(turns.indexOf(userTurn), 1);
       userTurn.el.classList.add("failed");
       userTurn.el.title = "Left out of the conversation: the request failed.";
-      if (!ui.prompt.value) {
+      if (!ui.prompt.value && !attached.length) {
         ui.prompt.value = userTurn.content;
+        attached = [...(userTurn.images || [])];
+        showAttachments();
         autosize();
       }
       view.error(e.message || String(e));
@@ -413,10 +473,13 @@ async function answer(turns, userTurn, view) {
 
 function send() {
   const prompt = ui.prompt.value;
-  if (!prompt.trim() || inflight) return;
+  if ((!prompt.trim() && !attached.length) || inflight) return;
   ui.prompt.value = "";
-  autosize();
   const userTurn = { role: "user", content: prompt };
+  if (attached.length) userTurn.images = attached;
+  attached = [];
+  showAttachments();
+  autosize();
   history.push(userTurn);
   addUserMessage(userTurn);
   answer(history, userTurn, addAssistantMessage());
@@ -442,7 +505,7 @@ function editMessage(turn) {
     editor.replaceWith(content);
   };
   const submit = () => {
-    if (!box.value.trim() || inflight) return;
+    if ((!box.value.trim() && !turn.images) || inflight) return;
     close();
     turn.content = content.textContent = box.value;
     const dropped = history.splice(history.indexOf(turn) + 1);
@@ -474,6 +537,9 @@ function restoreConversation() {
   }
   for (const turn of Array.isArray(turns) ? turns : []) {
     if (!turn || typeof turn.content !== "string") continue;
+    const images = Array.isArray(turn.images) ? turn.images.filter((url) => typeof url === "string" && url.startsWith("data:")) : [];
+    if (images.length) turn.images = images;
+    else delete turn.images;
     if (turn.role === "user") {
       addUserMessage(turn);
     } else if (turn.role === "assistant") {
@@ -508,7 +574,7 @@ function setBusy(busy) {
 }
 
 function updateSend() {
-  ui.send.disabled = !ui.prompt.value.trim();
+  ui.send.disabled = !ui.prompt.value.trim() && !attached.length;
 }
 
 function autosize() {
@@ -537,6 +603,14 @@ ui.prompt.addEventListener("keydown", (e) => {
   }
 });
 ui.prompt.addEventListener("input", autosize);
+ui.attach.addEventListener("click", () => ui.imageInput.click());
+ui.imageInput.addEventListener("change", () => {
+  attachFiles(ui.imageInput.files).catch((e) => {
+    ui.attachments.append(element("div", "attach-error", "An image could not be read: " + e.message));
+    ui.attachments.hidden = false;
+  });
+  ui.imageInput.value = "";
+});
 ui.settingsForm.addEventListener("submit", (e) => e.preventDefault());
 document.addEventListener("keydown", (e) => {
   if (e.key === "Escape" && inflight) stop();

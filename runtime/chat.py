@@ -2,11 +2,12 @@
 
 ``inference`` and ``inference_stream`` take an ``LLM`` (synchronous) or an
 ``AsyncEngine`` (awaitable, async generator), and then either the query, or as
-ms-swift 2 does, a ``Template`` (``get_template``) and then the query. The
-default sampling is the model's ``generation_config`` when it has one
-(``get_model_tokenizer``), else greedy (temperature 0) with at most 512 new
-tokens, a deterministic answer of bounded length; pass ``sampling_params`` for
-anything else.
+ms-swift 2 does, a ``Template`` (``get_template``) and then the query. For a
+vision-language model, ``images=[...]`` (paths, URLs or PIL images) go where the
+queries' ``<image>`` tags are, in order. The default sampling is the model's
+``generation_config`` when it has one (``get_model_tokenizer``), else greedy
+(temperature 0) with at most 512 new tokens, a deterministic answer of bounded
+length; pass ``sampling_params`` for anything else.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 History = list[tuple[str, str]]
 HistoryIn = Sequence[tuple[str, str] | list[str]] | None
 Printer = Callable[[RequestOutput], None] | None
+Content = str | list[dict]
+
+# ms-swift's mark of where an image goes in a query.
+IMAGE_TAG = "<image>"
 
 DEFAULT_PARAMS = SamplingParams(temperature=0, max_tokens=512)
 
@@ -110,8 +115,10 @@ def inference(
     """Answer a query after a history; return ``(response, history + [(query, response)])``.
 
     The arguments after the engine are ``query, history=None, system=None, sampling_params=None``,
-    with ms-swift's ``template`` before them if given, and its ``generation_config`` (a transformers
-    GenerationConfig) as a keyword. ``verbose`` prints the rendered prompt and the reply, as it
+    with ms-swift's ``template`` before them if given, and as keywords its ``generation_config`` (a
+    transformers GenerationConfig) and ``images``: paths, URLs or PIL images, one for each ``<image>``
+    tag of the history's queries and the query, in order; the images beyond the tags go before the
+    first query, as ms-swift places them. ``verbose`` prints the rendered prompt and the reply, as it
     streams with ``stream``. The input history is left as it is. With an ``AsyncEngine`` this returns
     an awaitable: ``response, history = await inference(engine, query)``.
     """
@@ -138,12 +145,42 @@ def inference_stream(
     return _stream(engine_or_llm, turn, None)
 
 
-def conversation(query: str, past: History, system: str | None = None) -> list[dict]:
-    """The chat messages of ``query`` after the ``(query, response)`` turns of ``past``, and a system prompt."""
+def conversation(query: Content, past: Sequence[tuple[Content, str]], system: str | None = None) -> list[dict]:
+    """The chat messages of ``query`` after the ``(query, response)`` turns of ``past``, and a system prompt.
+    A query is text or message content parts (``image_content``)."""
     messages = [{"role": "system", "content": system}] if system is not None else []
     for q, r in past:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
     return [*messages, {"role": "user", "content": query}]
+
+
+def image_content(text: str, images: Sequence, tag: str) -> Content:
+    """The message content of ``text`` with an image at each ``tag``, in order: text and image parts, or the
+    text itself when it has no images. A ValueError unless the tags are as many as the images."""
+    pieces = text.split(tag)
+    if len(pieces) - 1 != len(images):
+        raise ValueError(f"{text!r} has {len(pieces) - 1} {tag} tags for {len(images)} images")
+    if not images:
+        return text
+    parts = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+    for image, piece in zip(images, pieces[1:]):
+        parts += [{"type": "image", "image": image}, *([{"type": "text", "text": piece}] if piece else [])]
+    return parts
+
+
+def _tagged_queries(queries: list[str], images: Sequence) -> list[Content]:
+    """Each query's content with its images, as ms-swift reads them: each ``<image>`` tag of the queries takes
+    the next image, and the images beyond the tags go before the first query."""
+    tags = sum(query.count(IMAGE_TAG) for query in queries)
+    if tags > len(images):
+        raise ValueError(f"the queries have {tags} {IMAGE_TAG} tags for {len(images)} images")
+    queries = [IMAGE_TAG * (len(images) - tags) + queries[0], *queries[1:]]
+    contents, start = [], 0
+    for query in queries:
+        end = start + query.count(IMAGE_TAG)
+        contents.append(image_content(query, images[start:end], IMAGE_TAG))
+        start = end
+    return contents
 
 
 def _prepare(engine_or_llm: object, args: tuple, kwargs: dict) -> _Turn:
@@ -162,6 +199,7 @@ def _turn(
     sampling_params: SamplingParams | None = None,
     *,
     generation_config: object = None,
+    images: Sequence | None = None,
 ) -> _Turn:
     """Check the arguments and prepare the turn: the history as pairs, the messages and the parameters."""
     if not isinstance(engine_or_llm, (LLM, AsyncEngine)):
@@ -187,7 +225,12 @@ def _turn(
     if params.num_samples != 1:
         raise ValueError("a chat turn has one response: n and best_of must be 1")
     system = system if system is not None else template.default_system
-    return _Turn(query, past, conversation(query, past, system), params, template.chat_template_kwargs)
+    if images is not None and not isinstance(images, (list, tuple)):
+        raise TypeError(f"images must be a list of paths, URLs or PIL images, got {type(images).__name__}")
+    queries = [q for q, _ in past] + [query]
+    contents = _tagged_queries(queries, images) if images else queries
+    messages = conversation(contents[-1], list(zip(contents, [r for _, r in past])), system)
+    return _Turn(query, past, messages, params, template.chat_template_kwargs)
 
 
 def _sampling_params(config: object) -> SamplingParams:

@@ -14,9 +14,10 @@ from typing import Any
 
 from tristream import __version__
 from tristream.config import EngineConfig
-from tristream.config_file import is_config_file, load_config_file, parse_lora_modules
+from tristream.config_file import is_config_file, load_config_file, parse_lora_modules, parse_mm_limits
 from tristream.datasets import CUTOFF_LEN, PREDICTIONS
 from tristream.engine import AsyncEngine
+from tristream.media import DEFAULT_MAX_IMAGE_BYTES, MediaPolicy
 from tristream.openai_api import RequestDefaults, with_system
 from tristream.outputs import RequestOutput
 from tristream.sampling_params import SamplingParams
@@ -41,6 +42,16 @@ class _Mapping(argparse.Action):
             raise argparse.ArgumentError(self, str(e)) from None
 
 
+class _MediaLimits(argparse.Action):
+    """``--flag image=N`` or ``--flag '{"image": N}'`` as a dict of counts by medium."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        try:
+            setattr(namespace, self.dest, parse_mm_limits(values))
+        except ValueError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
+
+
 def _with_default(help_text: str, default: Any) -> str:
     """``help_text`` ending in the default, unless it says one or there is none."""
     if default is None or default is False or "default" in help_text:
@@ -55,6 +66,8 @@ def _flag_options(kind: Any, meta: Any, default: Any) -> dict:
     if kind is bool:
         return {**options, "action": argparse.BooleanOptionalAction}
     options.update(metavar=meta.get("metavar"), choices=meta.get("choices"))
+    if typing.get_origin(kind) is dict and typing.get_args(kind)[1] is int:
+        return {**options, "action": _MediaLimits}
     if typing.get_origin(kind) is dict:
         return {**options, "nargs": "+", "action": _Mapping}
     return {**options, "type": kind}
@@ -132,6 +145,21 @@ def _server_args(parser: argparse.ArgumentParser, env: bool) -> None:
         "--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and the tokenizer routes"
     )
     g.add_argument("--disable-log-requests", action="store_true", help="log no line per request")
+    g.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_BYTES,
+        help=f"the largest image a request may send or link to, encoded (default: {DEFAULT_MAX_IMAGE_BYTES}, 20 MiB)",
+    )
+    g.add_argument(
+        "--allowed-local-media-path",
+        metavar="FOLDER",
+        default=None,
+        help="let requests name image files (a path or file:// URL) under FOLDER (default: none; no local files)",
+    )
+    g.add_argument(
+        "--image-fetch-timeout", type=float, default=10.0, help="seconds to fetch an http(s) image (default: 10)"
+    )
 
 
 def _batch_args(parser: argparse.ArgumentParser) -> None:
@@ -224,7 +252,16 @@ async def _serve(args: argparse.Namespace) -> None:
         default_lora=args.lora,
         defaults=_defaults(args),
         log_requests=not args.disable_log_requests,
+        media=_media(args),
     )
+
+
+def _media(args: argparse.Namespace) -> MediaPolicy:
+    """Where the server's requests may take images from, and how large and slow to fetch they may be."""
+    folder = args.allowed_local_media_path
+    if folder and not os.path.isdir(folder):
+        raise ValueError(f"--allowed-local-media-path {folder}: no such folder")
+    return MediaPolicy(folder or "", args.max_image_bytes, args.image_fetch_timeout)
 
 
 async def _chat(args: argparse.Namespace) -> None:

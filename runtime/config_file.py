@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -41,6 +42,14 @@ IGNORED = {
 }
 # The keys of LLaMA-Factory's batch prediction: flags of ``tristream batch``, which ``do_predict`` selects.
 PREDICT_KEYS = ("do_predict", "eval_dataset", "dataset_dir", "max_samples", "cutoff_len", "output_dir")
+# LLaMA-Factory's keys that the model and the request imply: ``visual_inputs`` (whether the model takes images:
+# its config says), ``do_predict`` (the command) and ``do_sample`` (read on its own).
+IMPLIED = ("visual_inputs", "do_predict", "do_sample")
+# LLaMA-Factory's templates of the vision-language models that tristream runs: the model's own chat template,
+# which places the images, renders them.
+MODEL_TEMPLATES = ("qwen2_vl", "llava")
+# The media that ``limit_mm_per_prompt`` may limit.
+MEDIA = ("image",)
 
 
 def is_config_file(arg: str) -> bool:
@@ -66,6 +75,35 @@ def parse_lora_modules(items: object) -> dict[str, str]:
     return out
 
 
+def parse_mm_limits(value: object) -> dict[str, int]:
+    """The most items of each medium one prompt may hold, from ``image=N`` (comma-separated for several), vLLM's
+    JSON form ``{"image": N}``, or a mapping; ``ValueError`` says what is wrong."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{value!r} is not valid JSON: {e}") from None
+    if isinstance(value, str):
+        items = [item.strip().partition("=") for item in value.split(",")]
+        if not all(name and sep for name, sep, _ in items):
+            raise ValueError(f'{value!r} is not image=N or a JSON object like {{"image": 4}}')
+        value = {name.strip(): count.strip() for name, _, count in items}
+    if not isinstance(value, dict):
+        raise ValueError(f'expected image=N or a mapping like {{"image": 4}}, got {value!r}')
+    return {str(name): _count(name, count) for name, count in value.items()}
+
+
+def _count(name: object, count: object) -> int:
+    """The limit ``count`` of medium ``name``, a whole number >= 0."""
+    if name not in MEDIA:
+        raise ValueError(f"{name!r} cannot be limited: the media are {', '.join(MEDIA)}")
+    if isinstance(count, str) and count.isdigit():
+        count = int(count)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ValueError(f"the {name} limit must be a whole number >= 0, got {count!r}")
+    return count
+
+
 def _adapter(path: str, value: object) -> tuple[str, str]:
     """LLaMA-Factory's ``adapter_name_or_path``: the adapter's name (its directory's) and directory."""
     dirs = [d.strip() for d in value.split(",") if d.strip()] if isinstance(value, str) else []
@@ -83,7 +121,8 @@ def load_config_file(path: str, known: set[str]) -> dict:
     """The flag defaults that a YAML file sets; ``ValueError`` names any key no flag has.
 
     ``adapter_name_or_path`` adds that adapter to ``lora_adapters`` and makes it the default ``lora``;
-    ``do_sample: false`` is greedy (temperature 0), as in LLaMA-Factory.
+    ``do_sample: false`` is greedy (temperature 0), as in LLaMA-Factory. ``visual_inputs`` is implied by the
+    model, and a vision-language ``template`` (``qwen2_vl``, ``llava``) is the model's own chat template.
     """
     p = Path(path)
     if not p.is_file():
@@ -104,7 +143,7 @@ def load_config_file(path: str, known: set[str]) -> dict:
         if name in PREDICT_KEYS and "eval_dataset" not in known:
             logger.warning("config file %s: %s is ignored (only `tristream batch` predicts over datasets)", path, key)
             continue
-        if name in ("do_predict", "do_sample"):
+        if name in IMPLIED or (name == "template" and value in MODEL_TEMPLATES):
             continue
         if name == "adapter_name_or_path":
             adapter = _adapter(path, value) if value is not None else None
@@ -112,9 +151,10 @@ def load_config_file(path: str, known: set[str]) -> dict:
         name = ALIASES[name] if ALIASES.get(name) in known else name
         if name not in known:
             raise ValueError(f"config file {path}: unknown key {key!r}")
-        if name == "lora_adapters":
+        parse = {"lora_adapters": parse_lora_modules, "limit_mm_per_prompt": parse_mm_limits}.get(name)
+        if parse is not None:
             try:
-                value = parse_lora_modules(value)
+                value = parse(value)
             except ValueError as e:
                 raise ValueError(f"config file {path}: {key}: {e}") from None
         out[name] = value

@@ -76,7 +76,9 @@ class LLM:
         """Complete a prompt or a batch of prompts.
 
         A prompt is a string, a list of token ids, or a dict of ``prompt`` or ``prompt_token_ids`` (vLLM's
-        TextPrompt and TokensPrompt, FastDeploy's prompt dict; ``AsyncEngine.generate``). vLLM's older
+        TextPrompt and TokensPrompt, FastDeploy's prompt dict; ``AsyncEngine.generate``), with a
+        vision-language model's images under ``multimodal_data`` (or vLLM's ``multi_modal_data``) as
+        ``{"image": [image, ...]}``, one for each of the model's image placeholders in the text. vLLM's older
         ``prompt_token_ids`` keyword takes token-id prompts in place of ``prompts``.
         """
         if prompt_token_ids is not None:
@@ -96,7 +98,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """Reply to one conversation or a batch of them, through the chat template.
 
-        A message's content is text, or a list of text parts, which are joined (``AsyncEngine.chat``).
+        A message's content is text, or a list of text parts and, for a vision-language model, image parts
+        (``image_url`` with a ``data:``, ``http(s)://`` or file URL or path, or ``image`` with a PIL image,
+        bytes or a path), placed by the chat template (``AsyncEngine.chat``).
         """
         return self._run(_chat_jobs(messages, chat_template_kwargs), sampling_params, use_tqdm)
 

@@ -1,8 +1,18 @@
-"""LMDeploy's engine and chat template configs, with LMDeploy's field names, for ``pipeline(backend_config=...)``."""
+"""LMDeploy's engine and chat template configs, with LMDeploy's field names, for ``pipeline(backend_config=...)``,
+and its ``load_image`` and ``IMAGE_TOKEN`` (``lmdeploy.vl``) for the pipeline's image prompts."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
+
+from PIL import Image
+
+from tristream import media
+from tristream.tokenizer_proc.images import decode_image
+
+# LMDeploy's mark of where an image goes in the text of a ``(text, images)`` prompt.
+IMAGE_TOKEN = "<IMAGE_TOKEN>"
 
 # Each LMDeploy field with a tristream equivalent, and the engine argument it sets.
 ENGINE_ARGS = {
@@ -112,3 +122,8 @@ class ChatTemplateConfig:
         pieces = [f.name for f in fields(self)[1:] if getattr(self, f.name) is not None]
         if pieces:
             raise ValueError(f"ChatTemplateConfig: {', '.join(pieces)} are not supported; give a Jinja file instead")
+
+
+def load_image(image_url: str | os.PathLike | Image.Image) -> Image.Image:
+    """LMDeploy's ``load_image``: the RGB image at an http(s) or ``data:`` URL or a local path, or of a PIL image."""
+    return decode_image(media.load_image(image_url, media.MediaPolicy()), 0)

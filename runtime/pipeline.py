@@ -8,16 +8,18 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from tristream.chat import History, conversation
+from tristream.chat import Content, conversation, image_content
 from tristream.config import EngineConfig
 from tristream.llm import LLM
-from tristream.lmdeploy import BackendConfig
+from tristream.lmdeploy import IMAGE_TOKEN, BackendConfig
 from tristream.outputs import RequestOutput, accumulate
 from tristream.sampling_params import GenerationConfig, SamplingParams
 from tristream.tokenizer_proc.templates import resolve_chat_template
 
 Messages = list[dict]
-Prompts = str | Messages | Sequence[str | Messages]
+# LMDeploy's prompt of a vision-language model: text and an image or a list of them (PIL images, paths or URLs).
+ImagePrompt = tuple[str, object]
+Prompts = str | ImagePrompt | Messages | Sequence[str | ImagePrompt | Messages]
 GenConfig = SamplingParams | Sequence[SamplingParams] | None
 
 # LMDeploy's old arguments of the call itself, and the sampling field each sets.
@@ -54,7 +56,7 @@ class Response:
 class Session:
     """A conversation of ``Pipeline.chat``, as LMDeploy's: its ``(prompt, reply)`` turns, and the last reply whole."""
 
-    history: History = field(default_factory=list)
+    history: list[tuple[str | ImagePrompt, str]] = field(default_factory=list)
     response: Response | None = None
 
 
@@ -83,11 +85,15 @@ class Pipeline:
         do_preprocess: bool = True,
         **call_time: object,
     ) -> Response | list[Response]:
-        """Reply to a prompt or a batch: one ``Response`` for a string or a message list, else a list.
+        """Reply to a prompt or a batch: one ``Response`` for a string, a ``(text, images)`` pair or a message list,
+        else a list.
 
         A string is one user message; with ``do_preprocess=False`` it is the whole prompt, without the chat
-        template. ``gen_config`` (default ``GenerationConfig()``, greedy) may be one per prompt;
-        ``adapter_name`` runs them through that LoRA adapter. LMDeploy's deprecated arguments of the call
+        template. A pair is one user message of text and an image or a list of them (PIL images, as
+        ``load_image`` gives, paths or URLs), for a vision-language model: the images go where the text has
+        ``<IMAGE_TOKEN>``, or else before the text, as in LMDeploy. Messages may hold ``image_url`` parts,
+        which stay where they are. ``gen_config`` (default ``GenerationConfig()``, greedy) may be one per
+        prompt; ``adapter_name`` runs them through that LoRA adapter. LMDeploy's deprecated arguments of the call
         (``request_output_len``, ``top_k``, ``top_p``, ``temperature``, ``repetition_penalty``,
         ``ignore_eos``) override ``gen_config``, with a DeprecationWarning.
         """
@@ -116,31 +122,33 @@ class Pipeline:
 
     def chat(
         self,
-        prompt: str,
+        prompt: str | ImagePrompt,
         session: Session | None = None,
         gen_config: SamplingParams | None = None,
         stream_response: bool = False,
         adapter_name: str | None = None,
     ) -> Session | Iterator[Response]:
-        """Reply to ``prompt`` after the turns of ``session`` (None: a new one) and return the session, with
-        the reply in ``session.response`` and the turn added to ``session.history``.
+        """Reply to ``prompt`` (text or a ``(text, images)`` pair) after the turns of ``session`` (None: a new one)
+        and return the session, with the reply in ``session.response`` and the turn added to ``session.history``.
 
         With ``stream_response``, return an iterator of the reply's Response deltas instead; the session
         takes the turn when it ends.
         """
-        if not isinstance(prompt, str):
-            raise ValueError(f"a chat prompt must be a string (image input is not supported yet), got {prompt!r}")
+        content = _content(prompt, "a chat prompt")
         session = session if session is not None else Session()
-        turn = self._turn(session, prompt, _params(gen_config, adapter_name, 1))
+        turn = self._turn(session, prompt, content, _params(gen_config, adapter_name, 1))
         if stream_response:
             return turn
         for _ in turn:
             pass
         return session
 
-    def _turn(self, session: Session, prompt: str, params: list[SamplingParams]) -> Iterator[Response]:
+    def _turn(
+        self, session: Session, prompt: str | ImagePrompt, content: Content, params: list[SamplingParams]
+    ) -> Iterator[Response]:
+        past = [(_content(p, f"session.history[{i}]"), reply) for i, (p, reply) in enumerate(session.history)]
         whole = None
-        with contextlib.closing(self.llm.stream_chat(conversation(prompt, session.history), params)) as d:
+        with contextlib.closing(self.llm.stream_chat(conversation(content, past), params)) as d:
             for _, out in d:
                 whole = accumulate(whole, out)
                 yield _response(out, 0)
@@ -222,26 +230,48 @@ def _template_name(config: object) -> str | None:
 def _prompts(prompts: Prompts, chat_template: bool) -> tuple[list[str] | list[Messages], bool]:
     """The prompts as conversations for ``LLM.chat`` (or, with ``chat_template=False``, as text for
     ``LLM.generate``), and whether they were a single prompt."""
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, tuple)):
         return [_prompt(prompts, 0, chat_template)], True
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError(f"prompts must be a string, a message list, or a non-empty list of them; got {prompts!r}")
+    if not isinstance(prompts, list) or not prompts:
+        raise ValueError(
+            f"prompts must be a string, a (text, images) pair, a message list, or a non-empty list of them; "
+            f"got {prompts!r}"
+        )
     if all(isinstance(m, dict) for m in prompts):
-        return [_prompt(list(prompts), 0, chat_template)], True
+        return [_prompt(prompts, 0, chat_template)], True
     return [_prompt(p, i, chat_template) for i, p in enumerate(prompts)], False
 
 
-def _prompt(prompt: str | Messages, i: int, chat_template: bool) -> str | Messages:
+def _prompt(prompt: str | ImagePrompt | Messages, i: int, chat_template: bool) -> str | Messages:
+    messages = isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+    if not (messages or isinstance(prompt, (str, tuple))):
+        raise ValueError(
+            f"prompt {i} must be a string, a (text, images) pair or a non-empty list of message dicts, got {prompt!r}"
+        )
+    if not chat_template:
+        if not isinstance(prompt, str):
+            raise ValueError(
+                f"prompt {i}: do_preprocess=False takes text, not {'messages' if messages else '(text, images)'}"
+            )
+        return prompt
+    return prompt if messages else [{"role": "user", "content": _content(prompt, f"prompt {i}")}]
+
+
+def _content(prompt: object, name: str) -> Content:
+    """The user message content of a text prompt or of LMDeploy's ``(text, image or images)``: the images where
+    the text has ``<IMAGE_TOKEN>``, or else before the text. ``name`` names the prompt in a ValueError."""
     if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}] if chat_template else prompt
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-        if not chat_template:
-            raise ValueError(f"prompt {i}: do_preprocess=False takes text, not messages")
-        return list(prompt)
-    raise ValueError(
-        f"prompt {i} must be a string or a non-empty list of message dicts (image input is not supported yet), "
-        f"got {prompt!r}"
-    )
+        return prompt
+    if not (isinstance(prompt, tuple) and len(prompt) == 2 and isinstance(prompt[0], str)):
+        raise ValueError(f"{name} must be a string or a (text, images) pair, got {prompt!r}")
+    text, images = prompt
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    if IMAGE_TOKEN not in text:
+        text = IMAGE_TOKEN * len(images) + text
+    try:
+        return image_content(text, images, IMAGE_TOKEN)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def _call_time(args: dict[str, object]) -> dict[str, object]:

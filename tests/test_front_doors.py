@@ -300,8 +300,10 @@ def test_prompt_dicts_and_prompt_token_ids_are_the_plain_prompts(pipe, tokenizer
         ({}, "exactly one of prompt or prompt_token_ids"),
         ({"prompt": [1, 2]}, "prompt must be a string"),
         ({"prompt_token_ids": "text"}, "prompt_token_ids must be a list of token ids"),
-        ({"prompt": Q1, "multimodal_data": {"image": ["cat.png"]}}, "image input is not supported yet"),
-        ({"prompt": Q1, "multi_modal_data": ["cat.png"]}, "multi_modal_data must be a dict"),
+        ({"prompt": Q1, "multimodal_data": {"image": ["cat.png"]}}, "image 0: no such file: cat.png"),
+        ({"prompt": Q1, "multimodal_data": {"image": [b"png"]}}, "text-only model: it takes no images"),
+        ({"prompt": Q1, "multimodal_data": {"video": [b"mp4"]}}, "video input is not supported: send images"),
+        ({"prompt": Q1, "multi_modal_data": ["cat.png"]}, "must be a dict of media lists, got list"),
         ({"prompt": ""}, "the prompt is empty"),
     ],
 )
@@ -332,14 +334,18 @@ def test_chat_outputs_carry_the_rendered_prompt_and_fastdeploys_fields(pipe, tok
     assert plain.prompt == Q1
 
 
-def test_content_as_a_list_of_text_parts_is_the_joined_text(pipe):
+def test_text_parts_are_joined_and_a_text_model_refuses_images(pipe):
     parts = [{"role": "user", "content": [{"type": "text", "text": "What is the "}, {"type": "text", "text": Q1[12:]}]}]
     want = text_of(pipe.llm.chat(user(Q1), GREEDY, use_tqdm=False)[0])
     assert text_of(pipe.llm.chat(parts, GREEDY, use_tqdm=False)[0]) == want
     assert pipe(parts, GREEDY).text == want
-    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]
-    with pytest.raises(ValueError, match="only text content parts are supported yet, not parts of type 'image_url'"):
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]
+    with pytest.raises(ValueError, match="LlamaForCausalLM is a text-only model: it takes no images"):
         pipe.llm.chat(image, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="LlamaForCausalLM is a text-only model: it takes no images"):
+        pipe((Q1, b"png"), GREEDY)
+    with pytest.raises(ValueError, match="content parts are text or images, not parts of type 'audio_url'"):
+        pipe.llm.chat([{"role": "user", "content": [{"type": "audio_url", "audio_url": "a.wav"}]}], GREEDY)
 
 
 def test_pipeline_chat_keeps_a_session(pipe):

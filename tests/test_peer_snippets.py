@@ -2,14 +2,16 @@
 
 Each snippet below is copied verbatim from the page cited above it. The test changes only what its
 ``swaps`` name, each found exactly once: the import; the model (or adapter) path, which becomes the
-bundled model (or a LoRA adapter of it); and where a page asks for a float16 model or for hundreds of
-new tokens, float32 and a few dozen, which a CPU runs in seconds. A snippet that is a fragment of its
-page gets the lines the page leaves to the reader, marked as such, and every snippet gets ``checks``
-after it. Each runs in a process of its own.
+bundled model (or a LoRA adapter of it, or for a vision-language model a tiny LLaVA-1.5); an image's
+URL or file, which becomes ``image.png`` beside the snippet; and where a page asks for a float16 model
+or for hundreds of new tokens, float32 and a few dozen, which a CPU runs in seconds. A snippet that is a
+fragment of its page gets the lines the page leaves to the reader, marked as such, and every snippet
+gets ``checks`` after it. Each runs in a process of its own.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,10 +19,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import make_lora_adapter  # pytest has imported the conftest under this name
+from tests.conftest import (  # pytest has imported the conftest under this name
+    make_lora_adapter,
+    random_image,
+    random_vision_model,
+)
 from tristream.model_files import resolve_model
 
 MODEL = "MODEL"  # stands for the bundled model's directory in the swaps
+VISION_MODEL = "VISION_MODEL"  # stands for the tiny LLaVA-1.5's directory
 
 
 @dataclass
@@ -29,6 +36,7 @@ class Snippet:
     swaps: dict[str, str]
     checks: str
     adapter: bool = False
+    vision: bool = False
 
 
 SNIPPETS = {
@@ -270,6 +278,95 @@ assert all(r for _, r in history) and model.generation_config.max_new_tokens == 
 model.shutdown()
 """,
     ),
+    # vLLM, https://docs.vllm.ai/en/v0.8.3/serving/multimodal_inputs.html (docs/source/serving/multimodal_inputs.md),
+    # "Image Inputs"; PIL and the image files are left to the reader.
+    "vllm-image-inputs": Snippet(
+        code="""\
+import PIL.Image  # left to the reader, as are the image files
+
+from vllm import LLM
+
+llm = LLM(model="llava-hf/llava-1.5-7b-hf")
+
+# Refer to the HuggingFace repo for the correct format to use
+prompt = "USER: <image>\\nWhat is the content of this image?\\nASSISTANT:"
+
+# Load the image using PIL.Image
+image = PIL.Image.open(...)
+
+# Single prompt inference
+outputs = llm.generate({
+    "prompt": prompt,
+    "multi_modal_data": {"image": image},
+})
+
+for o in outputs:
+    generated_text = o.outputs[0].text
+    print(generated_text)
+
+# Batch inference
+image_1 = PIL.Image.open(...)
+image_2 = PIL.Image.open(...)
+outputs = llm.generate(
+    [
+        {
+            "prompt": "USER: <image>\\nWhat is the content of this image?\\nASSISTANT:",
+            "multi_modal_data": {"image": image_1},
+        },
+        {
+            "prompt": "USER: <image>\\nWhat's the color of this image?\\nASSISTANT:",
+            "multi_modal_data": {"image": image_2},
+        }
+    ]
+)
+
+for o in outputs:
+    generated_text = o.outputs[0].text
+    print(generated_text)
+""",
+        swaps={
+            "from vllm import": "from tristream import",
+            '"llava-hf/llava-1.5-7b-hf"': VISION_MODEL,
+            "image = PIL.Image.open(...)": "image = PIL.Image.open('image.png')",
+            "image_1 = PIL.Image.open(...)": "image_1 = PIL.Image.open('image.png')",
+            "image_2 = PIL.Image.open(...)": "image_2 = PIL.Image.open('image.png')",
+        },
+        vision=True,
+        checks="""\
+image_token = llm.get_tokenizer().convert_tokens_to_ids("<image>")
+assert len(outputs) == 2 and [o.prompt_token_ids.count(image_token) for o in outputs] == [16, 16], outputs
+assert all(o.outputs[0].finish_reason in ("stop", "length") for o in outputs), outputs
+""",
+    ),
+    # LMDeploy, https://lmdeploy.readthedocs.io/en/latest/multi_modal/vl_pipeline.html
+    # (docs/en/multi_modal/vl_pipeline.md), "A 'Hello, world' example".
+    "lmdeploy-vl-pipeline": Snippet(
+        code="""\
+from lmdeploy import pipeline
+from lmdeploy.vl import load_image
+
+pipe = pipeline('liuhaotian/llava-v1.6-vicuna-7b')
+
+image = load_image('https://raw.githubusercontent.com/open-mmlab/mmdeploy/main/tests/data/tiger.jpeg')
+response = pipe(('describe this image', image))
+print(response)
+""",
+        swaps={
+            "from lmdeploy import": "from tristream import",
+            "from lmdeploy.vl import": "from tristream.lmdeploy import",
+            "'liuhaotian/llava-v1.6-vicuna-7b'": VISION_MODEL,
+            "'https://raw.githubusercontent.com/open-mmlab/mmdeploy/main/tests/data/tiger.jpeg'": "'image.png'",
+        },
+        vision=True,
+        checks="""\
+image_token = pipe.llm.get_tokenizer().convert_tokens_to_ids("<image>")
+parts = [{"type": "image", "image": image}, {"type": "text", "text": "describe this image"}]
+[chat] = pipe.llm.chat([{"role": "user", "content": parts}], use_tqdm=False)
+assert chat.prompt_token_ids.count(image_token) == 16 and response.input_token_len == len(chat.prompt_token_ids)
+assert response.finish_reason in ("stop", "length"), response
+pipe.close()
+""",
+    ),
 }
 
 
@@ -280,6 +377,20 @@ def adapter(tmp_path_factory, model_dir: str) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def vision_model(tmp_path_factory) -> str:
+    """A tiny random LLaVA-1.5 (16 tokens an image) whose answers end soon, as the snippets set no length: its
+    context is 64 tokens and its generation_config.json asks for 16 new tokens."""
+    path = tmp_path_factory.mktemp("llava")
+    random_vision_model(path, "llava")
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 64
+    (path / "config.json").write_text(json.dumps(config))
+    generation = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": 16}))
+    return str(path)
+
+
 @pytest.mark.parametrize("name", list(SNIPPETS))
 def test_peer_snippet_runs_as_written(name, tmp_path, request):
     snippet = SNIPPETS[name]
@@ -287,6 +398,9 @@ def test_peer_snippet_runs_as_written(name, tmp_path, request):
     values = {MODEL: repr(resolve_model(None))}
     if snippet.adapter:
         values["ADAPTER"] = repr(request.getfixturevalue("adapter"))
+    if snippet.vision:
+        values[VISION_MODEL] = repr(request.getfixturevalue("vision_model"))
+        random_image(0).save(tmp_path / "image.png")
     for old, new in snippet.swaps.items():
         assert code.count(old) == 1, f"{name}: {old!r} must appear once"
         code = code.replace(old, values.get(new, new))

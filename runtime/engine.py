@@ -484,7 +484,7 @@ def _dict_prompt(prompt: dict) -> tuple[str | list[int], list]:
     unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids", *MEDIA_KEYS})
     if unknown:
         raise ValueError(f"a prompt dict takes prompt, prompt_token_ids and multimodal_data, not {unknown}")
-    images = [image for key in MEDIA_KEYS for image in prompt_images(prompt.get(key) or {})]
+    images = [image for key in MEDIA_KEYS for image in prompt_images(prompt.get(key) or {}, key)]
     keys = [key for key in ("prompt", "prompt_token_ids") if key in prompt]
     if len(keys) != 1:
         raise ValueError("a prompt dict needs exactly one of prompt or prompt_token_ids")

@@ -66,10 +66,11 @@ def _image_of(part: object) -> object | None:
     return value
 
 
-def prompt_images(media: dict) -> list:
-    """The images of a prompt dict's ``multimodal_data`` (one image or a list); other media is a ValueError."""
+def prompt_images(media: dict, key: str = "multimodal_data") -> list:
+    """The images of a prompt dict's ``multimodal_data`` (one image or a list), named ``key`` there; other media is
+    a ValueError."""
     if not isinstance(media, dict):
-        raise ValueError(f"multimodal_data must be a dict of media lists, got {type(media).__name__}")
+        raise ValueError(f"{key} must be a dict of media lists, got {type(media).__name__}")
     other = sorted(kind for kind, items in media.items() if kind != "image" and items not in (None, []))
     if other:
         raise ValueError(f"{' and '.join(other)} input is not supported: send images")

@@ -79,7 +79,10 @@ class PromptImages:
             return ids, []
         places = [i for i, t in enumerate(ids) if t == self.token_id]
         if len(places) != len(images):
-            raise ValueError(f"the prompt has {len(places)} image placeholders for {len(images)} images")
+            raise ValueError(
+                f"the prompt has {len(places)} image placeholders for {len(images)} images (a chat template must "
+                "write one for each image part: use the model's own)"
+            )
         out, inputs, start = [], [], 0
         try:
             for k, (place, source) in enumerate(zip(places, images)):

@@ -357,7 +357,7 @@ def test_push_step_decodes_each_settings_group_in_one_call(monkeypatch: pytest.M
 
 @pytest.mark.parametrize("min_batch", [1, MIN_BATCH_DECODE])
 def test_worker_outputs_of_a_batched_step_match_one_request_at_a_time(
-    model_dir: str, tokenizer: Any, min_batch: int, monkeypatch: pytest.MonkeyPatch
+    model_dir: str, tokenizer: Any, min_batch: int, monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
     """The tokenizer process's per-step path against the same deltas fed one per batch.
 
@@ -371,7 +371,7 @@ def test_worker_outputs_of_a_batched_step_match_one_request_at_a_time(
 
     rng = random.Random(0)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    workers = [TokenizerWorker(EngineConfig(model=model_dir, max_model_len=512)) for _ in range(2)]
+    workers = [TokenizerWorker(EngineConfig(model=model_dir, max_model_len=512), str(tmp_path)) for _ in range(2)]
     outputs: dict[str, list[int]] = {}
     for i in range(32):
         rid = f"r{i}"

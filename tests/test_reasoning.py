@@ -125,9 +125,9 @@ def test_random_pairs_round_trip(reasoning, content):
     assert stream(list(f"<think>\n{reasoning}</think>\n{content}")) == (reasoning, content)
 
 
-def test_the_tokenizer_process_splits_reasoning_from_a_token_stream(model_dir, tokenizer):
+def test_the_tokenizer_process_splits_reasoning_from_a_token_stream(model_dir, tokenizer, tmp_path):
     """Real token ids, one per delta, with both tags split across several tokens."""
-    worker = TokenizerWorker(EngineConfig(model=model_dir, max_model_len=512, reasoning_parser="think"))
+    worker = TokenizerWorker(EngineConfig(model=model_dir, max_model_len=512, reasoning_parser="think"), str(tmp_path))
     params = SamplingParams(max_tokens=100)
     (spec,) = worker.admit(GenerateRequest("r", params, time.time(), prompt="Q: hi\nA:"))
     ids = tokenizer.encode("<think>\nThe user greets me.\n</think>\n\nHello there!", add_special_tokens=False)

@@ -362,6 +362,30 @@ def live_server():
     stop_server(server)
 
 
+# The vision-language server's image limits, which tests/test_server_images.py checks.
+VL_MAX_IMAGE_BYTES = 200_000
+VL_FETCH_TIMEOUT = 2.0
+
+
+@pytest.fixture(scope="session")
+def vl_media_dir(tmp_path_factory):
+    """The folder the vision-language server may read images from."""
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="session")
+def vl_server(qwen_vl_dir, vl_media_dir):
+    """One server on the tiny Qwen2.5-VL model for the image tests, local files allowed only in ``vl_media_dir``."""
+    server = start_server(
+        qwen_vl_dir,
+        *("--max-model-len", "1024", "--log-level", "WARNING", "--disable-log-requests"),
+        *("--allowed-local-media-path", str(vl_media_dir)),
+        *("--max-image-bytes", str(VL_MAX_IMAGE_BYTES), "--image-fetch-timeout", str(VL_FETCH_TIMEOUT)),
+    )
+    yield server
+    stop_server(server)
+
+
 @pytest.fixture(scope="session")
 def scrape():
     """``scrape(server)``: its /metrics samples, by name and labels (``model_name`` left out)."""

@@ -19,10 +19,13 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import random_image, start_server, stop_server  # pytest has imported the conftest under this name
+from tests.conftest import (
+    VL_FETCH_TIMEOUT,
+    VL_MAX_IMAGE_BYTES,
+    random_image,
+)  # pytest has imported the conftest under this name
 
-MAX_IMAGE_BYTES = 200_000
-FETCH_TIMEOUT = 2.0
+MAX_IMAGE_BYTES, FETCH_TIMEOUT = VL_MAX_IMAGE_BYTES, VL_FETCH_TIMEOUT
 GREEDY = dict(temperature=0, max_tokens=8, logprobs=True, top_logprobs=2)
 
 
@@ -83,31 +86,10 @@ def images_url():
 
 
 @pytest.fixture(scope="module")
-def media_dir(tmp_path_factory):
+def media_dir(vl_media_dir):
     """The folder the server may read images from, with ``image.png`` in it."""
-    folder = tmp_path_factory.mktemp("media")
-    (folder / "image.png").write_bytes(IMAGE)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def vl_server(qwen_vl_dir, media_dir):
-    server = start_server(
-        qwen_vl_dir,
-        "--max-model-len",
-        "1024",
-        "--log-level",
-        "WARNING",
-        "--disable-log-requests",
-        "--allowed-local-media-path",
-        str(media_dir),
-        "--max-image-bytes",
-        str(MAX_IMAGE_BYTES),
-        "--image-fetch-timeout",
-        str(FETCH_TIMEOUT),
-    )
-    yield server
-    stop_server(server)
+    (vl_media_dir / "image.png").write_bytes(IMAGE)
+    return vl_media_dir
 
 
 @dataclass
@@ -154,7 +136,7 @@ class Api:
 
 
 @pytest.fixture(scope="module")
-def api(vl_server) -> Api:
+def api(vl_server, media_dir) -> Api:
     return Api(vl_server)
 
 

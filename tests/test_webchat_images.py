@@ -9,17 +9,10 @@ import httpx
 import pytest
 from playwright.async_api import expect
 
-from tests.conftest import random_image, start_server, stop_server  # pytest has imported the conftest under this name
+from tests.conftest import random_image  # pytest has imported the conftest under this name
 from tests.test_webchat import ANSWER_TIMEOUT_MS, OBSERVE_JS, assert_same_origin, open_page, png_size
 
 QUESTION = "What is in this image?"
-
-
-@pytest.fixture(scope="module")
-def vl_server(qwen_vl_dir):
-    server = start_server(qwen_vl_dir, "--max-model-len", "1024", "--log-level", "WARNING", "--disable-log-requests")
-    yield server
-    stop_server(server)
 
 
 @pytest.fixture

@@ -144,6 +144,19 @@ def _server_args(parser: argparse.ArgumentParser, env: bool) -> None:
     g.add_argument(
         "--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and the tokenizer routes"
     )
+    g.add_argument(
+        "--enable-lora-runtime-loading",
+        action="store_true",
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (default: off, unless "
+        "$VLLM_ALLOW_RUNTIME_LORA_UPDATING is 1 or true)",
+    )
+    g.add_argument(
+        "--lora-root",
+        metavar="FOLDER",
+        default=None,
+        help="load adapters at run time only from folders under FOLDER, symlinks resolved "
+        "(default: any folder, with a warning)",
+    )
     g.add_argument("--disable-log-requests", action="store_true", help="log no line per request")
     g.add_argument(
         "--max-image-bytes",
@@ -253,7 +266,15 @@ async def _serve(args: argparse.Namespace) -> None:
         defaults=_defaults(args),
         log_requests=not args.disable_log_requests,
         media=_media(args),
+        enable_lora_runtime_loading=_runtime_lora(args),
+        lora_root=args.lora_root,
     )
+
+
+def _runtime_lora(args: argparse.Namespace) -> bool:
+    """Whether clients may load adapters at run time: the flag, or vLLM's $VLLM_ALLOW_RUNTIME_LORA_UPDATING."""
+    env = os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower()
+    return args.enable_lora_runtime_loading or env in ("1", "true")
 
 
 def _media(args: argparse.Namespace) -> MediaPolicy:

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tristream import AsyncEngine
-from tristream.cli import _defaults, _engine, parse_args
+from tristream.cli import _defaults, _engine, _runtime_lora, parse_args
 from tristream.openai_api import RequestDefaults
 from tristream.server import build_app
 from tristream.tokenizer_proc.templates import BUILTIN_TEMPLATES, resolve_chat_template
@@ -37,6 +37,19 @@ def test_yaml_sets_defaults_that_flags_override(tmp_path):
     )
     args = parse_args(["serve", config, "--port", "9100", "--model", "/models/other"])
     assert (args.port, args.model, args.max_model_len) == (9100, "/models/other", 512)
+
+
+def test_runtime_lora_loading_from_flag_env_and_yaml(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", raising=False)
+    args = parse_args(["serve"])
+    assert (_runtime_lora(args), args.lora_root) == (False, None)
+    args = parse_args(["serve", "--enable-lora-runtime-loading", "--lora-root", "/adapters"])
+    assert (_runtime_lora(args), args.lora_root) == (True, "/adapters")
+    args = parse_args(["webchat", write(tmp_path, "enable_lora_runtime_loading: true\nlora_root: /adapters\n")])
+    assert (_runtime_lora(args), args.lora_root) == (True, "/adapters")
+    for value, on in [("1", True), ("True", True), ("true", True), ("0", False), ("false", False), ("", False)]:
+        monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", value)
+        assert _runtime_lora(parse_args(["serve"])) is on, value
 
 
 def test_yaml_sampling_keys_for_chat_and_batch(tmp_path):

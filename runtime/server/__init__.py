@@ -53,6 +53,8 @@ async def serve(
     log_requests: bool = True,
     stats_interval: float | None = STATS_INTERVAL,
     media: MediaPolicy | None = None,
+    enable_lora_runtime_loading: bool = False,
+    lora_root: str | None = None,
 ) -> None:
     """Start ``engine`` and serve it over HTTP until SIGINT or SIGTERM, or until the engine dies.
 
@@ -61,7 +63,9 @@ async def serve(
     LoRA adapter ``default_lora``, one of the engine's start-up adapters (None: the base model);
     ``defaults`` fill in what requests leave out. Logs a line per request with ``log_requests``, and
     the throughput every ``stats_interval`` seconds while busy. ``media`` (None: the engine's own) says where
-    requests may take images from. If an engine process dies, raises ``EngineDeadError`` saying which and why.
+    requests may take images from. With ``enable_lora_runtime_loading``, clients load adapters from folders
+    under ``lora_root`` (None: any folder, with a warning) and unload them. If an engine process dies, raises
+    ``EngineDeadError`` saying which and why.
     """
     if media is not None:
         engine.media = media
@@ -75,7 +79,7 @@ async def serve(
             )
         if name in adapters:
             raise ValueError(f"a LoRA adapter is named {name!r}, like the served model; rename one")
-        app = build_app(engine, name, api_key, default_lora, defaults)
+        app = build_app(engine, name, api_key, default_lora, defaults, enable_lora_runtime_loading, lora_root)
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3, access_log=log_requests
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,16 +27,28 @@ def build_app(
     api_key: str | None = None,
     default_lora: str | None = None,
     defaults: RequestDefaults | None = None,
+    enable_lora_runtime_loading: bool = False,
+    lora_root: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``engine`` under ``model_name``; ``api_key`` guards /v1 and the tokenizer routes.
 
     A request's ``model`` is ``model_name``, which runs the LoRA adapter ``default_lora``
     (None: the base model), or the name of a loaded adapter, which runs that adapter. ``defaults`` fill in
-    the sampling fields and the system prompt that a request leaves out.
+    the sampling fields and the system prompt that a request leaves out. With ``enable_lora_runtime_loading``,
+    clients load adapters from folders under ``lora_root`` (None: any folder, with a warning) and unload them.
     """
     app = FastAPI(title="tristream", summary="OpenAI-compatible LLM server", default_response_class=JSONResponse)
     metrics = ServerMetrics(engine, model_name)
-    app.state.server = ServerState(engine, model_name, default_lora, api_key, metrics, defaults or RequestDefaults())
+    app.state.server = ServerState(
+        engine,
+        model_name,
+        default_lora,
+        api_key,
+        metrics,
+        defaults or RequestDefaults(),
+        lora_runtime_loading=enable_lora_runtime_loading,
+        lora_root=_lora_root(lora_root, enable_lora_runtime_loading),
+    )
     for exc, handler in HANDLERS.items():
         app.add_exception_handler(exc, handler)
     for router in (routes.public, routes.guarded, generate.router):
@@ -43,6 +56,20 @@ def build_app(
     # The web chat's script, styles and the libraries it uses, public like the page itself.
     app.mount("/static", StaticFiles(packages=[("tristream.server", "static")]), name="static")
     return app
+
+
+def _lora_root(root: str | None, enabled: bool) -> str | None:
+    """The real path of the folder that clients load adapters from; warns when loading is on with no folder."""
+    if root is None:
+        if enabled:
+            logger.warning(
+                "loading LoRA adapters at run time is on without --lora-root: "
+                "clients may load adapters from any folder the server can read"
+            )
+        return None
+    if not os.path.isdir(root):
+        raise ValueError(f"--lora-root {root}: no such folder")
+    return os.path.realpath(root)
 
 
 async def _on_api_error(request: Request, e: ApiError) -> JSONResponse:

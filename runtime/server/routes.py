@@ -47,13 +47,16 @@ async def models(request: Request) -> JSONResponse:
 
 @guarded.post("/v1/load_lora_adapter")
 async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> PlainTextResponse:
+    """Load an adapter from ``lora_path``: only with runtime loading on, and only from under the LoRA root."""
     state = server_state(request)
+    state.check_runtime_lora()
     if body.lora_name == state.model_name:
         raise ApiError(
             400, f"`{state.model_name}` is the served model's name; give the adapter another", param="lora_name"
         )
+    path = state.adapter_dir(body.lora_path)
     try:
-        await state.engine.load_lora(body.lora_name, body.lora_path)
+        await state.engine.load_lora(body.lora_name, path)
     except ValueError as e:
         raise bad_request(e) from None
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
@@ -61,7 +64,9 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> P
 
 @guarded.post("/v1/unload_lora_adapter")
 async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request) -> PlainTextResponse:
+    """Unload an adapter: only with runtime loading on."""
     state = server_state(request)
+    state.check_runtime_lora()
     if body.lora_name == state.default_lora:
         raise ApiError(
             400,

@@ -8,7 +8,7 @@ import torch
 
 from tristream.gpu_proc import ops
 from tristream.gpu_proc.grammar import apply_token_bitmask
-from tristream.gpu_proc.upload import download, upload
+from tristream.gpu_proc.upload import download, upload, upload_named
 from tristream.sampling_params import SamplingParams
 
 Logprobs = list[tuple[int, float]]
@@ -100,6 +100,26 @@ class SamplingState:
         ]
 
 
+def _allowed_only(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """``logits`` with -inf outside each row's ``allowed_token_ids`` (rows without the list keep every token)."""
+    vocab = logits.shape[-1]
+    restricted = [
+        (row, [t for t in p.allowed_token_ids if t < vocab])
+        for row, p in enumerate(params)
+        if p.allowed_token_ids is not None
+    ]
+    index = upload_named(
+        logits.device,
+        restricted=[row for row, _ in restricted],
+        rows=[row for row, ids in restricted for _ in ids],
+        cols=[t for _, ids in restricted for t in ids],
+    )
+    banned = torch.zeros_like(logits, dtype=torch.bool)
+    banned[index["restricted"]] = True
+    banned[index["rows"], index["cols"]] = False
+    return logits.masked_fill(banned, float("-inf"))
+
+
 def _penalized(p: SamplingParams) -> bool:
     return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
 
@@ -107,8 +127,8 @@ def _penalized(p: SamplingParams) -> bool:
 class Sampler:
     """Logit processors, then greedy or seeded sampling, over a batch of slots.
 
-    Order: the grammar bitmask, bad_words and min_tokens masks, logit_bias, repetition/frequency/presence penalties;
-    greedy rows take the argmax here; the rest are divided by temperature and
+    Order: the grammar bitmask, allowed_token_ids, bad_words and min_tokens masks, logit_bias,
+    repetition/frequency/presence penalties; greedy rows take the argmax here; the rest are divided by temperature and
     filtered by top-k, top-p and min_p (ties at a boundary are kept), then sampled.
     """
 
@@ -118,12 +138,14 @@ class Sampler:
     def process(
         self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int], bitmask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The logits after the grammar bitmask, min_tokens, logit_bias and the penalties (fp32)."""
+        """The logits after the grammar bitmask, allowed_token_ids, min_tokens, logit_bias and the penalties (fp32)."""
         st = self.state
         params = [st.params[s] for s in slot_ids]
         logits = logits.float()
         if bitmask is not None:
             logits = apply_token_bitmask(logits, bitmask)
+        if any(p.allowed_token_ids is not None for p in params):
+            logits = _allowed_only(logits, params)
         rows, cols, values = [], [], []
         for row, (slot, p) in enumerate(zip(slot_ids, params)):
             masked = list(st.banned(slot)) if slot in st.bad_words else []

@@ -160,7 +160,8 @@ class Reply:
     """The response bodies of one request, built from its engine outputs: ``await whole(finals)`` from
     each call's whole output, or ``chunks(items)`` from their merged deltas.
 
-    ``texts`` caches each token's text, asked of the engine when logprobs need it.
+    ``texts`` caches each token's text, asked of the engine when logprobs need it. While streaming,
+    ``firsts`` holds each prompt's first output and ``completion_tokens`` counts the tokens streamed so far.
     """
 
     PREFIX: ClassVar[str]
@@ -174,6 +175,8 @@ class Reply:
         self.id = f"{self.PREFIX}-{rid}"
         self.created = int(time.time())
         self.n, self.k = calls[0].params.n, calls[0].params.logprobs
+        self.firsts: dict[int, RequestOutput] = {}
+        self.completion_tokens = 0
 
     async def token_texts(self, ids: Iterable[int]) -> dict[int, str]:
         missing = sorted(set(ids) - self.texts.keys())
@@ -191,12 +194,23 @@ class Reply:
             "usage": usage,
         }
 
+    def streamed_usage(self) -> dict:
+        """The ``usage`` of what the stream has carried so far."""
+        return usage(list(self.firsts.values()), self.completion_tokens)
+
     def chunk(self, choice: dict) -> dict:
-        """A stream chunk of one choice; ``usage`` is null in it when the stream ends in a usage chunk."""
+        """A stream chunk of one choice: with ``continuous_usage_stats`` it carries the usage so far; else
+        ``usage`` is null in it when the stream ends in a usage chunk, and absent otherwise."""
         chunk = self.envelope(self.CHUNK, [choice], None)
-        if not self.body.include_usage:
+        if self.body.continuous_usage:
+            chunk["usage"] = self.streamed_usage()
+        elif not self.body.include_usage:
             del chunk["usage"]
         return chunk
+
+    def usage_chunk(self) -> list[dict]:
+        """The stream's closing chunk with the whole usage, when ``include_usage`` asks for it."""
+        return [self.envelope(self.CHUNK, [], self.streamed_usage())] if self.body.include_usage else []
 
 
 def _tokens(samples: Iterable[CompletionOutput]) -> int:
@@ -230,24 +244,32 @@ class ChatReply(Reply):
     def _delta(self, index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
         return self.chunk({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
 
-    async def chunks(self, items: Items) -> AsyncIterator[dict]:
+    def _opening(self) -> list[dict]:
+        """Each choice's first chunks: the role, then the echoed text."""
         echo = self.body.echo_text()
+        chunks = []
         for i in range(self.n):
-            yield self._delta(i, {"role": "assistant", "content": ""})
+            chunks.append(self._delta(i, {"role": "assistant", "content": ""}))
             if echo:
-                yield self._delta(i, {"content": echo})
-        num_tokens, last = 0, None
-        async for _, last in items:
-            for s in last.outputs:
-                num_tokens += len(s.token_ids)
+                chunks.append(self._delta(i, {"content": echo}))
+        return chunks
+
+    async def chunks(self, items: Items) -> AsyncIterator[dict]:
+        async for _, out in items:
+            if not self.firsts:
+                self.firsts[0] = out
+                for chunk in self._opening():
+                    yield chunk
+            for s in out.outputs:
+                self.completion_tokens += len(s.token_ids)
                 delta = {"reasoning_content": s.reasoning_content} if s.reasoning_content else {}
                 if s.text or not delta:
                     delta["content"] = s.text
                 logprobs = await self._logprobs(s.logprobs) if s.logprobs else None
                 if s.text or s.reasoning_content or s.finish_reason or logprobs:
                     yield self._delta(s.index, delta, s.finish_reason, logprobs)
-        if self.body.include_usage:
-            yield self.envelope(self.CHUNK, [], usage([last], num_tokens))
+        for chunk in self.usage_chunk():
+            yield chunk
 
 
 class CompletionReply(Reply):
@@ -298,24 +320,22 @@ class CompletionReply(Reply):
         return self.envelope(self.OBJECT, choices, usage(finals, sum(_tokens(f.outputs) for f in finals)))
 
     async def chunks(self, items: Items) -> AsyncIterator[dict]:
-        num_tokens = 0
-        firsts: dict[int, tuple[RequestOutput, str]] = {}
+        echoes: dict[int, str] = {}
         logprobs: dict[tuple[int, int], TextLogprobs | None] = {}
         async for i, out in items:
-            if i not in firsts:
-                firsts[i] = out, await self._echo(i, out)
+            if i not in self.firsts:
+                self.firsts[i], echoes[i] = out, await self._echo(i, out)
             for s in out.outputs:
-                num_tokens += len(s.token_ids)
+                self.completion_tokens += len(s.token_ids)
                 text = s.text
                 if (i, s.index) not in logprobs:
-                    first, echo = firsts[i]
-                    logprobs[i, s.index], text = await self._start_logprobs(first), echo + text
+                    logprobs[i, s.index], text = await self._start_logprobs(self.firsts[i]), echoes[i] + text
                 lp = await self._add(logprobs[i, s.index], s)
                 if text or s.finish_reason or (lp is not None and lp.tokens):
                     choice = {"index": i * self.n + s.index, "text": text, "finish_reason": s.finish_reason}
                     yield self.chunk({**choice, "logprobs": lp.take() if lp is not None else None})
-        if self.body.include_usage:
-            yield self.envelope(self.CHUNK, [], usage([first for first, _ in firsts.values()], num_tokens))
+        for chunk in self.usage_chunk():
+            yield chunk
 
 
 class _Body(BaseModel):
@@ -324,6 +344,7 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class JsonSchema(_Body):
@@ -402,6 +423,8 @@ _PARAM_OF = {
     "max_completion_tokens": "max_tokens",
     "top_logprobs": "logprobs",
     "echo": "prompt_logprobs",
+    "white_list_token_ids": "allowed_token_ids",
+    "white_list_token": "allowed_words",
     **dict.fromkeys(
         ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar"), "structured"
     ),
@@ -424,6 +447,9 @@ class _SamplingFields(_Body):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    white_list_token_ids: list[int] | None = None
+    white_list_token: list[str] | None = None
     max_tokens: int | None = None
     min_tokens: int = 0
     stop: str | list[str] | None = None
@@ -435,7 +461,6 @@ class _SamplingFields(_Body):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     echo: bool = False
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -449,6 +474,11 @@ class _SamplingFields(_Body):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def continuous_usage(self) -> bool:
+        """Whether every stream chunk carries the usage so far (vLLM's ``continuous_usage_stats``)."""
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+
     def _check_supported(self) -> None:
         if self.use_beam_search:
             raise UnsupportedField("use_beam_search", "use_beam_search is not supported: tristream has no beam search")
@@ -456,6 +486,11 @@ class _SamplingFields(_Body):
             raise UnsupportedField(
                 "length_penalty", "length_penalty only applies to beam search, which tristream does not run"
             )
+
+    def _allowed_token_ids(self) -> list[int] | None:
+        """The token ids of vLLM's ``allowed_token_ids`` and the deployment guide's ``white_list_token_ids``."""
+        given = [ids for ids in (self.allowed_token_ids, self.white_list_token_ids) if ids is not None]
+        return [t for ids in given for t in ids] if given else None
 
     def _structured(self) -> dict | None:
         given = {
@@ -489,11 +524,9 @@ class _SamplingFields(_Body):
         values["structured"] = self._structured()
         if self.top_k is not None:
             values["top_k"] = 0 if self.top_k == -1 else self.top_k
-        if self.logit_bias:
-            try:
-                values["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
-            except ValueError:
-                raise UnsupportedField("logit_bias", "logit_bias keys must be token ids") from None
+        values["logit_bias"] = self.logit_bias or None
+        values["allowed_token_ids"] = self._allowed_token_ids()
+        values["allowed_words"] = self.white_list_token
         given = {_PARAM_OF.get(name, name) for name in self.model_fields_set if getattr(self, name) is not None}
         overrides = {k: v for k, v in values.items() if v is not None and (base is None or k in given)}
         return dataclasses.replace(base, **overrides) if base is not None else SamplingParams(**overrides)

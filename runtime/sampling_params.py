@@ -58,8 +58,13 @@ class SamplingParams:
     relative to the most likely token's probability. ``presence_penalty`` and
     ``frequency_penalty`` (OpenAI semantics) count output tokens;
     ``repetition_penalty`` counts prompt and output tokens, dividing a positive
-    logit and multiplying a negative one. ``logit_bias`` maps token id to a bias
-    in [-100, 100]. EOS and stop tokens are masked until ``min_tokens`` tokens.
+    logit and multiplying a negative one. ``logit_bias`` maps a token id (an int,
+    or a string of one as JSON keys are) to a bias in [-100, 100]; any other
+    key is a word, and its bias goes on every token the word becomes, with and
+    without a leading space. ``allowed_token_ids`` and the tokens of
+    ``allowed_words`` (tokenized as logit_bias words) are the only tokens
+    sampled, when either is given. EOS and stop tokens are masked until
+    ``min_tokens`` tokens.
     ``bad_words`` are never generated, with or without a leading space: the last
     token of a word is banned when the output ends with the tokens before it.
     ``stop`` strings end the output where they appear, across token boundaries;
@@ -86,7 +91,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] | None = None
+    logit_bias: dict[int | str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    allowed_words: list[str] | None = None
     max_tokens: int | None = None
     min_tokens: int = 0
     bad_words: list[str] | None = None
@@ -130,6 +137,7 @@ class SamplingParams:
         self._check_floats()
         self._check_counts()
         self._check_lists()
+        self._check_allowed()
 
     def _check_floats(self) -> None:
         """Temperature, the filters, the penalties and logit_bias: finite and in range."""
@@ -154,10 +162,12 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.logit_bias is not None:
             try:
-                self.logit_bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
+                self.logit_bias = {_bias_key(k): float(v) for k, v in dict(self.logit_bias).items()}
             except (TypeError, ValueError) as e:
-                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from e
-            bad = {k: v for k, v in self.logit_bias.items() if k < 0 or not -100 <= v <= 100}
+                raise ValueError(
+                    f"logit_bias must map token ids or non-blank words to numbers, got {self.logit_bias!r}"
+                ) from e
+            bad = {k: v for k, v in self.logit_bias.items() if (isinstance(k, int) and k < 0) or not -100 <= v <= 100}
             if bad:
                 raise ValueError(f"logit_bias needs token ids >= 0 and finite biases in [-100, 100], got {bad!r}")
 
@@ -203,10 +213,40 @@ class SamplingParams:
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
 
+    def _check_allowed(self) -> None:
+        """The allowed tokens: non-empty lists of token ids >= 0 and of non-blank words."""
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+            ids = self.allowed_token_ids
+            if not ids or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids >= 0, got {ids!r}")
+        if self.allowed_words is not None:
+            self.allowed_words = list(self.allowed_words)
+            words = self.allowed_words
+            if not words or not all(isinstance(w, str) and w.strip() for w in words):
+                raise ValueError(f"allowed_words must be a non-empty list of non-blank strings, got {words!r}")
+
+    @property
+    def word_biases(self) -> dict[str, float]:
+        """The logit_bias entries keyed by a word, which the tokenizer turns into token ids."""
+        return {k: v for k, v in (self.logit_bias or {}).items() if isinstance(k, str)}
+
     @property
     def num_samples(self) -> int:
         """How many sequences run: ``best_of`` if given, else ``n``."""
         return self.best_of or self.n
+
+
+def _bias_key(key: int | str) -> int | str:
+    """A logit_bias key as a token id, or as a word when it is a string that does not read as an integer."""
+    if isinstance(key, bool):
+        raise TypeError("a logit_bias key must be a token id or a word")
+    try:
+        return int(key)
+    except ValueError:
+        if key.strip():
+            return key
+        raise
 
 
 @dataclass

@@ -138,6 +138,7 @@ class TokenizerWorker:
         """
         images = []
         try:
+            req = dataclasses.replace(req, params=self.prompts.with_word_tokens(req.params))
             ids, chat_text, images = self.prompts.build(req)
             grammar = None
             if req.params.structured is not None:

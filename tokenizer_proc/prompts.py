@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tristream.config import EngineConfig
@@ -67,6 +69,31 @@ class PromptBuilder:
         except Exception as e:
             raise ValueError(f"the chat template failed on these messages: {e}") from e
 
+    def word_tokens(self, word: str) -> set[int]:
+        """Every token that ``word`` becomes, alone and after a space."""
+        word = word.strip()
+        return {t for v in (word, " " + word) for t in self.tokenizer.encode(v, add_special_tokens=False)}
+
+    def with_word_tokens(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with the words of ``logit_bias`` and ``allowed_words`` turned into token ids."""
+        words = params.word_biases
+        if not words and params.allowed_words is None:
+            return params
+        if self.tokenizer is None:
+            raise ValueError(
+                "logit_bias words and allowed_words need a tokenizer (this engine runs with skip_tokenizer_init)"
+            )
+        bias = {t: b for word, b in words.items() for t in self.word_tokens(word)}
+        bias.update((k, b) for k, b in (params.logit_bias or {}).items() if isinstance(k, int))
+        changes: dict = {"logit_bias": bias or None}
+        if params.allowed_words is not None:
+            allowed = set(params.allowed_token_ids or [])
+            allowed.update(t for word in params.allowed_words for t in self.word_tokens(word))
+            if not allowed:
+                raise ValueError(f"allowed_words {params.allowed_words!r} have no tokens")
+            changes.update(allowed_token_ids=sorted(allowed), allowed_words=None)
+        return dataclasses.replace(params, **changes)
+
     def build(self, req: GenerateRequest) -> tuple[list[int], str | None, list[ImageInput]]:
         """Prompt token ids for ``req``, for a chat its rendered text, and its images; ``ValueError`` if it is bad."""
         text = None
@@ -102,7 +129,11 @@ class PromptBuilder:
                 f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens exceeds "
                 f"max_model_len={self.max_model_len}"
             )
-        for name, token_ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+        for name, token_ids in (
+            ("logit_bias", params.logit_bias or {}),
+            ("stop_token_ids", params.stop_token_ids),
+            ("allowed_token_ids", params.allowed_token_ids or []),
+        ):
             bad = [t for t in token_ids if t >= self.vocab_size]
             if bad:
                 raise ValueError(f"{name} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")

@@ -136,17 +136,9 @@ class TokenizerWorker:
         Sample 0 keeps the request id; the others are ``id#i`` and fork sample 0.
         With ``best_of > n`` every sample reports logprobs, which rank them.
         """
-        images = []
         try:
-            req = dataclasses.replace(req, params=self.prompts.with_word_tokens(req.params))
-            ids, chat_text, images = self.prompts.build(req)
-            grammar = None
-            if req.params.structured is not None:
-                if self.tokenizer is None:
-                    raise ValueError("structured output needs a tokenizer (this engine runs with skip_tokenizer_init)")
-                grammar = grammar_spec(req.params.structured)
+            req, ids, chat_text, images, grammar = self._validated(req)
         except Exception as e:
-            remove_files(images)
             return OutputDelta(req.request_id, "", [], finished=True, error=_input_error(e))
         params = req.params
         seed = self.seeds.getrandbits(63) if params.seed is None else params.seed
@@ -194,6 +186,23 @@ class TokenizerWorker:
             )
         self.samples[req.request_id] = [t.request_id for t in out]
         return out
+
+    def _validated(self, req: GenerateRequest) -> tuple:
+        """``req`` with its sampling words as token ids, its prompt token ids, its rendered chat (or None), its
+        images and its grammar (or None); an exception if any of it is bad, the images' files then removed."""
+        images = []
+        try:
+            req = dataclasses.replace(req, params=self.prompts.with_word_tokens(req.params))
+            ids, chat_text, images = self.prompts.build(req)
+            grammar = None
+            if req.params.structured is not None:
+                if self.tokenizer is None:
+                    raise ValueError("structured output needs a tokenizer (this engine runs with skip_tokenizer_init)")
+                grammar = grammar_spec(req.params.structured)
+        except BaseException:
+            remove_files(images)
+            raise
+        return req, ids, chat_text, images, grammar
 
     def tokenize(self, call: TokenizeCall) -> TokenizeResult:
         """Token ids of a prompt or chat, or the text of token ids, for the user's tokenizer calls."""

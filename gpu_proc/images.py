@@ -23,6 +23,12 @@ class SlotImages:
     rope: torch.Tensor | None = None
     rope_delta: int = 0
 
+    @property
+    def end(self) -> int:
+        """The first position past every image token and every multimodal position."""
+        last = self.images[-1]
+        return max(last.offset + last.length, 0 if self.rope is None else self.rope.shape[1])
+
     def pieces(self, start: int, end: int) -> list[tuple[int, int, int]]:
         """(image, first token, last token + 1) of the parts of images that positions ``start:end`` hold."""
         out = []

@@ -21,7 +21,8 @@ class Sequence:
 
     ``prompt_logprobs`` (top k) is set while the slot still owes prompt logprobs
     for its first ``prompt_len`` tokens. ``lora_slot`` is its adapter's slot, or -1.
-    ``images`` are its prompt's images, if it has any.
+    ``images`` are its prompt's images until their tokens and multimodal positions are all computed; the rotary
+    position of a later token is its index plus ``position_offset``.
     """
 
     token_ids: list[int]
@@ -31,6 +32,7 @@ class Sequence:
     prompt_logprobs: int | None = None
     lora_slot: int = -1
     images: SlotImages | None = None
+    position_offset: int = 0
 
 
 @dataclass
@@ -115,9 +117,9 @@ class SlotState:
                 rows.device_slots.append(slot)
                 rows.ids.append(0)
             if seq.images is None:
-                rows.positions.extend(range(start, end))
+                rows.positions.extend(range(start + seq.position_offset, end + seq.position_offset))
             else:
-                self._image_rows(rows, seq.images, start, end)
+                self._image_rows(rows, seq, start, end)
             rows.slot_mapping.extend(seq.pages[p // ps] * ps + p % ps for p in range(start, end))
             if seq.prompt_logprobs is not None and start < seq.prompt_len - 1:
                 last = min(end, seq.prompt_len - 1)
@@ -131,10 +133,10 @@ class SlotState:
         return rows
 
     @staticmethod
-    def _image_rows(rows: StepRows, images: SlotImages, start: int, end: int) -> None:
+    def _image_rows(rows: StepRows, seq: Sequence, start: int, end: int) -> None:
         """The positions of a slot with images, whose rows ``start:end`` come last in ``rows.ids``, and its image
-        rows."""
-        row = len(rows.ids) - (end - start)
+        rows. Once they are all computed, the slot runs as one without images."""
+        images, row = seq.images, len(rows.ids) - (end - start)
         known = start if images.rope is None else min(end, images.rope.shape[1])
         if start < known:
             rows.mrope.append((row, images.rope[:, start:known]))
@@ -144,6 +146,8 @@ class SlotState:
             first = row + images.images[k].offset + a - start
             rows.image_rows.extend(range(first, first + b - a))
             rows.image_pieces.append((images, k, a, b))
+        if end >= images.end:
+            seq.images, seq.position_offset = None, images.rope_delta
 
     def batch(
         self, plan: BatchPlan, sample_slots: list[int], num_kv_heads: int, attention_span: int, num_loras: int

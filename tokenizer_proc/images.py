@@ -73,8 +73,8 @@ class PromptImages:
             raise ValueError(f"{count} images, but limit_mm_per_prompt allows {self.limit} per prompt")
 
     def expand(self, ids: list[int], images: list) -> tuple[list[int], list[ImageInput]]:
-        """``ids`` with each image placeholder made the tokens of its image (in order), and the images' inputs."""
-        self.check(len(images))
+        """``ids`` with each image placeholder made the tokens of its image (in order), and the images' inputs;
+        ``check`` has passed them."""
         if self.processor is None:
             return ids, []
         places = [i for i, t in enumerate(ids) if t == self.token_id]

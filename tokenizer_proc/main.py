@@ -234,11 +234,7 @@ class TokenizerWorker:
         """Each bad word as token ids, alone and after a space."""
         if not params.bad_words or self.tokenizer is None:
             return []
-        variants = {
-            tuple(self.tokenizer.encode(v, add_special_tokens=False))
-            for word in params.bad_words
-            for v in (word.strip(), " " + word.strip())
-        }
+        variants = {tuple(ids) for word in params.bad_words for ids in self.prompts.word_variants(word)}
         return [list(v) for v in sorted(variants) if v]
 
     def outputs(self, batch: TokenBatch) -> tuple[list[OutputDelta], list[str]]:

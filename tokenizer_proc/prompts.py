@@ -69,10 +69,14 @@ class PromptBuilder:
         except Exception as e:
             raise ValueError(f"the chat template failed on these messages: {e}") from e
 
+    def word_variants(self, word: str) -> list[list[int]]:
+        """The token ids of ``word`` alone and after a space."""
+        word = word.strip()
+        return [self.tokenizer.encode(v, add_special_tokens=False) for v in (word, " " + word)]
+
     def word_tokens(self, word: str) -> set[int]:
         """Every token that ``word`` becomes, alone and after a space."""
-        word = word.strip()
-        return {t for v in (word, " " + word) for t in self.tokenizer.encode(v, add_special_tokens=False)}
+        return {t for ids in self.word_variants(word) for t in ids}
 
     def with_word_tokens(self, params: SamplingParams) -> SamplingParams:
         """``params`` with the words of ``logit_bias`` and ``allowed_words`` turned into token ids."""

@@ -161,7 +161,7 @@ def _kv_scale(modules: dict[str, nn.Module], name: str, tensor: object) -> bool:
     if ending is None:
         return False
     attention = modules[name.removeprefix("model.").split(".self_attn.")[0] + ".self_attn"].attn
-    setattr(attention, KV_SCALES[ending], float(_whole(tensor).reshape(-1)[0]))
+    setattr(attention, KV_SCALES[ending], float(whole_tensor(tensor).reshape(-1)[0]))
     return True
 
 
@@ -174,11 +174,11 @@ def _copy(param: torch.Tensor, tensor: object, p: Placement, layout: Layout, nam
     """Copy this rank's part of checkpoint ``tensor`` into ``param``, whose dims lie against the weight as
     ``layout`` says: the placement's weight rows or columns, in the parameter's own units."""
     if layout.per_part:
-        target, value = param[p.part], _whole(tensor).reshape(-1)
+        target, value = param[p.part], whole_tensor(tensor).reshape(-1)
     else:
         along = layout.out if p.dim == 0 else layout.inp
         if along is None:  # held whole on every rank
-            target, value = param, _whole(tensor)
+            target, value = param, whole_tensor(tensor)
         else:
             dim, unit = along
             src, dst = _units(p.src, unit, name), _units(p.dst, unit, name)
@@ -190,7 +190,7 @@ def _copy(param: torch.Tensor, tensor: object, p: Placement, layout: Layout, nam
     target.copy_(value.reshape(()) if value.numel() == 1 and target.dim() == 0 else value)
 
 
-def _whole(tensor: object) -> torch.Tensor:
+def whole_tensor(tensor: object) -> torch.Tensor:
     """A tensor, or the whole of a safetensors slice (of any dims, none included)."""
     return tensor if isinstance(tensor, torch.Tensor) else tensor[...]
 

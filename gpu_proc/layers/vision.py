@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tristream.gpu_proc.images import read_pixels
+from tristream.gpu_proc.weights import whole_tensor
 from tristream.protocol import ImageInput
 
 
@@ -34,11 +35,11 @@ class VisionEncoder:
     def claim(self, weights: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
         """The checkpoint's tensors but the encoder's, which it keeps to load."""
         for name, tensor in weights:
-            prefix = next((p for p in self.prefixes if name.startswith(p)), None)
-            if prefix is None:
+            own = _renamed(name, self.prefixes)
+            if own is None:
                 yield name, tensor
             else:
-                self.tensors[self.prefixes[prefix] + name[len(prefix) :]] = _whole(tensor)
+                self.tensors[own] = whole_tensor(tensor)
 
     def load(self, device: torch.device, dtype: torch.dtype, dummy: bool) -> None:
         """Build the encoder on ``device`` with the tensors claimed (random ones for dummy weights)."""
@@ -61,10 +62,6 @@ class VisionEncoder:
         return list(embeds.split([image.length for image in images]))
 
 
-def _whole(tensor: object) -> torch.Tensor:
-    return tensor if isinstance(tensor, torch.Tensor) else tensor[...]
-
-
 def vision_config(hf: dict, key: str = "vision_config"):
     """transformers' config object of the model's ``vision_config`` (or the whole model's, for ``key`` None), with
     PyTorch's scaled-dot-product attention."""
@@ -81,8 +78,13 @@ def rename(weights: Iterable[tuple[str, object]], prefixes: dict[str, str]) -> I
     """The tensors with the first prefix of ``prefixes`` that a name starts with replaced by its value: the
     language model's tensors as a text model of the family names them."""
     for name, tensor in weights:
-        prefix = next((p for p in prefixes if name.startswith(p)), None)
-        yield (name if prefix is None else prefixes[prefix] + name[len(prefix) :]), tensor
+        yield _renamed(name, prefixes) or name, tensor
+
+
+def _renamed(name: str, prefixes: dict[str, str]) -> str | None:
+    """``name`` with the first of ``prefixes`` it starts with replaced by that prefix's value; None if none fits."""
+    prefix = next((p for p in prefixes if name.startswith(p)), None)
+    return None if prefix is None else prefixes[prefix] + name[len(prefix) :]
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float):

@@ -8,6 +8,9 @@ A slot's newest token may still be on the device when the next step needs it as 
 
 Under tensor parallelism every rank runs every plan; only rank 0 samples, and the
 other ranks receive its tokens by broadcast.
+
+A step with rows of embedding requests runs eagerly (never as a CUDA graph) and keeps every
+row's final-norm hidden state for the ``Pooler``.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import torch
 
 from tristream.config import EngineConfig
 from tristream.gpu_proc.cuda_graph import CudaGraphRunner
+from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.grammar import GrammarMatchers, SlotGrammar, accept_each
 from tristream.gpu_proc.kv_cache import allocate_kv_cache, kv_cache_pages
 from tristream.gpu_proc.lora import LoraWeights
 from tristream.gpu_proc.memory import cuda_kv_budget
 from tristream.gpu_proc.parallel import TensorParallel
+from tristream.gpu_proc.pooler import Pooler
 from tristream.gpu_proc.sampler import Sampled, Sampler, SamplingState
 from tristream.gpu_proc.slot_state import Sequence, SlotState
 from tristream.gpu_proc.step_clock import StepClock
@@ -53,6 +58,7 @@ class QueuedStep:
     grammars: list[SlotGrammar | None] = field(default_factory=list)
     sampled: Sampled | None = None
     prompt_logprobs: tuple | None = None
+    pooled: tuple[list[int], torch.Tensor] | None = None
 
 
 def resolve_device(config: EngineConfig, rank: int = 0) -> torch.device:
@@ -129,6 +135,7 @@ class ModelRunner:
         )
         max_pages = -(-config.max_model_len // config.page_size)
         self.slots = SlotState(config.max_num_seqs, max_pages, config.page_size, self.device, self.model)
+        self.pooler = Pooler()
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CudaGraphRunner(
                 self.model, self.kv, config.max_num_seqs, max_pages, self.attention_span, config.lora_slots
@@ -143,6 +150,7 @@ class ModelRunner:
 
     def _apply(self, plan: BatchPlan) -> None:
         self.slots.apply(plan)
+        self.pooler.apply(plan)
         if self.sampler is not None:
             for slot in plan.freed:
                 self.grammar.remove(slot)
@@ -152,6 +160,8 @@ class ModelRunner:
                 else:
                     self.grammar.remove(new.slot)
                 self.sampler.state.set(new.slot, new.params, new.token_ids, new.num_outputs, new.bad_words_ids)
+            self.sampler.state.copy_slots([(b.source, b.slot) for b in plan.beams if b.source != b.slot])
+            self.sampler.state.count_chosen([(b.slot, b.token) for b in plan.beams])
         if plan.copies:
             self.kv.copy_pages(plan.copies)
 
@@ -176,12 +186,24 @@ class ModelRunner:
             batch, queued.slots_on_device, queued.prompt_targets = self.slots.batch(
                 plan, queued.slots, self.model_config.num_kv_heads, self.attention_span, self.config.lora_slots
             )
-            if self.graphs is not None and batch.decode:
+            spans = self.pooler.spans(plan)
+            if spans:
+                queued.logits = self._pool(batch, spans, queued)
+            elif self.graphs is not None and batch.decode:
                 queued.logits = self.graphs.run(batch)
             else:
                 queued.logits = self.model(batch, self.kv)
         clock.mark()
         return queued
+
+    def _pool(self, batch: ForwardBatch, spans: list[tuple[int, int, int]], queued: QueuedStep) -> torch.Tensor:
+        """Run a step with embedding requests' rows (``Pooler.spans``) eagerly, keeping every row's hidden state;
+        the embeddings of the requests whose prompt it completes go on ``queued``. Returns the logit rows' logits."""
+        hidden = self.model.hidden_states(batch, self.kv)
+        slots, vectors = self.pooler.pool(hidden, spans)
+        if slots:
+            queued.pooled = slots, download(vectors)
+        return self.model.logits(hidden[batch.logit_rows])
 
     @torch.inference_mode()
     def sample(self, queued: QueuedStep) -> None:
@@ -223,6 +245,7 @@ class ModelRunner:
             self._prompt_logprob_lists(queued),
             gpu_busy_s=queued.clock.busy_s(),
             gpu_idle_s=queued.clock.idle_s(queued.before),
+            embeddings=list(zip(queued.pooled[0], queued.pooled[1].tolist())) if queued.pooled else [],
         )
 
     def _prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[int, list[int]]]) -> tuple | None:

@@ -79,12 +79,40 @@ class SamplingState:
                     0, ids[-num_outputs:], torch.ones_like(ids[-num_outputs:], dtype=torch.int32)
                 )
 
+    def copy_slots(self, pairs: list[tuple[int, int]]) -> None:
+        """Give the destination of each (source, destination) pair of beam search slots (which have no bad
+        words) the source's parameters and counts, all read before any is written."""
+        if not pairs:
+            return
+        read = {src: (self.params[src], self.num_outputs[src]) for src, _ in pairs}
+        for src, dst in pairs:
+            self.params[dst], self.num_outputs[dst] = read[src]
+            self.bad_words.pop(dst, None)
+            self.outputs.pop(dst, None)
+        src, dst = upload([list(p) for p in zip(*pairs)], torch.int64, self.device)
+        for table in (self.floats, self.ints, self.counts, self.seen):
+            table[dst] = table[src]
+
+    def count_chosen(self, chosen: list[tuple[int, int]]) -> None:
+        """Count the token that the beam search chose for each (slot, token) of a penalized beam: a beam's
+        sampled tokens are not its own (``record`` leaves them out)."""
+        chosen = [(slot, token) for slot, token in chosen if _penalized(self.params[slot])]
+        if chosen:
+            slots, tokens = upload([list(c) for c in zip(*chosen)], torch.int64, self.device)
+            self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+            self.seen[slots, tokens] = True
+
     def record(self, slots: torch.Tensor, slot_ids: list[int], tokens: torch.Tensor) -> list[tuple[int, list[int]]]:
-        """Count the tokens just sampled on the device (penalty counts only matter to penalized slots).
+        """Count the tokens just sampled on the device (penalty counts only matter to penalized slots; a beam
+        search's count the tokens it chose, ``count_chosen``).
 
         Returns (row, output history) of the slots that watch for bad words: their tokens are
         appended once they are on the host (``Sampled.finish``)."""
         if any(_penalized(self.params[s]) for s in slot_ids):
+            counted = [row for row, s in enumerate(slot_ids) if not self.params[s].use_beam_search]
+            if len(counted) < len(slot_ids):
+                rows = upload(counted, torch.int64, self.device)
+                slots, tokens = slots[rows], tokens[rows]
             self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
             self.seen[slots, tokens] = True
         self.counter[slots] += 1
@@ -268,7 +296,7 @@ class Sampled:
 def _logprobs(dist: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]):
     """For ``Sampled.logprobs``: each row's logprobs count, and on their way to the host, for the rows
     that ask, the sampled tokens, their logprobs, and the top k ids and logprobs; None if no row asks."""
-    wanted = [p.logprobs for p in params]
+    wanted = [p.step_logprobs for p in params]
     rows = [i for i, n in enumerate(wanted) if n is not None]
     if not rows:
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -12,7 +13,7 @@ from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.images import SlotImages, splice_embeddings
 from tristream.gpu_proc.upload import upload, upload_named
 from tristream.kernels.attention import choose_num_splits
-from tristream.protocol import BatchPlan, NewSequence
+from tristream.protocol import BatchPlan, BeamFork, NewSequence
 
 
 @dataclass
@@ -85,6 +86,8 @@ class SlotState:
                 lora_slot=new.lora_slot,
                 images=self._images(new) if new.images else None,
             )
+        if plan.beams:
+            self._fork(plan.beams)
         if plan.pages:
             rows, cols, values = [], [], []
             for slot, pages in plan.pages:
@@ -95,6 +98,22 @@ class SlotState:
                 seq.pages.extend(pages)
             index = upload([rows, cols, values], torch.int64, self.device)
             self.block_tables[index[0], index[1]] = index[2].int()
+
+    def _fork(self, beams: list[BeamFork]) -> None:
+        """Give each beam slot its source's computed tokens and leading pages, then its chosen token. The sources
+        are read as they were before any of these changes."""
+        sources = {beam.source: self.seqs[beam.source] for beam in beams}
+        for beam in beams:
+            src = sources[beam.source]
+            self.seqs[beam.slot] = dataclasses.replace(
+                src,
+                token_ids=src.token_ids[: src.num_computed] + [beam.token],
+                pages=src.pages[: beam.num_shared_pages],
+                prompt_logprobs=None,
+            )
+        moved = [(beam.slot, beam.source, beam.num_shared_pages) for beam in beams if beam.slot != beam.source]
+        for slot, source, k in moved:
+            self.block_tables[slot, :k] = self.block_tables[source, :k]
 
     def _images(self, new: NewSequence) -> SlotImages:
         images = SlotImages(new.images)

@@ -62,9 +62,11 @@ def build_model(
     with torch.device("meta"), _default_dtype(dtype):
         model = model_class(whole.architecture)(shard.local_config(whole), shard, tp)
     model = model.to_empty(device=device)
-    if whole.tie_word_embeddings:
+    if whole.tie_word_embeddings or whole.embedding_only:
         model.lm_head.weight = model.embed_tokens.weight
     weights = dummy_weights(whole, dtype, device, config.seed) if dummy else safetensors(config.model)
+    if whole.embedding_only:  # it never samples: its LM head shares the embedding, and a checkpoint's is left out
+        weights = ((name, tensor) for name, tensor in weights if not name.startswith("lm_head."))
     vision = getattr(model, "vision", None)
     if vision is not None:
         weights = vision.claim(weights)

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from tristream.model_files import LOAD_FORMATS
+from tristream.pooling import POOLING_METHODS
 from tristream.quantization import KV_CACHE_DTYPES, METHODS
 from tristream.tokenizer_proc.images import DEFAULT_IMAGE_LIMIT
 from tristream.tokenizer_proc.templates import BUILTIN_TEMPLATES, resolve_chat_template
+from tristream.tokenizer_proc.tool_calls import PARSERS
 
 # Every name selects the one <think>...</think> parser: tristream's, FastDeploy's and vLLM's names.
 REASONING_PARSERS = ("think", "ernie-45-vl", "qwen3", "deepseek_r1")
@@ -95,6 +97,13 @@ class EngineConfig:
         "think: split <think> reasoning into reasoning_content (ernie-45-vl, qwen3 and deepseek_r1 name it too)",
         choices=REASONING_PARSERS,
     )
+    tool_call_parser: str | None = arg(
+        None,
+        "the format tool calls are parsed in: hermes (qwen25), llama3_json, mistral (default: the one the chat "
+        "template shows, when it shows one)",
+        choices=PARSERS,
+    )
+    enable_auto_tool_choice: bool = arg(True, "let the model choose whether to call tools (tool_choice 'auto')")
     lora_adapters: dict[str, str] | None = arg(
         None, "PEFT LoRA adapter directories to load at start-up, by name", flag="--lora-modules", metavar="NAME=PATH"
     )
@@ -112,6 +121,15 @@ class EngineConfig:
         "auto",
         "auto: the sampling fields a request leaves out come from the model's generation_config.json; none: they do not",
         choices=("auto", "none"),
+    )
+    pooling: str | None = arg(
+        None,
+        "how embeddings pool the final hidden states: last (the last token's) or mean (default: the model's "
+        "sentence-transformers config, else last)",
+        choices=POOLING_METHODS,
+    )
+    normalize: bool | None = arg(
+        None, "L2-normalize embeddings (default: as the model's sentence-transformers config says, else on)"
     )
 
     def __post_init__(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -18,11 +19,13 @@ import zmq.asyncio
 
 from tristream import processes
 from tristream.config import engine_config
+from tristream.embeddings import EmbeddingOutput, EmbeddingRequestOutput
 from tristream.lora import DEFAULT_LORA_RANK, read_adapter
 from tristream.media import MediaPolicy, load_images, prompt_images, split_images
 from tristream.model_config import ModelConfig
 from tristream.model_files import generation_defaults, resolve_model
 from tristream.outputs import CompletionOutput, RequestMetrics, RequestOutput, accumulate
+from tristream.pooling import PoolingParams, engine_pooling
 from tristream.protocol import (
     AbortRequest,
     GenerateRequest,
@@ -32,6 +35,7 @@ from tristream.protocol import (
     LoraRef,
     OutputBatch,
     OutputDelta,
+    Pooling,
     ProcessFailed,
     SchedulerReady,
     SchedulerStats,
@@ -40,6 +44,7 @@ from tristream.protocol import (
     TokenizeCall,
     TokenizeResult,
     TokenizerReady,
+    ToolSpec,
     decode,
     gpu_process_name,
 )
@@ -64,6 +69,7 @@ class AsyncEngine:
     def __init__(self, model: str | None = None, **engine_args: object) -> None:
         self.config = engine_config(model=model, **engine_args)
         self.model_config: ModelConfig | None = None
+        self.pooling: Pooling | None = None
         self._ready: dict[str, GpuReady | TokenizerReady | SchedulerReady] = {}
         self._procs: dict[str, object] = {}
         self._queues: dict[str, asyncio.Queue] = {}
@@ -134,6 +140,7 @@ class AsyncEngine:
         _log_to_stderr(config.log_level)
         model_dir = await asyncio.to_thread(resolve_model, config.model, config.load_format, config.download_dir)
         mc = ModelConfig.load(model_dir)
+        self.pooling = engine_pooling(config.pooling, config.normalize, model_dir)
         # An unsupported checkpoint fails here, before any process starts.
         quant_spec(mc.quantization_config, config.quantization, config.load_format == "dummy", mc.num_experts)
         self.generation_defaults = generation_defaults(model_dir) if config.generation_config == "auto" else {}
@@ -277,10 +284,18 @@ class AsyncEngine:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
     def generate(
-        self, prompt: str | list[int] | dict, params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int] | dict,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        suffix: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a completion of ``prompt``: text, token ids, or a dict (``prompt_fields``). Outputs carry deltas."""
-        return self._stream({"prompt": prompt}, params, request_id)
+        """Stream a completion of ``prompt``: text, token ids, or a dict (``prompt_fields``). Outputs carry deltas.
+
+        With ``suffix``, a model trained to fill in the middle writes the text between a text ``prompt`` and
+        ``suffix``; a model whose tokenizer has no fill-in-the-middle tokens is a ValueError.
+        """
+        return self._stream({"prompt": prompt, "suffix": suffix}, params, request_id)
 
     def chat(
         self,
@@ -288,14 +303,47 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         chat_template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the assistant's reply to ``messages`` through the model's chat template.
 
         A message's content is text, or a list of parts: text (``{"type": "text", "text": ...}``) and, for a
         vision-language model, images (``{"type": "image_url", "image_url": {"url": ...}}`` with a ``data:``,
         ``http(s)://`` or file URL or path, or ``{"type": "image", "image": ...}`` with a PIL image, bytes or a path).
+        ``tools`` (OpenAI's function tools) go to the chat template; the calls in the reply arrive on
+        ``CompletionOutput.tool_calls``. ``tool_choice`` is "auto" (the default), "none", "required" or
+        ``{"type": "function", "function": {"name": ...}}``; the last two are enforced by a grammar.
         """
-        return self._stream(dict(messages=messages, chat_template_kwargs=chat_template_kwargs), params, request_id)
+        spec = ToolSpec.of(tools, tool_choice, parallel_tool_calls)
+        fields = dict(messages=messages, chat_template_kwargs=chat_template_kwargs, tools=spec)
+        return self._stream(fields, params, request_id)
+
+    async def embed(
+        self,
+        prompt: str | list[int] | dict,
+        pooling_params: PoolingParams | None = None,
+        request_id: str | None = None,
+        lora: str | None = None,
+    ) -> EmbeddingRequestOutput:
+        """The embedding of ``prompt`` (text, token ids, or a prompt dict without images): its final-norm hidden
+        states pooled as the engine's ``pooling`` argument says (the last token's, or their mean), L2-normalized
+        unless ``normalize`` is off; ``pooling_params`` may set ``normalize`` for this request. It runs batched
+        with the other requests, through the LoRA adapter ``lora`` if given."""
+        fields = prompt_fields(prompt)
+        if "images" in fields:
+            raise ValueError("embeddings take text or token ids, not images")
+        pooling_params = PoolingParams() if pooling_params is None else pooling_params
+        if not isinstance(pooling_params, PoolingParams):
+            raise ValueError(f"pooling_params must be a PoolingParams, got {type(pooling_params).__name__}")
+        await self.start()
+        request_id = request_id or uuid.uuid4().hex
+        fields = {**fields, "pooling": pooling_params.over(self.pooling)}
+        deltas = self._deltas(fields, SamplingParams(lora=lora), request_id, time.time())
+        async with contextlib.aclosing(deltas):
+            delta = await anext(deltas)
+        return EmbeddingRequestOutput(request_id, EmbeddingOutput(delta.embedding), delta.prompt_token_ids)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with ``finish_reason="abort"``."""
@@ -402,21 +450,41 @@ class AsyncEngine:
         self, fields: dict, params: SamplingParams | None, request_id: str | None
     ) -> AsyncIterator[RequestOutput]:
         if "prompt" in fields:
-            fields = prompt_fields(fields["prompt"])
+            fields = {**prompt_fields(fields["prompt"]), "suffix": fields["suffix"]}
         else:
             messages, images = split_images(fields["messages"])
             fields = {**fields, "messages": messages, **({"images": images} if images else {})}
         if "images" in fields:
             fields["images"] = await load_images(fields["images"], self.media)
         await self.start()
+        params = params if params is not None else self.default_sampling_params()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        stream = _Stream(
+            request_id or uuid.uuid4().hex,
+            fields.get("prompt"),
+            params,
+            RequestMetrics(arrival_time=time.time()),
+            reasoning=self.config.reasoning_parser is not None,
+        )
+        deltas = self._deltas(fields, params, stream.request_id, stream.metrics.arrival_time)
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                out = stream.output(delta)
+                if out is not None:
+                    yield out
+
+    async def _deltas(
+        self, fields: dict, params: SamplingParams, request_id: str, arrival_time: float
+    ) -> AsyncIterator[OutputDelta]:
+        """Send the request of ``fields`` (``GenerateRequest``'s) and yield its deltas until each of its samples
+        has finished. An error delta is a ValueError; leaving early aborts the request."""
         if self._dead:
             raise EngineDeadError(self._dead)
         if self._closing:
             raise EngineDeadError("the engine was closed")
-        params = params if params is not None else self.default_sampling_params()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        request_id = request_id or uuid.uuid4().hex
+        if self.model_config.embedding_only and fields.get("pooling") is None:
+            raise ValueError("this is an embedding model, without an LM head to generate with: use embed")
         if request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already running")
         if params.lora is not None:
@@ -426,34 +494,23 @@ class AsyncEngine:
             self._lora_users[params.lora] += 1
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        stream = _Stream(
-            request_id,
-            fields.get("prompt"),
-            params,
-            RequestMetrics(arrival_time=time.time()),
-            reasoning=self.config.reasoning_parser is not None,
-        )
-        processes.send(
-            self._out["tokenizer"], GenerateRequest(request_id, params, stream.metrics.arrival_time, **fields)
-        )
-        finished = False
+        processes.send(self._out["tokenizer"], GenerateRequest(request_id, params, arrival_time, **fields))
+        finished = 0
         try:
-            while not finished:
+            while finished < params.num_samples:
                 delta = await queue.get()
                 if isinstance(delta, Exception):
                     raise delta
                 if delta.error is not None:
-                    finished = True
+                    finished = params.num_samples
                     raise ValueError(delta.error)
-                out = stream.output(delta)
-                finished = stream.finished
-                if out is not None:
-                    yield out
+                finished += delta.finished
+                yield delta
         finally:
             self._queues.pop(request_id, None)
             if params.lora is not None:
                 self._lora_users[params.lora] -= 1
-            if not finished and self.is_running:
+            if finished < params.num_samples and self.is_running:
                 processes.send(self._out["tokenizer"], AbortRequest(request_id))
 
 
@@ -574,8 +631,10 @@ class _Stream:
             metrics.finished_time = now
 
     def _sample(self, delta: OutputDelta) -> CompletionOutput:
-        """The CompletionOutput of ``delta``, numbered among its sample's deltas."""
-        logprobs = [dict(step) for step in delta.logprobs] if delta.logprobs is not None else None
+        """The CompletionOutput of ``delta``, numbered among its sample's deltas. A beam search's hypotheses
+        always carry logprobs, which give their cumulative logprob; they are shown when asked for."""
+        shown = delta.logprobs is not None and not (self.params.use_beam_search and self.params.logprobs is None)
+        logprobs = [dict(step) for step in delta.logprobs] if shown else None
         if delta.logprobs is not None:
             self.cumulative[delta.index] = self.cumulative.get(delta.index, 0.0) + sum(s[0][1] for s in delta.logprobs)
         self.sent[delta.index] = self.sent.get(delta.index, -1) + 1
@@ -588,6 +647,7 @@ class _Stream:
             self.cumulative.get(delta.index),
             delta.reasoning if self.reasoning else None,
             self.sent[delta.index],
+            delta.tool_calls,
         )
 
     def _best(self) -> list[CompletionOutput]:

@@ -11,8 +11,11 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
+from tristream.beam_search import BeamSearchOutput, BeamSearchParams, beam_search_outputs
+from tristream.embeddings import EmbeddingRequestOutput, embed_all
 from tristream.engine import AsyncEngine
 from tristream.outputs import RequestOutput, accumulate
+from tristream.pooling import PoolingParams
 from tristream.protocol import SchedulerStats
 from tristream.sampling_params import SamplingParams
 from tristream.streams import merge
@@ -95,14 +98,22 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         chat_template_kwargs: dict | None = None,
         use_tqdm: bool = True,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        chat_template: str | None = None,
     ) -> list[RequestOutput]:
         """Reply to one conversation or a batch of them, through the chat template.
 
         A message's content is text, or a list of text parts and, for a vision-language model, image parts
         (``image_url`` with a ``data:``, ``http(s)://`` or file URL or path, or ``image`` with a PIL image,
-        bytes or a path), placed by the chat template (``AsyncEngine.chat``).
+        bytes or a path), placed by the chat template (``AsyncEngine.chat``). With ``tools`` (OpenAI's function
+        tools) the reply's calls are on ``outputs[0].tool_calls``; ``tool_choice`` as ``AsyncEngine.chat``.
+        ``chat_template`` (Jinja text, a file or a built-in name such as "hermes") replaces the engine's for
+        these conversations.
         """
-        return self._run(_chat_jobs(messages, chat_template_kwargs), sampling_params, use_tqdm)
+        kwargs = {**(chat_template_kwargs or {}), **({"chat_template": chat_template} if chat_template else {})}
+        options = {"chat_template_kwargs": kwargs or None, "tools": tools, "tool_choice": tool_choice}
+        return self._run(_chat_jobs(messages, options), sampling_params, use_tqdm)
 
     def stream_chat(
         self,
@@ -115,7 +126,7 @@ class LLM:
         Closing the iterator early aborts the requests still running. While it is
         open, run nothing else on this LLM and call ``get_stats`` only from this thread.
         """
-        return self._stream(_chat_jobs(messages, chat_template_kwargs), sampling_params)
+        return self._stream(_chat_jobs(messages, {"chat_template_kwargs": chat_template_kwargs}), sampling_params)
 
     def stream_generate(
         self,
@@ -124,6 +135,42 @@ class LLM:
     ) -> Iterator[tuple[int, RequestOutput]]:
         """Like ``generate``, but yield ``(prompt index, delta)`` as the completions stream, as ``stream_chat``."""
         return self._stream(_generate_jobs(prompts), sampling_params)
+
+    def embed(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = True,
+        lora: str | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """The embedding of a prompt or of each of a batch (text, token ids or a prompt dict without images), in
+        input order, as vLLM's ``LLM.embed`` returns them: ``out.outputs.embedding`` (``AsyncEngine.embed``)."""
+        if self._loop.is_closed():
+            raise RuntimeError("this LLM was shut down")
+        batch = _batch(prompts)
+        with tqdm(total=len(batch), desc="Embedding", unit="req", disable=not use_tqdm) as bar:
+            work = embed_all(self.engine, batch, pooling_params, lora=lora, progress=bar)
+            return self._loop.run_until_complete(work)
+
+    def beam_search(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: BeamSearchParams,
+        lora_request: object = None,
+        use_tqdm: bool = False,
+        concurrency_limit: int | None = None,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's offline beam search: each prompt's ``params.beam_width`` best hypotheses, best first, with their
+        prompt (``tristream.beam_search``). The search runs inside the engine, for all prompts at once or for
+        ``concurrency_limit`` at a time; ``lora_request`` is a loaded LoRA adapter's name, or an object with
+        vLLM's ``lora_name``."""
+        if concurrency_limit is not None and (not isinstance(concurrency_limit, int) or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit must be an int >= 1, got {concurrency_limit!r}")
+        sampling = params.sampling_params(getattr(lora_request, "lora_name", lora_request))
+        jobs = _generate_jobs(prompts)
+        limit = concurrency_limit or len(jobs)
+        finals = [out for i in range(0, len(jobs), limit) for out in self._run(jobs[i : i + limit], sampling, use_tqdm)]
+        return self._loop.run_until_complete(beam_search_outputs(self.engine, finals))
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         """The model's transformers tokenizer, with the engine's chat template, loaded here on the first call."""
@@ -245,11 +292,12 @@ def _generate_jobs(prompts: Prompt | Sequence[Prompt]) -> list[tuple]:
     return [("generate", p, {}) for p in _batch(prompts)]
 
 
-def _chat_jobs(messages: list[dict] | Sequence[list[dict]], chat_template_kwargs: dict | None) -> list[tuple]:
-    """One chat job per conversation; a single conversation is a batch of one."""
+def _chat_jobs(messages: list[dict] | Sequence[list[dict]], options: dict) -> list[tuple]:
+    """One chat job per conversation, with ``AsyncEngine.chat``'s ``options``; a single conversation is a batch
+    of one."""
     if messages and isinstance(messages[0], dict):
         messages = [messages]
-    return [("chat", m, {"chat_template_kwargs": chat_template_kwargs}) for m in messages]
+    return [("chat", m, options) for m in messages]
 
 
 async def _numbered(i: int, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from tristream.pooling import sentence_transformers_pooling
 from tristream.quantization import QuantSpec
 
 
@@ -19,7 +20,9 @@ class ModelConfig:
     an MLP of ``moe_intermediate_size``; a shared expert (``shared_expert_intermediate_size``) sees every token.
     ``num_kv_heads`` and ``head_dim`` shape the KV cache: under multi-head latent attention (DeepSeek-V2/V3) it
     holds every head's whole K and V, so there are ``num_heads`` of them, as wide as ``_cache_heads`` says.
-    ``hf`` is the whole ``config.json``, for the fields only one family reads.
+    ``hf`` is the whole ``config.json``, for the fields only one family reads. An ``embedding_only`` model has
+    no LM head: a base model (``architectures`` names ``XModel``, built as ``XForCausalLM``'s layers) or a
+    sentence-transformers model (its ``modules.json`` has a ``Pooling`` module); it embeds and never generates.
     """
 
     architecture: str
@@ -45,6 +48,7 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
+    embedding_only: bool = False
     hf: dict = field(default_factory=dict, repr=False, compare=False)
 
     def sliding_window(self, layer: int) -> int:
@@ -79,6 +83,10 @@ class ModelConfig:
         arch = _architecture(raw)
         from tristream.gpu_proc.models import architectures
 
+        causal_lm = f"{arch.removesuffix('Model')}ForCausalLM"
+        base_model = arch.endswith("Model") and causal_lm in architectures()
+        if base_model:
+            arch = causal_lm
         if arch not in architectures():
             raise ValueError(f"unsupported architecture {arch!r} in {model_dir}; supported: {sorted(architectures())}")
         rope = raw.get("rope_parameters") or {}
@@ -110,6 +118,7 @@ class ModelConfig:
             quantization_config=raw.get("quantization_config"),
             partial_rotary_factor=rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)),
             **_experts(raw),
+            embedding_only=base_model or sentence_transformers_pooling(model_dir)[0] is not None,
             hf=raw,
         )
 

@@ -16,8 +16,9 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tristream.engine import AsyncEngine
-from tristream.outputs import CompletionOutput, RequestOutput
-from tristream.sampling_params import MAX_LOGPROBS, SamplingParams
+from tristream.outputs import CompletionOutput, RequestOutput, ToolCall
+from tristream.protocol import ToolSpec
+from tristream.sampling_params import MAX_LOGPROBS, SAMPLING_ONLY_OFF, SamplingParams
 
 # OpenAI's own bound on n.
 MAX_SAMPLES = 128
@@ -49,18 +50,21 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
 
 @dataclass
 class EngineCall:
-    """One engine request of a body: a prompt (text or token ids) or a conversation, and its parameters."""
+    """One engine request of a body: a prompt (text or token ids) or a conversation, and its parameters;
+    ``suffix`` asks for the text between the prompt and it (fill in the middle)."""
 
     params: SamplingParams
     prompt: str | list[int] | None = None
     messages: list[dict] | None = None
     chat_template_kwargs: dict | None = None
+    suffix: str | None = None
+    tools: dict[str, Any] = field(default_factory=dict)
 
     def start(self, engine: AsyncEngine, request_id: str) -> AsyncIterator[RequestOutput]:
-        """The engine's stream of deltas for this request."""
+        """The engine's stream of deltas for this request; ``tools`` are ``AsyncEngine.chat``'s tool arguments."""
         if self.messages is not None:
-            return engine.chat(self.messages, self.params, request_id, self.chat_template_kwargs)
-        return engine.generate(self.prompt, self.params, request_id)
+            return engine.chat(self.messages, self.params, request_id, self.chat_template_kwargs, **self.tools)
+        return engine.generate(self.prompt, self.params, request_id, self.suffix)
 
 
 def with_system(messages: list[dict], system: str | None) -> list[dict]:
@@ -217,6 +221,15 @@ def _tokens(samples: Iterable[CompletionOutput]) -> int:
     return sum(len(s.token_ids) for s in samples)
 
 
+def tool_call(call: ToolCall, whole: bool) -> dict:
+    """A call as OpenAI's message (``whole``) or stream delta has it; a delta has ``id`` and ``type`` only first."""
+    function = {"name": call.name, "arguments": call.arguments} if call.name is not None else {}
+    if whole:
+        return {"id": call.id, "type": call.type, "function": function}
+    head = {"id": call.id, "type": call.type} if call.id is not None else {}
+    return {"index": call.index, **head, "function": {**function, "arguments": call.arguments}}
+
+
 class ChatReply(Reply):
     """``chat.completion`` bodies and ``chat.completion.chunk`` chunks."""
 
@@ -235,6 +248,9 @@ class ChatReply(Reply):
             message = {"role": "assistant", "content": echo + s.text}
             if s.reasoning_content:
                 message["reasoning_content"] = s.reasoning_content
+            if s.tool_calls:
+                message["tool_calls"] = [tool_call(c, whole=True) for c in s.tool_calls]
+                message["content"] = message["content"] or None
             logprobs = await self._logprobs(s.logprobs)
             choices.append(
                 {"index": s.index, "message": message, "logprobs": logprobs, "finish_reason": s.finish_reason}
@@ -263,10 +279,12 @@ class ChatReply(Reply):
             for s in out.outputs:
                 self.completion_tokens += len(s.token_ids)
                 delta = {"reasoning_content": s.reasoning_content} if s.reasoning_content else {}
+                if s.tool_calls:
+                    delta["tool_calls"] = [tool_call(c, whole=False) for c in s.tool_calls]
                 if s.text or not delta:
                     delta["content"] = s.text
                 logprobs = await self._logprobs(s.logprobs) if s.logprobs else None
-                if s.text or s.reasoning_content or s.finish_reason or logprobs:
+                if s.text or s.reasoning_content or s.tool_calls or s.finish_reason or logprobs:
                     yield self._delta(s.index, delta, s.finish_reason, logprobs)
         for chunk in self.usage_chunk():
             yield chunk
@@ -385,10 +403,35 @@ class ContentPart(_Body):
         )
 
 
+class ToolCallFunction(_Body):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class MessageToolCall(_Body):
+    """A call of an assistant message, as the reply gave it: ``{"id", "type": "function", "function": {...}}``."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def engine_message(self, i: int) -> dict:
+        """Message ``i`` as the engine takes it."""
+        message: dict[str, Any] = {"role": self.role, "content": self.engine_content(i)}
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key):
+                message[key] = getattr(self, key)
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump(exclude_none=True) for call in self.tool_calls]
+        return message
 
     def parts(self, i: int) -> list[dict]:
         """The content as the engine's content parts (text and image_url), in order."""
@@ -416,7 +459,8 @@ class ChatMessage(_Body):
 # The body fields that are SamplingParams fields of the same name and meaning.
 _SAME_NAMES = (
     "n best_of temperature top_p min_p presence_penalty frequency_penalty repetition_penalty min_tokens stop "
-    "stop_token_ids include_stop_str_in_output ignore_eos skip_special_tokens spaces_between_special_tokens seed"
+    "stop_token_ids include_stop_str_in_output ignore_eos skip_special_tokens spaces_between_special_tokens seed "
+    "use_beam_search length_penalty early_stopping"
 ).split()
 # The SamplingParams field that each body field sets, where their names differ.
 _PARAM_OF = {
@@ -464,6 +508,7 @@ class _SamplingFields(_Body):
     echo: bool = False
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
@@ -478,14 +523,6 @@ class _SamplingFields(_Body):
     def continuous_usage(self) -> bool:
         """Whether every stream chunk carries the usage so far (vLLM's ``continuous_usage_stats``)."""
         return self.stream_options is not None and self.stream_options.continuous_usage_stats
-
-    def _check_supported(self) -> None:
-        if self.use_beam_search:
-            raise UnsupportedField("use_beam_search", "use_beam_search is not supported: tristream has no beam search")
-        if self.length_penalty != 1.0:
-            raise UnsupportedField(
-                "length_penalty", "length_penalty only applies to beam search, which tristream does not run"
-            )
 
     def _allowed_token_ids(self) -> list[int] | None:
         """The token ids of vLLM's ``allowed_token_ids`` and the deployment guide's ``white_list_token_ids``."""
@@ -517,8 +554,10 @@ class _SamplingFields(_Body):
     def _params(
         self, base: SamplingParams | None, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
     ) -> SamplingParams:
-        """The body's SamplingParams; with ``base``, only the fields the body gives (not null) override it."""
-        self._check_supported()
+        """The body's SamplingParams; with ``base``, only the fields the body gives (not null) override it. A beam
+        search leaves out the sampling-only fields of ``base`` (it samples nothing)."""
+        if base is not None and self.use_beam_search:
+            base = dataclasses.replace(base, **SAMPLING_ONLY_OFF)
         values: dict[str, Any] = {name: getattr(self, name) for name in _SAME_NAMES}
         values.update(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         values["structured"] = self._structured()
@@ -542,9 +581,11 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     functions: list[dict[str, Any]] | None = None
 
     @field_validator("messages", mode="before")
@@ -556,11 +597,7 @@ class ChatCompletionRequest(_SamplingFields):
 
     def conversation(self, system: str | None = None) -> list[dict]:
         """The messages as the chat template takes them, opened by ``system`` unless they have a system prompt."""
-        messages = [
-            {"role": m.role, "content": m.engine_content(i), **({"name": m.name} if m.name else {})}
-            for i, m in enumerate(self.messages)
-        ]
-        return with_system(messages, system)
+        return with_system([m.engine_message(i) for i, m in enumerate(self.messages)], system)
 
     def echo_text(self) -> str:
         """What ``echo`` puts before the reply: the last message's text, when the assistant's."""
@@ -571,11 +608,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     def sampling_params(self, base: SamplingParams | None = None) -> SamplingParams:
         """The request's SamplingParams; with ``base``, those of the fields it gives, over ``base``."""
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise UnsupportedField(name, f"{name} (tool calling) is not supported")
-        if self.tool_choice not in (None, "none"):
-            raise UnsupportedField("tool_choice", "tool_choice is not supported: tristream has no tool calling")
+        if self.functions:
+            raise UnsupportedField("functions", "functions is OpenAI's retired form of tools: send tools instead")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise UnsupportedField("top_logprobs", "top_logprobs needs logprobs=true")
@@ -588,8 +622,15 @@ class ChatCompletionRequest(_SamplingFields):
     def calls(self, base: SamplingParams | None = None, system: str | None = None) -> list[EngineCall]:
         """The one engine request of this body; ``system`` opens a conversation that has no system prompt."""
         kwargs = {"add_generation_prompt": self.add_generation_prompt, **(self.chat_template_kwargs or {})}
+        if self.chat_template is not None:
+            kwargs["chat_template"] = self.chat_template
         messages = self.conversation(system)
-        return [EngineCall(self.sampling_params(base), messages=messages, chat_template_kwargs=kwargs)]
+        tools = {"tools": self.tools, "tool_choice": self.tool_choice, "parallel_tool_calls": self.parallel_tool_calls}
+        try:
+            ToolSpec.of(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except ValueError as e:
+            raise UnsupportedField("tool_choice", str(e)) from None
+        return [EngineCall(self.sampling_params(base), messages=messages, chat_template_kwargs=kwargs, tools=tools)]
 
 
 class CompletionRequest(_SamplingFields):
@@ -613,8 +654,8 @@ class CompletionRequest(_SamplingFields):
 
     def sampling_params(self, base: SamplingParams | None = None) -> SamplingParams:
         """The request's SamplingParams; with ``base``, those of the fields it gives, over ``base``."""
-        if self.suffix:
-            raise UnsupportedField("suffix", "suffix is not supported: tristream does not fill in the middle")
+        if self.suffix is not None and self.echo:
+            raise UnsupportedField("echo", "echo cannot be combined with suffix: the completion is the middle alone")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise UnsupportedField("logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}]")
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
@@ -623,7 +664,7 @@ class CompletionRequest(_SamplingFields):
     def calls(self, base: SamplingParams | None = None, system: str | None = None) -> list[EngineCall]:
         """One engine request per prompt, all with the same parameters (``system`` is for chats)."""
         params = self.sampling_params(base)
-        return [EngineCall(params, prompt=p) for p in self.prompts()]
+        return [EngineCall(params, prompt=p, suffix=self.suffix) for p in self.prompts()]
 
 
 # The request body of each OpenAI route that generates.

@@ -8,6 +8,32 @@ from dataclasses import dataclass
 
 
 @dataclass
+class ToolCall:
+    """A function call in a reply: ``arguments`` is the JSON text the model wrote.
+
+    In a stream, a call's first delta carries its ``id`` and ``name``, and the later ones add text to its
+    ``arguments``; ``index`` numbers the calls of one sample. A whole result holds each call once, whole.
+    """
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str = ""
+    type: str = "function"
+
+
+def merge_tool_calls(whole: list[ToolCall], deltas: list[ToolCall]) -> list[ToolCall]:
+    """``whole`` (a sample's calls so far) with the stream ``deltas`` added to them."""
+    calls = {c.index: c for c in whole}
+    for d in deltas:
+        if d.index in calls:
+            calls[d.index].arguments += d.arguments
+        else:
+            calls[d.index] = dataclasses.replace(d)
+    return [calls[i] for i in sorted(calls)]
+
+
+@dataclass
 class CompletionOutput:
     """One generated sequence (sample ``index`` of the request's ``n``).
 
@@ -16,18 +42,21 @@ class CompletionOutput:
     ``logprobs[i]`` maps token ids to log-probabilities at step i: the sampled
     token first, then the top ``SamplingParams.logprobs`` tokens, most likely first.
     ``reasoning_content`` is the text inside ``<think>...</think>`` when the engine
-    runs a reasoning parser; ``text`` is then the answer after it. ``send_idx``
-    (FastDeploy's) numbers the sample's deltas from 0; a whole result has its last.
+    runs a reasoning parser; ``text`` is then the answer after it. ``tool_calls`` are
+    the function calls of a chat that has tools (None without tools); ``finish_reason``
+    is then "tool_calls" when the reply ends after one. ``send_idx`` (FastDeploy's)
+    numbers the sample's deltas from 0; a whole result has its last.
     """
 
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "tool_calls" or "abort"
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
     reasoning_content: str | None = None
     send_idx: int = 0
+    tool_calls: list[ToolCall] | None = None
 
 
 class CompletionOutputs(list):
@@ -125,6 +154,7 @@ def accumulate(final: RequestOutput | None, out: RequestOutput) -> RequestOutput
                     delta,
                     token_ids=list(delta.token_ids),
                     logprobs=list(delta.logprobs) if delta.logprobs is not None else None,
+                    tool_calls=merge_tool_calls([], delta.tool_calls) if delta.tool_calls is not None else None,
                 )
             )
             continue
@@ -136,6 +166,8 @@ def accumulate(final: RequestOutput | None, out: RequestOutput) -> RequestOutput
             whole.logprobs = (whole.logprobs or []) + delta.logprobs
         if delta.reasoning_content is not None:
             whole.reasoning_content = (whole.reasoning_content or "") + delta.reasoning_content
+        if delta.tool_calls is not None:
+            whole.tool_calls = merge_tool_calls(whole.tool_calls or [], delta.tool_calls)
     final.outputs.sort(key=lambda o: o.index)
     final.finished, final.metrics, final.num_cached_tokens = out.finished, out.metrics, out.num_cached_tokens
     if out.prompt_logprobs is not None:

@@ -11,6 +11,7 @@ import pickle
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from tristream.outputs import ToolCall
 from tristream.sampling_params import SamplingParams
 
 
@@ -27,6 +28,11 @@ class Ipc:
     media: str = ""
 
 
+def sample_request_id(request_id: str, index: int) -> str:
+    """The scheduler's id of sample ``index`` of a request (``n > 1``): the request's own for sample 0."""
+    return request_id if index == 0 else f"{request_id}#{index}"
+
+
 def gpu_process_name(rank: int) -> str:
     """``gpu`` for tensor-parallel rank 0 (the one that samples), then ``gpu1``, ``gpu2``..."""
     return f"gpu{rank}" if rank else "gpu"
@@ -41,7 +47,43 @@ class LoraRef:
     slot: int
 
 
+@dataclass(frozen=True)
+class Pooling:
+    """An embedding request: it samples nothing, and ends with its prompt's final-norm hidden states pooled by
+    ``method`` ("last": the last token's, "mean": their mean over every prompt token), L2-normalized if ``normalize``."""
+
+    method: str
+    normalize: bool
+
+
 # user -> tokenizer_proc
+
+
+@dataclass
+class ToolSpec:
+    """A chat's tools (OpenAI's function ``tools``) and its ``tool_choice``: "none", "auto", "required", or
+    "function" for the function named ``function``. ``parallel`` lets a reply make more than one call."""
+
+    tools: list
+    choice: str = "auto"
+    function: str | None = None
+    parallel: bool = True
+
+    @classmethod
+    def of(cls, tools: list | None, tool_choice: str | dict | None, parallel: bool = True) -> ToolSpec | None:
+        """The spec of OpenAI's ``tools``, ``tool_choice`` and ``parallel_tool_calls``; None without tools."""
+        if not tools:
+            if tool_choice not in (None, "none", "auto"):
+                raise ValueError("tool_choice needs tools")
+            return None
+        if tool_choice is None or tool_choice in ("none", "auto", "required"):
+            return cls(tools, tool_choice or "auto", parallel=parallel)
+        function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError(
+                'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+            )
+        return cls(tools, "function", function["name"], parallel)
 
 
 @dataclass
@@ -49,7 +91,8 @@ class GenerateRequest:
     """A new request: exactly one of ``prompt``, ``prompt_token_ids`` or ``messages``;
     ``lora`` is the adapter that ``params.lora`` names. ``images`` are its images in prompt order (encoded
     bytes, a local path or a PIL image), one for each ``{"type": "image"}`` part of ``messages`` or each image
-    placeholder of the prompt."""
+    placeholder of the prompt. ``suffix``, with a text ``prompt``, asks for the text between the two (fill in the
+    middle). With ``pooling`` it is an embedding request."""
 
     request_id: str
     params: SamplingParams
@@ -57,9 +100,12 @@ class GenerateRequest:
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     messages: list[dict] | None = None
+    suffix: str | None = None
     chat_template_kwargs: dict | None = None
     lora: LoraRef | None = None
     images: list | None = None
+    tools: ToolSpec | None = None
+    pooling: Pooling | None = None
 
 
 @dataclass
@@ -106,6 +152,7 @@ class TokenizedRequest:
     it waits for that one's prompt to be computed, then starts from a copy of its KV.
     ``grammar`` is a structured output constraint as (kind, text), for the gpu_proc.
     ``images`` are the prompt's images; their files live until the request ends.
+    ``pooling`` makes it an embedding request.
     """
 
     request_id: str
@@ -118,6 +165,7 @@ class TokenizedRequest:
     grammar: tuple[str, str] | None = None
     lora: LoraRef | None = None
     images: list[ImageInput] = field(default_factory=list)
+    pooling: Pooling | None = None
 
 
 # scheduler_proc -> gpu_proc
@@ -130,6 +178,7 @@ class NewSequence:
     ``num_cached`` tokens already sit in its pages; ``num_outputs`` of the tokens
     are earlier outputs (a request resumed after preemption). ``lora_slot`` is its
     LoRA adapter's slot, or -1 for the base model. ``images`` are its prompt's images.
+    ``pooling`` makes it an embedding request.
     """
 
     slot: int
@@ -141,6 +190,19 @@ class NewSequence:
     grammar: tuple[str, str] | None = None
     lora_slot: int = -1
     images: list[ImageInput] = field(default_factory=list)
+    pooling: Pooling | None = None
+
+
+@dataclass
+class BeamFork:
+    """A beam's next token, chosen by the scheduler: slot ``slot`` continues the sequence of slot ``source``
+    (itself, or the beam it branches from) with ``token`` as its newest, not yet computed, token. It keeps the
+    first ``num_shared_pages`` of ``source``'s pages; its others come in ``BatchPlan.pages``, after it."""
+
+    slot: int
+    source: int
+    token: int
+    num_shared_pages: int
 
 
 @dataclass
@@ -151,7 +213,8 @@ class BatchPlan:
     when ``sample[i]``, samples the next token from the last one. A slot's first
     token may be one that the gpu_proc sampled in the step before and the scheduler
     has not seen yet. ``copies`` are (source, destination) KV pages to copy before
-    the step runs. ``after_idle`` says the scheduler had nothing to run before this
+    the step runs. ``beams`` set the newest token of beam search slots, whose sampled token
+    is never fed forward; they apply after ``new`` and before ``pages``. ``after_idle`` says the scheduler had nothing to run before this
     step, so the device's wait for it is not idle time; ``sent_at`` is the
     ``time.monotonic()`` of sending. The rows reach the gpu_proc in the plan codec's order.
     """
@@ -164,6 +227,7 @@ class BatchPlan:
     num_tokens: list[int] = field(default_factory=list)
     sample: list[bool] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
+    beams: list[BeamFork] = field(default_factory=list)
     after_idle: bool = False
     sent_at: float = 0.0
 
@@ -180,7 +244,8 @@ class StepResult:
     this step computed the logits before (in prompt order).
     ``gpu_busy_s`` is the device time of the step, ``gpu_idle_s`` the device time idle
     since the previous step, ``plan_ipc_s`` the plan's time in transit, and ``sent_at``
-    the ``time.monotonic()`` of sending this result.
+    the ``time.monotonic()`` of sending this result. ``embeddings`` are (slot, pooled vector) of the embedding
+    requests whose prompt this step completed.
     """
 
     step_id: int
@@ -192,6 +257,7 @@ class StepResult:
     gpu_idle_s: float = 0.0
     plan_ipc_s: float = 0.0
     sent_at: float = 0.0
+    embeddings: list[tuple[int, list[float]]] = field(default_factory=list)
 
 
 # scheduler_proc -> tokenizer_proc
@@ -199,7 +265,8 @@ class StepResult:
 
 @dataclass
 class TokenDelta:
-    """New token ids of one request; ``finish_reason`` or ``error`` ends it."""
+    """New token ids of one request; ``finish_reason`` or ``error`` ends it. An embedding request ends with its
+    ``embedding``."""
 
     request_id: str
     token_ids: list[int]
@@ -209,6 +276,7 @@ class TokenDelta:
     error: str | None = None
     logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[list[tuple[int, float]]] | None = None
+    embedding: list[float] | None = None
 
 
 @dataclass
@@ -225,8 +293,9 @@ class TokenBatch:
 class OutputDelta:
     """Text and ids since the last delta of sample ``index`` of one request.
 
-    ``finished`` ends this sample; ``reasoning`` is text split off by the reasoning parser.
-    The first delta of a chat sample carries the rendered conversation in ``prompt``.
+    ``finished`` ends this sample; ``reasoning`` is text split off by the reasoning parser, and ``tool_calls``
+    the call deltas of a chat with tools (None without). The first delta of a chat sample carries the rendered
+    conversation in ``prompt``. An embedding request's one delta carries its ``embedding``.
     """
 
     request_id: str
@@ -243,6 +312,8 @@ class OutputDelta:
     index: int = 0
     reasoning: str = ""
     prompt: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    embedding: list[float] | None = None
 
 
 @dataclass

@@ -8,6 +8,15 @@ import math
 from dataclasses import InitVar, dataclass, field, fields
 
 MAX_LOGPROBS = 20
+# The fields that only sampling has a use for, at the values that switch them off (beam search takes these).
+SAMPLING_ONLY_OFF = {
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+}
 
 logger = logging.getLogger("tristream")
 
@@ -82,6 +91,12 @@ class SamplingParams:
     recomputes its prompt instead of reading the prefix cache.
     ``structured`` constrains the output (a StructuredOutput, or a dict of its fields).
     ``lora`` names a loaded LoRA adapter to run the request through (None: the base model).
+    ``use_beam_search`` runs a beam search of width ``best_of`` (else ``n``) and returns its ``n`` best
+    hypotheses, ranked by cumulative logprob / (prompt + output length) ** ``length_penalty``;
+    ``early_stopping`` (True, False or "never") says when it stops, as in vLLM and transformers
+    (``tristream.beam_search``). It samples nothing: its candidates are scored by the logprobs of the logits
+    after logit_bias and the penalties (counting each beam's own tokens) and, at a temperature above 0, scaled
+    and cut by top_k, top_p and min_p; bad_words and structured output are refused with it.
     """
 
     temperature: float = 1.0
@@ -110,6 +125,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     structured: StructuredOutput | dict | None = None
     lora: str | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
     max_new_tokens: InitVar[int | None] = None
     min_new_tokens: InitVar[int | None] = None
     stop_words: InitVar[list[str] | None] = None
@@ -138,6 +156,7 @@ class SamplingParams:
         self._check_counts()
         self._check_lists()
         self._check_allowed()
+        self._check_beam_search()
 
     def _check_floats(self) -> None:
         """Temperature, the filters, the penalties and logit_bias: finite and in range."""
@@ -226,6 +245,36 @@ class SamplingParams:
             if not words or not all(isinstance(w, str) and w.strip() for w in words):
                 raise ValueError(f"allowed_words must be a non-empty list of non-blank strings, got {words!r}")
 
+    def _check_beam_search(self) -> None:
+        """The beam search fields, and no field that only sampling has a use for alongside beam search."""
+        if not isinstance(self.length_penalty, (int, float)) or not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f'early_stopping must be true, false or "never", got {self.early_stopping!r}')
+        if not self.use_beam_search:
+            for name, given in (("length_penalty", self.length_penalty != 1), ("early_stopping", self.early_stopping)):
+                if given:
+                    raise ValueError(f"{name} applies only to beam search (use_beam_search)")
+            return
+        refused = ["bad_words"] * bool(self.bad_words) + ["structured"] * (self.structured is not None)
+        if refused:
+            raise ValueError(
+                f"{', '.join(refused)}: beam search does not take these (it scores every candidate by its logprob)"
+            )
+
+    @property
+    def beam_width(self) -> int:
+        """How many beams a beam search keeps: ``best_of`` if given, else ``n``."""
+        return self.best_of or self.n
+
+    @property
+    def step_logprobs(self) -> int | None:
+        """How many top logprobs each generated token reports: ``logprobs``, and for beam search at least
+        twice the beam width, its candidates."""
+        if not self.use_beam_search:
+            return self.logprobs
+        return max(2 * self.beam_width, self.logprobs or 0)
+
     @property
     def word_biases(self) -> dict[str, float]:
         """The logit_bias entries keyed by a word, which the tokenizer turns into token ids."""
@@ -233,8 +282,9 @@ class SamplingParams:
 
     @property
     def num_samples(self) -> int:
-        """How many sequences run: ``best_of`` if given, else ``n``."""
-        return self.best_of or self.n
+        """How many sequences the engine keeps apart: ``best_of`` if given, else ``n``; a beam search's ``n``
+        hypotheses (its beams rank inside the engine)."""
+        return self.n if self.use_beam_search else self.best_of or self.n
 
 
 def _bias_key(key: int | str) -> int | str:

@@ -49,13 +49,18 @@ class KVPages:
         self.allocator = PageAllocator(num_pages)
         self.cache = RadixCache(page_size, self.allocator) if enable_cache else None
 
+    def ensure_free(self, n: int) -> bool:
+        """Whether ``n`` pages are free, once unlocked cache leaves are evicted as needed."""
+        short = n - self.allocator.num_free
+        if short > 0 and self.cache is not None:
+            self.cache.evict(short)
+        return self.allocator.num_free >= n
+
     def _alloc(self, n: int) -> list[int] | None:
         """``n`` free pages, evicting cache leaves if needed; None if that is not enough."""
         if n <= 0:
             return []
-        short = n - self.allocator.num_free
-        if short > 0 and self.cache is not None:
-            self.cache.evict(short)
+        self.ensure_free(n)
         return self.allocator.alloc(n)
 
     def lock_prefix(self, req: Request) -> int:

@@ -67,6 +67,25 @@ class Request:
     def num_planned(self) -> int:
         return self.num_tokens + self.num_pending
 
+    @property
+    def computes_whole_prompt(self) -> bool:
+        """Whether it starts from no cached prefix: it wants prompt logprobs, or it embeds its prompt (pooled
+        hidden states need every token's, which cached pages do not hold)."""
+        return self.spec.params.prompt_logprobs is not None or self.spec.pooling is not None
+
+
+def finish_reason(spec: TokenizedRequest, token: int, num_outputs: int, num_tokens: int, max_len: int) -> str | None:
+    """Why a request ends whose newest token is ``token``, with ``num_outputs`` output tokens and ``num_tokens`` in
+    all: "stop" (EOS or a stop token), "length" (``max_tokens`` or ``max_len``), or None while it goes on."""
+    params = spec.params
+    if (not params.ignore_eos and token in spec.eos_token_ids) or token in params.stop_token_ids:
+        return "stop"
+    if params.max_tokens is not None and num_outputs >= params.max_tokens:
+        return "length"
+    if num_tokens >= max_len:
+        return "length"
+    return None
+
 
 def cache_keys(spec: TokenizedRequest) -> list[int]:
     """The prompt's token ids with each image's tokens made negative numbers derived from the image's digest and

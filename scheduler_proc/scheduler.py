@@ -17,9 +17,10 @@ from tristream.protocol import (
     TokenDelta,
     TokenizedRequest,
 )
+from tristream.scheduler_proc.beams import BeamSearch
 from tristream.scheduler_proc.image_files import ImageFiles
 from tristream.scheduler_proc.kv_pages import KVPages
-from tristream.scheduler_proc.request import Request
+from tristream.scheduler_proc.request import Request, finish_reason
 
 logger = logging.getLogger("tristream")
 
@@ -46,13 +47,21 @@ class Scheduler:
     A sample that forks another (``n > 1``) waits until that one's prompt is
     computed, then shares its cached pages, gets copies of the rest, and
     computes only the last prompt token. A request asking for prompt logprobs
-    computes its whole prompt.
+    computes its whole prompt. So does an embedding request (a cached prefix has no
+    hidden states to pool): it samples nothing and ends, with its pooled vector, once
+    its last prompt chunk is computed. Its computed chunks enter the prefix cache like
+    any other request's, so that later prompts that generate can start from them.
 
     Steps may be planned while earlier ones are in flight: a request that samples in
     one step computes that token in the next, before the scheduler has seen it. A
     request that ends in a step may still be in the step after; the token it samples
     there is dropped. A step's sampled tokens are matched to its requests by slot, whatever
     order the plan's rows travel in.
+
+    A beam search (``tristream.scheduler_proc.beams``) runs its beams as requests that
+    share its spec; it reserves a slot per beam when its prompt is admitted. Its beams
+    are never pipelined, and the beams of every search run in the same steps. They are
+    never preempted: their pages come from preempting other requests.
 
     With a sliding window on every layer (``window``: the largest), each step first frees the
     pages of running requests that no query still to come can read (``KVPages.drop_out_of_window``).
@@ -73,6 +82,8 @@ class Scheduler:
         self.step_id = 0
         self.counters = SchedulerCounters()
         self.images = ImageFiles()
+        self.beam_searches: dict[str, BeamSearch] = {}
+        self.beam_samples: dict[str, str] = {}
 
     def stats(self, token: int) -> SchedulerStats:
         """The pages and queues now and the counters, in answer to ``StatsRequest(token)``."""
@@ -103,10 +114,18 @@ class Scheduler:
         req = Request(spec)
         self.by_id[spec.request_id] = req
         self.waiting.append(req)
+        if spec.params.use_beam_search:
+            self.beam_searches[spec.request_id] = group = BeamSearch(req, self.max_len)
+            self.beam_samples.update(dict.fromkeys(group.sample_ids, spec.request_id))
         return None
 
     def abort(self, request_id: str) -> TokenDelta | None:
-        """Drop a request wherever it is and free its pages."""
+        """Drop a request wherever it is and free its pages. Any sample id of a beam search ends all of it."""
+        root_id = self.beam_samples.pop(request_id, None)
+        if root_id is not None:
+            if root_id in self.beam_searches:
+                self._close_beams(self.beam_searches[root_id], cache=False)
+            return TokenDelta(request_id, [], finish_reason="abort")
         req = self.by_id.get(request_id)
         if req is None:
             return None
@@ -152,7 +171,7 @@ class Scheduler:
         plan.slots.append(req.slot)
         plan.num_tokens.append(n)
         req.num_computed += n
-        sample = req.num_computed == req.num_planned
+        sample = req.num_computed == req.num_planned and req.spec.pooling is None
         plan.sample.append(sample)
         req.num_pending += sample
         step.rows[req.slot] = req
@@ -160,7 +179,10 @@ class Scheduler:
             step.prefilling.append(req)
 
     def _ends_with_pending(self, req: Request) -> bool:
-        """Whether the tokens in flight take the request to its length limit (so it needs no more steps)."""
+        """Whether the tokens in flight take the request to its length limit, or an embedding request's last
+        prompt chunk is in flight (so it needs no more steps)."""
+        if req.spec.pooling is not None:
+            return req.num_computed == req.num_tokens
         if not req.num_pending:
             return False
         max_tokens = req.spec.params.max_tokens
@@ -192,7 +214,7 @@ class Scheduler:
     def _admit(self, req: Request, budget: int, plan: BatchPlan, step: StepInFlight, leader: Request | None) -> int:
         """Start ``req`` from its longest cached prefix, or from a copy of ``leader``'s prompt KV;
         the tokens it runs (0: it does not fit)."""
-        hit = self.kv.lock_prefix(req) if req.spec.params.prompt_logprobs is None else 0
+        hit = 0 if req.computes_whole_prompt else self.kv.lock_prefix(req)
         start = req.num_tokens - 1 if leader is not None else hit
         n = min(req.num_tokens - start, budget)
         new = self.kv.grow(req, start + n)
@@ -223,6 +245,7 @@ class Scheduler:
                 req.spec.grammar,
                 req.spec.lora.slot if req.spec.lora else -1,
                 req.spec.images,
+                pooling=req.spec.pooling,
             )
         )
         plan.pages.append((req.slot, list(req.pages)))
@@ -243,6 +266,7 @@ class Scheduler:
         step = StepInFlight(self.step_id)
         budget = self.config.max_num_batched_tokens
         preempted = False
+        beams_in_flight = self._plan_beam_forks(plan)
         if self.kv.window:
             self._drop_out_of_window()
         # Samples may fork only prompts whose KV was computed before this step.
@@ -254,11 +278,11 @@ class Scheduler:
         for req in list(self.running):
             if budget == 0:
                 break
-            if req.slot is None or self._ends_with_pending(req):
+            if req.slot is None or self._ends_with_pending(req) or self._beam_waits(req, beams_in_flight):
                 continue
             n = min(req.num_planned - req.num_computed, budget)
             while (pages := self.kv.grow(req, req.num_computed + n)) is None:
-                victim = self.running[-1]
+                victim = self._newest_outside_beams() or req
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -277,15 +301,20 @@ class Scheduler:
             if req.num_pending or (leader is not None and leader.request_id not in forkable):
                 i += 1
                 continue
+            group = self.beam_searches.get(req.request_id)
+            if group is not None and len(self.free_slots) <= group.slots_to_reserve:
+                break
             ran = self._admit(req, budget, plan, step, leader)
             if ran == 0:
                 break
+            if group is not None:
+                group.reserve(self.free_slots)
             del self.waiting[i]
             budget -= ran
         plan.freed, self.freed_slots = self.freed_slots, []
         if self.config.check_invariants:
             self.kv.check_invariants(self.running)
-        if not plan.slots and not plan.freed:
+        if not plan.slots and not plan.freed and not plan.beams:
             return None
         step.plan_s = time.perf_counter() - start
         self.counters.scheduler_s += step.plan_s
@@ -311,12 +340,20 @@ class Scheduler:
                 req.prompt_logprobs.extend(entries)
         logprobs = result.logprobs or [None] * len(result.token_ids)
         samples = [(step.rows[slot], token, lp) for slot, token, lp in zip(result.slots, result.token_ids, logprobs)]
-        deltas = [self._take(req, token, lp) for req, token, lp in samples if self._live(req)]
+        deltas = []
+        for req, token, lp in samples:
+            group = self.beam_searches.get(req.request_id)
+            if group is not None and group.holds(req):
+                deltas += self._take_beam(group, req, lp)
+            elif self._live(req):
+                deltas.append(self._take(req, token, lp))
+        pooled = [(step.rows[slot], vector) for slot, vector in result.embeddings]
+        embedded = [self._embedded(req, vector) for req, vector in pooled if self._live(req)]
         if self.config.check_invariants:
             self.kv.check_invariants(self.running)
         took = time.perf_counter() - start
         counters = self.counters
-        counters.num_generated_tokens += len(deltas)
+        counters.num_generated_tokens += sum(len(d.token_ids) for d in deltas)
         counters.num_steps += 1
         counters.gpu_busy_s += result.gpu_busy_s
         counters.gpu_idle_s += result.gpu_idle_s
@@ -333,7 +370,18 @@ class Scheduler:
                 1e3 * (step.plan_s + took),
                 1e3 * ipc_s,
             )
-        return deltas
+        return deltas + embedded
+
+    def _embedded(self, req: Request, embedding: list[float]) -> TokenDelta:
+        """End an embedding request with its pooled vector; its computed pages stay cached."""
+        self._end(req, cache=True)
+        return TokenDelta(
+            req.request_id,
+            [],
+            finish_reason="stop",
+            time_in_queue=req.first_scheduled_time - req.spec.arrival_time,
+            embedding=embedding,
+        )
 
     def _take(self, req: Request, token: int, logprobs: list[tuple[int, float]] | None) -> TokenDelta:
         """Record a sampled token: its delta, which ends the request if it finishes."""
@@ -353,12 +401,64 @@ class Scheduler:
             prompt_logprobs=req.prompt_logprobs if first and req.spec.params.prompt_logprobs is not None else None,
         )
 
+    def _plan_beam_forks(self, plan: BatchPlan) -> bool:
+        """Put the beams' chosen tokens, their new pages and the page copies of their forks into ``plan``; whether
+        some beam's step is in flight."""
+        in_flight = False
+        for group in self.beam_searches.values():
+            plan.beams += group.forks
+            plan.pages += group.pages
+            plan.copies += group.copies
+            group.forks, group.pages, group.copies = [], [], []
+            in_flight = in_flight or any(beam.request.num_pending for beam in group.beams)
+        return in_flight
+
+    def _beam_waits(self, req: Request, beams_in_flight: bool) -> bool:
+        """Whether ``req`` is a beam that waits: for its next token to be chosen, or, so that the beams of every
+        search run in one step, for a beam step in flight."""
+        return req.request_id in self.beam_searches and (beams_in_flight or req.num_computed >= req.num_tokens)
+
+    def _newest_outside_beams(self) -> Request | None:
+        """The newest running request that is no beam search's: the first to preempt."""
+        return next((r for r in reversed(self.running) if r.request_id not in self.beam_searches), None)
+
+    def _take_beam(self, group: BeamSearch, req: Request, logprobs: list[tuple[int, float]]) -> list[TokenDelta]:
+        """Record a beam's step; once every beam's is in, branch the search, or end it with its results. Its new
+        pages come first from preempting other requests; where none is left, the search ends there."""
+        req.num_pending -= 1
+        if not group.take(req, logprobs):
+            return []
+        choices = group.choose()
+        if choices:
+            group.drop_unchosen(choices, self.kv, self.running)
+            if self._make_room(group.pages_needed(choices, self.kv)):
+                group.branch(choices, self.kv, self.running)
+                return []
+            group.finish_at_capacity(choices)
+        for sample_id in group.sample_ids:
+            del self.beam_samples[sample_id]
+        self._close_beams(group, cache=True)
+        return group.results()
+
+    def _make_room(self, num_pages: int) -> bool:
+        """Whether ``num_pages`` pages are free, after preempting requests outside beam searches as needed."""
+        while not self.kv.ensure_free(num_pages):
+            victim = self._newest_outside_beams()
+            if victim is None:
+                return False
+            self._preempt(victim)
+        return True
+
+    def _close_beams(self, group: BeamSearch, cache: bool) -> None:
+        """End a beam search: free its beams' pages (first caching the computed ones if ``cache``) and its slots."""
+        del self.beam_searches[group.root.request_id]
+        first, *others = [beam.request for beam in group.beams]
+        self._end(first, cache)
+        for req in others:
+            self._release(req, cache)
+        self.free_slots += group.spare_slots
+        self.freed_slots += group.spare_slots
+        group.spare_slots = []
+
     def _finish_reason(self, req: Request, token: int) -> str | None:
-        params = req.spec.params
-        if (not params.ignore_eos and token in req.spec.eos_token_ids) or token in params.stop_token_ids:
-            return "stop"
-        if params.max_tokens is not None and len(req.output_token_ids) >= params.max_tokens:
-            return "length"
-        if req.num_tokens >= self.max_len:
-            return "length"
-        return None
+        return finish_reason(req.spec, token, len(req.output_token_ids), req.num_tokens, self.max_len)

@@ -125,7 +125,7 @@ def test_openai_batch_lines_take_their_sampling_fields_from_the_body():
             "logit_bias.5: Input should be a finite",
         ),
         ('{"id": "a", "prompt": ["x", "y"]}', "a", False, "one prompt per line"),
-        ('{"id": "a", "prompt": "x", "use_beam_search": true}', "a", False, "use_beam_search is not supported"),
+        ('{"id": "a", "prompt": "x", "use_beam_search": true, "top_k": 5}', "a", False, "top_k: beam search"),
         ('{"id": "a", "messages": "hi"}', "a", False, "messages must be a non-empty list"),
         ('{"id": "a", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "a", False, "only text"),
         (

@@ -49,6 +49,8 @@ def test_the_guides_chat_body_answers(live_server):
         "top_p": 0.9,
         "top_k": 40,
         "repetition_penalty": 1.1,
+        "use_beam_search": True,
+        "length_penalty": 1.2,
         "seed": 1,
         "logit_bias": {"greeting": -1.0},
         **IGNORED,
@@ -129,7 +131,7 @@ def test_empty_white_lists_and_ids_outside_the_vocabulary_are_400s(live_server, 
 
 
 def test_beam_search_and_suffix_stay_refused(live_server):
-    for field, value in (("use_beam_search", True), ("length_penalty", 0.5), ("suffix", "The end.")):
+    for field, value in (("length_penalty", 0.5), ("suffix", "The end.")):
         r = post(live_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2, field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 

@@ -224,10 +224,10 @@ def assert_error(r: httpx.Response, status: int, *words: str, param: str | None 
         ("/v1/chat/completions", {"messages": QUESTION, "model": "gpt-9"}, 404, ["gpt-9"], "model"),
         (
             "/v1/chat/completions",
-            {"messages": QUESTION, "use_beam_search": True},
+            {"messages": QUESTION, "use_beam_search": True, "guided_regex": "a+"},
             400,
-            ["use_beam_search"],
-            "use_beam_search",
+            ["structured", "beam search"],
+            None,
         ),
         (
             "/v1/chat/completions",

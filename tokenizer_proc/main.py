@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from tristream.beam_search import check_beam_search
 from tristream.config import EngineConfig
 from tristream.model_config import ModelConfig
 from tristream.processes import bind_inbox, connect_outbox, recv_all, send
@@ -26,6 +27,7 @@ from tristream.protocol import (
     TokenizedRequest,
     TokenizeResult,
     TokenizerReady,
+    sample_request_id,
 )
 from tristream.sampling_params import SamplingParams
 from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer, push_step
@@ -33,6 +35,8 @@ from tristream.tokenizer_proc.images import PromptImages, remove_files
 from tristream.tokenizer_proc.prompts import PromptBuilder, load_tokenizer
 from tristream.tokenizer_proc.reasoning import ThinkParser, opens_reasoning
 from tristream.tokenizer_proc.structured import grammar_spec
+from tristream.tokenizer_proc.tool_calls import ToolCallParser
+from tristream.tokenizer_proc.tools import ChatTools
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -84,6 +88,7 @@ class ActiveRequest:
     prompt_token_ids: list[int]
     chat_text: str | None
     reasoning: ThinkParser | None = None
+    tools: ToolCallParser | None = None
     stop: list[str] = field(default_factory=list)
     include_stop: bool = False
     output_token_ids: list[int] = field(default_factory=list)
@@ -126,7 +131,10 @@ class TokenizerWorker:
         images = PromptImages(config.model, self.model_config, media_dir, config.image_limit)
         self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, config.max_model_len, images)
         self.seeds = random.Random(config.seed)
+        self.max_num_seqs = config.max_num_seqs
         self.reasoning_parser = config.reasoning_parser
+        self.tool_call_parser = config.tool_call_parser
+        self.auto_tools = config.enable_auto_tool_choice
         self.active: dict[str, ActiveRequest] = {}
         self.samples: dict[str, list[str]] = {}
 
@@ -134,10 +142,11 @@ class TokenizerWorker:
         """One request for the scheduler per sample, or an error delta for the user.
 
         Sample 0 keeps the request id; the others are ``id#i`` and fork sample 0.
-        With ``best_of > n`` every sample reports logprobs, which rank them.
+        With ``best_of > n`` every sample reports logprobs, which rank them. A beam search is one request
+        for the scheduler, which answers with its ``n`` best hypotheses as samples 0..n-1.
         """
         try:
-            req, ids, chat_text, images, grammar = self._validated(req)
+            req, ids, chat_text, images, grammar, tools = self._validated(req)
         except Exception as e:
             return OutputDelta(req.request_id, "", [], finished=True, error=_input_error(e))
         params = req.params
@@ -147,7 +156,7 @@ class TokenizerWorker:
         in_reasoning = chat_text is not None and opens_reasoning(chat_text)
         out = []
         for i in range(params.num_samples):
-            rid = req.request_id if i == 0 else f"{req.request_id}#{i}"
+            rid = sample_request_id(req.request_id, i)
             p = dataclasses.replace(
                 params,
                 seed=sample_seed(seed, i),
@@ -166,6 +175,7 @@ class TokenizerWorker:
                 ids,
                 chat_text if params.num_samples == 1 and not images else None,
                 ThinkParser(in_reasoning) if self.reasoning_parser is not None else None,
+                tools.parser() if tools is not None else None,
                 p.stop,
                 p.include_stop_str_in_output,
                 prompt_text=chat_text,
@@ -182,18 +192,29 @@ class TokenizerWorker:
                     grammar=grammar,
                     lora=req.lora,
                     images=images,
+                    pooling=req.pooling,
                 )
             )
         self.samples[req.request_id] = [t.request_id for t in out]
-        return out
+        return out[:1] if params.use_beam_search else out
 
     def _validated(self, req: GenerateRequest) -> tuple:
         """``req`` with its sampling words as token ids, its prompt token ids, its rendered chat (or None), its
-        images and its grammar (or None); an exception if any of it is bad, the images' files then removed."""
+        images, its grammar (or None) and its tools (or None); an exception if any of it is bad, the images'
+        files then removed."""
         images = []
         try:
             req = dataclasses.replace(req, params=self.prompts.with_word_tokens(req.params))
-            ids, chat_text, images = self.prompts.build(req)
+            check_beam_search(req.params, self.max_num_seqs, self.model_config)
+            tools = None
+            if req.tools is not None:
+                template = self.prompts.template(req.chat_template_kwargs)
+                tools = ChatTools.of(req.tools, template, self.tool_call_parser, self.auto_tools)
+            if tools is not None and tools.structured is not None:
+                if req.params.structured is not None:
+                    raise ValueError(f"tool_choice {tools.spec.choice!r} and an output constraint cannot go together")
+                req = dataclasses.replace(req, params=dataclasses.replace(req.params, structured=tools.structured))
+            ids, chat_text, images = self.prompts.build(req, tools)
             grammar = None
             if req.params.structured is not None:
                 if self.tokenizer is None:
@@ -202,7 +223,7 @@ class TokenizerWorker:
         except BaseException:
             remove_files(images)
             raise
-        return req, ids, chat_text, images, grammar
+        return req, ids, chat_text, images, grammar, tools
 
     def tokenize(self, call: TokenizeCall) -> TokenizeResult:
         """Token ids of a prompt or chat, or the text of token ids, for the user's tokenizer calls."""
@@ -258,6 +279,10 @@ class TokenizerWorker:
                 reasoning = ""
                 if req.reasoning is not None:
                     reasoning, text = req.reasoning.push(text, finished or hit_stop)
+                calls = None
+                if req.tools is not None:
+                    text, calls = req.tools.push(text, finished or hit_stop)
+                    reason = "tool_calls" if reason == "stop" and req.tools.calls else reason
                 if finished or hit_stop:
                     del self.active[d.request_id]
                     self._forget_sample(req.parent, d.request_id)
@@ -278,6 +303,8 @@ class TokenizerWorker:
                         req.index,
                         reasoning,
                         prompt_text,
+                        calls,
+                        embedding=d.embedding,
                     )
                 )
         return out, stopped

@@ -9,8 +9,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from tristream.config import EngineConfig
 from tristream.protocol import GenerateRequest, ImageInput
 from tristream.sampling_params import SamplingParams
+from tristream.tokenizer_proc.fim import FimPrompts
 from tristream.tokenizer_proc.images import PromptImages
 from tristream.tokenizer_proc.templates import resolve_chat_template
+from tristream.tokenizer_proc.tools import ChatTools, template_message
 from tristream.tokenizer_proc.turn_cache import TurnCache
 
 
@@ -24,10 +26,19 @@ def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
 
 def _template_message(i: int, message: object) -> dict:
     """Message ``i`` as the chat template takes it: a list of text parts joined into text, a list that holds
-    ``{"type": "image"}`` parts kept for the template to place the images; other parts are a ValueError."""
-    if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+    ``{"type": "image"}`` parts kept for the template to place the images; other parts are a ValueError.
+    An assistant's ``tool_calls`` take the place of its content."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise ValueError(f"messages[{i}] must be a dict with a string 'role' and a 'content'")
-    content = message["content"]
+    if "content" not in message and not message.get("tool_calls"):
+        raise ValueError(f"messages[{i}] must be a dict with a string 'role' and a 'content'")
+    try:
+        message = template_message(message)
+    except ValueError as e:
+        raise ValueError(f"messages[{i}]: {e}") from None
+    content = message.get("content")
+    if content is None:
+        return {**message, "content": ""}
     if not isinstance(content, list):
         return message
     for part in content:
@@ -51,19 +62,37 @@ class PromptBuilder:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.turns = TurnCache(tokenizer) if tokenizer is not None else None
+        self.fim = FimPrompts(tokenizer) if tokenizer is not None else None
 
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def render_chat(self, messages: list[dict], chat_template_kwargs: dict | None) -> str:
-        """The prompt text of a conversation, ending with the assistant's turn."""
-        if not self.has_chat_template:
+    def template(self, chat_template_kwargs: dict | None) -> str | None:
+        """The chat template a request renders with: its own ``chat_template`` (Jinja text, a file or a built-in
+        name), else the tokenizer's."""
+        own = (chat_template_kwargs or {}).get("chat_template")
+        if own is not None:
+            if not isinstance(own, str):
+                raise ValueError("chat_template must be a string: Jinja text, a file or a built-in template name")
+            return resolve_chat_template(own)
+        return getattr(self.tokenizer, "chat_template", None)
+
+    def render_chat(
+        self, messages: list[dict], chat_template_kwargs: dict | None, tools: ChatTools | None = None
+    ) -> str:
+        """The prompt text of a conversation, ending with the assistant's turn, with ``tools`` for the template."""
+        template = self.template(chat_template_kwargs)
+        if not template:
             raise ValueError("this model's tokenizer has no chat template; send a plain prompt instead")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         messages = [_template_message(i, m) for i, m in enumerate(messages)]
         kwargs = {"add_generation_prompt": True, **(chat_template_kwargs or {})}
+        if "chat_template" in kwargs:
+            kwargs["chat_template"] = template
+        if tools is not None:
+            kwargs["tools"] = tools.tools
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
         except Exception as e:
@@ -98,20 +127,25 @@ class PromptBuilder:
             changes.update(allowed_token_ids=sorted(allowed), allowed_words=None)
         return dataclasses.replace(params, **changes)
 
-    def build(self, req: GenerateRequest) -> tuple[list[int], str | None, list[ImageInput]]:
-        """Prompt token ids for ``req``, for a chat its rendered text, and its images; ``ValueError`` if it is bad."""
+    def build(
+        self, req: GenerateRequest, tools: ChatTools | None = None
+    ) -> tuple[list[int], str | None, list[ImageInput]]:
+        """Prompt token ids for ``req`` (a chat with ``tools``), for a chat its rendered text, and its images;
+        ``ValueError`` if it is bad."""
         text = None
         self.images.check(len(req.images or []))
         if self.tokenizer is None and req.prompt_token_ids is None:
             raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init): send prompt token ids")
         if req.messages is not None:
-            text = self.render_chat(req.messages, req.chat_template_kwargs)
+            text = self.render_chat(req.messages, req.chat_template_kwargs, tools)
             ids = self.turns.encode(text)
         elif req.prompt is not None:
             if not req.prompt:
                 raise ValueError("the prompt is empty")
-            ids = self.tokenizer.encode(req.prompt)
+            ids = self.tokenizer.encode(req.prompt) if req.suffix is None else self.fim.encode(req.prompt, req.suffix)
         else:
+            if req.suffix is not None:
+                raise ValueError("suffix needs a text prompt: a prompt of token ids runs as given, FIM tokens and all")
             ids = list(req.prompt_token_ids or [])
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
             if bad:

@@ -1,6 +1,6 @@
 """Chat templates by name, or from a Jinja file, to override the tokenizer's own.
 
-The names are tristream's (``chatml``, ``qwen``, ``llama3``, ``default-generation``) and LLaMA-Factory's for the
+The names are tristream's (``chatml``, ``hermes``, ``qwen``, ``llama3``, ``default-generation``) and LLaMA-Factory's for the
 common model families; a LLaMA-Factory name renders the text that LLaMA-Factory's template of that name does.
 """
 
@@ -22,6 +22,29 @@ LLAMA3 = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 DEFAULT_GENERATION = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+# ChatML that shows the model its tools and the Hermes call format: calls as <tool_call> JSON blocks, results
+# in <tool_response> blocks of a user turn.
+HERMES = (
+    "{% set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else '' %}"
+    "{% set rest = messages[1:] if messages and messages[0]['role'] == 'system' else messages %}"
+    "{% if system or tools %}<|im_start|>system\n{{ system }}"
+    "{% if tools %}{{ '\n\n' if system else '' }}You can call these functions, described as JSON schemas "
+    "inside <tools></tools>:\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\n\n"
+    "To call one, answer with its name and arguments as a JSON object in a <tool_call></tool_call> block:\n"
+    '<tool_call>\n{"name": <function name>, "arguments": <arguments object>}\n</tool_call>'
+    "{% endif %}<|im_end|>\n{% endif %}"
+    "{% for m in rest %}"
+    "{% if m['role'] == 'tool' %}"
+    "{% if loop.first or loop.previtem['role'] != 'tool' %}<|im_start|>user{% endif %}"
+    "\n<tool_response>\n{{ m['content'] }}\n</tool_response>"
+    "{% if loop.last or loop.nextitem['role'] != 'tool' %}<|im_end|>\n{% endif %}"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+    "{% for call in m.get('tool_calls') or [] %}{% set f = call['function'] if 'function' in call else call %}"
+    "{{ '\n' if m['content'] or not loop.first else '' }}<tool_call>\n"
+    "{\"name\": {{ f['name'] | tojson }}, \"arguments\": {{ f['arguments'] | tojson }}}\n</tool_call>"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def turns(
@@ -72,6 +95,7 @@ BUILTIN_TEMPLATES = {
     "qwen": QWEN,
     "llama3": LLAMA3,
     "default-generation": DEFAULT_GENERATION,
+    "hermes": HERMES,
     # LLaMA-Factory's names.
     "empty": DEFAULT_GENERATION,
     "yi": CHATML,
@@ -130,9 +154,11 @@ BUILTIN_TEMPLATES = {
 
 
 def resolve_chat_template(value: str) -> str:
-    """The Jinja text of a built-in template name or of a template file."""
+    """The Jinja text of a built-in template name or of a template file; Jinja text as it is."""
     if value in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[value]
+    if "{{" in value or "{%" in value:
+        return value
     path = Path(value)
     if path.is_file():
         return path.read_text()

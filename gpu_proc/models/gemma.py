@@ -86,12 +86,15 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         """The rotary tables of layer ``layer``."""
         return self.rotary
 
-    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+    def hidden_states(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
         x, residual = x * self.embed_scale, None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, batch, kv, self.rotary_of(i))
-        logits = self.lm_head(self.final_norm(x, residual)[batch.logit_rows])
+        return self.final_norm(x, residual)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits

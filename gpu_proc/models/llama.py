@@ -193,11 +193,19 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Logits [len(logit_rows), vocab] of the rows that need them."""
+        return self.logits(self.hidden_states(batch, kv)[batch.logit_rows])
+
+    def hidden_states(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """The final norm's output [tokens, hidden] for every row of the batch."""
         x, residual = self.embed(batch), None
         rotary, batch = self.rotary_of(batch)
         for layer in self.layers:
             x, residual = layer(x, residual, batch, kv, rotary)
-        return self.lm_head(self.final_norm(x, residual)[batch.logit_rows])
+        return self.final_norm(x, residual)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits over the vocabulary of final-norm hidden states."""
+        return self.lm_head(hidden)
 
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
         """The input embeddings of the batch's tokens, image tokens' taken from ``batch.image_embeds``."""

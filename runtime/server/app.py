@@ -13,7 +13,7 @@ from starlette.staticfiles import StaticFiles
 
 from tristream.engine import AsyncEngine, EngineDeadError
 from tristream.openai_api import RequestDefaults, validation_message
-from tristream.server import generate, routes
+from tristream.server import embeddings, generate, routes
 from tristream.server.http import ApiError, ClientGone, JSONResponse, error_body
 from tristream.server.metrics import ServerMetrics
 from tristream.server.state import ServerState
@@ -51,7 +51,7 @@ def build_app(
     )
     for exc, handler in HANDLERS.items():
         app.add_exception_handler(exc, handler)
-    for router in (routes.public, routes.guarded, generate.router):
+    for router in (routes.public, routes.guarded, generate.router, embeddings.router):
         app.include_router(router)
     # The web chat's script, styles and the libraries it uses, public like the page itself.
     app.mount("/static", StaticFiles(packages=[("tristream.server", "static")]), name="static")

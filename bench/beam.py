@@ -91,11 +91,9 @@ def main(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     ceilings = None
     if gpu:
-        from ceilings import copy_bandwidth, matmul_rate
+        from ceilings import bf16_ceilings
 
-        device = torch.device("cuda")
-        ceilings = {"copy_bytes_per_s": copy_bandwidth(device), "bf16_matmul_flops": matmul_rate(device)}
-        torch.cuda.empty_cache()
+        ceilings = bf16_ceilings()
     max_len = args.prompt_len + args.max_tokens + 16
     folder = None if args.bundled else dummy_model(args.config, max_len)
     model = resolve_model(None) if args.bundled else str(folder)

@@ -27,6 +27,14 @@ def fp8_matmul_rate(device: torch.device, n: int = 8192, repeats: int = 20) -> f
     return 2 * n**3 / _median_seconds(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16), repeats)
 
 
+def bf16_ceilings() -> dict[str, float]:
+    """The copy bandwidth and bf16 matmul rate of the current CUDA device, its cache emptied after."""
+    device = torch.device("cuda")
+    ceilings = {"copy_bytes_per_s": copy_bandwidth(device), "bf16_matmul_flops": matmul_rate(device)}
+    torch.cuda.empty_cache()
+    return ceilings
+
+
 def _median_seconds(fn, repeats: int) -> float:
     for _ in range(3):
         fn()

@@ -291,11 +291,9 @@ def main(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     ceilings = None
     if gpu:
-        from ceilings import copy_bandwidth, matmul_rate
+        from ceilings import bf16_ceilings
 
-        device = torch.device("cuda")
-        ceilings = {"copy_bytes_per_s": copy_bandwidth(device), "bf16_matmul_flops": matmul_rate(device)}
-        torch.cuda.empty_cache()
+        ceilings = bf16_ceilings()
     lo, hi = args.random_range
     max_len = max(2 * hi, sum(args.fixed_lens))
     folder = dummy_model(args.config, max_len)

@@ -17,7 +17,7 @@ import pathlib
 import statistics
 import time
 
-from report import header, now
+from report import header, now, write_report
 from transformers import AutoTokenizer
 
 from tristream.model_files import resolve_model
@@ -97,10 +97,7 @@ def main() -> None:
     for name, seconds in step.items():
         print(f"{name:24s} {seconds * 1e3:8.3f} ms/step ({seconds / args.batch * 1e6:6.2f} us/token)")
     print(f"parsing costs {report['parse_vs_detokenize']:.2f}x detokenizing the same token")
-    path = pathlib.Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_report(report, "tool_parse", None, args.out)
 
 
 if __name__ == "__main__":

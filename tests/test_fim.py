@@ -126,3 +126,33 @@ async def test_the_engine_refuses_a_suffix_after_token_ids(fim_engine):
     with pytest.raises(ValueError, match="suffix needs a text prompt"):
         async for _ in fim_engine.generate([1, 2, 3], SamplingParams(max_tokens=2), suffix=SUFFIX):
             pass
+
+
+async def test_the_guides_completion_body_with_its_suffix_answers(fim_engine, fim_model):
+    """The deployment guide's completion body, suffix and word lists included, on a model with FIM tokens."""
+    tok = fim_model[1]
+    ids = tok.encode(" a brave knight", add_special_tokens=False)
+    body = CompletionRequest(
+        model="m",
+        prompt="Once upon a time",
+        suffix=" And they lived happily ever after.",
+        max_tokens=8,
+        temperature=0.8,
+        logit_bias={"adventure": 0.5},
+        white_list_token_ids=ids,
+        white_list_token=["adventure", "dragon"],
+        logprobs=0,
+        force_prompt="Answer briefly.",
+        user="user-7",
+    )
+    (call,) = body.calls()
+    final = None
+    async for out in call.start(fim_engine, "guide"):
+        final = accumulate(final, out)
+    words = {
+        t for w in ("adventure", "dragon") for text in (w, " " + w) for t in tok.encode(text, add_special_tokens=False)
+    }
+    assert len(final.outputs[0].token_ids) == 8
+    assert set(final.outputs[0].token_ids) <= set(ids) | words
+    reply = await CompletionReply(body, [call], "guide", "m", fim_engine, {}).whole([final])
+    assert reply["choices"][0]["text"] == final.outputs[0].text and reply["usage"]["completion_tokens"] == 8

@@ -104,6 +104,8 @@ CASES = [
         [("f", '{"q": 1}'), ("g", "{}")],
     ),
     (FORMATS["llama3_json"], "Hello {there}", {}, "Hello {there}", []),
+    (FORMATS["llama3_json"], "[1] First, [2] second.", {}, "[1] First, [2] second.", []),
+    (FORMATS["mistral"], ' [{"name": "f", "arguments": {"q": 2}}]', {}, "", [("f", '{"q": 2}')]),
     (
         FORMATS["mistral"],
         'Sure. [TOOL_CALLS][{"name": "f", "arguments": {"q": "]"}}]',

@@ -26,17 +26,19 @@ _STRING_END = re.compile(r'["\\]')
 
 @dataclass(frozen=True)
 class ToolFormat:
-    """Where a model's calls sit: after ``start`` and up to ``end`` (None: to the end of the text), or, with
-    ``start`` None, only when the reply opens with a call (``{`` or ``[``), after an optional ``opener``."""
+    """Where a model's calls sit: after ``start`` and up to ``end`` (None: to the end of the text), or when the
+    reply opens with a call (``{``, or a list ``[{``) after an optional ``opener``: with ``start`` None only
+    then, with ``bare`` also then (a ``start`` that is a special token is gone from text that skips those)."""
 
     start: str | None
     end: str | None = None
     opener: str = ""
+    bare: bool = False
 
 
 FORMATS = {
     "hermes": ToolFormat("<tool_call>", "</tool_call>"),
-    "mistral": ToolFormat("[TOOL_CALLS]"),
+    "mistral": ToolFormat("[TOOL_CALLS]", bare=True),
     "llama3_json": ToolFormat(None, opener="<|python_tag|>"),
 }
 # The JSON that a forced tool_choice's grammar makes the model write.
@@ -154,7 +156,7 @@ class ToolCallParser:
         self.format = fmt
         self.max_calls = max_calls
         self.calls = 0
-        self._mode = "content" if fmt.start is not None else "opening"
+        self._mode = "opening" if fmt.start is None or fmt.bare else "content"
         self._held = ""
         self._object: _CallObject | None = None
         self._sent_args = 0
@@ -185,11 +187,13 @@ class ToolCallParser:
         stripped = text.lstrip()
         if self.format.opener and stripped.startswith(self.format.opener):
             stripped = stripped[len(self.format.opener) :].lstrip()
-        if stripped[:1] in ("{", "["):
+        after_bracket = stripped[1:].lstrip()[:1] if stripped[:1] == "[" else ""
+        if stripped[:1] == "{" or after_bracket == "{":
             self._mode = "calls"
             return stripped
-        if not stripped or (self.format.opener.startswith(stripped) and not finished):
-            return text if not finished else ""
+        partial = not stripped or self.format.opener.startswith(stripped) or stripped.rstrip() == "["
+        if partial and not finished:
+            return text
         self._mode = "content"
         return text
 

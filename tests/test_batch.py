@@ -125,7 +125,12 @@ def test_openai_batch_lines_take_their_sampling_fields_from_the_body():
             "logit_bias.5: Input should be a finite",
         ),
         ('{"id": "a", "prompt": ["x", "y"]}', "a", False, "one prompt per line"),
-        ('{"id": "a", "prompt": "x", "use_beam_search": true, "top_k": 5}', "a", False, "top_k: beam search"),
+        (
+            '{"id": "a", "prompt": "x", "use_beam_search": true, "guided_regex": "a+"}',
+            "a",
+            False,
+            "structured: beam search",
+        ),
         ('{"id": "a", "messages": "hi"}', "a", False, "messages must be a non-empty list"),
         ('{"id": "a", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "a", False, "only text"),
         (
@@ -189,13 +194,13 @@ class ReversingEngine:
     def default_sampling_params(self, **fields) -> SamplingParams:
         return SamplingParams(**fields)
 
-    async def generate(self, prompt, params=None, request_id=None):
+    async def generate(self, prompt, params=None, request_id=None, suffix=None):
         if not prompt:
             raise ValueError("the prompt is empty")
         async for out in self._answer(prompt, params, request_id):
             yield out
 
-    async def chat(self, messages, params=None, request_id=None, chat_template_kwargs=None):
+    async def chat(self, messages, params=None, request_id=None, chat_template_kwargs=None, **tools):
         self.messages[messages[-1]["content"]] = messages
         async for out in self._answer(messages[-1]["content"], params, request_id):
             yield out

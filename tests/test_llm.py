@@ -119,3 +119,39 @@ def test_chat_template_kwargs_reach_the_template(llm, tokenizer):
     rendered = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=False)
     assert plain[0].prompt_token_ids == tokenizer.encode(rendered, add_special_tokens=False)
     assert plain[0].prompt_token_ids != llm.chat(conv, params, use_tqdm=False)[0].prompt_token_ids
+
+
+def test_beam_search_as_vllm_offline_code_calls_it(llm, tokenizer):
+    from tristream import BeamSearchParams
+
+    prompts = ["The capital of France is", "My favourite colour is"]
+    params = BeamSearchParams(beam_width=3, max_tokens=5)
+    outputs = llm.beam_search([{"prompt": p} for p in prompts], params)
+    one_at_a_time = llm.beam_search(prompts, params, concurrency_limit=1)
+    assert [[s.tokens for s in o.sequences] for o in outputs] == [
+        [s.tokens for s in o.sequences] for o in one_at_a_time
+    ]
+    for prompt, output in zip(prompts, outputs):
+        ids = tokenizer.encode(prompt)
+        assert len(output.sequences) == 3 and len({tuple(s.tokens) for s in output.sequences}) == 3
+        for seq in output.sequences:
+            assert seq.tokens[: len(ids)] == ids and len(ids) < len(seq.tokens) <= len(ids) + 5
+            assert seq.text == tokenizer.decode(seq.tokens)
+        scores = [s.cum_logprob / len(s.tokens) for s in output.sequences if s.finish_reason == "length"]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_chat_with_tools_returns_the_forced_call(llm):
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}},
+        },
+    }
+    conv = [{"role": "user", "content": "What is the weather in Paris?"}]
+    params = SamplingParams(temperature=0, max_tokens=40)
+    [out] = llm.chat(conv, params, use_tqdm=False, tools=[weather], tool_choice="required", chat_template="hermes")
+    sample = out.outputs[0]
+    assert sample.finish_reason == "tool_calls" and sample.tool_calls[0].name == "get_weather"
+    assert "get_weather" in out.prompt and "<tool_call>" in out.prompt

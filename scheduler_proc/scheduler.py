@@ -292,10 +292,26 @@ class Scheduler:
                     plan.pages.append((req.slot, pages))
                 self._run(req, n, plan, step)
                 budget -= n
+        if not preempted:
+            self._admit_waiting(plan, step, budget, forkable)
+        plan.freed, self.freed_slots = self.freed_slots, []
+        if self.config.check_invariants:
+            self.kv.check_invariants(self.running)
+        if not plan.slots and not plan.freed and not plan.beams:
+            return None
+        step.plan_s = time.perf_counter() - start
+        self.counters.scheduler_s += step.plan_s
+        self.in_flight.append(step)
+        self.step_id += 1
+        return plan
+
+    def _admit_waiting(self, plan: BatchPlan, step: StepInFlight, budget: int, forkable: set[str]) -> None:
+        """Admit waiting requests into ``plan`` while slots and the token ``budget`` last; a sample waits until
+        the prompt it forks is in ``forkable``."""
         if self.config.schedule_policy == "lpm" and self.kv.cache is not None and len(self.waiting) > 1:
             self._order_waiting()
         i = 0
-        while not preempted and i < len(self.waiting) and self.free_slots and budget > 0:
+        while i < len(self.waiting) and self.free_slots and budget > 0:
             req = self.waiting[i]
             leader = self._fork_source(req)
             if req.num_pending or (leader is not None and leader.request_id not in forkable):
@@ -311,16 +327,6 @@ class Scheduler:
                 group.reserve(self.free_slots)
             del self.waiting[i]
             budget -= ran
-        plan.freed, self.freed_slots = self.freed_slots, []
-        if self.config.check_invariants:
-            self.kv.check_invariants(self.running)
-        if not plan.slots and not plan.freed and not plan.beams:
-            return None
-        step.plan_s = time.perf_counter() - start
-        self.counters.scheduler_s += step.plan_s
-        self.in_flight.append(step)
-        self.step_id += 1
-        return plan
 
     def on_result(self, result: StepResult, ipc_s: float = 0.0) -> list[TokenDelta]:
         """Record sampled tokens, cache computed prefill chunks, finish requests that stop.

@@ -28,8 +28,14 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (activation.gelu_tanh_and_mul if x.is_cuda else activation.gelu_tanh_and_mul_ref)(x)
 
 
-def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    return (sampling.gumbel_argmax if scaled.is_cuda else sampling.gumbel_argmax_ref)(scaled, seeds, counters)
+def process_logits(logits: torch.Tensor, slots: torch.Tensor, *tables: torch.Tensor) -> torch.Tensor:
+    return (sampling.process_logits if logits.is_cuda else sampling.process_logits_ref)(logits, slots, *tables)
+
+
+def nucleus_sample(
+    logits: torch.Tensor, slots: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor, kth: torch.Tensor | None
+) -> torch.Tensor:
+    return (sampling.nucleus_sample if logits.is_cuda else sampling.nucleus_sample_ref)(logits, slots, floats, ints, kth)
 
 
 def lora_shrink(

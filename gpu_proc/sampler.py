@@ -9,31 +9,37 @@ import torch
 from tristream.gpu_proc import ops
 from tristream.gpu_proc.grammar import apply_token_bitmask
 from tristream.gpu_proc.upload import download, upload, upload_named
+from tristream.kernels.sampling import BIASED, FLOATS, INTS, PENALIZED
 from tristream.sampling_params import SamplingParams
 
 Logprobs = list[tuple[int, float]]
 
 
 class SamplingState:
-    """Sampling parameters and penalty counts of every slot, as tensors indexed by slot id.
+    """Sampling parameters, logit biases and penalty counts of every slot, as tensors indexed by slot id.
 
     ``params`` mirrors each slot's SamplingParams on the host, so deciding which
     processors a batch needs never waits for the device. The per-slot values are
-    columns of two tables, so that loading a request is two queued copies.
+    columns of two tables (``kernels.sampling.FLOATS`` and ``INTS`` name them), so that
+    loading a request is two queued copies. What a request adds to its logits whatever it
+    has output (``logit_bias``, ``allowed_token_ids``, one-token bad words) is its slot's
+    row of ``bias``, written once when the request is loaded.
     """
 
     def __init__(self, max_slots: int, vocab: int, eos_token_ids: list[int], device: torch.device) -> None:
         self.device = device
+        self.vocab = vocab
         self.eos_token_ids = eos_token_ids
         self.params: dict[int, SamplingParams] = {}
         self.num_outputs: dict[int, int] = {}
         self.bad_words: dict[int, list[list[int]]] = {}
         self.outputs: dict[int, list[int]] = {}
-        self.floats = torch.zeros(max_slots, 6, device=device)
-        self.floats[:, [1, 5]] = 1.0
+        self.floats = torch.zeros(max_slots, len(FLOATS), device=device)
+        self.floats[:, [FLOATS.index("top_p"), FLOATS.index("repetition")]] = 1.0
         self.temperature, self.top_p, self.min_p, self.presence, self.frequency, self.repetition = self.floats.unbind(1)
-        self.ints = torch.zeros(max_slots, 3, dtype=torch.int64, device=device)
-        self.top_k, self.seed, self.counter = self.ints.unbind(1)
+        self.ints = torch.zeros(max_slots, len(INTS), dtype=torch.int64, device=device)
+        self.top_k, self.seed, self.counter, self.flags = self.ints.unbind(1)
+        self.bias = torch.zeros(max_slots, vocab, device=device)
         self.counts = torch.zeros(max_slots, vocab, dtype=torch.int32, device=device)
         self.seen = torch.zeros(max_slots, vocab, dtype=torch.bool, device=device)
 
@@ -50,9 +56,12 @@ class SamplingState:
         self.num_outputs[slot] = num_outputs
         self.bad_words.pop(slot, None)
         self.outputs.pop(slot, None)
-        if bad_words_ids:
-            self.bad_words[slot] = bad_words_ids
+        words = [w for w in bad_words_ids or () if len(w) > 1]
+        if words:
+            self.bad_words[slot] = words
             self.outputs[slot] = token_ids[len(token_ids) - num_outputs :]
+        banned = [w[0] for w in bad_words_ids or () if len(w) == 1]
+        biased = self._set_bias(slot, params, banned)
         self.floats[slot] = upload(
             [
                 params.temperature,
@@ -66,8 +75,9 @@ class SamplingState:
             self.device,
         )
         seed = params.seed or 0
+        flags = BIASED * biased + PENALIZED * _penalized(params)
         self.ints[slot] = upload(
-            [params.top_k, (seed ^ (seed >> 32)) & 0xFFFFFFFF, num_outputs], torch.int64, self.device
+            [params.top_k, (seed ^ (seed >> 32)) & 0xFFFFFFFF, num_outputs, flags], torch.int64, self.device
         )
         self.counts[slot].zero_()
         self.seen[slot].zero_()
@@ -79,9 +89,24 @@ class SamplingState:
                     0, ids[-num_outputs:], torch.ones_like(ids[-num_outputs:], dtype=torch.int32)
                 )
 
+    def _set_bias(self, slot: int, params: SamplingParams, banned: list[int]) -> bool:
+        """Write the slot's bias row: -inf outside ``allowed_token_ids`` and on ``banned``, plus ``logit_bias``.
+        Whether the request has one."""
+        bias = {t: b for t, b in (params.logit_bias or {}).items() if t < self.vocab}
+        if params.allowed_token_ids is None and not bias and not banned:
+            return False
+        row = self.bias[slot]
+        allowed = [t for t in params.allowed_token_ids or () if t < self.vocab]
+        row.fill_(0.0 if params.allowed_token_ids is None else float("-inf"))
+        index = upload_named(self.device, allowed=allowed, banned=banned, biased=list(bias))
+        row[index["allowed"]] = 0.0
+        row[index["banned"]] = float("-inf")
+        row.index_put_((index["biased"],), upload(list(bias.values()), torch.float32, self.device), accumulate=True)
+        return True
+
     def copy_slots(self, pairs: list[tuple[int, int]]) -> None:
         """Give the destination of each (source, destination) pair of beam search slots (which have no bad
-        words) the source's parameters and counts, all read before any is written."""
+        words) the source's parameters, bias and counts, all read before any is written."""
         if not pairs:
             return
         read = {src: (self.params[src], self.num_outputs[src]) for src, _ in pairs}
@@ -90,7 +115,7 @@ class SamplingState:
             self.bad_words.pop(dst, None)
             self.outputs.pop(dst, None)
         src, dst = upload([list(p) for p in zip(*pairs)], torch.int64, self.device)
-        for table in (self.floats, self.ints, self.counts, self.seen):
+        for table in (self.floats, self.ints, self.bias, self.counts, self.seen):
             table[dst] = table[src]
 
     def count_chosen(self, chosen: list[tuple[int, int]]) -> None:
@@ -108,8 +133,9 @@ class SamplingState:
 
         Returns (row, output history) of the slots that watch for bad words: their tokens are
         appended once they are on the host (``Sampled.finish``)."""
-        if any(_penalized(self.params[s]) for s in slot_ids):
-            counted = [row for row, s in enumerate(slot_ids) if not self.params[s].use_beam_search]
+        params = [self.params[s] for s in slot_ids]
+        if any(_penalized(p) for p in params):
+            counted = [row for row, p in enumerate(params) if not p.use_beam_search]
             if len(counted) < len(slot_ids):
                 rows = upload(counted, torch.int64, self.device)
                 slots, tokens = slots[rows], tokens[rows]
@@ -121,31 +147,9 @@ class SamplingState:
         return [(row, self.outputs[slot]) for row, slot in enumerate(slot_ids) if slot in self.outputs]
 
     def banned(self, slot: int) -> list[int]:
-        """Tokens that would complete one of the slot's bad words now."""
+        """Tokens that would complete one of the slot's bad words of several tokens now."""
         history = self.outputs.get(slot, [])
-        return [
-            w[-1] for w in self.bad_words.get(slot, ()) if len(w) == 1 or history[len(history) - len(w) + 1 :] == w[:-1]
-        ]
-
-
-def _allowed_only(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """``logits`` with -inf outside each row's ``allowed_token_ids`` (rows without the list keep every token)."""
-    vocab = logits.shape[-1]
-    restricted = [
-        (row, [t for t in p.allowed_token_ids if t < vocab])
-        for row, p in enumerate(params)
-        if p.allowed_token_ids is not None
-    ]
-    index = upload_named(
-        logits.device,
-        restricted=[row for row, _ in restricted],
-        rows=[row for row, ids in restricted for _ in ids],
-        cols=[t for _, ids in restricted for t in ids],
-    )
-    banned = torch.zeros_like(logits, dtype=torch.bool)
-    banned[index["restricted"]] = True
-    banned[index["rows"], index["cols"]] = False
-    return logits.masked_fill(banned, float("-inf"))
+        return [w[-1] for w in self.bad_words.get(slot, ()) if history[len(history) - len(w) + 1 :] == w[:-1]]
 
 
 def _penalized(p: SamplingParams) -> bool:
@@ -155,9 +159,10 @@ def _penalized(p: SamplingParams) -> bool:
 class Sampler:
     """Logit processors, then greedy or seeded sampling, over a batch of slots.
 
-    Order: the grammar bitmask, allowed_token_ids, bad_words and min_tokens masks, logit_bias,
-    repetition/frequency/presence penalties; greedy rows take the argmax here; the rest are divided by temperature and
-    filtered by top-k, top-p and min_p (ties at a boundary are kept), then sampled.
+    Order: the grammar bitmask; the bias row (allowed_token_ids, one-token bad words, logit_bias); bad words
+    of several tokens and min_tokens masks; repetition/frequency/presence penalties. Greedy rows take the
+    argmax; the rest draw from their distribution divided by temperature and restricted to top-k, top-p and
+    min_p (ties at a boundary are kept), by rejection rather than by sorting the vocabulary.
     """
 
     def __init__(self, state: SamplingState) -> None:
@@ -166,48 +171,41 @@ class Sampler:
     def process(
         self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int], bitmask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The logits after the grammar bitmask, allowed_token_ids, min_tokens, logit_bias and the penalties (fp32)."""
+        """The logits after the grammar bitmask, the bias rows, bad words, min_tokens and the penalties (fp32)."""
         st = self.state
-        params = [st.params[s] for s in slot_ids]
-        logits = logits.float()
         if bitmask is not None:
-            logits = apply_token_bitmask(logits, bitmask)
-        if any(p.allowed_token_ids is not None for p in params):
-            logits = _allowed_only(logits, params)
-        rows, cols, values = [], [], []
-        for row, (slot, p) in enumerate(zip(slot_ids, params)):
-            masked = list(st.banned(slot)) if slot in st.bad_words else []
-            if st.num_outputs[slot] < p.min_tokens:
+            logits = apply_token_bitmask(logits.float(), bitmask)
+        logits = ops.process_logits(logits, slots, st.floats, st.ints, st.bias, st.counts, st.seen)
+        rows, cols = [], []
+        for row, slot in enumerate(slot_ids):
+            p = st.params[slot]
+            masked = st.banned(slot) if slot in st.bad_words else []
+            if p.min_tokens and st.num_outputs[slot] < p.min_tokens:
                 masked += [*st.eos_token_ids, *p.stop_token_ids]
-            for token in masked:
-                rows.append(row), cols.append(token), values.append(float("-inf"))
-            for token, bias in (p.logit_bias or {}).items():
-                if token < logits.shape[-1]:
-                    rows.append(row), cols.append(token), values.append(bias)
+            rows += [row] * len(masked)
+            cols += masked
         if rows:
             index = upload([rows, cols], torch.int64, logits.device)
-            logits = logits.index_put(
-                (index[0], index[1]), upload(values, torch.float32, logits.device), accumulate=True
-            )
-        if any(_penalized(p) for p in params):
-            rep = st.repetition[slots][:, None]
-            logits = torch.where(st.seen[slots], torch.where(logits > 0, logits / rep, logits * rep), logits)
-            counts = st.counts[slots].float()
-            logits = logits - st.frequency[slots][:, None] * counts - st.presence[slots][:, None] * (counts > 0)
+            logits = logits.index_put((index[0], index[1]), torch.full((), float("-inf"), device=logits.device))
         return logits
 
     def filter(self, scaled: torch.Tensor, slots: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """Temperature-scaled logits with everything outside top-k, top-p and min_p set to -inf."""
+        """Temperature-scaled logits with everything outside top-k, top-p and min_p set to -inf.
+
+        The logprobs of a sampled row come from this distribution (``nucleus_sample`` draws from it without
+        writing it out)."""
         st = self.state
         inf = torch.full((), float("-inf"), device=scaled.device)
         threshold = inf.expand(scaled.shape[0])
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             k, top_p = st.top_k[slots], st.top_p[slots]
-            ordered = self._ordered(scaled, k, top_p, params)
-            kth = ordered.gather(1, (k - 1).clamp(0, ordered.shape[1] - 1)[:, None])[:, 0]
-            kth = torch.where(k > 0, kth, inf)
-            ordered = ordered.masked_fill(ordered < kth[:, None], float("-inf"))
-            probs = ordered.softmax(dim=-1)
+            ordered = self._ordered(scaled, params)
+            kth = torch.where(k > 0, ordered.gather(1, (k - 1).clamp(0, ordered.shape[1] - 1)[:, None])[:, 0], inf)
+            top = ordered[:, :1]
+            weights = torch.where(ordered >= kth[:, None], (ordered - top).exp(), 0.0)
+            # ties at the k-th value past the ordered width still count in the top k's total
+            ties = (scaled == kth[:, None]).sum(dim=-1) - (ordered == kth[:, None]).sum(dim=-1)
+            probs = weights / (weights.sum(dim=-1) + ties * (kth - top[:, 0]).exp())[:, None]
             kept = ((probs.cumsum(dim=-1) - probs) < top_p[:, None]).sum(dim=-1)
             cut = torch.where(top_p < 1, ordered.gather(1, (kept - 1)[:, None])[:, 0], inf)
             threshold = torch.maximum(threshold, torch.maximum(kth, cut))
@@ -216,20 +214,11 @@ class Sampler:
         return scaled.masked_fill(scaled < threshold[:, None], float("-inf"))
 
     @staticmethod
-    def _ordered(
-        scaled: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, params: list[SamplingParams]
-    ) -> torch.Tensor:
-        """Each row's logits, largest first: only the top ``max(top_k) + 1`` when every row with a
-        top_p also has a top_k (those decide both filters), unless a tie at some row's k-th value
-        runs past them; the whole sorted row otherwise."""
-        vocab = scaled.shape[-1]
+    def _ordered(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Each row's logits, largest first: only the top ``max(top_k) + 1`` when every row with a top_p also
+        has a top_k (those decide both filters); the whole sorted row otherwise."""
         if all(p.top_k > 0 for p in params if p.top_p < 1):
-            width = max(p.top_k for p in params) + 1
-            if width < vocab:
-                ordered = scaled.topk(width, dim=-1).values
-                kth = ordered.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0]
-                if not bool(((ordered[:, -1] >= kth) & (top_p < 1) & (k > 0)).any()):
-                    return ordered
+            return scaled.topk(min(max(p.top_k for p in params) + 1, scaled.shape[-1]), dim=-1).values
         return scaled.sort(dim=-1, descending=True).values
 
     def __call__(self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int]) -> torch.Tensor:
@@ -247,21 +236,49 @@ class Sampler:
     def launch(
         self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int], bitmask: torch.Tensor | None = None
     ) -> Sampled:
-        """Queue the sampling of every row on the device, and the copies of its results to the host.
+        """Queue the sampling of every row on the device, and the copies of its results to the host; the host
+        never waits for the device here.
 
         ``bitmask`` (int32, a row per slot) allows only the tokens whose bits are set."""
         st = self.state
         params = [st.params[s] for s in slot_ids]
         logits = self.process(logits, slots, slot_ids, bitmask)
-        tokens, dist = logits.argmax(dim=-1), logits
+        tokens = logits.argmax(dim=-1)
         if not all(p.temperature == 0 for p in params):
-            temperature = st.temperature[slots]
-            scaled = self.filter(logits / temperature.clamp_min(1e-6)[:, None], slots, params)
-            sampled = ops.gumbel_argmax(scaled, st.seed[slots], st.counter[slots])
-            tokens = torch.where(temperature == 0, tokens, sampled)
-            dist = torch.where((temperature == 0)[:, None], logits, scaled)
+            sampled = ops.nucleus_sample(logits, slots, st.floats, st.ints, self._kth(logits, slots, params))
+            tokens = torch.where(st.temperature[slots] == 0, tokens, sampled)
         histories = st.record(slots, slot_ids, tokens)
-        return Sampled(tokens, download(tokens), _logprobs(dist, tokens, params), histories)
+        return Sampled(tokens, download(tokens), self._logprobs(logits, slots, tokens, params), histories)
+
+    def _kth(self, logits: torch.Tensor, slots: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor | None:
+        """Each row's k-th largest logit (-inf for rows without top-k), or None if no sampled row has one."""
+        ks = [p.top_k for p in params if p.temperature > 0]
+        if not any(ks):
+            return None
+        width = min(max(ks), logits.shape[-1])
+        values = logits.topk(width, dim=-1).values
+        k = self.state.top_k[slots]
+        kth = values.gather(1, (k.clamp(1, width) - 1)[:, None])[:, 0]
+        return torch.where(k > 0, kth, float("-inf"))
+
+    def _logprobs(self, logits: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor, params):
+        """For ``Sampled.logprobs``: each row's logprobs count, and on their way to the host, for the rows that
+        ask, the sampled tokens, their logprobs, and the top k ids and logprobs (of the processed logits for a
+        greedy row, of the filtered scaled ones for a sampled row); None if no row asks."""
+        wanted = [p.step_logprobs for p in params]
+        rows = [i for i, n in enumerate(wanted) if n is not None]
+        if not rows:
+            return None
+        index = upload(rows, torch.int64, logits.device)
+        raw, at = logits[index], slots[index]
+        temperature = self.state.temperature[at]
+        scaled = self.filter(raw / temperature.clamp_min(1e-6)[:, None], at, [params[i] for i in rows])
+        lp = torch.where((temperature == 0)[:, None], raw, scaled).log_softmax(dim=-1)
+        chosen = tokens[index]
+        picked = lp.gather(1, chosen[:, None])[:, 0]
+        k = max(wanted[i] for i in rows)
+        top_values, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], chosen[:, None][:, :0])
+        return wanted, download(chosen), download(picked), download(top_ids), download(top_values)
 
 
 @dataclass
@@ -291,19 +308,3 @@ class Sampled:
                 out[i] = [(chosen[j], picked[j])] + list(zip(top_ids[j][:n], top_values[j][:n]))
                 j += 1
         return tokens, out
-
-
-def _logprobs(dist: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]):
-    """For ``Sampled.logprobs``: each row's logprobs count, and on their way to the host, for the rows
-    that ask, the sampled tokens, their logprobs, and the top k ids and logprobs; None if no row asks."""
-    wanted = [p.step_logprobs for p in params]
-    rows = [i for i, n in enumerate(wanted) if n is not None]
-    if not rows:
-        return None
-    index = upload(rows, torch.int64, dist.device)
-    lp = dist[index].log_softmax(dim=-1)
-    chosen = tokens[index]
-    picked = lp.gather(1, chosen[:, None])[:, 0]
-    k = max(wanted[i] for i in rows)
-    top_values, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], chosen[:, None][:, :0])
-    return wanted, download(chosen), download(picked), download(top_ids), download(top_values)

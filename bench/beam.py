@@ -26,20 +26,17 @@ from __future__ import annotations
 import argparse
 import pathlib
 import shutil
-import sys
 import threading
 import time
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from report import header, model_summary, now, write_report  # noqa: E402
-from throughput import add_dummy_engine_args, dummy_model, random_prompts, resolve_device, sample_stats  # noqa: E402
-
-from tristream import LLM, SamplingParams  # noqa: E402
-from tristream.cli import engine_args  # noqa: E402
-from tristream.model_config import ModelConfig  # noqa: E402
-from tristream.model_files import resolve_model  # noqa: E402
+from tristream import LLM, SamplingParams
+from tristream.bench.report import header, model_summary, now, write_report
+from tristream.bench.throughput import add_dummy_engine_args, dummy_model, random_prompts, resolve_device, sample_stats
+from tristream.cli import engine_args
+from tristream.model_config import ModelConfig
+from tristream.model_files import resolve_model
 
 
 def mode_params(mode: str, args: argparse.Namespace) -> SamplingParams:
@@ -91,7 +88,7 @@ def main(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     ceilings = None
     if gpu:
-        from ceilings import bf16_ceilings
+        from tristream.bench.ceilings import bf16_ceilings
 
         ceilings = bf16_ceilings()
     max_len = args.prompt_len + args.max_tokens + 16

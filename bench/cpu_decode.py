@@ -24,14 +24,12 @@ import statistics
 import time
 
 import torch
-from report import header, model_summary, now
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tristream import AsyncEngine, SamplingParams
+from tristream.bench.report import RESULTS, header, model_summary, now
 from tristream.model_config import ModelConfig
 from tristream.model_files import resolve_model
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 PROMPTS = [
     "The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz combined "
@@ -201,7 +199,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=None, help="cut each prompt (28-39 tokens) to this many")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (the median is kept)")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "cpu_decode.json"))
+    parser.add_argument("--out", default=str(RESULTS / "cpu_decode.json"))
     args = parser.parse_args()
     if max(args.batch_sizes) > len(PROMPTS) or min(args.batch_sizes) < 1:
         parser.error(f"batch sizes must be in 1..{len(PROMPTS)}")

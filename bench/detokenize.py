@@ -22,9 +22,9 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from report import header, now
 from transformers import AutoTokenizer
 
+from tristream.bench.report import RESULTS, header, now
 from tristream.model_files import resolve_model
 from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer, push_step
 
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument(
         "--baseline", default=None, help="also time per-request pushes of the detokenizer at this revision"
     )
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "detokenize.json"))
+    parser.add_argument("--out", default=str(RESULTS / "detokenize.json"))
     args = parser.parse_args()
     started, load_before = now(), os.getloadavg()
 

@@ -1,8 +1,11 @@
-"""Latency and throughput of a dummy-weight model on the GPU, against the hardware's ceilings.
+"""Latency and throughput of a model through the engine, against the hardware's ceilings on the GPU.
 
-Runs through AsyncEngine (three processes, CUDA graphs, Triton kernels), bf16:
-batch sizes x input lengths with a fixed output length, then one long prefill.
-Decode is compared with its bandwidth roofline (weights + KV read per step over
+Runs through AsyncEngine (three processes; on the GPU CUDA graphs and Triton kernels,
+bf16): batch sizes x input lengths of random token ids with a fixed output length
+(greedy, EOS ignored), then one long prefill. The model is ``--model``'s real
+weights (a Hugging Face folder, .gguf file or Hub id; default: the bundled
+SmolLM2-135M-Instruct) or ``--config``'s config.json with dummy weights. On the GPU,
+decode is compared with its bandwidth roofline (weights + KV read per step over
 the measured copy bandwidth; for a mixture of experts, the experts a step's tokens
 touch on average under uniform routing), prefill with the measured bf16 matmul rate (fp8's
 for fp8 weights).
@@ -16,12 +19,22 @@ batch and input length.
 With ``--tp N`` the same runs go at tensor parallelism 1 and N, one engine after the
 other, and the report gives the speed-up and the time a decode step spends in
 collectives: the model's all-reduces and its logits gather, replayed alone from a
-CUDA graph on N ranks.
+CUDA graph on N ranks. On the CPU (``--device cpu``, float32) there are no ceilings
+and no rooflines: the figures are TTFT, TPOT and tokens/s alone.
+
+It writes bench/results/latency-<gpu or cpu>.json (bench-results/ in the working
+directory where tristream is installed, not checked out). ``tristream bench latency``
+takes the same flags.
 
     python3 bench/latency.py --config bench/configs/llama-3-8b.json
-    python3 bench/latency.py --tp 2 --batch-sizes 1 64 --input-lens 128
-    python3 bench/latency.py --quantization none fp8 awq --batch-sizes 1 --input-lens 128
-    python3 bench/latency.py --kv-cache-dtype auto fp8 --batch-sizes 256 --input-lens 2048
+    python3 bench/latency.py --config bench/configs/llama-3-8b.json --tp 2 --batch-sizes 1 64 --input-lens 128
+    python3 bench/latency.py --config bench/configs/llama-3-8b.json --quantization none fp8 awq \\
+        --batch-sizes 1 --input-lens 128
+    python3 bench/latency.py --config bench/configs/llama-3-8b.json --kv-cache-dtype auto fp8 \\
+        --batch-sizes 256 --input-lens 2048
+    # CPU, the bundled model
+    OMP_NUM_THREADS=1 tristream bench latency --device cpu --batch-sizes 1 4 --input-lens 32 \\
+        --output-len 8 --prefill-len 128
 """
 
 from __future__ import annotations
@@ -29,30 +42,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import pathlib
-import shutil
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from ceilings import copy_bandwidth, fp8_matmul_rate, matmul_rate  # noqa: E402
-from report import git_info, model_summary, now, write_report  # noqa: E402
+from tristream import AsyncEngine, SamplingParams
+from tristream.bench.ceilings import copy_bandwidth, fp8_matmul_rate, matmul_rate
+from tristream.bench.report import RESULTS, git_info, model_summary, now, write_report
+from tristream.bench.throughput import BenchModel, add_model_args, bench_model, resolve_device
+from tristream.gpu_proc.layers.moe import Experts
+from tristream.gpu_proc.models import model_class
+from tristream.gpu_proc.parallel import TensorParallel
+from tristream.model_config import ModelConfig
+from tristream.sharding import shard_model
 
-from tristream import AsyncEngine, SamplingParams  # noqa: E402
-from tristream.gpu_proc.layers.moe import Experts  # noqa: E402
-from tristream.gpu_proc.models import model_class  # noqa: E402
-from tristream.gpu_proc.parallel import TensorParallel  # noqa: E402
-from tristream.model_config import ModelConfig  # noqa: E402
-from tristream.sharding import shard_model  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 # Bytes per decoder weight as each quantization holds it, scales and zeros included (int4: a 16-bit scale and
 # zero per group of 128 inputs); the embedding and the LM head stay bf16.
 WEIGHT_BYTES = {"none": 2.0, "fp8": 1.0, "awq": 0.5 + 4 / 128, "gptq": 0.5 + 4 / 128}
@@ -139,17 +147,24 @@ async def run_batch(
 
 
 async def run_engine(
-    args: argparse.Namespace, folder: pathlib.Path, mc: ModelConfig, variant: dict, bandwidth: float, flops: float
+    args: argparse.Namespace,
+    model: BenchModel,
+    mc: ModelConfig,
+    variant: dict,
+    bandwidth: float | None,
+    flops: float | None,
 ) -> tuple[list[dict], dict]:
     """Decode runs and one long prefill on an engine of ``variant`` (tp, quantization, kv_cache_dtype); the
-    rooflines count one rank's share, at the variant's bytes per weight and per KV entry."""
+    rooflines count one rank's share, at the variant's bytes per weight and per KV entry (None without
+    ``bandwidth`` and ``flops``: on the CPU)."""
     sizes, tp, quant, kv = model_sizes(mc), variant["tp"], variant["quantization"], variant["kv_cache_dtype"]
     kv_bytes = sizes["kv_bytes_per_token"] / (2 if kv != "auto" else 1)
     results = []
     async with AsyncEngine(
-        model=str(folder),
-        load_format="dummy",
-        dtype="bfloat16",
+        model=model.path,
+        load_format=model.load_format,
+        dtype=args.dtype,
+        device=args.device,
         quantization=None if quant == "none" else quant,
         kv_cache_dtype=kv,
         max_model_len=args.max_len,
@@ -169,9 +184,10 @@ async def run_engine(
                 weights = WEIGHT_BYTES[quant] * decode_params(mc, sizes, batch) + 2 * sizes["lm_head_params"]
                 step_bytes = weights + batch * ctx * kv_bytes
                 r.update(variant)
-                r["decode_bytes_per_step"] = step_bytes
-                r["roofline_tpot_s"] = step_bytes / tp / bandwidth
-                r["roofline_fraction"] = r["roofline_tpot_s"] / r["tpot_s"] if r["tpot_s"] else None
+                # Bytes at 16 bits a weight and KV entry: the bf16 roofline's, not counted on the CPU.
+                r["decode_bytes_per_step"] = step_bytes if bandwidth else None
+                r["roofline_tpot_s"] = step_bytes / tp / bandwidth if bandwidth else None
+                r["roofline_fraction"] = r["roofline_tpot_s"] / r["tpot_s"] if bandwidth and r["tpot_s"] else None
                 results.append(r)
                 print(f"{label(variant)} batch {batch:4d} in {input_len:5d}: {row(r)}", flush=True)
         pre = await run_batch(engine, 1, args.prefill_len, 1, mc.vocab_size, seed=7)
@@ -187,7 +203,7 @@ async def run_engine(
         "ttft_s": pre["ttft_p50_s"],
         "tokens_per_s": n / pre["ttft_p50_s"],
         "flops": prefill_flops,
-        "matmul_fraction": prefill_flops / pre["ttft_p50_s"] / (flops * tp),
+        "matmul_fraction": prefill_flops / pre["ttft_p50_s"] / (flops * tp) if flops else None,
     }
     return results, prefill
 
@@ -303,34 +319,56 @@ def compare(results: list[dict], prefills: list[dict]) -> list[dict]:
     return rows
 
 
-async def main(args: argparse.Namespace) -> dict:
+def measure_ceilings(cuda: bool) -> dict | None:
+    """The GPU's copy bandwidth and bf16 and fp8 matmul rates; None on the CPU."""
+    if not cuda:
+        return None
     device = torch.device("cuda")
-    bandwidth, flops, fp8_flops = copy_bandwidth(device), matmul_rate(device), fp8_matmul_rate(device)
+    ceilings = {
+        "copy_bytes_per_s": copy_bandwidth(device),
+        "bf16_matmul_flops": matmul_rate(device),
+        "fp8_matmul_flops": fp8_matmul_rate(device),
+    }
     torch.cuda.empty_cache()
-    folder = pathlib.Path(tempfile.mkdtemp(prefix="tristream-bench-"))
+    return ceilings
+
+
+def fit_prefill(args: argparse.Namespace, mc: ModelConfig) -> None:
+    """Cut ``--prefill-len`` to what a real model's context holds (dummy weights get room for anything)."""
+    room = mc.max_position_embeddings - 1
+    if args.prefill_len > room:
+        print(f"prefill cut to {room} tokens: the model's context is {mc.max_position_embeddings}", flush=True)
+        args.prefill_len = room
     args.max_len = max(max(args.input_lens) + args.output_len, args.prefill_len + 1)
-    config = json.loads(pathlib.Path(args.config).read_text())
-    # Dummy weights: room for the longest run even past the real model's context.
-    config["max_position_embeddings"] = max(config["max_position_embeddings"], args.max_len)
-    (folder / "config.json").write_text(json.dumps(config))
-    mc = ModelConfig.load(str(folder))
+
+
+async def run(args: argparse.Namespace) -> dict:
+    """Every variant of ``args`` on its model; the report."""
+    cuda = args.device == "cuda"
+    ceilings = measure_ceilings(cuda)
+    args.max_len = max(max(args.input_lens) + args.output_len, args.prefill_len + 1)
+    model = bench_model(args, args.max_len)
+    mc = ModelConfig.load(model.path)
+    if not model.dummy:
+        fit_prefill(args, mc)
     results, prefills = [], []
     for variant in variants(args):
-        rate = fp8_flops if variant["quantization"] == "fp8" else flops
-        decode, prefill = await run_engine(args, folder, mc, variant, bandwidth, rate)
+        rate_key = "fp8_matmul_flops" if variant["quantization"] == "fp8" else "bf16_matmul_flops"
+        bandwidth, rate = (ceilings["copy_bytes_per_s"], ceilings[rate_key]) if ceilings else (None, None)
+        decode, prefill = await run_engine(args, model, mc, variant, bandwidth, rate)
         results += decode
         prefills.append(prefill)
-    profiles = [decode_profile(folder, tp) for tp in sorted({1, args.tp})] if args.profile else None
+    profiles = [decode_profile(pathlib.Path(model.path), tp) for tp in sorted({1, args.tp})] if args.profile else None
     report = {
         "benchmark": "latency",
-        "device": torch.cuda.get_device_name(device),
+        "device": torch.cuda.get_device_name() if cuda else None,
         "num_devices": args.tp,
         "torch": torch.__version__,
         "model_config": args.config,
-        "model": {**model_summary(mc, "bfloat16"), **model_sizes(mc)},
+        "model": {"name": model.name, **model_summary(mc, args.dtype), **model_sizes(mc)},
         **git_info(),
         "timestamp": now(),
-        "ceilings": {"copy_bytes_per_s": bandwidth, "bf16_matmul_flops": flops, "fp8_matmul_flops": fp8_flops},
+        "ceilings": ceilings,
         "decode": results,
         "prefill": prefills,
         "vs_bf16": compare(results, prefills),
@@ -341,7 +379,7 @@ async def main(args: argparse.Namespace) -> dict:
         report["tensor_parallel"] = [
             tp_row(results, comm, args.tp, batch, n) for n in args.input_lens for batch in args.batch_sizes
         ]
-    shutil.rmtree(folder, ignore_errors=True)
+    model.close()
     return report
 
 
@@ -441,8 +479,11 @@ def decode_profile(folder: pathlib.Path, tp: int, steps: int = 20) -> dict:
 
 def row(r: dict) -> str:
     tpot = f"{r['tpot_s'] * 1e3:7.2f} ms" if r["tpot_s"] else "    n/a   "
-    roof = f"{100 * r['roofline_fraction']:5.1f}% of roofline" if r["roofline_fraction"] else "no steady decode window"
-    return f"TTFT {r['ttft_p50_s'] * 1e3:8.1f} ms  TPOT {tpot}  {r['output_tok_per_s']:9.1f} tok/s  {roof}"
+    if r["roofline_fraction"]:
+        roof = f"  {100 * r['roofline_fraction']:5.1f}% of roofline"
+    else:
+        roof = "" if r["tpot_s"] else "  no steady decode window"
+    return f"TTFT {r['ttft_p50_s'] * 1e3:8.1f} ms  TPOT {tpot}  {r['output_tok_per_s']:9.1f} tok/s" + roof
 
 
 def plot(report: dict, path: pathlib.Path) -> None:
@@ -464,19 +505,31 @@ def plot(report: dict, path: pathlib.Path) -> None:
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{report['device']}: {pathlib.Path(report['model_config']).stem}, bf16, dummy weights")
+    fig.suptitle(f"{report['device'] or 'CPU'}: {report['model']['name']}, {report['model']['dtype']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "bench" / "configs" / "llama-3-8b.json"))
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The flags of this benchmark."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_args(parser)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="auto: bfloat16 on the GPU, float32 on the CPU",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
     parser.add_argument("--input-lens", type=int, nargs="+", default=[128, 2048])
     parser.add_argument("--output-len", type=int, default=256)
-    parser.add_argument("--prefill-len", type=int, default=8192)
-    parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--prefill-len", type=int, default=8192, help="the long prefill (cut to a real model's context)"
+    )
+    parser.add_argument("--out", default=None, help=f"default: {RESULTS}/latency-<gpu or cpu>.json")
     parser.add_argument("--profile", action="store_true", help="also print the CUDA kernel table of batch-1 decode")
     parser.add_argument(
         "--tp", type=int, default=1, help="also run at this tensor parallelism and compare with one GPU"
@@ -485,27 +538,45 @@ if __name__ == "__main__":
         "--quantization",
         nargs="+",
         default=["none"],
-        choices=("none", *WEIGHT_BYTES),
+        choices=tuple(WEIGHT_BYTES),
         help="the weights of each engine to run (default: none, bf16)",
     )
     parser.add_argument(
         "--kv-cache-dtype", nargs="+", default=["auto"], choices=("auto", "fp8"), help="the KV cache of each engine"
     )
-    args = parser.parse_args()
-    report = asyncio.run(main(args))
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """Run the benchmark of the command line ``argv``, write its report and print its figures; the report."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    resolve_device(args)
+    if args.device != "cuda" and (args.tp > 1 or args.profile):
+        parser.error("--tp and --profile need a GPU")
+    report = asyncio.run(run(args))
     write_report(report, "latency", report["device"], args.out, plot, f"-tp{args.tp}" if args.tp > 1 else "")
-    print(
-        f"ceilings: copy {report['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-        f"bf16 matmul {report['ceilings']['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s, "
-        f"fp8 matmul {report['ceilings']['fp8_matmul_flops'] / 1e12:.0f} TFLOP/s"
-    )
+    print_summary(report)
+    return report
+
+
+def print_summary(report: dict) -> None:
+    """The ceilings, then a line per decode run, prefill, quantized variant and tensor-parallel comparison."""
+    ceilings = report["ceilings"]
+    if ceilings:
+        print(
+            f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+            f"bf16 matmul {ceilings['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s, "
+            f"fp8 matmul {ceilings['fp8_matmul_flops'] / 1e12:.0f} TFLOP/s"
+        )
     for r in report["decode"]:
         print(f"{label(r)} batch {r['batch']:4d} in {r['input_len']:5d}: {row(r)}")
     for p in report["prefill"]:
         rate = "fp8" if p["quantization"] == "fp8" else "bf16"
+        share = f", {100 * p['matmul_fraction']:.1f}% of {rate} matmul rate (x{p['tp']} GPUs)" if ceilings else ""
         print(
-            f"{label(p)} prefill {p['prompt_tokens']} tokens: {p['ttft_s'] * 1e3:.1f} ms, {p['tokens_per_s']:.0f} tok/s, "
-            f"{100 * p['matmul_fraction']:.1f}% of {rate} matmul rate (x{p['tp']} GPUs)"
+            f"{label(p)} prefill {p['prompt_tokens']} tokens: {p['ttft_s'] * 1e3:.1f} ms, "
+            f"{p['tokens_per_s']:.0f} tok/s{share}"
         )
     for c in report["vs_bf16"]:
         if "prefill_tok_per_s_vs_bf16" in c:
@@ -524,3 +595,7 @@ if __name__ == "__main__":
             f"{tpot} TPOT; collectives {t['collectives_s_per_step'] * 1e6:.0f} us per step ({share} of the TP TPOT), "
             f"all through NCCL {t['nccl_collectives_s_per_step'] * 1e6:.0f} us"
         )
+
+
+if __name__ == "__main__":
+    main()

@@ -17,21 +17,16 @@ import asyncio
 import json
 import pathlib
 import shutil
-import sys
 import tempfile
 
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from latency import run_batch  # noqa: E402
-from report import git_info, model_summary, now, write_report  # noqa: E402
-
-from tristream import AsyncEngine  # noqa: E402
-from tristream.lora import MODULES, module_shape, weight_name  # noqa: E402
-from tristream.model_config import ModelConfig  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from tristream import AsyncEngine
+from tristream.bench.latency import run_batch
+from tristream.bench.report import CONFIGS, git_info, model_summary, now, write_report
+from tristream.lora import MODULES, module_shape, weight_name
+from tristream.model_config import ModelConfig
 
 
 def max_len(args: argparse.Namespace) -> int:
@@ -181,7 +176,7 @@ async def main(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "bench" / "configs" / "llama-3-8b.json"))
+    parser.add_argument("--config", default=str(CONFIGS / "llama-3-8b.json"))
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])

@@ -27,21 +27,16 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import pathlib
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 import triton
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from ceilings import copy_bandwidth, graph_seconds, matmul_rate  # noqa: E402
-from report import git_info, now, write_report  # noqa: E402
+from tristream.bench.ceilings import copy_bandwidth, graph_seconds, matmul_rate
+from tristream.bench.report import git_info, now, write_report
+from tristream.kernels.moe import MoEConfig, choose_config, fused_moe, fused_moe_ref
 
-from tristream.kernels.moe import MoEConfig, choose_config, fused_moe, fused_moe_ref  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 14336)}  # E, K, H, I
 TOKENS = [1, 16, 64, 2048, 8192]
 ROUTINGS = 4  # routings each timing rotates over

@@ -22,13 +22,11 @@ import tempfile
 import time
 
 import zmq
-from report import header, now
 
+from tristream.bench.report import RESULTS, header, now
 from tristream.plan_codec import PlanEncoder
 from tristream.protocol import BatchPlan, NewSequence, decode, encode
 from tristream.sampling_params import SamplingParams
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def plans(kind: str) -> list[BatchPlan]:
@@ -127,7 +125,7 @@ if __name__ == "__main__":
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--gap-us", type=float, default=500.0)
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "plan_fanout.json"))
+    parser.add_argument("--out", default=str(RESULTS / "plan_fanout.json"))
     args = parser.parse_args()
     started = now()
     rows = []
@@ -142,5 +140,6 @@ if __name__ == "__main__":
                     flush=True,
                 )
     report = {**header("plan_fanout", started), "steps": args.steps, "gap_us": args.gap_us, "results": rows}
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

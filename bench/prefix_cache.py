@@ -27,14 +27,12 @@ import statistics
 import time
 from collections.abc import AsyncIterator
 
-from report import header, model_summary, now
 from transformers import AutoTokenizer
 
 from tristream import AsyncEngine, RequestOutput, SamplingParams
+from tristream.bench.report import RESULTS, header, model_summary, now
 from tristream.model_config import ModelConfig
 from tristream.model_files import resolve_model
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 HANDBOOK = (
     "You are the customer support assistant of Larkspur Books, an independent bookshop with three stores "
@@ -266,7 +264,7 @@ def main() -> None:
     parser.add_argument("--system-tokens", type=int, default=1000, help="size of the shared system prompt")
     parser.add_argument("--conversations", type=int, default=4)
     parser.add_argument("--turns", type=int, default=5)
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "prefix_cache.json"))
+    parser.add_argument("--out", default=str(RESULTS / "prefix_cache.json"))
     args = parser.parse_args()
     if not 1 <= args.questions <= len(QUESTION_FORMS) * len(ITEMS):
         parser.error(f"--questions must be in 1..{len(QUESTION_FORMS) * len(ITEMS)}")

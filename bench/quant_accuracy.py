@@ -21,21 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import tempfile
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from report import git_info, now, write_report  # noqa: E402
+from tristream.bench.report import CONFIGS, git_info, now, write_report
+from tristream.config import EngineConfig
+from tristream.gpu_proc.runner import ModelRunner
+from tristream.model_files import resolve_model
+from tristream.protocol import BatchPlan, NewSequence
+from tristream.sampling_params import SamplingParams
 
-from tristream.config import EngineConfig  # noqa: E402
-from tristream.gpu_proc.runner import ModelRunner  # noqa: E402
-from tristream.model_files import resolve_model  # noqa: E402
-from tristream.protocol import BatchPlan, NewSequence  # noqa: E402
-from tristream.sampling_params import SamplingParams  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 METHODS = {"fp8": ("fp8", None), "fp8_block": ("fp8", [128, 128]), "int4": ("awq", None)}
 REAL_METHODS = {"fp8": ("fp8", None), "int8": ("int8", None)}
 
@@ -124,7 +120,7 @@ def main(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "bench" / "configs" / "llama-3-8b.json"))
+    parser.add_argument("--config", default=str(CONFIGS / "llama-3-8b.json"))
     parser.add_argument("--model", default=None, help="a real checkpoint, or 'bundled' (default: dummy weights)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

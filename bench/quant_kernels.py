@@ -21,21 +21,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import pathlib
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from ceilings import copy_bandwidth, fp8_matmul_rate, graph_seconds, matmul_rate  # noqa: E402
-from report import git_info, now, write_report  # noqa: E402
+from tristream.bench.ceilings import copy_bandwidth, fp8_matmul_rate, graph_seconds, matmul_rate
+from tristream.bench.report import git_info, now, write_report
+from tristream.gpu_proc import ops
+from tristream.gpu_proc.layers.quantized import quantize_fp8
+from tristream.kernels import fp8, int4
 
-from tristream.gpu_proc import ops  # noqa: E402
-from tristream.gpu_proc.layers.quantized import quantize_fp8  # noqa: E402
-from tristream.kernels import fp8, int4  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 SHAPES = ["6144x4096", "4096x4096", "28672x4096", "4096x14336"]  # (N, K): qkv, o, gate/up, down
 COPIES = 4  # weight sets the timing rotates over
 

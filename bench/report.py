@@ -12,8 +12,12 @@ from collections.abc import Callable
 
 from tristream.model_config import ModelConfig
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
+HERE = pathlib.Path(__file__).resolve().parent
+CONFIGS = HERE / "configs"
+# The source checkout that holds bench/, or None where the package is installed (bench/ is then tristream/bench/).
+CHECKOUT = HERE.parent if HERE.name == "bench" and (HERE.parent / "pyproject.toml").is_file() else None
+# Reports go to bench/results/ in a checkout, else to bench-results/ in the working directory.
+RESULTS = CHECKOUT / "bench" / "results" if CHECKOUT else pathlib.Path("bench-results")
 
 
 def cpu_info() -> dict:
@@ -27,13 +31,14 @@ def cpu_info() -> dict:
 
 
 def git_info() -> dict:
-    """The checkout's commit; ``$GIT_COMMIT`` / ``$GIT_DIRTY``, when set, name it instead (a copied tree)."""
-    if os.environ.get("GIT_COMMIT"):
-        return {"commit": os.environ["GIT_COMMIT"], "dirty": os.environ.get("GIT_DIRTY")}
+    """The checkout's commit; ``$GIT_COMMIT`` / ``$GIT_DIRTY``, when set, name it instead (a copied tree or an
+    installed package)."""
+    if os.environ.get("GIT_COMMIT") or CHECKOUT is None:
+        return {"commit": os.environ.get("GIT_COMMIT"), "dirty": os.environ.get("GIT_DIRTY")}
 
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", "--no-optional-locks", *args], cwd=REPO, capture_output=True, text=True, check=True
+            ["git", "--no-optional-locks", *args], cwd=CHECKOUT, capture_output=True, text=True, check=True
         ).stdout.strip()
 
     try:
@@ -88,7 +93,7 @@ def write_report(
     plot: Callable[[dict, pathlib.Path], None] | None = None,
     suffix: str = "",
 ) -> pathlib.Path:
-    """The JSON at ``out`` (default bench/results/<name>-<gpu><suffix>.json), and its PNG beside it when
+    """The JSON at ``out`` (default ``RESULTS/<name>-<gpu><suffix>.json``), and its PNG beside it when
     matplotlib is installed."""
     path = pathlib.Path(out or RESULTS / f"{name}-{gpu_label(gpu)}{suffix}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +102,7 @@ def write_report(
         try:
             plot(report, path.with_suffix(".png"))
         except ImportError:
-            print("matplotlib is not installed: no plot")
+            print("matplotlib is not installed: plot skipped")
     print(f"wrote {path}")
     return path
 

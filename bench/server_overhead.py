@@ -20,13 +20,12 @@ import sys
 import time
 
 import httpx
-from report import header, model_summary, now
 
 from tristream import AsyncEngine, SamplingParams
+from tristream.bench.report import RESULTS, header, model_summary, now
 from tristream.model_config import ModelConfig
 from tristream.model_files import resolve_model
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 QUESTIONS = [
     "Tell me about the sea.",
     "Name three colours.",
@@ -132,7 +131,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--max-model-len", type=int, default=1024)
-    parser.add_argument("--out", default=str(REPO / "bench/results/server_overhead.json"))
+    parser.add_argument("--out", default=str(RESULTS / "server_overhead.json"))
     args = parser.parse_args()
     started = now()
     measured = asyncio.run(main_async(args))

@@ -1,7 +1,9 @@
 """Offline throughput through ``LLM``: tokens per second, GPU idle time, and pipelined against synchronous.
 
-The model is a config.json with dummy weights (default: Llama-3-8B in bf16 on the
-GPU), prompts are random token ids, and sampling is that of vLLM's
+The model is ``--model``'s real weights (a Hugging Face folder, .gguf file or Hub
+id; default: the bundled SmolLM2-135M-Instruct) or ``--config``'s config.json with
+dummy weights (bench/configs/llama-3-8b.json: the reference workload, in bf16 on
+the GPU), prompts are random token ids, and sampling is that of vLLM's
 benchmark_throughput: temperature 1, top_p 1, ignore_eos, max_tokens = the output
 length. One engine (pipelined, the default) runs, after a short warm-up:
 
@@ -32,16 +34,19 @@ reference is scaled by the copy bandwidth measured in this run over the H100's
 (``ceilings.copy_bytes_per_s`` of bench/results/latency-h100-80gb-hbm3.json); the
 report says which. The copy bandwidth and the bf16 matmul rate are measured first.
 
-It writes bench/results/throughput-<gpu>.json and, when matplotlib is installed,
-a PNG of output tok/s over time.
+It writes bench/results/throughput-<gpu>.json (bench-results/ in the working
+directory where tristream is installed, not checked out) and, when matplotlib is
+installed, a PNG of output tok/s over time. ``tristream bench throughput`` takes the
+same flags.
 
-    python bench/throughput.py                       # GPU: dummy Llama-3-8B, bf16
-    python bench/throughput.py --workloads compare   # only pipelined against synchronous
+    python bench/throughput.py --config bench/configs/llama-3-8b.json   # GPU: dummy Llama-3-8B, bf16
+    python bench/throughput.py --config bench/configs/llama-3-8b.json --workloads compare  # pipelined vs synchronous
     python bench/throughput.py --config bench/configs/qwen3-30b-a3b.json --workloads fixed \\
         --baseline-config bench/configs/llama-3-8b.json  # a MoE model against a dense one
-    # CPU smoke test; tiny.json: a Llama config of 2 layers, hidden 256, vocab 1024
-    OMP_NUM_THREADS=1 python bench/throughput.py --device cpu --config tiny.json --num-prompts 24 \\
-        --random-range 8 64 --fixed-lens 32 32 --batch-sizes 1 8 --steady-min-running 4 --out /tmp/t.json
+    tristream bench throughput --model Qwen/Qwen3-8B --workloads fixed   # real weights
+    # CPU smoke test on the bundled model
+    OMP_NUM_THREADS=1 tristream bench throughput --device cpu --num-prompts 24 --random-range 8 64 \\
+        --fixed-lens 32 32 --batch-sizes 1 8 --steady-min-running 4 --out /tmp/t.json
 """
 
 from __future__ import annotations
@@ -50,48 +55,102 @@ import argparse
 import json
 import pathlib
 import shutil
-import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from report import header, model_summary, now, write_report  # noqa: E402
+from tristream import LLM, SamplingParams
+from tristream.bench.report import CONFIGS, RESULTS, header, model_summary, now, write_report
+from tristream.cli import add_engine_args, engine_args
+from tristream.model_config import ModelConfig
+from tristream.model_files import model_name, resolve_model
+from tristream.protocol import SchedulerStats
 
-from tristream import LLM, SamplingParams  # noqa: E402
-from tristream.cli import add_engine_args, engine_args  # noqa: E402
-from tristream.model_config import ModelConfig  # noqa: E402
-from tristream.protocol import SchedulerStats  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "bench" / "configs" / "llama-3-8b.json"
+DEFAULT_CONFIG = CONFIGS / "llama-3-8b.json"
 VLLM_REFERENCE = {
     "output_tok_per_s": 11364.0,
     "source": "vLLM's published throughput for Llama-3-8B, dummy weights, 256 in / 256 out, 1000 prompts, one H100",
 }
-H100_RESULTS = REPO / "bench" / "results" / "latency-h100-80gb-hbm3.json"
+H100_RESULTS = RESULTS / "latency-h100-80gb-hbm3.json"
+# The engine flags' defaults in the benchmarks: large batches, no prefix cache, quiet engine processes.
+ENGINE_DEFAULTS = dict(max_num_seqs=256, max_num_batched_tokens=8192, enable_prefix_caching=False, log_level="WARNING")
 COUNTERS = ("num_generated_tokens", "num_steps", "gpu_busy_s", "gpu_idle_s", "scheduler_s", "ipc_s")
 
 Sample = tuple[float, SchedulerStats]
 
 
+def config_path(config: str) -> pathlib.Path:
+    """``config``, or where it names one of bench/configs/ (``llama-3-8b``), that one."""
+    path = pathlib.Path(config)
+    named = CONFIGS / f"{config}.json"
+    return named if not path.exists() and named.is_file() else path
+
+
 def dummy_model(config: str, max_len: int) -> pathlib.Path:
     """A temporary model folder holding ``config``, with room for ``max_len`` tokens (dummy weights know no limit)."""
     folder = pathlib.Path(tempfile.mkdtemp(prefix="tristream-bench-"))
-    raw = json.loads(pathlib.Path(config).read_text())
+    raw = json.loads(config_path(config).read_text())
     raw["max_position_embeddings"] = max(raw.get("max_position_embeddings", 0), max_len)
     (folder / "config.json").write_text(json.dumps(raw))
     return folder
 
 
 def add_dummy_engine_args(parser: argparse.ArgumentParser, **defaults: object) -> None:
-    """The model (--config, run with dummy weights) and the engine's own flags, with the defaults that throughput
-    and serving share, and ``defaults``."""
+    """The model (--config, run with dummy weights) and the engine's own flags, with ``ENGINE_DEFAULTS`` and
+    ``defaults``."""
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="a config.json, run with dummy weights")
-    shared = dict(max_num_seqs=256, max_num_batched_tokens=8192, enable_prefix_caching=False, log_level="WARNING")
-    add_engine_args(parser, skip=("model",), load_format="dummy", **{**shared, **defaults})
+    add_engine_args(parser, skip=("model",), load_format="dummy", **{**ENGINE_DEFAULTS, **defaults})
+
+
+@dataclass
+class BenchModel:
+    """The model a benchmark runs: the folder the engine loads, its load format and its name in the report."""
+
+    path: str
+    load_format: str
+    name: str
+    dummy: bool
+
+    def close(self) -> None:
+        """Remove the temporary folder of a dummy-weight model."""
+        if self.dummy:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+MODEL_HELP = (
+    "a Hugging Face folder, .gguf file or Hub id, run with its weights "
+    "(default: the bundled SmolLM2-135M-Instruct, unless --config)"
+)
+
+
+def add_model_args(parser: argparse.ArgumentParser, model_help: str = MODEL_HELP) -> None:
+    """``--model`` (real weights) or ``--config`` (dummy weights); with neither, the bundled model."""
+    g = parser.add_argument_group("model").add_mutually_exclusive_group()
+    g.add_argument("--model", default=None, help=model_help)
+    g.add_argument(
+        "--config",
+        default=None,
+        help="a config.json, or the name of one in bench/configs (llama-3-8b, qwen3-8b, ...), run with dummy weights",
+    )
+
+
+def add_bench_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), **defaults: object) -> None:
+    """The engine's own flags but ``skip``, with ``ENGINE_DEFAULTS`` and ``defaults``; the model's come from
+    ``add_model_args``."""
+    add_engine_args(parser, skip=("model", *skip), **{**ENGINE_DEFAULTS, **defaults})
+
+
+def bench_model(args: argparse.Namespace, max_len: int) -> BenchModel:
+    """The model of ``--config`` (a temporary folder with room for ``max_len`` tokens) or of ``--model``."""
+    if args.config is not None:
+        folder = dummy_model(args.config, max_len)
+        return BenchModel(str(folder), "dummy", pathlib.Path(args.config).stem + " (dummy weights)", True)
+    load_format = getattr(args, "load_format", "auto")
+    path = resolve_model(args.model, load_format, getattr(args, "download_dir", None))
+    return BenchModel(path, load_format, model_name(args.model), False)
 
 
 def resolve_device(args: argparse.Namespace) -> None:
@@ -245,7 +304,7 @@ def baseline(args: argparse.Namespace, engine: dict, max_len: int) -> dict | Non
     prompts = random_prompts(
         [args.fixed_lens[0]] * args.num_prompts, mc.vocab_size, torch.Generator().manual_seed(args.seed + 1)
     )
-    with LLM(str(folder), **engine) as llm:
+    with LLM(**{**engine, "model": str(folder), "load_format": "dummy"}) as llm:
         warm_up(llm, mc.vocab_size, args)
         print("baseline:", flush=True)
         fixed = workload(llm, "fixed", prompts, [args.fixed_lens[1]] * args.num_prompts, args)
@@ -261,7 +320,8 @@ def target(fixed: dict | None, ceilings: dict | None, gpu: str | None, args: arg
             fixed is not None
             and args.fixed_lens == [256, 256]
             and args.num_prompts == 1000
-            and pathlib.Path(args.config).resolve() == DEFAULT_CONFIG
+            and args.config is not None
+            and config_path(args.config).resolve() == DEFAULT_CONFIG
             and args.dtype == "bfloat16"
         ),
     }
@@ -274,6 +334,8 @@ def target(fixed: dict | None, ceilings: dict | None, gpu: str | None, args: arg
         }
     if "H100" in gpu:
         basis, reference = "the published H100 figure as is (this GPU is an H100)", VLLM_REFERENCE["output_tok_per_s"]
+    elif not H100_RESULTS.is_file():
+        return {**out, "basis": f"not computed: no {H100_RESULTS}", "reference_tok_per_s": None, "ratio": None}
     else:
         h100 = json.loads(H100_RESULTS.read_text())["ceilings"]["copy_bytes_per_s"]
         scale = ceilings["copy_bytes_per_s"] / h100
@@ -286,25 +348,32 @@ def target(fixed: dict | None, ceilings: dict | None, gpu: str | None, args: arg
     return {**out, "basis": basis, "reference_tok_per_s": reference, "ratio": fixed["output_tok_per_s"] / reference}
 
 
-def main(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict:
+    """Every workload of ``args`` on the model of ``args``; the report."""
     started = now()
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     ceilings = None
     if gpu:
-        from ceilings import bf16_ceilings
+        from tristream.bench.ceilings import bf16_ceilings
 
         ceilings = bf16_ceilings()
     lo, hi = args.random_range
     max_len = max(2 * hi, sum(args.fixed_lens))
-    folder = dummy_model(args.config, max_len)
-    mc = ModelConfig.load(str(folder))
-    engine = {**engine_args(args), "max_model_len": max_len, "max_num_seqs": max(args.max_num_seqs, *args.batch_sizes)}
+    model = bench_model(args, max_len)
+    mc = ModelConfig.load(model.path)
+    engine = {
+        **engine_args(args),
+        "model": model.path,
+        "load_format": model.load_format,
+        "max_model_len": max_len,
+        "max_num_seqs": max(args.max_num_seqs, *args.batch_sizes),
+    }
     gen = torch.Generator().manual_seed(args.seed)
     random_in = torch.randint(lo, hi + 1, (args.num_prompts,), generator=gen).tolist()
     random_out = torch.randint(lo, hi + 1, (args.num_prompts,), generator=gen).tolist()
     fixed_gen = torch.Generator().manual_seed(args.seed + 1)
     workloads, compare = {}, {}
-    with LLM(str(folder), **engine) as llm:
+    with LLM(**engine) as llm:
         warm_up(llm, mc.vocab_size, args)
         if "random" in args.workloads:
             prompts = random_prompts(random_in, mc.vocab_size, gen)
@@ -316,11 +385,11 @@ def main(args: argparse.Namespace) -> dict:
             print("pipelined:", flush=True)
             compare["pipelined"] = compare_runs(llm, args, mc.vocab_size)
     if "compare" in args.workloads:
-        with LLM(str(folder), **{**engine, "pipelined": False}) as llm:
+        with LLM(**{**engine, "pipelined": False}) as llm:
             warm_up(llm, mc.vocab_size, args)
             print("synchronous:", flush=True)
             compare["synchronous"] = compare_runs(llm, args, mc.vocab_size)
-    shutil.rmtree(folder, ignore_errors=True)
+    model.close()
     base = baseline(args, engine, max_len)
     pipelined_vs_sync = (
         {
@@ -338,7 +407,7 @@ def main(args: argparse.Namespace) -> dict:
         **header("throughput", started),
         "gpu": gpu,
         "model_config": args.config,
-        "model": {"name": pathlib.Path(args.config).stem + " (dummy weights)", **model_summary(mc, args.dtype)},
+        "model": {"name": model.name, **model_summary(mc, args.dtype)},
         "engine": {**engine, "pipelined": True},
         "sampling": "temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output length (vLLM benchmark_throughput)",
         "settings": {
@@ -467,9 +536,13 @@ def print_table(report: dict) -> None:
         print(f"\ntarget: {t['basis']}")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dummy_engine_args(parser, skip_tokenizer_init=True)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The flags of this benchmark."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_args(parser)
+    add_bench_engine_args(parser, skip_tokenizer_init=True)
     parser.add_argument(
         "--workloads", nargs="+", default=["random", "fixed", "compare"], choices=["random", "fixed", "compare"]
     )
@@ -499,9 +572,19 @@ if __name__ == "__main__":
         help="a second config.json whose model runs the fixed workload after the first, in the same run: "
         "vs_baseline is the first's output tok/s over its (e.g. a MoE model against bench/configs/llama-3-8b.json)",
     )
-    parser.add_argument("--out", default=None, help="default: bench/results/throughput-<gpu>.json")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None, help=f"default: {RESULTS}/throughput-<gpu or cpu>.json")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """Run the benchmark of the command line ``argv``, write its report and print its table; the report."""
+    args = build_parser(prog).parse_args(argv)
     resolve_device(args)
-    report = main(args)
+    report = run(args)
     write_report(report, "throughput", report["gpu"], args.out, plot if report["workloads"] else None)
     print_table(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

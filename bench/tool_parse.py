@@ -13,19 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import statistics
 import time
 
-from report import header, now, write_report
 from transformers import AutoTokenizer
 
+from tristream.bench.report import RESULTS, header, now, write_report
 from tristream.model_files import resolve_model
 from tristream.outputs import merge_tool_calls
 from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer, push_step
 from tristream.tokenizer_proc.tool_calls import FORMATS, ToolCallParser
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 CITIES = ["Paris", "São Paulo", "Reykjavík", "Kyoto", "Nairobi", "Ushuaia", "Tromsø", "Ho Chi Minh City"]
 
 
@@ -62,7 +60,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--calls", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "tool_parse.json"))
+    parser.add_argument("--out", default=str(RESULTS / "tool_parse.json"))
     args = parser.parse_args()
     started, load_before = now(), os.getloadavg()
 

@@ -29,14 +29,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from ceilings import matmul_rate  # noqa: E402
-from report import git_info, model_summary, now, write_report  # noqa: E402
+from tristream import AsyncEngine, SamplingParams
+from tristream.bench.ceilings import matmul_rate
+from tristream.bench.report import CONFIGS, git_info, model_summary, now, write_report
+from tristream.model_config import ModelConfig
 
-from tristream import AsyncEngine, SamplingParams  # noqa: E402
-from tristream.model_config import ModelConfig  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 TEXT_AROUND = 16  # text tokens before and after the image
 
 
@@ -285,12 +282,8 @@ async def main(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--config", default=str(REPO / "bench/configs/qwen2.5-vl-7b.json"), help="the vision-language model"
-    )
-    parser.add_argument(
-        "--text-config", default=str(REPO / "bench/configs/qwen2.5-7b.json"), help="its text-only language model"
-    )
+    parser.add_argument("--config", default=str(CONFIGS / "qwen2.5-vl-7b.json"), help="the vision-language model")
+    parser.add_argument("--text-config", default=str(CONFIGS / "qwen2.5-7b.json"), help="its text-only language model")
     parser.add_argument("--image-size", type=int, default=1024, help="pixels a side (default: 1024)")
     parser.add_argument(
         "--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="requests at once (default: 1 8 32)"

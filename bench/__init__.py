@@ -1,0 +1,1 @@
+"""Benchmarks of the engine, the server and the kernels; `tristream bench` runs latency, throughput and serving."""

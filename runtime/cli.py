@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import os
 import sys
 import time
@@ -18,7 +19,7 @@ from tristream.config_file import is_config_file, load_config_file, parse_lora_m
 from tristream.datasets import CUTOFF_LEN, PREDICTIONS
 from tristream.engine import AsyncEngine
 from tristream.media import DEFAULT_MAX_IMAGE_BYTES, MediaPolicy
-from tristream.openai_api import RequestDefaults, with_system
+from tristream.openai_api import DEFAULT_MAX_REQUEST_BYTES, RequestDefaults, with_system
 from tristream.outputs import RequestOutput
 from tristream.sampling_params import SamplingParams
 from tristream.streams import merge
@@ -173,6 +174,12 @@ def _server_args(parser: argparse.ArgumentParser, env: bool) -> None:
     g.add_argument(
         "--image-fetch-timeout", type=float, default=10.0, help="seconds to fetch an http(s) image (default: 10)"
     )
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help=f"the largest request body; a larger one is a 413 (default: {DEFAULT_MAX_REQUEST_BYTES}, 16 MiB)",
+    )
 
 
 def _batch_args(parser: argparse.ArgumentParser) -> None:
@@ -268,6 +275,7 @@ async def _serve(args: argparse.Namespace) -> None:
         media=_media(args),
         enable_lora_runtime_loading=_runtime_lora(args),
         lora_root=args.lora_root,
+        max_request_bytes=args.max_request_bytes,
     )
 
 
@@ -309,6 +317,28 @@ async def _batch(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"generate": _generate, "demo": _demo, "serve": _serve, "webchat": _serve, "chat": _chat, "batch": _batch}
+# ``tristream bench NAME ARGS``: the module whose ``main(argv, prog)`` runs with ARGS, and its help line.
+BENCHMARKS = {
+    "latency": ("tristream.bench.latency", "batches of random prompts through the engine: TTFT, TPOT and tok/s"),
+    "throughput": ("tristream.bench.throughput", "offline tok/s through LLM, GPU idle time, pipelined vs synchronous"),
+    "serve": (
+        "tristream.bench.serving",
+        "streaming requests to a server under Poisson arrivals: TTFT, TPOT, ITL, E2E and goodput",
+    ),
+}
+
+
+def _bench_args(parser: argparse.ArgumentParser) -> None:
+    """A subcommand per benchmark; its arguments, ``--help`` included, go to the benchmark's own parser."""
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="{" + ",".join(BENCHMARKS) + "}")
+    for name, (_, help_text) in BENCHMARKS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    """Run the benchmark that ``args`` name with the rest of the command line."""
+    module = importlib.import_module(BENCHMARKS[args.benchmark][0])
+    module.main(args.bench_argv, prog=f"tristream bench {args.benchmark}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
         _sampling_args(command, "default_system" if name in TAKE_REQUESTS else "system", **OWN_DEFAULTS.get(name, {}))
         add_engine_args(command)
         command.add_argument("--lora", default=None, metavar="NAME", help=LORA_HELP)
+    bench = sub.add_parser("bench", help="benchmark latency, throughput or a server (`tristream bench NAME --help`)")
+    _bench_args(bench)
     return parser
 
 
@@ -369,7 +401,13 @@ def _apply_target(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; a YAML config file sets defaults that flags override."""
     parser = build_parser()
-    args = _apply_target(parser, parser.parse_args(argv), argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_argv = rest
+        return args
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = _apply_target(parser, args, argv)
     if args.command == "batch" and not (args.input and args.output or args.eval_dataset and args.output_dir):
         parser.error("batch needs --input and --output, or --eval-dataset and --output-dir (as flags or in a YAML)")
     if args.chat_template is not None:
@@ -397,7 +435,10 @@ def _run_loop(coro) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        _run_loop(COMMANDS[args.command](args))
+        if args.command == "bench":
+            _bench(args)
+        else:
+            _run_loop(COMMANDS[args.command](args))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"tristream: error: {e}", file=sys.stderr)
         return 1

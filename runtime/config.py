@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -60,6 +61,12 @@ class EngineConfig:
         None, f"a Jinja file or a built-in name ({', '.join(BUILTIN_TEMPLATES)}), instead of the tokenizer's template"
     )
     skip_tokenizer_init: bool = arg(False, "run without a tokenizer: prompts are token ids, outputs have no text")
+    tokenizer_workers: int | None = arg(
+        None,
+        "tokenizer processes, each tokenizing and detokenizing its share of the requests (default: 1 on CPU; "
+        "on CUDA, min(4, CPU cores // 4), at least 1)",
+        low=1,
+    )
     load_format: str = arg("auto", "dummy: random weights from config.json, for benchmarks", choices=LOAD_FORMATS)
     dtype: str = arg(
         "auto", "auto is float32 on CPU, bfloat16 on CUDA", choices=("auto", "float32", "float16", "bfloat16")
@@ -149,6 +156,13 @@ class EngineConfig:
             raise ValueError(f"limit_mm_per_prompt takes {{'image': N}} with N >= 0, got {limits!r}")
         if len(self.lora_adapters or {}) > self.lora_slots:
             raise ValueError(f"{len(self.lora_adapters)} lora_adapters do not fit in max_loras={self.max_loras}")
+
+    def num_tokenizer_workers(self, on_cuda: bool) -> int:
+        """``tokenizer_workers``, or its default for an engine on CUDA (``on_cuda``) or on CPU. On CPU the
+        model's forward pass needs the cores that more workers would take."""
+        if self.tokenizer_workers is not None:
+            return self.tokenizer_workers
+        return max(1, min(4, (os.cpu_count() or 1) // 4)) if on_cuda else 1
 
     @property
     def image_limit(self) -> int:

@@ -47,6 +47,8 @@ from tristream.protocol import (
     ToolSpec,
     decode,
     gpu_process_name,
+    tokenizer_process_name,
+    tokenizer_worker,
 )
 from tristream.quantization import quant_spec
 from tristream.sampling_params import SamplingParams
@@ -86,6 +88,7 @@ class AsyncEngine:
         self._lora_users: Counter[str] = Counter()
         self._lora_acks: dict[int, list[LoraLoaded]] = {}
         self._reserved_slots: set[int] = set()
+        self._tokenizer_busy: dict[int, float] = {}
         self.media = MediaPolicy()
 
     async def __aenter__(self) -> AsyncEngine:
@@ -157,6 +160,7 @@ class AsyncEngine:
             )
         shard_model(mc, config.tensor_parallel_size, 0)  # a split that does not fit fails here, before any process
         self.model_config = mc
+        workers = config.num_tokenizer_workers(_on_cuda(config.device))
         adapters = {name: os.path.abspath(path) for name, path in (config.lora_adapters or {}).items()}
         ranks = {name: (await asyncio.to_thread(read_adapter, path, mc)).rank for name, path in adapters.items()}
         max_rank = config.max_lora_rank or max([DEFAULT_LORA_RANK, *ranks.values()])
@@ -166,25 +170,28 @@ class AsyncEngine:
         for slot, name in enumerate(adapters):
             self._loras[name], self._lora_paths[name] = LoraRef(next(self._lora_ids), slot), adapters[name]
         self.child_config = dataclasses.replace(
-            config, model=model_dir, max_model_len=max_len, lora_adapters=adapters or None, max_lora_rank=max_rank
+            config,
+            model=model_dir,
+            max_model_len=max_len,
+            lora_adapters=adapters or None,
+            max_lora_rank=max_rank,
+            tokenizer_workers=workers,
         )
-        ipc, self._ipc_dir = processes.make_ipc(config.tensor_parallel_size)
+        ipc, self._ipc_dir = processes.make_ipc(config.tensor_parallel_size, workers)
         self._ctx = zmq.asyncio.Context()
         self._inbox = self._ctx.socket(zmq.PULL)
         self._inbox.setsockopt(zmq.RCVHWM, 0)
         self._inbox.bind(ipc.user)
         self._sync_ctx = zmq.Context()
         # The scheduler passes Shutdown on to the gpu_procs, after the plans it sent them.
-        self._out = {
-            name: processes.connect_outbox(self._sync_ctx, getattr(ipc, name)) for name in ("tokenizer", "scheduler")
-        }
+        inboxes = {tokenizer_process_name(w): address for w, address in enumerate(ipc.tokenizers)}
+        inboxes["scheduler"] = ipc.scheduler
+        self._out = {name: processes.connect_outbox(self._sync_ctx, address) for name, address in inboxes.items()}
         self._reader = loop.create_task(self._read_loop())
         ranks = [(gpu_process_name(rank), f"gpu{rank}", "gpu", (rank,)) for rank in range(config.tensor_parallel_size)]
-        others = [
-            ("tokenizer", "tokenizer", "tokenizer", ()),
-            ("scheduler", "scheduler", "scheduler", (mc.kv_window(),)),
-        ]
-        for name, title, kind, args in [*ranks, *others]:
+        tokenizers = [(tokenizer_process_name(w), tokenizer_process_name(w), "tokenizer", (w,)) for w in range(workers)]
+        scheduler = ("scheduler", "scheduler", "scheduler", (mc.kv_window(),))
+        for name, title, kind, args in [*ranks, *tokenizers, scheduler]:
             proc = processes.spawn(name, f"tristream.{kind}_proc.main", ipc, self.child_config, *args, title=title)
             self._procs[name] = proc
             loop.add_reader(proc.sentinel, self._on_exit, name)
@@ -235,6 +242,7 @@ class AsyncEngine:
         while True:
             msg = decode(await self._inbox.recv(copy=False))
             if isinstance(msg, OutputBatch):
+                self._tokenizer_busy[msg.worker] = msg.busy_s
                 for delta in msg.deltas:
                     q = self._queues.get(delta.request_id)
                     if q is not None:
@@ -348,11 +356,17 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with ``finish_reason="abort"``."""
         if self.is_running:
-            processes.send(self._out["tokenizer"], AbortRequest(request_id))
+            processes.send(self._owner(request_id), AbortRequest(request_id))
 
     async def get_stats(self, timeout: float = 10.0) -> SchedulerStats:
-        """The scheduler's page and queue counters."""
-        return await self._call("scheduler", StatsRequest, timeout)
+        """The scheduler's page and queue counters, with the tokenizer workers' busy time."""
+        stats = await self._call("scheduler", StatsRequest, timeout)
+        stats.tokenizer_busy_s = sum(self._tokenizer_busy.values())
+        return stats
+
+    def _owner(self, request_id: str) -> zmq.Socket:
+        """The inbox of the tokenizer worker that owns ``request_id``."""
+        return self._out[tokenizer_process_name(tokenizer_worker(request_id, self.child_config.tokenizer_workers))]
 
     @property
     def lora_adapters(self) -> dict[str, str]:
@@ -437,6 +451,8 @@ class AsyncEngine:
         token = next(self._call_tokens)
         future = asyncio.get_running_loop().create_future()
         self._calls[token] = future
+        if process == "tokenizer":  # any worker answers; take turns
+            process = tokenizer_process_name(token % self.child_config.tokenizer_workers)
         processes.send(self._out[process], make(token))
         try:
             result = await asyncio.wait_for(future, timeout)
@@ -494,7 +510,7 @@ class AsyncEngine:
             self._lora_users[params.lora] += 1
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        processes.send(self._out["tokenizer"], GenerateRequest(request_id, params, arrival_time, **fields))
+        processes.send(self._owner(request_id), GenerateRequest(request_id, params, arrival_time, **fields))
         finished = 0
         try:
             while finished < params.num_samples:
@@ -511,7 +527,7 @@ class AsyncEngine:
             if params.lora is not None:
                 self._lora_users[params.lora] -= 1
             if finished < params.num_samples and self.is_running:
-                processes.send(self._out["tokenizer"], AbortRequest(request_id))
+                processes.send(self._owner(request_id), AbortRequest(request_id))
 
 
 MEDIA_KEYS = ("multimodal_data", "multi_modal_data")
@@ -549,6 +565,14 @@ def _dict_prompt(prompt: dict) -> tuple[str | list[int], list]:
     if (keys[0] == "prompt") != isinstance(value, str):
         raise ValueError(f"{keys[0]} must be {'a string' if keys[0] == 'prompt' else 'a list of token ids'}")
     return value, images
+
+
+def _on_cuda(device: str) -> bool:
+    """Whether an engine asked for ``device`` runs on CUDA; for "auto", whether an NVIDIA driver shows a device
+    (torch would tell for sure, but takes seconds to import into this process)."""
+    if device == "auto":
+        return os.path.exists("/dev/nvidiactl") and os.environ.get("CUDA_VISIBLE_DEVICES", "0") not in ("", "-1")
+    return device == "cuda"
 
 
 def _log_to_stderr(level: str) -> None:

@@ -24,6 +24,8 @@ from tristream.sampling_params import MAX_LOGPROBS, SAMPLING_ONLY_OFF, SamplingP
 MAX_SAMPLES = 128
 # JSON has no -inf; OpenAI clients expect a number.
 MIN_LOGPROB = -9999.0
+# The largest request body a server takes by default (``--max-request-bytes``): 16 MiB.
+DEFAULT_MAX_REQUEST_BYTES = 16 << 20
 
 Items = AsyncIterator[tuple[int, RequestOutput]]
 

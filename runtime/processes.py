@@ -30,7 +30,7 @@ PR_SET_PDEATHSIG = 1
 OUTBOX_LINGER_MS = 100
 
 
-def make_ipc(num_ranks: int = 1) -> tuple[Ipc, str]:
+def make_ipc(num_ranks: int = 1, num_tokenizers: int = 1) -> tuple[Ipc, str]:
     """Fresh ``ipc://`` inbox addresses, the ranks' rendezvous file and the image folder, in a private temporary
     directory."""
     folder = tempfile.mkdtemp(prefix="tristream-")
@@ -42,7 +42,7 @@ def make_ipc(num_ranks: int = 1) -> tuple[Ipc, str]:
     gpus = [addr(f"gpu{rank}") for rank in range(num_ranks)]
     ipc = Ipc(
         addr("user"),
-        addr("tokenizer"),
+        [addr(f"tokenizer{worker}") for worker in range(num_tokenizers)],
         addr("scheduler"),
         gpus,
         os.path.join(folder, "rendezvous"),

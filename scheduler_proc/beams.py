@@ -238,6 +238,7 @@ class BeamSearch:
                 time_in_queue=root.first_scheduled_time - self.spec.arrival_time,
                 logprobs=hypothesis.logprobs,
                 prompt_logprobs=root.prompt_logprobs if i == 0 and params.prompt_logprobs is not None else None,
+                worker=self.spec.worker,
             )
             for i, (sample_id, hypothesis) in enumerate(zip(self.sample_ids, self.finished))
         ]

@@ -20,6 +20,7 @@ from tristream.protocol import (
     StepResult,
     StopRequest,
     TokenBatch,
+    TokenDelta,
     TokenizedRequest,
     encode,
 )
@@ -32,7 +33,7 @@ def run(ipc: Ipc, config: EngineConfig, window: int = 0) -> None:
     ctx = zmq.Context()
     inbox = bind_inbox(ctx, ipc.scheduler)
     to_gpus = [connect_outbox(ctx, address) for address in ipc.gpu]
-    to_tokenizer = connect_outbox(ctx, ipc.tokenizer)
+    to_tokenizers = [connect_outbox(ctx, address) for address in ipc.tokenizers]
     to_user = connect_outbox(ctx, ipc.user)
 
     def to_every_gpu(message: object) -> None:
@@ -62,7 +63,7 @@ def run(ipc: Ipc, config: EngineConfig, window: int = 0) -> None:
             elif isinstance(msg, TokenizedRequest):
                 deltas.append(scheduler.add(msg))
             elif isinstance(msg, AbortRequest):
-                deltas.append(scheduler.abort(msg.request_id))
+                deltas.append(scheduler.abort(msg.request_id, msg.worker))
             elif isinstance(msg, StopRequest):
                 scheduler.finish(msg.request_id)
             elif isinstance(msg, StatsRequest):
@@ -71,9 +72,9 @@ def run(ipc: Ipc, config: EngineConfig, window: int = 0) -> None:
                 to_every_gpu(msg)
             elif isinstance(msg, Shutdown):
                 return to_every_gpu(msg)
-        deltas = [d for d in deltas if d is not None]
-        if deltas:
-            send(to_tokenizer, TokenBatch(deltas))
+        for worker, batch in enumerate(_by_worker(deltas, len(to_tokenizers))):
+            if batch:
+                send(to_tokenizers[worker], TokenBatch(batch))
         stalled = False
         if len(scheduler.in_flight) < depth:
             plan = scheduler.schedule()
@@ -84,3 +85,12 @@ def run(ipc: Ipc, config: EngineConfig, window: int = 0) -> None:
                 plan.after_idle, after_idle = after_idle, False
                 plan.sent_at = time.monotonic()
                 to_every_gpu(plans.diff(plan))
+
+
+def _by_worker(deltas: list[TokenDelta | None], num_workers: int) -> list[list[TokenDelta]]:
+    """The deltas (None left out) of each tokenizer worker, in order."""
+    batches: list[list[TokenDelta]] = [[] for _ in range(num_workers)]
+    for d in deltas:
+        if d is not None:
+            batches[d.worker].append(d)
+    return batches

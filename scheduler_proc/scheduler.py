@@ -110,7 +110,7 @@ class Scheduler:
             )
         if error is not None:
             self.images.drop(spec.images, None)
-            return TokenDelta(spec.request_id, [], error=error)
+            return TokenDelta(spec.request_id, [], error=error, worker=spec.worker)
         req = Request(spec)
         self.by_id[spec.request_id] = req
         self.waiting.append(req)
@@ -119,18 +119,19 @@ class Scheduler:
             self.beam_samples.update(dict.fromkeys(group.sample_ids, spec.request_id))
         return None
 
-    def abort(self, request_id: str) -> TokenDelta | None:
-        """Drop a request wherever it is and free its pages. Any sample id of a beam search ends all of it."""
+    def abort(self, request_id: str, worker: int = 0) -> TokenDelta | None:
+        """Drop a request wherever it is and free its pages. Any sample id of a beam search ends all of it.
+        ``worker`` is the tokenizer worker that owns the request."""
         root_id = self.beam_samples.pop(request_id, None)
         if root_id is not None:
             if root_id in self.beam_searches:
                 self._close_beams(self.beam_searches[root_id], cache=False)
-            return TokenDelta(request_id, [], finish_reason="abort")
+            return TokenDelta(request_id, [], finish_reason="abort", worker=worker)
         req = self.by_id.get(request_id)
         if req is None:
             return None
         self._end(req, cache=False)
-        return TokenDelta(request_id, [], finish_reason="abort")
+        return TokenDelta(request_id, [], finish_reason="abort", worker=worker)
 
     def finish(self, request_id: str) -> None:
         """End a request that hit a stop string; its computed pages stay cached."""
@@ -387,6 +388,7 @@ class Scheduler:
             finish_reason="stop",
             time_in_queue=req.first_scheduled_time - req.spec.arrival_time,
             embedding=embedding,
+            worker=req.spec.worker,
         )
 
     def _take(self, req: Request, token: int, logprobs: list[tuple[int, float]] | None) -> TokenDelta:
@@ -405,6 +407,7 @@ class Scheduler:
             time_in_queue=req.first_scheduled_time - req.spec.arrival_time if first else None,
             logprobs=[logprobs] if logprobs is not None else None,
             prompt_logprobs=req.prompt_logprobs if first and req.spec.params.prompt_logprobs is not None else None,
+            worker=req.spec.worker,
         )
 
     def _plan_beam_forks(self, plan: BatchPlan) -> bool:

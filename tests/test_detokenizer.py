@@ -336,7 +336,7 @@ def test_push_step_decodes_each_settings_group_in_one_call(monkeypatch: pytest.M
     settings = [
         {"skip_special_tokens": s, "spaces_between_special_tokens": p} for s in (True, False) for p in (True, False)
     ]
-    per_group = MIN_BATCH_DECODE // 2  # each request decodes two sequences: its window and its unemitted ids
+    per_group = MIN_BATCH_DECODE  # byte-level: each request decodes one sequence, its unemitted ids
     detoks = [IncrementalDetokenizer(tok, tok.encode("Tell me."), **settings[i % 4]) for i in range(4 * per_group)]
     ids = tok.encode(TEXTS["english"])
     texts = [""] * len(detoks)
@@ -344,7 +344,7 @@ def test_push_step_decodes_each_settings_group_in_one_call(monkeypatch: pytest.M
         backend.decodes, backend.batches = 0, []
         for i, delta in enumerate(push_step(detoks, [[token]] * len(detoks))):
             texts[i] += delta
-        assert sorted(backend.batches) == [(2 * per_group, False)] * 2 + [(2 * per_group, True)] * 2
+        assert sorted(backend.batches) == [(per_group, False)] * 2 + [(per_group, True)] * 2
         assert backend.decodes == 0
     assert texts == [TEXTS["english"]] * len(detoks)
     assert push_step(detoks, [[]] * len(detoks)) == [""] * len(detoks)
@@ -352,7 +352,7 @@ def test_push_step_decodes_each_settings_group_in_one_call(monkeypatch: pytest.M
     small = [IncrementalDetokenizer(tok, [], **settings[i % 4]) for i in range(8)]
     backend.decodes, backend.batches = 0, []
     assert push_step(small, [ids[:1]] * len(small)) == ["The"] * len(small)
-    assert backend.batches == [] and backend.decodes == 2 * len(small), "a small step decodes one sequence a call"
+    assert backend.batches == [] and backend.decodes == len(small), "a small step decodes one sequence a call"
 
 
 @pytest.mark.parametrize("min_batch", [1, MIN_BATCH_DECODE])

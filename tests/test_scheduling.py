@@ -68,25 +68,24 @@ async def test_greedy_output_is_independent_of_scheduling(reference, tokenizer, 
             assert stats.num_cache_hit_tokens == 0 and stats.num_cached_pages == 0
 
 
-async def test_a_kv_starved_engine_finishes_everything_with_identical_output(tokenizer):
-    prompts = [tokenizer.encode(f"{SYSTEM}Question {i}: {QUESTIONS[i % len(QUESTIONS)]}") for i in range(40)]
+async def test_a_kv_starved_engine_finishes_everything_with_identical_output(engine, tokenizer):
+    prompts = [tokenizer.encode(f"{SYSTEM}Question {i}: {QUESTIONS[i % len(QUESTIONS)]}") for i in range(12)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
-    async def run_all(**args) -> tuple[list[list[int]], int]:
-        async with AsyncEngine(max_model_len=128, log_level="WARNING", check_invariants=True, **args) as engine:
+    async def run_all(engine: AsyncEngine) -> list[list[int]]:
+        async def one(p):
+            tokens = []
+            async for out in engine.generate(p, params):
+                tokens += out.outputs[0].token_ids
+            return tokens
 
-            async def one(p):
-                tokens = []
-                async for out in engine.generate(p, params):
-                    tokens += out.outputs[0].token_ids
-                return tokens
+        return await asyncio.gather(*(one(p) for p in prompts))
 
-            outputs = await asyncio.gather(*(one(p) for p in prompts))
-            return outputs, (await engine.get_stats()).num_preemptions
-
-    roomy, _ = await run_all(kv_cache_tokens=40 * 128, enable_prefix_caching=False)
-    starved, preemptions = await run_all(kv_cache_tokens=2 * 128, page_size=16)
-    assert preemptions > 0
+    roomy = await run_all(engine)
+    args = dict(kv_cache_tokens=2 * 128, page_size=16)
+    async with AsyncEngine(max_model_len=128, log_level="WARNING", check_invariants=True, **args) as starved_engine:
+        starved = await run_all(starved_engine)
+        assert (await starved_engine.get_stats()).num_preemptions > 0
     assert starved == roomy
     assert all(len(t) == 24 for t in starved)
 

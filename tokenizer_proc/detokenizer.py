@@ -54,6 +54,13 @@ def backend_decoder(tokenizer: Any) -> Any | None:
     return None
 
 
+def decodes_by_concatenation(backend: Any | None) -> bool:
+    """Whether the Rust tokenizer ``backend`` decodes ids as the concatenation of their bytes (a byte-level
+    decoder, as GPT-2, Llama 3, Qwen and SmolLM have): then ``D(A + B) == D(A) + D(B)`` when ``D(A)`` ends
+    in a complete character, and a push needs to decode only its unemitted ids."""
+    return backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of output token ids into text deltas; never emits a broken UTF-8 character.
 
@@ -76,7 +83,9 @@ class IncrementalDetokenizer:
     sequence) emits everything before the last complete point and holds the rest
     until more tokens arrive or flush() is called. Each decode covers only the ids
     emitted by the previous step plus those not yet emitted, so the cost of a push
-    does not grow with the length of the output.
+    does not grow with the length of the output. Where the tokenizer decodes by
+    concatenation (``decodes_by_concatenation``), it covers only those not yet emitted,
+    with no prompt context.
 
     A push runs in two halves, ``begin_push`` (the ids to decode) and ``end_push`` (their
     text), so that ``push_step`` can decode the pushes of many requests together.
@@ -95,7 +104,17 @@ class IncrementalDetokenizer:
         self._spaces_between_special_tokens = spaces_between_special_tokens
         self._decode_key = (id(tokenizer), skip_special_tokens, spaces_between_special_tokens)
         self._skipped = skipped_token_ids(tokenizer) if skip_special_tokens else frozenset()
+        self._concatenates = decodes_by_concatenation(self._backend)
+        # _ids is the decode window: ids[:_read] were emitted by the last step (or are
+        # the prompt context) and decode to _prefix_text; ids[_read:] are not emitted yet.
+        self._ids: list[int] = []
+        self._read = 0
+        self._prefix_text = ""
+        if not self._concatenates:
+            self._start_in_context(prompt_token_ids)
 
+    def _start_in_context(self, prompt_token_ids: list[int]) -> None:
+        """Put the last prompt ids in the window, so that the first output ids decode as they do after them."""
         context: list[int] = []
         for token_id in reversed(prompt_token_ids):
             if len(context) == PROMPT_CONTEXT_TOKENS:
@@ -104,56 +123,59 @@ class IncrementalDetokenizer:
                 context.append(token_id)
         context.reverse()
         context_text = self._decode(context)
-        if context_text.endswith(REPLACEMENT_CHAR):
-            context, context_text = [], ""
-
-        # _ids is the decode window: ids[:_read] were emitted by the last step (or are
-        # the prompt context) and decode to _prefix_text; ids[_read:] are not emitted yet.
-        self._ids: list[int] = context
-        self._read = len(context)
-        self._prefix_text = context_text
+        if not context_text.endswith(REPLACEMENT_CHAR):
+            self._ids, self._read, self._prefix_text = context, len(context), context_text
 
     def push(self, token_ids: Iterable[int]) -> str:
         """Append newly generated ids; return the text that became final since the last call ("" if none)."""
         pending = self.begin_push(token_ids)
         if pending is None:
             return ""
-        return self.end_push(*self._decode_many(list(pending)))
+        return self.end_push(*self._decode_many(pending))
 
-    def begin_push(self, token_ids: Iterable[int]) -> tuple[list[int], list[int]] | None:
-        """First half of a push: append the ids; return the window and its unemitted ids to decode.
+    def begin_push(self, token_ids: Iterable[int]) -> list[list[int]] | None:
+        """First half of a push: append the ids; return the id lists to decode: the window and its unemitted
+        ids, or the unemitted ids alone where decoding concatenates.
 
         None means there is nothing to decode and the push gives "". Otherwise hand the
-        decodes of both lists to ``end_push`` before any other call on this detokenizer.
+        decodes of the lists to ``end_push`` before any other call on this detokenizer.
         """
-        self._ids.extend(t for t in token_ids if t not in self._skipped)
+        self._ids.extend([t for t in token_ids if t not in self._skipped] if self._skipped else token_ids)
         if len(self._ids) == self._read:
             return None
-        return self._ids[:], self._ids[self._read :]
+        return self._to_decode()
 
-    def end_push(self, window_text: str, unemitted_text: str) -> str:
+    def _to_decode(self) -> list[list[int]]:
+        return [self._ids] if self._concatenates else [self._ids, self._ids[self._read :]]
+
+    def end_push(self, window_text: str, unemitted_text: str = "") -> str:
         """Second half of a push: given the decodes of ``begin_push``'s lists, return the push's text."""
         if not window_text.endswith(REPLACEMENT_CHAR):
             return self._emit(window_text, unemitted_text, len(self._ids))
         for end in range(len(self._ids) - 1, max(self._read, len(self._ids) - _MAX_HELD_TOKENS - 1), -1):
             text = self._decode(self._ids[:end])
             if not text.endswith(REPLACEMENT_CHAR):
-                return self._emit(text, self._decode(self._ids[self._read : end]), end)
+                emitted_text = "" if self._concatenates else self._decode(self._ids[self._read : end])
+                return self._emit(text, emitted_text, end)
         return ""
 
     def flush(self) -> str:
         """At the end of the request: return any held-back text, even if it ends in an incomplete character."""
         if len(self._ids) == self._read:
             return ""
-        window_text, unemitted_text = self._decode_many([self._ids, self._ids[self._read :]])
-        return self._emit(window_text, unemitted_text, len(self._ids))
+        texts = self._decode_many(self._to_decode())
+        return self._emit(texts[0], texts[-1], len(self._ids))
 
     def _emit(self, text: str, emitted_text: str, end: int) -> str:
         """Emit `text` (the decode of ids[:end]) past the prefix; slide the window to end at `end`.
 
-        `emitted_text`, the decode of ids[_read:end], becomes the prefix text.
+        `emitted_text`, the decode of ids[_read:end], becomes the prefix text. Where decoding concatenates,
+        the window keeps no emitted ids.
         """
         delta = text[len(self._prefix_text) :]
+        if self._concatenates:
+            del self._ids[:end]
+            return delta
         del self._ids[: self._read]
         self._read = end - self._read
         self._prefix_text = emitted_text
@@ -194,6 +216,8 @@ def push_step(detoks: Sequence[IncrementalDetokenizer], token_ids: Sequence[Iter
     deltas = [""] * len(detoks)
     for members in groups.values():
         texts = iter(detoks[members[0]]._decode_many([seq for i in members for seq in pending[i]]))
-        for i in members:
-            deltas[i] = detoks[i].end_push(next(texts), next(texts))
+        # A group shares its tokenizer, so each of its members decodes as many lists.
+        per_push = zip(texts, texts) if len(pending[members[0]]) == 2 else zip(texts)
+        for i, push_texts in zip(members, per_push):
+            deltas[i] = detoks[i].end_push(*push_texts)
     return deltas

@@ -1,15 +1,19 @@
-"""The tokenizer_proc: prompts in, token ids to the scheduler; token ids back, text to the user."""
+"""The tokenizer_proc: prompts in, token ids to the scheduler; token ids back, text to the user.
+
+An engine runs one or more of these workers; each owns the requests that ``tokenizer_worker`` gives it, and
+any of them answers tokenizer calls.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import zmq
 
-from tristream.beam_search import check_beam_search
 from tristream.config import EngineConfig
 from tristream.model_config import ModelConfig
 from tristream.processes import bind_inbox, connect_outbox, recv_all, send
@@ -30,13 +34,12 @@ from tristream.protocol import (
     sample_request_id,
 )
 from tristream.sampling_params import SamplingParams
+from tristream.tokenizer_proc.admission import Admission, AdmissionThread, Admitted, Turn
 from tristream.tokenizer_proc.detokenizer import IncrementalDetokenizer, push_step
-from tristream.tokenizer_proc.images import PromptImages, remove_files
-from tristream.tokenizer_proc.prompts import PromptBuilder, load_tokenizer
+from tristream.tokenizer_proc.images import remove_files
+from tristream.tokenizer_proc.prompts import load_tokenizer
 from tristream.tokenizer_proc.reasoning import ThinkParser, opens_reasoning
-from tristream.tokenizer_proc.structured import grammar_spec
 from tristream.tokenizer_proc.tool_calls import ToolCallParser
-from tristream.tokenizer_proc.tools import ChatTools
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -64,15 +67,6 @@ def _distinct_runs(deltas: list[TokenDelta]) -> Iterator[list[TokenDelta]]:
         yield run
 
 
-def _input_error(e: Exception) -> str:
-    """The message for a request whose input the tokenizer or template could not take.
-
-    Any exception here comes from the request's own input (a lone surrogate, say),
-    so it fails that request alone rather than the process.
-    """
-    return str(e) if isinstance(e, ValueError) else f"the input could not be tokenized ({type(e).__name__}: {e})"
-
-
 @dataclass
 class ActiveRequest:
     """What the tokenizer keeps of one running sample of a request.
@@ -94,7 +88,7 @@ class ActiveRequest:
     output_token_ids: list[int] = field(default_factory=list)
     prompt_sent: bool = False
     held: str = ""
-    emitted: str = ""
+    emitted: list[str] = field(default_factory=list)
     prompt_text: str | None = None
 
     def take_text(self, pushed: str, finished: bool) -> tuple[str, bool]:
@@ -105,55 +99,77 @@ class ActiveRequest:
         """
         if self.detok is None:
             return "", False
-        self.held += pushed + (self.detok.flush() if finished else "")
+        if finished:
+            pushed += self.detok.flush()
+        if not self.stop:
+            out, stopped = pushed, False
+        else:
+            out, stopped = self._until_stop(pushed, finished)
+        if self.chat_text is not None:
+            self.emitted.append(out)
+        return out, stopped
+
+    def _until_stop(self, pushed: str, finished: bool) -> tuple[str, bool]:
+        self.held += pushed
         hits = [(i, s) for s in self.stop if (i := self.held.find(s)) >= 0]
         if hits:
             i, s = min(hits)
             out, stopped = self.held[: i + len(s) if self.include_stop else i], True
-        elif finished or not self.stop:
+        elif finished:
             out, stopped = self.held, False
         else:
             keep = max(map(len, self.stop)) - 1
             out, stopped = self.held[: max(0, len(self.held) - keep)], False
         self.held = self.held[len(out) :]
-        self.emitted += out
         return out, stopped
 
 
 class TokenizerWorker:
-    """Per-request detokenizers plus the prompt builder."""
+    """Per-request detokenizers, stop strings and output parsers, plus the prompt side (``Admission``).
 
-    def __init__(self, config: EngineConfig, media_dir: str) -> None:
+    ``admit`` admits a request at once; the worker process instead hands it to an ``AdmissionThread`` with
+    ``begin`` and takes the answer with ``register``, while the requests in between go on streaming.
+    """
+
+    def __init__(self, config: EngineConfig, media_dir: str, worker: int = 0) -> None:
         self.model_config = ModelConfig.load(config.model)
-        self.tokenizer = None
-        if not config.skip_tokenizer_init:
-            self.tokenizer = load_tokenizer(config)
-        images = PromptImages(config.model, self.model_config, media_dir, config.image_limit)
-        self.prompts = PromptBuilder(self.tokenizer, self.model_config.vocab_size, config.max_model_len, images)
+        self.admission = Admission(config, self.model_config, media_dir)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config)
+        self.worker = worker
         self.seeds = random.Random(config.seed)
-        self.max_num_seqs = config.max_num_seqs
         self.reasoning_parser = config.reasoning_parser
-        self.tool_call_parser = config.tool_call_parser
-        self.auto_tools = config.enable_auto_tool_choice
         self.active: dict[str, ActiveRequest] = {}
         self.samples: dict[str, list[str]] = {}
+        self.admitting: dict[str, bool] = {}
+        self.on_turn: Callable[[Turn], object] = self.admission.handle
 
-    def admit(self, req: GenerateRequest) -> list[TokenizedRequest] | OutputDelta:
-        """One request for the scheduler per sample, or an error delta for the user.
+    def admit(self, req: GenerateRequest) -> list[TokenizedRequest | OutputDelta]:
+        """``register`` of the request admitted here and now."""
+        self.begin(req)
+        return self.register(self.admission.admit(req))
+
+    def begin(self, req: GenerateRequest) -> None:
+        """Note a request on its way through admission, so that an abort meanwhile waits for it."""
+        self.admitting[req.request_id] = False
+
+    def register(self, admitted: Admitted | OutputDelta) -> list[TokenizedRequest | OutputDelta]:
+        """One request for the scheduler per sample of an admitted request; or for the user, its error delta,
+        or a finished delta per sample if it was aborted during admission.
 
         Sample 0 keeps the request id; the others are ``id#i`` and fork sample 0.
         With ``best_of > n`` every sample reports logprobs, which rank them. A beam search is one request
         for the scheduler, which answers with its ``n`` best hypotheses as samples 0..n-1.
         """
-        try:
-            req, ids, chat_text, images, grammar, tools = self._validated(req)
-        except Exception as e:
-            return OutputDelta(req.request_id, "", [], finished=True, error=_input_error(e))
-        params = req.params
+        aborted = self.admitting.pop(admitted.request_id, False)
+        if isinstance(admitted, OutputDelta):
+            return [admitted]
+        req, params = admitted.req, admitted.req.params
+        if aborted:
+            remove_files(admitted.images)
+            return [OutputDelta(req.request_id, "", [], True, "abort", index=i) for i in range(params.num_samples)]
         seed = self.seeds.getrandbits(63) if params.seed is None else params.seed
         ranked = params.num_samples > params.n and params.logprobs is None
-        bad_words_ids = self._bad_words_ids(params)
-        in_reasoning = chat_text is not None and opens_reasoning(chat_text)
+        in_reasoning = admitted.chat_text is not None and opens_reasoning(admitted.chat_text)
         out = []
         for i in range(params.num_samples):
             rid = sample_request_id(req.request_id, i)
@@ -163,100 +179,54 @@ class TokenizerWorker:
                 logprobs=0 if ranked else params.logprobs,
                 prompt_logprobs=params.prompt_logprobs if i == 0 else None,
             )
-            detok = None
-            if self.tokenizer is not None:
-                detok = IncrementalDetokenizer(
-                    self.tokenizer, ids, p.skip_special_tokens, p.spaces_between_special_tokens
-                )
-            self.active[rid] = ActiveRequest(
-                req.request_id,
-                i,
-                detok,
-                ids,
-                chat_text if params.num_samples == 1 and not images else None,
-                ThinkParser(in_reasoning) if self.reasoning_parser is not None else None,
-                tools.parser() if tools is not None else None,
-                p.stop,
-                p.include_stop_str_in_output,
-                prompt_text=chat_text,
-            )
+            self.active[rid] = self._active(admitted, i, p, in_reasoning)
             out.append(
                 TokenizedRequest(
                     rid,
-                    ids,
+                    admitted.ids,
                     p,
                     self.model_config.eos_token_ids,
                     req.arrival_time,
-                    bad_words_ids,
+                    admitted.bad_words_ids,
                     fork_of=req.request_id if i else None,
-                    grammar=grammar,
+                    grammar=admitted.grammar,
                     lora=req.lora,
-                    images=images,
+                    images=admitted.images,
                     pooling=req.pooling,
+                    worker=self.worker,
                 )
             )
         self.samples[req.request_id] = [t.request_id for t in out]
         return out[:1] if params.use_beam_search else out
 
-    def _validated(self, req: GenerateRequest) -> tuple:
-        """``req`` with its sampling words as token ids, its prompt token ids, its rendered chat (or None), its
-        images, its grammar (or None) and its tools (or None); an exception if any of it is bad, the images'
-        files then removed."""
-        images = []
-        try:
-            req = dataclasses.replace(req, params=self.prompts.with_word_tokens(req.params))
-            check_beam_search(req.params, self.max_num_seqs, self.model_config)
-            tools = None
-            if req.tools is not None:
-                template = self.prompts.template(req.chat_template_kwargs)
-                tools = ChatTools.of(req.tools, template, self.tool_call_parser, self.auto_tools)
-            if tools is not None and tools.structured is not None:
-                if req.params.structured is not None:
-                    raise ValueError(f"tool_choice {tools.spec.choice!r} and an output constraint cannot go together")
-                req = dataclasses.replace(req, params=dataclasses.replace(req.params, structured=tools.structured))
-            ids, chat_text, images = self.prompts.build(req, tools)
-            grammar = None
-            if req.params.structured is not None:
-                if self.tokenizer is None:
-                    raise ValueError("structured output needs a tokenizer (this engine runs with skip_tokenizer_init)")
-                grammar = grammar_spec(req.params.structured)
-        except BaseException:
-            remove_files(images)
-            raise
-        return req, ids, chat_text, images, grammar, tools
-
-    def tokenize(self, call: TokenizeCall) -> TokenizeResult:
-        """Token ids of a prompt or chat, or the text of token ids, for the user's tokenizer calls."""
-        if self.tokenizer is None:
-            return TokenizeResult(call.token, error="this engine runs without a tokenizer (skip_tokenizer_init)")
-        try:
-            if call.token_ids is not None:
-                bad = [t for t in call.token_ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
-                if bad:
-                    raise ValueError(f"token ids outside the vocabulary [0, {self.model_config.vocab_size}): {bad[:5]}")
-                ids = list(call.token_ids)
-                text = self.tokenizer.decode(ids)
-            elif call.messages is not None:
-                text = self.prompts.render_chat(call.messages, call.chat_template_kwargs)
-                ids = self.prompts.turns.encode(text)
-            else:
-                text = call.prompt or ""
-                ids = self.tokenizer.encode(text, add_special_tokens=call.add_special_tokens)
-        except Exception as e:
-            return TokenizeResult(call.token, error=_input_error(e))
-        pieces = [self.tokenizer.decode([t]) for t in ids] if call.pieces else None
-        return TokenizeResult(call.token, ids, text, pieces)
+    def _active(self, admitted: Admitted, index: int, params: SamplingParams, in_reasoning: bool) -> ActiveRequest:
+        """What the worker keeps of sample ``index`` of an admitted request, which samples with ``params``."""
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(
+                self.tokenizer, admitted.ids, params.skip_special_tokens, params.spaces_between_special_tokens
+            )
+        one_turn = admitted.req.params.num_samples == 1 and not admitted.images
+        return ActiveRequest(
+            admitted.request_id,
+            index,
+            detok,
+            admitted.ids,
+            admitted.chat_text if one_turn else None,
+            ThinkParser(in_reasoning) if self.reasoning_parser is not None else None,
+            admitted.tools.parser() if admitted.tools is not None else None,
+            params.stop,
+            params.include_stop_str_in_output,
+            prompt_text=admitted.chat_text,
+        )
 
     def abort(self, request_id: str) -> list[AbortRequest]:
-        """Aborts for the scheduler: one per sample of the request."""
-        return [AbortRequest(rid) for rid in self.samples.get(request_id, [request_id])]
-
-    def _bad_words_ids(self, params: SamplingParams) -> list[list[int]]:
-        """Each bad word as token ids, alone and after a space."""
-        if not params.bad_words or self.tokenizer is None:
+        """Aborts for the scheduler: one per sample of the request; none while it is being admitted, which
+        ends it once admitted."""
+        if request_id in self.admitting:
+            self.admitting[request_id] = True
             return []
-        variants = {tuple(ids) for word in params.bad_words for ids in self.prompts.word_variants(word)}
-        return [list(v) for v in sorted(variants) if v]
+        return [AbortRequest(rid, self.worker) for rid in self.samples.get(request_id, [request_id])]
 
     def outputs(self, batch: TokenBatch) -> tuple[list[OutputDelta], list[str]]:
         """Deltas for the user, and the requests a stop string ended (for the scheduler)."""
@@ -264,50 +234,55 @@ class TokenizerWorker:
         stopped: list[str] = []
         for run in _distinct_runs(batch.deltas):
             live = [(d, req) for d in run if (req := self.active.get(d.request_id)) is not None]
-            pushes = [(req.detok, d.token_ids) for d, req in live if req.detok is not None]
-            pushed = iter(push_step([detok for detok, _ in pushes], [ids for _, ids in pushes]))
-            for d, req in live:
-                finished = d.finish_reason is not None or d.error is not None
-                req.output_token_ids += d.token_ids
-                prompt_ids = prompt_text = None
-                if not req.prompt_sent:
-                    req.prompt_sent, prompt_ids, prompt_text = True, req.prompt_token_ids, req.prompt_text
-                text, hit_stop = req.take_text(next(pushed) if req.detok is not None else "", finished)
-                reason = "stop" if hit_stop else d.finish_reason
-                if hit_stop and not finished:
-                    stopped.append(d.request_id)
-                reasoning = ""
-                if req.reasoning is not None:
-                    reasoning, text = req.reasoning.push(text, finished or hit_stop)
-                calls = None
-                if req.tools is not None:
-                    text, calls = req.tools.push(text, finished or hit_stop)
-                    reason = "tool_calls" if reason == "stop" and req.tools.calls else reason
-                if finished or hit_stop:
-                    del self.active[d.request_id]
-                    self._forget_sample(req.parent, d.request_id)
-                    self._remember_turn(req, reason)
-                out.append(
-                    OutputDelta(
-                        req.parent,
-                        text,
-                        d.token_ids,
-                        finished or hit_stop,
-                        reason,
-                        prompt_ids,
-                        d.num_cached_tokens,
-                        d.time_in_queue,
-                        d.error,
-                        d.logprobs,
-                        d.prompt_logprobs,
-                        req.index,
-                        reasoning,
-                        prompt_text,
-                        calls,
-                        embedding=d.embedding,
-                    )
-                )
+            if self.tokenizer is None:
+                pushed = [""] * len(live)
+            else:
+                pushed = push_step([req.detok for _, req in live], [d.token_ids for d, _ in live])
+            for (d, req), text in zip(live, pushed):
+                out.append(self._output(d, req, text, stopped))
         return out, stopped
+
+    def _output(self, d: TokenDelta, req: ActiveRequest, pushed: str, stopped: list[str]) -> OutputDelta:
+        """The delta for the user of ``d``, whose new text is ``pushed``; a request a stop string ended is added
+        to ``stopped``."""
+        finished = d.finish_reason is not None or d.error is not None
+        req.output_token_ids += d.token_ids
+        prompt_ids = prompt_text = None
+        if not req.prompt_sent:
+            req.prompt_sent, prompt_ids, prompt_text = True, req.prompt_token_ids, req.prompt_text
+        text, hit_stop = req.take_text(pushed, finished)
+        reason = "stop" if hit_stop else d.finish_reason
+        if hit_stop and not finished:
+            stopped.append(d.request_id)
+        reasoning = ""
+        if req.reasoning is not None:
+            reasoning, text = req.reasoning.push(text, finished or hit_stop)
+        calls = None
+        if req.tools is not None:
+            text, calls = req.tools.push(text, finished or hit_stop)
+            reason = "tool_calls" if reason == "stop" and req.tools.calls else reason
+        if finished or hit_stop:
+            del self.active[d.request_id]
+            self._forget_sample(req.parent, d.request_id)
+            self._remember_turn(req, reason)
+        return OutputDelta(
+            req.parent,
+            text,
+            d.token_ids,
+            finished or hit_stop,
+            reason,
+            prompt_ids,
+            d.num_cached_tokens,
+            d.time_in_queue,
+            d.error,
+            d.logprobs,
+            d.prompt_logprobs,
+            req.index,
+            reasoning,
+            prompt_text,
+            calls,
+            d.embedding,
+        )
 
     def _forget_sample(self, parent: str, request_id: str) -> None:
         samples = self.samples.get(parent)
@@ -320,38 +295,55 @@ class TokenizerWorker:
         if req.chat_text is None or finish_reason not in ("stop", "length"):
             return
         reply_ids = req.output_token_ids[:-1] if finish_reason == "stop" else req.output_token_ids
-        self.prompts.turns.remember(req.chat_text, req.prompt_token_ids, req.emitted, reply_ids)
+        self.on_turn(Turn(req.chat_text, req.prompt_token_ids, "".join(req.emitted), reply_ids))
 
 
-def run(ipc: Ipc, config: EngineConfig) -> None:
-    """Process entry point."""
+def run(ipc: Ipc, config: EngineConfig, worker: int = 0) -> None:
+    """Process entry point of tokenizer worker ``worker``: new prompts go to its admission thread; token
+    batches, aborts and the admission thread's answers are handled here, in the order they come."""
     ctx = zmq.Context()
-    inbox = bind_inbox(ctx, ipc.tokenizer)
+    inbox = bind_inbox(ctx, ipc.tokenizers[worker])
     to_scheduler = connect_outbox(ctx, ipc.scheduler)
     to_user = connect_outbox(ctx, ipc.user)
-    worker = TokenizerWorker(config, ipc.media)
-    send(to_user, TokenizerReady(worker.prompts.has_chat_template))
+    state = TokenizerWorker(config, ipc.media, worker)
+    admission = AdmissionThread(state.admission, ctx)
+    state.on_turn = admission.put
+    poller = zmq.Poller()
+    poller.register(inbox, zmq.POLLIN)
+    poller.register(admission.wake, zmq.POLLIN)
+    send(to_user, TokenizerReady(state.admission.prompts.has_chat_template, worker))
+    busy_s = 0.0
     while True:
+        poller.poll()
+        start = time.perf_counter()
         out: list[OutputDelta] = []
-        for msg in recv_all(inbox, block=True):
-            if isinstance(msg, GenerateRequest):
-                result = worker.admit(msg)
-                if isinstance(result, OutputDelta):
-                    out.append(result)
-                else:
-                    for sample in result:
-                        send(to_scheduler, sample)
+        for result in admission.results():
+            if isinstance(result, TokenizeResult):
+                send(to_user, result)
+            else:
+                _route(state.register(result), to_scheduler, out)
+        for msg in recv_all(inbox, block=False):
+            if isinstance(msg, (GenerateRequest, TokenizeCall)):
+                if isinstance(msg, GenerateRequest):
+                    state.begin(msg)
+                admission.put(msg)
             elif isinstance(msg, TokenBatch):
-                deltas, stopped = worker.outputs(msg)
+                deltas, stopped = state.outputs(msg)
                 out.extend(deltas)
-                for request_id in stopped:
-                    send(to_scheduler, StopRequest(request_id))
+                _route([StopRequest(request_id) for request_id in stopped], to_scheduler, out)
             elif isinstance(msg, AbortRequest):
-                for abort in worker.abort(msg.request_id):
-                    send(to_scheduler, abort)
-            elif isinstance(msg, TokenizeCall):
-                send(to_user, worker.tokenize(msg))
+                _route(state.abort(msg.request_id), to_scheduler, out)
             elif isinstance(msg, Shutdown):
                 return
+        busy_s += time.perf_counter() - start
         if out:
-            send(to_user, OutputBatch(out))
+            send(to_user, OutputBatch(out, worker, busy_s + admission.busy_s))
+
+
+def _route(messages: list, to_scheduler: zmq.Socket, out: list[OutputDelta]) -> None:
+    """Send each message to the scheduler, but add each delta for the user to ``out``."""
+    for msg in messages:
+        if isinstance(msg, OutputDelta):
+            out.append(msg)
+        else:
+            send(to_scheduler, msg)

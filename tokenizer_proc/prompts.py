@@ -11,6 +11,7 @@ from tristream.protocol import GenerateRequest, ImageInput
 from tristream.sampling_params import SamplingParams
 from tristream.tokenizer_proc.fim import FimPrompts
 from tristream.tokenizer_proc.images import PromptImages
+from tristream.tokenizer_proc.lengths import LengthGuard, too_long
 from tristream.tokenizer_proc.templates import resolve_chat_template
 from tristream.tokenizer_proc.tools import ChatTools, template_message
 from tristream.tokenizer_proc.turn_cache import TurnCache
@@ -63,6 +64,7 @@ class PromptBuilder:
         self.max_model_len = max_model_len
         self.turns = TurnCache(tokenizer) if tokenizer is not None else None
         self.fim = FimPrompts(tokenizer) if tokenizer is not None else None
+        self.guard = LengthGuard(tokenizer, max_model_len) if tokenizer is not None else None
 
     @property
     def has_chat_template(self) -> bool:
@@ -138,10 +140,13 @@ class PromptBuilder:
             raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init): send prompt token ids")
         if req.messages is not None:
             text = self.render_chat(req.messages, req.chat_template_kwargs, tools)
+            self.guard.check(text)
             ids = self.turns.encode(text)
         elif req.prompt is not None:
             if not req.prompt:
                 raise ValueError("the prompt is empty")
+            for part in (req.prompt, req.suffix or ""):
+                self.guard.check(part)
             ids = self.tokenizer.encode(req.prompt) if req.suffix is None else self.fim.encode(req.prompt, req.suffix)
         else:
             if req.suffix is not None:
@@ -159,9 +164,7 @@ class PromptBuilder:
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens, which leaves no room for output within max_model_len={self.max_model_len}"
-            )
+            raise ValueError(too_long(len(ids), self.max_model_len))
         if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens exceeds "

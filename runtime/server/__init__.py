@@ -15,7 +15,7 @@ import uvicorn
 from tristream.engine import AsyncEngine, EngineDeadError
 from tristream.media import MediaPolicy
 from tristream.model_files import model_name
-from tristream.openai_api import RequestDefaults
+from tristream.openai_api import DEFAULT_MAX_REQUEST_BYTES, RequestDefaults
 from tristream.server.app import build_app
 from tristream.server.metrics import ThroughputLog
 
@@ -55,6 +55,7 @@ async def serve(
     media: MediaPolicy | None = None,
     enable_lora_runtime_loading: bool = False,
     lora_root: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> None:
     """Start ``engine`` and serve it over HTTP until SIGINT or SIGTERM, or until the engine dies.
 
@@ -64,8 +65,8 @@ async def serve(
     ``defaults`` fill in what requests leave out. Logs a line per request with ``log_requests``, and
     the throughput every ``stats_interval`` seconds while busy. ``media`` (None: the engine's own) says where
     requests may take images from. With ``enable_lora_runtime_loading``, clients load adapters from folders
-    under ``lora_root`` (None: any folder, with a warning) and unload them. If an engine process dies, raises
-    ``EngineDeadError`` saying which and why.
+    under ``lora_root`` (None: any folder, with a warning) and unload them. A request body of more than
+    ``max_request_bytes`` is a 413. If an engine process dies, raises ``EngineDeadError`` saying which and why.
     """
     if media is not None:
         engine.media = media
@@ -79,7 +80,9 @@ async def serve(
             )
         if name in adapters:
             raise ValueError(f"a LoRA adapter is named {name!r}, like the served model; rename one")
-        app = build_app(engine, name, api_key, default_lora, defaults, enable_lora_runtime_loading, lora_root)
+        app = build_app(
+            engine, name, api_key, default_lora, defaults, enable_lora_runtime_loading, lora_root, max_request_bytes
+        )
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3, access_log=log_requests
         )

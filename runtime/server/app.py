@@ -12,9 +12,9 @@ from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 
 from tristream.engine import AsyncEngine, EngineDeadError
-from tristream.openai_api import RequestDefaults, validation_message
+from tristream.openai_api import DEFAULT_MAX_REQUEST_BYTES, RequestDefaults, validation_message
 from tristream.server import embeddings, generate, routes
-from tristream.server.http import ApiError, ClientGone, JSONResponse, error_body
+from tristream.server.http import ApiError, BodyLimit, ClientGone, JSONResponse, error_body
 from tristream.server.metrics import ServerMetrics
 from tristream.server.state import ServerState
 
@@ -29,6 +29,7 @@ def build_app(
     defaults: RequestDefaults | None = None,
     enable_lora_runtime_loading: bool = False,
     lora_root: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """The FastAPI app serving ``engine`` under ``model_name``; ``api_key`` guards /v1 and the tokenizer routes.
 
@@ -36,6 +37,7 @@ def build_app(
     (None: the base model), or the name of a loaded adapter, which runs that adapter. ``defaults`` fill in
     the sampling fields and the system prompt that a request leaves out. With ``enable_lora_runtime_loading``,
     clients load adapters from folders under ``lora_root`` (None: any folder, with a warning) and unload them.
+    A request body of more than ``max_request_bytes`` is a 413.
     """
     app = FastAPI(title="tristream", summary="OpenAI-compatible LLM server", default_response_class=JSONResponse)
     metrics = ServerMetrics(engine, model_name)
@@ -49,6 +51,7 @@ def build_app(
         lora_runtime_loading=enable_lora_runtime_loading,
         lora_root=_lora_root(lora_root, enable_lora_runtime_loading),
     )
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     for exc, handler in HANDLERS.items():
         app.add_exception_handler(exc, handler)
     for router in (routes.public, routes.guarded, generate.router, embeddings.router):

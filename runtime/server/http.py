@@ -9,7 +9,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 import orjson
 from fastapi import Request
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tristream.engine import EngineDeadError
 
@@ -34,6 +36,42 @@ class ApiError(Exception):
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
+
+
+class RequestTooLarge(HTTPException):
+    """A request body over the server's limit: a 413, answered like the other HTTP errors."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"the request body is larger than this server's limit of {max_bytes} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware that refuses a request body of more than ``max_bytes`` with a 413 and never reads more
+    of it than that: a Content-Length over the limit fails the first read of the body, before any of it is
+    read; a body of unknown length (a chunked upload) fails the read that takes it past the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = int(dict(scope["headers"]).get(b"content-length", 0))
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            if not received and declared > self.max_bytes:
+                raise RequestTooLarge(self.max_bytes)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise RequestTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def error_body(

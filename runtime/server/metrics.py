@@ -136,7 +136,7 @@ class ServerMetrics:
 
 class StepAccounting:
     """The engine's step counters as Prometheus counters, read from the scheduler's latest stats:
-    where the time of each step goes (GPU busy, GPU idle between steps, scheduler, IPC)."""
+    where the time of each step goes (GPU busy, GPU idle between steps, scheduler, IPC, tokenizer workers)."""
 
     FAMILIES = (
         ("tristream_engine_steps", "Engine steps run", "num_steps"),
@@ -144,6 +144,11 @@ class StepAccounting:
         ("tristream_step_gpu_idle_seconds", "Device time idle between steps while requests ran", "gpu_idle_s"),
         ("tristream_step_scheduler_seconds", "Scheduler time deciding steps and taking their results", "scheduler_s"),
         ("tristream_step_ipc_seconds", "Time plans and results spent in transit between processes", "ipc_s"),
+        (
+            "tristream_step_tokenizer_busy_seconds",
+            "Tokenizer workers' time tokenizing prompts and detokenizing steps, summed over workers",
+            "tokenizer_busy_s",
+        ),
     )
 
     def __init__(self, model_name: str) -> None:

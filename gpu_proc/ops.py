@@ -35,7 +35,9 @@ def process_logits(logits: torch.Tensor, slots: torch.Tensor, *tables: torch.Ten
 def nucleus_sample(
     logits: torch.Tensor, slots: torch.Tensor, floats: torch.Tensor, ints: torch.Tensor, kth: torch.Tensor | None
 ) -> torch.Tensor:
-    return (sampling.nucleus_sample if logits.is_cuda else sampling.nucleus_sample_ref)(logits, slots, floats, ints, kth)
+    return (sampling.nucleus_sample if logits.is_cuda else sampling.nucleus_sample_ref)(
+        logits, slots, floats, ints, kth
+    )
 
 
 def lora_shrink(

@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 
 import zmq
@@ -74,7 +74,7 @@ class AsyncEngine:
         self.pooling: Pooling | None = None
         self._ready: dict[str, GpuReady | TokenizerReady | SchedulerReady] = {}
         self._procs: dict[str, object] = {}
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._active = ActiveRequests()
         self._dead: str | None = None
         self._closing = False
         self._started: asyncio.Future | None = None
@@ -232,7 +232,7 @@ class AsyncEngine:
 
     def _fail_pending(self, reason: str) -> None:
         """End every stream and every call waiting on a process with ``EngineDeadError(reason)``."""
-        for q in self._queues.values():
+        for q in self._active.values():
             q.put_nowait(EngineDeadError(reason))
         for future in self._calls.values():
             if not future.done():
@@ -244,7 +244,7 @@ class AsyncEngine:
             if isinstance(msg, OutputBatch):
                 self._tokenizer_busy[msg.worker] = msg.busy_s
                 for delta in msg.deltas:
-                    q = self._queues.get(delta.request_id)
+                    q = self._active.get(delta.request_id)
                     if q is not None:
                         q.put_nowait(delta)
             elif isinstance(msg, (GpuReady, TokenizerReady, SchedulerReady)):
@@ -359,9 +359,12 @@ class AsyncEngine:
             processes.send(self._owner(request_id), AbortRequest(request_id))
 
     async def get_stats(self, timeout: float = 10.0) -> SchedulerStats:
-        """The scheduler's page and queue counters, with the tokenizer workers' busy time."""
+        """The scheduler's page and queue counters, with the tokenizer workers' busy time; ``gpu_idle_s`` is the
+        time during which a request was in flight (waiting to be tokenized or scheduled, or running) and the device
+        ran no step."""
         stats = await self._call("scheduler", StatsRequest, timeout)
         stats.tokenizer_busy_s = sum(self._tokenizer_busy.values())
+        stats.gpu_idle_s = max(0.0, self._active.busy_until_now() - stats.gpu_busy_s)
         return stats
 
     def _owner(self, request_id: str) -> zmq.Socket:
@@ -501,7 +504,7 @@ class AsyncEngine:
             raise EngineDeadError("the engine was closed")
         if self.model_config.embedding_only and fields.get("pooling") is None:
             raise ValueError("this is an embedding model, without an LM head to generate with: use embed")
-        if request_id in self._queues:
+        if request_id in self._active:
             raise ValueError(f"request_id {request_id!r} is already running")
         if params.lora is not None:
             if params.lora not in self._loras:
@@ -509,12 +512,12 @@ class AsyncEngine:
             fields = {**fields, "lora": self._loras[params.lora]}
             self._lora_users[params.lora] += 1
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        self._active.add(request_id, queue)
         processes.send(self._owner(request_id), GenerateRequest(request_id, params, arrival_time, **fields))
-        finished = 0
+        finished, pending = 0, deque()
         try:
             while finished < params.num_samples:
-                delta = await queue.get()
+                delta = await _coalesced(queue, pending)
                 if isinstance(delta, Exception):
                     raise delta
                 if delta.error is not None:
@@ -523,11 +526,54 @@ class AsyncEngine:
                 finished += delta.finished
                 yield delta
         finally:
-            self._queues.pop(request_id, None)
+            self._active.remove(request_id)
             if params.lora is not None:
                 self._lora_users[params.lora] -= 1
             if finished < params.num_samples and self.is_running:
                 processes.send(self._owner(request_id), AbortRequest(request_id))
+
+
+async def _coalesced(queue: asyncio.Queue, pending: deque) -> OutputDelta | Exception:
+    """The next item of a request, with the deltas behind it merged in while they can be (``OutputDelta.then``):
+    a consumer that falls behind the engine takes several steps' tokens at once instead of lagging further with
+    each step. ``pending`` holds what was taken from ``queue`` and not returned yet."""
+    if not pending:
+        pending.append(await queue.get())
+    while not queue.empty():
+        pending.append(queue.get_nowait())
+    item = pending.popleft()
+    while pending and isinstance(item, OutputDelta) and isinstance(pending[0], OutputDelta):
+        merged = item.then(pending[0])
+        if merged is None:
+            break
+        pending.popleft()
+        item = merged
+    return item
+
+
+class ActiveRequests(dict):
+    """The queues of the requests in flight, by request id, and the wall time during which there was any:
+    the engine's busy time, against which the device's idle time counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.busy_s = 0.0
+        self.since: float | None = None
+
+    def add(self, request_id: str, queue: asyncio.Queue) -> None:
+        """Take in the queue of a request that starts."""
+        if not self:
+            self.since = time.monotonic()
+        self[request_id] = queue
+
+    def remove(self, request_id: str) -> None:
+        """Let go of a request that ended."""
+        if self.pop(request_id, None) is not None and not self:
+            self.busy_s += time.monotonic() - self.since
+
+    def busy_until_now(self) -> float:
+        """Seconds so far during which a request was in flight."""
+        return self.busy_s + (time.monotonic() - self.since if self else 0.0)
 
 
 MEDIA_KEYS = ("multimodal_data", "multi_modal_data")

@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from tristream.outputs import ToolCall
+from tristream.outputs import ToolCall, merge_tool_calls
 from tristream.sampling_params import SamplingParams
 
 
@@ -343,6 +343,37 @@ class OutputDelta:
     tool_calls: list[ToolCall] | None = None
     embedding: list[float] | None = None
 
+    def then(self, later: OutputDelta) -> OutputDelta | None:
+        """This delta and ``later``, the next of its request, as one; None where they must stay apart: other
+        samples, an end or an error before ``later``, an error in it, an embedding or prompt logprobs, or
+        logprobs in only one of them."""
+        if (
+            later.index != self.index
+            or self.finished
+            or self.error is not None
+            or later.error is not None
+            or self.embedding is not None
+            or later.embedding is not None
+            or later.prompt_logprobs is not None
+            or (self.logprobs is None) != (later.logprobs is None)
+        ):
+            return None
+        calls = self.tool_calls
+        if later.tool_calls is not None:
+            calls = merge_tool_calls(merge_tool_calls([], calls or []), later.tool_calls)
+        return dataclasses.replace(
+            self,
+            text=self.text + later.text,
+            token_ids=self.token_ids + later.token_ids,
+            finished=later.finished,
+            finish_reason=later.finish_reason,
+            logprobs=None if self.logprobs is None else self.logprobs + later.logprobs,
+            reasoning=self.reasoning + later.reasoning,
+            tool_calls=calls,
+            prompt_token_ids=self.prompt_token_ids or later.prompt_token_ids,
+            prompt=self.prompt or later.prompt,
+        )
+
 
 @dataclass
 class OutputBatch:
@@ -398,7 +429,8 @@ class SchedulerCounters:
 
     ``num_generated_tokens`` counts the output tokens handed on. Step accounting, summed over
     ``num_steps`` steps: ``gpu_busy_s`` the device time of the steps (forward and sampling),
-    ``gpu_idle_s`` the device time between consecutive steps while requests were running,
+    ``gpu_idle_s`` the device time between consecutive steps while requests were running (the engine's
+    ``get_stats`` widens it to all the time a request was in flight and no step ran),
     ``scheduler_s`` the scheduler's time deciding steps and taking their results, ``ipc_s`` the
     time plans and results spent in transit between the scheduler and the gpu_proc. ``tokenizer_busy_s`` is the
     tokenizer workers' time handling messages (detokenizing steps, tokenizing prompts), summed over the workers;

@@ -109,10 +109,12 @@ class ServerMetrics:
                 now = time.time()
                 n = sum(len(o.token_ids) for o in out.outputs)
                 if n:
+                    # One inter-token latency per token after the first: the tokens of an output share its gap.
+                    gaps, gap = (n, (now - last) / n) if last is not None else (n - 1, 0.0)
                     if last is None:
                         self.ttft.labels(m).observe(now - out.metrics.arrival_time)
-                    else:
-                        self.itl.labels(m).observe((now - last) / n)
+                    for _ in range(gaps):
+                        self.itl.labels(m).observe(gap)
                     last = now
                 self.generation_tokens.labels(m).inc(n)
                 if out.finished:
@@ -141,7 +143,11 @@ class StepAccounting:
     FAMILIES = (
         ("tristream_engine_steps", "Engine steps run", "num_steps"),
         ("tristream_step_gpu_busy_seconds", "Device time of the steps (forward and sampling)", "gpu_busy_s"),
-        ("tristream_step_gpu_idle_seconds", "Device time idle between steps while requests ran", "gpu_idle_s"),
+        (
+            "tristream_step_gpu_idle_seconds",
+            "Time a request was in flight (waiting or running) and the device ran no step",
+            "gpu_idle_s",
+        ),
         ("tristream_step_scheduler_seconds", "Scheduler time deciding steps and taking their results", "scheduler_s"),
         ("tristream_step_ipc_seconds", "Time plans and results spent in transit between processes", "ipc_s"),
         (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -286,3 +287,15 @@ async def test_generation_config_runs_like_the_sampling_params_it_means(engine):
         engine.generate("Tides are", GenerationConfig(max_new_tokens=8, ignore_eos=True, temperature=0.9))
     )
     assert lmdeploy == greedy
+
+
+async def test_gpu_idle_time_is_the_time_in_flight_without_a_step(engine):
+    before = await engine.get_stats()
+    start = time.monotonic()
+    async for _ in engine.generate("Count to ten:", SamplingParams(max_tokens=6, ignore_eos=True)):
+        await asyncio.sleep(0.1)  # read slowly: the request is in flight past its last step, the device idle
+    elapsed = time.monotonic() - start
+    after = await engine.get_stats()
+    busy, idle = after.gpu_busy_s - before.gpu_busy_s, after.gpu_idle_s - before.gpu_idle_s
+    assert busy > 0 and idle > 0
+    assert busy + idle == pytest.approx(elapsed, abs=0.05 + 0.1 * elapsed)

@@ -77,7 +77,9 @@ def test_stream_infer_deltas_add_up_to_the_batch_result(pipe):
         mine = [d for d in deltas if d.index == i]
         assert "".join(d.text for d in mine) == want.text
         assert [t for d in mine for t in d.token_ids] == want.token_ids
-        assert [d.generate_token_len for d in mine] == list(range(1, want.generate_token_len + 1))
+        counts = [d.generate_token_len for d in mine]  # a stream that falls behind gets merged deltas
+        assert counts[-1] == want.generate_token_len and all(a < b for a, b in zip(counts, counts[1:]))
+        assert [len(d.token_ids) for d in mine] == [b - a for a, b in zip([0, *counts], counts)]
         assert {d.input_token_len for d in mine} == {want.input_token_len}
         assert [d.finish_reason for d in mine] == [None] * (len(mine) - 1) + [want.finish_reason]
     positions = {i: [k for k, d in enumerate(deltas) if d.index == i] for i in range(3)}
@@ -96,7 +98,7 @@ def assert_idle(pipe) -> None:
 def test_stopping_a_stream_early_aborts_its_requests(pipe):
     long = GenerationConfig(max_new_tokens=400, ignore_eos=True)
     stream = pipe.stream_infer([Q1, Q2], long)
-    assert next(stream).generate_token_len == 1
+    assert 1 <= next(stream).generate_token_len < 400
     stream.close()
     assert_idle(pipe)
     for resp in pipe.stream_infer(CONV, long):  # noqa: B007 (resp is read after the loop)

@@ -126,6 +126,7 @@ class ModelRunner:
                 config.tokenizer or config.model, mc.vocab_size, mc.eos_token_ids, self.device
             )
         self.graphs: CudaGraphRunner | None = None
+        self.pooler = Pooler()
         # Decode splits each query's keys over this many positions at most (a sliding window's, if every layer has one).
         self.attention_span = mc.attention_span(config.max_model_len)
         explicit = config.kv_cache_tokens is not None or config.kv_cache_bytes is not None
@@ -135,7 +136,6 @@ class ModelRunner:
         )
         max_pages = -(-config.max_model_len // config.page_size)
         self.slots = SlotState(config.max_num_seqs, max_pages, config.page_size, self.device, self.model)
-        self.pooler = Pooler()
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CudaGraphRunner(
                 self.model, self.kv, config.max_num_seqs, max_pages, self.attention_span, config.lora_slots

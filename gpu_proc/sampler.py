@@ -189,17 +189,19 @@ class Sampler:
             logits = logits.index_put((index[0], index[1]), torch.full((), float("-inf"), device=logits.device))
         return logits
 
-    def filter(self, scaled: torch.Tensor, slots: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    def filter(
+        self, scaled: torch.Tensor, slots: torch.Tensor, params: list[SamplingParams], top: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Temperature-scaled logits with everything outside top-k, top-p and min_p set to -inf.
 
         The logprobs of a sampled row come from this distribution (``nucleus_sample`` draws from it without
-        writing it out)."""
+        writing it out). ``top``: each row's largest scaled logits, largest first, if already known."""
         st = self.state
         inf = torch.full((), float("-inf"), device=scaled.device)
         threshold = inf.expand(scaled.shape[0])
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             k, top_p = st.top_k[slots], st.top_p[slots]
-            ordered = self._ordered(scaled, params)
+            ordered = self._ordered(scaled, params, top)
             kth = torch.where(k > 0, ordered.gather(1, (k - 1).clamp(0, ordered.shape[1] - 1)[:, None])[:, 0], inf)
             top = ordered[:, :1]
             weights = torch.where(ordered >= kth[:, None], (ordered - top).exp(), 0.0)
@@ -214,11 +216,12 @@ class Sampler:
         return scaled.masked_fill(scaled < threshold[:, None], float("-inf"))
 
     @staticmethod
-    def _ordered(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """Each row's logits, largest first: only the top ``max(top_k) + 1`` when every row with a top_p also
-        has a top_k (those decide both filters); the whole sorted row otherwise."""
-        if all(p.top_k > 0 for p in params if p.top_p < 1):
-            return scaled.topk(min(max(p.top_k for p in params) + 1, scaled.shape[-1]), dim=-1).values
+    def _ordered(scaled: torch.Tensor, params: list[SamplingParams], top: torch.Tensor | None) -> torch.Tensor:
+        """Each sampled row's logits, largest first: only the top ``max(top_k) + 1`` (``top`` if given) when
+        every sampled row with a top_p also has a top_k (those decide both filters); the whole sorted row
+        otherwise."""
+        if all(p.top_k > 0 for p in params if p.top_p < 1 and p.temperature > 0):
+            return top if top is not None else _top_values(scaled, params)
         return scaled.sort(dim=-1, descending=True).values
 
     def __call__(self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int]) -> torch.Tensor:
@@ -244,41 +247,48 @@ class Sampler:
         params = [st.params[s] for s in slot_ids]
         logits = self.process(logits, slots, slot_ids, bitmask)
         tokens = logits.argmax(dim=-1)
+        top = _top_values(logits, params) if any(p.top_k > 0 and p.temperature > 0 for p in params) else None
         if not all(p.temperature == 0 for p in params):
-            sampled = ops.nucleus_sample(logits, slots, st.floats, st.ints, self._kth(logits, slots, params))
+            sampled = ops.nucleus_sample(logits, slots, st.floats, st.ints, self._kth(top, slots))
             tokens = torch.where(st.temperature[slots] == 0, tokens, sampled)
         histories = st.record(slots, slot_ids, tokens)
-        return Sampled(tokens, download(tokens), self._logprobs(logits, slots, tokens, params), histories)
+        return Sampled(tokens, download(tokens), self._logprobs(logits, slots, tokens, params, top), histories)
 
-    def _kth(self, logits: torch.Tensor, slots: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor | None:
-        """Each row's k-th largest logit (-inf for rows without top-k), or None if no sampled row has one."""
-        ks = [p.top_k for p in params if p.temperature > 0]
-        if not any(ks):
+    def _kth(self, top: torch.Tensor | None, slots: torch.Tensor) -> torch.Tensor | None:
+        """Each row's k-th largest logit (-inf for rows without top-k) from its ``top`` values, or None."""
+        if top is None:
             return None
-        width = min(max(ks), logits.shape[-1])
-        values = logits.topk(width, dim=-1).values
         k = self.state.top_k[slots]
-        kth = values.gather(1, (k.clamp(1, width) - 1)[:, None])[:, 0]
+        kth = top.gather(1, (k.clamp(1, top.shape[1]) - 1)[:, None])[:, 0]
         return torch.where(k > 0, kth, float("-inf"))
 
-    def _logprobs(self, logits: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor, params):
+    def _logprobs(self, logits: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor, params, top):
         """For ``Sampled.logprobs``: each row's logprobs count, and on their way to the host, for the rows that
         ask, the sampled tokens, their logprobs, and the top k ids and logprobs (of the processed logits for a
-        greedy row, of the filtered scaled ones for a sampled row); None if no row asks."""
+        greedy row, of the filtered scaled ones for a sampled row); None if no row asks. ``top``: each row's
+        largest logits, if known."""
         wanted = [p.step_logprobs for p in params]
         rows = [i for i, n in enumerate(wanted) if n is not None]
         if not rows:
             return None
         index = upload(rows, torch.int64, logits.device)
         raw, at = logits[index], slots[index]
-        temperature = self.state.temperature[at]
-        scaled = self.filter(raw / temperature.clamp_min(1e-6)[:, None], at, [params[i] for i in rows])
-        lp = torch.where((temperature == 0)[:, None], raw, scaled).log_softmax(dim=-1)
+        temperature = self.state.temperature[at][:, None]
+        divisor = temperature.clamp_min(1e-6)
+        top = None if top is None else top[index] / divisor  # dividing by a temperature keeps the order
+        scaled = self.filter(raw / divisor, at, [params[i] for i in rows], top)
+        lp = torch.where(temperature == 0, raw, scaled).log_softmax(dim=-1)
         chosen = tokens[index]
         picked = lp.gather(1, chosen[:, None])[:, 0]
         k = max(wanted[i] for i in rows)
         top_values, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], chosen[:, None][:, :0])
         return wanted, download(chosen), download(picked), download(top_ids), download(top_values)
+
+
+def _top_values(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Each row's largest ``max(top_k) + 1`` logits (the top_k of the sampled rows), largest first."""
+    width = max((p.top_k for p in params if p.temperature > 0), default=0) + 1
+    return logits.topk(min(width, logits.shape[-1]), dim=-1).values
 
 
 @dataclass

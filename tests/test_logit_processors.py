@@ -166,14 +166,21 @@ def test_logprobs_are_log_softmax_of_the_processed_distribution():
         SamplingParams(temperature=0.7, top_k=5, logprobs=4, seed=1),
         SamplingParams(temperature=1.0, seed=2),
         SamplingParams(temperature=1.2, logit_bias={4: 3.0}, logprobs=0, seed=3),
+        SamplingParams(temperature=0.9, top_k=8, top_p=0.7, logprobs=2, seed=4),
     ]
-    sampler = sampler_for(params, [([0], [1, 1, 2])] * 4)
-    logits = 2 * torch.randn(4, VOCAB, generator=gen)
-    processed = sampler.process(logits, torch.arange(4), [0, 1, 2, 3])
-    sampler = sampler_for(params, [([0], [1, 1, 2])] * 4)
-    tokens, logprobs = sampler.sample(logits, torch.arange(4), [0, 1, 2, 3])
+    for batch in (params, params + [SamplingParams(temperature=0.8, top_p=0.6, logprobs=1, seed=5)]):
+        check_logprobs(batch, 2 * torch.randn(len(batch), VOCAB, generator=gen))
+
+
+def check_logprobs(params: list[SamplingParams], logits: torch.Tensor) -> None:
+    """The logprobs that ``sample`` gives each row against the float64 reference (row 2 asks for none)."""
+    n = len(params)
+    sampler = sampler_for(params, [([0], [1, 1, 2])] * n)
+    processed = sampler.process(logits, torch.arange(n), list(range(n)))
+    sampler = sampler_for(params, [([0], [1, 1, 2])] * n)
+    tokens, logprobs = sampler.sample(logits, torch.arange(n), list(range(n)))
     assert logprobs[2] is None
-    for row in (0, 1, 3):
+    for row in (0, 1, *range(3, n)):
         p = params[row]
         dist = processed[row].double()
         if p.temperature:

@@ -221,7 +221,7 @@ class Sampler:
         every sampled row with a top_p also has a top_k (those decide both filters); the whole sorted row
         otherwise."""
         if all(p.top_k > 0 for p in params if p.top_p < 1 and p.temperature > 0):
-            return top if top is not None else _top_values(scaled, params)
+            return top if top is not None else _top_values(scaled, params).values
         return scaled.sort(dim=-1, descending=True).values
 
     def __call__(self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int]) -> torch.Tensor:
@@ -254,19 +254,19 @@ class Sampler:
         histories = st.record(slots, slot_ids, tokens)
         return Sampled(tokens, download(tokens), self._logprobs(logits, slots, tokens, params, top), histories)
 
-    def _kth(self, top: torch.Tensor | None, slots: torch.Tensor) -> torch.Tensor | None:
+    def _kth(self, top: Top | None, slots: torch.Tensor) -> torch.Tensor | None:
         """Each row's k-th largest logit (-inf for rows without top-k) from its ``top`` values, or None."""
         if top is None:
             return None
         k = self.state.top_k[slots]
-        kth = top.gather(1, (k.clamp(1, top.shape[1]) - 1)[:, None])[:, 0]
+        kth = top.values.gather(1, (k.clamp(1, top.values.shape[1]) - 1)[:, None])[:, 0]
         return torch.where(k > 0, kth, float("-inf"))
 
     def _logprobs(self, logits: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor, params, top):
         """For ``Sampled.logprobs``: each row's logprobs count, and on their way to the host, for the rows that
         ask, the sampled tokens, their logprobs, and the top k ids and logprobs (of the processed logits for a
         greedy row, of the filtered scaled ones for a sampled row); None if no row asks. ``top``: each row's
-        largest logits, if known."""
+        largest logits, if known; their order is that of both distributions, so it gives the top k ids."""
         wanted = [p.step_logprobs for p in params]
         rows = [i for i, n in enumerate(wanted) if n is not None]
         if not rows:
@@ -275,20 +275,28 @@ class Sampler:
         raw, at = logits[index], slots[index]
         temperature = self.state.temperature[at][:, None]
         divisor = temperature.clamp_min(1e-6)
-        top = None if top is None else top[index] / divisor  # dividing by a temperature keeps the order
-        scaled = self.filter(raw / divisor, at, [params[i] for i in rows], top)
+        ordered = None if top is None else top.values[index] / divisor  # dividing by a temperature keeps the order
+        scaled = self.filter(raw / divisor, at, [params[i] for i in rows], ordered)
         lp = torch.where(temperature == 0, raw, scaled).log_softmax(dim=-1)
         chosen = tokens[index]
         picked = lp.gather(1, chosen[:, None])[:, 0]
         k = max(wanted[i] for i in rows)
-        top_values, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], chosen[:, None][:, :0])
+        if top is not None and k <= top.indices.shape[1]:
+            top_ids = top.indices[index][:, :k]
+        else:
+            top_ids = lp.topk(k, dim=-1).indices if k else chosen[:, None][:, :0]
+        top_values = lp.gather(1, top_ids)
         return wanted, download(chosen), download(picked), download(top_ids), download(top_values)
 
 
-def _top_values(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Each row's largest ``max(top_k) + 1`` logits (the top_k of the sampled rows), largest first."""
+Top = torch.return_types.topk
+
+
+def _top_values(logits: torch.Tensor, params: list[SamplingParams]) -> Top:
+    """Each row's largest ``max(top_k) + 1`` logits (the top_k of the sampled rows) and their ids, largest
+    first."""
     width = max((p.top_k for p in params if p.temperature > 0), default=0) + 1
-    return logits.topk(min(width, logits.shape[-1]), dim=-1).values
+    return logits.topk(min(width, logits.shape[-1]), dim=-1)
 
 
 @dataclass

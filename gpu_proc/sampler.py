@@ -123,9 +123,7 @@ class SamplingState:
         sampled tokens are not its own (``record`` leaves them out)."""
         chosen = [(slot, token) for slot, token in chosen if _penalized(self.params[slot])]
         if chosen:
-            slots, tokens = upload([list(c) for c in zip(*chosen)], torch.int64, self.device)
-            self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
-            self.seen[slots, tokens] = True
+            self._count(*upload([list(c) for c in zip(*chosen)], torch.int64, self.device))
 
     def record(self, slots: torch.Tensor, slot_ids: list[int], tokens: torch.Tensor) -> list[tuple[int, list[int]]]:
         """Count the tokens just sampled on the device (penalty counts only matter to penalized slots; a beam
@@ -139,12 +137,17 @@ class SamplingState:
             if len(counted) < len(slot_ids):
                 rows = upload(counted, torch.int64, self.device)
                 slots, tokens = slots[rows], tokens[rows]
-            self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
-            self.seen[slots, tokens] = True
-        self.counter[slots] += 1
+            self._count(slots, tokens)
+        self.counter.index_add_(0, slots, torch.ones_like(slots))
         for slot in slot_ids:
             self.num_outputs[slot] += 1
         return [(row, self.outputs[slot]) for row, slot in enumerate(slot_ids) if slot in self.outputs]
+
+    def _count(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Add one to the count of each (slot, token) and mark it seen, as flat scatters."""
+        flat = slots * self.vocab + tokens
+        self.counts.view(-1).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        self.seen.view(-1).scatter_(0, flat, True)
 
     def banned(self, slot: int) -> list[int]:
         """Tokens that would complete one of the slot's bad words of several tokens now."""

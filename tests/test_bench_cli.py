@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import start_server, stop_server, wait_gone  # pytest has imported the conftest under this name
+from tests.conftest import wait_gone  # pytest has imported the conftest under this name
 from tristream.bench.report import CONFIGS
 from tristream.bench.serving import arrival_delays
 from tristream.bench.serving_client import split_limit
@@ -109,25 +109,20 @@ def test_bench_serve_starts_its_own_server(tmp_path):
     assert out.is_file()
 
 
-def test_bench_serve_drives_a_running_server(tmp_path, model_dir, scrape):
-    server = start_server("--max-model-len", "256", "--log-level", "WARNING", "--disable-log-requests")
-    try:
-        assert server.healthy()
-        before = scrape(server).get("tristream_generation_tokens_total{}", 0)
-        report = bench(
-            "serve", "--base-url", server.url, "--tokenizer", model_dir, "--rates", "inf", "--num-requests", "4",
-            "--input-len", "16", "--output-len", "5", "--concurrency", "2", "--out", str(tmp_path / "remote.json"),
-        )  # fmt: skip
-        # The warm-up's 4 requests of 5 tokens, then the 4 measured ones.
-        assert scrape(server)["tristream_generation_tokens_total{}"] - before == 8 * 5
-        assert report["server"] == {"base_url": server.url, "started_here": False}
-        assert report["model"] == {"name": server.model} and "as text" in report["prompts"]
-        r = report["results"]["inf"]
-        assert (r["completed"], r["output_tokens"]) == (4, 4 * 5)
-        check_latencies(r)
-        assert {s["name"] for s in r["cpu_share"]} == {"client 0", "client 1"}
-    finally:
-        stop_server(server)
+def test_bench_serve_drives_a_running_server(tmp_path, model_dir, scrape, live_server):
+    before = scrape(live_server).get("tristream_generation_tokens_total{}", 0)
+    report = bench(
+        "serve", "--base-url", live_server.url, "--tokenizer", model_dir, "--rates", "inf", "--num-requests", "4",
+        "--input-len", "16", "--output-len", "5", "--concurrency", "2", "--out", str(tmp_path / "remote.json"),
+    )  # fmt: skip
+    # The warm-up's 4 requests of 5 tokens, then the 4 measured ones.
+    assert scrape(live_server)["tristream_generation_tokens_total{}"] - before == 8 * 5
+    assert report["server"] == {"base_url": live_server.url, "started_here": False}
+    assert report["model"] == {"name": live_server.model} and "as text" in report["prompts"]
+    r = report["results"]["inf"]
+    assert (r["completed"], r["output_tokens"]) == (4, 4 * 5)
+    check_latencies(r)
+    assert {s["name"] for s in r["cpu_share"]} == {"client 0", "client 1"}
 
 
 def test_bench_serve_sends_token_ids_without_a_tokenizer(tmp_path, live_server):

@@ -34,6 +34,8 @@ class SamplingState:
         self.num_outputs: dict[int, int] = {}
         self.bad_words: dict[int, list[list[int]]] = {}
         self.outputs: dict[int, list[int]] = {}
+        self.counted: set[int] = set()  # penalized slots that count their own sampled tokens (not beams)
+        self.watched: set[int] = set()  # slots with host-side masks: bad words of several tokens, min_tokens
         self.floats = torch.zeros(max_slots, len(FLOATS), device=device)
         self.floats[:, [FLOATS.index("top_p"), FLOATS.index("repetition")]] = 1.0
         self.temperature, self.top_p, self.min_p, self.presence, self.frequency, self.repetition = self.floats.unbind(1)
@@ -88,6 +90,13 @@ class SamplingState:
                 self.counts[slot].index_add_(
                     0, ids[-num_outputs:], torch.ones_like(ids[-num_outputs:], dtype=torch.int32)
                 )
+        self._track(slot)
+
+    def _track(self, slot: int) -> None:
+        """File the slot under ``counted`` and ``watched`` by its parameters."""
+        p = self.params[slot]
+        (self.counted.add if _penalized(p) and not p.use_beam_search else self.counted.discard)(slot)
+        (self.watched.add if slot in self.bad_words or p.min_tokens else self.watched.discard)(slot)
 
     def _set_bias(self, slot: int, params: SamplingParams, banned: list[int]) -> bool:
         """Write the slot's bias row: -inf outside ``allowed_token_ids`` and on ``banned``, plus ``logit_bias``.
@@ -114,6 +123,7 @@ class SamplingState:
             self.params[dst], self.num_outputs[dst] = read[src]
             self.bad_words.pop(dst, None)
             self.outputs.pop(dst, None)
+            self._track(dst)
         src, dst = upload([list(p) for p in zip(*pairs)], torch.int64, self.device)
         for table in (self.floats, self.ints, self.bias, self.counts, self.seen):
             table[dst] = table[src]
@@ -131,14 +141,13 @@ class SamplingState:
 
         Returns (row, output history) of the slots that watch for bad words: their tokens are
         appended once they are on the host (``Sampled.finish``)."""
-        params = [self.params[s] for s in slot_ids]
-        if any(_penalized(p) for p in params):
-            counted = [row for row, p in enumerate(params) if not p.use_beam_search]
+        self.counter.index_add_(0, slots, torch.ones_like(slots))
+        counted = [row for row, slot in enumerate(slot_ids) if slot in self.counted] if self.counted else []
+        if counted:
             if len(counted) < len(slot_ids):
                 rows = upload(counted, torch.int64, self.device)
                 slots, tokens = slots[rows], tokens[rows]
             self._count(slots, tokens)
-        self.counter.index_add_(0, slots, torch.ones_like(slots))
         for slot in slot_ids:
             self.num_outputs[slot] += 1
         return [(row, self.outputs[slot]) for row, slot in enumerate(slot_ids) if slot in self.outputs]
@@ -181,6 +190,8 @@ class Sampler:
         logits = ops.process_logits(logits, slots, st.floats, st.ints, st.bias, st.counts, st.seen)
         rows, cols = [], []
         for row, slot in enumerate(slot_ids):
+            if slot not in st.watched:
+                continue
             p = st.params[slot]
             masked = st.banned(slot) if slot in st.bad_words else []
             if p.min_tokens and st.num_outputs[slot] < p.min_tokens:

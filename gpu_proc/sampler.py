@@ -142,7 +142,7 @@ class SamplingState:
         Returns (row, output history) of the slots that watch for bad words: their tokens are
         appended once they are on the host (``Sampled.finish``)."""
         self.counter.index_add_(0, slots, torch.ones_like(slots))
-        counted = [row for row, slot in enumerate(slot_ids) if slot in self.counted] if self.counted else []
+        counted = [row for row, slot in enumerate(slot_ids) if slot in self.counted]
         if counted:
             if len(counted) < len(slot_ids):
                 rows = upload(counted, torch.int64, self.device)
@@ -204,18 +204,22 @@ class Sampler:
         return logits
 
     def filter(
-        self, scaled: torch.Tensor, slots: torch.Tensor, params: list[SamplingParams], top: torch.Tensor | None = None
+        self,
+        scaled: torch.Tensor,
+        slots: torch.Tensor,
+        params: list[SamplingParams],
+        largest: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Temperature-scaled logits with everything outside top-k, top-p and min_p set to -inf.
 
         The logprobs of a sampled row come from this distribution (``nucleus_sample`` draws from it without
-        writing it out). ``top``: each row's largest scaled logits, largest first, if already known."""
+        writing it out). ``largest``: each row's largest scaled logits, largest first, if already known."""
         st = self.state
         inf = torch.full((), float("-inf"), device=scaled.device)
         threshold = inf.expand(scaled.shape[0])
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             k, top_p = st.top_k[slots], st.top_p[slots]
-            ordered = self._ordered(scaled, params, top)
+            ordered = self._ordered(scaled, params, largest)
             kth = torch.where(k > 0, ordered.gather(1, (k - 1).clamp(0, ordered.shape[1] - 1)[:, None])[:, 0], inf)
             top = ordered[:, :1]
             weights = torch.where(ordered >= kth[:, None], (ordered - top).exp(), 0.0)
@@ -230,12 +234,12 @@ class Sampler:
         return scaled.masked_fill(scaled < threshold[:, None], float("-inf"))
 
     @staticmethod
-    def _ordered(scaled: torch.Tensor, params: list[SamplingParams], top: torch.Tensor | None) -> torch.Tensor:
-        """Each sampled row's logits, largest first: only the top ``max(top_k) + 1`` (``top`` if given) when
+    def _ordered(scaled: torch.Tensor, params: list[SamplingParams], largest: torch.Tensor | None) -> torch.Tensor:
+        """Each sampled row's logits, largest first: only the top ``max(top_k) + 1`` (``largest`` if given) when
         every sampled row with a top_p also has a top_k (those decide both filters); the whole sorted row
         otherwise."""
         if all(p.top_k > 0 for p in params if p.top_p < 1 and p.temperature > 0):
-            return top if top is not None else _top_values(scaled, params).values
+            return largest if largest is not None else _top(scaled, params).values
         return scaled.sort(dim=-1, descending=True).values
 
     def __call__(self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int]) -> torch.Tensor:
@@ -261,7 +265,7 @@ class Sampler:
         params = [st.params[s] for s in slot_ids]
         logits = self.process(logits, slots, slot_ids, bitmask)
         tokens = logits.argmax(dim=-1)
-        top = _top_values(logits, params) if any(p.top_k > 0 and p.temperature > 0 for p in params) else None
+        top = _top(logits, params) if any(p.top_k > 0 and p.temperature > 0 for p in params) else None
         if not all(p.temperature == 0 for p in params):
             sampled = ops.nucleus_sample(logits, slots, st.floats, st.ints, self._kth(top, slots))
             tokens = torch.where(st.temperature[slots] == 0, tokens, sampled)
@@ -289,8 +293,8 @@ class Sampler:
         raw, at = logits[index], slots[index]
         temperature = self.state.temperature[at][:, None]
         divisor = temperature.clamp_min(1e-6)
-        ordered = None if top is None else top.values[index] / divisor  # dividing by a temperature keeps the order
-        scaled = self.filter(raw / divisor, at, [params[i] for i in rows], ordered)
+        largest = None if top is None else top.values[index] / divisor  # dividing by a temperature keeps the order
+        scaled = self.filter(raw / divisor, at, [params[i] for i in rows], largest)
         lp = torch.where(temperature == 0, raw, scaled).log_softmax(dim=-1)
         chosen = tokens[index]
         picked = lp.gather(1, chosen[:, None])[:, 0]
@@ -306,7 +310,7 @@ class Sampler:
 Top = torch.return_types.topk
 
 
-def _top_values(logits: torch.Tensor, params: list[SamplingParams]) -> Top:
+def _top(logits: torch.Tensor, params: list[SamplingParams]) -> Top:
     """Each row's largest ``max(top_k) + 1`` logits (the top_k of the sampled rows) and their ids, largest
     first."""
     width = max((p.top_k for p in params if p.temperature > 0), default=0) + 1

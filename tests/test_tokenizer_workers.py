@@ -181,19 +181,19 @@ async def test_a_huge_prompt_is_refused_without_holding_up_other_requests(engine
 
 
 async def test_tokenizing_a_long_text_does_not_stall_the_streams(engine2):
-    """Two tokenize calls of a few MB each, one per worker, take a second or more; meanwhile the streams of
-    both workers go on."""
+    """Tokenize calls of a few MB take seconds on the first worker; meanwhile the streams of both workers go
+    on: each gets tokens well before the calls return. (On two busy cores a step can take a second, so the
+    test asks for progress, not for a rate.)"""
     params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
-    arrivals: list[float] = []
+    rids = ids_on(0, 1, "flow") + ids_on(1, 1, "flow")
+    arrivals: dict[str, list[float]] = {rid: [] for rid in rids}
 
     async def stream(rid: str) -> None:
         async for _ in engine2.generate("Tell me about rivers.", params, request_id=rid):
-            arrivals.append(time.monotonic())
-            if len(arrivals) > 2000:
-                return
+            arrivals[rid].append(time.monotonic())
 
-    streams = [asyncio.ensure_future(stream(r)) for r in ids_on(0, 1, "flow") + ids_on(1, 1, "flow")]
-    while len(arrivals) < 4:
+    streams = [asyncio.ensure_future(stream(r)) for r in rids]
+    while min(map(len, arrivals.values())) < 2:
         await asyncio.sleep(0.01)
     text = "The quick brown fox jumps over the lazy dog. " * 60_000
     start = time.monotonic()
@@ -202,9 +202,12 @@ async def test_tokenizing_a_long_text_does_not_stall_the_streams(engine2):
     for task in streams:
         task.cancel()
     await asyncio.gather(*streams, return_exceptions=True)
-    assert all(len(ids) > 500_000 for ids in counts)
-    during = [t for t in arrivals if start < t < end]
-    assert end - start > 0.5 and len(during) >= 4, (end - start, len(during))
+    assert all(len(ids) > 500_000 for ids in counts) and end - start > 0.5
+    inside = {
+        rid: [round(t - start, 2) for t in times if start < t < end - 0.1 * (end - start)]
+        for rid, times in arrivals.items()
+    }
+    assert all(inside.values()), (end - start, inside)
 
 
 def test_max_token_chars_bounds_only_tokenizers_that_keep_every_character(tokenizer):

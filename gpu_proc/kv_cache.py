@@ -42,15 +42,18 @@ def bytes_per_token(mc: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * dtype.itemsize
 
 
-def kv_cache_pages(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, budget_bytes: int | None) -> int:
+def kv_cache_pages(
+    config: EngineConfig, mc: ModelConfig, dtype: torch.dtype, budget_bytes: int | None, others_per_token: int = 0
+) -> int:
     """Pages to allocate, the reserved page included: for ``kv_cache_tokens``, else ``kv_cache_bytes``,
-    else ``budget_bytes`` (CUDA: measured free memory), else 1 GiB."""
+    else ``budget_bytes`` (CUDA: measured free memory), else 1 GiB. Pools of as many pages that share the
+    budget (a draft model's) take ``others_per_token`` bytes per token."""
     if config.kv_cache_tokens is not None:
         tokens = config.kv_cache_tokens
         num_pages = -(-tokens // config.page_size) + 1  # at least the tokens asked for
     else:
         budget = config.kv_cache_bytes if config.kv_cache_bytes is not None else budget_bytes
-        tokens = (DEFAULT_CPU_KV_BYTES if budget is None else budget) // bytes_per_token(mc, dtype)
+        tokens = (DEFAULT_CPU_KV_BYTES if budget is None else budget) // (bytes_per_token(mc, dtype) + others_per_token)
         num_pages = tokens // config.page_size + 1  # never more memory than the budget
     if num_pages < 2:
         raise ValueError(

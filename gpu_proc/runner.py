@@ -15,6 +15,7 @@ row's final-norm hidden state for the ``Pooler``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 
 from tristream.config import EngineConfig
 from tristream.gpu_proc.cuda_graph import CudaGraphRunner
+from tristream.gpu_proc.draft_model import DraftModel
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.grammar import GrammarMatchers, SlotGrammar, accept_each
 from tristream.gpu_proc.kv_cache import allocate_kv_cache, kv_cache_pages
@@ -32,6 +34,7 @@ from tristream.gpu_proc.parallel import TensorParallel
 from tristream.gpu_proc.pooler import Pooler
 from tristream.gpu_proc.sampler import Sampled, Sampler, SamplingState
 from tristream.gpu_proc.slot_state import Sequence, SlotState
+from tristream.gpu_proc.speculative import NgramProposer, accepted
 from tristream.gpu_proc.step_clock import StepClock
 from tristream.gpu_proc.upload import download, upload
 from tristream.gpu_proc.weights import build_model
@@ -45,13 +48,17 @@ logger = logging.getLogger("tristream")
 
 @dataclass
 class QueuedStep:
-    """A step on its way through the device: what ``sample`` and ``finish`` need of it."""
+    """A step on its way through the device: what ``sample`` and ``finish`` need of it. ``slots`` (and their
+    ``seqs``) sample; ``rows`` is the slot of each sampling row (a slot with drafts has one per draft too), and
+    ``offsets`` each row's place among its slot's rows, on the device, where some slot has drafts."""
 
     plan: BatchPlan
     clock: StepClock
     before: StepClock | None
     seqs: list[Sequence] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    offsets: torch.Tensor | None = None
     slots_on_device: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     prompt_targets: list[tuple[int, list[int]]] = field(default_factory=list)
@@ -127,15 +134,20 @@ class ModelRunner:
             )
         self.graphs: CudaGraphRunner | None = None
         self.pooler = Pooler()
+        spec = config.speculative
+        self.draft = DraftModel(config, self.dtype, self.device) if spec and spec.method == "draft" else None
+        self.proposer = self.draft or (NgramProposer(spec) if spec else None)
         # Decode splits each query's keys over this many positions at most (a sliding window's, if every layer has one).
         self.attention_span = mc.attention_span(config.max_model_len)
         explicit = config.kv_cache_tokens is not None or config.kv_cache_bytes is not None
         budget = cuda_kv_budget(self) if self.device.type == "cuda" and not explicit else None
-        self.kv = allocate_kv_cache(
-            config, mc, self.kv_dtype, self.device, self.tp.min(kv_cache_pages(config, mc, self.kv_dtype, budget))
-        )
+        draft_bytes = self.draft.bytes_per_token(self.kv_dtype) if self.draft else 0
+        num_pages = self.tp.min(kv_cache_pages(config, mc, self.kv_dtype, budget, draft_bytes))
+        self.kv = allocate_kv_cache(config, mc, self.kv_dtype, self.device, num_pages)
         max_pages = -(-config.max_model_len // config.page_size)
         self.slots = SlotState(config.max_num_seqs, max_pages, config.page_size, self.device, self.model)
+        if self.draft:
+            self.draft.allocate(num_pages, self.kv_dtype, self.slots.block_tables)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CudaGraphRunner(
                 self.model, self.kv, config.max_num_seqs, max_pages, self.attention_span, config.lora_slots
@@ -181,10 +193,15 @@ class ModelRunner:
         self.last_clock = clock
         self._apply(plan)
         if plan.slots:
+            plan = self._propose(plan)
             queued.slots = [slot for slot, sample in zip(plan.slots, plan.sample) if sample]
             queued.seqs = [self.slots.seqs[slot] for slot in queued.slots]
+            places = [range(1 + seq.drafts) for seq in queued.seqs]
+            queued.rows = [slot for slot, place in zip(queued.slots, places) for _ in place]
+            if len(queued.rows) > len(queued.slots):
+                queued.offsets = upload([i for place in places for i in place], torch.int64, self.device)
             batch, queued.slots_on_device, queued.prompt_targets = self.slots.batch(
-                plan, queued.slots, self.model_config.num_kv_heads, self.attention_span, self.config.lora_slots
+                plan, queued.rows, self.model_config.num_kv_heads, self.attention_span, self.config.lora_slots
             )
             spans = self.pooler.spans(plan)
             if spans:
@@ -195,6 +212,25 @@ class ModelRunner:
                 queued.logits = self.model(batch, self.kv)
         clock.mark()
         return queued
+
+    def _propose(self, plan: BatchPlan) -> BatchPlan:
+        """Give each slot that the plan leaves room for drafts (more tokens than its newest) its draft tokens, at
+        the end of its token ids; the plan with such a slot's rows cut to its newest token and its drafts."""
+        rooms = []
+        for i, (slot, n) in enumerate(zip(plan.slots, plan.num_tokens)):
+            seq = self.slots.seqs[slot]
+            if n > 1 and seq.num_computed == len(seq.token_ids) - 1:
+                rooms.append((i, slot, n - 1))
+        if not rooms:
+            return plan
+        num_tokens = list(plan.num_tokens)
+        items = [(slot, self.slots.seqs[slot], room) for _, slot, room in rooms]
+        for (i, slot, _), drafts in zip(rooms, self.proposer.propose(items)):
+            seq = self.slots.seqs[slot]
+            seq.token_ids.extend(drafts)
+            seq.drafts = len(drafts)
+            num_tokens[i] = 1 + len(drafts)
+        return dataclasses.replace(plan, num_tokens=num_tokens)
 
     def _pool(self, batch: ForwardBatch, spans: list[tuple[int, int, int]], queued: QueuedStep) -> torch.Tensor:
         """Run a step with embedding requests' rows (``Pooler.spans``) eagerly, keeping every row's hidden state;
@@ -211,7 +247,7 @@ class ModelRunner:
         finished, since bad words and grammars look at the tokens before."""
         queued.clock.mark()
         if queued.logits is not None:
-            k = len(queued.slots)
+            k = len(queued.rows)
             if self.sampler is None:
                 if k:
                     tokens = self.tp.broadcast(torch.empty(k, dtype=torch.int64, device=self.device))
@@ -219,13 +255,14 @@ class ModelRunner:
             else:
                 queued.prompt_logprobs = self._prompt_logprobs(queued.logits[k:], queued.prompt_targets)
                 if k:
-                    queued.grammars = self.grammar.of(queued.slots)
+                    queued.grammars = self.grammar.of(queued.rows)
                     bitmask = self.grammar.bitmask_of(queued.grammars)
                     queued.sampled = self.sampler.launch(
-                        queued.logits[:k], queued.slots_on_device, queued.slots, bitmask
+                        queued.logits[:k], queued.slots_on_device, queued.rows, bitmask, queued.offsets
                     )
                     self.tp.broadcast(queued.sampled.tokens)
             if k:
+                # A slot with drafts writes several rows here; it is never read: its next step waits for this one.
                 self.slots.last_tokens.index_copy_(0, queued.slots_on_device, queued.sampled.tokens)
             queued.logits = None
         queued.clock.mark()
@@ -235,9 +272,7 @@ class ModelRunner:
         queued.clock.wait()
         tokens, logprobs = queued.sampled.finish() if queued.sampled is not None else ([], None)
         accept_each(queued.grammars, tokens)
-        for seq, token in zip(queued.seqs, tokens):
-            seq.token_ids.append(token)
-        return StepResult(
+        result = StepResult(
             queued.plan.step_id,
             queued.slots,
             tokens,
@@ -247,6 +282,38 @@ class ModelRunner:
             gpu_idle_s=queued.clock.idle_s(queued.before),
             embeddings=list(zip(queued.pooled[0], queued.pooled[1].tolist())) if queued.pooled else [],
         )
+        if len(queued.rows) > len(queued.slots):
+            self._check_drafts(queued, result)
+        else:
+            for seq, token in zip(queued.seqs, tokens):
+                seq.token_ids.append(token)
+        return result
+
+    def _check_drafts(self, queued: QueuedStep, result: StepResult) -> None:
+        """Keep each slot's tokens (``speculative.accepted``) of a step with drafts: its sequence drops the drafts
+        and takes the kept tokens, which become ``result``'s rows, with their logprobs; the sampler takes back the
+        rows it counted for tokens not kept."""
+        rows, logprobs = result.token_ids, result.logprobs
+        result.slots, result.token_ids, result.logprobs = [], [], [] if logprobs is not None else None
+        rejected, row = [], 0
+        for slot, seq in zip(queued.slots, queued.seqs):
+            d = seq.drafts
+            kept = accepted(seq.token_ids[len(seq.token_ids) - d :], rows[row : row + d + 1])
+            if d:
+                del seq.token_ids[-d:]
+                seq.num_computed -= d + 1 - len(kept)
+                seq.draft_computed = min(seq.draft_computed, seq.num_computed)
+                seq.drafts = 0
+                result.drafts.append((slot, d))
+                rejected.append((slot, d + 1 - len(kept)))
+            seq.token_ids.extend(kept)
+            result.slots += [slot] * len(kept)
+            result.token_ids += kept
+            if logprobs is not None:
+                result.logprobs += logprobs[row : row + len(kept)]
+            row += d + 1
+        if self.sampler is not None:
+            self.sampler.state.rewind(rejected)
 
     def _prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[int, list[int]]]) -> tuple | None:
         """Queued on the device: each target's logprob and the top k of its row, from the raw logits."""

@@ -77,13 +77,13 @@ class SamplingState:
             self.device,
         )
         seed = params.seed or 0
-        flags = BIASED * biased + PENALIZED * _penalized(params)
+        flags = BIASED * biased + PENALIZED * params.penalized
         self.ints[slot] = upload(
             [params.top_k, (seed ^ (seed >> 32)) & 0xFFFFFFFF, num_outputs, flags], torch.int64, self.device
         )
         self.counts[slot].zero_()
         self.seen[slot].zero_()
-        if _penalized(params):
+        if params.penalized:
             ids = upload(token_ids, torch.int64, self.device)
             self.seen[slot, ids] = True
             if num_outputs:
@@ -95,7 +95,7 @@ class SamplingState:
     def _track(self, slot: int) -> None:
         """File the slot under ``counted`` and ``watched`` by its parameters."""
         p = self.params[slot]
-        (self.counted.add if _penalized(p) and not p.use_beam_search else self.counted.discard)(slot)
+        (self.counted.add if p.penalized and not p.use_beam_search else self.counted.discard)(slot)
         (self.watched.add if slot in self.bad_words or p.min_tokens else self.watched.discard)(slot)
 
     def _set_bias(self, slot: int, params: SamplingParams, banned: list[int]) -> bool:
@@ -131,7 +131,7 @@ class SamplingState:
     def count_chosen(self, chosen: list[tuple[int, int]]) -> None:
         """Count the token that the beam search chose for each (slot, token) of a penalized beam: a beam's
         sampled tokens are not its own (``record`` leaves them out)."""
-        chosen = [(slot, token) for slot, token in chosen if _penalized(self.params[slot])]
+        chosen = [(slot, token) for slot, token in chosen if self.params[slot].penalized]
         if chosen:
             self._count(*upload([list(c) for c in zip(*chosen)], torch.int64, self.device))
 
@@ -152,6 +152,16 @@ class SamplingState:
             self.num_outputs[slot] += 1
         return [(row, self.outputs[slot]) for row, slot in enumerate(slot_ids) if slot in self.outputs]
 
+    def rewind(self, rows: list[tuple[int, int]]) -> None:
+        """Take back, for each (slot, n), the last n rows that ``record`` counted for the slot (sampled after
+        draft tokens that were rejected): their noise counter steps and outputs. Such slots count no penalties."""
+        if not rows:
+            return
+        for slot, n in rows:
+            self.num_outputs[slot] -= n
+        slots, counts = upload([list(r) for r in zip(*rows)], torch.int64, self.device)
+        self.counter.index_add_(0, slots, -counts)
+
     def _count(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
         """Add one to the count of each (slot, token) and mark it seen, as flat scatters."""
         flat = slots * self.vocab + tokens
@@ -162,10 +172,6 @@ class SamplingState:
         """Tokens that would complete one of the slot's bad words of several tokens now."""
         history = self.outputs.get(slot, [])
         return [w[-1] for w in self.bad_words.get(slot, ()) if history[len(history) - len(w) + 1 :] == w[:-1]]
-
-
-def _penalized(p: SamplingParams) -> bool:
-    return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
 
 
 class Sampler:
@@ -255,19 +261,30 @@ class Sampler:
         return sampled.tokens, sampled.finish()[1]
 
     def launch(
-        self, logits: torch.Tensor, slots: torch.Tensor, slot_ids: list[int], bitmask: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        slots: torch.Tensor,
+        slot_ids: list[int],
+        bitmask: torch.Tensor | None = None,
+        offsets: torch.Tensor | None = None,
     ) -> Sampled:
         """Queue the sampling of every row on the device, and the copies of its results to the host; the host
         never waits for the device here.
 
-        ``bitmask`` (int32, a row per slot) allows only the tokens whose bits are set."""
+        ``bitmask`` (int32, a row per slot) allows only the tokens whose bits are set. A slot may have several
+        rows (one per draft token it checks): ``offsets`` then says how many outputs each row lies past its
+        slot's next one, so that its noise is that of its own output position."""
         st = self.state
         params = [st.params[s] for s in slot_ids]
         logits = self.process(logits, slots, slot_ids, bitmask)
         tokens = logits.argmax(dim=-1)
         top = _top(logits, params) if any(p.top_k > 0 and p.temperature > 0 for p in params) else None
         if not all(p.temperature == 0 for p in params):
-            sampled = ops.nucleus_sample(logits, slots, st.floats, st.ints, self._kth(top, slots))
+            floats, ints, rows = st.floats, st.ints, slots
+            if offsets is not None:
+                floats, ints, rows = st.floats[slots], st.ints[slots], torch.arange(len(slot_ids), device=slots.device)
+                ints[:, INTS.index("counter")] += offsets
+            sampled = ops.nucleus_sample(logits, rows, floats, ints, self._kth(top, slots))
             tokens = torch.where(st.temperature[slots] == 0, tokens, sampled)
         histories = st.record(slots, slot_ids, tokens)
         return Sampled(tokens, download(tokens), self._logprobs(logits, slots, tokens, params, top), histories)

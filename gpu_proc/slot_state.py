@@ -23,7 +23,9 @@ class Sequence:
     ``prompt_logprobs`` (top k) is set while the slot still owes prompt logprobs
     for its first ``prompt_len`` tokens. ``lora_slot`` is its adapter's slot, or -1.
     ``images`` are its prompt's images until their tokens and multimodal positions are all computed; the rotary
-    position of a later token is its index plus ``position_offset``.
+    position of a later token is its index plus ``position_offset``. The last ``drafts`` of ``token_ids`` are
+    draft tokens that the step in flight checks (``ModelRunner.forward``); each of their rows samples. A draft
+    model's pool holds the KV of the first ``draft_computed`` tokens.
     """
 
     token_ids: list[int]
@@ -34,6 +36,8 @@ class Sequence:
     lora_slot: int = -1
     images: SlotImages | None = None
     position_offset: int = 0
+    drafts: int = 0
+    draft_computed: int = 0
 
 
 @dataclass
@@ -147,7 +151,7 @@ class SlotState:
             rows.qo_indptr.append(rows.qo_indptr[-1] + n)
             rows.seq_lens.append(end)
             if sample:
-                rows.sample_rows.append(rows.qo_indptr[-1] - 1)
+                rows.sample_rows.extend(range(rows.qo_indptr[-1] - 1 - seq.drafts, rows.qo_indptr[-1]))
             seq.num_computed = end
         return rows
 

@@ -53,6 +53,18 @@ class _MediaLimits(argparse.Action):
             raise argparse.ArgumentError(self, str(e)) from None
 
 
+def _parsed_by(parse: Any) -> Any:
+    """An argparse type that parses with ``parse``, its ValueError becoming the flag's error message."""
+
+    def parsed(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parsed
+
+
 def _with_default(help_text: str, default: Any) -> str:
     """``help_text`` ending in the default, unless it says one or there is none."""
     if default is None or default is False or "default" in help_text:
@@ -67,6 +79,8 @@ def _flag_options(kind: Any, meta: Any, default: Any) -> dict:
     if kind is bool:
         return {**options, "action": argparse.BooleanOptionalAction}
     options.update(metavar=meta.get("metavar"), choices=meta.get("choices"))
+    if "parse" in meta:
+        return {**options, "type": _parsed_by(meta["parse"])}
     if typing.get_origin(kind) is dict and typing.get_args(kind)[1] is int:
         return {**options, "action": _MediaLimits}
     if typing.get_origin(kind) is dict:

@@ -10,6 +10,7 @@ from typing import Any
 from tristream.model_files import LOAD_FORMATS
 from tristream.pooling import POOLING_METHODS
 from tristream.quantization import KV_CACHE_DTYPES, METHODS
+from tristream.speculative import SpeculativeConfig, parse_speculative
 from tristream.tokenizer_proc.images import DEFAULT_IMAGE_LIMIT
 from tristream.tokenizer_proc.templates import BUILTIN_TEMPLATES, resolve_chat_template
 from tristream.tokenizer_proc.tool_calls import PARSERS
@@ -138,8 +139,17 @@ class EngineConfig:
     normalize: bool | None = arg(
         None, "L2-normalize embeddings (default: as the model's sentence-transformers config says, else on)"
     )
+    speculative: SpeculativeConfig | None = arg(
+        None,
+        'speculative decoding, as JSON: {"method": "ngram", "num_tokens": 4, "prompt_lookup_max": 4} or '
+        '{"method": "draft", "model": PATH, "num_tokens": 4}; also "disable_by_batch_size" (default 16)',
+        flag="--speculative-config",
+        metavar="JSON",
+        parse=parse_speculative,
+    )
 
     def __post_init__(self) -> None:
+        self.speculative = parse_speculative(self.speculative)
         for f in fields(self):
             _check(f.name, getattr(self, f.name), f.default, f.metadata)
         if self.lora_adapters is not None and not (
@@ -202,6 +212,8 @@ def engine_config(**kwargs: Any) -> EngineConfig:
     what to use instead; any other unknown name is a TypeError that lists the valid ones. A chat template
     that is neither a file nor a built-in name is a ValueError here, before any process starts."""
     names = [f.name for f in fields(EngineConfig)]
+    if "speculative_config" in kwargs:  # vLLM's name
+        kwargs["speculative"] = kwargs.pop("speculative_config")
     for key in kwargs:
         if key in PEER_ARGS:
             raise TypeError(f"{key}: {PEER_ARGS[key]}")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from tristream.speculative import parse_speculative
+
 logger = logging.getLogger("tristream")
 
 # LLaMA-Factory's inference keys, by the name of the tristream flag they set.
@@ -23,6 +25,7 @@ ALIASES = {
     "vllm_gpu_util": "gpu_memory_utilization",
     "vllm_enforce_eager": "enforce_eager",
     "vllm_max_lora_rank": "max_lora_rank",
+    "speculative_config": "speculative",
 }
 # LLaMA-Factory's keys that only matter for training (a prediction YAML of ``llamafactory-cli train`` has them).
 TRAINING = (
@@ -151,7 +154,11 @@ def load_config_file(path: str, known: set[str]) -> dict:
         name = ALIASES[name] if ALIASES.get(name) in known else name
         if name not in known:
             raise ValueError(f"config file {path}: unknown key {key!r}")
-        parse = {"lora_adapters": parse_lora_modules, "limit_mm_per_prompt": parse_mm_limits}.get(name)
+        parse = {
+            "lora_adapters": parse_lora_modules,
+            "limit_mm_per_prompt": parse_mm_limits,
+            "speculative": parse_speculative,
+        }.get(name)
         if parse is not None:
             try:
                 value = parse(value)

@@ -53,6 +53,7 @@ from tristream.protocol import (
 from tristream.quantization import quant_spec
 from tristream.sampling_params import SamplingParams
 from tristream.sharding import shard_model
+from tristream.speculative import resolve_draft
 
 logger = logging.getLogger("tristream")
 
@@ -169,9 +170,19 @@ class AsyncEngine:
                 raise ValueError(f"LoRA adapter {name!r} has rank {rank}, above max_lora_rank={max_rank}")
         for slot, name in enumerate(adapters):
             self._loras[name], self._lora_paths[name] = LoraRef(next(self._lora_ids), slot), adapters[name]
+        spec = config.speculative and await asyncio.to_thread(
+            resolve_draft,
+            config.speculative,
+            mc,
+            max_len,
+            config.load_format,
+            config.download_dir,
+            config.tensor_parallel_size,
+        )
         self.child_config = dataclasses.replace(
             config,
             model=model_dir,
+            speculative=spec,
             max_model_len=max_len,
             lora_adapters=adapters or None,
             max_lora_rank=max_rank,

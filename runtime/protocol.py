@@ -270,7 +270,8 @@ class StepResult:
     ``gpu_busy_s`` is the device time of the step, ``gpu_idle_s`` the device time idle
     since the previous step, ``plan_ipc_s`` the plan's time in transit, and ``sent_at``
     the ``time.monotonic()`` of sending this result. ``embeddings`` are (slot, pooled vector) of the embedding
-    requests whose prompt this step completed.
+    requests whose prompt this step completed. A slot that checked draft tokens has a row for each token it
+    produced, in order, and (slot, drafts proposed) in ``drafts``.
     """
 
     step_id: int
@@ -283,6 +284,7 @@ class StepResult:
     plan_ipc_s: float = 0.0
     sent_at: float = 0.0
     embeddings: list[tuple[int, list[float]]] = field(default_factory=list)
+    drafts: list[tuple[int, int]] = field(default_factory=list)
 
 
 # scheduler_proc -> tokenizer_proc
@@ -434,7 +436,8 @@ class SchedulerCounters:
     ``scheduler_s`` the scheduler's time deciding steps and taking their results, ``ipc_s`` the
     time plans and results spent in transit between the scheduler and the gpu_proc. ``tokenizer_busy_s`` is the
     tokenizer workers' time handling messages (detokenizing steps, tokenizing prompts), summed over the workers;
-    the engine adds it from their ``OutputBatch`` reports.
+    the engine adds it from their ``OutputBatch`` reports. Speculative decoding: ``num_drafts`` request-steps
+    checked ``num_draft_tokens`` draft tokens, of which the model accepted ``num_accepted_tokens``.
     """
 
     num_prompt_tokens: int = 0
@@ -447,6 +450,19 @@ class SchedulerCounters:
     scheduler_s: float = 0.0
     ipc_s: float = 0.0
     tokenizer_busy_s: float = 0.0
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """The share of proposed draft tokens that the model accepted."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens produced per step of a request that proposed drafts: its accepted drafts plus the model's own."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
 @dataclass(kw_only=True)

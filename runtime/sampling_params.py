@@ -276,6 +276,11 @@ class SamplingParams:
         return max(2 * self.beam_width, self.logprobs or 0)
 
     @property
+    def penalized(self) -> bool:
+        """Whether a presence, frequency or repetition penalty is on (its token counts change every step)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
     def word_biases(self) -> dict[str, float]:
         """The logit_bias entries keyed by a word, which the tokenizer turns into token ids."""
         return {k: v for k, v in (self.logit_bias or {}).items() if isinstance(k, str)}

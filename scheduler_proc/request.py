@@ -17,7 +17,9 @@ class Request:
     ``pages`` is its block table; it owns ``own_pages`` of them, and the radix
     cache owns the rest, held for it by a lock on ``cache_node`` (KVPages changes
     all three). ``num_pending`` tokens are being sampled in steps still in flight;
-    the steps planned meanwhile count them as known (``num_planned``).
+    the steps planned meanwhile count them as known (``num_planned``). A step in flight
+    checks ``num_drafts`` draft tokens of it, whose positions ``num_computed`` counts until
+    the result says how many were accepted.
 
     Under sliding-window attention the entries of ``pages`` before ``window_page``
     lie wholly before the window of every query still to come: those it owned
@@ -33,6 +35,7 @@ class Request:
     window_page: int = 0
     num_computed: int = 0
     num_pending: int = 0
+    num_drafts: int = 0
     num_cached_tokens: int | None = None
     first_scheduled_time: float | None = None
     prompt_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)

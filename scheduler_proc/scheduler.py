@@ -28,11 +28,12 @@ logger = logging.getLogger("tristream")
 @dataclass
 class StepInFlight:
     """What the scheduler needs to take a step's result: the request of each row by slot, the
-    prefill chunks to cache, and the time spent planning it."""
+    prefill chunks to cache, the draft tokens planned by slot, and the time spent planning it."""
 
     step_id: int
     rows: dict[int, Request] = field(default_factory=dict)
     prefilling: list[Request] = field(default_factory=list)
+    drafts: dict[int, int] = field(default_factory=dict)
     plan_s: float = 0.0
 
 
@@ -65,6 +66,11 @@ class Scheduler:
 
     With a sliding window on every layer (``window``: the largest), each step first frees the
     pages of running requests that no query still to come can read (``KVPages.drop_out_of_window``).
+
+    With speculative decoding, a decoding request that can (``_speculates``) computes its newest token and room
+    for up to ``num_tokens`` draft tokens, which the gpu_proc proposes and checks; it waits for that step's
+    result before its next one, and then takes back the computed positions of the drafts that were rejected
+    (their KV is overwritten when those positions are computed again).
     """
 
     def __init__(self, config: EngineConfig, num_pages: int, window: int = 0) -> None:
@@ -84,6 +90,7 @@ class Scheduler:
         self.images = ImageFiles()
         self.beam_searches: dict[str, BeamSearch] = {}
         self.beam_samples: dict[str, str] = {}
+        self.spec = config.speculative
 
     def stats(self, token: int) -> SchedulerStats:
         """The pages and queues now and the counters, in answer to ``StatsRequest(token)``."""
@@ -168,16 +175,43 @@ class Scheduler:
             req.prompt_logprobs = []
         self.waiting.appendleft(req)
 
-    def _run(self, req: Request, n: int, plan: BatchPlan, step: StepInFlight) -> None:
+    def _run(self, req: Request, n: int, plan: BatchPlan, step: StepInFlight, drafts: int = 0) -> None:
+        """Plan ``n`` tokens of ``req``, the last ``drafts`` of them room for draft tokens."""
         plan.slots.append(req.slot)
         plan.num_tokens.append(n)
         req.num_computed += n
-        sample = req.num_computed == req.num_planned and req.spec.pooling is None
+        sample = req.num_computed - drafts == req.num_planned and req.spec.pooling is None
         plan.sample.append(sample)
         req.num_pending += sample
         step.rows[req.slot] = req
-        if n > 1:
+        if drafts:
+            step.drafts[req.slot] = req.num_drafts = drafts
+        elif n > 1:
             step.prefilling.append(req)
+
+    def _num_drafts(self, req: Request, budget: int) -> int:
+        """How many draft tokens a running request may check in its next step: 0 unless it speculates (a
+        decoding request that samples, without penalties, grammar, bad words of several tokens or a min_tokens
+        still to reach, while fewer than ``disable_by_batch_size`` requests run), and never past its
+        ``max_tokens``, the context or the step's token ``budget``."""
+        spec, params = self.spec, req.spec.params
+        if (
+            spec is None
+            or len(self.running) >= spec.disable_by_batch_size
+            or req.num_planned - req.num_computed != 1
+            or req.spec.pooling is not None
+            or req.spec.grammar is not None
+            or req.request_id in self.beam_searches
+            or params.penalized
+            or any(len(word) > 1 for word in req.spec.bad_words_ids)
+            or len(req.output_token_ids) < params.min_tokens
+        ):
+            return 0
+        outputs = len(req.output_token_ids) + req.num_pending
+        room = self.max_len - req.num_planned - 1
+        if params.max_tokens is not None:
+            room = min(room, params.max_tokens - outputs - 1)
+        return max(0, min(spec.num_tokens, budget - 1, room))
 
     def _ends_with_pending(self, req: Request) -> bool:
         """Whether the tokens in flight take the request to its length limit, or an embedding request's last
@@ -281,7 +315,10 @@ class Scheduler:
                 break
             if req.slot is None or self._ends_with_pending(req) or self._beam_waits(req, beams_in_flight):
                 continue
-            n = min(req.num_planned - req.num_computed, budget)
+            drafts = self._num_drafts(req, budget)
+            if req.num_drafts or (drafts and req.num_pending):
+                continue  # its drafts follow the tokens in flight, once those are known
+            n = min(req.num_planned - req.num_computed, budget) + drafts
             while (pages := self.kv.grow(req, req.num_computed + n)) is None:
                 victim = self._newest_outside_beams() or req
                 self._preempt(victim)
@@ -291,7 +328,7 @@ class Scheduler:
             if req.slot is not None:
                 if pages:
                     plan.pages.append((req.slot, pages))
-                self._run(req, n, plan, step)
+                self._run(req, n, plan, step, drafts)
                 budget -= n
         if not preempted:
             self._admit_waiting(plan, step, budget, forkable)
@@ -345,15 +382,16 @@ class Scheduler:
             req = step.rows.get(slot)
             if req is not None and self._live(req):
                 req.prompt_logprobs.extend(entries)
-        logprobs = result.logprobs or [None] * len(result.token_ids)
-        samples = [(step.rows[slot], token, lp) for slot, token, lp in zip(result.slots, result.token_ids, logprobs)]
         deltas = []
-        for req, token, lp in samples:
+        proposed = dict(result.drafts)
+        for slot, tokens, lps in _by_slot(result):
+            self._count_drafts(proposed.get(slot, 0), len(tokens))
+            req = step.rows[slot]
             group = self.beam_searches.get(req.request_id)
             if group is not None and group.holds(req):
-                deltas += self._take_beam(group, req, lp)
+                deltas += self._take_beam(group, req, lps[0])
             elif self._live(req):
-                deltas.append(self._take(req, token, lp))
+                deltas.append(self._take(req, tokens, lps, step.drafts.get(slot, 0)))
         pooled = [(step.rows[slot], vector) for slot, vector in result.embeddings]
         embedded = [self._embedded(req, vector) for req, vector in pooled if self._live(req)]
         if self.config.check_invariants:
@@ -379,6 +417,14 @@ class Scheduler:
             )
         return deltas + embedded
 
+    def _count_drafts(self, proposed: int, produced: int) -> None:
+        """Count a slot's ``proposed`` draft tokens of a step, of which the ``produced`` tokens but the last were
+        accepted."""
+        if proposed:
+            self.counters.num_drafts += 1
+            self.counters.num_draft_tokens += proposed
+            self.counters.num_accepted_tokens += produced - 1
+
     def _embedded(self, req: Request, embedding: list[float]) -> TokenDelta:
         """End an embedding request with its pooled vector; its computed pages stay cached."""
         self._end(req, cache=True)
@@ -391,21 +437,28 @@ class Scheduler:
             worker=req.spec.worker,
         )
 
-    def _take(self, req: Request, token: int, logprobs: list[tuple[int, float]] | None) -> TokenDelta:
-        """Record a sampled token: its delta, which ends the request if it finishes."""
+    def _take(self, req: Request, tokens: list[int], logprobs: list, drafts: int) -> TokenDelta:
+        """Record a step's tokens of a request (more than one where it accepted drafts, of the ``drafts`` it had
+        room for): its delta, which ends the request at the first token that finishes it."""
         req.num_pending -= 1
-        req.output_token_ids.append(token)
-        reason = self._finish_reason(req, token)
-        first = len(req.output_token_ids) == 1
+        if req.slot is not None:
+            req.num_computed -= drafts + 1 - len(tokens)
+        req.num_drafts = 0
+        first = not req.output_token_ids
+        reason, taken = None, 0
+        while reason is None and taken < len(tokens):
+            req.output_token_ids.append(tokens[taken])
+            reason = self._finish_reason(req, tokens[taken])
+            taken += 1
         if reason is not None:
             self._end(req, cache=True)
         return TokenDelta(
             req.request_id,
-            [token],
+            tokens[:taken],
             finish_reason=reason,
             num_cached_tokens=req.num_cached_tokens if first else 0,
             time_in_queue=req.first_scheduled_time - req.spec.arrival_time if first else None,
-            logprobs=[logprobs] if logprobs is not None else None,
+            logprobs=logprobs[:taken] if logprobs[0] is not None else None,
             prompt_logprobs=req.prompt_logprobs if first and req.spec.params.prompt_logprobs is not None else None,
             worker=req.spec.worker,
         )
@@ -471,3 +524,16 @@ class Scheduler:
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
         return finish_reason(req.spec, token, len(req.output_token_ids), req.num_tokens, self.max_len)
+
+
+def _by_slot(result: StepResult) -> list[tuple[int, list[int], list]]:
+    """The result's rows as (slot, tokens, logprobs of each token or None) per slot, in order."""
+    logprobs = result.logprobs or [None] * len(result.token_ids)
+    rows: list[tuple[int, list[int], list]] = []
+    for slot, token, lp in zip(result.slots, result.token_ids, logprobs):
+        if rows and rows[-1][0] == slot:
+            rows[-1][1].append(token)
+            rows[-1][2].append(lp)
+        else:
+            rows.append((slot, [token], [lp]))
+    return rows

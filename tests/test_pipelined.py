@@ -56,7 +56,9 @@ class DeviceSlot:
 
 
 class SimulatedDevice:
-    """Runs plans in order as the gpu_proc does: a sampled token is known to the next step at once."""
+    """Runs plans in order as the gpu_proc does: a sampled token is known to the next step at once. A row with room
+    for draft tokens proposes some (0 to all) of which a pseudo-random number match the job's next tokens and are
+    kept, as the gpu_proc's check does, with the token after them."""
 
     def __init__(self, jobs: dict[int, Job], page_size: int) -> None:
         self.jobs = jobs
@@ -78,11 +80,19 @@ class SimulatedDevice:
         for slot, n, sample in zip(plan.slots, plan.num_tokens, plan.sample):
             view = self.slots[slot]
             end = view.num_computed + n
-            assert end <= len(view.token_ids), "a row computes a token nobody has sampled"
             assert len(view.pages) * self.page_size >= end, "KV written past the slot's pages"
-            view.num_computed = end
+            room = end - len(view.token_ids)
+            kept = int(sample)
+            if room > 0:
+                assert sample and view.num_computed == len(view.token_ids) - 1, "room for drafts of a row not decoding"
+                proposed = (view.job.seed + end) % (room + 1)
+                kept = 1 + (view.job.seed * 3 + end) % (proposed + 1)
+                result.drafts.append((slot, proposed))
+                end = len(view.token_ids)
+            assert end <= len(view.token_ids), "a row computes a token nobody has sampled"
             assert sample == (end == len(view.token_ids))
-            if sample:
+            view.num_computed = end + kept - 1 if kept > 1 else end
+            for _ in range(kept):
                 token = fake_token(view.job, len(view.token_ids) - view.num_prompt)
                 view.token_ids.append(token)
                 result.slots.append(slot)
@@ -109,10 +119,18 @@ def make_jobs(seed: int, n: int) -> list[Job]:
     return jobs
 
 
-def drive(jobs: list[Job], pipelined: bool, num_pages: int) -> dict[str, tuple[list[int], str]]:
+def drive(
+    jobs: list[Job], pipelined: bool, num_pages: int, speculative: dict | None = None
+) -> dict[str, tuple[list[int], str]]:
     """Run the workload through a Scheduler and the simulated device: (tokens, how it ended) per request."""
     config = EngineConfig(
-        model="unused", max_model_len=96, max_num_seqs=6, max_num_batched_tokens=24, page_size=4, check_invariants=True
+        model="unused",
+        max_model_len=96,
+        max_num_seqs=6,
+        max_num_batched_tokens=24,
+        page_size=4,
+        check_invariants=True,
+        speculative=speculative,
     )
     sched = Scheduler(config, num_pages)
     device = SimulatedDevice({j.seed: j for j in jobs}, config.page_size)
@@ -155,6 +173,8 @@ def drive(jobs: list[Job], pipelined: bool, num_pages: int) -> dict[str, tuple[l
         step += 1
         assert step < 5000, "the scheduler did not finish"
     stats = sched.stats(0)
+    if speculative:
+        assert stats.num_draft_tokens > stats.num_accepted_tokens > 0
     assert stats.num_running == stats.num_waiting == 0
     assert stats.num_free_pages + stats.num_cached_pages == stats.num_pages, "KV pages leaked"
     for rid, tokens in outputs.items():
@@ -173,6 +193,25 @@ def test_pipelined_scheduler_gives_the_synchronous_outputs(seed: int, num_pages:
     assert drive(jobs, pipelined=True, num_pages=num_pages) == sync
     reasons = {reason for _, reason in sync.values()}
     assert {"stop", "length", "abort", "stop string"} <= reasons
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("num_pages", [24, 200], ids=["preempting", "roomy"])
+def test_speculating_scheduler_gives_the_outputs_of_one_token_per_step(seed: int, num_pages: int) -> None:
+    """Rows with room for drafts, some accepted, under preemption, aborts, stop strings and EOS: the outputs are
+    those of one token per step (where the client ends a request after some tokens, a delta may have carried
+    more), nothing runs past max_tokens, no page leaks."""
+    jobs = make_jobs(seed, 40)
+    sync = drive(jobs, pipelined=False, num_pages=num_pages)
+    for pipelined in (False, True):
+        spec = {"method": "ngram", "num_tokens": 3, "disable_by_batch_size": 5}
+        got = drive(jobs, pipelined=pipelined, num_pages=num_pages, speculative=spec)
+        for rid, (tokens, reason) in got.items():
+            want, want_reason = sync[rid]
+            if want_reason in ("stop", "length"):
+                assert (tokens, reason) == (want, want_reason)
+            else:  # the delta that reached the client's limit may also have reached EOS or max_tokens
+                assert tokens[: len(want)] == want and reason in (want_reason, "stop", "length")
 
 
 def test_plan_diff_sends_no_rows_for_a_steady_decode_step() -> None:
@@ -260,10 +299,14 @@ async def run_workload(engine: AsyncEngine, tag: str) -> list[tuple[list[int], s
 
 
 async def test_pipelined_engine_gives_the_synchronous_outputs(engine, sync_engine) -> None:
+    assert_same_outputs(await run_workload(engine, "p"), await run_workload(sync_engine, "s"))
+
+
+def assert_same_outputs(outputs: list[tuple], reference: list[tuple]) -> None:
+    """``run_workload``'s outputs are ``reference``'s (an aborted request's a prefix of the longer of the two),
+    and end exactly at max_tokens, EOS or a stop string."""
     eos = ModelConfig.load(resolve_model(None)).eos_token_ids
-    pipelined = await run_workload(engine, "p")
-    synchronous = await run_workload(sync_engine, "s")
-    for (prompt, params, abort_after), got, want in zip(mixed_workload(), pipelined, synchronous):
+    for (prompt, params, abort_after), got, want in zip(mixed_workload(), outputs, reference):
         tokens, text, reason = got
         if abort_after is None:
             assert got == want, prompt

@@ -232,7 +232,8 @@ class TokenizerWorker:
         """Deltas for the user, and the requests a stop string ended (for the scheduler)."""
         out: list[OutputDelta] = []
         stopped: list[str] = []
-        for run in _distinct_runs(batch.deltas):
+        deltas = [piece for d in batch.deltas for piece in self._pieces(d)]
+        for run in _distinct_runs(deltas):
             live = [(d, req) for d in run if (req := self.active.get(d.request_id)) is not None]
             if self.tokenizer is None:
                 pushed = [""] * len(live)
@@ -241,6 +242,27 @@ class TokenizerWorker:
             for (d, req), text in zip(live, pushed):
                 out.append(self._output(d, req, text, stopped))
         return out, stopped
+
+    def _pieces(self, d: TokenDelta) -> list[TokenDelta]:
+        """``d`` as one delta per token where it has several (accepted draft tokens) of a request with stop strings,
+        so that a stop string drops the tokens after the one that completes it; else ``d`` alone."""
+        req = self.active.get(d.request_id)
+        n = len(d.token_ids)
+        if n < 2 or req is None or not req.stop:
+            return [d]
+        return [
+            dataclasses.replace(
+                d,
+                token_ids=[token],
+                finish_reason=d.finish_reason if i == n - 1 else None,
+                error=d.error if i == n - 1 else None,
+                logprobs=d.logprobs[i : i + 1] if d.logprobs is not None else None,
+                num_cached_tokens=d.num_cached_tokens if i == 0 else 0,
+                time_in_queue=d.time_in_queue if i == 0 else None,
+                prompt_logprobs=d.prompt_logprobs if i == 0 else None,
+            )
+            for i, token in enumerate(d.token_ids)
+        ]
 
     def _output(self, d: TokenDelta, req: ActiveRequest, pushed: str, stopped: list[str]) -> OutputDelta:
         """The delta for the user of ``d``, whose new text is ``pushed``; a request a stop string ended is added

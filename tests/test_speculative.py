@@ -1,0 +1,225 @@
+"""Speculative decoding: n-gram prompt lookup and draft models never change greedy output, keep the sampled
+distribution, leak no KV pages, and count what they propose and what is accepted."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.test_pipelined import assert_same_outputs, run_workload
+from tests.test_scheduling import workload
+from tristream import LLM, AsyncEngine, SamplingParams
+from tristream.cli import parse_args
+from tristream.config_file import load_config_file
+from tristream.gpu_proc.speculative import accepted, ngram_drafts
+from tristream.model_files import default_model_path
+from tristream.speculative import SpeculativeConfig, parse_speculative
+
+ALWAYS = 256  # disable_by_batch_size above any batch of these tests
+# The chi-square values that 1..7 degrees of freedom exceed with probability 0.001.
+CHI2_P001 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+
+
+def spec_engine(kv_cache_tokens: int = 8192, **spec: object) -> AsyncEngine:
+    return AsyncEngine(
+        max_model_len=512,
+        check_invariants=True,
+        log_level="WARNING",
+        speculative={"num_tokens": 3, "disable_by_batch_size": ALWAYS, **spec},
+        kv_cache_tokens=kv_cache_tokens,
+    )
+
+
+@pytest.fixture(scope="module")
+async def ngram_engine():
+    """Prompt lookup, over a KV cache small enough that the workloads preempt requests."""
+    async with spec_engine(512, method="ngram", num_tokens=4) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+async def own_draft_engine():
+    """The model as its own draft."""
+    async with spec_engine(method="draft", model=default_model_path()) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def perturbed_model(model_dir, tmp_path_factory) -> str:
+    """A copy of the model with noise on its weights: a draft that is often, not always, right."""
+    path = tmp_path_factory.mktemp("perturbed")
+    for item in Path(model_dir).iterdir():
+        if item.name != "model.safetensors":
+            shutil.copy(item, path / item.name)
+    gen = torch.Generator().manual_seed(0)
+    weights = load_file(Path(model_dir) / "model.safetensors")
+    noisy = {k: w + 0.05 * w.float().std() * torch.randn(w.shape, generator=gen) for k, w in weights.items()}
+    save_file({k: w.contiguous() for k, w in noisy.items()}, path / "model.safetensors")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+async def perturbed_engine(perturbed_model):
+    async with spec_engine(method="draft", model=perturbed_model) as eng:
+        yield eng
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_the_config_takes_the_peers_spellings_and_refuses_bad_values(tmp_path):
+    assert parse_speculative('{"method": "ngram", "num_speculative_tokens": 5}').num_tokens == 5
+    assert parse_speculative({"model": "d", "num_tokens": 2}) == SpeculativeConfig("draft", 2, model="d")
+    assert parse_speculative({"method": "draft_model", "model": "d"}).method == "draft"
+    for bad, match in [
+        ({"method": "eagle3", "model": "h"}, "EAGLE heads are not supported yet"),
+        ({"method": "ngram", "num_tokens": 0}, "num_tokens must be an int >= 1"),
+        ({"method": "ngram", "num_tokens": float("nan")}, "num_tokens must be an int"),
+        ({"method": "ngram", "prompt_lookup_min": 5}, "prompt_lookup_min"),
+        ({"method": "draft"}, "needs the draft model"),
+        ({"method": "ngram", "lookahead": 2}, "unknown speculative config keys"),
+        ({"num_tokens": 2}, "needs a method"),
+        ("{not json", "not valid JSON"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse_speculative(bad)
+    args = parse_args(["serve", "--speculative-config", '{"method": "ngram", "num_tokens": 2}'])
+    assert args.speculative == SpeculativeConfig("ngram", 2)
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "--speculative-config", '{"method": "medusa"}'])
+    yaml = tmp_path / "serve.yaml"
+    yaml.write_text("speculative_config:\n  method: ngram\n  prompt_lookup_max: 3\n")
+    assert load_config_file(str(yaml), {"speculative"})["speculative"].prompt_lookup_max == 3
+
+
+def test_a_draft_model_must_share_the_tokenizer_and_hold_the_context(tmp_path, model_dir):
+    shutil.copytree(model_dir, tmp_path / "big", ignore=shutil.ignore_patterns("*.safetensors"))
+    config = (tmp_path / "big" / "config.json").read_text().replace('"vocab_size": 49152', '"vocab_size": 50000')
+    (tmp_path / "big" / "config.json").write_text(config)
+    with pytest.raises(ValueError, match="vocabulary .50000. is larger than the model's .49152."):
+        LLM(speculative_config={"model": str(tmp_path / "big")}, load_format="dummy", max_model_len=256)
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        LLM(speculative={"model": model_dir}, tensor_parallel_size=2)
+
+
+def test_ngram_drafts_follow_the_most_recent_longest_match():
+    tokens = [1, 2, 3, 9, 1, 2, 3, 4, 5, 7, 2, 3]
+    assert ngram_drafts(tokens, 3, 1, 3) == [4, 5, 7]  # "2 3" last came before 4 5 7
+    assert ngram_drafts(tokens, 1, 1, 3) == [4]
+    assert ngram_drafts([1, 2, 3, 4], 3, 1, 3) == []
+    assert ngram_drafts([5, 6, 5], 4, 1, 2) == [6, 5]  # a match of one token, the longer one absent
+    assert ngram_drafts([5, 6, 5], 4, 2, 2) == []
+
+
+def test_a_slot_keeps_its_first_token_and_each_next_while_the_drafts_match():
+    assert accepted([7, 8, 9], [7, 8, 9, 10]) == [7, 8, 9, 10]
+    assert accepted([7, 8, 9], [7, 5, 9, 10]) == [7, 5]
+    assert accepted([7, 8, 9], [6, 8, 9, 10]) == [6]
+    assert accepted([], [4]) == [4]
+
+
+# ---------------------------------------------------------------- greedy output
+
+
+async def test_greedy_output_with_each_method_is_that_without(engine, tokenizer, ngram_engine, own_draft_engine):
+    """The scheduling workload (shared prefixes, arrivals mid-flight) and the mixed one (stop strings, aborts, EOS,
+    max_tokens=1, seeded sampling), the n-gram engine's KV cache so small that requests are preempted."""
+    reference = await workload(engine, tokenizer)
+    mixed = await run_workload(engine, "plain")
+    for spec in (ngram_engine, own_draft_engine):
+        assert await workload(spec, tokenizer) == reference
+        assert_same_outputs(await run_workload(spec, "spec"), mixed)
+        stats = await spec.get_stats()
+        assert stats.num_draft_tokens >= stats.num_accepted_tokens > 0 and stats.num_drafts > 0
+    assert (await ngram_engine.get_stats()).num_preemptions > 0
+
+
+async def greedy_run(engine: AsyncEngine) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = ["The history of the lighthouse", "def fibonacci(n):", "Ten facts about tides:", "Hello"]
+
+    async def one(prompt: str) -> list[int]:
+        return [t async for out in engine.generate(prompt, params) for t in out.outputs[0].token_ids]
+
+    return await asyncio.gather(*map(one, prompts))
+
+
+@pytest.fixture(scope="module")
+async def greedy_reference(engine) -> list[list[int]]:
+    return await greedy_run(engine)
+
+
+async def test_the_model_as_its_own_draft_has_every_token_accepted(greedy_reference, own_draft_engine):
+    before = await own_draft_engine.get_stats()
+    assert await greedy_run(own_draft_engine) == greedy_reference
+    after = await own_draft_engine.get_stats()
+    drafted = after.num_draft_tokens - before.num_draft_tokens
+    assert drafted > 0 and after.num_accepted_tokens - before.num_accepted_tokens == drafted
+
+
+async def test_a_perturbed_draft_has_fewer_accepted_and_the_same_output(greedy_reference, perturbed_engine):
+    assert await greedy_run(perturbed_engine) == greedy_reference
+    stats = await perturbed_engine.get_stats()
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert 1 < stats.mean_accepted_length < 4 and 0 < stats.acceptance_rate < 1
+
+
+# ---------------------------------------------------------------- sampled output
+
+CONTEXT = "one two three one two three one two three one two"
+SAMPLED = dict(temperature=2.0, top_k=2, ignore_eos=True)
+
+
+async def _next_token_probs(engine: AsyncEngine, prompt: list[int]) -> dict[int, float]:
+    """The model's distribution of the token after ``prompt`` under SAMPLED (two tokens), without speculation."""
+    params = SamplingParams(max_tokens=1, logprobs=2, seed=0, **SAMPLED)
+    outs = [out async for out in engine.generate(prompt, params)]
+    top = outs[-1].outputs[0].logprobs[0]
+    return {token: math.exp(lp) for token, lp in top.items()}
+
+
+async def _exact_triples(engine: AsyncEngine, prompt: list[int]) -> dict[tuple[int, ...], float]:
+    """The probability of each sequence of three tokens after ``prompt``, from the model's distributions."""
+    probs: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(3):
+        grown = {}
+        for seq, p in probs.items():
+            for token, q in (await _next_token_probs(engine, prompt + list(seq))).items():
+                grown[seq + (token,)] = p * q
+        probs = grown
+    return probs
+
+
+@pytest.mark.parametrize("which", ["ngram_engine", "perturbed_engine"])
+async def test_sampled_tokens_checked_against_drafts_keep_the_distribution(engine, tokenizer, which, request):
+    """Three tokens sampled after a repetitive context (two of them at rows that check drafts): the frequencies of
+    the eight sequences match the model's own probabilities (chi-square), while drafts are accepted and rejected."""
+    spec = request.getfixturevalue(which)
+    prompt = tokenizer.encode(CONTEXT)
+    exact = await _exact_triples(engine, prompt)
+    before = await spec.get_stats()
+    n = 400
+
+    async def one(seed: int) -> tuple[int, ...]:
+        params = SamplingParams(max_tokens=3, seed=seed, **SAMPLED)
+        return tuple([t async for out in spec.generate(prompt, params) for t in out.outputs[0].token_ids])
+
+    counts = collections.Counter(await asyncio.gather(*(one(seed) for seed in range(n))))
+    assert set(counts) <= set(exact)
+    after = await spec.get_stats()
+    drafted = after.num_draft_tokens - before.num_draft_tokens
+    assert 0 < after.num_accepted_tokens - before.num_accepted_tokens < drafted
+    expected = {seq: n * p for seq, p in exact.items()}
+    small = [seq for seq, e in expected.items() if e < 5]
+    cells = [([seq], e) for seq, e in expected.items() if e >= 5]
+    if small:
+        cells.append((small, sum(expected[s] for s in small)))
+    chi2 = sum((sum(counts[s] for s in seqs) - e) ** 2 / e for seqs, e in cells)
+    assert len(cells) >= 4 and chi2 < CHI2_P001[len(cells) - 1], (chi2, counts, expected)

@@ -81,10 +81,17 @@ class GrammarMatchers:
         """Each slot's constraint now, to advance later even if the slot has been refilled by then."""
         return [self._slots.get(slot) for slot in slot_ids]
 
-    def bitmask_of(self, grammars: list[SlotGrammar | None]) -> torch.Tensor | None:
+    def bitmask_of(
+        self, grammars: list[SlotGrammar | None], drafts: list[int | None] | None = None
+    ) -> torch.Tensor | None:
         """int32 [len(grammars), ceil(vocab/32)] on the device, a row for each constraint that ``of``
         returned: all ones for a slot without a grammar (or whose grammar has accepted EOS); None if
         no slot has a grammar.
+
+        A slot checking draft tokens has a row per draft too: ``drafts[row]`` is the draft that such a row follows
+        (None for a slot's first row), and the row allows what the grammar allows once the slot's drafts up to it
+        are accepted. Past a draft that the grammar forbids, rows allow everything: the row before can never
+        sample that draft, so they are never kept. The matchers end as they began.
 
         Filled on the host into a reused buffer: the copy of the step before is done by then,
         since its tokens were read back before this step samples.
@@ -95,9 +102,22 @@ class GrammarMatchers:
         if self._host is None or self._host.shape[0] < len(grammars):
             self._host = torch.empty(len(grammars), words, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         host = self._host[: len(grammars)].fill_(-1)
+        accepted: dict[int, tuple[SlotGrammar, int]] = {}  # the drafts each grammar took for the rows after them
+        blocked: set[int] = set()  # slots with a draft their grammar forbids
         for row, grammar in enumerate(grammars):
-            if grammar is not None and not (matcher := grammar.matcher()).is_terminated():
+            if grammar is None:
+                continue
+            matcher = grammar.matcher()
+            draft = drafts[row] if drafts else None
+            if draft is not None:
+                if grammar.slot in blocked or matcher.is_terminated() or not matcher.accept_token(draft):
+                    blocked.add(grammar.slot)
+                    continue
+                accepted[grammar.slot] = grammar, accepted.get(grammar.slot, (grammar, 0))[1] + 1
+            if not matcher.is_terminated():
                 matcher.fill_next_token_bitmask(host, row)
+        for grammar, n in accepted.values():
+            grammar.matcher().rollback(n)
         return host.to(self.device, non_blocking=True, copy=True)
 
 

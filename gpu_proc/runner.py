@@ -49,8 +49,9 @@ logger = logging.getLogger("tristream")
 @dataclass
 class QueuedStep:
     """A step on its way through the device: what ``sample`` and ``finish`` need of it. ``slots`` (and their
-    ``seqs``) sample; ``rows`` is the slot of each sampling row (a slot with drafts has one per draft too), and
-    ``offsets`` each row's place among its slot's rows, on the device, where some slot has drafts."""
+    ``seqs``) sample; ``rows`` is the slot of each sampling row (a slot with drafts has one per draft too), and,
+    where some slot has drafts, ``offsets`` each row's place among its slot's rows (on the device) and ``drafts``
+    the draft each row follows (None for a slot's first row)."""
 
     plan: BatchPlan
     clock: StepClock
@@ -59,6 +60,7 @@ class QueuedStep:
     slots: list[int] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     offsets: torch.Tensor | None = None
+    drafts: list[int | None] | None = None
     slots_on_device: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     prompt_targets: list[tuple[int, list[int]]] = field(default_factory=list)
@@ -200,6 +202,11 @@ class ModelRunner:
             queued.rows = [slot for slot, place in zip(queued.slots, places) for _ in place]
             if len(queued.rows) > len(queued.slots):
                 queued.offsets = upload([i for place in places for i in place], torch.int64, self.device)
+                queued.drafts = [
+                    seq.token_ids[len(seq.token_ids) - seq.drafts - 1 + i] if i else None
+                    for seq, place in zip(queued.seqs, places)
+                    for i in place
+                ]
             batch, queued.slots_on_device, queued.prompt_targets = self.slots.batch(
                 plan, queued.rows, self.model_config.num_kv_heads, self.attention_span, self.config.lora_slots
             )
@@ -256,7 +263,7 @@ class ModelRunner:
                 queued.prompt_logprobs = self._prompt_logprobs(queued.logits[k:], queued.prompt_targets)
                 if k:
                     queued.grammars = self.grammar.of(queued.rows)
-                    bitmask = self.grammar.bitmask_of(queued.grammars)
+                    bitmask = self.grammar.bitmask_of(queued.grammars, queued.drafts)
                     queued.sampled = self.sampler.launch(
                         queued.logits[:k], queued.slots_on_device, queued.rows, bitmask, queued.offsets
                     )
@@ -271,7 +278,6 @@ class ModelRunner:
         """Wait for a queued step and return its results; its tokens join their sequences on the host."""
         queued.clock.wait()
         tokens, logprobs = queued.sampled.finish() if queued.sampled is not None else ([], None)
-        accept_each(queued.grammars, tokens)
         result = StepResult(
             queued.plan.step_id,
             queued.slots,
@@ -285,14 +291,15 @@ class ModelRunner:
         if len(queued.rows) > len(queued.slots):
             self._check_drafts(queued, result)
         else:
+            accept_each(queued.grammars, tokens)
             for seq, token in zip(queued.seqs, tokens):
                 seq.token_ids.append(token)
         return result
 
     def _check_drafts(self, queued: QueuedStep, result: StepResult) -> None:
         """Keep each slot's tokens (``speculative.accepted``) of a step with drafts: its sequence drops the drafts
-        and takes the kept tokens, which become ``result``'s rows, with their logprobs; the sampler takes back the
-        rows it counted for tokens not kept."""
+        and takes the kept tokens, which become ``result``'s rows, with their logprobs, and advance its grammar; the
+        sampler takes back the rows it counted for tokens not kept."""
         rows, logprobs = result.token_ids, result.logprobs
         result.slots, result.token_ids, result.logprobs = [], [], [] if logprobs is not None else None
         rejected, row = [], 0
@@ -307,6 +314,8 @@ class ModelRunner:
                 result.drafts.append((slot, d))
                 rejected.append((slot, d + 1 - len(kept)))
             seq.token_ids.extend(kept)
+            if queued.grammars:
+                accept_each([queued.grammars[row]] * len(kept), kept)
             result.slots += [slot] * len(kept)
             result.token_ids += kept
             if logprobs is not None:

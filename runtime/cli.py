@@ -335,6 +335,10 @@ COMMANDS = {"generate": _generate, "demo": _demo, "serve": _serve, "webchat": _s
 BENCHMARKS = {
     "latency": ("tristream.bench.latency", "batches of random prompts through the engine: TTFT, TPOT and tok/s"),
     "throughput": ("tristream.bench.throughput", "offline tok/s through LLM, GPU idle time, pipelined vs synchronous"),
+    "speculative": (
+        "tristream.bench.speculative",
+        "speculative decoding: the cost of checking k drafts, and the batch-1 speed-up against acceptance",
+    ),
     "serve": (
         "tristream.bench.serving",
         "streaming requests to a server under Poisson arrivals: TTFT, TPOT, ITL, E2E and goodput",

@@ -191,16 +191,15 @@ class Scheduler:
 
     def _num_drafts(self, req: Request, budget: int) -> int:
         """How many draft tokens a running request may check in its next step: 0 unless it speculates (a
-        decoding request that samples, without penalties, grammar, bad words of several tokens or a min_tokens
-        still to reach, while fewer than ``disable_by_batch_size`` requests run), and never past its
-        ``max_tokens``, the context or the step's token ``budget``."""
+        decoding request that samples, without penalties, bad words of several tokens or a min_tokens still to
+        reach, while fewer than ``disable_by_batch_size`` requests run), and never past its ``max_tokens``, the
+        context or the step's token ``budget``."""
         spec, params = self.spec, req.spec.params
         if (
             spec is None
             or len(self.running) >= spec.disable_by_batch_size
             or req.num_planned - req.num_computed != 1
             or req.spec.pooling is not None
-            or req.spec.grammar is not None
             or req.request_id in self.beam_searches
             or params.penalized
             or any(len(word) > 1 for word in req.spec.bad_words_ids)

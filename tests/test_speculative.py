@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
 from tests.test_pipelined import assert_same_outputs, run_workload
 from tests.test_scheduling import workload
-from tristream import LLM, AsyncEngine, SamplingParams
+from tristream import LLM, AsyncEngine, SamplingParams, StructuredOutput
 from tristream.cli import parse_args
 from tristream.config_file import load_config_file
 from tristream.gpu_proc.speculative import accepted, ngram_drafts
 from tristream.model_files import default_model_path
+from tristream.outputs import accumulate
+from tristream.server.metrics import ServerMetrics
 from tristream.speculative import SpeculativeConfig, parse_speculative
 
 ALWAYS = 256  # disable_by_batch_size above any batch of these tests
@@ -40,7 +44,7 @@ def spec_engine(kv_cache_tokens: int = 8192, **spec: object) -> AsyncEngine:
 @pytest.fixture(scope="module")
 async def ngram_engine():
     """Prompt lookup, over a KV cache small enough that the workloads preempt requests."""
-    async with spec_engine(512, method="ngram", num_tokens=4) as eng:
+    async with spec_engine(384, method="ngram", num_tokens=4) as eng:
         yield eng
 
 
@@ -162,6 +166,33 @@ async def test_the_model_as_its_own_draft_has_every_token_accepted(greedy_refere
     after = await own_draft_engine.get_stats()
     drafted = after.num_draft_tokens - before.num_draft_tokens
     assert drafted > 0 and after.num_accepted_tokens - before.num_accepted_tokens == drafted
+    metrics = ServerMetrics(own_draft_engine, "m")
+    samples = {
+        s.name: s.value for f in text_string_to_metric_families((await metrics.render()).decode()) for s in f.samples
+    }
+    stats = await own_draft_engine.get_stats()
+    assert samples["tristream_spec_decode_num_accepted_tokens_total"] == stats.num_accepted_tokens
+    assert samples["tristream_spec_decode_acceptance_rate"] == stats.acceptance_rate > 0
+
+
+async def test_logprobs_and_samples_of_n_are_those_without_drafts(engine, own_draft_engine):
+    """Each token's logprobs come from its own row, as if generated one by one; the samples of ``n=2`` with a seed
+    draw the noise of their output positions."""
+    params = SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=16, logprobs=3, ignore_eos=True)
+
+    async def run(eng: AsyncEngine) -> list:
+        whole = None
+        async for out in eng.generate("Ten facts about tides:", params):
+            whole = accumulate(whole, out)
+        return sorted((o.index, o.token_ids, o.logprobs) for o in whole.outputs)
+
+    want, got = await run(engine), await run(own_draft_engine)
+    assert len(got) == 2
+    for (_, ids, lps), (_, want_ids, want_lps) in zip(got, want):
+        assert ids == want_ids and len(lps) == len(ids) == 16
+        for step, want_step in zip(lps, want_lps):
+            assert list(step) == list(want_step)
+            assert all(abs(step[t] - want_step[t]) < 1e-4 for t in step)
 
 
 async def test_a_perturbed_draft_has_fewer_accepted_and_the_same_output(greedy_reference, perturbed_engine):
@@ -169,6 +200,31 @@ async def test_a_perturbed_draft_has_fewer_accepted_and_the_same_output(greedy_r
     stats = await perturbed_engine.get_stats()
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
     assert 1 < stats.mean_accepted_length < 4 and 0 < stats.acceptance_rate < 1
+
+
+async def test_drafts_under_a_grammar_keep_its_output(engine, ngram_engine):
+    """A grammar's mask at each row that checks a draft is the grammar's once the drafts before it are accepted;
+    a draft the grammar forbids is rejected. Greedy output and seeded samples are those without drafts."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "sights": {"type": "array",
+              "items": {"type": "string"}, "maxItems": 3}}, "required": ["city", "sights"]}  # fmt: skip
+    prompt = 'Answer in JSON like {"city": "Paris", "sights": ["Louvre", "Eiffel Tower"]}. Rome:'
+    jobs = [
+        SamplingParams(temperature=0, max_tokens=48, structured=StructuredOutput(json=schema)),
+        SamplingParams(temperature=0.7, seed=5, max_tokens=48, structured=StructuredOutput(json=schema)),
+        SamplingParams(temperature=0, max_tokens=12, structured=StructuredOutput(regex=r"(Rome|Roma)( is old\.)+")),
+    ]
+
+    async def run(eng: AsyncEngine) -> list[str]:
+        async def one(params: SamplingParams) -> str:
+            return "".join([out.outputs[0].text async for out in eng.generate(prompt, params)])
+
+        return await asyncio.gather(*map(one, jobs))
+
+    before = await ngram_engine.get_stats()
+    got, want = await run(ngram_engine), await run(engine)
+    assert got == want and json.loads(got[0])["city"]
+    after = await ngram_engine.get_stats()
+    assert after.num_accepted_tokens > before.num_accepted_tokens
 
 
 # ---------------------------------------------------------------- sampled output
@@ -197,21 +253,32 @@ async def _exact_triples(engine: AsyncEngine, prompt: list[int]) -> dict[tuple[i
     return probs
 
 
-@pytest.mark.parametrize("which", ["ngram_engine", "perturbed_engine"])
-async def test_sampled_tokens_checked_against_drafts_keep_the_distribution(engine, tokenizer, which, request):
+async def test_sampled_tokens_checked_against_ngram_drafts_keep_the_distribution(engine, tokenizer, ngram_engine):
+    await check_distribution(engine, tokenizer, ngram_engine)
+
+
+async def test_sampled_tokens_checked_against_model_drafts_keep_the_distribution(engine, tokenizer, perturbed_engine):
+    await check_distribution(engine, tokenizer, perturbed_engine)
+
+
+async def check_distribution(engine: AsyncEngine, tokenizer, spec: AsyncEngine) -> None:
     """Three tokens sampled after a repetitive context (two of them at rows that check drafts): the frequencies of
     the eight sequences match the model's own probabilities (chi-square), while drafts are accepted and rejected."""
-    spec = request.getfixturevalue(which)
     prompt = tokenizer.encode(CONTEXT)
     exact = await _exact_triples(engine, prompt)
     before = await spec.get_stats()
-    n = 400
+    requests, samples = 40, 5  # the samples of a request share its prompt's KV, each with a seed of its own
+    n = requests * samples
 
-    async def one(seed: int) -> tuple[int, ...]:
-        params = SamplingParams(max_tokens=3, seed=seed, **SAMPLED)
-        return tuple([t async for out in spec.generate(prompt, params) for t in out.outputs[0].token_ids])
+    async def one(seed: int) -> list[tuple[int, ...]]:
+        params = SamplingParams(max_tokens=3, seed=seed, n=samples, **SAMPLED)
+        whole = None
+        async for out in spec.generate(prompt, params):
+            whole = accumulate(whole, out)
+        return [tuple(o.token_ids) for o in whole.outputs]
 
-    counts = collections.Counter(await asyncio.gather(*(one(seed) for seed in range(n))))
+    runs = await asyncio.gather(*(one(seed) for seed in range(requests)))
+    counts = collections.Counter(seq for run in runs for seq in run)
     assert set(counts) <= set(exact)
     after = await spec.get_stats()
     drafted = after.num_draft_tokens - before.num_draft_tokens

@@ -75,6 +75,18 @@ class ServerMetrics:
             labels,
             registry=r,
         )
+        self.acceptance = Gauge(
+            "tristream_spec_decode_acceptance_rate",
+            "Share of the draft tokens proposed since start that were accepted",
+            labels,
+            registry=r,
+        )
+        self.accepted_length = Gauge(
+            "tristream_spec_decode_mean_accepted_length",
+            "Tokens produced per request-step that checked drafts, since start",
+            labels,
+            registry=r,
+        )
         self.model_name = model_name
         self.steps = StepAccounting(model_name)
         r.register(self.steps)
@@ -91,6 +103,8 @@ class ServerMetrics:
         self.hit_rate.labels(m).set(
             stats.num_cache_hit_tokens / stats.num_prompt_tokens if stats.num_prompt_tokens else 0.0
         )
+        self.acceptance.labels(m).set(stats.acceptance_rate)
+        self.accepted_length.labels(m).set(stats.mean_accepted_length)
         self.steps.stats = stats
         return generate_latest(self.registry)
 
@@ -138,7 +152,8 @@ class ServerMetrics:
 
 class StepAccounting:
     """The engine's step counters as Prometheus counters, read from the scheduler's latest stats:
-    where the time of each step goes (GPU busy, GPU idle between steps, scheduler, IPC, tokenizer workers)."""
+    where the time of each step goes (GPU busy, GPU idle between steps, scheduler, IPC, tokenizer workers), and
+    speculative decoding's draft tokens proposed and accepted."""
 
     FAMILIES = (
         ("tristream_engine_steps", "Engine steps run", "num_steps"),
@@ -155,6 +170,9 @@ class StepAccounting:
             "Tokenizer workers' time tokenizing prompts and detokenizing steps, summed over workers",
             "tokenizer_busy_s",
         ),
+        ("tristream_spec_decode_num_drafts", "Request-steps that checked draft tokens", "num_drafts"),
+        ("tristream_spec_decode_num_draft_tokens", "Draft tokens proposed", "num_draft_tokens"),
+        ("tristream_spec_decode_num_accepted_tokens", "Draft tokens accepted", "num_accepted_tokens"),
     )
 
     def __init__(self, model_name: str) -> None:

@@ -133,3 +133,17 @@ def test_bench_serve_sends_token_ids_without_a_tokenizer(tmp_path, live_server):
     assert report["prompts"] == "random token ids under 32000, sent as lists"
     r = report["results"]["inf"]
     assert (r["completed"], r["output_tokens"], r["prompt_tokens"]) == (2, 2 * 3, 2 * 8)
+
+
+def test_bench_speculative_checks_drafts_and_gives_the_greedy_output(tmp_path):
+    """The oracle draft right every time (p=1) has every one of its k=2 drafts accepted; one never right (p=0)
+    none; the run itself fails if speculation changed the greedy output."""
+    report = bench(
+        "speculative", "--device", "cpu", "--batch-sizes", "2", "--max-k", "1", "--k", "2", "--accept", "0", "1",
+        "--input-len", "8", "--output-len", "7", "--out", str(tmp_path / "spec.json"),
+    )  # fmt: skip
+    [verify] = report["verify"]
+    assert (verify["batch"], verify["k"]) == (2, 1) and verify["vs_decode"] > 0
+    never, always = report["acceptance"]
+    assert never["mean_accepted_length"] == 1 and always["mean_accepted_length"] == 3
+    assert always["speedup"] > 0 and report["model"]["name"] == "SmolLM2-135M-Instruct"

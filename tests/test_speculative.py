@@ -227,6 +227,24 @@ async def test_drafts_under_a_grammar_keep_its_output(engine, ngram_engine):
     assert after.num_accepted_tokens > before.num_accepted_tokens
 
 
+async def test_two_tensor_parallel_ranks_check_the_same_drafts(engine):
+    """Every rank proposes the same n-gram drafts and keeps the same tokens, so the ranks stay in step."""
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompts = ["Count: 1, 2, 3, 4, 5, 6,", "def add(a, b):\n    return a + b\ndef add("]
+
+    async def run(eng: AsyncEngine) -> list[list[int]]:
+        async def one(prompt: str) -> list[int]:
+            return [t async for out in eng.generate(prompt, params) for t in out.outputs[0].token_ids]
+
+        return await asyncio.gather(*map(one, prompts))
+
+    async with AsyncEngine(
+        tensor_parallel_size=2, speculative={"method": "ngram"}, check_invariants=True, log_level="WARNING"
+    ) as tp:
+        assert await run(tp) == await run(engine)
+        assert (await tp.get_stats()).num_accepted_tokens > 0
+
+
 # ---------------------------------------------------------------- sampled output
 
 CONTEXT = "one two three one two three one two three one two"

@@ -51,14 +51,15 @@ class DraftModel:
         """For each (slot, sequence, room), ``room`` draft tokens to follow the sequence's tokens."""
         slots = [slot for slot, _, _ in items]
         spans = [(seq, seq.draft_computed, seq.token_ids[seq.draft_computed :]) for _, seq, _ in items]
-        drafts = [self.model(self._batch(slots, spans), self.kv).argmax(dim=-1)]
+        batch = span_batch(slots, spans, self.block_tables, self.model_config, self.config)
+        drafts = [self.model(batch, self.kv).argmax(dim=-1)]
         for seq in (seq for _, seq, _ in items):
             seq.draft_computed = len(seq.token_ids)
         rooms = [room for _, _, room in items]
         for i in range(1, max(rooms)):
             live = [j for j, room in enumerate(rooms) if room > i]
             spans = [(items[j][1], len(items[j][1].token_ids) + i - 1, [0]) for j in live]
-            batch = self._batch([slots[j] for j in live], spans)
+            batch = span_batch([slots[j] for j in live], spans, self.block_tables, self.model_config, self.config)
             if len(live) == len(items):
                 batch.input_ids = drafts[-1]
                 drafts.append(self.model(batch, self.kv).argmax(dim=-1))
@@ -68,46 +69,53 @@ class DraftModel:
                 drafts.append(drafts[-1].index_copy(0, index, self.model(batch, self.kv).argmax(dim=-1)))
             for j in live:
                 items[j][1].draft_computed += 1
-        return _by_row([d.tolist() for d in drafts], rooms)
-
-    def _batch(self, slots: list[int], spans: list[tuple[Sequence, int, list[int]]]) -> ForwardBatch:
-        """The forward batch of each (sequence, first position, token ids) of ``slots``; a sequence's last row
-        gives logits."""
-        ps = self.config.page_size
-        ids, positions, mapping, indptr, lens = [], [], [], [0], []
-        for seq, start, tokens in spans:
-            end = start + len(tokens)
-            ids += tokens
-            positions += range(start + seq.position_offset, end + seq.position_offset)
-            mapping += (seq.pages[p // ps] * ps + p % ps for p in range(start, end))
-            indptr.append(end - start + indptr[-1])
-            lens.append(end)
-        t = upload_named(
-            self.device,
-            ids=ids,
-            positions=positions,
-            slot_mapping=mapping,
-            qo_indptr=indptr,
-            seq_lens=lens,
-            logit_rows=[i - 1 for i in indptr[1:]],
-            slots=slots,
-        )
-        max_q_len = max(b - a for a, b in zip(indptr, indptr[1:]))
-        mc = self.model_config
-        return ForwardBatch(
-            input_ids=t["ids"],
-            positions=t["positions"],
-            slot_mapping=t["slot_mapping"],
-            qo_indptr=t["qo_indptr"].int(),
-            seq_lens=t["seq_lens"].int(),
-            block_table=self.block_tables[t["slots"]],
-            logit_rows=t["logit_rows"],
-            max_q_len=max_q_len,
-            decode=max_q_len == 1,
-            num_splits=choose_num_splits(len(spans), mc.num_kv_heads, mc.attention_span(self.config.max_model_len)),
-        )
+        return by_row([d.tolist() for d in drafts], rooms)
 
 
-def _by_row(steps: list[list[int]], rooms: list[int]) -> list[list[int]]:
+def by_row(steps: list[list[int]], rooms: list[int]) -> list[list[int]]:
     """Each sequence's drafts from the tokens of each draft step, of which sequence j has its first ``rooms[j]``."""
     return [[step[j] for step in steps[:room]] for j, room in enumerate(rooms)]
+
+
+def span_batch(
+    slots: list[int],
+    spans: list[tuple[Sequence, int, list[int]]],
+    block_tables: torch.Tensor,
+    mc: ModelConfig,
+    config: EngineConfig,
+) -> ForwardBatch:
+    """The forward batch of each (sequence, first position, token ids) of ``slots``, over the pages of
+    ``block_tables``, for a model of shape ``mc``; a sequence's last row gives logits."""
+    ps = config.page_size
+    ids, positions, mapping, indptr, lens = [], [], [], [0], []
+    for seq, start, tokens in spans:
+        end = start + len(tokens)
+        ids += tokens
+        positions += range(start + seq.position_offset, end + seq.position_offset)
+        mapping += (seq.pages[p // ps] * ps + p % ps for p in range(start, end))
+        indptr.append(end - start + indptr[-1])
+        lens.append(end)
+    device = block_tables.device
+    t = upload_named(
+        device,
+        ids=ids,
+        positions=positions,
+        slot_mapping=mapping,
+        qo_indptr=indptr,
+        seq_lens=lens,
+        logit_rows=[i - 1 for i in indptr[1:]],
+        slots=slots,
+    )
+    max_q_len = max(b - a for a, b in zip(indptr, indptr[1:]))
+    return ForwardBatch(
+        input_ids=t["ids"],
+        positions=t["positions"],
+        slot_mapping=t["slot_mapping"],
+        qo_indptr=t["qo_indptr"].int(),
+        seq_lens=t["seq_lens"].int(),
+        block_table=block_tables[t["slots"]],
+        logit_rows=t["logit_rows"],
+        max_q_len=max_q_len,
+        decode=max_q_len == 1,
+        num_splits=choose_num_splits(len(spans), mc.num_kv_heads, mc.attention_span(config.max_model_len)),
+    )

@@ -25,6 +25,7 @@ import torch
 from tristream.config import EngineConfig
 from tristream.gpu_proc.cuda_graph import CudaGraphRunner
 from tristream.gpu_proc.draft_model import DraftModel
+from tristream.gpu_proc.eagle3 import Eagle3Draft
 from tristream.gpu_proc.forward_batch import ForwardBatch
 from tristream.gpu_proc.grammar import GrammarMatchers, SlotGrammar, accept_each
 from tristream.gpu_proc.kv_cache import allocate_kv_cache, kv_cache_pages
@@ -137,7 +138,11 @@ class ModelRunner:
         self.graphs: CudaGraphRunner | None = None
         self.pooler = Pooler()
         spec = config.speculative
-        self.draft = DraftModel(config, self.dtype, self.device) if spec and spec.method == "draft" else None
+        self.draft: DraftModel | Eagle3Draft | None = None
+        if spec and spec.method == "draft":
+            self.draft = DraftModel(config, self.dtype, self.device)
+        elif spec and spec.method == "eagle3":
+            self.draft = Eagle3Draft(config, self.model, mc, self.dtype, self.device)
         self.proposer = self.draft or (NgramProposer(spec) if spec else None)
         # Decode splits each query's keys over this many positions at most (a sliding window's, if every layer has one).
         self.attention_span = mc.attention_span(config.max_model_len)
@@ -148,12 +153,12 @@ class ModelRunner:
         self.kv = allocate_kv_cache(config, mc, self.kv_dtype, self.device, num_pages)
         max_pages = -(-config.max_model_len // config.page_size)
         self.slots = SlotState(config.max_num_seqs, max_pages, config.page_size, self.device, self.model)
-        if self.draft:
-            self.draft.allocate(num_pages, self.kv_dtype, self.slots.block_tables)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = CudaGraphRunner(
                 self.model, self.kv, config.max_num_seqs, max_pages, self.attention_span, config.lora_slots
             )
+        if self.draft:
+            self.draft.allocate(num_pages, self.kv_dtype, self.slots.block_tables)
 
     @torch.inference_mode()
     def load_lora(self, slot: int, path: str) -> None:
@@ -217,6 +222,8 @@ class ModelRunner:
                 queued.logits = self.graphs.run(batch)
             else:
                 queued.logits = self.model(batch, self.kv)
+                if isinstance(self.draft, Eagle3Draft):
+                    self.draft.record(plan.slots, plan.num_tokens, self.slots.seqs, batch)
         clock.mark()
         return queued
 

@@ -25,7 +25,8 @@ class Sequence:
     ``images`` are its prompt's images until their tokens and multimodal positions are all computed; the rotary
     position of a later token is its index plus ``position_offset``. The last ``drafts`` of ``token_ids`` are
     draft tokens that the step in flight checks (``ModelRunner.forward``); each of their rows samples. A draft
-    model's pool holds the KV of the first ``draft_computed`` tokens.
+    model's pool holds the KV of the first ``draft_computed`` tokens; an EAGLE-3 head keeps the model's features
+    of the positions from ``draft_hidden[0]`` on (``gpu_proc.eagle3``).
     """
 
     token_ids: list[int]
@@ -38,6 +39,7 @@ class Sequence:
     position_offset: int = 0
     drafts: int = 0
     draft_computed: int = 0
+    draft_hidden: tuple[int, torch.Tensor] | None = None
 
 
 @dataclass

@@ -142,7 +142,7 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = arg(
         None,
         'speculative decoding, as JSON: {"method": "ngram", "num_tokens": 4, "prompt_lookup_max": 4} or '
-        '{"method": "draft", "model": PATH, "num_tokens": 4}; also "disable_by_batch_size" (default 16)',
+        '{"method": "draft" or "eagle3", "model": PATH, "num_tokens": 4}; also "disable_by_batch_size" (default 16)',
         flag="--speculative-config",
         metavar="JSON",
         parse=parse_speculative,

@@ -10,9 +10,9 @@ from typing import Any
 from tristream.model_config import ModelConfig
 from tristream.model_files import resolve_model
 
-METHODS = ("ngram", "draft")
+METHODS = ("ngram", "draft", "eagle3")
 # Other engines' names for a method or a key, as their documentation writes them.
-METHOD_ALIASES = {"draft_model": "draft", "[ngram]": "ngram"}
+METHOD_ALIASES = {"draft_model": "draft", "[ngram]": "ngram", "EAGLE3": "eagle3"}
 KEY_ALIASES = {
     "num_speculative_tokens": "num_tokens",
     "speculative_num_draft_tokens": "num_tokens",
@@ -27,7 +27,7 @@ class SpeculativeConfig:
 
     ``method``: "ngram" proposes the tokens that followed the most recent earlier occurrence of the context's last
     ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens (no extra weights); "draft" runs the smaller model
-    ``model`` (same tokenizer) greedily. Speculation pauses while ``disable_by_batch_size`` or more requests run:
+    ``model`` (same tokenizer) greedily; "eagle3" runs the EAGLE-3 head ``model`` on the model's own hidden states. Speculation pauses while ``disable_by_batch_size`` or more requests run:
     at large batches a step is no longer bound by reading the weights, and checking drafts costs more than it saves.
     """
 
@@ -40,7 +40,7 @@ class SpeculativeConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            hint = " (EAGLE heads are not supported yet)" if "eagle" in str(self.method).lower() else ""
+            hint = " (of EAGLE heads, EAGLE-3's are supported)" if "eagle" in str(self.method).lower() else ""
             raise ValueError(f"speculative method must be one of {list(METHODS)}, got {self.method!r}{hint}")
         for name in ("num_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"):
             value = getattr(self, name)
@@ -51,8 +51,8 @@ class SpeculativeConfig:
                 f"speculative prompt_lookup_min ({self.prompt_lookup_min}) is above prompt_lookup_max "
                 f"({self.prompt_lookup_max})"
             )
-        if self.method == "draft" and not (isinstance(self.model, str) and self.model):
-            raise ValueError("speculative method 'draft' needs the draft model's directory or .gguf file as 'model'")
+        if self.method in ("draft", "eagle3") and not (isinstance(self.model, str) and self.model):
+            raise ValueError(f"speculative method {self.method!r} needs the draft's directory (or Hub id) as 'model'")
         if self.method == "ngram" and self.model is not None:
             raise ValueError("speculative method 'ngram' uses no draft model; leave 'model' out")
 
@@ -87,10 +87,16 @@ def resolve_draft(
 ) -> SpeculativeConfig:
     """``spec`` with its draft model resolved to a directory (a .gguf file converted, a Hub id downloaded), once
     the draft is known to fit the model ``target`` at ``max_len`` tokens. ``ValueError`` says why it does not."""
-    if spec.method != "draft":
+    if spec.method == "ngram":
         return spec
     if tp > 1:
-        raise ValueError("a draft model does not run under tensor parallelism yet: use method 'ngram', or tp=1")
+        raise ValueError(f"method {spec.method!r} does not run under tensor parallelism yet: use 'ngram', or tp=1")
+    if spec.method == "eagle3":
+        from tristream.gpu_proc.eagle3 import head_config  # the gpu_proc's, read here so that start-up fails early
+
+        path = resolve_model(spec.model, "auto", download_dir)
+        head_config(path, target)
+        return dataclasses.replace(spec, model=path)
     path = resolve_model(spec.model, load_format, download_dir)
     draft = ModelConfig.load(path)
     if draft.vocab_size > target.vocab_size:

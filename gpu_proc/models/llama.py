@@ -135,6 +135,8 @@ class LlamaForCausalLM(nn.Module):
     """
 
     weights = WEIGHTS
+    aux_layers: tuple[int, ...] = ()
+    aux_hidden: torch.Tensor | None = None
     qkv_bias = False
     qk_norm: type[RMSNorm] | None = None
     norm_class: type[RMSNorm] = RMSNorm
@@ -196,11 +198,18 @@ class LlamaForCausalLM(nn.Module):
         return self.logits(self.hidden_states(batch, kv)[batch.logit_rows])
 
     def hidden_states(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
-        """The final norm's output [tokens, hidden] for every row of the batch."""
+        """The final norm's output [tokens, hidden] for every row of the batch. With ``aux_layers`` set, the
+        residual stream entering each of those layers, side by side, is kept as ``aux_hidden`` (for an EAGLE-3
+        head)."""
         x, residual = self.embed(batch), None
         rotary, batch = self.rotary_of(batch)
-        for layer in self.layers:
+        aux = []
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_layers:
+                aux.append(x if residual is None else x + residual)
             x, residual = layer(x, residual, batch, kv, rotary)
+        if aux:
+            self.aux_hidden = torch.cat(aux, dim=-1)
         return self.final_norm(x, residual)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

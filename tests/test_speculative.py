@@ -14,15 +14,19 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 from tests.test_pipelined import assert_same_outputs, run_workload
 from tests.test_scheduling import workload
 from tristream import LLM, AsyncEngine, SamplingParams, StructuredOutput
 from tristream.cli import parse_args
+from tristream.config import EngineConfig
 from tristream.config_file import load_config_file
+from tristream.gpu_proc.runner import ModelRunner
 from tristream.gpu_proc.speculative import accepted, ngram_drafts
 from tristream.model_files import default_model_path
 from tristream.outputs import accumulate
+from tristream.protocol import BatchPlan, NewSequence
 from tristream.server.metrics import ServerMetrics
 from tristream.speculative import SpeculativeConfig, parse_speculative
 
@@ -177,6 +181,83 @@ def test_a_slot_keeps_its_first_token_and_each_next_while_the_drafts_match():
     assert accepted([7, 8, 9], [7, 5, 9, 10]) == [7, 5]
     assert accepted([7, 8, 9], [6, 8, 9, 10]) == [6]
     assert accepted([], [4]) == [4]
+
+
+def reference_eagle3_drafts(head_dir: str, hf_model, context: list[int], k: int) -> list[int]:
+    """The head's k greedy drafts after ``context``, computed whole in plain torch from the head's
+    checkpoint and transformers' hidden states: entry i is (embedding of token i+1, fc of the residual stream
+    entering layers 2, L/2 and L-3 at position i), causal attention over all entries with rotary positions i, and
+    each draft fed back beside the head's own hidden state before its final norm."""
+    w = load_file(Path(head_dir) / "model.safetensors")
+    cfg = json.loads((Path(head_dir) / "config.json").read_text())
+    heads, kv_heads, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
+    with torch.no_grad():
+        states = hf_model(torch.tensor([context[:-1]]), output_hidden_states=True).hidden_states
+        n = len(states) - 1
+        aux = torch.cat([states[i][0] for i in (2, n // 2, n - 3)], dim=-1)
+        embed = hf_model.get_input_embeddings().weight
+
+        def rms(x, weight):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+        def head(tokens: list[int], hidden: torch.Tensor) -> tuple[int, torch.Tensor]:
+            m = len(tokens)
+            z = torch.cat([rms(embed[tokens], w["midlayer.input_layernorm.weight"]),
+                           rms(hidden, w["midlayer.hidden_norm.weight"])], dim=-1)  # fmt: skip
+            q, k_, v = (z @ w[f"midlayer.self_attn.{x}_proj.weight"].T for x in "qkv")
+            d = q.shape[-1] // heads
+            q, k_, v = q.view(m, heads, d), k_.view(m, kv_heads, d), v.view(m, kv_heads, d)
+            inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, d, 2).float() / d)
+            angles = torch.arange(m).float()[:, None] * inv[None, :]
+            cos, sin = torch.cat([angles.cos()] * 2, -1)[:, None], torch.cat([angles.sin()] * 2, -1)[:, None]
+
+            def rope(x):
+                return x * cos + torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1) * sin
+
+            q, k_ = rope(q), rope(k_)
+            k_, v = k_.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
+            scores = torch.einsum("qhd,khd->hqk", q, k_) * d**-0.5
+            scores = scores.masked_fill(torch.ones(m, m, dtype=torch.bool).triu(1), float("-inf"))
+            attn = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(m, heads * d)
+            r = attn @ w["midlayer.self_attn.o_proj.weight"].T + hidden
+            y = rms(r, w["midlayer.post_attention_layernorm.weight"])
+            gate, up = y @ w["midlayer.mlp.gate_proj.weight"].T, y @ w["midlayer.mlp.up_proj.weight"].T
+            before = (torch.nn.functional.silu(gate) * up) @ w["midlayer.mlp.down_proj.weight"].T + r
+            token = int((rms(before[-1], w["norm.weight"]) @ w["lm_head.weight"].T).argmax())
+            return token + int(w["d2t"][token]), before[-1]
+
+        tokens, hidden = context[1:], aux @ w["fc.weight"].T
+        drafts = []
+        for _ in range(k):
+            token, state = head(tokens, hidden)
+            drafts.append(token)
+            tokens, hidden = tokens + [token], torch.cat([hidden, state[None]])
+        return drafts
+
+
+def test_eagle3_drafts_are_the_heads_own_greedy_tokens(model_dir, hf_model, tmp_path):
+    """The proposals of the engine's head (kept features, catch-up extend, decode steps over its own KV) equal
+    the head computed whole from the checkpoint and transformers' hidden states, at its first proposal (the whole
+    prompt to catch up on) and at the next ones (the positions the checking step kept)."""
+    head = random_eagle3_head(tmp_path / "head", model_dir, draft_vocab=49152)
+    config = EngineConfig(
+        model=model_dir, device="cpu", max_model_len=128, kv_cache_tokens=512, log_level="WARNING",
+        speculative={"method": "eagle3", "model": head, "num_tokens": 3},
+    )  # fmt: skip
+    runner = ModelRunner(config)
+    proposed: list[list[list[int]]] = []
+    propose = runner.proposer.propose
+    runner.proposer.propose = lambda items: proposed.append(propose(items)) or proposed[-1]
+    prompt = AutoTokenizer.from_pretrained(model_dir).encode("The three primary colours are red, yellow and")
+    params = SamplingParams(temperature=0, max_tokens=20)
+    new = NewSequence(0, prompt, 0, 0, params)
+    runner.step(BatchPlan(0, new=[new], pages=[(0, [1, 2, 3, 4])], slots=[0], num_tokens=[len(prompt)], sample=[True]))
+    seq = runner.slots.seqs[0]
+    for step in range(1, 4):
+        context = list(seq.token_ids)
+        kept = len(runner.step(BatchPlan(step, slots=[0], num_tokens=[4], sample=[True])).token_ids)
+        assert proposed[-1] == [reference_eagle3_drafts(head, hf_model, context, 3)]
+        assert seq.num_computed == len(context) - 1 + kept and len(seq.token_ids) == len(context) + kept
 
 
 # ---------------------------------------------------------------- greedy output

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -196,14 +197,25 @@ class Eagle3Draft:
         self.block_tables = block_tables
         self.target.aux_layers = aux_layers(self.target.config.num_layers)
 
-    def record(self, slots: list[int], counts: list[int], seqs: dict[int, Sequence], batch: ForwardBatch) -> None:
+    def record(
+        self,
+        slots: list[int],
+        counts: list[int],
+        seqs: dict[int, Sequence],
+        batch: ForwardBatch,
+        keep: Callable[[int], bool],
+    ) -> None:
         """Keep the folded features of an eager step's rows: ``counts[i]`` rows of slot ``slots[i]``, in order, at
-        the positions before each sequence's ``num_computed``. A sequence whose positions skip some (a decode step
-        run as a CUDA graph, a cached prefix) takes the head's KV there as it is: drafts can only be worse for it."""
+        the positions before each sequence's ``num_computed``, for the slots that ``keep`` (those that may
+        speculate). A sequence whose positions skip some (a decode step run as a CUDA graph, a cached prefix)
+        takes the head's KV there as it is: drafts can only be worse for it."""
         features = self.head.fc(self.target.aux_hidden, batch)
         row = 0
         for slot, n in zip(slots, counts):
             seq = seqs[slot]
+            if not keep(slot):
+                row += n
+                continue
             start = seq.num_computed - n
             kept = seq.draft_hidden
             if kept is None or start > kept[0] + kept[1].shape[0] or start < kept[0]:

@@ -223,7 +223,9 @@ class ModelRunner:
             else:
                 queued.logits = self.model(batch, self.kv)
                 if isinstance(self.draft, Eagle3Draft):
-                    self.draft.record(plan.slots, plan.num_tokens, self.slots.seqs, batch)
+                    self.draft.record(
+                        plan.slots, plan.num_tokens, self.slots.seqs, batch, self.sampler.state.may_speculate
+                    )
         clock.mark()
         return queued
 

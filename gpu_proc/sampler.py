@@ -92,6 +92,11 @@ class SamplingState:
                 )
         self._track(slot)
 
+    def may_speculate(self, slot: int) -> bool:
+        """Whether the slot's request may check draft tokens: the scheduler gives no room for drafts to requests
+        that count penalty tokens, watch for bad words of several tokens or min_tokens, or search beams."""
+        return slot not in self.counted and slot not in self.watched and not self.params[slot].use_beam_search
+
     def _track(self, slot: int) -> None:
         """File the slot under ``counted`` and ``watched`` by its parameters."""
         p = self.params[slot]

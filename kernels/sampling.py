@@ -181,12 +181,14 @@ def nucleus_sample_ref(
 
 def _masked_gumbel_argmax(s: torch.Tensor, floor: torch.Tensor, pivot: torch.Tensor, keys: torch.Tensor):
     """Per row, the first token of the maximal ``s`` plus the noise of its key, among the tokens at or above
-    ``floor`` and above ``pivot`` (noise drawn for those alone)."""
+    ``floor`` and above ``pivot`` (noise drawn for those alone); token 0 for a row where no token is (every
+    logit -inf: all masked), as the kernel gives."""
     rows, cols = torch.nonzero((s >= floor[:, None]) & (s > pivot[:, None]), as_tuple=True)
     g = s[rows, cols] - torch.log(-torch.log(noise_at(keys[rows], cols)))
     best = torch.full_like(floor, float("-inf")).scatter_reduce(0, rows, g, "amax")
     top = g == best[rows]
-    return torch.full_like(keys, s.shape[-1]).scatter_reduce(0, rows[top], cols[top], "amin")
+    first = torch.full_like(keys, s.shape[-1]).scatter_reduce(0, rows[top], cols[top], "amin")
+    return torch.where(first < s.shape[-1], first, 0)
 
 
 @triton.jit

@@ -108,6 +108,22 @@ def test_nucleus_kernel_draws_the_reference_tokens(vocab):
         assert (out[slots != 0] >= 0).all()
 
 
+def test_a_row_with_every_token_masked_draws_token_zero_in_both():
+    """A request can mask every token (allowed_token_ids whose only token min_tokens forbids): its row is all -inf,
+    and both the kernel and the reference give token 0, never an id past the vocabulary."""
+    g = torch.Generator().manual_seed(2)
+    vocab = 300
+    rows = [{"temperature": 1.0, "seed": 1}, {"temperature": 0.7, "top_p": 0.5, "seed": 2},
+            {"temperature": 1.0, "top_k": 5, "min_p": 0.1, "seed": 3}]  # fmt: skip
+    floats, ints, *_ = tables(rows, 3, vocab, g)
+    logits = torch.full((3, vocab), float("-inf"))
+    slots = torch.arange(3)
+    kth = kth_of(logits, ints, slots)
+    ref = nucleus_sample_ref(logits, slots, floats, ints, kth)
+    assert ref.tolist() == [0, 0, 0]
+    assert torch.equal(nucleus_sample(*on(DEVICE, logits, slots, floats, ints, kth)).cpu(), ref)
+
+
 def test_nucleus_without_top_p_is_one_gumbel_max_draw_over_the_top_k():
     g = torch.Generator().manual_seed(1)
     vocab = 500

@@ -198,3 +198,15 @@ def check_logprobs(params: list[SamplingParams], logits: torch.Tensor) -> None:
         top = [v for _, v in entries[1:]]
         assert top == sorted(top, reverse=True)
         assert [t for t, _ in entries[1:]] == ref.topk(p.logprobs).indices.tolist()
+
+
+def test_a_request_that_masks_every_token_still_gets_one_in_the_vocabulary():
+    """allowed_token_ids whose only token min_tokens forbids (it is a stop token) leave no token: the sampler
+    gives token 0 under any sampling, rather than an id past the vocabulary that would fail the step."""
+    params = [
+        SamplingParams(temperature=t, top_p=p, allowed_token_ids=[7], stop_token_ids=[7], min_tokens=2, seed=1)
+        for t, p in ((1.0, 1.0), (0.8, 0.5), (0.0, 1.0))
+    ]
+    sampler = sampler_for(params)
+    tokens = sampler(torch.randn(3, VOCAB), torch.arange(3), [0, 1, 2])
+    assert tokens.tolist() == [0, 0, 0]

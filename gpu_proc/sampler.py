@@ -147,7 +147,7 @@ class SamplingState:
         Returns (row, output history) of the slots that watch for bad words: their tokens are
         appended once they are on the host (``Sampled.finish``)."""
         self.counter.index_add_(0, slots, torch.ones_like(slots))
-        counted = [row for row, slot in enumerate(slot_ids) if slot in self.counted]
+        counted = [row for row, slot in enumerate(slot_ids) if slot in self.counted] if self.counted else []
         if counted:
             if len(counted) < len(slot_ids):
                 rows = upload(counted, torch.int64, self.device)

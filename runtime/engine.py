@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 
 from tristream import processes
-from tristream.config import engine_config
+from tristream.config import EngineConfig, engine_config
 from tristream.embeddings import EmbeddingOutput, EmbeddingRequestOutput
 from tristream.lora import DEFAULT_LORA_RANK, read_adapter
 from tristream.media import MediaPolicy, load_images, prompt_images, split_images
@@ -140,12 +140,18 @@ class AsyncEngine:
             raise
 
     async def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
+        _log_to_stderr(self.config.log_level)
+        self.child_config = await self._child_config()
+        self._spawn(loop)
+
+    async def _child_config(self) -> EngineConfig:
+        """The config the engine processes run with: the model resolved to a folder and checked, the context
+        length, LoRA adapters and speculative draft settled. Whatever cannot run fails here, before any process
+        starts."""
         config = self.config
-        _log_to_stderr(config.log_level)
         model_dir = await asyncio.to_thread(resolve_model, config.model, config.load_format, config.download_dir)
         mc = ModelConfig.load(model_dir)
         self.pooling = engine_pooling(config.pooling, config.normalize, model_dir)
-        # An unsupported checkpoint fails here, before any process starts.
         quant_spec(mc.quantization_config, config.quantization, config.load_format == "dummy", mc.num_experts)
         self.generation_defaults = generation_defaults(model_dir) if config.generation_config == "auto" else {}
         if self.generation_defaults:
@@ -159,9 +165,26 @@ class AsyncEngine:
             raise ValueError(
                 f"max_model_len={max_len} exceeds the model's max_position_embeddings={mc.max_position_embeddings}"
             )
-        shard_model(mc, config.tensor_parallel_size, 0)  # a split that does not fit fails here, before any process
+        shard_model(mc, config.tensor_parallel_size, 0)  # a split that does not fit
         self.model_config = mc
-        workers = config.num_tokenizer_workers(_on_cuda(config.device))
+        adapters, max_rank = await self._adapters(mc)
+        spec = config.speculative and await asyncio.to_thread(
+            resolve_draft, config.speculative, mc, max_len, config.load_format, config.download_dir,
+            config.tensor_parallel_size,
+        )  # fmt: skip
+        return dataclasses.replace(
+            config,
+            model=model_dir,
+            speculative=spec,
+            max_model_len=max_len,
+            lora_adapters=adapters or None,
+            max_lora_rank=max_rank,
+            tokenizer_workers=config.num_tokenizer_workers(_on_cuda(config.device)),
+        )
+
+    async def _adapters(self, mc: ModelConfig) -> tuple[dict[str, str], int]:
+        """The start-up LoRA adapters' folders by name, each given its slot, and the largest rank to hold."""
+        config = self.config
         adapters = {name: os.path.abspath(path) for name, path in (config.lora_adapters or {}).items()}
         ranks = {name: (await asyncio.to_thread(read_adapter, path, mc)).rank for name, path in adapters.items()}
         max_rank = config.max_lora_rank or max([DEFAULT_LORA_RANK, *ranks.values()])
@@ -170,25 +193,13 @@ class AsyncEngine:
                 raise ValueError(f"LoRA adapter {name!r} has rank {rank}, above max_lora_rank={max_rank}")
         for slot, name in enumerate(adapters):
             self._loras[name], self._lora_paths[name] = LoraRef(next(self._lora_ids), slot), adapters[name]
-        spec = config.speculative and await asyncio.to_thread(
-            resolve_draft,
-            config.speculative,
-            mc,
-            max_len,
-            config.load_format,
-            config.download_dir,
-            config.tensor_parallel_size,
-        )
-        self.child_config = dataclasses.replace(
-            config,
-            model=model_dir,
-            speculative=spec,
-            max_model_len=max_len,
-            lora_adapters=adapters or None,
-            max_lora_rank=max_rank,
-            tokenizer_workers=workers,
-        )
-        ipc, self._ipc_dir = processes.make_ipc(config.tensor_parallel_size, workers)
+        return adapters, max_rank
+
+    def _spawn(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Open the sockets and start the engine processes with ``child_config``."""
+        config = self.child_config
+        workers, tp = config.tokenizer_workers, config.tensor_parallel_size
+        ipc, self._ipc_dir = processes.make_ipc(tp, workers)
         self._ctx = zmq.asyncio.Context()
         self._inbox = self._ctx.socket(zmq.PULL)
         self._inbox.setsockopt(zmq.RCVHWM, 0)
@@ -199,11 +210,11 @@ class AsyncEngine:
         inboxes["scheduler"] = ipc.scheduler
         self._out = {name: processes.connect_outbox(self._sync_ctx, address) for name, address in inboxes.items()}
         self._reader = loop.create_task(self._read_loop())
-        ranks = [(gpu_process_name(rank), f"gpu{rank}", "gpu", (rank,)) for rank in range(config.tensor_parallel_size)]
+        ranks = [(gpu_process_name(rank), f"gpu{rank}", "gpu", (rank,)) for rank in range(tp)]
         tokenizers = [(tokenizer_process_name(w), tokenizer_process_name(w), "tokenizer", (w,)) for w in range(workers)]
-        scheduler = ("scheduler", "scheduler", "scheduler", (mc.kv_window(),))
+        scheduler = ("scheduler", "scheduler", "scheduler", (self.model_config.kv_window(),))
         for name, title, kind, args in [*ranks, *tokenizers, scheduler]:
-            proc = processes.spawn(name, f"tristream.{kind}_proc.main", ipc, self.child_config, *args, title=title)
+            proc = processes.spawn(name, f"tristream.{kind}_proc.main", ipc, config, *args, title=title)
             self._procs[name] = proc
             loop.add_reader(proc.sentinel, self._on_exit, name)
 

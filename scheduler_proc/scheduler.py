@@ -28,12 +28,11 @@ logger = logging.getLogger("tristream")
 @dataclass
 class StepInFlight:
     """What the scheduler needs to take a step's result: the request of each row by slot, the
-    prefill chunks to cache, the draft tokens planned by slot, and the time spent planning it."""
+    prefill chunks to cache, and the time spent planning it."""
 
     step_id: int
     rows: dict[int, Request] = field(default_factory=dict)
     prefilling: list[Request] = field(default_factory=list)
-    drafts: dict[int, int] = field(default_factory=dict)
     plan_s: float = 0.0
 
 
@@ -67,7 +66,7 @@ class Scheduler:
     With a sliding window on every layer (``window``: the largest), each step first frees the
     pages of running requests that no query still to come can read (``KVPages.drop_out_of_window``).
 
-    With speculative decoding, a decoding request that can (``_speculates``) computes its newest token and room
+    With speculative decoding, a decoding request that can (``_num_drafts``) computes its newest token and room
     for up to ``num_tokens`` draft tokens, which the gpu_proc proposes and checks; it waits for that step's
     result before its next one, and then takes back the computed positions of the drafts that were rejected
     (their KV is overwritten when those positions are computed again).
@@ -184,9 +183,8 @@ class Scheduler:
         plan.sample.append(sample)
         req.num_pending += sample
         step.rows[req.slot] = req
-        if drafts:
-            step.drafts[req.slot] = req.num_drafts = drafts
-        elif n > 1:
+        req.num_drafts = drafts
+        if n > drafts + 1:
             step.prefilling.append(req)
 
     def _num_drafts(self, req: Request, budget: int) -> int:
@@ -382,15 +380,16 @@ class Scheduler:
             if req is not None and self._live(req):
                 req.prompt_logprobs.extend(entries)
         deltas = []
-        proposed = dict(result.drafts)
-        for slot, tokens, lps in _by_slot(result):
-            self._count_drafts(proposed.get(slot, 0), len(tokens))
+        rows = _by_slot(result)
+        if result.drafts:
+            self._count_drafts(result.drafts, rows)
+        for slot, tokens, lps in rows:
             req = step.rows[slot]
             group = self.beam_searches.get(req.request_id)
             if group is not None and group.holds(req):
                 deltas += self._take_beam(group, req, lps[0])
             elif self._live(req):
-                deltas.append(self._take(req, tokens, lps, step.drafts.get(slot, 0)))
+                deltas.append(self._take(req, tokens, lps))
         pooled = [(step.rows[slot], vector) for slot, vector in result.embeddings]
         embedded = [self._embedded(req, vector) for req, vector in pooled if self._live(req)]
         if self.config.check_invariants:
@@ -416,13 +415,15 @@ class Scheduler:
             )
         return deltas + embedded
 
-    def _count_drafts(self, proposed: int, produced: int) -> None:
-        """Count a slot's ``proposed`` draft tokens of a step, of which the ``produced`` tokens but the last were
-        accepted."""
-        if proposed:
-            self.counters.num_drafts += 1
-            self.counters.num_draft_tokens += proposed
-            self.counters.num_accepted_tokens += produced - 1
+    def _count_drafts(self, proposed: list[tuple[int, int]], rows: list[tuple[int, list[int], list]]) -> None:
+        """Count the (slot, draft tokens) ``proposed`` in a step, and the accepted ones: each such slot's tokens
+        in ``rows`` but the last."""
+        produced = {slot: len(tokens) for slot, tokens, _ in rows}
+        for slot, n in proposed:
+            if n:
+                self.counters.num_drafts += 1
+                self.counters.num_draft_tokens += n
+                self.counters.num_accepted_tokens += produced[slot] - 1
 
     def _embedded(self, req: Request, embedding: list[float]) -> TokenDelta:
         """End an embedding request with its pooled vector; its computed pages stay cached."""
@@ -436,12 +437,12 @@ class Scheduler:
             worker=req.spec.worker,
         )
 
-    def _take(self, req: Request, tokens: list[int], logprobs: list, drafts: int) -> TokenDelta:
-        """Record a step's tokens of a request (more than one where it accepted drafts, of the ``drafts`` it had
-        room for): its delta, which ends the request at the first token that finishes it."""
+    def _take(self, req: Request, tokens: list[int], logprobs: list) -> TokenDelta:
+        """Record a step's tokens of a request (more than one where it accepted some of the ``num_drafts`` drafts
+        it had room for): its delta, which ends the request at the first token that finishes it."""
         req.num_pending -= 1
         if req.slot is not None:
-            req.num_computed -= drafts + 1 - len(tokens)
+            req.num_computed -= req.num_drafts + 1 - len(tokens)
         req.num_drafts = 0
         first = not req.output_token_ids
         reason, taken = None, 0

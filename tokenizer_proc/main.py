@@ -246,9 +246,9 @@ class TokenizerWorker:
     def _pieces(self, d: TokenDelta) -> list[TokenDelta]:
         """``d`` as one delta per token where it has several (accepted draft tokens) of a request with stop strings,
         so that a stop string drops the tokens after the one that completes it; else ``d`` alone."""
-        req = self.active.get(d.request_id)
         n = len(d.token_ids)
-        if n < 2 or req is None or not req.stop:
+        req = self.active.get(d.request_id) if n > 1 else None
+        if req is None or not req.stop:
             return [d]
         return [
             dataclasses.replace(

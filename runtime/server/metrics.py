@@ -23,73 +23,60 @@ class ServerMetrics:
     def __init__(self, engine: AsyncEngine, model_name: str) -> None:
         self.engine = engine
         self.registry = CollectorRegistry()
-        r, labels = self.registry, ["model_name"]
+        self.model_name = model_name
+        self._request_metrics(self.registry, ["model_name"])
+        self._engine_gauges(self.registry, ["model_name"])
+        self.steps = StepAccounting(model_name)
+        self.registry.register(self.steps)
+
+    def _request_metrics(self, r: CollectorRegistry, labels: list[str]) -> None:
+        """The counters and latency histograms that ``track`` feeds, request by request."""
         self.requests = Counter(
             "tristream_requests", "Engine requests that ended, by finish reason", labels + ["finish_reason"], registry=r
         )
         self.prompt_tokens = Counter("tristream_prompt_tokens", "Prompt tokens of ended requests", labels, registry=r)
         self.generation_tokens = Counter("tristream_generation_tokens", "Generated tokens", labels, registry=r)
         self.ttft = Histogram(
-            "tristream_time_to_first_token_seconds",
-            "Arrival to first token",
-            labels,
-            buckets=LATENCY_BUCKETS,
+            "tristream_time_to_first_token_seconds", "Arrival to first token", labels, buckets=LATENCY_BUCKETS,
             registry=r,
-        )
+        )  # fmt: skip
         self.itl = Histogram(
-            "tristream_inter_token_latency_seconds",
-            "Time between streamed tokens",
-            labels,
-            buckets=ITL_BUCKETS,
+            "tristream_inter_token_latency_seconds", "Time between streamed tokens", labels, buckets=ITL_BUCKETS,
             registry=r,
-        )
+        )  # fmt: skip
         self.e2e = Histogram(
-            "tristream_e2e_request_latency_seconds",
-            "Arrival to the last token",
-            labels,
-            buckets=LATENCY_BUCKETS,
+            "tristream_e2e_request_latency_seconds", "Arrival to the last token", labels, buckets=LATENCY_BUCKETS,
             registry=r,
-        )
+        )  # fmt: skip
         self.queue = Histogram(
-            "tristream_request_queue_time_seconds",
-            "Arrival to the first scheduled step",
-            labels,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+            "tristream_request_queue_time_seconds", "Arrival to the first scheduled step", labels,
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+
+    def _engine_gauges(self, r: CollectorRegistry, labels: list[str]) -> None:
+        """The gauges that ``render`` sets from the engine's stats."""
         self.running = Gauge("tristream_num_requests_running", "Sequences in the running batch", labels, registry=r)
         self.waiting = Gauge("tristream_num_requests_waiting", "Sequences waiting for admission", labels, registry=r)
         self.pages_total = Gauge("tristream_kv_pages_total", "KV cache pages", labels, registry=r)
         self.pages_used = Gauge(
-            "tristream_kv_pages_used",
-            "KV cache pages not free (held by requests or the prefix cache)",
-            labels,
+            "tristream_kv_pages_used", "KV cache pages not free (held by requests or the prefix cache)", labels,
             registry=r,
-        )
+        )  # fmt: skip
         self.pages_cached = Gauge(
             "tristream_kv_pages_cached", "KV cache pages held by the prefix cache", labels, registry=r
         )
         self.hit_rate = Gauge(
-            "tristream_prefix_cache_hit_rate",
-            "Prompt tokens served from the prefix cache, since start",
-            labels,
+            "tristream_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache, since start", labels,
             registry=r,
-        )
+        )  # fmt: skip
         self.acceptance = Gauge(
-            "tristream_spec_decode_acceptance_rate",
-            "Share of the draft tokens proposed since start that were accepted",
-            labels,
-            registry=r,
-        )
+            "tristream_spec_decode_acceptance_rate", "Share of the draft tokens proposed since start that were "
+            "accepted", labels, registry=r,
+        )  # fmt: skip
         self.accepted_length = Gauge(
-            "tristream_spec_decode_mean_accepted_length",
-            "Tokens produced per request-step that checked drafts, since start",
-            labels,
-            registry=r,
-        )
-        self.model_name = model_name
-        self.steps = StepAccounting(model_name)
-        r.register(self.steps)
+            "tristream_spec_decode_mean_accepted_length", "Tokens produced per request-step that checked drafts, "
+            "since start", labels, registry=r,
+        )  # fmt: skip
 
     async def render(self) -> bytes:
         """The exposition text, with the engine gauges read now."""

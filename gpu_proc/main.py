@@ -17,20 +17,20 @@ import zmq
 from tristream.config import EngineConfig
 from tristream.gpu_proc.runner import ModelRunner, QueuedStep
 from tristream.plan_codec import PlanDecoder, PlanDiff
-from tristream.processes import bind_inbox, connect_outbox, recv, send
+from tristream.processes import connect_inbox, connect_outbox, recv, send
 from tristream.protocol import GpuReady, Ipc, LoadLora, LoraLoaded, Shutdown
 
 # How long to wait for a plan before checking whether the step in flight is done.
 POLL_MS = 0.2
 
 
-def run(ipc: Ipc, config: EngineConfig, rank: int) -> None:
-    """Process entry point of tensor-parallel rank ``rank``."""
+def run(ipc: Ipc, config: EngineConfig, rank: int, device_index: int = 0) -> None:
+    """Process entry point of tensor-parallel rank ``rank``, on CUDA device ``device_index`` of its host."""
     ctx = zmq.Context()
-    inbox = bind_inbox(ctx, ipc.gpu[rank])
+    inbox = connect_inbox(ctx, ipc.gpu[rank])
     to_scheduler = connect_outbox(ctx, ipc.scheduler)
     to_user = connect_outbox(ctx, ipc.user)
-    runner = ModelRunner(config, rank, ipc.rendezvous)
+    runner = ModelRunner(config, rank, ipc.rendezvous, device_index)
     ready = GpuReady(rank, runner.kv.num_pages, str(runner.device), str(runner.dtype))
     if rank == 0:
         send(to_scheduler, ready)

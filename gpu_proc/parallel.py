@@ -14,6 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from tristream.rendezvous import rank_store
 from tristream.sharding import Shard
 
 # NVLink multicast (NVLS) stays off in NCCL, torch's symmetric memory and NVSHMEM.
@@ -42,12 +43,9 @@ class TensorParallel:
         if self.size == 1:
             return
         os.environ.update(NO_MULTICAST)
-        if device.type == "cpu":
-            # The ranks share the host's cores.
-            torch.set_num_threads(max(1, torch.get_num_threads() // self.size))
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
-            init_method=f"file://{rendezvous}",
+            store=rank_store(rendezvous),
             rank=self.rank,
             world_size=self.size,
             device_id=device if device.type == "cuda" else None,

@@ -71,19 +71,19 @@ class QueuedStep:
     pooled: tuple[list[int], torch.Tensor] | None = None
 
 
-def resolve_device(config: EngineConfig, rank: int = 0) -> torch.device:
-    """The device of tensor-parallel rank ``rank``: CUDA device ``rank``, or the CPU."""
+def resolve_device(config: EngineConfig, index: int = 0) -> torch.device:
+    """CUDA device ``index`` of this host, or the CPU."""
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for, but torch sees no CUDA device")
-    if config.tensor_parallel_size > torch.cuda.device_count():
+    if index >= torch.cuda.device_count():
         raise RuntimeError(
-            f"tensor_parallel_size={config.tensor_parallel_size} needs as many CUDA devices; "
-            f"torch sees {torch.cuda.device_count()}"
+            f"this rank runs on CUDA device {index}, but torch sees {torch.cuda.device_count()}: an engine needs "
+            "tensor_parallel_size × data_parallel_size devices (divided over its hosts)"
         )
-    torch.cuda.set_device(rank)
-    return torch.device("cuda", rank)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
@@ -94,15 +94,21 @@ def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
 
 class ModelRunner:
     """Owns the weights, the KV pools and the per-slot state of one gpu_proc: tensor-parallel rank
-    ``rank``, whose group meets through the file ``rendezvous``.
+    ``rank`` on CUDA device ``device_index`` (or the CPU), whose group meets at the store ``rendezvous``.
 
     ``model_config`` holds the shapes of this rank's shard. Only rank 0 has a sampler and grammars.
     It holds ``config.lora_slots`` LoRA slots, the first ones loaded with ``config.lora_adapters``.
     """
 
-    def __init__(self, config: EngineConfig, rank: int = 0, rendezvous: str | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, rank: int = 0, rendezvous: str | None = None, device_index: int = 0
+    ) -> None:
         self.config = config
-        self.device = resolve_device(config, rank)
+        self.device = resolve_device(config, device_index)
+        if self.device.type == "cpu":
+            # The ranks of every replica share the host's cores.
+            share = config.tensor_parallel_size // config.nnodes * config.data_parallel_size
+            torch.set_num_threads(max(1, torch.get_num_threads() // share))
         self.dtype = resolve_dtype(config, self.device)
         self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else torch.float8_e4m3fn
         self.whole_config = whole = ModelConfig.load(config.model)

@@ -14,11 +14,12 @@ import typing
 from typing import Any
 
 from tristream import __version__
-from tristream.config import EngineConfig
+from tristream.config import EngineConfig, engine_config
 from tristream.config_file import is_config_file, load_config_file, parse_lora_modules, parse_mm_limits
 from tristream.datasets import CUTOFF_LEN, PREDICTIONS
 from tristream.engine import AsyncEngine
 from tristream.media import DEFAULT_MAX_IMAGE_BYTES, MediaPolicy
+from tristream.nodes import node_rank, run_node
 from tristream.openai_api import DEFAULT_MAX_REQUEST_BYTES, RequestDefaults, with_system
 from tristream.outputs import RequestOutput
 from tristream.sampling_params import SamplingParams
@@ -276,6 +277,11 @@ async def _demo(args: argparse.Namespace) -> None:
 async def _serve(args: argparse.Namespace) -> None:
     from tristream.server import serve
 
+    config = engine_config(**engine_args(args))
+    if node_rank(config):  # a host that runs only its share of the ranks
+        if run_node(config):
+            raise RuntimeError("this host's ranks stopped before the engine did")
+        return
     await serve(
         _engine(args),
         host=args.host,

@@ -9,11 +9,15 @@ from typing import Any
 
 from tristream.model_files import LOAD_FORMATS
 from tristream.pooling import POOLING_METHODS
+from tristream.processes import split_address
 from tristream.quantization import KV_CACHE_DTYPES, METHODS
 from tristream.speculative import SpeculativeConfig, parse_speculative
 from tristream.tokenizer_proc.images import DEFAULT_IMAGE_LIMIT
 from tristream.tokenizer_proc.templates import BUILTIN_TEMPLATES, resolve_chat_template
 from tristream.tokenizer_proc.tool_calls import PARSERS
+
+# Where the tensor-parallel ranks run: processes started here, or Ray actors.
+EXECUTORS = ("mp", "ray")
 
 # Every name selects the one <think>...</think> parser: tristream's, FastDeploy's and vLLM's names.
 REASONING_PARSERS = ("think", "ernie-45-vl", "qwen3", "deepseek_r1")
@@ -22,6 +26,8 @@ REASONING_PARSERS = ("think", "ernie-45-vl", "qwen3", "deepseek_r1")
 PEER_ARGS = {
     "tp": "use tensor_parallel_size",
     "tp_size": "use tensor_parallel_size",
+    "dp": "use data_parallel_size",
+    "dp_size": "use data_parallel_size",
     "session_len": "use max_model_len",
     "context_length": "use max_model_len",
     "max_seq_len": "use max_model_len",
@@ -86,6 +92,28 @@ class EngineConfig:
     )
     max_model_len: int | None = arg(None, "longest prompt plus output (default: the model's)", low=1)
     tensor_parallel_size: int = arg(1, "split the model over this many GPUs", low=1, aliases=("--tp",))
+    data_parallel_size: int = arg(
+        1,
+        "engine replicas behind one router, each on its own tensor_parallel_size GPUs; a request goes to the "
+        "replica holding the longest prefix of it, else to the least loaded",
+        low=1,
+        aliases=("--dp",),
+    )
+    distributed_executor: str = arg(
+        "mp",
+        "mp: the ranks are processes of this host (or of each host, with --nnodes); ray: the ranks run on Ray "
+        "actors placed over the Ray cluster (ray start --head; one placement group per engine)",
+        choices=EXECUTORS,
+        aliases=("--distributed-executor-backend",),
+    )
+    nnodes: int = arg(1, "hosts that share the tensor-parallel ranks, tensor_parallel_size / nnodes each", low=1)
+    node_rank: int | None = arg(
+        None, "this host's index, 0 to nnodes - 1 (default: $NODE_RANK, else 0); host 0 serves, the others run "
+        "their ranks", low=0,
+    )  # fmt: skip
+    dist_init_addr: str | None = arg(
+        None, "HOST:PORT on host 0 where the hosts meet (default: $MASTER_ADDR:$MASTER_PORT)", metavar="HOST:PORT"
+    )
     max_num_seqs: int = arg(64, "most requests running at once", low=1)
     max_num_batched_tokens: int = arg(2048, "token budget of one step; longer prompts prefill in chunks", low=1)
     page_size: int = arg(16, "tokens per KV page", low=1)
@@ -166,6 +194,22 @@ class EngineConfig:
             raise ValueError(f"limit_mm_per_prompt takes {{'image': N}} with N >= 0, got {limits!r}")
         if len(self.lora_adapters or {}) > self.lora_slots:
             raise ValueError(f"{len(self.lora_adapters)} lora_adapters do not fit in max_loras={self.max_loras}")
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """Replicas, hosts and executors that go together."""
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} does not divide over nnodes={self.nnodes}"
+            )
+        if self.node_rank is not None and self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank={self.node_rank} must be below nnodes={self.nnodes}")
+        if self.nnodes > 1 and self.distributed_executor == "ray":
+            raise ValueError("the ray executor places ranks over the Ray cluster itself: leave nnodes at 1")
+        if self.nnodes > 1 and self.data_parallel_size > 1:
+            raise ValueError("data_parallel_size > 1 runs on one host: leave nnodes at 1 (or use the ray executor)")
+        if self.dist_init_addr is not None:
+            split_address(self.dist_init_addr)
 
     def num_tokenizer_workers(self, on_cuda: bool) -> int:
         """``tokenizer_workers``, or its default for an engine on CUDA (``on_cuda``) or on CPU. On CPU the
@@ -212,8 +256,9 @@ def engine_config(**kwargs: Any) -> EngineConfig:
     what to use instead; any other unknown name is a TypeError that lists the valid ones. A chat template
     that is neither a file nor a built-in name is a ValueError here, before any process starts."""
     names = [f.name for f in fields(EngineConfig)]
-    if "speculative_config" in kwargs:  # vLLM's name
-        kwargs["speculative"] = kwargs.pop("speculative_config")
+    for peer, name in (("speculative_config", "speculative"), ("distributed_executor_backend", "distributed_executor")):
+        if peer in kwargs:  # vLLM's names
+            kwargs[name] = kwargs.pop(peer)
     for key in kwargs:
         if key in PEER_ARGS:
             raise TypeError(f"{key}: {PEER_ARGS[key]}")

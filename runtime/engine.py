@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 import zmq
 import zmq.asyncio
 
-from tristream import processes
+from tristream import nodes, processes, rendezvous
 from tristream.config import EngineConfig, engine_config
 from tristream.embeddings import EmbeddingOutput, EmbeddingRequestOutput
 from tristream.lora import DEFAULT_LORA_RANK, read_adapter
@@ -30,6 +30,7 @@ from tristream.protocol import (
     AbortRequest,
     GenerateRequest,
     GpuReady,
+    Ipc,
     LoadLora,
     LoraLoaded,
     LoraRef,
@@ -69,6 +70,13 @@ class AsyncEngine:
     ``await engine.close()``. ``generate`` and ``chat`` start it on first use.
     """
 
+    def __new__(cls, model: str | None = None, **engine_args: object) -> AsyncEngine:
+        if cls is AsyncEngine and (engine_args.get("data_parallel_size") or 1) > 1:
+            from tristream.data_parallel import DataParallelEngine
+
+            cls = DataParallelEngine
+        return super().__new__(cls)
+
     def __init__(self, model: str | None = None, **engine_args: object) -> None:
         self.config = engine_config(model=model, **engine_args)
         self.model_config: ModelConfig | None = None
@@ -91,6 +99,10 @@ class AsyncEngine:
         self._reserved_slots: set[int] = set()
         self._tokenizer_busy: dict[int, float] = {}
         self.media = MediaPolicy()
+        # Where this engine's ranks start among this host's CUDA devices (data-parallel replicas set it).
+        self._first_device = 0
+        self._store = None
+        self._placement = None
 
     async def __aenter__(self) -> AsyncEngine:
         await self.start()
@@ -107,6 +119,11 @@ class AsyncEngine:
     def healthy(self) -> bool:
         """True while the engine runs and every one of its processes is alive."""
         return self.is_running and all(proc.is_alive() for proc in self._procs.values())
+
+    @property
+    def degraded(self) -> bool:
+        """True while part of the engine is down but it still serves (a data-parallel replica)."""
+        return False
 
     @property
     def device(self) -> str:
@@ -142,6 +159,12 @@ class AsyncEngine:
     async def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
         _log_to_stderr(self.config.log_level)
         self.child_config = await self._child_config()
+        if self.child_config.distributed_executor == "ray":
+            from tristream.ray_ranks import RayPlacement
+
+            self._placement = await asyncio.to_thread(
+                RayPlacement, self.child_config.tensor_parallel_size, self.child_config
+            )
         self._spawn(loop)
 
     async def _child_config(self) -> EngineConfig:
@@ -174,6 +197,7 @@ class AsyncEngine:
         )  # fmt: skip
         return dataclasses.replace(
             config,
+            **_layout(config),
             model=model_dir,
             speculative=spec,
             max_model_len=max_len,
@@ -196,27 +220,53 @@ class AsyncEngine:
         return adapters, max_rank
 
     def _spawn(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Open the sockets and start the engine processes with ``child_config``."""
+        """Open the sockets and start the engine processes with ``child_config``: the tokenizer workers and the
+        scheduler here, the ranks here, on Ray actors, or here and on the hosts that ``--node-rank`` starts."""
         config = self.child_config
         workers, tp = config.tokenizer_workers, config.tensor_parallel_size
-        ipc, self._ipc_dir = processes.make_ipc(tp, workers)
+        placement = self._placement
+        host = placement.host if placement else self._master_host()
+        ipc, self._ipc_dir = processes.make_ipc(tp, workers, host)
+        self._store = rendezvous.host_store(host or "127.0.0.1", self._master_port())
+        ipc.rendezvous = f"{host or '127.0.0.1'}:{self._store.port}"
+        if config.nnodes > 1:
+            rendezvous.publish(self._store, ipc, config)
+        self._expected = tp + workers + 1
+        self._open_sockets(loop, ipc)
+        ranks = range(tp // config.nnodes)
+        procs = [
+            (gpu_process_name(rank), f"gpu{rank}", "gpu", (rank, self._first_device + rank)) for rank in ranks
+        ] if placement is None else []  # fmt: skip
+        tokenizers = [(tokenizer_process_name(w), tokenizer_process_name(w), "tokenizer", (w,)) for w in range(workers)]
+        scheduler = ("scheduler", "scheduler", "scheduler", (self.model_config.kv_window(),))
+        for name, title, kind, args in [*procs, *tokenizers, scheduler]:
+            self._procs[name] = processes.spawn(name, f"tristream.{kind}_proc.main", ipc, config, *args, title=title)
+        if placement is not None:
+            self._procs.update(placement.start(ipc, config, self.config))
+        for name, proc in self._procs.items():
+            loop.add_reader(proc.sentinel, self._on_exit, name)
+
+    def _open_sockets(self, loop: asyncio.AbstractEventLoop, ipc: Ipc) -> None:
+        """The user's inbox, read by ``_read_loop``, and the outboxes to the tokenizer workers and the scheduler."""
         self._ctx = zmq.asyncio.Context()
         self._inbox = self._ctx.socket(zmq.PULL)
         self._inbox.setsockopt(zmq.RCVHWM, 0)
-        self._inbox.bind(ipc.user)
+        self._inbox.bind(processes.bindable(ipc.user))
         self._sync_ctx = zmq.Context()
         # The scheduler passes Shutdown on to the gpu_procs, after the plans it sent them.
         inboxes = {tokenizer_process_name(w): address for w, address in enumerate(ipc.tokenizers)}
         inboxes["scheduler"] = ipc.scheduler
         self._out = {name: processes.connect_outbox(self._sync_ctx, address) for name, address in inboxes.items()}
         self._reader = loop.create_task(self._read_loop())
-        ranks = [(gpu_process_name(rank), f"gpu{rank}", "gpu", (rank,)) for rank in range(tp)]
-        tokenizers = [(tokenizer_process_name(w), tokenizer_process_name(w), "tokenizer", (w,)) for w in range(workers)]
-        scheduler = ("scheduler", "scheduler", "scheduler", (self.model_config.kv_window(),))
-        for name, title, kind, args in [*ranks, *tokenizers, scheduler]:
-            proc = processes.spawn(name, f"tristream.{kind}_proc.main", ipc, config, *args, title=title)
-            self._procs[name] = proc
-            loop.add_reader(proc.sentinel, self._on_exit, name)
+
+    def _master_host(self) -> str | None:
+        """Host 0's address as the other hosts reach it, when the ranks span several hosts."""
+        config = self.child_config
+        return processes.split_address(config.dist_init_addr)[0] if config.nnodes > 1 else None
+
+    def _master_port(self) -> int:
+        config = self.child_config
+        return processes.split_address(config.dist_init_addr)[1] if config.nnodes > 1 else 0
 
     def default_sampling_params(self, **fields: object) -> SamplingParams:
         """``SamplingParams(**fields)`` with the model's generation_config.json defaults over them (known once
@@ -271,7 +321,7 @@ class AsyncEngine:
                         q.put_nowait(delta)
             elif isinstance(msg, (GpuReady, TokenizerReady, SchedulerReady)):
                 self._ready[msg.process] = msg
-                if len(self._ready) == len(self._procs) and not self._started.done():
+                if len(self._ready) == self._expected and not self._started.done():
                     self._started.set_result(None)
             elif isinstance(msg, (SchedulerStats, TokenizeResult)):
                 future = self._calls.pop(msg.token, None)
@@ -312,6 +362,9 @@ class AsyncEngine:
             self._inbox.close(linger=0)
         if self._ipc_dir:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
+        if self._placement is not None:
+            self._placement.remove()
+        self._store = None
 
     def generate(
         self,
@@ -388,6 +441,10 @@ class AsyncEngine:
         stats.tokenizer_busy_s = sum(self._tokenizer_busy.values())
         stats.gpu_idle_s = max(0.0, self._active.busy_until_now() - stats.gpu_busy_s)
         return stats
+
+    async def replica_stats(self, timeout: float = 10.0) -> list[SchedulerStats | None]:
+        """The stats of each data-parallel replica (one here); None for a replica that is down."""
+        return [await self.get_stats(timeout)]
 
     def _owner(self, request_id: str) -> zmq.Socket:
         """The inbox of the tokenizer worker that owns ``request_id``."""
@@ -553,6 +610,21 @@ class AsyncEngine:
                 self._lora_users[params.lora] -= 1
             if finished < params.num_samples and self.is_running:
                 processes.send(self._owner(request_id), AbortRequest(request_id))
+
+
+def _layout(config: EngineConfig) -> dict:
+    """Where the ranks run: this host's index (from ``$NODE_RANK`` if not given) and, over several hosts, the
+    address where they meet (from ``$MASTER_ADDR:$MASTER_PORT`` if not given)."""
+    node_rank = nodes.node_rank(config)
+    if node_rank:
+        raise ValueError(
+            f"node_rank={node_rank}: a host other than 0 runs only its ranks, driven by the engine on host 0; start "
+            f"it with `tristream serve MODEL --nnodes {config.nnodes} --node-rank {node_rank} --dist-init-addr HOST:PORT`"
+        )
+    address = config.dist_init_addr or (rendezvous.env_address() if config.nnodes > 1 else None)
+    if config.nnodes > 1 and address is None:
+        raise ValueError("nnodes > 1 needs dist_init_addr, the HOST:PORT of host 0 (or MASTER_ADDR and MASTER_PORT)")
+    return {"node_rank": 0, "dist_init_addr": address}
 
 
 async def _coalesced(queue: asyncio.Queue, pending: deque) -> OutputDelta | Exception:

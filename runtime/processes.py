@@ -10,6 +10,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -30,31 +31,65 @@ PR_SET_PDEATHSIG = 1
 OUTBOX_LINGER_MS = 100
 
 
-def make_ipc(num_ranks: int = 1, num_tokenizers: int = 1) -> tuple[Ipc, str]:
-    """Fresh ``ipc://`` inbox addresses, the ranks' rendezvous file and the image folder, in a private temporary
-    directory."""
+def make_ipc(num_ranks: int = 1, num_tokenizers: int = 1, host: str | None = None) -> tuple[Ipc, str]:
+    """Fresh inbox addresses and the image folder, in a private temporary directory. With ``host`` (this host's
+    address as other hosts reach it), the inboxes that ranks on other hosts use (the user's, the scheduler's
+    and each rank's plan channel) are ``tcp://`` ports of ``host``; every other one is ``ipc://``. The
+    rendezvous is left for the caller to set."""
     folder = tempfile.mkdtemp(prefix="tristream-")
     os.mkdir(os.path.join(folder, "media"))
 
     def addr(name: str) -> str:
         return f"ipc://{os.path.join(folder, name)}"
 
-    gpus = [addr(f"gpu{rank}") for rank in range(num_ranks)]
+    def shared(name: str) -> str:
+        return addr(name) if host is None else f"tcp://{host}:{free_port()}"
+
     ipc = Ipc(
-        addr("user"),
+        shared("user"),
         [addr(f"tokenizer{worker}") for worker in range(num_tokenizers)],
-        addr("scheduler"),
-        gpus,
-        os.path.join(folder, "rendezvous"),
+        shared("scheduler"),
+        [shared(f"gpu{rank}") for rank in range(num_ranks)],
+        "",
         os.path.join(folder, "media"),
     )
     return ipc, folder
 
 
+def free_port() -> int:
+    """A TCP port that no one listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` as its parts; a ValueError that names ``address`` when it is not one."""
+    host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def bindable(address: str) -> str:
+    """``address`` as its owner binds it: a ``tcp://`` one on every interface of this host."""
+    if address.startswith("tcp://"):
+        return f"tcp://*:{address.rsplit(':', 1)[1]}"
+    return address
+
+
 def bind_inbox(ctx: zmq.Context, address: str) -> zmq.Socket:
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, 0)
-    sock.bind(address)
+    sock.bind(bindable(address))
+    return sock
+
+
+def connect_inbox(ctx: zmq.Context, address: str) -> zmq.Socket:
+    """A receiving socket on a channel that its one sender binds (``bind_outbox``)."""
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.connect(address)
     return sock
 
 
@@ -63,6 +98,16 @@ def connect_outbox(ctx: zmq.Context, address: str) -> zmq.Socket:
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.LINGER, OUTBOX_LINGER_MS)
     sock.connect(address)
+    return sock
+
+
+def bind_outbox(ctx: zmq.Context, address: str) -> zmq.Socket:
+    """A sending socket that owns its channel, so that a receiver on another host only connects to it. What is
+    sent waits until the receiver is there."""
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.LINGER, OUTBOX_LINGER_MS)
+    sock.bind(bindable(address))
     return sock
 
 
@@ -103,11 +148,24 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def child_main(name: str, title: str, module: str, parent_pid: int, ipc: Ipc, *args: object) -> None:
-    """Entry point of every child: guard its life, show ``tristream::<title>`` in ps and top, run
-    ``module.run``, report a crash."""
+    """Entry point of every child: guard its life, then ``run_child``."""
     _die_with_parent(parent_pid)
-    setproctitle.setproctitle(f"tristream::{title}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        run_child(name, title, module, ipc, *args)
+    except BaseException:
+        sys.exit(1)
+    # A clean exit skips the interpreter's teardown of torch and transformers, which takes about a second.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_child(name: str, title: str, module: str, ipc: Ipc, *args: object) -> None:
+    """Show ``tristream::<title>`` in ps and top and run ``module.run(ipc, *args)``; a crash is reported to the
+    engine as ``ProcessFailed`` and raised again."""
+    setproctitle.setproctitle(f"tristream::{title}")
     level = getattr(args[0], "log_level", "INFO") if args else "INFO"
     logging.basicConfig(level=level, format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -118,12 +176,7 @@ def child_main(name: str, title: str, module: str, parent_pid: int, ipc: Ipc, *a
         sock = connect_outbox(ctx, ipc.user)
         send(sock, ProcessFailed(name, error))
         sock.close(linger=2000)
-        sys.exit(1)
-    # A clean exit skips the interpreter's teardown of torch and transformers, which takes about a second.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        raise
 
 
 @contextlib.contextmanager

@@ -20,8 +20,9 @@ from tristream.sampling_params import SamplingParams
 
 @dataclass
 class Ipc:
-    """The ``ipc://`` address of every process's inbox (one per tokenizer worker and one per tensor-parallel
-    rank for the gpu_proc), the file where the ranks' process group meets, and the folder of image payloads."""
+    """The address of every process's inbox (one per tokenizer worker, and one plan channel per tensor-parallel
+    rank that the scheduler binds), the ``HOST:PORT`` of the store where the ranks' process group meets
+    (``tristream.rendezvous``), and the folder of image payloads."""
 
     user: str
     tokenizers: list[str]

@@ -8,7 +8,7 @@ import zmq
 
 from tristream.config import EngineConfig
 from tristream.plan_codec import PlanEncoder
-from tristream.processes import bind_inbox, connect_outbox, recv, recv_all, send
+from tristream.processes import bind_inbox, bind_outbox, connect_outbox, recv, recv_all, send
 from tristream.protocol import (
     AbortRequest,
     GpuReady,
@@ -32,7 +32,7 @@ def run(ipc: Ipc, config: EngineConfig, window: int = 0) -> None:
     the largest sliding window of a model whose every layer has one, or 0."""
     ctx = zmq.Context()
     inbox = bind_inbox(ctx, ipc.scheduler)
-    to_gpus = [connect_outbox(ctx, address) for address in ipc.gpu]
+    to_gpus = [bind_outbox(ctx, address) for address in ipc.gpu]
     to_tokenizers = [connect_outbox(ctx, address) for address in ipc.tokenizers]
     to_user = connect_outbox(ctx, ipc.user)
 

@@ -76,12 +76,18 @@ async def test_hundred_streams_with_random_hang_ups_leave_no_pages_behind(live_s
         idle = None
         for _ in range(100):
             idle = scrape(live_server)
-            if idle["tristream_num_requests_running{}"] == 0 and idle["tristream_num_requests_waiting{}"] == 0:
+            if (
+                idle["tristream_num_requests_running{engine=0}"] == 0
+                and idle["tristream_num_requests_waiting{engine=0}"] == 0
+            ):
                 break
             await asyncio.sleep(0.1)
-        assert idle["tristream_num_requests_running{}"] == 0 and idle["tristream_num_requests_waiting{}"] == 0
+        assert (
+            idle["tristream_num_requests_running{engine=0}"] == 0
+            and idle["tristream_num_requests_waiting{engine=0}"] == 0
+        )
         # Idle, every page that is not free belongs to the prefix cache.
-        assert idle["tristream_kv_pages_used{}"] == idle["tristream_kv_pages_cached{}"]
+        assert idle["tristream_kv_pages_used{engine=0}"] == idle["tristream_kv_pages_cached{engine=0}"]
         hung_up = sum(h is not None for _, h in plan)
         aborted = idle["tristream_requests_total{finish_reason=abort}"] - before.get(
             "tristream_requests_total{finish_reason=abort}", 0

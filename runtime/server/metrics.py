@@ -25,7 +25,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self._request_metrics(self.registry, ["model_name"])
-        self._engine_gauges(self.registry, ["model_name"])
+        # An engine's gauges and step counters, one series per data-parallel replica.
+        self._engine_gauges(self.registry, ["model_name", "engine"])
         self.steps = StepAccounting(model_name)
         self.registry.register(self.steps)
 
@@ -79,20 +80,24 @@ class ServerMetrics:
         )  # fmt: skip
 
     async def render(self) -> bytes:
-        """The exposition text, with the engine gauges read now."""
-        stats = await self.engine.get_stats()
+        """The exposition text, with the engine gauges read now: one series per data-parallel replica that runs."""
+        replicas = await self.engine.replica_stats()
         m = self.model_name
-        self.running.labels(m).set(stats.num_running)
-        self.waiting.labels(m).set(stats.num_waiting)
-        self.pages_total.labels(m).set(stats.num_pages)
-        self.pages_used.labels(m).set(stats.num_pages - stats.num_free_pages)
-        self.pages_cached.labels(m).set(stats.num_cached_pages)
-        self.hit_rate.labels(m).set(
-            stats.num_cache_hit_tokens / stats.num_prompt_tokens if stats.num_prompt_tokens else 0.0
-        )
-        self.acceptance.labels(m).set(stats.acceptance_rate)
-        self.accepted_length.labels(m).set(stats.mean_accepted_length)
-        self.steps.stats = stats
+        for engine, stats in enumerate(replicas):
+            if stats is None:
+                continue
+            labels = (m, str(engine))
+            self.running.labels(*labels).set(stats.num_running)
+            self.waiting.labels(*labels).set(stats.num_waiting)
+            self.pages_total.labels(*labels).set(stats.num_pages)
+            self.pages_used.labels(*labels).set(stats.num_pages - stats.num_free_pages)
+            self.pages_cached.labels(*labels).set(stats.num_cached_pages)
+            self.hit_rate.labels(*labels).set(
+                stats.num_cache_hit_tokens / stats.num_prompt_tokens if stats.num_prompt_tokens else 0.0
+            )
+            self.acceptance.labels(*labels).set(stats.acceptance_rate)
+            self.accepted_length.labels(*labels).set(stats.mean_accepted_length)
+        self.steps.replicas = replicas
         return generate_latest(self.registry)
 
     async def track(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
@@ -138,7 +143,7 @@ class ServerMetrics:
 
 
 class StepAccounting:
-    """The engine's step counters as Prometheus counters, read from the scheduler's latest stats:
+    """The engine's step counters as Prometheus counters, read from each replica's scheduler's latest stats:
     where the time of each step goes (GPU busy, GPU idle between steps, scheduler, IPC, tokenizer workers), and
     speculative decoding's draft tokens proposed and accepted."""
 
@@ -164,14 +169,16 @@ class StepAccounting:
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
-        self.stats: SchedulerStats | None = None
+        self.replicas: list[SchedulerStats | None] = []
 
     def collect(self):
-        if self.stats is None:
+        if not any(self.replicas):
             return
         for name, doc, field in self.FAMILIES:
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric([self.model_name], getattr(self.stats, field))
+            family = CounterMetricFamily(name, doc, labels=["model_name", "engine"])
+            for engine, stats in enumerate(self.replicas):
+                if stats is not None:
+                    family.add_metric([self.model_name, str(engine)], getattr(stats, field))
             yield family
 
 

@@ -22,9 +22,11 @@ async def index() -> HTMLResponse:
 
 @public.get("/health")
 async def health(request: Request) -> Response:
-    """200 while every engine process is alive, else 503."""
-    if server_state(request).engine.healthy:
-        return JSONResponse({"status": "ok"})
+    """200 while every engine process is alive ("ok"), or while some data-parallel replica is down and the others
+    serve ("degraded"); else 503."""
+    engine = server_state(request).engine
+    if engine.healthy:
+        return JSONResponse({"status": "degraded" if engine.degraded else "ok"})
     return JSONResponse({"status": "unhealthy"}, status_code=503)
 
 

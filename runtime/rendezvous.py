@@ -1,0 +1,53 @@
+"""Where an engine's processes meet: a torch.distributed ``TCPStore`` that the engine hosts.
+
+The tensor-parallel ranks form their process group on it, wherever they run (local processes, Ray actors,
+other hosts). A host beyond the first (``tristream serve ... --nnodes N --node-rank K``) fetches the engine's
+addresses and config from it, and watches it to learn when the engine has gone.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from datetime import timedelta
+
+from torch.distributed import PrefixStore, Store, TCPStore
+
+from tristream.config import EngineConfig
+from tristream.processes import split_address
+from tristream.protocol import Ipc
+
+ENGINE_KEY = "tristream/engine"
+
+
+def env_address() -> str | None:
+    """torchrun's ``MASTER_ADDR:MASTER_PORT``, when both are set."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    return f"{host}:{port}" if host and port else None
+
+
+def host_store(host: str, port: int = 0) -> TCPStore:
+    """The engine's store, listening on ``port`` of every interface (0: a free one); others reach it at
+    ``host``."""
+    return TCPStore(host, port, is_master=True, wait_for_workers=False)
+
+
+def connect_store(address: str, timeout: float) -> TCPStore:
+    """A client of the store at ``address`` (``HOST:PORT``), waiting up to ``timeout`` seconds for it."""
+    host, port = split_address(address)
+    return TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout))
+
+
+def rank_store(address: str, timeout: float = 300.0) -> Store:
+    """The part of the store at ``address`` where the tensor-parallel ranks form their process group."""
+    return PrefixStore("ranks", connect_store(address, timeout))
+
+
+def publish(store: TCPStore, ipc: Ipc, config: EngineConfig) -> None:
+    """Let the other hosts' ranks find the engine: its addresses and the config its processes run with."""
+    store.set(ENGINE_KEY, pickle.dumps((ipc, config)))
+
+
+def fetch(store: TCPStore) -> tuple[Ipc, EngineConfig]:
+    """The addresses and config that the engine published, waiting for them."""
+    return pickle.loads(store.get(ENGINE_KEY))

@@ -345,6 +345,10 @@ BENCHMARKS = {
         "tristream.bench.speculative",
         "speculative decoding: the cost of checking k drafts, and the batch-1 speed-up against acceptance",
     ),
+    "data-parallel": (
+        "tristream.bench.data_parallel",
+        "data-parallel replicas against one engine, and cache-aware routing against round-robin",
+    ),
     "serve": (
         "tristream.bench.serving",
         "streaming requests to a server under Poisson arrivals: TTFT, TPOT, ITL, E2E and goodput",

@@ -197,7 +197,7 @@ class AsyncEngine:
         )  # fmt: skip
         return dataclasses.replace(
             config,
-            **_layout(config),
+            **_layout(config, mc),
             model=model_dir,
             speculative=spec,
             max_model_len=max_len,
@@ -612,9 +612,14 @@ class AsyncEngine:
                 processes.send(self._owner(request_id), AbortRequest(request_id))
 
 
-def _layout(config: EngineConfig) -> dict:
+def _layout(config: EngineConfig, mc: ModelConfig) -> dict:
     """Where the ranks run: this host's index (from ``$NODE_RANK`` if not given) and, over several hosts, the
     address where they meet (from ``$MASTER_ADDR:$MASTER_PORT`` if not given)."""
+    if mc.hf.get("vision_config") and (config.nnodes > 1 or config.distributed_executor == "ray"):
+        raise ValueError(
+            "a vision-language model's images pass through a folder of this host: run it without nnodes > 1 or "
+            "the ray executor"
+        )
     node_rank = nodes.node_rank(config)
     if node_rank:
         raise ValueError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import subprocess
@@ -258,6 +260,47 @@ def make_lora_adapter(model_dir: str, path, seed: int, scale: float = 0.05, **lo
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
     model.save_pretrained(str(path))
     return model.merge_and_unload().eval()
+
+
+# A model to split over ranks: Qwen2 (biased q/k/v), one KV head shared by both ranks, and a vocabulary and MLP that split unevenly.
+TINY = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "vocab_size": 1001,
+    "hidden_size": 64,
+    "intermediate_size": 129,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+    "eos_token_id": 0,
+}
+
+
+@pytest.fixture
+def tiny_model(tmp_path) -> str:
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    return str(tmp_path)
+
+
+def tiny_engine(model: str, tp: int, **overrides: object) -> AsyncEngine:
+    """An engine of ``tp`` ranks on the random weights of ``tiny_model``, without a tokenizer."""
+    args = dict(load_format="dummy", skip_tokenizer_init=True, max_model_len=256, log_level="ERROR")
+    return AsyncEngine(model=model, tensor_parallel_size=tp, **{**args, **overrides})
+
+
+async def generate_all(engine: AsyncEngine, prompts: list, params: SamplingParams) -> list:
+    """Each prompt's tokens and logprobs, the prompts run at once."""
+
+    async def one(prompt):
+        tokens, logprobs = [], []
+        async for out in engine.generate(prompt, params):
+            tokens += out.outputs[0].token_ids
+            logprobs += out.outputs[0].logprobs or []
+        return tokens, logprobs
+
+    return await asyncio.gather(*(one(p) for p in prompts))
 
 
 @pytest.fixture(scope="session")

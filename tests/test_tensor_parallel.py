@@ -3,32 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 
 import pytest
 
-from tests.conftest import hf_greedy, make_lora_adapter, wait_gone  # pytest has imported the conftest under this name
+from tests.conftest import (  # pytest has imported the conftest under this name
+    TINY,
+    generate_all,
+    hf_greedy,
+    make_lora_adapter,
+    tiny_engine,
+    wait_gone,
+)
 from tristream import LLM, AsyncEngine, EngineDeadError, SamplingParams
 from tristream.outputs import accumulate
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,", "1, 2, 3, 4,"]
-
-# Qwen2 (biased q/k/v), one KV head shared by both ranks, and a vocabulary and MLP that split unevenly.
-TINY = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "vocab_size": 1001,
-    "hidden_size": 64,
-    "intermediate_size": 129,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 1,
-    "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-    "eos_token_id": 0,
-}
 
 
 @pytest.fixture(scope="module")
@@ -59,34 +50,6 @@ async def test_lora_adapter_split_over_two_ranks(tp_engine, model_dir, tokenizer
             assert final.outputs[0].token_ids == hf_greedy(merged, ids, 12)
     finally:
         await tp_engine.unload_lora("a")
-
-
-@pytest.fixture
-def tiny_model(tmp_path) -> str:
-    (tmp_path / "config.json").write_text(json.dumps(TINY))
-    return str(tmp_path)
-
-
-def tiny_engine(model: str, tp: int) -> AsyncEngine:
-    return AsyncEngine(
-        model=model,
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        tensor_parallel_size=tp,
-        max_model_len=256,
-        log_level="ERROR",
-    )
-
-
-async def generate_all(engine: AsyncEngine, prompts: list, params: SamplingParams) -> list:
-    async def one(prompt):
-        tokens, logprobs = [], []
-        async for out in engine.generate(prompt, params):
-            tokens += out.outputs[0].token_ids
-            logprobs += out.outputs[0].logprobs or []
-        return tokens, logprobs
-
-    return await asyncio.gather(*(one(p) for p in prompts))
 
 
 def assert_same(tp1: list, tp2: list, tolerance: float) -> None:

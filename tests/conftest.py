@@ -430,6 +430,16 @@ def vl_server(qwen_vl_dir, vl_media_dir):
 
 
 @pytest.fixture(scope="session")
+def local_ray():
+    """A local Ray instance of two CPUs for the tests that place work on Ray, started once."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def scrape():
     """``scrape(server)``: its /metrics samples, by name and labels (``model_name`` left out)."""
 

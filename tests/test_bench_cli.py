@@ -147,3 +147,16 @@ def test_bench_speculative_checks_drafts_and_gives_the_greedy_output(tmp_path):
     never, always = report["acceptance"]
     assert never["mean_accepted_length"] == 1 and always["mean_accepted_length"] == 3
     assert always["speedup"] > 0 and report["model"]["name"] == "SmolLM2-135M-Instruct"
+
+
+def test_bench_data_parallel_routes_conversations_to_their_cache(tmp_path, tiny_model):
+    """Each turn of a conversation goes back to the replica holding its history, so the prefix router hits the
+    cache more often than round-robin does on the same workload."""
+    report = bench(
+        "data-parallel", "--config", os.path.join(tiny_model, "config.json"), "--device", "cpu", "--parts", "routing",
+        "--systems", "2", "--conversations", "2", "--turns", "3", "--system-len", "64", "--turn-len", "16",
+        "--answer-len", "16", "--out", str(tmp_path / "dp.json"),
+    )  # fmt: skip
+    prefix, round_robin = report["routing"]["runs"]["prefix"], report["routing"]["runs"]["round_robin"]
+    assert prefix["prompt_tokens"] == round_robin["prompt_tokens"] == 4 * (3 * 64 + 16 * (1 + 2 + 3) + 16 * (0 + 1 + 2))
+    assert prefix["hit_rate"] > round_robin["hit_rate"] and report["routing"]["vs_round_robin"] > 0

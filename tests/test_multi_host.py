@@ -60,13 +60,6 @@ def test_a_host_other_than_0_is_refused_in_process(tiny_model):
         asyncio.run(tiny_engine(tiny_model, 2, nnodes=2, node_rank=1, dist_init_addr="127.0.0.1:1").start())
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def resources_back(timeout: float = 20.0) -> bool:
     """Whether the placement group's CPUs are free again within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -12,11 +11,11 @@ from dataclasses import dataclass
 
 import openai
 import pytest
-import ray
 from ray import serve
 
 from tests.conftest import hf_greedy  # pytest has imported the conftest under this name
 from tristream.model_files import model_name
+from tristream.processes import free_port
 from tristream.ray import deployment
 
 MODEL = model_name(None)
@@ -76,30 +75,17 @@ class Served:
     engine_pids: set[int]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_ray() -> None:
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
-
-
 @pytest.fixture(scope="module")
-def served():
-    """One local Ray instance running one replica of the deployment on the bundled model."""
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def served(local_ray):
+    """Ray Serve on the local Ray instance, running one replica of the deployment on the bundled model."""
+    port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(deployment(device="cpu", max_model_len=512, log_level="WARNING").bind(), route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         yield Served(url, openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0), replica_engine_pids())
     finally:
-        _stop_ray()
+        serve.shutdown()
 
 
 def test_bad_engine_argument_fails_at_once():
@@ -180,5 +166,4 @@ def test_shutdown_ends_the_engine_processes(served):
     assert len(served.engine_pids) >= 3, served.engine_pids  # gpu0, tokenizer, scheduler
     serve.shutdown()
     assert not still_running(served.engine_pids, timeout=10.0)
-    ray.shutdown()
     assert not replica_engine_pids()

@@ -42,8 +42,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import pathlib
 import statistics
+import tempfile
 import time
 
 import torch
@@ -57,7 +59,6 @@ from tristream.gpu_proc.layers.moe import Experts
 from tristream.gpu_proc.models import model_class
 from tristream.gpu_proc.parallel import TensorParallel
 from tristream.model_config import ModelConfig
-from tristream.rendezvous import host_store
 from tristream.sharding import shard_model
 
 # Bytes per decoder weight as each quantization holds it, scales and zeros included (int4: a 16-bit scale and
@@ -256,8 +257,7 @@ def run_ranks(target, tp: int, *args: object) -> object:
     The ranks get a little time to leave their process group, then the stragglers are stopped."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    store = host_store("127.0.0.1")
-    rendezvous = f"127.0.0.1:{store.port}"
+    rendezvous = "file://" + os.path.join(tempfile.mkdtemp(prefix="tristream-bench-"), "rendezvous")
     procs = [ctx.Process(target=target, args=(r, tp, *args, rendezvous, out)) for r in range(tp)]
     for p in procs:
         p.start()

@@ -45,7 +45,7 @@ class TensorParallel:
         os.environ.update(NO_MULTICAST)
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
-            store=rank_store(rendezvous),
+            store=rank_store(rendezvous, self.size),
             rank=self.rank,
             world_size=self.size,
             device_id=device if device.type == "cuda" else None,

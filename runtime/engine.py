@@ -227,9 +227,11 @@ class AsyncEngine:
         placement = self._placement
         host = placement.host if placement else self._master_host()
         ipc, self._ipc_dir = processes.make_ipc(tp, workers, host)
-        self._store = rendezvous.host_store(host or "127.0.0.1", self._master_port())
-        ipc.rendezvous = f"{host or '127.0.0.1'}:{self._store.port}"
-        if config.nnodes > 1:
+        if host is None:  # every rank on this host
+            ipc.rendezvous = f"file://{os.path.join(self._ipc_dir, 'rendezvous')}"
+        else:
+            self._store = rendezvous.host_store(host, self._master_port())
+            ipc.rendezvous = f"tcp://{host}:{self._store.port}"
             rendezvous.publish(self._store, ipc, config)
         self._expected = tp + workers + 1
         self._open_sockets(loop, ipc)

@@ -1,7 +1,8 @@
-"""Where an engine's processes meet: a torch.distributed ``TCPStore`` that the engine hosts.
+"""Where an engine's processes meet: a file when every rank runs on this host, else a torch.distributed
+``TCPStore`` that the engine hosts.
 
-The tensor-parallel ranks form their process group on it, wherever they run (local processes, Ray actors,
-other hosts). A host beyond the first (``tristream serve ... --nnodes N --node-rank K``) fetches the engine's
+The tensor-parallel ranks form their process group on it, wherever they run (Ray actors, other hosts). A host
+beyond the first (``tristream serve ... --nnodes N --node-rank K``) fetches the engine's
 addresses and config from it, and watches it to learn when the engine has gone.
 """
 
@@ -11,7 +12,7 @@ import os
 import pickle
 from datetime import timedelta
 
-from torch.distributed import PrefixStore, Store, TCPStore
+from torch.distributed import FileStore, PrefixStore, Store, TCPStore
 
 from tristream.config import EngineConfig
 from tristream.processes import split_address
@@ -38,9 +39,12 @@ def connect_store(address: str, timeout: float) -> TCPStore:
     return TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout))
 
 
-def rank_store(address: str, timeout: float = 300.0) -> Store:
-    """The part of the store at ``address`` where the tensor-parallel ranks form their process group."""
-    return PrefixStore("ranks", connect_store(address, timeout))
+def rank_store(address: str, world_size: int, timeout: float = 300.0) -> Store:
+    """Where the tensor-parallel ranks form their process group: a file (``file://PATH``) when they all run on
+    one host, else their part of the engine's store (``tcp://HOST:PORT``)."""
+    if address.startswith("file://"):
+        return FileStore(address.removeprefix("file://"), world_size)
+    return PrefixStore("ranks", connect_store(address.removeprefix("tcp://"), timeout))
 
 
 def publish(store: TCPStore, ipc: Ipc, config: EngineConfig) -> None:

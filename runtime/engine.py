@@ -58,6 +58,9 @@ from tristream.speculative import resolve_draft
 
 logger = logging.getLogger("tristream")
 
+# Seconds to wait for another host's report of a rank that died there (its watcher looks every half second).
+REMOTE_REPORT_S = 1.0
+
 
 class EngineDeadError(RuntimeError):
     """The engine lost a process; every pending and later request fails."""
@@ -98,6 +101,7 @@ class AsyncEngine:
         self._lora_acks: dict[int, list[LoraLoaded]] = {}
         self._reserved_slots: set[int] = set()
         self._tokenizer_busy: dict[int, float] = {}
+        self._reports: list[ProcessFailed] = []
         self.media = MediaPolicy()
         # Where this engine's ranks start among this host's CUDA devices (data-parallel replicas set it).
         self._first_device = 0
@@ -285,6 +289,20 @@ class AsyncEngine:
             # Give a ProcessFailed message with the traceback a moment to arrive first.
             loop.call_later(0.5, lambda: self._fail(f"the {name} process died ({processes.exit_reason(proc)})", name))
 
+    def _on_failure(self, msg: ProcessFailed) -> None:
+        """Fail the engine for a process that reported its failure. Over several hosts, a rank that died on
+        another host is reported by that host a moment later, after its peers here failed for the lost
+        connection: wait for it, and name it first."""
+        self._reports.append(msg)
+        if self.child_config.nnodes == 1:
+            self._fail(f"the {msg.process} process failed:\n{msg.error}", msg.process)
+        elif len(self._reports) == 1:
+            asyncio.get_running_loop().call_later(REMOTE_REPORT_S, self._fail_reported)
+
+    def _fail_reported(self) -> None:
+        reports = sorted(self._reports, key=lambda r: r.process in self._procs)  # other hosts' reports first
+        self._fail("; ".join(f"the {r.process} process failed:\n{r.error}" for r in reports), reports[0].process)
+
     def _fail(self, reason: str, process: str) -> None:
         if self._dead or self._closing:
             return
@@ -338,7 +356,7 @@ class AsyncEngine:
                     if future is not None and not future.done():
                         future.set_result(next((a for a in acks if a.error), acks[0]))
             elif isinstance(msg, ProcessFailed):
-                self._fail(f"the {msg.process} process failed:\n{msg.error}", msg.process)
+                self._on_failure(msg)
 
     async def close(self) -> None:
         """Shut down every process and fail whatever is still pending."""

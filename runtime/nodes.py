@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import time
 
 import zmq
@@ -61,7 +62,7 @@ def _watch(procs: dict, store, user: str) -> int:
     while True:
         dead = [name for name, proc in procs.items() if proc.exitcode not in (None, 0)]
         if dead:
-            reason = f"the {dead[0]} process on another host died ({processes.exit_reason(procs[dead[0]])})"
+            reason = f"it died on host {socket.gethostname()} ({processes.exit_reason(procs[dead[0]])})"
             sock = processes.connect_outbox(zmq.Context.instance(), user)
             processes.send(sock, ProcessFailed(dead[0], reason))
             sock.close(linger=2000)

@@ -5,7 +5,9 @@ fails its engine with an error that names it, leaving nothing running."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,22 +36,56 @@ async def one_rank(tiny_model) -> list:
         return await generate_all(engine, PROMPTS, GREEDY)
 
 
-async def test_two_hosts_meet_over_loopback_tcp(tiny_model, one_rank):
-    port = free_port()
-    # Host 1 learns where to meet from torchrun's variables; host 0 from its arguments.
+def start_host1(model: str, port: int) -> subprocess.Popen:
+    """Host 1 of a two-host engine, in its own process group; it learns where to meet from torchrun's variables."""
     env = {**os.environ, "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    host1 = subprocess.Popen(
-        [sys.executable, "-m", "tristream", "serve", tiny_model, "--load-format", "dummy", "--skip-tokenizer-init",
+    return subprocess.Popen(
+        [sys.executable, "-m", "tristream", "serve", model, "--load-format", "dummy", "--skip-tokenizer-init",
          "--tp", "2", "--nnodes", "2", "--max-model-len", "256", "--log-level", "ERROR"],
         env=env, start_new_session=True,
     )  # fmt: skip
+
+
+def rank_pids(title: str) -> list[int]:
+    """The processes titled ``title`` (``tristream::gpu1``)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0].decode() == title:
+                found.append(int(pid))
+    return found
+
+
+async def test_two_hosts_meet_over_loopback_tcp(tiny_model, one_rank):
+    port = free_port()
+    host1 = start_host1(tiny_model, port)
     try:
-        engine = tiny_engine(tiny_model, 2, nnodes=2, dist_init_addr=f"127.0.0.1:{port}")
-        async with engine:
+        async with tiny_engine(tiny_model, 2, nnodes=2, dist_init_addr=f"127.0.0.1:{port}") as engine:
             assert set(engine.child_pids) == {"gpu", "tokenizer", "scheduler"}  # rank 1 runs on host 1
             pids = list(engine.child_pids.values())
             assert_close(one_rank, await generate_all(engine, PROMPTS, GREEDY))
         assert await asyncio.to_thread(host1.wait, 30) == 0  # its rank shut down with the engine
+        assert wait_gone(pids) == []
+    finally:
+        host1.kill()
+
+
+async def test_a_rank_lost_on_another_host_fails_the_engine_and_is_named(tiny_model):
+    port = free_port()
+    host1 = start_host1(tiny_model, port)
+    try:
+        engine = tiny_engine(tiny_model, 2, nnodes=2, dist_init_addr=f"127.0.0.1:{port}")
+        await engine.start()
+        pids = list(engine.child_pids.values())
+        [remote] = [pid for pid in rank_pids("tristream::gpu1") if os.getsid(pid) == host1.pid]
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        with pytest.raises(
+            EngineDeadError, match=r"^the gpu1 process failed:\nit died on host .* \(killed by SIGKILL\)"
+        ):
+            async for _ in engine.generate([1, 2, 3], params):
+                os.kill(remote, signal.SIGKILL)
+        await engine.close()
+        assert await asyncio.to_thread(host1.wait, 30) == 1
         assert wait_gone(pids) == []
     finally:
         host1.kill()

@@ -81,29 +81,16 @@ class DataParallelEngine(AsyncEngine):
         """The pid of each engine process, by replica and name (``replica1/scheduler``)."""
         return {f"replica{i}/{name}": pid for i, r in enumerate(self.replicas) for name, pid in r.child_pids.items()}
 
-    async def start(self) -> None:
-        """Start every replica; if one cannot start, stop the others and raise its error."""
-        if self._started is not None:
-            return await asyncio.shield(self._started)
-        loop = asyncio.get_running_loop()
-        self._started = loop.create_future()
-        try:
-            await asyncio.gather(*(replica.start() for replica in self.replicas))
-        except BaseException as e:
-            self._started.set_exception(e if isinstance(e, Exception) else RuntimeError("start-up was cancelled"))
-            self._started.exception()
-            await asyncio.gather(*(replica.close() for replica in self.replicas), return_exceptions=True)
-            raise
+    async def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start every replica (``start`` stops them all if one cannot start, and raises its error)."""
+        await asyncio.gather(*(replica.start() for replica in self.replicas))
         first = self.replicas[0]
         self.model_config, self.pooling, self.child_config = first.model_config, first.pooling, first.child_config
         self.generation_defaults = first.generation_defaults
         self._monitor = loop.create_task(self._watch())
         self._started.set_result(None)
 
-    async def close(self) -> None:
-        """Shut down every replica and fail whatever is still pending."""
-        if self._started is None or self._closing:
-            return
+    async def _stop_processes(self) -> None:
         self._closing = True
         if self._monitor is not None:
             self._monitor.cancel()

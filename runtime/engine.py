@@ -164,8 +164,10 @@ class AsyncEngine:
         _log_to_stderr(self.config.log_level)
         self.child_config = await self._child_config()
         if self.child_config.distributed_executor == "ray":
-            from tristream.ray_ranks import RayPlacement
-
+            try:
+                from tristream.ray_ranks import RayPlacement
+            except ModuleNotFoundError as e:
+                raise RuntimeError(f"distributed_executor='ray' needs Ray ({e}): pip install 'tristream[ray]'") from e
             self._placement = await asyncio.to_thread(
                 RayPlacement, self.child_config.tensor_parallel_size, self.child_config
             )
@@ -229,20 +231,18 @@ class AsyncEngine:
         config = self.child_config
         workers, tp = config.tokenizer_workers, config.tensor_parallel_size
         placement = self._placement
-        host = placement.host if placement else self._master_host()
+        host, port = (placement.host, 0) if placement else self._master()
         ipc, self._ipc_dir = processes.make_ipc(tp, workers, host)
         if host is None:  # every rank on this host
             ipc.rendezvous = f"file://{os.path.join(self._ipc_dir, 'rendezvous')}"
         else:
-            self._store = rendezvous.host_store(host, self._master_port())
+            self._store = rendezvous.host_store(host, port)
             ipc.rendezvous = f"tcp://{host}:{self._store.port}"
             rendezvous.publish(self._store, ipc, config)
         self._expected = tp + workers + 1
         self._open_sockets(loop, ipc)
-        ranks = range(tp // config.nnodes)
-        procs = [
-            (gpu_process_name(rank), f"gpu{rank}", "gpu", (rank, self._first_device + rank)) for rank in ranks
-        ] if placement is None else []  # fmt: skip
+        ranks = range(0 if placement else tp // config.nnodes)  # host 0's share; Ray places them all
+        procs = [(gpu_process_name(rank), f"gpu{rank}", "gpu", (rank, self._first_device + rank)) for rank in ranks]
         tokenizers = [(tokenizer_process_name(w), tokenizer_process_name(w), "tokenizer", (w,)) for w in range(workers)]
         scheduler = ("scheduler", "scheduler", "scheduler", (self.model_config.kv_window(),))
         for name, title, kind, args in [*procs, *tokenizers, scheduler]:
@@ -265,14 +265,10 @@ class AsyncEngine:
         self._out = {name: processes.connect_outbox(self._sync_ctx, address) for name, address in inboxes.items()}
         self._reader = loop.create_task(self._read_loop())
 
-    def _master_host(self) -> str | None:
-        """Host 0's address as the other hosts reach it, when the ranks span several hosts."""
+    def _master(self) -> tuple[str | None, int]:
+        """Where the hosts meet when the ranks span several (``dist_init_addr``); (None, 0) on one host."""
         config = self.child_config
-        return processes.split_address(config.dist_init_addr)[0] if config.nnodes > 1 else None
-
-    def _master_port(self) -> int:
-        config = self.child_config
-        return processes.split_address(config.dist_init_addr)[1] if config.nnodes > 1 else 0
+        return processes.split_address(config.dist_init_addr) if config.nnodes > 1 else (None, 0)
 
     def default_sampling_params(self, **fields: object) -> SamplingParams:
         """``SamplingParams(**fields)`` with the model's generation_config.json defaults over them (known once

@@ -109,7 +109,8 @@ class DataParallelEngine(AsyncEngine):
         logger.error("engine replica %d died (%s); starting it again", index, reason)
         self.router.forget(index)
         await self.replicas[index].close()
-        replica = self._replica(index, self.lora_adapters)
+        live = [r.lora_adapters for r in self.replicas if r.is_running]
+        replica = self._replica(index, live[0] if live else self.config.lora_adapters)
         try:
             await replica.start()
         except Exception as e:  # start-up failures are reported, and tried again later

@@ -20,6 +20,9 @@ from tristream.config import EngineConfig
 from tristream.nodes import here
 from tristream.protocol import Ipc, gpu_process_name
 
+# Data-parallel replicas place their ranks at once; the first connects to the cluster.
+_INIT = threading.Lock()
+
 
 class RankActor:
     """Runs one gpu_proc rank in a Ray worker process."""
@@ -69,8 +72,9 @@ class RayPlacement:
     """A placement group of ``size`` bundles for one engine's ranks, and the ranks' actors in it."""
 
     def __init__(self, size: int, config: EngineConfig) -> None:
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        with _INIT:
+            if not ray.is_initialized():
+                ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
         gpus = ray.cluster_resources().get("GPU", 0)
         self.use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
         self.bundle = {"GPU": 1.0} if self.use_gpu else {"CPU": 1.0}

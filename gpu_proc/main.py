@@ -65,7 +65,11 @@ def run(ipc: Ipc, config: EngineConfig, rank: int, device_index: int = 0) -> Non
         elif isinstance(msg, PlanDiff):
             # Transit time: from sending, or from when this process was ready for it, to now.
             plan_ipc_s = max(0.0, time.monotonic() - max(msg.plan.sent_at, waiting_since))
-            queued = runner.forward(plans.plan(msg))
+            plan = plans.plan(msg)
+            if in_flight is not None and in_flight[0].feeds(plan):
+                send_result(*in_flight)
+                in_flight = None
+            queued = runner.forward(plan)
             if in_flight is not None:
                 send_result(*in_flight)
                 in_flight = None

@@ -70,6 +70,13 @@ class QueuedStep:
     prompt_logprobs: tuple | None = None
     pooled: tuple[list[int], torch.Tensor] | None = None
 
+    def feeds(self, plan: BatchPlan) -> bool:
+        """Whether ``plan`` needs this step's tokens on the host: it gives drafts to a slot that this step samples,
+        or runs a slot whose drafts this step checks. The scheduler plans such a slot only after rank 0 finished
+        this step; another rank, a step behind, must finish it first."""
+        drafts = {slot: seq.drafts for slot, seq in zip(self.slots, self.seqs)}
+        return any(slot in drafts and (n > 1 or drafts[slot]) for slot, n in zip(plan.slots, plan.num_tokens))
+
 
 def resolve_device(config: EngineConfig, index: int = 0) -> torch.device:
     """CUDA device ``index`` of this host, or the CPU."""

@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import pickle
 from datetime import timedelta
-
-from torch.distributed import FileStore, PrefixStore, Store, TCPStore
+from typing import TYPE_CHECKING
 
 from tristream.config import EngineConfig
 from tristream.processes import split_address
 from tristream.protocol import Ipc
+
+if TYPE_CHECKING:  # the engine imports this module; torch loads only once a store is made
+    from torch.distributed import Store, TCPStore
 
 ENGINE_KEY = "tristream/engine"
 
@@ -30,11 +32,15 @@ def env_address() -> str | None:
 def host_store(host: str, port: int = 0) -> TCPStore:
     """The engine's store, listening on ``port`` of every interface (0: a free one); others reach it at
     ``host``."""
+    from torch.distributed import TCPStore
+
     return TCPStore(host, port, is_master=True, wait_for_workers=False)
 
 
 def connect_store(address: str, timeout: float) -> TCPStore:
     """A client of the store at ``address`` (``HOST:PORT``), waiting up to ``timeout`` seconds for it."""
+    from torch.distributed import TCPStore
+
     host, port = split_address(address)
     return TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout))
 
@@ -42,6 +48,8 @@ def connect_store(address: str, timeout: float) -> TCPStore:
 def rank_store(address: str, world_size: int, timeout: float = 300.0) -> Store:
     """Where the tensor-parallel ranks form their process group: a file (``file://PATH``) when they all run on
     one host, else their part of the engine's store (``tcp://HOST:PORT``)."""
+    from torch.distributed import FileStore, PrefixStore
+
     if address.startswith("file://"):
         return FileStore(address.removeprefix("file://"), world_size)
     return PrefixStore("ranks", connect_store(address.removeprefix("tcp://"), timeout))

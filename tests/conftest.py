@@ -429,9 +429,10 @@ def vl_server(qwen_vl_dir, vl_media_dir):
     stop_server(server)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray instance of two CPUs for the tests that place work on Ray, started once."""
+    """A local Ray instance of two CPUs for a module's tests that place work on Ray (stopped after them, so that
+    its daemons do not take CPU from the tests after)."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -33,9 +33,9 @@ def _parent(pid: int) -> int:
         return int(f.read().rsplit(") ", 1)[1].split()[1])
 
 
-def replica_engine_pids() -> set[int]:
-    """The engine processes (titled ``tristream::``) under this test's Ray workers: descendants of this process,
-    but not its own children (those of an engine in this process)."""
+def descendant_engine_pids() -> set[int]:
+    """The engine processes (titled ``tristream::``) below this process but not its own children (those of an
+    engine in this process): those of Ray's workers, and of servers that other tests started."""
     me, found = os.getpid(), set()
     for entry in filter(str.isdigit, os.listdir("/proc")):
         pid = int(entry)
@@ -72,18 +72,20 @@ def still_running(pids: set[int], timeout: float) -> set[int]:
 class Served:
     url: str
     client: openai.OpenAI
-    engine_pids: set[int]
+    engine_pids: set[int]  # the replica's engine processes
+    others: set[int]  # engine processes below this one that were there before
 
 
 @pytest.fixture(scope="module")
 def served(local_ray):
     """Ray Serve on the local Ray instance, running one replica of the deployment on the bundled model."""
-    port = free_port()
+    port, others = free_port(), descendant_engine_pids()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(deployment(device="cpu", max_model_len=512, log_level="WARNING").bind(), route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        yield Served(url, openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0), replica_engine_pids())
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        yield Served(url, client, descendant_engine_pids() - others, others)
     finally:
         serve.shutdown()
 
@@ -166,4 +168,4 @@ def test_shutdown_ends_the_engine_processes(served):
     assert len(served.engine_pids) >= 3, served.engine_pids  # gpu0, tokenizer, scheduler
     serve.shutdown()
     assert not still_running(served.engine_pids, timeout=10.0)
-    assert not replica_engine_pids()
+    assert not descendant_engine_pids() - served.others

@@ -8,6 +8,7 @@ import collections
 import json
 import math
 import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from tristream import LLM, AsyncEngine, SamplingParams, StructuredOutput
 from tristream.cli import parse_args
 from tristream.config import EngineConfig
 from tristream.config_file import load_config_file
-from tristream.gpu_proc.runner import ModelRunner
+from tristream.gpu_proc.runner import ModelRunner, QueuedStep
 from tristream.gpu_proc.speculative import accepted, ngram_drafts
 from tristream.model_files import default_model_path
 from tristream.outputs import accumulate
@@ -443,3 +444,12 @@ async def check_distribution(engine: AsyncEngine, tokenizer, spec: AsyncEngine) 
         cells.append((small, sum(expected[s] for s in small)))
     chi2 = sum((sum(counts[s] for s in seqs) - e) ** 2 / e for seqs, e in cells)
     assert len(cells) >= 4 and chi2 < CHI2_P001[len(cells) - 1], (chi2, counts, expected)
+
+
+def test_a_rank_a_step_behind_finishes_the_step_whose_tokens_the_next_plan_needs():
+    """Slot 3 sampled its newest token in the step in flight, slot 5 checked two drafts in it."""
+    seqs = [types.SimpleNamespace(drafts=0), types.SimpleNamespace(drafts=2)]
+    step = QueuedStep(BatchPlan(0), None, None, seqs=seqs, slots=[3, 5])
+    assert not step.feeds(BatchPlan(1, slots=[3, 7], num_tokens=[1, 16]))  # a plain decode stays pipelined
+    assert step.feeds(BatchPlan(1, slots=[3], num_tokens=[3]))  # drafts for slot 3 follow its unknown token
+    assert step.feeds(BatchPlan(1, slots=[5], num_tokens=[1]))  # slot 5's kept tokens are not known yet

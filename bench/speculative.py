@@ -8,7 +8,12 @@ them (decode steps under CUDA graphs on the GPU, the checking steps eagerly), gr
 - ``acceptance``: at batch 1, a draft that proposes the model's own greedy tokens, each right with probability p
   until the first wrong one (an oracle: what a draft of that quality would give, with no cost of its own), for
   k = ``--k`` and each p of ``--accept``: tokens/s over no speculation (``speedup``), with the mean accepted
-  length measured. The output must equal the output without speculation; the run fails if it does not.
+  length measured.
+
+In fp32 the output must equal the output without speculation; the run fails if it does not. In bf16 a step that
+checks drafts (eager, several rows per request) and a decode step (a CUDA graph) round differently, so outputs may
+part at a near-tie of random weights: each row reports ``same_output``, the share of requests whose output
+equals the output without speculation.
 
 On dummy weights a real draft model has no meaning, hence the oracle.
 
@@ -114,6 +119,13 @@ def engine_config(model, args: argparse.Namespace, k: int | None) -> EngineConfi
     )
 
 
+def same_output(outputs: list[list[int]], greedy: list[list[int]], args: argparse.Namespace) -> float:
+    """The share of requests whose output with speculation equals ``greedy``; in fp32 every one must."""
+    same = sum(a == b for a, b in zip(outputs, greedy)) / len(greedy)
+    assert same == 1 or args.dtype != "float32", "speculation changed the greedy output"
+    return same
+
+
 def verify_rows(model, args: argparse.Namespace, vocab: int, gen: torch.Generator) -> list[dict]:
     """Per batch size and k: seconds per step checking k wrong drafts per request, over a decode step's."""
     rows = []
@@ -131,9 +143,8 @@ def verify_rows(model, args: argparse.Namespace, vocab: int, gen: torch.Generato
             spec.runner.proposer = OracleDraft(by_prompt, 0.0, vocab)
             spec.generate(prompts[:1], 2)
             outputs, seconds, steps = spec.generate(prompts, args.output_len)
-            assert outputs == greedy, "checking drafts changed the greedy output"
             rows.append({"batch": batch, "k": k, "decode_ms": 1e3 * decode_s, "verify_ms": 1e3 * seconds / steps,
-                         "vs_decode": seconds / steps / decode_s})  # fmt: skip
+                         "vs_decode": seconds / steps / decode_s, "same_output": same_output(outputs, greedy, args)})  # fmt: skip
             del spec
             _release()
     return rows
@@ -155,12 +166,12 @@ def acceptance_rows(model, args: argparse.Namespace, vocab: int, gen: torch.Gene
         spec.runner.proposer = OracleDraft({tuple(prompts[0]): greedy[0]}, p, vocab)
         before = spec.scheduler.counters.num_drafts, spec.scheduler.counters.num_accepted_tokens
         outputs, seconds, _ = spec.generate(prompts, args.output_len)
-        assert outputs == greedy, "speculation changed the greedy output"
+        same = same_output(outputs, greedy, args)
         drafts = spec.scheduler.counters.num_drafts - before[0]
         accepted = spec.scheduler.counters.num_accepted_tokens - before[1]
         tok_s = (args.output_len - 1) / seconds
         rows.append({"p": p, "k": args.k, "tok_per_s": tok_s, "baseline_tok_per_s": base, "speedup": tok_s / base,
-                     "mean_accepted_length": 1 + accepted / max(drafts, 1)})  # fmt: skip
+                     "mean_accepted_length": 1 + accepted / max(drafts, 1), "same_output": same})  # fmt: skip
     return rows
 
 

@@ -34,7 +34,7 @@ async def test_an_attached_image_is_shown_sent_and_answered(vl_server, image_fil
         page = browser.page
         await page.fill("#temperature", "0")
         # Enough tokens that the answer arrives in pieces even when a busy machine merges some steps' deltas.
-        await page.fill("#max-tokens", "24")
+        await page.fill("#max-tokens", "64")
         await page.set_input_files("#image-input", image_file)
         pending = page.locator("#attachments .attachment img")
         await expect(pending).to_have_count(1)
@@ -61,7 +61,7 @@ async def test_an_attached_image_is_shown_sent_and_answered(vl_server, image_fil
         # The page shows what the API answers to the same request.
         direct = httpx.post(
             vl_server.url + "/v1/chat/completions",
-            json={"messages": sent, "temperature": 0, "max_tokens": 24},
+            json={"messages": sent, "temperature": 0, "max_tokens": 64},
             timeout=120,
         ).json()
         assert text == direct["choices"][0]["message"]["content"] and text

@@ -145,7 +145,7 @@ async def run(args: argparse.Namespace) -> dict:
         "gpu": gpu,
         "gpu_count": torch.cuda.device_count() if gpu else 0,
         "model": {"name": model.name, **model_summary(mc, args.dtype)},
-        "engine": engine,
+        "engine": {**engine, "model": model.name},
         "settings": {k: v for k, v in vars(args).items() if k in SETTINGS},
         "sampling": "temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output length (vLLM benchmark_throughput)",
     }

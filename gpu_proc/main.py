@@ -36,6 +36,8 @@ def run(ipc: Ipc, config: EngineConfig, rank: int, device_index: int = 0) -> Non
         send(to_scheduler, ready)
     send(to_user, ready)
     plans = PlanDecoder()
+    # Only a rank other than 0 of a speculating engine may get a plan that needs its step in flight finished.
+    behind = rank > 0 and config.speculative is not None
     in_flight: tuple[QueuedStep, float] | None = None
 
     def send_result(queued: QueuedStep, plan_ipc_s: float) -> None:
@@ -66,7 +68,7 @@ def run(ipc: Ipc, config: EngineConfig, rank: int, device_index: int = 0) -> Non
             # Transit time: from sending, or from when this process was ready for it, to now.
             plan_ipc_s = max(0.0, time.monotonic() - max(msg.plan.sent_at, waiting_since))
             plan = plans.plan(msg)
-            if in_flight is not None and in_flight[0].feeds(plan):
+            if in_flight is not None and behind and in_flight[0].feeds(plan):
                 send_result(*in_flight)
                 in_flight = None
             queued = runner.forward(plan)

@@ -42,7 +42,7 @@ from tristream.gpu_proc.weights import build_model
 from tristream.lora import DEFAULT_LORA_RANK
 from tristream.model_config import ModelConfig
 from tristream.protocol import BatchPlan, StepResult
-from tristream.sharding import shard_model
+from tristream.sharding import Shard, shard_model
 
 logger = logging.getLogger("tristream")
 
@@ -123,23 +123,7 @@ class ModelRunner:
         decode_bytes = config.max_num_seqs * whole.hidden_size * self.dtype.itemsize
         self.tp = TensorParallel(shard, self.device, rendezvous, decode_bytes, self.dtype)
         self.model_config = mc = shard.local_config(whole)
-        start = time.perf_counter()
-        self.model = build_model(config, whole, shard, self.tp, self.dtype, self.device)
-        self.lora: LoraWeights | None = None
-        if config.lora_slots:
-            self.lora = LoraWeights(self.model, config.lora_slots, config.max_lora_rank or DEFAULT_LORA_RANK)
-            for slot, path in enumerate((config.lora_adapters or {}).values()):
-                self.lora.load(slot, path, whole)
-            self.model.use_lora(self.lora)
-        logger.info(
-            "loaded %s (%s, %s) on %s in %.1f s%s",
-            mc.architecture,
-            config.load_format,
-            self.dtype,
-            self.device,
-            time.perf_counter() - start,
-            f", tensor-parallel rank {rank} of {shard.size}" if shard.size > 1 else "",
-        )
+        self._load(shard)
         self.last_clock: StepClock | None = None
         self.sampler: Sampler | None = None
         self.grammar: GrammarMatchers | None = None
@@ -150,13 +134,7 @@ class ModelRunner:
             )
         self.graphs: CudaGraphRunner | None = None
         self.pooler = Pooler()
-        spec = config.speculative
-        self.draft: DraftModel | Eagle3Draft | None = None
-        if spec and spec.method == "draft":
-            self.draft = DraftModel(config, self.dtype, self.device)
-        elif spec and spec.method == "eagle3":
-            self.draft = Eagle3Draft(config, self.model, mc, self.dtype, self.device)
-        self.proposer = self.draft or (NgramProposer(spec) if spec else None)
+        self._drafts()
         # Decode splits each query's keys over this many positions at most (a sliding window's, if every layer has one).
         self.attention_span = mc.attention_span(config.max_model_len)
         explicit = config.kv_cache_tokens is not None or config.kv_cache_bytes is not None
@@ -172,6 +150,36 @@ class ModelRunner:
             )
         if self.draft:
             self.draft.allocate(num_pages, self.kv_dtype, self.slots.block_tables)
+
+    def _load(self, shard: Shard) -> None:
+        """The weights of this rank's ``shard``, and the LoRA slots with the start-up adapters in them."""
+        config, whole, start = self.config, self.whole_config, time.perf_counter()
+        self.model = build_model(config, whole, shard, self.tp, self.dtype, self.device)
+        self.lora: LoraWeights | None = None
+        if config.lora_slots:
+            self.lora = LoraWeights(self.model, config.lora_slots, config.max_lora_rank or DEFAULT_LORA_RANK)
+            for slot, path in enumerate((config.lora_adapters or {}).values()):
+                self.lora.load(slot, path, whole)
+            self.model.use_lora(self.lora)
+        logger.info(
+            "loaded %s (%s, %s) on %s in %.1f s%s",
+            self.model_config.architecture,
+            config.load_format,
+            self.dtype,
+            self.device,
+            time.perf_counter() - start,
+            f", tensor-parallel rank {shard.rank} of {shard.size}" if shard.size > 1 else "",
+        )
+
+    def _drafts(self) -> None:
+        """The speculative draft model or EAGLE-3 head, if any, and what proposes drafts (it, or n-gram lookup)."""
+        config, spec = self.config, self.config.speculative
+        self.draft: DraftModel | Eagle3Draft | None = None
+        if spec and spec.method == "draft":
+            self.draft = DraftModel(config, self.dtype, self.device)
+        elif spec and spec.method == "eagle3":
+            self.draft = Eagle3Draft(config, self.model, self.model_config, self.dtype, self.device)
+        self.proposer = self.draft or (NgramProposer(spec) if spec else None)
 
     @torch.inference_mode()
     def load_lora(self, slot: int, path: str) -> None:
